@@ -1,0 +1,54 @@
+"""The ``ipl`` command line.
+
+Each sub-command lives in its own module of this package and exposes
+``add_parser(subparsers)`` (registers its ``argparse`` parser) and ``run(args) -> int``.
+``main`` only builds the parser and dispatches, and turns the errors a user can fix
+(bad paths, bad labels, bad images, missing weights) into one line on stderr instead of a
+traceback. Set ``IPL_TRACEBACK=1`` to see the traceback anyway.
+"""
+
+import argparse
+import importlib
+import os
+import sys
+
+# Order is the order shown by ``ipl --help``.
+SUBCOMMANDS = ("adapt", "translate", "sample", "convert", "push", "evaluate")
+
+# Errors that describe a problem with the user's input or environment. Anything else is a
+# bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, KeyError, OSError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ipl",
+        description="Zero-shot generative model adaptation with Image-specific Prompt Learning (IPL).",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in SUBCOMMANDS:
+        module = importlib.import_module(f"ipl_diffusion.cli.{name}")
+        sub = module.add_parser(subparsers)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"ipl {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if os.environ.get("IPL_TRACEBACK"):
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"ipl {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
