@@ -1,0 +1,398 @@
+#!/usr/bin/env python
+"""Mode-collapse benchmark on the Shapes world: IPL's adaptive prompts vs NADA's fixed direction.
+
+The paper's central claim (IPL §1, §4.2, §4.4) is that one fixed text direction for every
+image (NADA, the ``manual`` scheme) pushes all adapted images towards the same look -- mode
+collapse -- while image-specific prompts (``adaptive``, IPL) keep the source images' diversity.
+On real data this is judged by eye and by IS / SCS / intra-LPIPS. The Shapes world has
+ground-truth factors, so we can *measure* it with the Shapes oracle (trained on all styles,
+never used in adaptation):
+
+* **target-style accuracy** -- the fraction of adapted images the oracle reads as the target style;
+* **factor preservation** (our analogue of SCS / ID similarity) -- per image, does the adapted
+  image keep its source image's shape and colour (accuracy), position and size (error in pixels);
+* **diversity** -- entropy (nats) of the oracle's shape and colour distributions over the adapted
+  images, next to the source's, and the mean pairwise distance of oracle features (ratio to
+  the source's). Collapse shows as falling entropy / distance.
+
+Protocol: the source pipeline is the shipped Shapes Diff-IPL default (or ``--model``). For
+every target style x prompt scheme (manual = NADA, learned, random, adaptive = IPL) x seed,
+``IPLPipeline.adapt`` runs both stages on ``--train_images`` rendered photos; the adapted
+model then translates ``--eval_images`` *held-out* rendered photos (invert with the source
+UNet to ``t0``, decode with the adapted one), and the oracle compares each translation with
+the ground truth of its source image. The source row ("source") is the same translation with
+the unadapted UNet, i.e. the DDIM reconstruction. A λ sweep (Fig. 7: λ in {0, 1, 5, 10, 20})
+repeats the adaptive scheme on the first target.
+
+Outputs (``--output_dir``): ``runs.csv`` (one row per run; runs already there are skipped, so
+an interrupted benchmark resumes), ``table.md`` / ``table.csv`` (means with 95% t-intervals
+over seeds), ``lambda_sweep.md``, ``plots/*.png`` (matplotlib if installed, else drawn with
+PIL) and ``grids/<target>.png`` (source row, then one row per scheme, first seed).
+
+Usage::
+
+    python benchmarks/shapes_collapse.py                 # full run (long on a CPU)
+    python benchmarks/shapes_collapse.py --quick         # CI: one target, tiny budgets, < 5 min
+"""
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(REPO))
+
+from ipl_diffusion.shapes import COLORS, SHAPES, STYLES, ShapesRenderer, default_model_path  # noqa: E402
+from ipl_diffusion.shapes.oracle import ShapesOracle  # noqa: E402
+
+SCHEMES = ("manual", "learned", "random", "adaptive")
+SCHEME_NAMES = {"manual": "manual (NADA)", "learned": "learned", "random": "random", "adaptive": "adaptive (IPL)"}
+METRICS = (
+    ("target_acc", "target-style acc", "higher"),
+    ("shape_acc", "shape kept", "higher"),
+    ("color_acc", "colour kept", "higher"),
+    ("position_err_px", "position err (px)", "lower"),
+    ("size_err_px", "size err (px)", "lower"),
+    ("shape_entropy", "shape entropy (nats)", "higher"),
+    ("color_entropy", "colour entropy (nats)", "higher"),
+    ("feature_spread", "feature spread (x source)", "higher"),
+)
+# Two-sided 95% Student-t quantiles for n - 1 degrees of freedom.
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="source IPLPipeline folder (default: the shipped Shapes model)")
+    p.add_argument("--oracle", default=None, help="oracle folder (default: the shipped Shapes oracle)")
+    p.add_argument("--output_dir", default="benchmarks/results/shapes_collapse")
+    p.add_argument("--targets", nargs="+", default=["sketch", "neon", "pixel art", "mosaic"])
+    p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--lambdas", nargs="*", type=float, default=[0, 1, 5, 10, 20], help="λ sweep (adaptive, first target)")
+    p.add_argument("--lambda_domain", type=float, default=1.0, help="λ of Eq. 6 for the scheme comparison")
+    p.add_argument("--train_images", type=int, default=32)
+    p.add_argument("--eval_images", type=int, default=64)
+    p.add_argument("--stage1_iterations", type=int, default=300)
+    p.add_argument("--iterations", type=int, default=60, help="Stage 2 iterations")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--learning_rate", type=float, default=2e-4, help="Stage 2 learning rate (a tiny UNet needs more than 8e-6)")
+    p.add_argument("--t0", type=int, default=500)
+    p.add_argument("--num_inversion_steps", type=int, default=20)
+    p.add_argument("--num_train_steps", type=int, default=4)
+    p.add_argument("--num_inference_steps", type=int, default=20)
+    p.add_argument("--l1_loss_weight", type=float, default=0.0)
+    p.add_argument("--quick", action="store_true", help="CI mode: one target, one seed, tiny budgets (< 5 min)")
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.targets = args.targets[:1]
+        args.seeds = args.seeds[:1]
+        args.lambdas = [0.0, 10.0]
+        args.train_images, args.eval_images = 8, 16
+        args.stage1_iterations, args.iterations = 20, 3
+        args.batch_size = 2
+        args.num_inversion_steps, args.num_train_steps, args.num_inference_steps = 6, 2, 6
+    return args
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+def entropy(labels, num_classes):
+    """Entropy (nats) of the empirical distribution of int labels."""
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    p = counts / counts.sum()
+    return float(-(p[p > 0] * p[p > 0].log()).sum())
+
+
+def mean_pairwise_distance(features):
+    d = torch.cdist(features, features)
+    n = features.shape[0]
+    return float(d.sum() / (n * (n - 1))) if n > 1 else 0.0
+
+
+def evaluate_images(oracle, images, factors, target_index, side, reference_spread=None):
+    """Oracle metrics of ``images`` (B,3,H,W) in [-1,1] translated from sources with ``factors``."""
+    pred = oracle.predict(images)
+    spread = mean_pairwise_distance(pred["features"])
+    return dict(
+        target_acc=float((pred["style"] == target_index).float().mean()),
+        shape_acc=float((pred["shape"] == factors.shape).float().mean()),
+        color_acc=float((pred["color"] == factors.color).float().mean()),
+        position_err_px=float((pred["position"] - factors.position).norm(dim=1).mean() * side),
+        size_err_px=float((pred["size"] - factors.size).abs().mean() * side),
+        shape_entropy=entropy(pred["shape"], len(SHAPES)),
+        color_entropy=entropy(pred["color"], len(COLORS)),
+        feature_spread=spread / reference_spread if reference_spread else 1.0,
+        raw_feature_spread=spread,
+    )
+
+
+def summarise(values):
+    """(mean, half-width of the 95% t-interval); half-width 0 for a single value."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, _T95.get(n - 1, 1.96) * sd / math.sqrt(n)
+
+
+# ------------------------------------------------------------------------------ running
+
+
+def load_source_pipeline(model, device):
+    from pipelines.pipeline_ipl import IPLPipeline
+
+    path = Path(model) if model else default_model_path("diffae")
+    pipe = IPLPipeline.from_pretrained(str(path))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device), str(path)
+
+
+def translate(pipe, images, args):
+    out = pipe(
+        images,
+        t0=args.t0,
+        num_inversion_steps=args.num_inversion_steps,
+        num_inference_steps=args.num_inference_steps,
+        output_type="pt",
+    ).images
+    return out.cpu() * 2 - 1  # "pt" is [0, 1]
+
+
+def run_key(target, scheme, seed, lam):
+    return f"{target}|{scheme}|{seed}|{lam:g}"
+
+
+def adapt_and_evaluate(pipe, target, scheme, seed, lam, args, train_x, eval_x, eval_factors, oracle, reference_spread):
+    t = time.time()
+    adapted = pipe.adapt(
+        target,
+        images=train_x,
+        scheme=scheme,
+        lambda_domain=lam,
+        stage1_iterations=args.stage1_iterations,
+        t0=args.t0,
+        num_inversion_steps=args.num_inversion_steps,
+        num_train_steps=args.num_train_steps,
+        num_inference_steps=args.num_inference_steps,
+        learning_rate=args.learning_rate,
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        l1_loss_weight=args.l1_loss_weight,
+        seed=seed,
+        progress=False,
+    )
+    adapted.set_progress_bar_config(disable=True)
+    images = translate(adapted, eval_x, args)
+    metrics = evaluate_images(oracle, images, eval_factors, STYLES.index(target), eval_x.shape[-1], reference_spread)
+    metrics["seconds"] = time.time() - t
+    return metrics, images
+
+
+# ------------------------------------------------------------------------------ outputs
+
+
+def write_table(rows, path_md, path_csv, title):
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["target"], row["scheme"], row["lambda"]), []).append(row)
+    lines = [f"### {title}", "", "| target | scheme | λ | seeds | " + " | ".join(m[1] for m in METRICS) + " |"]
+    lines.append("|" + "---|" * (4 + len(METRICS)))
+    table_rows = []
+    for (target, scheme, lam), members in groups.items():
+        cells, record = [], dict(target=target, scheme=scheme, **{"lambda": lam}, seeds=len(members))
+        for key, _, _ in METRICS:
+            mean, half = summarise([float(m[key]) for m in members])
+            record[key], record[key + "_ci95"] = mean, half
+            cells.append(f"{mean:.3f} ± {half:.3f}" if len(members) > 1 else f"{mean:.3f}")
+        table_rows.append(record)
+        lines.append(f"| {target} | {SCHEME_NAMES.get(scheme, scheme)} | {lam:g} | {len(members)} | " + " | ".join(cells) + " |")
+    Path(path_md).write_text("\n".join(lines) + "\n")
+    if path_csv:
+        with open(path_csv, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(table_rows[0]))
+            writer.writeheader()
+            writer.writerows(table_rows)
+    return "\n".join(lines), table_rows
+
+
+def bar_plot(path, title, groups, labels, values, errors):
+    """Grouped bar chart: ``values[g][l]`` for group g (x axis) and label l (colour)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(groups), 3.2))
+        width = 0.8 / max(1, len(labels))
+        for j, label in enumerate(labels):
+            xs = [i + j * width for i in range(len(groups))]
+            ax.bar(xs, [values[i][j] for i in range(len(groups))], width, yerr=[errors[i][j] for i in range(len(groups))], label=label, capsize=2)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], groups)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return
+    except ImportError:
+        pass
+    from PIL import Image, ImageDraw
+
+    colours = [(66, 133, 244), (219, 68, 55), (244, 180, 0), (15, 157, 88), (120, 120, 120)]
+    w, h, pad = 120 + 110 * len(groups), 300, 40
+    img = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(img)
+    top = max([v + e for vs, es in zip(values, errors) for v, e in zip(vs, es)] + [1e-6])
+    draw.text((pad, 8), title, fill="black")
+    draw.line([(pad, h - pad), (w - 10, h - pad)], fill="black")
+    bar_w = 90 / max(1, len(labels))
+    for i, group in enumerate(groups):
+        x0 = pad + 10 + i * 110
+        draw.text((x0, h - pad + 6), group[:14], fill="black")
+        for j in range(len(labels)):
+            v, e = values[i][j], errors[i][j]
+            y = h - pad - (h - 2 * pad) * v / top
+            x = x0 + j * bar_w
+            draw.rectangle([x, y, x + bar_w - 2, h - pad], fill=colours[j % len(colours)])
+            ye = (h - 2 * pad) * e / top
+            draw.line([(x + bar_w / 2, y - ye), (x + bar_w / 2, y + ye)], fill="black")
+    for j, label in enumerate(labels):
+        draw.rectangle([w - 100, 24 + 12 * j, w - 92, 32 + 12 * j], fill=colours[j % len(colours)])
+        draw.text((w - 88, 22 + 12 * j), label[:14], fill="black")
+    img.save(path)
+
+
+def image_grid(rows, path, scale=3):
+    from PIL import Image
+
+    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)
+    array = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    image = Image.fromarray(array)
+    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    for target in args.targets:
+        if target not in STYLES or target == "photo":
+            raise ValueError(f"unknown target style {target!r}; choose from {', '.join(STYLES[1:])}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.output_dir)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    (out / "grids").mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    pipe, model_path = load_source_pipeline(args.model, device)
+    oracle = ShapesOracle.from_pretrained(str(args.oracle or default_model_path("oracle"))).eval()
+    side = pipe.image_size
+    renderer = ShapesRenderer(side)
+    train_x, _ = renderer.sample(args.train_images, seed=2024, style="photo")
+    eval_x, eval_factors = renderer.sample(args.eval_images, seed=31337, style="photo")
+
+    # The unadapted round trip: the floor of factor errors and the diversity reference.
+    source_images = translate(pipe, eval_x, args)
+    clean = oracle.predict(eval_x)
+    reference_spread = mean_pairwise_distance(clean["features"])
+    source_row = evaluate_images(oracle, source_images, eval_factors, STYLES.index("photo"), side, reference_spread)
+    source_row.update(target="photo", scheme="source", seed=0, **{"lambda": 0.0}, seconds=0.0)
+
+    runs_path = out / "runs.csv"
+    done = {}
+    if runs_path.is_file():
+        with open(runs_path) as handle:
+            for row in csv.DictReader(handle):
+                done[run_key(row["target"], row["scheme"], int(row["seed"]), float(row["lambda"]))] = row
+    fields = ["target", "scheme", "seed", "lambda"] + [m[0] for m in METRICS] + ["raw_feature_spread", "seconds"]
+    new_file = not runs_path.is_file()
+    handle = open(runs_path, "a", newline="")
+    writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+    if new_file:
+        writer.writeheader()
+
+    plan = [(t, s, seed, args.lambda_domain) for t in args.targets for s in args.schemes for seed in args.seeds]
+    plan += [(args.targets[0], "adaptive", seed, float(lam)) for lam in args.lambdas for seed in args.seeds]
+    seen, grids = set(), {}
+    started = time.time()
+    for target, scheme, seed, lam in plan:
+        key = run_key(target, scheme, seed, lam)
+        if key in seen:
+            continue
+        seen.add(key)
+        if key in done:
+            continue
+        metrics, images = adapt_and_evaluate(pipe, target, scheme, seed, lam, args, train_x, eval_x, eval_factors, oracle, reference_spread)
+        row = dict(target=target, scheme=scheme, seed=seed, **{"lambda": lam}, **metrics)
+        writer.writerow(row)
+        handle.flush()
+        done[key] = row
+        print(f"[{time.time() - started:7.0f}s] {key}: " + ", ".join(f"{m}={row[m]:.3f}" for m, _, _ in METRICS), flush=True)
+        if seed == args.seeds[0] and lam == args.lambda_domain:
+            grids.setdefault(target, {})[scheme] = images[:12]
+    handle.close()
+
+    for target, per_scheme in grids.items():
+        rows = [eval_x[:12], source_images[:12]] + [per_scheme[s] for s in args.schemes if s in per_scheme]
+        image_grid(rows, out / "grids" / f"{target.replace(' ', '_')}.png")
+
+    rows = [dict(r) for r in done.values()]
+    for r in rows:
+        r["lambda"], r["seed"] = float(r["lambda"]), int(r["seed"])
+    comparison = [r for r in rows if r["lambda"] == args.lambda_domain and r["target"] in args.targets]
+    sweep = [r for r in rows if r["target"] == args.targets[0] and r["scheme"] == "adaptive" and r["lambda"] in [float(v) for v in args.lambdas]]
+    source_md = "| photo | source (DDIM round trip, unadapted) | – | – | " + " | ".join(f"{source_row[m]:.3f}" for m, _, _ in METRICS) + " |"
+    text, table_rows = write_table(comparison, out / "table.md", out / "table.csv", f"Prompt schemes (λ = {args.lambda_domain:g})")
+    text = text + "\n" + source_md
+    (out / "table.md").write_text(text + "\n")
+    sweep_text = ""
+    if sweep:
+        sweep_text, _ = write_table(sweep, out / "lambda_sweep.md", None, f"λ sweep (adaptive, {args.targets[0]})")
+    config = dict(vars(args), model=model_path, device=device, torch_threads=torch.get_num_threads(), source_row=source_row)
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    print(text)
+    print(sweep_text)
+
+    # Plots: per metric, targets on the x axis, schemes as bars.
+    targets = [t for t in args.targets if any(r["target"] == t for r in table_rows)]
+    for key, label, _ in METRICS[:2] + METRICS[5:]:
+        values, errors = [], []
+        for t in targets:
+            vs, es = [], []
+            for s in args.schemes:
+                match = [r for r in table_rows if r["target"] == t and r["scheme"] == s]
+                vs.append(match[0][key] if match else 0.0)
+                es.append(match[0][key + "_ci95"] if match else 0.0)
+            values.append(vs)
+            errors.append(es)
+        if targets:
+            bar_plot(out / "plots" / f"{key}.png", label, targets, [SCHEME_NAMES[s] for s in args.schemes], values, errors)
+    if sweep:
+        lams = sorted({r["lambda"] for r in sweep})
+        values, errors = [], []
+        for lam in lams:
+            vs, es = [], []
+            for key in ("target_acc", "shape_acc", "feature_spread"):
+                mean, half = summarise([float(r[key]) for r in sweep if r["lambda"] == lam])
+                vs.append(mean)
+                es.append(half)
+            values.append(vs)
+            errors.append(es)
+        bar_plot(out / "plots" / "lambda_sweep.png", f"λ sweep ({args.targets[0]})", [f"λ={v:g}" for v in lams], ["target acc", "shape kept", "spread"], values, errors)
+    print(f"results in {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,366 @@
+#!/usr/bin/env python
+"""Train the Shapes DiffAE (semantic encoder + conditional UNet, then the latent DDIM) on "photo".
+
+This is the source generator of the embedded default: a diffusion autoencoder built from the
+project's own DiffAE classes (:class:`~ipl_diffusion.models.SemanticEncoder`,
+:class:`~ipl_diffusion.models.DiffAEUNetModel`, :class:`~ipl_diffusion.models.LatentNetModel`)
+with a small config, trained on the Shapes renderer's "photo" style only (the source domain).
+
+Two phases, as upstream DiffAE trains them:
+
+1. ``autoencoder``: encoder and UNet jointly with the DDPM noise-prediction loss
+   ``|| eps - eps_theta(x_t, t, Enc(x_0)) ||^2`` (linear betas 1e-4..0.02, T = 1000; upstream
+   ``autoenc_base``), Adam, gradient clipping 1, EMA of both networks (inference uses EMA).
+2. ``latent``: encode fresh photo images with the EMA encoder, set ``conds_mean/std`` and train
+   the latent DDIM on z-normalised ``z_sem`` (upstream: constant beta 0.008, L1 loss, eps
+   prediction, AdamW wd 0.01).
+
+At the end the EMA weights are written with ``save_pretrained`` to
+``<output_dir>/{semantic_encoder,unet,latent_net,scheduler,latent_scheduler}`` -- a
+``DiffAEPipeline`` folder (``model_index.json``) -- together with
+``training_record.json`` (seed, config, wall time per phase, reconstruction error of
+DDIM inversion -> decoding, and an oracle's reading of samples when the oracle exists) and
+sample grids. Checkpoints go to ``--work_dir`` (safetensors; ``--resume_from_checkpoint latest``
+continues a killed run).
+
+Example (the shipped parts)::
+
+    python examples/shapes/train_diffae.py --max_minutes 60 --latent_minutes 6 \
+        --output_dir ipl_diffusion/shapes_models/parts --work_dir runs/shapes_diffae
+"""
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
+from PIL import Image
+
+from ipl_diffusion.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
+from ipl_diffusion.ddim import ddim_decode, ddim_invert
+from ipl_diffusion.models import DiffAEUNetModel, LatentNetModel, SemanticEncoder
+from ipl_diffusion.shapes.renderer import SOURCE_STYLE, ShapesRenderer, sample_factors
+from pipelines.pipeline_diffae import DiffAEPipeline
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--output_dir", default="ipl_diffusion/shapes_models/parts")
+    p.add_argument("--work_dir", default="runs/shapes_diffae")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--max_steps", type=int, default=20000, help="autoencoder steps (upper bound)")
+    p.add_argument("--max_minutes", type=float, default=None, help="wall time of the autoencoder phase")
+    p.add_argument("--learning_rate", type=float, default=4e-4)
+    p.add_argument("--ema_decay", type=float, default=0.999)
+    p.add_argument("--model_channels", type=int, default=32)
+    p.add_argument("--channel_mult", default="1,2,2")
+    p.add_argument("--encoder_channel_mult", default="1,2,4,4")
+    p.add_argument("--z_sem_channels", type=int, default=128)
+    p.add_argument("--latent_hidden", type=int, default=256, help="hidden width of the latent DDIM MLP")
+    p.add_argument("--latent_layers", type=int, default=6)
+    p.add_argument("--latent_steps", type=int, default=4000)
+    p.add_argument("--latent_minutes", type=float, default=None)
+    p.add_argument("--latent_batch_size", type=int, default=256)
+    p.add_argument("--latent_pool", type=int, default=12000, help="photo images encoded for the latent DDIM")
+    p.add_argument("--checkpointing_steps", type=int, default=200)
+    p.add_argument(
+        "--phase",
+        choices=["all", "autoencoder", "latent"],
+        default="all",
+        help="'latent' trains only the latent DDIM on the newest autoencoder checkpoint in --work_dir",
+    )
+    p.add_argument("--resume_from_checkpoint", default="latest", help="'latest', a checkpoint folder, or 'none'")
+    p.add_argument("--eval_steps", type=int, default=20, help="DDIM steps for the reconstruction/sample checks")
+    p.add_argument("--oracle", default="ipl_diffusion/shapes_models/oracle", help="oracle folder for the sample check")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def ints(text):
+    return tuple(int(v) for v in str(text).split(","))
+
+
+def build_models(args):
+    encoder = SemanticEncoder(
+        sample_size=args.resolution,
+        model_channels=args.model_channels,
+        channel_mult=ints(args.encoder_channel_mult),
+        num_res_blocks=1,
+        attention_resolutions=(),
+        z_sem_channels=args.z_sem_channels,
+    )
+    unet = DiffAEUNetModel(
+        sample_size=args.resolution,
+        model_channels=args.model_channels,
+        channel_mult=ints(args.channel_mult),
+        num_res_blocks=1,
+        # Attention only at the lowest resolution: at 16x16 it costs more than the convolutions.
+        attention_resolutions=(args.resolution // 2 ** (len(ints(args.channel_mult)) - 1),),
+        dropout=0.0,
+        embed_channels=4 * args.model_channels,
+        z_sem_channels=args.z_sem_channels,
+    )
+    latent_net = LatentNetModel(
+        num_channels=args.z_sem_channels,
+        num_hid_channels=args.latent_hidden,
+        num_layers=args.latent_layers,
+        skip_layers=tuple(range(1, args.latent_layers - 1)),
+    )
+    return encoder, unet, latent_net
+
+
+def image_scheduler():
+    # Upstream DiffAE's diffusion: T = 1000, linear betas 1e-4..0.02; DDIM with clipped x0.
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        clip_sample=True,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        timestep_spacing="leading",
+    )
+
+
+def latent_scheduler():
+    # Upstream latent DDIM: constant beta 0.008 over T = 1000; latents are not clipped.
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        trained_betas=[0.008] * 1000,
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        timestep_spacing="leading",
+    )
+
+
+@torch.no_grad()
+def ema_update(ema_model, model, decay):
+    torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - decay)
+
+
+def to_pil_grid(rows):
+    """rows: list of (N, 3, H, W) tensors in [-1, 1] -> one PIL image, one row per tensor."""
+    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)
+    array = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(array)
+
+
+def train_autoencoder(args, encoder, unet, ema_encoder, ema_unet, work, renderer):
+    params = list(encoder.parameters()) + list(unet.parameters())
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    data_gen = torch.Generator().manual_seed(args.seed + 1)
+    models = {"encoder": encoder, "unet": unet, "ema_encoder": ema_encoder, "ema_unet": ema_unet}
+    step, elapsed_before = 0, 0.0
+    resume = None if args.resume_from_checkpoint == "none" else resolve_checkpoint(work, args.resume_from_checkpoint)
+    if resume is not None:
+        step, saved = load_checkpoint(resume, models, {"adam": optimizer}, {"data": data_gen})
+        elapsed_before = float(saved.get("elapsed_seconds", 0.0))
+        print(f"resumed autoencoder from {resume} at step {step}")
+    t0 = time.time()
+    encoder.train()
+    unet.train()
+
+    def save():
+        elapsed = elapsed_before + time.time() - t0
+        config = dict(vars(args), elapsed_seconds=elapsed)
+        save_checkpoint(work, step, models, {"adam": optimizer}, config, {"data": data_gen}, keep=2)
+        return elapsed
+
+    last_loss = float("nan")
+    while step < args.max_steps:
+        if args.max_minutes is not None and time.time() - t0 > args.max_minutes * 60:
+            break
+        factors = sample_factors(args.batch_size, generator=data_gen, style=SOURCE_STYLE)
+        x0 = renderer.render(factors, generator=data_gen)
+        noise = torch.randn(x0.shape, generator=data_gen)
+        t = torch.randint(0, 1000, (x0.shape[0],), generator=data_gen)
+        x_t = noise_scheduler.add_noise(x0, noise, t)
+        eps = unet(x_t, t, encoder(x0)).sample
+        loss = F.mse_loss(eps, noise)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite DiffAE loss at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        # EMA warm-up (as in diffusers' EMAModel): short runs must not average in random init.
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        ema_update(ema_encoder, encoder, decay)
+        ema_update(ema_unet, unet, decay)
+        last_loss = loss.item()
+        if step % 25 == 0:
+            print(dict(phase="autoencoder", step=step, loss=round(last_loss, 5), minutes=round((time.time() - t0) / 60, 2)), flush=True)
+        if step % args.checkpointing_steps == 0:
+            save()
+    return step, save(), last_loss
+
+
+def train_latent(args, ema_encoder, latent_net, work, renderer):
+    """Phase 2: the latent DDIM on z-normalised z_sem of fresh photo images (EMA encoder, frozen)."""
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    with torch.no_grad():
+        codes = []
+        for i in range(0, args.latent_pool, 500):
+            x0, _ = renderer.sample(min(500, args.latent_pool - i), seed=args.seed * 7919 + 1000 + i, style=SOURCE_STYLE)
+            codes.append(ema_encoder(x0))
+        codes = torch.cat(codes)
+    latent_net.set_statistics(codes)
+    z = latent_net.normalize(codes)
+    optimizer = torch.optim.AdamW(latent_net.parameters(), lr=1e-3, weight_decay=0.01)
+    betas = torch.full((1000,), 0.008)
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    step, elapsed_before = 0, 0.0
+    latent_work = work / "latent"
+    resume = None if args.resume_from_checkpoint == "none" else resolve_checkpoint(latent_work, args.resume_from_checkpoint)
+    if resume is not None:
+        step, saved = load_checkpoint(resume, {"latent_net": latent_net}, {"adamw": optimizer}, {"data": gen})
+        elapsed_before = float(saved.get("elapsed_seconds", 0.0))
+        print(f"resumed latent DDIM from {resume} at step {step}")
+    t0 = time.time()
+    latent_net.train()
+    while step < args.latent_steps:
+        if args.latent_minutes is not None and time.time() - t0 > args.latent_minutes * 60:
+            break
+        idx = torch.randint(0, z.shape[0], (args.latent_batch_size,), generator=gen)
+        z0 = z[idx]
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, 1000, (z0.shape[0],), generator=gen)
+        a = alphas_cumprod[t].unsqueeze(1)
+        z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        lr = 1e-3 * 0.5 * (1 + math.cos(math.pi * step / args.latent_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = F.l1_loss(latent_net(z_t, t), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        if step % 100 == 0:
+            print(dict(phase="latent", step=step, loss=round(loss.item(), 5), minutes=round((time.time() - t0) / 60, 2)), flush=True)
+        if step % 500 == 0:
+            save_checkpoint(latent_work, step, {"latent_net": latent_net}, {"adamw": optimizer}, dict(vars(args), elapsed_seconds=elapsed_before + time.time() - t0), {"data": gen}, keep=2)
+    elapsed = elapsed_before + time.time() - t0
+    save_checkpoint(latent_work, step, {"latent_net": latent_net}, {"adamw": optimizer}, dict(vars(args), elapsed_seconds=elapsed), {"data": gen}, keep=2)
+    latent_net.eval()
+    return step, elapsed, loss.item() if step else float("nan")
+
+
+@torch.no_grad()
+def sample_images(unet, latent_net, n, steps, latent_steps, seed):
+    """Unconditional samples: z_sem from the latent DDIM, x_T ~ N(0, I), DDIM-decoded."""
+    g = torch.Generator().manual_seed(seed)
+    z_T = torch.randn(n, latent_net.config.num_channels, generator=g)
+    z_sem = latent_net.denormalize(ddim_decode(latent_net, z_T, None, latent_scheduler(), latent_steps))
+    res = unet.config.sample_size
+    x_T = torch.randn(n, 3, res, res, generator=g)
+    return ddim_decode(unet, x_T, z_sem, image_scheduler(), steps)
+
+
+@torch.no_grad()
+def evaluate(args, encoder, unet, latent_net, renderer, out_dir):
+    """Reconstruction error of encode -> DDIM-invert -> decode, and an oracle's reading of samples."""
+    x0, factors = renderer.sample(64, seed=424242, style=SOURCE_STYLE)
+    z_sem = encoder(x0)
+    scheduler = image_scheduler()
+    x_T = ddim_invert(unet, x0, z_sem, scheduler, args.eval_steps)
+    recon = ddim_decode(unet, x_T, z_sem, scheduler, args.eval_steps)
+    # The semantic part alone: decode the same z_sem from random noise (DiffAE's "stochastic" variation).
+    x_rand = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
+    semantic = ddim_decode(unet, x_rand, z_sem, scheduler, args.eval_steps)
+    metrics = {
+        "ddim_steps": args.eval_steps,
+        "reconstruction_mse": F.mse_loss(recon, x0).item(),
+        "reconstruction_psnr_db": (10 * torch.log10(4 / F.mse_loss(recon, x0))).item(),
+        "semantic_decode_mse": F.mse_loss(semantic, x0).item(),
+    }
+    samples = None
+    if latent_net is not None:
+        samples = sample_images(unet, latent_net, 64, args.eval_steps, 50, seed=99)
+    oracle_dir = Path(args.oracle)
+    if (oracle_dir / "config.json").is_file():
+        from ipl_diffusion.shapes.oracle import ShapesOracle
+
+        oracle = ShapesOracle.from_pretrained(oracle_dir).eval()
+        truth = oracle.predict(x0)
+        for name, images in (("reconstruction", recon), ("semantic_decode", semantic)):
+            pred = oracle.predict(images)
+            metrics[f"{name}_oracle_agreement"] = {
+                k: (pred[k] == getattr(factors, k)).float().mean().item() for k in ("style", "shape", "color")
+            }
+            metrics[f"{name}_oracle_agreement"]["position_err_px"] = (
+                (pred["position"] - truth["position"]).norm(dim=1).mean().item() * args.resolution
+            )
+        if samples is not None:
+            pred = oracle.predict(samples)
+            conf = torch.stack([pred[f"{k}_probs"].max(1).values for k in ("style", "shape", "color")]).mean(0)
+            metrics["samples_oracle"] = {
+                "photo_fraction": (pred["style"] == 0).float().mean().item(),
+                "mean_confidence": conf.mean().item(),
+                "distinct_shapes": int(pred["shape"].unique().numel()),
+                "distinct_colors": int(pred["color"].unique().numel()),
+            }
+    rows = [x0[:16], recon[:16], semantic[:16]]
+    if samples is not None:
+        rows += [samples[:16], samples[16:32]]
+    to_pil_grid(rows).resize((16 * 64, len(rows) * 64), Image.NEAREST).save(out_dir / "samples.png")
+    return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    renderer = ShapesRenderer(args.resolution)
+    encoder, unet, latent_net = build_models(args)
+    ema_encoder, ema_unet = copy.deepcopy(encoder).eval(), copy.deepcopy(unet).eval()
+    for p in list(ema_encoder.parameters()) + list(ema_unet.parameters()):
+        p.requires_grad_(False)
+    counts = {n: sum(p.numel() for p in m.parameters()) for n, m in (("semantic_encoder", encoder), ("unet", unet), ("latent_net", latent_net))}
+    print("parameters:", counts)
+    record = dict(task="shapes_diffae", config=vars(args), parameters=counts, torch_threads=torch.get_num_threads())
+
+    if args.phase in ("all", "autoencoder"):
+        steps, seconds, loss = train_autoencoder(args, encoder, unet, ema_encoder, ema_unet, work, renderer)
+        record["autoencoder"] = dict(steps=steps, wall_seconds=seconds, last_loss=loss)
+    else:
+        resume = resolve_checkpoint(work, "latest")
+        if resume is None:
+            raise FileNotFoundError(f"--phase latent needs an autoencoder checkpoint in {work}")
+        steps, saved = load_checkpoint(resume, {"encoder": encoder, "unet": unet, "ema_encoder": ema_encoder, "ema_unet": ema_unet}, restore_rng=False)
+        record["autoencoder"] = dict(steps=steps, wall_seconds=float(saved.get("elapsed_seconds", 0.0)))
+    if args.phase in ("all", "latent"):
+        steps, seconds, loss = train_latent(args, ema_encoder, latent_net, work, renderer)
+        record["latent_net"] = dict(steps=steps, wall_seconds=seconds, last_loss=loss)
+    else:
+        latent_net = None
+    # The parts form a DiffAEPipeline folder (model_index.json + one sub-folder per model), so
+    # DiffAEPipeline.from_pretrained / IPLPipeline.from_components read them directly.
+    DiffAEPipeline(
+        semantic_encoder=ema_encoder,
+        unet=ema_unet,
+        scheduler=image_scheduler(),
+        latent_net=latent_net,
+        latent_scheduler=latent_scheduler() if latent_net is not None else None,
+    ).save_pretrained(out)
+    record["evaluation"] = evaluate(args, ema_encoder, ema_unet, latent_net, renderer, out)
+    print("evaluation:", json.dumps(record["evaluation"], indent=1))
+    (out / "training_record.json").write_text(json.dumps(record, indent=1))
+    (work / "training_record.json").write_text(json.dumps(record, indent=1))
+    print(f"saved to {out}")
+
+
+if __name__ == "__main__":
+    main()

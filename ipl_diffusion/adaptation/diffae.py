@@ -1,0 +1,850 @@
+"""Diff-IPL: IPL's Stage 2 (Eq. 7-9) on a diffusion autoencoder, with DiffusionCLIP's recipe.
+
+The paper adapts a generator with the adaptive directional CLIP loss (Eq. 7-9): every source
+image ``x_i`` gets its own text direction ``ΔT_i = E_T([V_i] target) - E_T([V_i] source)``
+from the prompt vectors ``V_i`` that the latent mapper (Stage 1, Eq. 6) produced for it, and
+the generator is trained so that the CLIP image direction ``ΔI_i`` between the source and
+the adapted image follows ``ΔT_i``. The released code does this for StyleGAN2 only; on a
+diffusion model we follow DiffusionCLIP (Kim et al. 2022, facts §4):
+
+1. the source images are encoded once -- ``z_sem`` by the semantic encoder, ``x_{t0}`` by
+   deterministic DDIM inversion with the *source* UNet up to ``t0`` (not the full T: ``t0``
+   sets how far an image may move) -- and cached;
+2. a copy of the source UNet (EMA weights, ``eval()`` so DiffAE's dropout stays off -- the
+   DiffusionCLIP code calls ``train()``, which would switch it on here) is fine-tuned so that
+   decoding the cached ``x_{t0}`` with it, in ``num_train_steps`` DDIM steps, gives images
+   whose CLIP direction from the source model's own decoding follows ``ΔT_i``;
+3. optional L1 and identity regularisers tie each adapted image to its source.
+
+Two gradient modes:
+
+* ``"full_chain"`` (DiffusionCLIP's original fine-tuning): the loss is taken on the final
+  decoded image and back-propagated through all ``num_train_steps`` UNet calls (memory grows
+  with the number of steps; ``gradient_checkpointing`` trades it for recomputation);
+* ``"per_step"`` (DiffusionCLIP's GPU-efficient mode): after every DDIM step the loss is
+  taken on that step's ``x̂0`` prediction and the optimiser steps at once; the chain
+  continues from the detached state, so one UNet graph is alive at a time. (Unlike the
+  upstream code the identity term is computed on the differentiable ``x̂0``, so it does
+  contribute a gradient.)
+
+Why the DDIM steps of the training chain are written here rather than taken from a
+diffusers scheduler: training needs a differentiable step with DiffusionCLIP's timestep
+sequence (``linspace(0, t0, n)``, ending at ``ᾱ = 1``) and without the ``x̂0`` clipping
+of DiffAE's sampler (clipping would zero the gradient of every saturated pixel); the step
+reads ``alphas_cumprod`` from the pipeline's diffusers ``DDIMScheduler``.
+
+Multi-process training (``accelerate launch``): every process takes its own slice of each
+global batch, gradients are averaged with one all-reduce per update, and only the main
+process writes. The UNet is *not* wrapped in DDP because the full chain calls it several
+times before one backward pass, which DDP's reducer does not support.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ipl_diffusion import checkpointing, ddim
+
+GRADIENT_MODES = ("full_chain", "per_step")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class Stage2Config:
+    """Hyper-parameters of Diff-IPL's Stage 2. Defaults follow DiffusionCLIP's README
+    example (``t0`` 400, 40 inversion / 6 training / 40 sampling steps, lr 8e-6, CLIP weight
+    3) and the IPL code (batch 2).
+
+    * ``t0``: timestep the sources are inverted to (edit strength; DiffusionCLIP uses 201-601
+      of 1000); ``num_inversion_steps`` / ``num_train_steps`` / ``num_inference_steps``: DDIM
+      steps of the inversion, of the decoding chain while training, and of outputs.
+    * ``iterations``: Stage 2 iterations, each on ``batch_size`` images per process
+      (``per_step`` makes ``num_train_steps`` optimiser updates per iteration).
+    * ``clip_loss_weight``: weight of Eq. 7-9; ``l1_loss_weight``: mean |adapted - source|;
+      ``id_loss_weight``: ``1 - cos`` between identity features of the adapted and the source
+      image -- by default DiffAE's semantic codes ``z_sem`` (DiffusionCLIP's ArcFace cannot be
+      downloaded offline and suits only faces; pass ``identity_features`` to use another).
+    * ``gradient_mode``: ``"full_chain"`` or ``"per_step"`` (module docstring);
+      ``gradient_checkpointing``; ``mixed_precision``: ``"no"``, ``"bf16"``, ``"fp16"`` (GPU).
+    * ``checkpointing_steps`` / ``checkpoints_total_limit``: resumable checkpoints;
+      ``sample_steps`` / ``num_sample_images``: grids (source | reconstruction | adapted).
+    """
+
+    t0: int = 400
+    num_inversion_steps: int = 40
+    num_train_steps: int = 6
+    num_inference_steps: int = 40
+    learning_rate: float = 8e-6
+    iterations: int = 300
+    batch_size: int = 2
+    clip_loss_weight: float = 3.0
+    l1_loss_weight: float = 0.0
+    id_loss_weight: float = 0.0
+    gradient_mode: str = "full_chain"
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"
+    max_grad_norm: float | None = None
+    seed: int = 0
+    checkpointing_steps: int | None = None
+    checkpoints_total_limit: int | None = 2
+    sample_steps: int | None = None
+    num_sample_images: int = 4
+
+    def __post_init__(self):
+        if self.gradient_mode not in GRADIENT_MODES:
+            raise ValueError(f"gradient_mode must be one of {GRADIENT_MODES}, got {self.gradient_mode!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        for name in ("num_inversion_steps", "num_train_steps", "num_inference_steps", "iterations", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("clip_loss_weight", "l1_loss_weight", "id_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Stage2Config":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+# ------------------------------------------------------------------------ DDIM chain
+
+
+def check_t0(t0: int, scheduler) -> int:
+    """``t0`` as an int, or ``ValueError`` unless ``0 < t0 < num_train_timesteps``."""
+    total = int(scheduler.config.num_train_timesteps)
+    if int(t0) != t0 or not 0 < int(t0) < total:
+        raise ValueError(f"t0 must be an integer in 1..{total - 1} (the scheduler's timesteps), got {t0}")
+    return int(t0)
+
+
+def invert_to_t0(unet, x0, z_sem, scheduler, t0, num_steps, progress_bar=None):
+    """``x0 -> x_{t0}``: DiffusionCLIP's deterministic inversion (``num_steps - 1`` steps over
+    ``linspace(0, t0, num_steps)``, eps at the *source* timestep, no clipping) -- facts §4.3."""
+    return ddim.ddim_invert(
+        unet, x0, z_sem, scheduler, num_steps, end_timestep=t0, variant="diffae", clip_sample=False,
+        progress_bar=progress_bar,
+    )
+
+
+def decode_from_t0(unet, x_t0, z_sem, scheduler, t0, num_steps, progress_bar=None, call=ddim.predict_eps):
+    """``x_{t0} -> x0`` in ``num_steps`` DDIM steps over ``linspace(0, t0, num_steps)``.
+
+    Keeps the autograd graph (Stage 2's full chain back-propagates through it). No x0
+    clipping, as in DiffusionCLIP: clipping would zero the gradient of saturated pixels, and
+    training and inference must decode the same way. ``call(unet, x, t, z_sem) -> eps``
+    lets the trainer checkpoint whole UNet calls.
+    """
+    alphas = scheduler.alphas_cumprod.to(x_t0.device)
+    final = float(scheduler.final_alpha_cumprod)
+    plan = ddim.decode_plan(ddim.ddim_timesteps(scheduler, num_steps, t0))
+    x = x_t0
+    for model_t, level, next_level in progress_bar(plan) if progress_bar is not None else plan:
+        x, _ = ddim.ddim_step(call(unet, x, model_t, z_sem).to(x.dtype), x, level, next_level, alphas, final)
+    return x
+
+
+def decode_to_t0(unet, x_T, z_sem, scheduler, t0, num_steps, progress_bar=None):
+    """Pure noise ``x_T -> x_{t0}`` on the scheduler's grid above ``t0`` (with its clipping),
+    for unconditional sampling: the adapted UNet takes over at ``t0``."""
+    grid = [t for t in ddim.ddim_timesteps(scheduler, num_steps) if t > t0] + [t0]
+    plan = ddim.decode_plan(grid)[:-1]  # stop at level t0
+    alphas = scheduler.alphas_cumprod.to(x_T.device)
+    clip = float(scheduler.config.get("clip_sample_range", 1.0)) if scheduler.config.clip_sample else None
+    x = x_T
+    for model_t, level, next_level in progress_bar(plan) if progress_bar is not None else plan:
+        eps = ddim.predict_eps(unet, x, model_t, z_sem)
+        x, _ = ddim.ddim_step(eps.to(x.dtype), x, level, next_level, alphas, float(scheduler.final_alpha_cumprod), clip)
+    return x
+
+
+# -------------------------------------------------------------------------- the cache
+
+
+@torch.no_grad()
+def encode_sources(
+    semantic_encoder,
+    source_unet,
+    scheduler,
+    images: torch.Tensor,
+    t0: int,
+    num_inversion_steps: int,
+    num_train_steps: int,
+    batch_size: int = 8,
+    accelerator=None,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Encode the source images once (step 1 of the recipe).
+
+    Args:
+        images: ``(N, 3, H, W)`` float in ``[-1, 1]`` (any device).
+    Returns:
+        CPU float32 tensors: ``x0`` (the inputs), ``z_sem (N, 512)``, ``x_t0`` (inversion to
+        ``t0`` with the source UNet) and ``x_rec`` (the source UNet's decoding of ``x_t0``
+        along the training chain: the *source image* of the CLIP direction, as NADA uses the
+        frozen generator's output, so the direction measures the domain change and not the
+        reconstruction error). With several processes each computes every ``world``-th item
+        and the results are gathered, so every process ends with the whole cache.
+    """
+    from tqdm.auto import tqdm
+
+    device = next(source_unet.parameters()).device
+    n = images.shape[0]
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    padded = torch.arange(math.ceil(n / world) * world) % n  # equal shares for gather()
+    mine = padded[rank::world]
+    parts = {"z_sem": [], "x_t0": [], "x_rec": []}
+    main = accelerator is None or accelerator.is_local_main_process
+    for start in tqdm(range(0, len(mine), batch_size), desc="Encoding source images", disable=not (progress and main)):
+        x0 = images[mine[start : start + batch_size]].to(device, torch.float32)
+        z_sem = semantic_encoder(x0)
+        x_t0 = invert_to_t0(source_unet, x0, z_sem, scheduler, t0, num_inversion_steps)
+        x_rec = decode_from_t0(source_unet, x_t0, z_sem, scheduler, t0, num_train_steps)
+        parts["z_sem"].append(z_sem.float())
+        parts["x_t0"].append(x_t0.float())
+        parts["x_rec"].append(x_rec.float())
+    result = {"x0": images.detach().float().cpu()}
+    order = torch.cat([padded[r::world] for r in range(world)])
+    for key, chunks in parts.items():
+        local = torch.cat(chunks).contiguous()
+        gathered = accelerator.gather(local) if world > 1 else local
+        full = torch.empty((n, *local.shape[1:]), dtype=local.dtype)
+        full[order] = gathered.cpu()
+        result[key] = full
+    return result
+
+
+# ------------------------------------------------------------------------- logging
+
+
+class LossLog:
+    """Losses to TensorBoard when it is installed, else to ``losses.csv`` (main process only)."""
+
+    def __init__(self, output_dir=None, enabled: bool = True):
+        self.writer = self.csv = None
+        if output_dir is None or not enabled:
+            return
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(output_dir) / "logs"))
+        except ImportError:  # tensorboard is an optional extra
+            path = Path(output_dir) / "losses.csv"
+            new = not path.exists()
+            self._file = open(path, "a", newline="")
+            self.csv = csv.writer(self._file)
+            if new:
+                self.csv.writerow(["stage", "step", "name", "value"])
+
+    def log(self, stage: str, step: int, values: dict):
+        for name, value in values.items():
+            if self.writer is not None:
+                self.writer.add_scalar(f"{stage}/{name}", value, step)
+            elif self.csv is not None:
+                self.csv.writerow([stage, step, name, f"{value:.6g}"])
+        if self.csv is not None:
+            self._file.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+        elif self.csv is not None:
+            self._file.close()
+
+
+# -------------------------------------------------------------------------- training
+
+
+def make_accelerator(mixed_precision: str = "no", device=None):
+    """An ``Accelerator`` for Stage 2 that refuses mixed precision where it cannot work.
+
+    fp16 autocast exists only on GPUs -- on a CPU accelerate silently runs fp32 while still
+    reporting fp16 -- so fp16 without CUDA is a ``ValueError``; bf16 runs on CPUs but is
+    several times slower than fp32 there (measured 4x on the 2-core test CPU), so it warns.
+    ``device="cpu"`` forces the CPU even when a GPU exists.
+    """
+    from accelerate import Accelerator
+
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
+    # cpu=True also when there is no GPU: only then does accelerate treat a torchrun /
+    # `accelerate launch` multi-process CPU job as MULTI_CPU (gloo) instead of N lone processes.
+    cpu = (device is not None and torch.device(device).type == "cpu") or not torch.cuda.is_available()
+    on_gpu = not cpu
+    if mixed_precision == "fp16" and not on_gpu:
+        raise ValueError("mixed_precision='fp16' needs a CUDA GPU; on a CPU use 'no' (or 'bf16', slower)")
+    if mixed_precision == "bf16" and not on_gpu:
+        warnings.warn("mixed_precision='bf16' on a CPU runs several times slower than fp32", stacklevel=2)
+    try:
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    except ValueError as err:  # AcceleratorState is a per-process singleton
+        raise ValueError(
+            f"this process already set up Accelerate with other options ({err}); restart Python to change "
+            "mixed precision"
+        ) from None
+
+
+def _average_gradients(parameters, accelerator):
+    """Mean of the gradients over processes, one all-reduce; no-op on a single process."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def batch_indices(num_items: int, batch_size: int, iteration: int, seed: int, world: int = 1, rank: int = 0):
+    """Cache indices of this process's share of iteration ``iteration``'s global batch.
+
+    A pure function of its arguments (epoch-wise permutations seeded by ``seed`` and the
+    epoch number), so a resumed run draws exactly the batches of an uninterrupted one. The
+    global batch has ``batch_size * world`` items; process ``rank`` takes every
+    ``world``-th.
+    """
+    global_batch = batch_size * world
+    start = iteration * global_batch
+    out: list[int] = []
+    while len(out) < global_batch:
+        epoch, offset = divmod(start + len(out), num_items)
+        perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.extend(perm[offset : offset + global_batch - len(out)].tolist())
+    return out[rank::world]
+
+
+@contextlib.contextmanager
+def frozen(*modules):
+    """Temporarily ``requires_grad_(False)`` (gradients still flow *through* the modules)."""
+    saved = [(p, p.requires_grad) for m in modules if m is not None for p in m.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+@dataclass
+class Stage2Result:
+    unet: torch.nn.Module
+    step: int
+    history: list = field(default_factory=list)
+
+
+class Stage2Trainer:
+    """Fine-tunes a copy of ``source_unet`` with the adaptive directional loss (Eq. 7-9).
+
+    Args:
+        source_unet: the source DiffAE UNet ``(x_t, t, z_sem) -> eps``; never modified.
+        scheduler: the pipeline's diffusers ``DDIMScheduler`` (``alphas_cumprod``).
+        cache: :func:`encode_sources` output for N images.
+        source_text_features, target_text_features: ``(N, D)`` per-image prompt features of
+            the source / target label (equal rows for the manual / learned schemes, which
+            turns Eq. 7-9 into NADA's directional loss).
+        image_features: differentiable CLIP image features ``(B,3,H,W) in [-1,1] -> (B, D)``.
+        config: :class:`Stage2Config`.
+        identity_features: ``(B,3,H,W) -> (B, E)`` for the identity regulariser (cosine
+            distance of each adapted image's features to its source image's).
+        accelerator: an ``accelerate.Accelerator`` (default: :func:`make_accelerator`).
+        output_dir: where ``checkpoints/``, ``samples/`` and the loss log go (None: nothing).
+        run_config: JSON-able dict stored in every checkpoint.
+    """
+
+    def __init__(
+        self,
+        source_unet,
+        scheduler,
+        cache,
+        source_text_features,
+        target_text_features,
+        image_features: Callable,
+        config: Stage2Config,
+        identity_features: Callable | None = None,
+        accelerator=None,
+        output_dir=None,
+        run_config: dict | None = None,
+    ):
+        self.config = config
+        self.accelerator = accelerator or make_accelerator(
+            config.mixed_precision, next(source_unet.parameters()).device
+        )
+        self.device = self.accelerator.device
+        self.scheduler = scheduler
+        self.t0 = check_t0(config.t0, scheduler)
+        n = cache["x0"].shape[0]
+        if source_text_features.shape[0] != n or target_text_features.shape[0] != n:
+            raise ValueError(
+                f"need one source and one target text feature per image ({n}); got "
+                f"{tuple(source_text_features.shape)} and {tuple(target_text_features.shape)}"
+            )
+        if config.id_loss_weight > 0 and identity_features is None:
+            raise ValueError("id_loss_weight > 0 needs identity_features")
+        self.cache = {k: v.to(self.device) for k, v in cache.items()}
+        self.image_features = image_features
+        self.identity_features = identity_features
+        self.src_text = source_text_features.detach().to(self.device, torch.float32)
+        self.tgt_text = target_text_features.detach().to(self.device, torch.float32)
+        with torch.no_grad():
+            chunks = range(0, n, 16)
+            self.src_image = torch.cat([image_features(self.cache["x_rec"][i : i + 16]).float() for i in chunks])
+            self.src_identity = None
+            if config.id_loss_weight > 0:
+                self.src_identity = torch.cat(
+                    [identity_features(self.cache["x0"][i : i + 16]).float() for i in chunks]
+                )
+        self.source_unet = source_unet
+        self._recon = None
+        # The trainable copy: the (EMA) weights as given, fp32 master weights, and eval() so
+        # that DiffAE's dropout stays off while training (DiffusionCLIP's train() would enable it).
+        self.unet = copy.deepcopy(source_unet).to(self.device).eval()
+        if any(p.dtype != torch.float32 for p in self.unet.parameters()):
+            self.unet.to(dtype=torch.float32)
+        self.unet.requires_grad_(True)
+        self._call = ddim.predict_eps
+        if config.gradient_checkpointing:
+            if getattr(self.unet, "_supports_gradient_checkpointing", False):
+                self.unet.enable_gradient_checkpointing()
+            else:  # checkpoint whole UNet calls: only each step's input stays alive
+                self._call = lambda unet, x, t, z: torch.utils.checkpoint.checkpoint(
+                    ddim.predict_eps, unet, x, t, z, use_reentrant=False
+                )
+        self._trainable = [p for p in self.unet.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(self._trainable, lr=config.learning_rate, weight_decay=0.0)
+        self.optimizer = self.accelerator.prepare(optimizer)
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.run_config = run_config or {"stage2": asdict(config)}
+        self.step = 0
+        self.history: list[dict] = []
+        self._plan = ddim.decode_plan(ddim.ddim_timesteps(scheduler, config.num_train_steps, self.t0))
+        self._alphas = scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self._final_alpha = float(scheduler.final_alpha_cumprod)
+
+    # -- losses ------------------------------------------------------------------------
+    def losses(self, images: torch.Tensor, index: list[int]) -> dict[str, torch.Tensor]:
+        """Weighted loss terms for the adapted ``images (B,3,H,W)`` of cache items ``index``.
+
+        ``directional``: Eq. 7-9 (``losses.adaptive_directional_loss``) between the source
+        model's and the adapted model's decodings of the same ``x_{t0}``; ``l1``: mean
+        absolute difference to the source image; ``identity``: ``1 - cos`` of identity
+        features. Raises ``ValueError`` naming the term when one is NaN / inf.
+        """
+        from ipl_diffusion.losses import adaptive_directional_loss
+
+        cfg = self.config
+        images = images.float()
+        terms = {
+            "directional": cfg.clip_loss_weight
+            * adaptive_directional_loss(
+                self.src_image[index], self.image_features(images).float(), self.src_text[index], self.tgt_text[index]
+            )
+        }
+        if cfg.l1_loss_weight > 0:
+            terms["l1"] = cfg.l1_loss_weight * (images - self.cache["x0"][index]).abs().mean()
+        if cfg.id_loss_weight > 0:
+            ident = self.identity_features(images).float()
+            terms["identity"] = cfg.id_loss_weight * (1 - F.cosine_similarity(ident, self.src_identity[index], dim=-1)).mean()
+        for name, value in terms.items():
+            if not torch.isfinite(value):
+                raise ValueError(
+                    f"Stage 2 loss term {name!r} is {value.item()} at iteration {self.step}; "
+                    "lower the learning rate or turn mixed precision off"
+                )
+        return terms
+
+    def _update(self, loss):
+        # inputs=: gradients accumulate only in the trained UNet, never in the frozen CLIP /
+        # semantic encoder the loss passes through (whatever their requires_grad).
+        self.accelerator.backward(loss, inputs=self._trainable)
+        _average_gradients(list(self.unet.parameters()), self.accelerator)
+        if self.config.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.unet.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _step(self, x, model_t, level, next_level, z_sem):
+        eps = self._call(self.unet, x, model_t, z_sem).float()
+        return ddim.ddim_step(eps, x, level, next_level, self._alphas, self._final_alpha)
+
+    def train_step(self, index: list[int]) -> dict[str, float]:
+        """One iteration on cache items ``index``; returns the loss terms as floats.
+
+        ``full_chain``: one optimiser step after decoding all ``num_train_steps``;
+        ``per_step``: one optimiser step per DDIM step, on that step's ``x̂0`` (logged
+        values are the mean over the steps).
+        """
+        x = self.cache["x_t0"][index]
+        z_sem = self.cache["z_sem"][index]
+        logged: dict[str, float] = {}
+        if self.config.gradient_mode == "full_chain":
+            with self.accelerator.autocast():
+                for model_t, level, next_level in self._plan:
+                    x, _ = self._step(x, model_t, level, next_level, z_sem)
+                terms = self.losses(x, index)
+                loss = sum(terms.values())
+            self._update(loss)
+            logged = {k: v.item() for k, v in terms.items()}
+        else:
+            for model_t, level, next_level in self._plan:
+                with self.accelerator.autocast():
+                    x_next, x0_hat = self._step(x.detach(), model_t, level, next_level, z_sem)
+                    terms = self.losses(x0_hat, index)
+                    loss = sum(terms.values())
+                self._update(loss)
+                x = x_next.detach()
+                for k, v in terms.items():
+                    logged[k] = logged.get(k, 0.0) + v.item() / len(self._plan)
+        logged["loss"] = sum(logged.values())
+        return logged
+
+    # -- samples -----------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_grid(self, unet=None, num_images: int | None = None):
+        """PIL grid with one column per image; rows: source | reconstruction | adapted.
+
+        Reconstruction and adaptation decode the cached ``x_{t0}`` with
+        ``num_inference_steps`` steps, with the source and the adapted UNet.
+        """
+        unet = unet or self.unet
+        k = min(num_images or self.config.num_sample_images, self.cache["x0"].shape[0])
+        x_t0, z_sem = self.cache["x_t0"][:k], self.cache["z_sem"][:k]
+        steps = self.config.num_inference_steps
+        if self._recon is None or self._recon.shape[0] < k:
+            self._recon = decode_from_t0(self.source_unet, x_t0, z_sem, self.scheduler, self.t0, steps)
+        adapted = decode_from_t0(unet, x_t0, z_sem, self.scheduler, self.t0, steps)
+        return image_grid([self.cache["x0"][:k], self._recon[:k], adapted])
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def checkpoint_dir(self):
+        return self.output_dir / "checkpoints" if self.output_dir is not None else None
+
+    def resume(self, name) -> int:
+        """Restore ``name`` (``"latest"`` or a checkpoint folder); returns the step resumed at.
+
+        ``"latest"`` with no checkpoint yet starts from step 0.
+        """
+        if name is None or (self.output_dir is None and str(name) == "latest"):
+            return self.step
+        path = checkpointing.resolve_checkpoint(self.checkpoint_dir() or Path("."), name)
+        if path is None:
+            return self.step
+        self.step, _ = checkpointing.load_checkpoint(path, {"unet": self.unet}, {"optimizer": self.optimizer.optimizer})
+        history = path / "history.json"
+        self.history = json.loads(history.read_text()) if history.is_file() else []
+        return self.step
+
+    def save(self):
+        """Checkpoint (main process only); returns the folder or None."""
+        if self.output_dir is None or not self.accelerator.is_main_process:
+            return None
+        path = checkpointing.save_checkpoint(
+            self.checkpoint_dir(),
+            self.step,
+            {"unet": self.accelerator.unwrap_model(self.unet)},
+            {"optimizer": self.optimizer.optimizer},
+            config=self.run_config,
+            keep=self.config.checkpoints_total_limit,
+        )
+        # The loss curve rides along as JSON, written after the atomic move: losing it loses
+        # only the curve, never the weights.
+        (path / "history.json").write_text(json.dumps(self.history))
+        return path
+
+    # -- loop --------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint=None, progress: bool = True) -> Stage2Result:
+        """Run to ``config.iterations``; returns the adapted UNet in ``eval()`` mode."""
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.config, self.accelerator
+        self.resume(resume_from_checkpoint)
+        log = LossLog(self.output_dir, enabled=acc.is_main_process)
+        n = self.cache["x0"].shape[0]
+        bar = tqdm(
+            total=cfg.iterations,
+            initial=self.step,
+            desc="Stage 2: fine-tuning the UNet",
+            disable=not (progress and acc.is_local_main_process),
+        )
+        try:
+            while self.step < cfg.iterations:
+                index = batch_indices(n, cfg.batch_size, self.step, cfg.seed, acc.num_processes, acc.process_index)
+                started = time.perf_counter()
+                values = self.train_step(index)
+                if acc.num_processes > 1:  # log the global batch's loss, not this shard's
+                    names = sorted(values)
+                    mean = acc.reduce(torch.tensor([values[k] for k in names], device=acc.device), reduction="mean")
+                    values = dict(zip(names, mean.tolist()))
+                self.step += 1
+                values["seconds"] = time.perf_counter() - started
+                self.history.append({"step": self.step, **values})
+                log.log("stage2", self.step, values)
+                bar.update(1)
+                bar.set_postfix(loss=f"{values['loss']:.4f}")
+                if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0:
+                    self.save()
+                if cfg.sample_steps and self.output_dir is not None and acc.is_main_process:
+                    if self.step % cfg.sample_steps == 0 or self.step == cfg.iterations:
+                        folder = self.output_dir / "samples"
+                        folder.mkdir(parents=True, exist_ok=True)
+                        self.sample_grid().save(folder / f"step_{self.step:06d}.png")
+        finally:
+            bar.close()
+            log.close()
+        acc.wait_for_everyone()
+        return Stage2Result(unet=acc.unwrap_model(self.unet).eval(), step=self.step, history=self.history)
+
+
+def image_grid(rows: list):
+    """A PIL image with one row per ``(B,3,H,W)`` tensor in ``[-1, 1]``."""
+    from PIL import Image
+
+    b, _, h, w = rows[0].shape
+    tiles = torch.cat([r.detach().float().cpu() for r in rows])
+    array = ((tiles.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    grid = Image.new("RGB", (w * b, h * len(rows)))
+    for i, tile in enumerate(array):
+        grid.paste(Image.fromarray(tile), ((i % b) * w, (i // b) * h))
+    return grid
+
+
+# ------------------------------------------------------------------ Stage 1 + Stage 2
+
+
+@dataclass
+class Stage1Options:
+    """Stage 1 (prompt learning, Eq. 6) options; defaults from the paper / IPL code."""
+
+    scheme: str = "adaptive"
+    lambda_domain: float = 1.0
+    iterations: int = 300
+    batch_size: int = 32
+    learning_rate: float | None = None  # None: prompt_learning's default (0.05 mapper, 2e-3 shared)
+    n_ctx: int = 4
+    seed: int | None = None  # None: the released code's seed (3)
+
+
+@dataclass
+class DiffIPLResult:
+    """What :func:`adapt_diffae` returns."""
+
+    unet: torch.nn.Module
+    mapper: torch.nn.Module | None
+    sample_grid: object | None
+    history: list
+    run_config: dict
+    source_text_features: torch.Tensor
+    target_text_features: torch.Tensor
+
+
+def clip_image_features(clip_model, feature_extractor=None) -> Callable:
+    """Differentiable CLIP image features ``(B,3,H,W) in [-1,1] -> (B, D)`` (raw, projected).
+
+    ``feature_extractor`` (a ``CLIPImageProcessor``) supplies the normalisation; without one,
+    ``CLIPImageProcessor()``'s defaults are OpenAI CLIP's mean / std.
+    """
+    from transformers import CLIPImageProcessor
+
+    from ipl_diffusion.clip_image import CLIPImageEncoder
+
+    return CLIPImageEncoder(clip_model, feature_extractor or CLIPImageProcessor()).encode_images
+
+
+def run_stage1(clip_model, tokenizer, z_sem, image_features, source, target, options: Stage1Options, progress=True):
+    """IPL Stage 1 on cached features; returns ``(prompt_module, source_text, target_text)``.
+
+    ``z_sem (N, 512)`` is the mapper input (Eq. 2) and ``image_features (N, D)`` the cached
+    CLIP features of the source images. ``prompt_module`` is the ``LatentMapper``
+    (adaptive / random) or ``SharedPromptContext`` (learned / manual); the text features are
+    the per-image prompt features ``(N, D)`` of the source and target labels whose
+    difference is ``ΔT_i`` (Eq. 8).
+    """
+    from ipl_diffusion.clip_text import CLIPPromptEncoder
+    from ipl_diffusion.prompt_learning import DEFAULT_SEED, learn_prompts
+
+    encoder = CLIPPromptEncoder(clip_model, tokenizer)
+    learner = learn_prompts(
+        encoder,
+        z_sem,
+        source,
+        target,
+        image_features=image_features,
+        scheme=options.scheme,
+        n_ctx=options.n_ctx,
+        num_iterations=options.iterations,
+        batch_size=options.batch_size,
+        learning_rate=options.learning_rate,
+        lambda_domain=options.lambda_domain,
+        seed=DEFAULT_SEED if options.seed is None else options.seed,
+        progress=progress,
+    )
+    return learner.prompt_module, *prompt_text_features(learner, z_sem, source, target)
+
+
+@torch.no_grad()
+def prompt_text_features(learner, z_sem, source, target, batch_size=64):
+    """``(source (N, D), target (N, D))`` per-image prompt features of a ``PromptLearner``."""
+    src = torch.cat([learner.text_features(z_sem[i : i + batch_size], source) for i in range(0, len(z_sem), batch_size)])
+    tgt = torch.cat([learner.text_features(z_sem[i : i + batch_size], target) for i in range(0, len(z_sem), batch_size)])
+    return src.float(), tgt.float()
+
+
+def load_prompt_module(folder):
+    """Load a saved ``LatentMapper`` / ``SharedPromptContext`` by the class named in its config."""
+    from ipl_diffusion import mapper as mapper_module
+
+    name = json.loads((Path(folder) / "config.json").read_text()).get("_class_name")
+    if name not in ("LatentMapper", "SharedPromptContext"):
+        raise ValueError(f"{folder}: not a prompt module (class {name!r})")
+    return getattr(mapper_module, name).from_pretrained(str(folder))
+
+
+def validate_labels(clip_model, tokenizer, source, target, n_ctx=4):
+    """``(source, target)`` cleaned, or ``ValueError`` for empty / too long labels -- checked
+    before any encoding work."""
+    from ipl_diffusion.clip_text import CLIPPromptEncoder
+
+    encoder = CLIPPromptEncoder(clip_model, tokenizer)
+    return encoder.validate_label(source, n_ctx=n_ctx), encoder.validate_label(target, n_ctx=n_ctx)
+
+
+def _same_cache(cache_file: Path, images: torch.Tensor, key: dict) -> dict | None:
+    """The saved cache when it was made from the same images with the same options."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not cache_file.is_file():
+        return None
+    with safe_open(str(cache_file), "pt") as handle:
+        if json.loads((handle.metadata() or {}).get("key", "null")) != key:
+            return None
+    cache = load_file(str(cache_file))
+    if cache["x0"].shape != images.shape or not torch.equal(cache["x0"], images.detach().float().cpu()):
+        return None
+    return cache
+
+
+def adapt_diffae(
+    *,
+    semantic_encoder,
+    source_unet,
+    scheduler,
+    clip_model,
+    tokenizer,
+    images: torch.Tensor,
+    source: str,
+    target: str,
+    stage1: Stage1Options | None = None,
+    stage2: Stage2Config | None = None,
+    feature_extractor=None,
+    accelerator=None,
+    output_dir=None,
+    resume_from_checkpoint=None,
+    progress: bool = True,
+    base_model: str | None = None,
+) -> DiffIPLResult:
+    """Diff-IPL end to end on source ``images (N,3,H,W) in [-1,1]``: encode + cache, Stage 1,
+    Stage 2. Shared by ``IPLPipeline.adapt``, ``ipl adapt`` and ``examples/train_ipl_diffae.py``.
+
+    With ``output_dir`` the run writes ``run_config.json``, ``cache.safetensors`` (the
+    encoded sources and the Stage-1 text features, reused on resume), ``stage1/mapper``,
+    checkpoints, sample grids and the loss log there (main process only), and
+    ``resume_from_checkpoint="latest"`` continues an interrupted run bit for bit.
+    """
+    from safetensors.torch import save_file
+
+    stage1 = stage1 or Stage1Options()
+    stage2 = stage2 or Stage2Config()
+    accelerator = accelerator or make_accelerator(stage2.mixed_precision, next(source_unet.parameters()).device)
+    device = accelerator.device
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] < 1:
+        raise ValueError(f"source images must be (N, 3, H, W) in [-1, 1] with N >= 1; got {tuple(images.shape)}")
+    t0 = check_t0(stage2.t0, scheduler)
+    source, target = validate_labels(clip_model, tokenizer, source, target, stage1.n_ctx)
+    out = Path(output_dir) if output_dir is not None else None
+    run_config = {
+        "source": source,
+        "target": target,
+        "base_model": base_model,
+        "num_source_images": int(images.shape[0]),
+        "image_size": int(images.shape[-1]),
+        "num_processes": accelerator.num_processes,
+        "stage1": asdict(stage1),
+        "stage2": asdict(stage2),
+    }
+    for module in (semantic_encoder, source_unet, clip_model):
+        module.to(device).eval()
+    image_features = clip_image_features(clip_model, feature_extractor)
+    key = {"t0": t0, "inv": stage2.num_inversion_steps, "train": stage2.num_train_steps, "stage1": asdict(stage1),
+           "source": source, "target": target, "seed": stage2.seed}
+    cache_file = out / "cache.safetensors" if out is not None else None
+    with frozen(semantic_encoder, source_unet, clip_model):
+        cache = _same_cache(cache_file, images, key) if (cache_file is not None and resume_from_checkpoint) else None
+        mapper = None
+        if cache is None:
+            cache = encode_sources(
+                semantic_encoder, source_unet, scheduler, images, t0, stage2.num_inversion_steps,
+                stage2.num_train_steps, accelerator=accelerator, progress=progress,
+            )
+            with torch.no_grad():
+                x0 = cache["x0"].to(device)
+                features = torch.cat([image_features(x0[i : i + 32]).float() for i in range(0, len(x0), 32)])
+            # Every process runs the (cheap, cached-feature) Stage 1 with the same seed, so all
+            # end with the same prompts without a broadcast.
+            mapper, src_text, tgt_text = run_stage1(
+                clip_model, tokenizer, cache["z_sem"].to(device), features, source, target, stage1,
+                progress=progress and accelerator.is_local_main_process,
+            )
+            cache["source_text_features"], cache["target_text_features"] = src_text.cpu(), tgt_text.cpu()
+            if out is not None and accelerator.is_main_process:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "run_config.json").write_text(json.dumps(run_config, indent=2))
+                save_file({k: v.contiguous() for k, v in cache.items()}, str(cache_file), metadata={"key": json.dumps(key)})
+                if mapper is not None:
+                    mapper.save_pretrained(out / "stage1" / "mapper")
+        elif out is not None and (out / "stage1" / "mapper").is_dir():
+            mapper = load_prompt_module(out / "stage1" / "mapper").to(device)
+        identity = semantic_encoder if stage2.id_loss_weight > 0 else None
+        trainer = Stage2Trainer(
+            source_unet,
+            scheduler,
+            {k: cache[k] for k in ("x0", "z_sem", "x_t0", "x_rec")},
+            cache["source_text_features"],
+            cache["target_text_features"],
+            image_features,
+            stage2,
+            identity_features=identity,
+            accelerator=accelerator,
+            output_dir=out,
+            run_config=run_config,
+        )
+        result = trainer.train(resume_from_checkpoint=resume_from_checkpoint, progress=progress)
+        grid = trainer.sample_grid(result.unet) if accelerator.is_main_process else None
+    return DiffIPLResult(
+        unet=result.unet,
+        mapper=mapper,
+        sample_grid=grid,
+        history=result.history,
+        run_config=run_config,
+        source_text_features=cache["source_text_features"],
+        target_text_features=cache["target_text_features"],
+    )

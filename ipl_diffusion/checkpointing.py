@@ -1,0 +1,267 @@
+"""Atomic, resumable training checkpoints in safetensors + JSON.
+
+Why not ``Accelerator.save_state``? It writes the optimizer and the RNG states with
+``torch.save`` (``optimizer.bin``, ``random_states_0.pkl``), and ``load_state`` reads them
+back with ``torch.load`` -- i.e. it unpickles. Our rule is that nothing we write needs
+unpickling, so a checkpoint here is a folder of
+
+* ``state.safetensors`` -- every tensor: model weights (``model/<name>/<key>``), the
+  optimizer's per-parameter state (``optimizer/<name>/<param index>/<key>``, e.g. Adam's
+  ``exp_avg``/``exp_avg_sq``/``step``), and the RNG states (``rng/torch``, ``rng/cuda/<i>``,
+  ``rng/numpy``, ``rng/generator/<name>``) as uint8/int64 tensors;
+* ``checkpoint.json`` -- the step, the run config, the optimizers' ``param_groups``
+  (learning rates, betas, ... all JSON numbers), the non-tensor optimizer state entries and
+  the scalar parts of numpy's and Python's RNG states.
+
+Models are passed *unwrapped* (``accelerator.unwrap_model(model)``) so the keys never carry
+a DDP ``module.`` prefix, and only the main process calls :func:`save_checkpoint`.
+
+Atomicity: everything is written into a hidden temporary folder beside the target, flushed
+to disk, then moved into place with ``os.replace`` -- a run killed mid-write leaves either
+the previous checkpoints or a ``.tmp-*`` folder that :func:`list_checkpoints` ignores, never
+a half-written ``checkpoint-<step>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "state.safetensors"
+META_FILE = "checkpoint.json"
+FORMAT_VERSION = 1
+
+_NAME_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+
+def _capture_rng(generators: Mapping[str, torch.Generator] | None) -> tuple[dict, dict]:
+    tensors = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{i}"] = state
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["rng/numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    py_version, py_state, py_gauss = random.getstate()
+    meta = {
+        "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": py_version, "state": list(py_state), "gauss_next": py_gauss},
+    }
+    for name, generator in (generators or {}).items():
+        tensors[f"rng/generator/{name}"] = generator.get_state()
+    return tensors, meta
+
+
+def _restore_rng(tensors: dict, meta: dict, generators: Mapping[str, torch.Generator] | None) -> None:
+    torch.set_rng_state(tensors["rng/torch"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng/cuda/"))]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    np_meta = meta["numpy"]
+    np.random.set_state(
+        (
+            np_meta["kind"],
+            tensors["rng/numpy"].numpy().astype(np.uint32),
+            np_meta["pos"],
+            np_meta["has_gauss"],
+            np_meta["cached_gaussian"],
+        )
+    )
+    py = meta["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    for name, generator in (generators or {}).items():
+        key = f"rng/generator/{name}"
+        if key not in tensors:
+            raise KeyError(f"checkpoint has no state for generator {name!r}")
+        generator.set_state(tensors[key])
+
+
+# ----------------------------------------------------------------------- optimizer state
+
+
+def _flatten_optimizer(name: str, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Split ``optimizer.state_dict()`` into tensors (safetensors) and the rest (JSON)."""
+    state_dict = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, param_state in state_dict["state"].items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer/{name}/{index}/{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(name: str, tensors: dict, meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    prefix = f"optimizer/{name}/"
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            index, entry = key[len(prefix) :].split("/", 1)
+            state.setdefault(int(index), {})[entry] = value
+    for index, entries in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(entries)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# ------------------------------------------------------------------------------ public
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first (by step).
+
+    A folder counts only if it is named ``checkpoint-<step>`` and holds both files; the
+    temporary folders of an interrupted write are skipped.
+    """
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _NAME_RE.match(child.name)
+        if match and (child / STATE_FILE).is_file() and (child / META_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_checkpoint(output_dir: str | os.PathLike, name: str | os.PathLike | None) -> Path | None:
+    """Turn ``--resume_from_checkpoint`` into a folder.
+
+    ``"latest"`` gives the newest complete checkpoint in ``output_dir`` or ``None`` when
+    there is none (a fresh run). Anything else is a checkpoint folder, either a path or a
+    name inside ``output_dir``; a missing one raises ``FileNotFoundError``.
+    """
+    if name is None:
+        return None
+    if str(name) == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    for candidate in (Path(name), Path(output_dir) / str(name)):
+        if (candidate / META_FILE).is_file() and (candidate / STATE_FILE).is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"checkpoint {str(name)!r} not found (expected a folder with {STATE_FILE} and {META_FILE}, "
+        f"or 'latest'); available: {[p.name for p in list_checkpoints(output_dir)] or 'none'}"
+    )
+
+
+def save_checkpoint(
+    output_dir: str | os.PathLike,
+    step: int,
+    models: Mapping[str, torch.nn.Module],
+    optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
+    config: dict | None = None,
+    generators: Mapping[str, torch.Generator] | None = None,
+    keep: int | None = None,
+) -> Path:
+    """Write ``output_dir/checkpoint-<step>`` atomically and return its path.
+
+    Args:
+        output_dir: run folder; created if missing.
+        step: the number of completed optimisation steps (resume continues at ``step``).
+        models: ``name -> module`` (unwrapped); their ``state_dict()`` is stored.
+        optimizers: ``name -> optimizer`` (an ``AcceleratedOptimizer`` works too).
+        config: JSON-serialisable run config, stored as is and returned by
+            :func:`load_checkpoint`.
+        generators: ``name -> torch.Generator`` whose states are stored besides the global
+            torch / CUDA / numpy / Python RNG states.
+        keep: keep only the ``keep`` newest checkpoints (``None`` or 0 keeps all).
+
+    An existing checkpoint for the same step is replaced (also atomically).
+    """
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict = {"format_version": FORMAT_VERSION, "step": int(step), "config": config or {}, "optimizers": {}}
+    for name, module in models.items():
+        for key, value in module.state_dict().items():
+            tensors[f"model/{name}/{key}"] = value
+    for name, optimizer in (optimizers or {}).items():
+        opt_tensors, opt_meta = _flatten_optimizer(name, optimizer)
+        tensors.update(opt_tensors)
+        meta["optimizers"][name] = opt_meta
+    rng_tensors, meta["rng"] = _capture_rng(generators)
+    tensors.update(rng_tensors)
+    # safetensors refuses tensors that share memory or are not contiguous; copy to CPU.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+    target = root / f"{CHECKPOINT_PREFIX}{int(step)}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=root))
+    try:
+        save_file(tensors, str(tmp / STATE_FILE), metadata={"format": "pt"})
+        with open(tmp / META_FILE, "w") as handle:
+            json.dump(meta, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        with open(tmp / STATE_FILE, "rb") as handle:
+            os.fsync(handle.fileno())
+        if target.exists():
+            # os.replace cannot replace a non-empty folder: move the old one aside first.
+            trash = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=root))
+            os.replace(target, trash / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep:
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    models: Mapping[str, torch.nn.Module],
+    optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
+    generators: Mapping[str, torch.Generator] | None = None,
+    restore_rng: bool = True,
+) -> tuple[int, dict]:
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns ``(step, config)``.
+
+    Models are loaded strictly: a checkpoint from a different architecture raises
+    ``ValueError`` naming the missing / unexpected keys. Tensors are moved to each
+    module's / optimizer parameter's device by ``load_state_dict``.
+    """
+    path = Path(path)
+    if not (path / META_FILE).is_file() or not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint folder (needs {STATE_FILE} and {META_FILE})")
+    with open(path / META_FILE) as handle:
+        meta = json.load(handle)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported checkpoint format {meta.get('format_version')!r}")
+    tensors = load_file(str(path / STATE_FILE))
+    for name, module in models.items():
+        prefix = f"model/{name}/"
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not state:
+            raise ValueError(f"{path}: checkpoint has no weights for model {name!r}")
+        result = module.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(
+                f"{path}: weights for {name!r} do not match the model: "
+                f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+            )
+    for name, optimizer in (optimizers or {}).items():
+        if name not in meta["optimizers"]:
+            raise ValueError(f"{path}: checkpoint has no state for optimizer {name!r}")
+        optimizer.load_state_dict(_unflatten_optimizer(name, tensors, meta["optimizers"][name]))
+    if restore_rng:
+        _restore_rng(tensors, meta["rng"], generators)
+    return int(meta["step"]), meta["config"]

@@ -1,0 +1,198 @@
+"""``ipl adapt``: adapt a source generator to a domain described by text (IPL Stage 1 + 2).
+
+Stage 1 learns image-specific prompts with a latent mapper; Stage 2 fine-tunes the
+generator with the adaptive directional CLIP loss. With no --model it adapts the embedded
+Shapes models (shipped with the package, so it works offline), e.g. `ipl adapt --target sketch`.
+
+The run writes into --output (default ./ipl-<target>):
+  pipeline/          the adapted pipeline: use it with `ipl translate --model OUTPUT/pipeline`
+                     or IPLPipeline.from_pretrained("OUTPUT/pipeline")
+  before_after.png   rows: source images | source-model reconstructions | adapted images
+  run_config.json    every resolved option of the run
+  losses.csv (or TensorBoard logs/), checkpoints/, cache.safetensors (for --resume-from-checkpoint)
+"""
+
+import argparse
+import inspect
+import json
+from pathlib import Path
+
+DESCRIPTION = __doc__.split("\n\n", 1)[1]
+
+EPILOG = """examples:
+  ipl adapt --target sketch                       # Shapes default model, a few CPU minutes
+  ipl adapt --target neon --scheme manual         # the NADA baseline (fixed prompts)
+  ipl adapt --model ./ffhq256-ipl --source Photo --target "Wall painting" \\
+            --images ./faces --iterations 300 --mixed-precision bf16
+  ipl adapt --backend stylegan2 --target sketch   # GAN-IPL on the Shapes StyleGAN2
+"""
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser(
+        "adapt",
+        help="adapt a generator to a text-described domain (IPL)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--target", required=True, help='target domain label, e.g. "sketch" or "Wall painting"')
+    parser.add_argument("--source", default=None, help="source domain label (default: the model's, else 'Photo')")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="pipeline folder or Hub id of the source model (default: the embedded Shapes model)",
+    )
+    parser.add_argument("--backend", choices=("diffae", "stylegan2"), default="diffae", help="generator family")
+    parser.add_argument("--output", default=None, help="output folder (default: ./ipl-<target>)")
+    parser.add_argument(
+        "--images", default=None, help="folder of source-domain images; default: sample source latents"
+    )
+    parser.add_argument("--num-images", type=int, default=None, help="how many source latents to sample")
+
+    ipl = parser.add_argument_group("prompt learning (Stage 1)")
+    ipl.add_argument(
+        "--scheme",
+        choices=("adaptive", "learned", "random", "manual"),
+        default="adaptive",
+        help="prompt scheme: adaptive = IPL, manual = NADA's fixed prompts, learned = one shared "
+        "learned prompt (CoOp), random = untrained mapper (default: adaptive)",
+    )
+    ipl.add_argument("--lambda", dest="lambda_domain", type=float, default=None, help="weight of the domain loss (Eq. 6)")
+    ipl.add_argument("--stage1-iterations", type=int, default=None, help="mapper training iterations")
+
+    train = parser.add_argument_group("generator fine-tuning (Stage 2)")
+    train.add_argument("--iterations", type=int, default=None, help="fine-tuning iterations")
+    train.add_argument("--batch-size", type=int, default=None, help="images per iteration")
+    train.add_argument("--lr", type=float, default=None, help="learning rate")
+    train.add_argument("--t0", type=int, default=None, help="DiffAE: timestep the images are inverted to (edit strength)")
+    train.add_argument("--inversion-steps", type=int, default=None, help="DiffAE: DDIM steps of the inversion")
+    train.add_argument("--train-steps", type=int, default=None, help="DiffAE: DDIM steps decoded while training")
+    train.add_argument("--sampling-steps", type=int, default=None, help="DiffAE: DDIM steps decoded for outputs")
+    train.add_argument("--l1-weight", type=float, default=None, help="weight of the L1 loss to the source image")
+    train.add_argument("--id-weight", type=float, default=None, help="weight of the identity loss")
+    train.add_argument(
+        "--gradient-mode",
+        choices=("full_chain", "per_step"),
+        default=None,
+        help="DiffAE: back-propagate through all decoding steps, or DiffusionCLIP's "
+        "memory-efficient update after every step",
+    )
+    train.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    train.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="GPU only")
+    train.add_argument("--checkpointing-steps", type=int, default=None, help="save a resumable checkpoint every N iterations")
+    train.add_argument(
+        "--resume-from-checkpoint", default=None, help="'latest' or a checkpoint folder in OUTPUT/checkpoints"
+    )
+    train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    train.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cuda if available)")
+    return parser
+
+
+# Options forwarded to ``adapt`` only when given, so each backend keeps its own defaults.
+_FORWARDED = (
+    "num_images",
+    "scheme",
+    "lambda_domain",
+    "stage1_iterations",
+    "iterations",
+    "batch_size",
+    "lr",
+    "t0",
+    "inversion_steps",
+    "train_steps",
+    "sampling_steps",
+    "l1_weight",
+    "id_weight",
+    "gradient_mode",
+    "checkpointing_steps",
+    "resume_from_checkpoint",
+    "mixed_precision",
+    "seed",
+)
+# CLI name -> keyword of IPLPipeline.adapt / StyleGANIPLPipeline.adapt
+_KEYWORDS = {
+    "lambda_domain": "lambda_domain",
+    "lr": "learning_rate",
+    "inversion_steps": "num_inversion_steps",
+    "train_steps": "num_train_steps",
+    "sampling_steps": "num_inference_steps",
+    "l1_weight": "l1_loss_weight",
+    "id_weight": "id_loss_weight",
+}
+
+
+def load_pipeline(backend, model, device=None):
+    """Load the ``backend`` pipeline from ``model`` (folder / Hub id; None = Shapes default)."""
+    import torch
+
+    if backend == "stylegan2":
+        from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline as cls
+    else:
+        from pipelines.pipeline_ipl import IPLPipeline as cls
+    if model is None:
+        from ipl_diffusion.shapes import default_model_path
+
+        try:
+            model = default_model_path(backend)
+        except TypeError:  # a default_model_path() without a backend argument
+            model = default_model_path()
+    pipe = cls.from_pretrained(str(model))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return pipe.to(device)
+
+
+def _check_domain(label):
+    """Shapes models know only their own domains: say which, before any work is done;
+    returns the canonical name ("Pixel-Art" -> "pixel art")."""
+    from ipl_diffusion import shapes
+
+    check = getattr(shapes, "check_domain", None)
+    return check(label) if check is not None else label
+
+
+def run(args) -> int:
+    output = Path(args.output or f"ipl-{'_'.join(args.target.split()).lower() or 'target'}")
+    if args.images is not None and not Path(args.images).is_file():
+        from ipl_diffusion.images import list_image_files
+
+        list_image_files(args.images)  # a missing / empty folder fails now, before any model is built (C7)
+    if args.model is None and args.backend == "diffae":
+        args.target = _check_domain(args.target)
+        if args.source is not None:
+            args.source = _check_domain(args.source)
+    pipe = load_pipeline(args.backend, args.model, args.device)
+
+    kwargs = {}
+    for name in _FORWARDED:
+        value = getattr(args, name)
+        if value is not None:
+            kwargs[_KEYWORDS.get(name, name)] = value
+    if args.gradient_checkpointing:
+        kwargs["gradient_checkpointing"] = True
+    if args.images is not None:
+        kwargs["images"] = args.images
+    if args.source is not None:
+        kwargs["source"] = args.source
+    kwargs["output_dir"] = str(output)
+    accepted = inspect.signature(pipe.adapt).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        ignored = sorted(k for k in kwargs if k not in accepted)
+        if ignored:
+            print(f"ipl adapt: note: the {args.backend} backend ignores {', '.join(ignored)}")
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+
+    adapted = pipe.adapt(args.target, **kwargs)
+
+    output.mkdir(parents=True, exist_ok=True)
+    adapted.save_pretrained(output / "pipeline")
+    grid = getattr(adapted, "sample_grid", None)
+    if grid is not None:
+        grid.save(output / "before_after.png")
+    config = getattr(adapted, "adaptation_config", None)
+    if config:
+        (output / "run_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    print(f"adapted pipeline: {output / 'pipeline'}")
+    if grid is not None:
+        print(f"before/after grid: {output / 'before_after.png'}")
+    return 0

@@ -1,0 +1,136 @@
+"""`ipl translate`: translate a folder of real images with an adapted pipeline.
+
+Each readable image is inverted with the source model and decoded with the adapted one
+(DiffAE: deterministic DDIM inversion; StyleGAN2: projection into W+). Results keep their
+file names, at the model's resolution, in `--output` (which must not be the input folder;
+inputs are never overwritten). Files that cannot be read as images are skipped and listed.
+A side-by-side grid (input | translation) is written as `ipl_translation_grid.png`.
+"""
+
+import argparse
+from pathlib import Path
+
+DESCRIPTION = __doc__.split("\n\n", 1)[1]
+EPILOG = """examples:
+  ipl translate --model ipl-sketch/pipeline --input ./photos --output ./sketches
+  ipl translate --model ./ffhq-wall-painting --input faces --output out --t0 500 --steps 40
+"""
+GRID_NAME = "ipl_translation_grid.png"
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser(
+        "translate",
+        help="translate a folder of images with an adapted pipeline",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="adapted pipeline folder or Hub id (from `ipl adapt`)")
+    parser.add_argument("--input", required=True, help="folder of images (or a single image file)")
+    parser.add_argument("--output", required=True, help="folder for the translated images (created)")
+    parser.add_argument("--backend", choices=("diffae", "stylegan2"), default="diffae", help="generator family")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
+    parser.add_argument("--t0", type=int, default=None, help="DiffAE: inversion depth (default: the adaptation's)")
+    parser.add_argument("--steps", type=int, default=None, help="DiffAE: DDIM decoding steps")
+    parser.add_argument("--inversion-steps", type=int, default=None, help="DiffAE: DDIM inversion steps")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    return parser
+
+
+def list_inputs(path: Path) -> list[Path]:
+    """Image files of `path` (a folder, non-recursive, sorted by name) or `[path]`."""
+    if not path.exists():
+        raise FileNotFoundError(f"--input {path} does not exist; expected a folder of images or an image file")
+    if path.is_file():
+        return [path]
+    from ipl_diffusion.images import list_image_files
+
+    return list_image_files(path)
+
+
+def load_inputs(files, size):
+    """`(names, tensors (B,3,S,S) in [-1,1], skipped)` through the project's one image path;
+    `skipped` lists `(name, reason)` for files that could not be read."""
+    import torch
+
+    from ipl_diffusion.images import load_image
+
+    names, tensors, skipped = [], [], []
+    for file in files:
+        try:
+            tensors.append(load_image(file, size))
+            names.append(file.name)
+        except (ValueError, OSError) as err:
+            skipped.append((file.name, str(err).splitlines()[0]))
+    return names, (torch.stack(tensors) if tensors else None), skipped
+
+
+def side_by_side(inputs, outputs):
+    """One grid image: a row per pair, input | translation (PIL images of one size)."""
+    from PIL import Image
+
+    width, height = outputs[0].size
+    grid = Image.new("RGB", (2 * width, height * len(inputs)), "white")
+    for row, (before, after) in enumerate(zip(inputs, outputs)):
+        grid.paste(before.convert("RGB"), (0, row * height))
+        grid.paste(after.convert("RGB"), (width, row * height))
+    return grid
+
+
+def _save(image, target: Path) -> Path:
+    try:
+        image.save(target)
+        return target
+    except (OSError, ValueError, KeyError):  # e.g. a format PIL reads but cannot write
+        fallback = target.with_suffix(".png")
+        image.save(fallback)
+        return fallback
+
+
+def run(args) -> int:
+    import torch
+
+    from ipl_diffusion.cli.adapt import load_pipeline
+    from ipl_diffusion.images import to_pil
+
+    source, output = Path(args.input), Path(args.output)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    files = list_inputs(source)
+    input_dir = source if source.is_dir() else source.parent
+    if output.resolve() == input_dir.resolve():
+        raise ValueError(f"--output {output} is the input folder; choose another folder so inputs are kept")
+    pipe = load_pipeline(args.backend, args.model, args.device)
+    size = int(getattr(pipe, "image_size", 0) or pipe.config.get("resolution", 256))
+    names, images, skipped = load_inputs(files, size)
+    for name, reason in skipped:
+        print(f"skipped {name}: {reason}")
+    if images is None:
+        raise ValueError(f"none of the {len(files)} image file(s) in {source} could be read")
+
+    output.mkdir(parents=True, exist_ok=True)
+    kwargs = {}
+    if args.backend == "diffae":
+        options = (("t0", args.t0), ("num_inference_steps", args.steps), ("num_inversion_steps", args.inversion_steps))
+        kwargs = {key: value for key, value in options if value is not None}
+    results = []
+    for start in range(0, len(images), args.batch_size):
+        batch = images[start : start + args.batch_size]
+        if args.backend == "stylegan2":
+            generator = torch.Generator().manual_seed(args.seed + start)
+            results.extend(pipe.translate(batch, generator=generator, output_type="pil"))
+        else:
+            results.extend(pipe(batch, output_type="pil", **kwargs).images)
+    inputs = {f.resolve() for f in files}
+    for name, image in zip(names, results):
+        target = output / name
+        if target.resolve() in inputs:
+            raise ValueError(f"refusing to overwrite input {target}")
+        _save(image, target)
+    side_by_side(to_pil(images), results).save(output / GRID_NAME)
+    print(f"translated {len(results)} image(s) into {output} (grid: {output / GRID_NAME})")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable file(s): {', '.join(n for n, _ in skipped)}")
+    return 0

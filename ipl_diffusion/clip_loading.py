@@ -1,0 +1,99 @@
+"""Loading CLIP components (model, tokenizer, image processor) from the Hub or a local folder.
+
+One concern only: turn the many ways a download can fail into one clear error that names the
+component and tells the user how to supply a local copy (regression case C8). Two pitfalls of
+the pinned stack make this necessary:
+
+* ``huggingface_hub`` reads ``HF_HUB_OFFLINE`` once, at import. If the variable is set later
+  (a notebook, a test's ``monkeypatch.setenv``), transformers still tries the network and
+  retries for minutes. We read the variable at call time and pass ``local_files_only=True``,
+  so an offline miss fails in milliseconds with no socket wait.
+* ``CLIPTokenizer.from_pretrained`` of a missing id does **not** raise: it returns an empty
+  tokenizer (two special tokens) that maps every word to ``<|endoftext|>``. We check the
+  loaded tokenizer and raise instead of training against garbage.
+"""
+
+import os
+
+DEFAULT_CLIP_ID = "openai/clip-vit-base-patch32"  # the paper's ViT-B/32
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def hub_offline():
+    """``True`` when ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` is set *now* (read at call time)."""
+    if any(os.environ.get(name, "").strip().lower() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except Exception:  # very old/new hub without the constant: env vars above are authoritative
+        return False
+
+
+def _how_to_fix(path_or_id):
+    return (
+        f"Download it once on a machine with network access, e.g. "
+        f"`hf download {path_or_id} --local-dir ./clip` (or "
+        f"`CLIPModel.from_pretrained({path_or_id!r}).save_pretrained('./clip')` plus the tokenizer "
+        f"and CLIPImageProcessor), then pass the local folder path instead of the id, e.g. "
+        f"`CLIPPromptEncoder.from_pretrained('./clip')`."
+    )
+
+
+def load_clip_component(cls, path_or_id, component, **kwargs):
+    """``cls.from_pretrained(path_or_id, **kwargs)`` with an actionable error.
+
+    Args:
+        cls: a transformers class with ``from_pretrained`` (``CLIPModel``, ``CLIPTokenizer``,
+            ``CLIPImageProcessor``).
+        path_or_id: a Hub id such as ``"openai/clip-vit-base-patch32"`` or a local folder.
+        component: human-readable name used in the error (``"CLIP model"``, ``"CLIP tokenizer"``).
+        **kwargs: passed through (``subfolder=``, ``revision=``, ``dtype=``...).
+
+    Returns:
+        The loaded object.
+
+    Raises:
+        FileNotFoundError: ``path_or_id`` is neither a loadable local folder nor reachable
+            on the Hub (always immediately when offline). The message names ``component``, the
+            class and how to pass a local path.
+    """
+    path_or_id = os.fspath(path_or_id)
+    offline = hub_offline()
+    if offline and not os.path.isdir(path_or_id):
+        kwargs.setdefault("local_files_only", True)
+    try:
+        obj = cls.from_pretrained(path_or_id, **kwargs)
+    except (OSError, ValueError) as err:  # transformers raises OSError/EnvironmentError; hub errors subclass OSError
+        where = "a local folder" if os.path.isdir(path_or_id) else "the Hugging Face Hub cache"
+        mode = " (offline: HF_HUB_OFFLINE is set, so nothing is downloaded)" if offline else ""
+        raise FileNotFoundError(
+            f"Could not load the {component} ({cls.__name__}) from {path_or_id!r} via {where}{mode}. "
+            + _how_to_fix(path_or_id)
+        ) from err
+    return obj
+
+
+def check_tokenizer(tokenizer, path_or_id, vocab_size=None):
+    """Reject the empty tokenizer transformers returns for a missing id, and a tokenizer whose ids
+    exceed the text model's vocabulary.
+
+    Raises:
+        FileNotFoundError: the tokenizer holds no vocabulary (missing files).
+        ValueError: the tokenizer and the text model disagree on the vocabulary size.
+    """
+    special = set(tokenizer.all_special_ids)
+    probe = tokenizer("a photo", add_special_tokens=False).input_ids
+    if len(tokenizer) <= len(special) or not probe or all(i in special for i in probe):
+        raise FileNotFoundError(
+            f"Could not load the CLIP tokenizer (CLIPTokenizer) from {os.fspath(path_or_id)!r}: no vocabulary "
+            f"found (vocab.json/merges.txt or tokenizer.json missing). " + _how_to_fix(os.fspath(path_or_id))
+        )
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"The CLIP tokenizer from {os.fspath(path_or_id)!r} has {len(tokenizer)} tokens but the text model's "
+            f"vocabulary has {vocab_size}; they do not belong together."
+        )
+    return tokenizer

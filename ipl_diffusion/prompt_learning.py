@@ -1,0 +1,445 @@
+"""Stage 1 of IPL: prompt learning (Eq. 6), and the four prompt schemes of the ablation (§4.4).
+
+``learn_prompts`` trains the prompt generator on a pool of source latents with
+
+    L = L_contr + λ · L_domain                                                        (Eq. 6)
+
+where ``L_contr`` (Eq. 3-4) pulls each source image towards its own prompt ``M_s^i`` and away
+from the other images' prompts, and ``L_domain`` (Eq. 5) keeps the same prompt vectors with the
+*target* label close to the target label's template-averaged CLIP feature.
+
+Schemes (one option, ``scheme=``):
+
+========== ================================================ ==========================
+scheme     prompt vectors                                   training
+========== ================================================ ==========================
+manual     token embeddings of a phrase ("a photo of a")    none (StyleGAN-NADA)
+learned    one shared learned set (CoOp)                    Eq. 6, same loss
+random     an untrained latent mapper                       none
+adaptive   the IPL latent mapper ``F(w)`` (Eq. 2)           Eq. 6
+========== ================================================ ==========================
+
+The generator and CLIP are frozen. The released code re-generates and re-encodes ``G_s(w)``
+every iteration; since neither changes, we compute ``E_I(G_s(w))`` **once** for the whole
+latent pool (batched, under ``no_grad``) and cache it (``benchmarks/stage1_cache.py`` measures
+the speed-up). Stage 1 is generator-agnostic: pass either ``image_features`` (N, D) or a
+callable ``generate(latents) -> images`` ((B, 3, H, W) in [-1, 1]); StyleGAN (``w``) and DiffAE
+(``z_sem``) plug in the same way.
+
+Defaults follow the paper (300 iterations, batch 32, m = 4, λ = 1; the paper picks λ per
+domain in [1, 10] by Inception Score) and the released code (Adam with lr 0.05 for the
+equalised-lr mapper, default betas, no schedule, seed 3, symmetric InfoNCE with CLIP's logit
+scale). The learned shared context (no equalised-lr scaling) uses Adam with lr 2e-3.
+
+The result is a :class:`PromptLearner`: it holds the trained prompt module (a
+``LatentMapper`` or a ``SharedPromptContext``, both diffusers ``ModelMixin``) and gives Stage 2
+the per-image prompt features through :meth:`PromptLearner.text_features`.
+"""
+
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from .clip_text import DEFAULT_CONTEXT
+from .losses import contrastive_loss, domain_regularization_loss
+from .mapper import LatentMapper, SharedPromptContext
+
+PROMPT_SCHEMES = ("manual", "learned", "random", "adaptive")
+PromptScheme = Literal["manual", "learned", "random", "adaptive"]
+
+DEFAULT_LEARNING_RATES = {"adaptive": 0.05, "learned": 2e-3}
+DEFAULT_SEED = 3  # the released code's --seed1
+
+_CONFIG_NAME = "prompt_learner.json"
+
+
+def _check_finite(value, name, iteration):
+    if not torch.isfinite(value).all():
+        kind = "nan" if torch.isnan(value).any() else "inf"
+        raise FloatingPointError(
+            f"{name} is {kind} at iteration {iteration}; stopping Stage 1 (check the latent pool / image features "
+            "for NaN/inf, or lower the learning rate)."
+        )
+    return value
+
+
+def encode_latent_pool(encoder, latents, generate, batch_size=32):
+    """``E_I(G_s(w))`` for a whole latent pool, batched and without gradients.
+
+    Args:
+        encoder: a :class:`~ipl_diffusion.clip_text.CLIPPromptEncoder` with an image processor.
+        latents: ``(N, latent_dim)`` latents.
+        generate: callable ``latents (b, latent_dim) -> images (b, 3, H, W)`` in ``[-1, 1]``.
+        batch_size: latents per generator call.
+
+    Returns:
+        ``(N, D)`` raw image features on CLIP's device.
+
+    Raises:
+        ValueError: the generator returns a wrong batch size / shape, or NaN/inf images.
+    """
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, latents.shape[0], batch_size):
+            batch = latents[start : start + batch_size]
+            images = generate(batch)
+            if not torch.is_tensor(images) or images.ndim != 4 or images.shape[0] != batch.shape[0]:
+                shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+                raise ValueError(
+                    f"The generator returned {shape} for {batch.shape[0]} latents; expected ({batch.shape[0]}, 3, H, W)."
+                )
+            if not torch.isfinite(images).all():
+                raise ValueError(f"The generator produced NaN/inf images for latents {start}..{start + len(batch) - 1}.")
+            chunks.append(encoder.encode_images(images))
+    return torch.cat(chunks)
+
+
+def stage1_losses(
+    prompt_module,
+    encoder,
+    latents,
+    image_features,
+    source_label,
+    target_label_features,
+    *,
+    lambda_domain=1.0,
+    logit_scale=100.0,
+    contrastive_form="infonce",
+    target_label=None,
+    source_label_features=None,
+    lambda_source=0.0,
+):
+    """The Stage-1 objective (Eq. 6) on one batch, term by term.
+
+    Args:
+        prompt_module: ``LatentMapper`` / ``SharedPromptContext``: ``(B, latent_dim) -> (B, m, k)``.
+        encoder: ``CLIPPromptEncoder``.
+        latents: ``(B, latent_dim)``.
+        image_features: ``(B, D)`` raw ``E_I(G_s(w))`` of the same latents.
+        source_label: ``Y_s``; ``target_label``: ``Y_t`` (required).
+        target_label_features: ``(D,)`` ``E_T(Y_t)`` (template average).
+        lambda_domain: λ of Eq. 6.
+        logit_scale, contrastive_form: see :func:`~ipl_diffusion.losses.contrastive_loss`.
+        source_label_features, lambda_source: the released code's optional source-domain
+            regulariser (``--lambda_src``, 0 by default), weighted ``λ · lambda_source``.
+
+    Returns:
+        dict of 0-d tensors: ``"L_contr"``, ``"L_domain"``, (``"L_domain_source"``), ``"L"``.
+    """
+    if target_label is None:
+        raise ValueError("stage1_losses needs target_label.")
+    vectors = prompt_module(latents)
+    source_text = encoder.encode_prompt_vectors(vectors, source_label)
+    target_text = encoder.encode_prompt_vectors(vectors, target_label)
+    terms = {
+        "L_contr": contrastive_loss(image_features, source_text, logit_scale=logit_scale, form=contrastive_form),
+        "L_domain": domain_regularization_loss(target_text, target_label_features),
+    }
+    total = terms["L_contr"] + lambda_domain * terms["L_domain"]
+    if lambda_source:
+        terms["L_domain_source"] = domain_regularization_loss(source_text, source_label_features)
+        total = total + lambda_domain * lambda_source * terms["L_domain_source"]
+    terms["L"] = total
+    return terms
+
+
+@dataclass
+class PromptLearner:
+    """Result of Stage 1: the prompt module of one scheme plus what Stage 2 needs from it.
+
+    Attributes:
+        encoder: the ``CLIPPromptEncoder`` used (frozen CLIP).
+        prompt_module: ``LatentMapper`` (``adaptive``, ``random``) or ``SharedPromptContext``
+            (``learned``, ``manual``); frozen and in eval mode after training. Save it with
+            ``save_pretrained`` (or this object's :meth:`save_pretrained`).
+        scheme: one of :data:`PROMPT_SCHEMES`.
+        source_label, target_label: the domain labels ``Y_s``, ``Y_t``.
+        history: per-iteration loss values (floats), empty for untrained schemes.
+    """
+
+    encoder: object
+    prompt_module: torch.nn.Module
+    scheme: str
+    source_label: str
+    target_label: str
+    history: list = field(default_factory=list)
+
+    @property
+    def mapper(self):
+        """The trained/untrained ``LatentMapper`` (``adaptive``/``random``), else ``None``."""
+        return self.prompt_module if isinstance(self.prompt_module, LatentMapper) else None
+
+    @property
+    def context(self):
+        """The shared ``(m, k)`` prompt vectors (``learned``/``manual``), else ``None``."""
+        return self.prompt_module.ctx if isinstance(self.prompt_module, SharedPromptContext) else None
+
+    @property
+    def n_ctx(self):
+        return int(self.prompt_module.config.n_ctx)
+
+    def prompt_vectors(self, latents):
+        """``(B, latent_dim)`` -> ``(B, m, k)`` prompt vectors ``[V]^i_1..[V]^i_m``."""
+        return self.prompt_module(latents)
+
+    def text_features(self, latents, label):
+        """Per-image prompt features ``E_T(M^i)`` for ``label`` -- the terms of ΔT_i in Eq. 8.
+
+        Args:
+            latents: ``(B, latent_dim)`` (``w`` / ``z_sem``; ignored by shared-context schemes
+                except for their count).
+            label: domain label (``source_label`` for ``M_s^i``, ``target_label`` for ``M_t^i``).
+
+        Returns:
+            ``(B, D)`` raw features (gradients flow to the prompt module if it is unfrozen;
+            Stage 2 calls this under ``torch.no_grad()``).
+        """
+        module_device = next(self.prompt_module.parameters()).device
+        return self.encoder.encode_prompt_vectors(self.prompt_module(latents.to(module_device)), label)
+
+    def save_pretrained(self, save_directory):
+        """Write ``prompt_learner.json`` and the module (``save_pretrained``, safetensors) under
+        ``save_directory/prompt_module``. The JSON is written atomically (temp file + rename)."""
+        os.makedirs(save_directory, exist_ok=True)
+        self.prompt_module.save_pretrained(os.path.join(save_directory, "prompt_module"))
+        meta = {
+            "scheme": self.scheme,
+            "source_label": self.source_label,
+            "target_label": self.target_label,
+            "module_class": type(self.prompt_module).__name__,
+            "anchor_addition": bool(self.encoder.anchor_addition),
+            "anchor_template": self.encoder.anchor_template,
+            "context": self.encoder.context,
+        }
+        fd, tmp = tempfile.mkstemp(dir=save_directory, suffix=".json.tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(meta, f, indent=2)
+        os.replace(tmp, os.path.join(save_directory, _CONFIG_NAME))
+
+    @classmethod
+    def from_pretrained(cls, directory, encoder):
+        """Load what :meth:`save_pretrained` wrote, attached to ``encoder``.
+
+        Raises:
+            FileNotFoundError: ``prompt_learner.json`` or the module folder is missing.
+            ValueError: unknown scheme / module class.
+        """
+        path = os.path.join(directory, _CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: {directory!r} is not a saved PromptLearner folder.")
+        with open(path) as f:
+            meta = json.load(f)
+        classes = {"LatentMapper": LatentMapper, "SharedPromptContext": SharedPromptContext}
+        if meta.get("scheme") not in PROMPT_SCHEMES or meta.get("module_class") not in classes:
+            raise ValueError(f"{path}: unknown scheme/module {meta.get('scheme')!r}/{meta.get('module_class')!r}.")
+        module = classes[meta["module_class"]].from_pretrained(os.path.join(directory, "prompt_module"))
+        module = module.to(encoder.device).requires_grad_(False).eval()
+        return cls(encoder, module, meta["scheme"], meta["source_label"], meta["target_label"])
+
+
+def _resolve_n_ctx(encoder, n_ctx, context):
+    """Context slots are counted in BPE tokens (case C1): a phrase sets ``n_ctx`` to its token count."""
+    if context is not None:
+        return encoder.count_tokens(encoder.validate_context(context))
+    if int(n_ctx) < 1:
+        raise ValueError(f"n_ctx must be >= 1, got {n_ctx}.")
+    return int(n_ctx)
+
+
+def learn_prompts(
+    encoder,
+    latents,
+    source_label,
+    target_label,
+    *,
+    image_features=None,
+    generate=None,
+    scheme="adaptive",
+    n_ctx=4,
+    context=None,
+    num_iterations=300,
+    batch_size=32,
+    learning_rate=None,
+    lambda_domain=1.0,
+    lambda_source=0.0,
+    contrastive_form="infonce",
+    logit_scale=None,
+    label_templates="imagenet",
+    prompt_module=None,
+    cache_image_features=True,
+    encode_batch_size=32,
+    seed=DEFAULT_SEED,
+    progress=True,
+):
+    """Stage 1 (Eq. 6): learn prompt vectors for ``source_label -> target_label``.
+
+    Args:
+        encoder: ``CLIPPromptEncoder`` (frozen CLIP; needs an image processor when ``generate`` is used).
+        latents: ``(N, latent_dim)`` pool of source latents (StyleGAN ``w`` / DiffAE ``z_sem``).
+        source_label, target_label: ``Y_s``, ``Y_t`` (e.g. ``"photo"``, ``"wall painting"``).
+        image_features: ``(N, D)`` precomputed raw ``E_I(G_s(latents))``; or
+        generate: callable ``(b, latent_dim) -> (b, 3, H, W)`` images in ``[-1, 1]`` (frozen ``G_s``).
+            Exactly one of the two (neither is needed for ``manual``/``random``).
+        scheme: ``"manual" | "learned" | "random" | "adaptive"`` (see module docstring).
+        n_ctx: number of prompt vectors ``m`` (4), unless ``context`` is given.
+        context: a phrase; sets ``m`` to its BPE token count. ``manual`` uses its token embeddings
+            as the fixed prompt (default ``"a photo of a"``); ``learned`` starts from them (CoOp
+            init; random N(0, 0.02²) if ``None``); the mapper schemes only take ``m`` from it.
+        num_iterations: optimiser steps (300).
+        batch_size: latents per step (32); capped at ``N``; must end up >= 2 (in-batch negatives).
+        learning_rate: Adam lr; default 0.05 (mapper, equalised-lr) / 2e-3 (shared context).
+        lambda_domain: λ in Eq. 6 (1; the paper selects it in [1, 10] per domain).
+        lambda_source: released-code source regulariser weight (``--lambda_src``, 0).
+        contrastive_form: ``"infonce"`` (released code) or ``"paper"`` (Eq. 4).
+        logit_scale: multiplier for InfoNCE; default ``clip_model.logit_scale.exp()`` (100 for OpenAI CLIP).
+        label_templates: templates for ``E_T(Y_t)``: ``"imagenet"`` (80), ``"nada"`` (79), ``"single"``.
+        prompt_module: a pre-built ``LatentMapper`` (adaptive/random) to use instead of a new one.
+        cache_image_features: compute ``E_I(G_s(w))`` once for the pool (default). ``False``
+            re-generates and re-encodes each batch every step, like the released code (baseline
+            for the benchmark; same numbers, slower).
+        encode_batch_size: batch size of the one-off caching pass.
+        seed: seeds mapper init and batch sampling through a private ``torch.Generator``
+            (global RNG untouched); same seed + inputs -> same result.
+        progress: show a tqdm bar.
+
+    Returns:
+        :class:`PromptLearner`.
+
+    Raises:
+        ValueError: bad scheme, shapes, labels (empty / too long, with token counts), batch size.
+        FloatingPointError: a loss term became NaN/inf (message names the term and iteration).
+    """
+    if scheme not in PROMPT_SCHEMES:
+        raise ValueError(f"Unknown prompt scheme {scheme!r}; expected one of {PROMPT_SCHEMES}.")
+    if not torch.is_tensor(latents) or latents.ndim != 2 or latents.shape[0] < 1:
+        raise ValueError(f"latents must be a (N, latent_dim) tensor, got {getattr(latents, 'shape', latents)}.")
+    if not torch.isfinite(latents).all():
+        raise ValueError("The latent pool contains NaN/inf values.")
+    device = encoder.device
+    latents = latents.detach().to(device=device, dtype=torch.float32)
+    num_latents, latent_dim = latents.shape
+    if context is None and scheme == "manual":
+        context = encoder.context or DEFAULT_CONTEXT
+    m = _resolve_n_ctx(encoder, n_ctx, context)
+    if encoder.anchor_addition and context is not None and encoder.validate_context(context) != encoder.context:
+        # The anchor text is built from the encoder's context phrase, as the released code builds it
+        # from --ctx_init; a different phrase here would silently mix two prompts.
+        warnings.warn(
+            f"Anchor addition uses the encoder's context {encoder.context!r}, not {context!r}; build the "
+            f"CLIPPromptEncoder with context={context!r} to anchor on the same phrase.",
+            stacklevel=2,
+        )
+    source_label = encoder.validate_label(source_label, n_ctx=m)
+    target_label = encoder.validate_label(target_label, n_ctx=m)
+    if int(num_iterations) < 0:
+        raise ValueError(f"num_iterations must be >= 0, got {num_iterations}.")
+    if lambda_domain < 0 or lambda_source < 0:
+        raise ValueError("lambda_domain and lambda_source must be >= 0.")
+
+    rng = torch.Generator(device="cpu").manual_seed(int(seed))
+
+    # ---- the prompt module of the scheme
+    if scheme in ("manual", "learned"):
+        if prompt_module is not None and not isinstance(prompt_module, SharedPromptContext):
+            raise ValueError(f"scheme={scheme!r} uses a SharedPromptContext, got {type(prompt_module).__name__}.")
+        if prompt_module is None:
+            if context is not None:
+                prompt_module = SharedPromptContext.from_vectors(encoder.context_embeddings(context), latent_dim)
+            else:
+                prompt_module = SharedPromptContext(n_ctx=m, ctx_dim=encoder.hidden_size, latent_dim=latent_dim)
+                with torch.no_grad():
+                    prompt_module.ctx.copy_(
+                        torch.randn(prompt_module.ctx.shape, generator=rng) * prompt_module.config.init_std
+                    )
+    else:
+        if prompt_module is None:
+            prompt_module = LatentMapper(latent_dim=latent_dim, n_ctx=m, ctx_dim=encoder.hidden_size)
+            prompt_module.reset_parameters(generator=rng)
+        elif not isinstance(prompt_module, LatentMapper):
+            raise ValueError(f"scheme={scheme!r} uses a LatentMapper, got {type(prompt_module).__name__}.")
+    cfg = prompt_module.config
+    if cfg.ctx_dim != encoder.hidden_size or (getattr(cfg, "latent_dim", None) not in (None, latent_dim)):
+        raise ValueError(
+            f"The prompt module expects latent_dim={cfg.latent_dim}, ctx_dim={cfg.ctx_dim}, but the latent pool has "
+            f"{latent_dim} and the CLIP text width is {encoder.hidden_size}."
+        )
+    prompt_module = prompt_module.to(device)
+    learner = PromptLearner(encoder, prompt_module, scheme, source_label, target_label)
+    trains = scheme in ("learned", "adaptive") and int(num_iterations) > 0
+    if not trains:
+        prompt_module.requires_grad_(False).eval()
+        return learner
+
+    # ---- image features: cached once (default) or re-generated per step (reference behaviour)
+    if (image_features is None) == (generate is None):
+        raise ValueError("Pass exactly one of image_features (N, D) or generate (latents -> images).")
+    if image_features is not None:
+        if (not torch.is_tensor(image_features) or image_features.ndim != 2
+                or image_features.shape != (num_latents, encoder.projection_dim)):
+            raise ValueError(
+                f"image_features must be ({num_latents}, {encoder.projection_dim}) to match the latent pool, got "
+                f"{tuple(getattr(image_features, 'shape', ()))}."
+            )
+        if not torch.isfinite(image_features).all():
+            raise ValueError("image_features contain NaN/inf values.")
+        image_features = image_features.detach().to(device)
+    elif cache_image_features:
+        image_features = encode_latent_pool(encoder, latents, generate, encode_batch_size)
+
+    batch = min(int(batch_size), num_latents)
+    if batch < 2:
+        raise ValueError(
+            f"Stage 1 needs at least 2 latents per batch for the contrastive loss (got batch_size={batch_size}, "
+            f"pool size {num_latents})."
+        )
+    if logit_scale is None:
+        logit_scale = float(encoder.clip_model.logit_scale.detach().exp())
+    with torch.no_grad():
+        target_label_features = encoder.label_features(target_label, templates=label_templates)
+        source_label_features = (
+            encoder.label_features(source_label, templates=label_templates) if lambda_source else None
+        )
+
+    lr = DEFAULT_LEARNING_RATES[scheme] if learning_rate is None else float(learning_rate)
+    prompt_module.train().requires_grad_(True)
+    optimizer = torch.optim.Adam(prompt_module.parameters(), lr=lr)
+    bar = tqdm(range(int(num_iterations)), desc=f"Stage 1 ({scheme})", disable=not progress)
+    for iteration in bar:
+        idx = torch.randperm(num_latents, generator=rng)[:batch].to(device)
+        w = latents[idx]
+        if image_features is not None:
+            feats = image_features[idx]
+        else:  # reference behaviour: G_s and E_I every step (frozen, so no gradients needed)
+            with torch.no_grad():
+                feats = encoder.encode_images(generate(w))
+        terms = stage1_losses(
+            prompt_module, encoder, w, feats, source_label, target_label_features,
+            lambda_domain=lambda_domain, logit_scale=logit_scale, contrastive_form=contrastive_form,
+            target_label=target_label, source_label_features=source_label_features, lambda_source=lambda_source,
+        )
+        for name, value in terms.items():
+            _check_finite(value, name, iteration)
+        optimizer.zero_grad(set_to_none=True)
+        terms["L"].backward()
+        optimizer.step()
+        record = {name: float(value.detach()) for name, value in terms.items()}
+        learner.history.append(record)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in record.items()})
+    prompt_module.requires_grad_(False).eval()
+    return learner
+
+
+__all__ = [
+    "PROMPT_SCHEMES",
+    "PromptScheme",
+    "PromptLearner",
+    "learn_prompts",
+    "stage1_losses",
+    "encode_latent_pool",
+]

@@ -1,0 +1,112 @@
+"""The Shapes world: the embedded default that lets ipl-diffusion run offline.
+
+No pretrained CLIP, DiffAE or StyleGAN2 weights can be downloaded on offline machines, so the
+package ships small models trained on a synthetic world with known ground-truth factors:
+
+* :mod:`.renderer` -- seeded batched renderer of one object (shape, colour, position, size,
+  background) in one of several styles; the styles are the domains ("photo" is the source).
+* :mod:`.vocab` -- captions and the byte-level BPE ``CLIPTokenizer`` built from them.
+* :mod:`.oracle` -- a classifier/regressor of the factors, used only for evaluation.
+* ``ipl_diffusion/shapes_models/`` -- the shipped weights (``clip/``, ``oracle/``, DiffAE
+  ``parts/`` and the assembled ``diffae-ipl/`` pipeline), located by :func:`default_model_path`.
+"""
+
+from pathlib import Path
+
+from .renderer import (
+    BACKGROUNDS,
+    COLORS,
+    SHAPES,
+    SOURCE_STYLE,
+    STYLES,
+    ShapeFactors,
+    ShapesRenderer,
+    render,
+    sample_factors,
+)
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "shapes_models"
+
+# backend / component -> folder inside MODELS_DIR
+_MODEL_FOLDERS = {
+    "diffae": "diffae-ipl",
+    "stylegan2": "stylegan2",
+    "clip": "clip",
+    "oracle": "oracle",
+    "diffae-parts": "parts",
+}
+
+_TRAINING_SCRIPTS = {
+    "clip": "examples/shapes/train_clip.py",
+    "oracle": "examples/shapes/train_oracle.py",
+    "diffae-parts": "examples/shapes/train_diffae.py",
+    "diffae": "examples/shapes/train_diffae.py (then assemble the IPLPipeline folder)",
+    "stylegan2": "examples/shapes/train_stylegan2.py",
+}
+
+
+def default_model_path(backend="diffae"):
+    """Folder of a shipped Shapes model, as a ``pathlib.Path``.
+
+    Args:
+        backend: ``"diffae"`` (the ``IPLPipeline`` folder, the default of ``ipl adapt``),
+            ``"stylegan2"``, ``"clip"`` (the Shapes ``CLIPModel`` + tokenizer), ``"oracle"`` or
+            ``"diffae-parts"`` (the trained DiffAE components).
+
+    Raises:
+        ValueError: unknown ``backend`` (the message lists the known ones).
+        FileNotFoundError: the folder is not in this installation (names the training script).
+    """
+    key = str(backend).strip().lower()
+    if key not in _MODEL_FOLDERS:
+        raise ValueError(f"Unknown Shapes model {backend!r}; known: {', '.join(_MODEL_FOLDERS)}.")
+    path = MODELS_DIR / _MODEL_FOLDERS[key]
+    if not path.is_dir() or not any(path.glob("*.json")):
+        raise FileNotFoundError(
+            f"The shipped Shapes model {key!r} is missing: expected a saved folder at {path}. "
+            f"It is produced by {_TRAINING_SCRIPTS[key]}."
+        )
+    return path
+
+
+def known_domains():
+    """The domain labels (style names) the Shapes CLIP was trained on, source style first."""
+    return list(STYLES)
+
+
+def check_domain(label):
+    """Canonical Shapes domain name for ``label`` (case, ``-`` and ``_`` are ignored).
+
+    The Shapes CLIP only knows its training styles; any other label would give a meaningless
+    text direction, so it is refused here with the list of known domains.
+
+    Raises:
+        ValueError: empty label or a label the Shapes CLIP was not trained on.
+    """
+    if label is None or not str(label).strip():
+        raise ValueError(f"Empty domain label; the Shapes CLIP knows: {', '.join(known_domains())}.")
+    key = " ".join(str(label).strip().lower().replace("_", " ").replace("-", " ").split())
+    if key not in STYLES:
+        raise ValueError(
+            f"The Shapes CLIP was not trained on the domain {label!r}; known domains: "
+            f"{', '.join(known_domains())}. Use one of them, or pass a real CLIP model "
+            "(e.g. openai/clip-vit-base-patch32) for open-vocabulary labels."
+        )
+    return key
+
+
+__all__ = [
+    "BACKGROUNDS",
+    "COLORS",
+    "MODELS_DIR",
+    "SHAPES",
+    "SOURCE_STYLE",
+    "STYLES",
+    "ShapeFactors",
+    "ShapesRenderer",
+    "check_domain",
+    "default_model_path",
+    "known_domains",
+    "render",
+    "sample_factors",
+]

@@ -1,0 +1,371 @@
+"""``DiffAEPipeline``: a diffusion autoencoder (Preechakul et al., CVPR 2022) in diffusers.
+
+Usage::
+
+    from ipl_diffusion import DiffAEPipeline
+
+    pipe = DiffAEPipeline.from_pretrained("converted/ffhq256_autoenc_latent")
+    z_sem, x_T = pipe.encode(["face.png"])                  # semantic code + stochastic code
+    image = pipe.decode(z_sem, x_T, output_type="pil")[0]   # near-exact reconstruction
+    out = pipe(batch_size=4, generator=torch.Generator().manual_seed(0))  # unconditional samples
+    out = pipe(images="faces/")                              # reconstructions of a folder
+
+Components:
+
+* ``semantic_encoder`` -- :class:`~ipl_diffusion.models.SemanticEncoder`, image -> ``z_sem``;
+* ``unet`` -- :class:`~ipl_diffusion.models.DiffAEUNetModel`, ``(x_t, t, z_sem) -> eps``;
+* ``scheduler`` -- ``DDIMScheduler`` whose alphas / grid / clipping define image DDIM
+  (DiffAE: linear betas 1e-4..0.02, ``clip_sample=True``, ``timestep_spacing="leading"``);
+* ``latent_net`` -- :class:`~ipl_diffusion.models.LatentNetModel` (optional), samples
+  normalised ``z_sem`` for unconditional generation;
+* ``latent_scheduler`` -- ``DDIMScheduler`` of the latent DDIM (optional; default upstream's
+  constant beta 0.008, no clipping).
+
+Images in: paths, a folder, ``PIL.Image`` s (any mode / size, converted by
+:mod:`ipl_diffusion.images`, the project's one preprocessing path) or tensors ``(B, 3, H, W)``
+in ``[-1, 1]``. Encoding is deterministic DDIM inversion (:func:`ipl_diffusion.ddim.ddim_invert`),
+decoding deterministic DDIM (:func:`ipl_diffusion.ddim.ddim_decode`, upstream's renderer).
+
+diffusers 0.42 only loads custom components whose module is already imported; importing
+this module imports :mod:`ipl_diffusion.models`, so ``DiffAEPipeline.from_pretrained`` works in
+a fresh process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Union
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+# Imported for their side effect too: from_pretrained needs these modules in sys.modules.
+import ipl_diffusion.models  # noqa: F401
+from ipl_diffusion import ddim
+from ipl_diffusion.images import load_images, to_pil
+from ipl_diffusion.models.diffae_blocks import warn_xformers_fallback, xformers_unavailable_reason
+
+__all__ = ["DiffAEPipeline", "DiffAEPipelineOutput", "default_latent_scheduler", "diffae_scheduler"]
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+Generator = Optional[Union[torch.Generator, List[torch.Generator]]]
+
+
+def diffae_scheduler() -> DDIMScheduler:
+    """The image DDIM scheduler of upstream DiffAE (T=1000, linear betas, clipped x0)."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        clip_sample=True,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        timestep_spacing="leading",
+    )
+
+
+def default_latent_scheduler() -> DDIMScheduler:
+    """The latent DDIM scheduler of upstream DiffAE (T=1000, constant beta 0.008, no clipping)."""
+    return DDIMScheduler(num_train_timesteps=1000, trained_betas=[0.008] * 1000, clip_sample=False)
+
+
+@dataclass
+class DiffAEPipelineOutput(BaseOutput):
+    """Output of :class:`DiffAEPipeline`.
+
+    Attributes:
+        images: list of PIL images, ``np.ndarray (B, H, W, 3)`` in ``[0, 1]``, ``torch.Tensor
+            (B, 3, H, W)`` in ``[0, 1]`` (``"pt"``) or in ``[-1, 1]`` (``"latent"``).
+        z_sem: semantic codes ``(B, 512)`` that were decoded.
+        x_T: stochastic codes ``(B, 3, H, W)`` that were decoded.
+    """
+
+    images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
+    z_sem: torch.Tensor
+    x_T: torch.Tensor
+
+
+class DiffAEPipeline(DiffusionPipeline):
+    r"""Diffusion autoencoder: encode (:meth:`encode`), decode (:meth:`decode`), sample / reconstruct (``__call__``).
+
+    See the module docstring for the components.
+    """
+
+    model_cpu_offload_seq = "semantic_encoder->latent_net->unet"
+    _optional_components = ["latent_net", "latent_scheduler"]
+
+    def __init__(self, semantic_encoder, unet, scheduler: DDIMScheduler, latent_net=None, latent_scheduler=None):
+        super().__init__()
+        self.register_modules(
+            semantic_encoder=semantic_encoder,
+            unet=unet,
+            scheduler=scheduler,
+            latent_net=latent_net,
+            latent_scheduler=latent_scheduler,
+        )
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load a folder written by :meth:`save_pretrained` (or ``ipl convert diffae``) or a Hub id.
+
+        Raises:
+            FileNotFoundError: a folder without ``model_index.json``, or a Hub id that is not in the
+                local cache while ``HF_HUB_OFFLINE=1`` (no network wait).
+        """
+        path = str(pretrained_model_name_or_path)
+        if os.path.isdir(path):
+            if not os.path.isfile(os.path.join(path, "model_index.json")):
+                raise FileNotFoundError(f"'{path}' is not a DiffAE pipeline folder: model_index.json is missing")
+            return super().from_pretrained(path, **kwargs)
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        if offline:
+            kwargs.setdefault("local_files_only", True)
+        try:
+            return super().from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as err:
+            raise FileNotFoundError(
+                f"cannot load DiffAE pipeline {path!r}: not a local folder and not in the Hub cache"
+                + (" (HF_HUB_OFFLINE=1 forbids downloading)" if offline else "")
+                + f"; pass a folder written by save_pretrained / `ipl convert diffae` ({err})"
+            ) from err
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def image_size(self) -> int:
+        return int(self.unet.config.sample_size)
+
+    def preprocess(self, images, size: Optional[int] = None) -> torch.Tensor:
+        """Images -> ``(B, 3, H, W)`` float32 in ``[-1, 1]`` on the pipeline's device.
+
+        The DDIM chain stays in float32 whatever the models' dtype (they cast their inputs).
+
+        Tensors are checked (finite, in ``[-1, 1]``) and taken as they are (``(3, H, W)`` gets a
+        batch axis); anything else goes
+        through :func:`ipl_diffusion.images.load_images` at ``size`` (default: the UNet's sample size).
+        """
+        if torch.is_tensor(images):
+            if images.ndim == 3:
+                images = images[None]
+            if images.ndim != 4 or images.shape[1] != 3:
+                raise ValueError(f"image tensors must be (B, 3, H, W) in [-1, 1]; got {tuple(images.shape)}")
+            images = images.float()
+            if not torch.isfinite(images).all():
+                raise ValueError("image tensors contain NaN or infinite values")
+            low, high = images.min().item(), images.max().item()
+            if low < -1.001 or high > 1.001:
+                raise ValueError(
+                    f"image tensors must be in [-1, 1]; got values in [{low:.3g}, {high:.3g}] "
+                    "(map [0, 255] images with x / 127.5 - 1)"
+                )
+        else:
+            if isinstance(images, PIL.Image.Image):
+                images = [images]
+            images = load_images(images, size or self.image_size)[0]
+        return images.to(device=self.device, dtype=torch.float32)
+
+    @staticmethod
+    def postprocess(images: torch.Tensor, output_type: str = "pil"):
+        """``(B, 3, H, W)`` in ``[-1, 1]`` -> ``output_type`` (``"pil"``, ``"np"``, ``"pt"``, ``"latent"``)."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
+        if output_type == "latent":
+            return images
+        if output_type == "pil":
+            return to_pil(images)
+        images = ((images.detach().float().clamp(-1, 1) + 1) / 2).cpu()
+        return images if output_type == "pt" else images.permute(0, 2, 3, 1).numpy()
+
+    @staticmethod
+    def _generator(generator: Generator, seed: Optional[int]) -> Generator:
+        if seed is not None:
+            if generator is not None:
+                raise ValueError("pass either generator or seed, not both")
+            return torch.Generator().manual_seed(int(seed))
+        return generator
+
+    def _noise(self, batch_size: int, generator: Generator) -> torch.Tensor:
+        # Drawn on the generator's device (CPU by default) and moved, so a seed gives the same
+        # x_T on every device.
+        shape = (batch_size, self.unet.config.in_channels, self.image_size, self.image_size)
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op=None) -> None:
+        # diffusers' version walks into every Attention module and raises where xformers cannot
+        # run; warn once for the whole pipeline and keep SDPA instead (case C6).
+        reason = xformers_unavailable_reason() if valid else None
+        if reason is None:
+            return super().set_use_memory_efficient_attention_xformers(valid, attention_op)
+        warn_xformers_fallback(reason)
+        for name in ("semantic_encoder", "unet"):
+            module = getattr(self, name, None)
+            if module is not None and hasattr(module, "set_attn_processor"):
+                module.set_attn_processor(AttnProcessor2_0())
+
+    # ------------------------------------------------------------------ encode / decode
+    @torch.no_grad()
+    def encode_z_sem(self, images) -> torch.Tensor:
+        """Semantic codes ``(B, 512)`` of images (any input :meth:`preprocess` takes)."""
+        x0 = self.preprocess(images)
+        return self.semantic_encoder(x0)
+
+    @torch.no_grad()
+    def encode(
+        self,
+        images,
+        num_inference_steps: int = 250,
+        inversion: str = "mirror",
+        end_timestep: Optional[int] = None,
+    ):
+        """Encode images into ``(z_sem, x_T)``: the semantic code and DDIM-inverted noise.
+
+        Args:
+            images: paths, folder, PIL images or ``(B, 3, H, W)`` tensors in ``[-1, 1]``.
+            num_inference_steps: DDIM inversion steps (upstream notebooks: 250).
+            inversion: ``"mirror"`` (exact inverse of our decoder's steps) or ``"diffae"``
+                (upstream ``encode_stochastic``); see :mod:`ipl_diffusion.ddim`.
+            end_timestep: invert only to this timestep (DiffusionCLIP's ``t0``).
+
+        Returns:
+            ``z_sem (B, 512)`` and ``x_T (B, 3, H, W)``, on the pipeline's device.
+        """
+        x0 = self.preprocess(images)
+        z_sem = self.semantic_encoder(x0)
+        x_T = ddim.ddim_invert(
+            self.unet,
+            x0,
+            z_sem,
+            self.scheduler,
+            num_inference_steps,
+            end_timestep=end_timestep,
+            variant=inversion,
+            progress_bar=self.progress_bar,
+        )
+        return z_sem, x_T
+
+    @torch.no_grad()
+    def decode(
+        self,
+        z_sem: torch.Tensor,
+        x_T: Optional[torch.Tensor] = None,
+        num_inference_steps: int = 20,
+        generator: Generator = None,
+        output_type: str = "latent",
+        start_timestep: Optional[int] = None,
+    ):
+        """Decode ``(z_sem, x_T)`` to images with deterministic DDIM (upstream ``render``).
+
+        Args:
+            z_sem: ``(B, 512)`` semantic codes.
+            x_T: ``(B, 3, H, W)`` stochastic codes; ``None`` draws Gaussian noise with ``generator``
+                at the UNet's sample size.
+            num_inference_steps: DDIM steps (upstream default ``T_eval=20``).
+            generator: for ``x_T=None``.
+            output_type: ``"latent"`` (default: tensor in ``[-1, 1]``), ``"pt"``, ``"np"``, ``"pil"``.
+            start_timestep: decode from this intermediate timestep (DiffusionCLIP's ``t0``).
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
+        z_sem = z_sem.to(device=self.device, dtype=torch.float32)
+        if x_T is None:
+            x_T = self._noise(z_sem.shape[0], generator)
+        x_T = x_T.to(device=self.device, dtype=torch.float32)
+        if x_T.shape[0] != z_sem.shape[0]:
+            raise ValueError(f"z_sem has {z_sem.shape[0]} rows but x_T has {x_T.shape[0]}")
+        x0 = ddim.ddim_decode(
+            self.unet,
+            x_T,
+            z_sem,
+            self.scheduler,
+            num_inference_steps,
+            start_timestep=start_timestep,
+            progress_bar=self.progress_bar,
+        )
+        return self.postprocess(x0, output_type)
+
+    @torch.no_grad()
+    def sample_z_sem(self, batch_size: int = 1, generator: Generator = None, num_inference_steps: int = 200):
+        """Sample ``z_sem (batch_size, 512)`` with the latent DDIM network (upstream ``T_latent``: 200).
+
+        Raises:
+            ValueError: the pipeline has no ``latent_net``.
+        """
+        if self.latent_net is None:
+            raise ValueError(
+                "this DiffAE pipeline has no latent_net, so it cannot sample z_sem; convert the "
+                "*_autoenc_latent checkpoint, or pass images / z_sem instead"
+            )
+        scheduler = self.latent_scheduler or default_latent_scheduler()
+        shape = (batch_size, self.latent_net.config.num_channels)
+        z = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+        z = ddim.ddim_decode(self.latent_net, z, None, scheduler, num_inference_steps, progress_bar=self.progress_bar)
+        return self.latent_net.denormalize(z)
+
+    # ------------------------------------------------------------------ __call__
+    @torch.no_grad()
+    def __call__(
+        self,
+        images=None,
+        batch_size: int = 1,
+        num_inference_steps: int = 20,
+        num_inversion_steps: int = 250,
+        latent_num_inference_steps: int = 200,
+        z_sem: Optional[torch.Tensor] = None,
+        x_T: Optional[torch.Tensor] = None,
+        invert: bool = True,
+        generator: Generator = None,
+        seed: Optional[int] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        """Unconditional sampling, or reconstruction of given images.
+
+        * ``images`` given: ``z_sem`` from the semantic encoder and ``x_T`` by DDIM inversion
+          (``invert=False``: random ``x_T`` instead, which keeps the semantics but re-draws details);
+        * otherwise ``z_sem`` (given, or sampled with the latent net) and ``x_T`` (given, or Gaussian).
+
+        Args:
+            images: paths, folder, PIL images or ``(B, 3, H, W)`` tensors in ``[-1, 1]``.
+            batch_size: number of samples when neither images nor ``z_sem`` are given.
+            num_inference_steps: DDIM decoding steps.
+            num_inversion_steps: DDIM inversion steps for ``images``.
+            latent_num_inference_steps: latent DDIM steps for sampling ``z_sem``.
+            z_sem, x_T: codes to decode (``(B, 512)``, ``(B, 3, H, W)``).
+            generator / seed: randomness for ``x_T`` and the latent noise (same seed, same images).
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (tensor in ``[-1, 1]``).
+            return_dict: return :class:`DiffAEPipelineOutput` or ``(images, z_sem, x_T)``.
+
+        Raises:
+            ValueError: bad ``output_type`` / ``batch_size``, inconsistent codes, no latent net
+                for unconditional sampling.
+            FileNotFoundError: missing / empty image folder.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
+        generator = self._generator(generator, seed)
+        if images is not None:
+            if z_sem is not None:
+                raise ValueError("pass images or z_sem, not both")
+            if invert and x_T is None:
+                z_sem, x_T = self.encode(images, num_inversion_steps)
+            else:
+                z_sem = self.encode_z_sem(images)
+        elif z_sem is None:
+            if int(batch_size) < 1:
+                raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+            z_sem = self.sample_z_sem(int(batch_size), generator, latent_num_inference_steps)
+        if x_T is None:
+            x_T = self._noise(z_sem.shape[0], generator)
+        x0 = self.decode(z_sem, x_T, num_inference_steps, output_type="latent")
+        result = self.postprocess(x0, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return result, z_sem, x_T
+        return DiffAEPipelineOutput(images=result, z_sem=z_sem, x_T=x_T)

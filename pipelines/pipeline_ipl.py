@@ -1,0 +1,692 @@
+"""``IPLPipeline``: Diff-IPL -- zero-shot adaptation of a diffusion autoencoder with
+Image-specific Prompt Learning, and real-image translation with the adapted model.
+
+Usage::
+
+    from ipl_diffusion import IPLPipeline
+
+    pipe = IPLPipeline.from_pretrained("path/or/hub-id")     # a source DiffAE + CLIP
+    adapted = pipe.adapt("Wall painting", source="Photo", images="faces/")
+    out = adapted(["me.jpg"], output_type="pil").images      # translate real images
+    adapted.save_pretrained("ffhq-wall-painting")
+    adapted.push_to_hub("me/ffhq-wall-painting")
+
+Components (all diffusers / transformers objects, saved as safetensors + JSON):
+
+* ``semantic_encoder`` -- DiffAE semantic encoder, image -> ``z_sem (B, 512)``;
+* ``source_unet`` -- the source DiffAE UNet ``(x_t, t, z_sem) -> eps`` (never trained);
+* ``scheduler`` -- a ``DDIMScheduler`` whose ``alphas_cumprod`` define the diffusion;
+* ``unet`` -- the adapted UNet (``None`` until :meth:`adapt` has run: a *source* pipeline);
+* ``text_encoder`` / ``tokenizer`` -- the CLIP model and its tokenizer that guide adaptation;
+* ``mapper`` -- the latent mapper of Stage 1 (Eq. 2), ``None`` for the manual scheme;
+* ``latent_net`` / ``latent_scheduler`` -- DiffAE's latent DDIM, to sample ``z_sem`` when no
+  source images are given (optional);
+* ``feature_extractor`` -- the CLIP image processor config (mean / std / size; optional).
+
+Config (``model_index.json``): ``source_label``, ``target_label``, ``base_model`` and
+``adaptation`` (every hyper-parameter of the run that produced ``unet``).
+
+Translation follows DiffusionCLIP: images are inverted with the *source* UNet to ``t0`` by
+deterministic DDIM and decoded with the adapted UNet. diffusers 0.42 only loads custom
+components whose module is already imported, hence the imports of our model modules below.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils import hub_utils
+
+# Imported for their side effect too: from_pretrained needs these modules in sys.modules.
+import ipl_diffusion.mapper  # noqa: F401
+import ipl_diffusion.models  # noqa: F401
+from ipl_diffusion import ddim
+from ipl_diffusion.adaptation import diffae as diff_ipl
+from ipl_diffusion.clip_loading import hub_offline
+
+SAMPLE_GRID_NAME = "sample_grid.png"
+# Built-in adaptation options (the paper's Stage 1, DiffusionCLIP's README Stage 2); a model's
+# own config.adapt_defaults override them, explicit arguments override both.
+ADAPT_DEFAULTS = dict(
+    num_images=32,
+    scheme="adaptive",
+    lambda_domain=1.0,
+    stage1_iterations=300,
+    stage1_batch_size=32,
+    stage1_learning_rate=None,
+    n_ctx=4,
+    t0=400,
+    num_inversion_steps=40,
+    num_train_steps=6,
+    num_inference_steps=40,
+    learning_rate=8e-6,
+    iterations=300,
+    batch_size=2,
+    clip_loss_weight=3.0,
+    l1_loss_weight=0.0,
+    id_loss_weight=0.0,
+    gradient_mode="full_chain",
+)
+PIPELINE_CODE_NAME = "pipeline.py"
+_COMPONENTS = (
+    "semantic_encoder",
+    "source_unet",
+    "scheduler",
+    "unet",
+    "text_encoder",
+    "tokenizer",
+    "mapper",
+    "latent_net",
+    "latent_scheduler",
+    "feature_extractor",
+)
+
+
+class IPLPipeline(DiffusionPipeline):
+    r"""Diff-IPL pipeline: adapt (:meth:`adapt`), translate (``__call__``), sample (:meth:`sample`).
+
+    See the module docstring for the components. Construct it from a folder or Hub id with
+    :meth:`from_pretrained`, or from parts with :meth:`from_components`.
+    """
+
+    model_cpu_offload_seq = "semantic_encoder->source_unet->unet"
+    _optional_components = [
+        "unet",
+        "text_encoder",
+        "tokenizer",
+        "mapper",
+        "latent_net",
+        "latent_scheduler",
+        "feature_extractor",
+    ]
+
+    def __init__(
+        self,
+        semantic_encoder,
+        source_unet,
+        scheduler: DDIMScheduler,
+        unet=None,
+        text_encoder=None,
+        tokenizer=None,
+        mapper=None,
+        latent_net=None,
+        latent_scheduler=None,
+        feature_extractor=None,
+        source_label: str = "Photo",
+        target_label: Optional[str] = None,
+        base_model: Optional[str] = None,
+        adaptation: Optional[dict] = None,
+        adapt_defaults: Optional[dict] = None,
+    ):
+        super().__init__()
+        self.register_modules(
+            semantic_encoder=semantic_encoder,
+            source_unet=source_unet,
+            scheduler=scheduler,
+            unet=unet,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            mapper=mapper,
+            latent_net=latent_net,
+            latent_scheduler=latent_scheduler,
+            feature_extractor=feature_extractor,
+        )
+        self.register_to_config(
+            source_label=source_label,
+            target_label=target_label,
+            base_model=base_model,
+            adaptation=adaptation,
+            adapt_defaults=adapt_defaults,
+        )
+        self.sample_grid = None  # PIL before/after grid of the adaptation run, saved beside the weights
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load a folder written by :meth:`save_pretrained` or a Hub id.
+
+        Raises:
+            FileNotFoundError: the folder lacks ``model_index.json`` or a component's
+                sub-folder (named in the message), or a Hub id is neither cached nor
+                downloadable (e.g. ``HF_HUB_OFFLINE=1``) -- fails at once, no network wait.
+        """
+        path = str(pretrained_model_name_or_path)
+        if os.path.isdir(path):
+            index = Path(path) / "model_index.json"
+            if not index.is_file():
+                raise FileNotFoundError(f"{path} is not a pipeline folder: model_index.json is missing")
+            entries = json.loads(index.read_text())
+            missing = [
+                name
+                for name in _COMPONENTS
+                if isinstance(entries.get(name), list)
+                and entries[name][0] is not None
+                and name not in kwargs
+                and not (Path(path) / name).is_dir()
+            ]
+            if missing:
+                raise FileNotFoundError(
+                    f"{path}: component folder(s) {', '.join(missing)} missing (listed in model_index.json); "
+                    "copy them in, or pass the component objects to from_pretrained"
+                )
+            pipe = super().from_pretrained(path, **kwargs)
+        else:
+            offline = hub_offline()  # read now: huggingface_hub reads the variable only at import
+            if offline:
+                kwargs.setdefault("local_files_only", True)
+            try:
+                pipe = super().from_pretrained(path, **kwargs)
+            except OSError as err:
+                raise FileNotFoundError(
+                    f"cannot load pipeline {path!r}: it is not a local folder and its model_index.json and "
+                    f"component weights are not in the Hub cache"
+                    + (" (HF_HUB_OFFLINE=1 forbids downloading)" if offline else "")
+                    + "; pass a local folder written by save_pretrained, or download it first with "
+                    f"`hf download {path} --local-dir DIR`"
+                ) from err
+            except ValueError as err:
+                raise FileNotFoundError(f"cannot load pipeline {path!r}: {err}") from err
+        grid = Path(path) / SAMPLE_GRID_NAME
+        if grid.is_file():
+            from PIL import Image
+
+            with Image.open(grid) as image:
+                pipe.sample_grid = image.convert("RGB")
+        return pipe
+
+    @classmethod
+    def from_components(
+        cls,
+        diffae,
+        text_encoder,
+        tokenizer=None,
+        feature_extractor=None,
+        source_label: str = "Photo",
+        base_model: Optional[str] = None,
+        adapt_defaults: Optional[dict] = None,
+    ) -> "IPLPipeline":
+        """Assemble a *source* pipeline from a DiffAE and a CLIP model.
+
+        Args:
+            diffae: a ``DiffAEPipeline`` (or a folder / Hub id of one, loaded with
+                ``DiffAEPipeline.from_pretrained``); its semantic encoder, UNet, scheduler and
+                latent net are taken.
+            text_encoder, tokenizer: ``transformers.CLIPModel`` and ``CLIPTokenizer`` (or a
+                folder holding both, given as ``text_encoder`` with ``tokenizer=None``).
+            feature_extractor: ``CLIPImageProcessor`` (optional; read from the CLIP folder
+                when one is given).
+            source_label: the domain the DiffAE was trained on (e.g. ``"photo"``).
+            base_model: name recorded in model cards (default: the DiffAE folder / id).
+            adapt_defaults: options :meth:`adapt` uses when not given (see ``ADAPT_DEFAULTS``),
+                e.g. steps and iterations sized for this model.
+        """
+        if isinstance(diffae, (str, os.PathLike)):
+            from pipelines.pipeline_diffae import DiffAEPipeline
+
+            base_model = base_model or str(diffae)
+            diffae = DiffAEPipeline.from_pretrained(str(diffae))
+        if isinstance(text_encoder, (str, os.PathLike)):
+            from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+            from ipl_diffusion.clip_loading import load_clip_component
+
+            folder = str(text_encoder)
+            text_encoder = load_clip_component(CLIPModel, folder, "CLIP model")
+            tokenizer = tokenizer or load_clip_component(CLIPTokenizer, folder, "CLIP tokenizer")
+            if feature_extractor is None and (Path(folder) / "preprocessor_config.json").is_file():
+                feature_extractor = load_clip_component(CLIPImageProcessor, folder, "CLIP image processor")
+        if tokenizer is None:
+            raise ValueError("from_components needs a tokenizer (or a CLIP folder holding one as text_encoder)")
+        parts = diffae.components
+        unet = parts.get("unet") or parts.get("source_unet")
+        return cls(
+            semantic_encoder=parts["semantic_encoder"],
+            source_unet=unet,
+            scheduler=parts["scheduler"],
+            text_encoder=text_encoder.eval(),
+            tokenizer=tokenizer,
+            latent_net=parts.get("latent_net"),
+            latent_scheduler=parts.get("latent_scheduler"),
+            feature_extractor=feature_extractor,
+            source_label=source_label,
+            base_model=base_model,
+            adapt_defaults=adapt_defaults,
+        )
+
+    # ------------------------------------------------------------------------- helpers
+    @property
+    def is_adapted(self) -> bool:
+        return self.unet is not None
+
+    @property
+    def adapted_unet(self):
+        """The adapted UNet, or the source UNet for a pipeline that was not adapted yet."""
+        return self.unet if self.unet is not None else self.source_unet
+
+    @property
+    def adaptation_config(self) -> dict:
+        """The resolved options of the run that produced ``unet`` (``{}`` before adapting)."""
+        return dict(self.config.adaptation or {})
+
+    @property
+    def image_size(self) -> int:
+        return int(self.source_unet.config.sample_size)
+
+    def _option(self, name, value, default):
+        """``value`` if given, else the adaptation run's value, else the model's recommended
+        value (``config.adapt_defaults``), else ``default``."""
+        if value is not None:
+            return value
+        recommended = (self.config.adapt_defaults or {}).get(name, default)
+        return self.adaptation_config.get("stage2", {}).get(name, recommended)
+
+    def preprocess(self, images) -> torch.Tensor:
+        """Images -> ``(B, 3, S, S)`` float32 in ``[-1, 1]`` on the pipeline's device.
+
+        Accepts a folder, a file path, a PIL image, a list of paths / PIL images (any mode
+        and size: RGBA, grayscale, 16-bit, non-square), or a tensor already in that layout.
+        Conversion is :func:`ipl_diffusion.images.load_images` (the project's one path).
+        """
+        if torch.is_tensor(images):
+            if images.ndim == 3:
+                images = images[None]
+            if images.ndim != 4 or images.shape[1] != 3:
+                raise ValueError(f"image tensors must be (B, 3, H, W) in [-1, 1]; got {tuple(images.shape)}")
+            return images.to(self.device, torch.float32)
+        from ipl_diffusion.images import load_images
+
+        if not isinstance(images, (list, tuple, str, os.PathLike)):
+            images = [images]
+        return load_images(images, self.image_size)[0].to(self.device, torch.float32)
+
+    def postprocess(self, images: torch.Tensor, output_type: str = "pil"):
+        """``(B,3,H,W)`` in ``[-1, 1]`` -> ``"pt"`` tensor / ``"np"`` array in ``[0, 1]`` or PIL list."""
+        images = ((images.detach().float().clamp(-1, 1) + 1) / 2).cpu()
+        if output_type == "pt":
+            return images
+        array = images.permute(0, 2, 3, 1).numpy()
+        if output_type == "np":
+            return array
+        if output_type == "pil":
+            return self.numpy_to_pil(array)
+        raise ValueError(f"output_type must be 'pil', 'np' or 'pt'; got {output_type!r}")
+
+    @torch.no_grad()
+    def encode(self, images, t0: Optional[int] = None, num_inversion_steps: Optional[int] = None):
+        """Images -> ``(z_sem (B, 512), x_t0 (B, 3, H, W))`` with the *source* UNet.
+
+        ``x_t0`` is the deterministic DDIM inversion to timestep ``t0`` (DiffusionCLIP's
+        partial inversion; ``t0 = num_train_timesteps - 1`` inverts all the way).
+        """
+        x0 = self.preprocess(images)
+        t0 = diff_ipl.check_t0(self._option("t0", t0, ADAPT_DEFAULTS["t0"]), self.scheduler)
+        steps = self._option("num_inversion_steps", num_inversion_steps, ADAPT_DEFAULTS["num_inversion_steps"])
+        z_sem = self.semantic_encoder(x0)
+        x_t0 = diff_ipl.invert_to_t0(self.source_unet, x0, z_sem, self.scheduler, t0, steps, self.progress_bar)
+        return z_sem, x_t0
+
+    @torch.no_grad()
+    def decode(self, z_sem, x_t0, t0: Optional[int] = None, num_inference_steps: Optional[int] = None, unet=None):
+        """``x_t0 -> x0 (B, 3, H, W)`` in ``[-1, 1]`` with the adapted UNet (or ``unet``)."""
+        t0 = diff_ipl.check_t0(self._option("t0", t0, ADAPT_DEFAULTS["t0"]), self.scheduler)
+        steps = self._option("num_inference_steps", num_inference_steps, ADAPT_DEFAULTS["num_inference_steps"])
+        unet = unet or self.adapted_unet
+        return diff_ipl.decode_from_t0(unet, x_t0, z_sem, self.scheduler, t0, steps, self.progress_bar)
+
+    # ---------------------------------------------------------------------- translation
+    @torch.no_grad()
+    def __call__(
+        self,
+        images=None,
+        t0: Optional[int] = None,
+        num_inversion_steps: Optional[int] = None,
+        num_inference_steps: Optional[int] = None,
+        num_images: int = 1,
+        generator: Optional[torch.Generator] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        """Translate ``images`` to the target domain (or sample, when ``images`` is None).
+
+        Args:
+            images: folder, path(s), PIL image(s) or a ``(B,3,H,W)`` tensor in ``[-1, 1]``
+                (see :meth:`preprocess`).
+            t0: inversion depth (default: the adaptation's ``t0``).
+            num_inversion_steps / num_inference_steps: DDIM steps (default: the adaptation's).
+            num_images, generator: for sampling only (``images=None``); translation is
+                deterministic.
+            output_type: ``"pil"`` (list of ``PIL.Image``), ``"np"`` (``(B,H,W,3)`` in
+                ``[0,1]``) or ``"pt"`` (``(B,3,H,W)`` in ``[0,1]``).
+        Returns:
+            ``ImagePipelineOutput(images=...)`` or a 1-tuple when ``return_dict=False``.
+        """
+        if images is None:
+            x0 = self.sample(num_images=num_images, generator=generator, num_inference_steps=num_inference_steps, output_type="latent")
+        else:
+            z_sem, x_t0 = self.encode(images, t0=t0, num_inversion_steps=num_inversion_steps)
+            x0 = self.decode(z_sem, x_t0, t0=t0, num_inference_steps=num_inference_steps)
+        result = self.postprocess(x0, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (result,)
+        return ImagePipelineOutput(images=result)
+
+    # ------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample_z_sem(self, num_images: int, generator: Optional[torch.Generator] = None, num_inference_steps: int = 50):
+        """Sample ``z_sem (num_images, 512)`` with DiffAE's latent DDIM network.
+
+        Raises:
+            ValueError: the pipeline has no ``latent_net`` (give source images instead).
+        """
+        if self.latent_net is None:
+            raise ValueError("this pipeline has no latent_net to sample z_sem; pass source images instead")
+        scheduler = self.latent_scheduler or DDIMScheduler(
+            num_train_timesteps=1000, trained_betas=[0.008] * 1000, clip_sample=False
+        )
+        scheduler = DDIMScheduler.from_config(scheduler.config)  # do not mutate the component's state
+        channels = self.latent_net.config.num_channels
+        z = torch.randn((num_images, channels), generator=generator).to(self.device)
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        for t in scheduler.timesteps:
+            eps = self.latent_net(z, t)
+            eps = eps.sample if hasattr(eps, "sample") else eps
+            z = scheduler.step(eps, t, z).prev_sample
+        return self.latent_net.denormalize(z)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_images: int = 1,
+        generator: Optional[torch.Generator] = None,
+        num_inference_steps: Optional[int] = None,
+        output_type: str = "pil",
+        source: bool = False,
+    ):
+        """Unconditional samples: ``z_sem`` from the latent net, ``x_T`` from noise.
+
+        The noisy part ``T -> t0`` is decoded with the source UNet and ``t0 -> 0`` with the
+        adapted UNet -- the adapted UNet was trained only on ``t <= t0`` (DiffusionCLIP).
+        ``source=True`` decodes everything with the source UNet. ``output_type="latent"``
+        returns the ``(B,3,H,W)`` tensor in ``[-1, 1]``.
+        """
+        z_sem = self.sample_z_sem(num_images, generator)
+        size = self.image_size
+        x = torch.randn((num_images, 3, size, size), generator=generator).to(self.device)
+        steps = self._option("num_inference_steps", num_inference_steps, ADAPT_DEFAULTS["num_inference_steps"])
+        if source or self.unet is None:
+            x = ddim.ddim_decode(self.source_unet, x, z_sem, self.scheduler, steps, progress_bar=self.progress_bar)
+        else:
+            t0 = diff_ipl.check_t0(self._option("t0", None, ADAPT_DEFAULTS["t0"]), self.scheduler)
+            x = diff_ipl.decode_to_t0(self.source_unet, x, z_sem, self.scheduler, t0, steps, self.progress_bar)
+            x = diff_ipl.decode_from_t0(self.unet, x, z_sem, self.scheduler, t0, steps, self.progress_bar)
+        if output_type == "latent":
+            return x
+        return self.postprocess(x, output_type)
+
+    # ------------------------------------------------------------------------ adaptation
+    def adapt(
+        self,
+        target: str,
+        source: Optional[str] = None,
+        images=None,
+        num_images: Optional[int] = None,
+        scheme: Optional[str] = None,
+        lambda_domain: Optional[float] = None,
+        stage1_iterations: Optional[int] = None,
+        stage1_batch_size: Optional[int] = None,
+        stage1_learning_rate: Optional[float] = None,
+        n_ctx: Optional[int] = None,
+        t0: Optional[int] = None,
+        num_inversion_steps: Optional[int] = None,
+        num_train_steps: Optional[int] = None,
+        num_inference_steps: Optional[int] = None,
+        learning_rate: Optional[float] = None,
+        iterations: Optional[int] = None,
+        batch_size: Optional[int] = None,
+        clip_loss_weight: Optional[float] = None,
+        l1_loss_weight: Optional[float] = None,
+        id_loss_weight: Optional[float] = None,
+        gradient_mode: Optional[str] = None,
+        gradient_checkpointing: bool = False,
+        mixed_precision: str = "no",
+        seed: int = 0,
+        output_dir: Optional[str] = None,
+        checkpointing_steps: Optional[int] = None,
+        resume_from_checkpoint: Optional[str] = None,
+        sample_steps: Optional[int] = None,
+        accelerator=None,
+        progress: bool = True,
+    ) -> "IPLPipeline":
+        """Adapt the source DiffAE to ``target`` (IPL Stage 1 + Diff-IPL Stage 2).
+
+        Every option left at ``None`` takes the model's recommended value
+        (``config.adapt_defaults``, e.g. the shipped Shapes model's CPU-sized settings), else
+        :data:`ADAPT_DEFAULTS` (the paper's / DiffusionCLIP's values: 32 images, adaptive
+        scheme, λ 1, Stage 1 300 iterations of batch 32, m = 4; t0 400, 40 / 6 / 40 DDIM
+        steps, lr 8e-6, 300 iterations of batch 2, CLIP weight 3, no L1 / identity, full chain).
+
+        Args:
+            target / source: domain labels ("Wall painting" / "Photo"; ``source`` defaults to
+                the pipeline's ``source_label``).
+            images: source-domain images (folder, paths, PIL list or tensor); when ``None``,
+                ``num_images`` images are sampled with the latent net and the source UNet.
+            scheme: ``"adaptive"`` (IPL), ``"learned"``, ``"random"`` or ``"manual"`` (NADA).
+            lambda_domain: λ of Eq. 6. ``stage1_*``, ``n_ctx``: Stage 1 (mapper) options.
+            t0 ... gradient_mode: Stage 2 options, see
+                :class:`ipl_diffusion.adaptation.diffae.Stage2Config`.
+            mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (fp16 needs a GPU).
+            output_dir: when given, checkpoints, sample grids and losses are written there
+                and ``resume_from_checkpoint="latest"`` continues an interrupted run.
+            accelerator: an ``accelerate.Accelerator`` to use (default: one is made).
+
+        Returns:
+            A new ``IPLPipeline`` sharing this one's frozen components, with ``unet`` the
+            adapted UNet, ``mapper`` the Stage-1 mapper, ``sample_grid`` a PIL grid
+            (source | reconstruction | adapted) and the run's options in its config. This
+            pipeline is left unchanged.
+
+        Raises:
+            ValueError: bad labels (empty, too long, unknown to a Shapes CLIP), bad options,
+                or a non-finite loss; FileNotFoundError: a missing / empty image folder.
+        """
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("adapt needs the CLIP text_encoder and tokenizer components; this pipeline has none")
+        given = dict(
+            num_images=num_images, scheme=scheme, lambda_domain=lambda_domain, stage1_iterations=stage1_iterations,
+            stage1_batch_size=stage1_batch_size, stage1_learning_rate=stage1_learning_rate, n_ctx=n_ctx, t0=t0,
+            num_inversion_steps=num_inversion_steps, num_train_steps=num_train_steps,
+            num_inference_steps=num_inference_steps, learning_rate=learning_rate, iterations=iterations,
+            batch_size=batch_size, clip_loss_weight=clip_loss_weight, l1_loss_weight=l1_loss_weight,
+            id_loss_weight=id_loss_weight, gradient_mode=gradient_mode,
+        )
+        o = {**ADAPT_DEFAULTS, **(self.config.adapt_defaults or {}), **{k: v for k, v in given.items() if v is not None}}
+        source, target = diff_ipl.validate_labels(
+            self.text_encoder, self.tokenizer, source or self.config.source_label or "Photo", target, o["n_ctx"]
+        )
+        stage2 = diff_ipl.Stage2Config(
+            t0=diff_ipl.check_t0(o["t0"], self.scheduler),
+            num_inversion_steps=o["num_inversion_steps"],
+            num_train_steps=o["num_train_steps"],
+            num_inference_steps=o["num_inference_steps"],
+            learning_rate=o["learning_rate"],
+            iterations=o["iterations"],
+            batch_size=o["batch_size"],
+            clip_loss_weight=o["clip_loss_weight"],
+            l1_loss_weight=o["l1_loss_weight"],
+            id_loss_weight=o["id_loss_weight"],
+            gradient_mode=o["gradient_mode"],
+            gradient_checkpointing=gradient_checkpointing,
+            mixed_precision=mixed_precision,
+            seed=seed,
+            checkpointing_steps=checkpointing_steps,
+            sample_steps=sample_steps,
+        )
+        stage1 = diff_ipl.Stage1Options(
+            scheme=o["scheme"],
+            lambda_domain=o["lambda_domain"],
+            iterations=o["stage1_iterations"],
+            batch_size=o["stage1_batch_size"],
+            learning_rate=o["stage1_learning_rate"],
+            n_ctx=o["n_ctx"],
+        )
+        if images is None:
+            x0 = self.sample(
+                num_images=o["num_images"],
+                generator=torch.Generator().manual_seed(seed),
+                num_inference_steps=o["num_inference_steps"],
+                output_type="latent",
+                source=True,
+            )
+        else:
+            x0 = self.preprocess(images)
+        result = diff_ipl.adapt_diffae(
+            semantic_encoder=self.semantic_encoder,
+            source_unet=self.source_unet,
+            scheduler=self.scheduler,
+            clip_model=self.text_encoder,
+            tokenizer=self.tokenizer,
+            feature_extractor=self.feature_extractor,
+            images=x0,
+            source=source,
+            target=target,
+            stage1=stage1,
+            stage2=stage2,
+            accelerator=accelerator,
+            output_dir=output_dir,
+            resume_from_checkpoint=resume_from_checkpoint,
+            progress=progress,
+            base_model=self.config.base_model,
+        )
+        return self.with_adaptation(result)
+
+    def with_adaptation(self, result) -> "IPLPipeline":
+        """A new pipeline sharing this one's frozen components, with the adapted UNet and
+        mapper of ``result`` (:class:`ipl_diffusion.adaptation.diffae.DiffIPLResult`)."""
+        config = result.run_config
+        adapted = type(self)(
+            semantic_encoder=self.semantic_encoder,
+            source_unet=self.source_unet,
+            scheduler=self.scheduler,
+            unet=result.unet,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            mapper=result.mapper,
+            latent_net=self.latent_net,
+            latent_scheduler=self.latent_scheduler,
+            feature_extractor=self.feature_extractor,
+            source_label=config["source"],
+            target_label=config["target"],
+            base_model=self.config.base_model,
+            adaptation=config,
+            adapt_defaults=self.config.adapt_defaults,
+        )
+        adapted.sample_grid = result.sample_grid
+        return adapted
+
+    # ---------------------------------------------------------------------- saving / hub
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' ``save_pretrained`` plus ``sample_grid.png`` (the before/after grid)."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if self.sample_grid is not None:
+            self.sample_grid.save(Path(save_directory) / SAMPLE_GRID_NAME)
+        return result
+
+    def model_card(self, repo_id: str) -> str:
+        """The model card (README.md) text for ``repo_id``."""
+        cfg = self.adaptation_config
+        stage1, stage2 = cfg.get("stage1", {}), cfg.get("stage2", {})
+        source, target = self.config.source_label, self.config.target_label or "(not adapted)"
+        base = self.config.base_model or "unknown"
+        tags = ["diffusers", "ipl", "diffusion-autoencoder", "zero-shot-domain-adaptation", "image-to-image"]
+        lines = [
+            "---",
+            "library_name: diffusers",
+            "license: mit",
+            f"base_model: {base}" if self.config.base_model else None,
+            "tags:",
+            *[f"- {t}" for t in tags],
+            "---",
+            "",
+            f"# {source} → {target} (Diff-IPL)",
+            "",
+            f"A diffusion autoencoder adapted zero-shot from **{source}** to **{target}** with Image-specific "
+            "Prompt Learning (IPL, Guo et al., CVPR 2023) using [ipl-diffusion](https://github.com/) — "
+            "no target-domain images were used, only CLIP and the two domain labels.",
+            "",
+            f"* Source domain: `{source}`",
+            f"* Target domain: `{target}`",
+            f"* Base model: `{base}`",
+            f"* Prompt scheme: `{stage1.get('scheme', 'n/a')}` (adaptive = IPL, manual = NADA)",
+            "",
+        ]
+        if self.sample_grid is not None:
+            lines += [
+                "Rows: source images, source-model reconstructions, adapted images.",
+                "",
+                f"![samples]({SAMPLE_GRID_NAME})",
+                "",
+            ]
+        if cfg:
+            lines += ["## Hyper-parameters", "", "| stage | option | value |", "|---|---|---|"]
+            for stage_name, values in (("Stage 1", stage1), ("Stage 2", stage2)):
+                for key in sorted(values):
+                    lines.append(f"| {stage_name} | `{key}` | `{values[key]}` |")
+            lines.append("")
+        lines += [
+            "## Usage",
+            "",
+            "```python",
+            "# pip install ipl-diffusion",
+            "from ipl_diffusion import IPLPipeline",
+            "",
+            f'pipe = IPLPipeline.from_pretrained("{repo_id}")',
+            'images = pipe(["photo.jpg"]).images  # translate real images',
+            "```",
+            "",
+            f"or from the command line: `ipl translate --model {repo_id} --input photos --output out`.",
+            f"The pipeline class is also in [`{PIPELINE_CODE_NAME}`]({PIPELINE_CODE_NAME}) "
+            f'(`DiffusionPipeline.from_pretrained("{repo_id}", custom_pipeline="{repo_id}", '
+            "trust_remote_code=True)` with ipl-diffusion installed).",
+            "",
+        ]
+        return "\n".join(line for line in lines if line is not None)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: Optional[str] = None,
+        private: Optional[bool] = None,
+        token: Optional[str] = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: Optional[str] = None,
+        **kwargs,
+    ) -> str:
+        """Upload the pipeline (safetensors), a model card, the sample grid and this file.
+
+        Uploads one folder: every component folder and ``model_index.json`` from
+        :meth:`save_pretrained`, ``README.md`` (:meth:`model_card`), ``sample_grid.png``
+        and ``pipeline.py`` (this module's code, for ``custom_pipeline=``). Goes through
+        ``diffusers.utils.hub_utils`` (``create_repo``, ``upload_folder``) like diffusers'
+        own ``push_to_hub``. Returns what ``upload_folder`` returns (the commit URL).
+        """
+        repo_id = hub_utils.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+            (Path(folder) / "README.md").write_text(self.model_card(repo_id))
+            shutil.copyfile(inspect.getsourcefile(type(self)), Path(folder) / PIPELINE_CODE_NAME)
+            return self._upload_folder(
+                folder, repo_id, token=token, commit_message=commit_message or "Upload IPLPipeline", create_pr=create_pr
+            )

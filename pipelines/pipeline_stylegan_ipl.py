@@ -1,0 +1,553 @@
+"""``StyleGANIPLPipeline``: GAN-IPL -- zero-shot adaptation of a StyleGAN2 generator with
+Image-specific Prompt Learning, sampling, and real-image translation by projection.
+
+Usage::
+
+    from ipl_diffusion import StyleGANIPLPipeline
+
+    pipe = StyleGANIPLPipeline.from_components("ffhq-256/", "clip-vit-base-patch32/")
+    adapted = pipe.adapt("Wall painting", source="Photo", iterations=300)
+    images = adapted(num_images=4, generator=torch.Generator().manual_seed(0)).images
+    faces = adapted.translate(["me.jpg"])                     # project + re-synthesise
+    adapted.save_pretrained("ffhq-wall-painting")
+    adapted.push_to_hub("me/ffhq-wall-painting")
+
+``from_components`` takes a generator folder (``ipl convert stylegan2`` output), a rosinality
+``.pt`` (read with ``weights_only=True``) or a :class:`StyleGAN2Generator`.
+
+Components (safetensors + JSON):
+
+* ``source_generator`` -- the pretrained StyleGAN2 (:class:`StyleGAN2Generator`, never trained);
+* ``generator`` -- the adapted generator (``g_ema`` of Stage 2); ``None`` until :meth:`adapt`;
+* ``text_encoder`` / ``tokenizer`` -- the CLIP model and tokenizer that guide adaptation;
+* ``mapper`` -- Stage 1's prompt module: the latent mapper (Eq. 2) for the adaptive / random
+  schemes, the shared prompt vectors for learned / manual;
+* ``feature_extractor`` -- the CLIP image processor (mean / std; optional).
+
+Config (``model_index.json``): ``source_label``, ``target_label``, ``base_model`` and
+``adaptation`` (every hyper-parameter of the run that produced ``generator``).
+
+diffusers 0.42 only loads custom components whose module is already imported, hence the
+imports of our model modules below.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils import hub_utils
+
+# Imported for their side effect too: from_pretrained needs these modules in sys.modules.
+import ipl_diffusion.mapper  # noqa: F401
+import ipl_diffusion.models.stylegan2  # noqa: F401
+from ipl_diffusion.adaptation import stylegan2 as gan_ipl
+from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
+from ipl_diffusion.prompt_learning import PROMPT_SCHEMES
+
+SAMPLE_GRID_NAME = "sample_grid.png"
+PIPELINE_CODE_NAME = "pipeline.py"
+_COMPONENTS = ("source_generator", "generator", "text_encoder", "tokenizer", "mapper", "feature_extractor")
+
+
+def _is_bare_generator(path: str) -> bool:
+    """A rosinality ``.pt`` file, or a ``StyleGAN2Generator.save_pretrained`` folder."""
+    if os.path.isfile(path):
+        return True
+    config = Path(path) / "config.json"
+    if not os.path.isdir(path) or (Path(path) / "model_index.json").is_file() or not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("_class_name") == StyleGAN2Generator.__name__
+    except (OSError, ValueError):
+        return False
+
+
+class StyleGANIPLPipeline(DiffusionPipeline):
+    r"""GAN-IPL pipeline: adapt (:meth:`adapt`), sample (``__call__``), translate (:meth:`translate`).
+
+    See the module docstring for the components.
+    """
+
+    model_cpu_offload_seq = "source_generator->generator"
+    _optional_components = ["generator", "text_encoder", "tokenizer", "mapper", "feature_extractor"]
+
+    def __init__(
+        self,
+        source_generator: StyleGAN2Generator,
+        generator: Optional[StyleGAN2Generator] = None,
+        text_encoder=None,
+        tokenizer=None,
+        mapper=None,
+        feature_extractor=None,
+        source_label: str = "Photo",
+        target_label: Optional[str] = None,
+        base_model: Optional[str] = None,
+        adaptation: Optional[dict] = None,
+    ):
+        super().__init__()
+        self.register_modules(
+            source_generator=source_generator,
+            generator=generator,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            mapper=mapper,
+            feature_extractor=feature_extractor,
+        )
+        self.register_to_config(source_label=source_label, target_label=target_label, base_model=base_model, adaptation=adaptation)
+        self.sample_grid = None  # PIL grid (source row | adapted row) of the adaptation run
+        self._mean_latent = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load a folder written by :meth:`save_pretrained` (or a Hub id in the cache).
+
+        Also accepts a bare generator -- a folder written by ``StyleGAN2Generator.save_pretrained``
+        (``ipl convert stylegan2`` output) or a rosinality ``.pt`` file -- and then builds a
+        *source* pipeline with :meth:`from_components`, taking CLIP from ``text_encoder=``
+        (object or folder; default ``openai/clip-vit-base-patch32`` from the Hub cache).
+
+        Raises:
+            FileNotFoundError: no ``model_index.json``, a listed component folder is missing,
+                or a Hub id / CLIP model that is not available (offline: at once).
+        """
+        path = str(pretrained_model_name_or_path)
+        if _is_bare_generator(path):
+            from ipl_diffusion.clip_loading import DEFAULT_CLIP_ID
+
+            return cls.from_components(
+                path,
+                kwargs.pop("text_encoder", None) or DEFAULT_CLIP_ID,
+                kwargs.pop("tokenizer", None),
+                kwargs.pop("feature_extractor", None),
+                source_label=kwargs.pop("source_label", "Photo"),
+            )
+        if os.path.isdir(path):
+            index = Path(path) / "model_index.json"
+            if not index.is_file():
+                raise FileNotFoundError(f"{path} is neither a pipeline folder (no model_index.json) nor a StyleGAN2Generator folder")
+            entries = json.loads(index.read_text())
+            missing = [n for n in _COMPONENTS if isinstance(entries.get(n), list) and entries[n][0] is not None and n not in kwargs and not (Path(path) / n).is_dir()]
+            if missing:
+                raise FileNotFoundError(f"{path}: component folder(s) {', '.join(missing)} missing (listed in model_index.json)")
+            pipe = super().from_pretrained(path, **kwargs)
+        else:
+            from ipl_diffusion.clip_loading import hub_offline
+
+            if hub_offline():
+                kwargs.setdefault("local_files_only", True)
+            try:
+                pipe = super().from_pretrained(path, **kwargs)
+            except (OSError, ValueError) as err:
+                raise FileNotFoundError(
+                    f"cannot load pipeline {path!r}: not a local folder and not in the Hub cache ({err}); "
+                    "pass a folder written by save_pretrained"
+                ) from err
+        grid = Path(path) / SAMPLE_GRID_NAME
+        if grid.is_file():
+            from PIL import Image
+
+            with Image.open(grid) as image:
+                pipe.sample_grid = image.convert("RGB")
+        return pipe
+
+    @classmethod
+    def from_components(cls, generator, text_encoder=None, tokenizer=None, feature_extractor=None, source_label: str = "Photo", base_model: Optional[str] = None):
+        """Assemble a *source* pipeline.
+
+        Args:
+            generator: a :class:`StyleGAN2Generator`, a folder written by its ``save_pretrained``
+                (``ipl convert stylegan2`` output) or a rosinality ``.pt`` file.
+            text_encoder: ``transformers.CLIPModel`` or a folder holding model + tokenizer (+
+                image processor); optional for sampling / translation, required by :meth:`adapt`.
+            tokenizer, feature_extractor: ``CLIPTokenizer``, ``CLIPImageProcessor``.
+        """
+        if isinstance(generator, (str, os.PathLike)):
+            base_model = base_model or str(generator)
+            if not Path(generator).exists():
+                raise FileNotFoundError(f"generator {str(generator)!r} does not exist (expected a StyleGAN2Generator folder or a rosinality .pt)")
+            if Path(generator).is_file():
+                from ipl_diffusion.conversion.stylegan2 import generator_from_checkpoint
+
+                generator = generator_from_checkpoint(generator)
+            else:
+                generator = StyleGAN2Generator.from_pretrained(str(generator))
+        if isinstance(text_encoder, (str, os.PathLike)):
+            from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+            from ipl_diffusion.clip_loading import load_clip_component
+
+            folder = str(text_encoder)
+            text_encoder = load_clip_component(CLIPModel, folder, "CLIP model")
+            tokenizer = tokenizer or load_clip_component(CLIPTokenizer, folder, "CLIP tokenizer")
+            if feature_extractor is None:
+                try:
+                    feature_extractor = load_clip_component(CLIPImageProcessor, folder, "CLIP image processor")
+                except FileNotFoundError:
+                    feature_extractor = None  # OpenAI CLIP's mean / std are CLIPImageProcessor's defaults
+        return cls(
+            source_generator=generator.eval(),
+            text_encoder=text_encoder.eval() if text_encoder is not None else None,
+            tokenizer=tokenizer,
+            feature_extractor=feature_extractor,
+            source_label=source_label,
+            base_model=base_model,
+        )
+
+    # ------------------------------------------------------------------------- helpers
+    @property
+    def is_adapted(self) -> bool:
+        return self.generator is not None
+
+    @property
+    def adapted_generator(self) -> StyleGAN2Generator:
+        """The adapted generator, or the source one before :meth:`adapt`."""
+        return self.generator if self.generator is not None else self.source_generator
+
+    @property
+    def adaptation_config(self) -> dict:
+        """The resolved options of the run that produced ``generator`` (``{}`` before adapting)."""
+        return dict(self.config.adaptation or {})
+
+    @property
+    def image_size(self) -> int:
+        return int(self.source_generator.config.size)
+
+    def mean_latent(self) -> torch.Tensor:
+        """Truncation centre ``(1, style_dim)``: the source mapping network's mean ``w``
+        (4096 samples, seed 0; the mapping network is shared, so it serves both generators)."""
+        if self._mean_latent is None or self._mean_latent.device != self.source_generator.device:
+            self._mean_latent = self.source_generator.mean_latent(4096, seed=0)
+        return self._mean_latent
+
+    def postprocess(self, images: torch.Tensor, output_type: str = "pil"):
+        """``(B,3,H,W)`` in ``[-1, 1]`` -> ``"pt"`` tensor / ``"np"`` array in ``[0, 1]`` or PIL list."""
+        images = ((images.detach().float().clamp(-1, 1) + 1) / 2).cpu()
+        if output_type == "pt":
+            return images
+        array = images.permute(0, 2, 3, 1).numpy()
+        if output_type == "np":
+            return array
+        if output_type == "pil":
+            return self.numpy_to_pil(array)
+        raise ValueError(f"output_type must be 'pil', 'np' or 'pt'; got {output_type!r}")
+
+    def preprocess(self, images) -> torch.Tensor:
+        """Folder / path(s) / PIL image(s) (any mode or size) / ``(B,3,H,W)`` tensor in [-1, 1]
+        -> ``(B, 3, S, S)`` float32 on the pipeline's device, through :mod:`ipl_diffusion.images`."""
+        if torch.is_tensor(images):
+            if images.ndim == 3:
+                images = images[None]
+            if images.ndim != 4 or images.shape[1] != 3:
+                raise ValueError(f"image tensors must be (B, 3, H, W) in [-1, 1]; got {tuple(images.shape)}")
+            return images.to(self.device, torch.float32)
+        from ipl_diffusion.images import load_images
+
+        if not isinstance(images, (list, tuple, str, os.PathLike)):
+            images = [images]
+        return load_images(images, self.image_size)[0].to(self.device, torch.float32)
+
+    # ------------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def __call__(
+        self,
+        num_images: int = 1,
+        generator: Optional[torch.Generator] = None,
+        latents: Optional[torch.Tensor] = None,
+        truncation: float = 0.7,
+        source: bool = False,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        """Sample images from the adapted generator (``source=True``: the source generator).
+
+        Args:
+            num_images: how many (ignored when ``latents`` is given).
+            generator: ``torch.Generator`` for ``z`` (a fixed seed gives the same images: the
+                noise maps are the generators' fixed ``noises.noise_i``).
+            latents: ``z`` ``(N, style_dim)`` to use instead of sampling.
+            truncation: psi around the mean ``w`` (0.7 as NADA/IPL samples; 1 = off).
+            output_type: ``"pil"`` / ``"np"`` (``(B,H,W,3)`` in [0,1]) / ``"pt"`` (``(B,3,H,W)`` in [0,1]).
+        Returns:
+            ``ImagePipelineOutput(images=...)`` or a 1-tuple when ``return_dict=False``.
+        """
+        model = self.source_generator if source else self.adapted_generator
+        if latents is None:
+            if num_images < 1:
+                raise ValueError(f"num_images must be >= 1, got {num_images}")
+            latents = torch.randn((num_images, model.style_dim), generator=generator)
+        latents = latents.to(self.device, model.dtype)
+        # Map with the *source* mapping network: NADA/IPL never train it (unless phase="all"),
+        # and the source and adapted samples of one z must share their w.
+        w = self.source_generator.get_latent(latents)
+        images, _ = model([w], input_is_latent=True, truncation=truncation, truncation_latent=self.mean_latent(), randomize_noise=False)
+        result = self.postprocess(images, output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=result) if return_dict else (result,)
+
+    @torch.no_grad()
+    def make_sample_grid(self, num_images: int = 8, seed: int = 0, truncation: float = 0.7):
+        """PIL grid: source samples (top row) | adapted samples (bottom row), same ``z``."""
+        z = torch.randn((num_images, self.source_generator.style_dim), generator=torch.Generator().manual_seed(seed))
+        top = self(latents=z, truncation=truncation, source=True, output_type="pt").images
+        bottom = self(latents=z, truncation=truncation, output_type="pt").images
+        return gan_ipl.image_grid(torch.cat([top, bottom]) * 2 - 1, rows=2)
+
+    # ---------------------------------------------------------------------- translation
+    def invert(self, images, space: str = "w+", num_steps: int = 300, learning_rate: float = 0.1, perceptual_loss=None, lpips_weights=None, encoder=None, seed: int = 0):
+        """Real images -> W+ latents ``(B, n_latent, style_dim)`` of the *source* generator.
+
+        By optimisation (:func:`ipl_diffusion.projection.project`: pixel MSE, plus LPIPS when
+        ``lpips_weights`` (torchvision AlexNet file) or a ``perceptual_loss`` is given), or by a
+        user's ``encoder`` (e4e / ReStyle: ``images -> w | w+``; ``num_steps=0`` uses it as is).
+        """
+        from ipl_diffusion.projection import lpips_loss, project
+
+        x = self.preprocess(images)
+        if perceptual_loss is None and lpips_weights is not None:
+            perceptual_loss = lpips_loss(lpips_weights)
+        return project(self.source_generator, x, space=space, num_steps=num_steps, learning_rate=learning_rate, perceptual_loss=perceptual_loss, encoder=encoder, seed=seed).latents
+
+    def translate(
+        self,
+        images,
+        generator: Optional[torch.Generator] = None,
+        space: str = "w+",
+        num_steps: int = 300,
+        learning_rate: float = 0.1,
+        perceptual_loss=None,
+        lpips_weights=None,
+        encoder=None,
+        output_type: str = "pil",
+        return_latents: bool = False,
+    ):
+        """Translate real images: project into the source generator's W/W+, re-synthesise with
+        the adapted generator (same latents, same fixed noise maps).
+
+        Args:
+            images: folder / path(s) / PIL image(s) / ``(B,3,H,W)`` tensor in [-1, 1]; any mode
+                and size (resized and centre-cropped to the generator's resolution).
+            generator: seeds the projection's latent noise (default seed 0; deterministic).
+            space, num_steps, learning_rate, perceptual_loss, lpips_weights, encoder: see :meth:`invert`.
+            output_type: ``"pil"`` (list of PIL images), ``"np"`` or ``"pt"`` (in [0, 1]).
+        Returns:
+            the translated images; with ``return_latents`` a tuple ``(images, w_plus)``.
+        """
+        seed = generator.initial_seed() if generator is not None else 0
+        w_plus = self.invert(images, space=space, num_steps=num_steps, learning_rate=learning_rate, perceptual_loss=perceptual_loss, lpips_weights=lpips_weights, encoder=encoder, seed=seed)
+        with torch.no_grad():
+            out, _ = self.adapted_generator(w_plus, input_is_latent=True, randomize_noise=False)
+        result = self.postprocess(out, output_type)
+        return (result, w_plus) if return_latents else result
+
+    # ------------------------------------------------------------------------ adaptation
+    def adapt(
+        self,
+        target: str,
+        source: Optional[str] = None,
+        scheme: str = "adaptive",
+        lambda_domain: float = 1.0,
+        num_images: int = 256,
+        stage1_iterations: int = 300,
+        stage1_batch_size: int = 32,
+        stage1_learning_rate: Optional[float] = None,
+        n_ctx: int = 4,
+        label_templates: str = "imagenet",
+        iterations: int = 300,
+        batch_size: int = 2,
+        learning_rate: float = 0.002 * 4 / 5,
+        ema_decay: float = 0.99,
+        phase: Optional[str] = None,
+        auto_layer_k: Optional[int] = None,
+        auto_layer_iters: int = 1,
+        auto_layer_batch: int = 8,
+        auto_layer_chunk: Optional[int] = None,
+        train_to_rgb: bool = False,
+        compat_layer_mapping: bool = False,
+        mixing: float = 0.0,
+        mixed_precision: str = "no",
+        seed: int = 2,
+        output_dir: Optional[str] = None,
+        checkpointing_steps: Optional[int] = None,
+        resume_from_checkpoint: Optional[str] = None,
+        sample_steps: Optional[int] = None,
+        num_samples: int = 8,
+        progress: bool = True,
+    ) -> "StyleGANIPLPipeline":
+        """Adapt the source generator to ``target`` (IPL Stage 1 + GAN-IPL Stage 2).
+
+        Stage 1 (prompt learning, Eq. 6) runs on a cache of ``num_images`` source samples:
+        ``w`` from the frozen mapping network (the mapper's input, Eq. 2) and the CLIP features
+        of ``G_s(w)``. Stage 2 fine-tunes a copy of the generator with the adaptive directional
+        loss (Eq. 7-9) on fresh ``w`` every iteration, NADA's layer freezing and an EMA.
+
+        Args:
+            target / source: domain labels ("Wall painting" / "Photo"; ``source`` defaults to
+                the pipeline's ``source_label``).
+            scheme: ``"adaptive"`` (IPL), ``"learned"`` (one shared learned prompt, CoOp),
+                ``"random"`` (untrained mapper) or ``"manual"`` (NADA's fixed prompts).
+            lambda_domain: λ of Eq. 6 (IPL default 1).
+            num_images: size of Stage 1's cache of source samples.
+            stage1_iterations, stage1_batch_size, stage1_learning_rate, n_ctx: Stage 1 options
+                (IPL: 300, 32, 0.05, 4 prompt vectors).
+            label_templates: templates averaged for the target label's feature in Eq. 5
+                (``"imagenet"`` 80, ``"nada"`` 79, ``"single"``).
+            iterations, batch_size: Stage 2 (IPL: 300, 2).
+            learning_rate: Stage 2 Adam lr as used (IPL/NADA ``--lr 0.002`` x 4/5 = 0.0016;
+                betas (0, 0.99^(4/5))).
+            ema_decay: EMA of the target generator (0.99, IPL).
+            phase: NADA's fixed layer set when ``auto_layer_iters=0`` (None: input, conv1, all
+                convs; ``"all"``, ``"texture"``, ``"shape"``, ``"no_fine"``, ``"shape_expanded"``).
+            auto_layer_k, auto_layer_iters, auto_layer_batch: NADA's adaptive layer selection
+                (k default ``int(2 * n_latent / 3)``; 0 iterations turns it off).
+            auto_layer_chunk: render the selection's probes this many at a time (same
+                selection, lower peak memory; e.g. 2 at 1024 px on a small GPU).
+            train_to_rgb, compat_layer_mapping: see :mod:`ipl_diffusion.adaptation.stylegan2`
+                (the W+ row -> layer mapping is corrected by default).
+            mixing: style-mixing probability (0, as IPL; NADA issue #15).
+            mixed_precision: ``"no"`` / ``"bf16"`` / ``"fp16"`` (fp16 needs a GPU).
+            seed: Stage 1 and Stage 2 seed.
+            output_dir: when given, ``checkpoints/``, ``samples/``, ``losses.csv`` go there and
+                ``resume_from_checkpoint="latest"`` continues an interrupted Stage 2.
+            checkpointing_steps, sample_steps: intervals (iterations) for checkpoints / grids.
+            num_samples: images per row of the returned ``sample_grid``.
+        Returns:
+            A new pipeline sharing the frozen components, with ``generator`` the adapted
+            ``g_ema``, ``mapper`` the Stage 1 mapper, ``sample_grid`` (source | adapted, fixed
+            seed) and the run's options in ``config.adaptation``. ``self`` is unchanged.
+        Raises:
+            ValueError: no CLIP components, bad labels or options, a non-finite loss.
+        """
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("adapt needs the CLIP text_encoder and tokenizer components; this pipeline has none")
+        if scheme not in PROMPT_SCHEMES:
+            raise ValueError(f"scheme must be one of {PROMPT_SCHEMES}, got {scheme!r}")
+        if num_images < 2:
+            raise ValueError(f"num_images must be >= 2 (Stage 1 contrasts images within a batch), got {num_images}")
+        source = source or self.config.source_label or "Photo"
+        config = gan_ipl.GANStage2Config(
+            iterations=iterations,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            ema_decay=ema_decay,
+            phase=phase,
+            auto_layer_k=auto_layer_k,
+            auto_layer_iters=auto_layer_iters,
+            auto_layer_batch=auto_layer_batch,
+            auto_layer_chunk=auto_layer_chunk,
+            train_to_rgb=train_to_rgb,
+            compat_layer_mapping=compat_layer_mapping,
+            mixing=mixing,
+            mixed_precision=mixed_precision,
+            seed=seed,
+            checkpointing_steps=checkpointing_steps,
+            sample_steps=sample_steps,
+            num_samples=num_samples,
+        )
+        config.validate()
+        stage1 = dict(scheme=scheme, lambda_domain=lambda_domain, num_iterations=stage1_iterations, batch_size=stage1_batch_size, learning_rate=stage1_learning_rate, n_ctx=n_ctx, label_templates=label_templates, num_images=num_images)
+        result = gan_ipl.adapt_stylegan2(
+            source_generator=self.source_generator,
+            clip_model=self.text_encoder,
+            tokenizer=self.tokenizer,
+            feature_extractor=self.feature_extractor,
+            source=source,
+            target=target,
+            stage1=stage1,
+            stage2=config,
+            output_dir=output_dir,
+            resume_from_checkpoint=resume_from_checkpoint,
+            progress=progress,
+            base_model=self.config.base_model,
+        )
+        adapted = type(self)(
+            source_generator=self.source_generator,
+            generator=result.generator,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            mapper=result.mapper,
+            feature_extractor=self.feature_extractor,
+            source_label=source,
+            target_label=result.run_config["target"],
+            base_model=self.config.base_model,
+            adaptation=result.run_config,
+        )
+        adapted.sample_grid = adapted.make_sample_grid(num_images=num_samples)
+        if output_dir is not None:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            adapted.sample_grid.save(Path(output_dir) / SAMPLE_GRID_NAME)
+        return adapted
+
+    # ---------------------------------------------------------------------- saving / hub
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' ``save_pretrained`` plus ``sample_grid.png`` (source | adapted)."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if self.sample_grid is not None:
+            self.sample_grid.save(Path(save_directory) / SAMPLE_GRID_NAME)
+        return result
+
+    def model_card(self, repo_id: str) -> str:
+        """The model card (README.md) text for ``repo_id``."""
+        cfg = self.adaptation_config
+        source, target = self.config.source_label, self.config.target_label or "(not adapted)"
+        base = self.config.base_model or "unknown"
+        lines = [
+            "---",
+            "library_name: diffusers",
+            "license: mit",
+            *([f"base_model: {base}"] if self.config.base_model else []),
+            "tags:",
+            *[f"- {t}" for t in ("diffusers", "ipl", "stylegan2", "gan", "zero-shot-domain-adaptation")],
+            "---",
+            "",
+            f"# {source} → {target} (GAN-IPL, StyleGAN2)",
+            "",
+            f"A StyleGAN2 generator adapted zero-shot from **{source}** to **{target}** with Image-specific Prompt "
+            "Learning (IPL, Guo et al., CVPR 2023) using ipl-diffusion: only CLIP and the two domain labels, no "
+            "target-domain images.",
+            "",
+            f"* Prompt scheme: `{cfg.get('stage1', {}).get('scheme', 'n/a')}` (adaptive = IPL, manual = NADA)",
+            f"* Base model: `{base}`",
+            "",
+        ]
+        if self.sample_grid is not None:
+            lines += ["Top row: source generator; bottom row: adapted generator (same latents).", "", f"![samples]({SAMPLE_GRID_NAME})", ""]
+        if cfg:
+            lines += ["## Hyper-parameters", "", "```json", json.dumps(cfg, indent=1, sort_keys=True, default=str), "```", ""]
+        lines += [
+            "## Usage",
+            "",
+            "```python",
+            "import torch",
+            "from ipl_diffusion import StyleGANIPLPipeline",
+            "",
+            f'pipe = StyleGANIPLPipeline.from_pretrained("{repo_id}")',
+            "images = pipe(num_images=4, generator=torch.Generator().manual_seed(0)).images",
+            'translated = pipe.translate(["face.jpg"])',
+            "```",
+            "",
+        ]
+        return "\n".join(lines)
+
+    def push_to_hub(self, repo_id: str, commit_message: Optional[str] = None, private: Optional[bool] = None, token: Optional[str] = None, create_pr: bool = False, safe_serialization: bool = True, variant: Optional[str] = None, **kwargs) -> str:
+        """Upload the pipeline (safetensors), a model card, the sample grid and this file,
+        through ``diffusers.utils.hub_utils`` (``create_repo``, ``upload_folder``) like
+        diffusers' own ``push_to_hub``. Returns what ``upload_folder`` returns."""
+        repo_id = hub_utils.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+            (Path(folder) / "README.md").write_text(self.model_card(repo_id))
+            shutil.copyfile(inspect.getsourcefile(type(self)), Path(folder) / PIPELINE_CODE_NAME)
+            return self._upload_folder(folder, repo_id, token=token, commit_message=commit_message or "Upload StyleGANIPLPipeline", create_pr=create_pr)
+
+
+__all__ = ["StyleGANIPLPipeline"]

@@ -1,0 +1,150 @@
+"""The `ipl` command line: adapt, translate, sample, push (help texts, outputs, one-line errors)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ipl_diffusion.cli import main
+from tiny_ipl import SIZE, build_tiny_ipl_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+FAST_ARGS = [
+    "--stage1-iterations", "2", "--iterations", "1", "--batch-size", "2", "--t0", "200",
+    "--inversion-steps", "3", "--train-steps", "2", "--sampling-steps", "3", "--num-images", "4",
+    "--lr", "1e-3", "--device", "cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny") / "source"
+    build_tiny_ipl_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapted_dir(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "sketch"
+    assert main(["adapt", "--model", str(model_dir), "--target", "sketch", "--output", str(out), *FAST_ARGS]) == 0
+    return out
+
+
+@pytest.fixture
+def photos(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 24, 3), dtype=np.uint8)).save(folder / "wide.jpg")
+    Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8), "L").save(folder / "gray.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    (folder / "notes.txt").write_text("not an image at all")
+    return folder
+
+
+def test_help_texts():
+    for command in ("adapt", "translate", "sample", "push"):
+        result = subprocess.run(
+            [sys.executable, "-m", "ipl_diffusion.cli", command, "--help"],
+            capture_output=True, text=True, cwd=REPO, timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "examples:" in result.stdout and "--model" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "ipl_diffusion.cli", "--help"], capture_output=True, text=True,
+                            cwd=REPO, timeout=120)
+    for command in ("adapt", "translate", "sample", "convert", "push"):
+        assert command in result.stdout
+
+
+def test_adapt_writes_pipeline_grid_and_config(adapted_dir):
+    assert (adapted_dir / "pipeline" / "model_index.json").is_file()
+    assert (adapted_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    grid = Image.open(adapted_dir / "before_after.png")
+    assert grid.size == (4 * SIZE, 3 * SIZE)
+    config = json.loads((adapted_dir / "run_config.json").read_text())
+    assert config["target"] == "sketch" and config["stage2"]["iterations"] == 1 and config["num_source_images"] == 4
+
+
+def test_translate_folder_keeps_names_and_skips_bad_files(adapted_dir, photos, tmp_path, capsys):
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    out = tmp_path / "out"
+    rc = main(["translate", "--model", str(adapted_dir / "pipeline"), "--input", str(photos), "--output", str(out),
+               "--device", "cpu"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "skipped broken.png" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["gray.png", "ipl_translation_grid.png", "wide.jpg"]
+    assert Image.open(out / "wide.jpg").size == (SIZE, SIZE)
+    assert Image.open(out / "ipl_translation_grid.png").size == (2 * SIZE, 2 * SIZE)
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before  # inputs untouched
+
+
+def test_translate_refuses_to_write_into_the_input_folder(adapted_dir, photos, capsys):
+    rc = main(["translate", "--model", str(adapted_dir / "pipeline"), "--input", str(photos), "--output", str(photos)])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ipl translate: error:") and "input folder" in err and "\n" not in err
+
+
+def test_errors_are_one_line(model_dir, tmp_path, capsys):
+    rc = main(["adapt", "--model", str(model_dir), "--target", "sketch", "--images", str(tmp_path / "nope")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "nope" in err and "\n" not in err and "Traceback" not in err
+    rc = main(["translate", "--model", str(tmp_path / "no-model"), "--input", str(tmp_path), "--output",
+               str(tmp_path / "o")])
+    assert rc == 2
+
+
+def test_sample_is_seeded(adapted_dir, tmp_path):
+    for name in ("a", "b"):
+        assert main(["sample", "--model", str(adapted_dir / "pipeline"), "--output", str(tmp_path / name),
+                     "--num-images", "2", "--steps", "4", "--device", "cpu"]) == 0
+    a = np.asarray(Image.open(tmp_path / "a" / "sample_0001.png"))
+    assert np.array_equal(a, np.asarray(Image.open(tmp_path / "b" / "sample_0001.png")))
+    assert (tmp_path / "a" / "samples_grid.png").is_file()
+
+
+def test_push_is_stubbed_and_uploads_the_card(adapted_dir, monkeypatch, capsys):
+    import diffusers.utils.hub_utils as hub_utils
+
+    uploaded = {}
+
+    class Repo:
+        repo_id = "me/sketch"
+
+    monkeypatch.setattr(hub_utils, "create_repo", lambda repo_id, **kw: Repo())
+
+    def fake_upload_folder(**kwargs):
+        folder = Path(kwargs["folder_path"])
+        uploaded["files"] = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        uploaded["readme"] = (folder / "README.md").read_text()
+        return "https://huggingface.co/me/sketch/commit/1"
+
+    monkeypatch.setattr(hub_utils, "upload_folder", fake_upload_folder)
+    assert main(["push", "--model", str(adapted_dir / "pipeline"), "--repo-id", "me/sketch"]) == 0
+    assert "pushed" in capsys.readouterr().out
+    assert {"README.md", "pipeline.py", "sample_grid.png", "model_index.json"} <= set(uploaded["files"])
+    assert "`sketch`" in uploaded["readme"]
+
+
+def test_default_model_is_the_embedded_shapes_model(tmp_path):
+    """`ipl adapt --target sketch` with no --model: the README's main-job command."""
+    shapes = pytest.importorskip("ipl_diffusion.shapes")
+    default_model_path = getattr(shapes, "default_model_path", None)
+    if default_model_path is None:
+        pytest.skip("the Shapes default model is not shipped yet")
+    try:
+        path = Path(default_model_path())
+    except (FileNotFoundError, ValueError) as err:
+        pytest.skip(f"the Shapes default model is not available: {err}")
+    if not (path / "model_index.json").is_file():
+        pytest.skip("the Shapes default model is not shipped yet")
+    out = tmp_path / "sketch"
+    assert main(["adapt", "--target", "sketch", "--output", str(out), *FAST_ARGS]) == 0
+    assert (out / "pipeline" / "model_index.json").is_file() and (out / "before_after.png").is_file()

@@ -1,0 +1,243 @@
+"""IPLPipeline end to end on tiny models: adapt, translate, save, reload, push (stubbed)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tiny_ipl import FAST, SIZE, build_tiny_ipl_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def source_pipe():
+    return build_tiny_ipl_pipeline()
+
+
+@pytest.fixture(scope="module")
+def adapted(source_pipe):
+    images = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    return source_pipe.adapt("sketch", images=images, **FAST)
+
+
+@pytest.fixture(scope="module")
+def odd_images(tmp_path_factory):
+    """Two images of different sizes and modes: RGBA 20x30 and 16-bit grayscale 40x24."""
+    folder = tmp_path_factory.mktemp("odd")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (30, 20, 4), dtype=np.uint8), "RGBA").save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 65535, (24, 40), dtype=np.uint16)).save(folder / "b.png")
+    return folder
+
+
+def test_adapt_returns_a_new_adapted_pipeline(source_pipe, adapted):
+    assert source_pipe.unet is None and not source_pipe.is_adapted
+    assert adapted.is_adapted and adapted.unet is not source_pipe.source_unet
+    assert adapted.source_unet is source_pipe.source_unet  # frozen parts are shared
+    assert adapted.config.target_label == "sketch" and adapted.config.source_label == "photo"
+    cfg = adapted.adaptation_config
+    assert cfg["stage1"]["scheme"] == "adaptive" and cfg["stage2"]["t0"] == 200
+    assert type(adapted.mapper).__name__ == "LatentMapper"
+    assert adapted.sample_grid.size == (4 * SIZE, 3 * SIZE)  # rows: source | reconstruction | adapted
+    changed = [
+        k for k, v in adapted.unet.state_dict().items() if not torch.equal(v, source_pipe.source_unet.state_dict()[k])
+    ]
+    assert changed
+
+
+def test_translate_images_of_any_size_and_mode(adapted, odd_images):
+    files = sorted(odd_images.iterdir())
+    pil = adapted(files, output_type="pil").images
+    assert len(pil) == 2 and all(im.size == (SIZE, SIZE) and im.mode == "RGB" for im in pil)
+    array = adapted(files, output_type="np").images
+    tensor = adapted([Image.open(f) for f in files], output_type="pt").images
+    assert array.shape == (2, SIZE, SIZE, 3) and tensor.shape == (2, 3, SIZE, SIZE)
+    assert 0 <= array.min() and array.max() <= 1
+    torch.testing.assert_close(torch.from_numpy(array).permute(0, 3, 1, 2), tensor)
+    # translation = source-UNet inversion + adapted-UNet decoding; differs from reconstruction
+    z_sem, x_t0 = adapted.encode(files)
+    recon = adapted.decode(z_sem, x_t0, unet=adapted.source_unet)
+    assert not torch.allclose(adapted.decode(z_sem, x_t0), recon)
+    assert adapted(folder := str(odd_images), output_type="pt", return_dict=False)[0].shape == (2, 3, SIZE, SIZE)
+    del folder
+
+
+def test_sample_is_seeded(adapted):
+    a = adapted.sample(2, generator=torch.Generator().manual_seed(0), output_type="pt", num_inference_steps=4)
+    b = adapted.sample(2, generator=torch.Generator().manual_seed(0), output_type="pt", num_inference_steps=4)
+    c = adapted.sample(2, generator=torch.Generator().manual_seed(1), output_type="pt", num_inference_steps=4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_save_and_reload_in_a_fresh_process(adapted, odd_images, tmp_path):
+    folder = tmp_path / "adapted"
+    adapted.save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "IPLPipeline"
+    assert index["unet"] == ["ipl_diffusion.models.diffae_unet", "DiffAEUNetModel"]
+    assert index["mapper"] == ["ipl_diffusion.mapper", "LatentMapper"]
+    assert index["target_label"] == "sketch" and index["adaptation"]["stage2"]["iterations"] == FAST["iterations"]
+    assert (folder / "sample_grid.png").is_file()
+    files = sorted(str(f) for f in odd_images.iterdir())
+    expected = adapted(files, output_type="np").images
+    np.save(tmp_path / "expected.npy", expected)
+    script = (
+        "import sys, numpy as np\n"
+        "from ipl_diffusion import IPLPipeline\n"
+        f"pipe = IPLPipeline.from_pretrained({str(folder)!r})\n"
+        f"out = pipe({files!r}, output_type='np').images\n"
+        f"assert pipe.config.target_label == 'sketch' and pipe.sample_grid is not None\n"
+        f"np.testing.assert_allclose(out, np.load({str(tmp_path / 'expected.npy')!r}), atol=1e-5)\n"
+        "print('reloaded ok')\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "reloaded ok" in result.stdout
+
+
+def test_source_pipeline_round_trip_without_unet(source_pipe, tmp_path):
+    from pipelines.pipeline_ipl import IPLPipeline
+
+    source_pipe.save_pretrained(tmp_path / "src")
+    assert not (tmp_path / "src" / "unet").exists()  # no duplicate of the source UNet
+    loaded = IPLPipeline.from_pretrained(tmp_path / "src")
+    assert loaded.unet is None and loaded.config.source_label == "photo"
+    x = torch.rand(1, 3, SIZE, SIZE) * 2 - 1
+    a = source_pipe(x, output_type="pt", num_inference_steps=3, num_inversion_steps=3).images
+    b = loaded(x, output_type="pt", num_inference_steps=3, num_inversion_steps=3).images
+    torch.testing.assert_close(a, b)
+
+
+def test_missing_component_and_offline_hub_id(source_pipe, tmp_path, monkeypatch):
+    from pipelines.pipeline_ipl import IPLPipeline
+
+    source_pipe.save_pretrained(tmp_path / "broken")
+    shutil.rmtree(tmp_path / "broken" / "semantic_encoder")
+    with pytest.raises(FileNotFoundError, match="semantic_encoder"):
+        IPLPipeline.from_pretrained(tmp_path / "broken")
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        IPLPipeline.from_pretrained(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match="nobody/no-such-ipl-model.*local folder"):
+        IPLPipeline.from_pretrained("nobody/no-such-ipl-model")
+    assert time.perf_counter() - started < 10  # no network wait (case C8)
+
+
+def test_adapt_errors_before_work(source_pipe, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing-folder"):
+        source_pipe.adapt("sketch", images=str(tmp_path / "missing-folder"), **FAST)
+    with pytest.raises(ValueError, match="(?i)empty|blank"):
+        source_pipe.adapt("   ", images=torch.zeros(4, 3, SIZE, SIZE), **FAST)
+    with pytest.raises(ValueError, match="t0"):
+        source_pipe.adapt("sketch", images=torch.zeros(4, 3, SIZE, SIZE), **{**FAST, "t0": 5000})
+
+
+def test_push_to_hub_uploads_weights_card_grid_and_code(adapted, monkeypatch, tmp_path):
+    import diffusers.utils.hub_utils as hub_utils
+
+    calls = {}
+
+    class Repo:
+        repo_id = "me/shapes-photo-to-sketch"
+
+    def fake_create_repo(repo_id, **kwargs):
+        calls["create_repo"] = (repo_id, kwargs)
+        return Repo()
+
+    def fake_upload_folder(**kwargs):
+        folder = Path(kwargs["folder_path"])
+        calls["files"] = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        calls["readme"] = (folder / "README.md").read_text()
+        calls["code"] = (folder / "pipeline.py").read_text()
+        calls["upload"] = kwargs
+        shutil.copytree(folder, tmp_path / "repo")  # what a user would download
+        return "https://huggingface.co/me/shapes-photo-to-sketch/commit/0"
+
+    monkeypatch.setattr(hub_utils, "create_repo", fake_create_repo)
+    monkeypatch.setattr(hub_utils, "upload_folder", fake_upload_folder)
+    url = adapted.push_to_hub("me/shapes-photo-to-sketch", private=True)
+    assert url.endswith("/commit/0")
+    assert calls["create_repo"] == ("me/shapes-photo-to-sketch", {"private": True, "token": None, "exist_ok": True})
+    files = calls["files"]
+    for expected in (
+        "README.md",
+        "pipeline.py",
+        "sample_grid.png",
+        "model_index.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "source_unet/diffusion_pytorch_model.safetensors",
+        "semantic_encoder/diffusion_pytorch_model.safetensors",
+        "mapper/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    ):
+        assert expected in files, expected
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl", ".ckpt"))]  # no pickles
+    readme = calls["readme"]
+    for needle in ("`photo`", "`sketch`", "tiny-random-diffae", "`adaptive`", "| Stage 2 | `t0` | `200` |", "sample_grid.png"):
+        assert needle in readme, needle
+    assert "class IPLPipeline(DiffusionPipeline)" in calls["code"]
+    assert calls["upload"]["repo_id"] == "me/shapes-photo-to-sketch"
+    # The uploaded code file loads the uploaded folder through diffusers' custom_pipeline path.
+    from diffusers import DiffusionPipeline
+
+    loaded = DiffusionPipeline.from_pretrained(
+        tmp_path / "repo", custom_pipeline=str(tmp_path / "repo"), trust_remote_code=True
+    )
+    assert type(loaded).__name__ == "IPLPipeline" and loaded.config.target_label == "sketch"
+
+
+def test_model_recommended_adapt_defaults(tmp_path):
+    """A model's config.adapt_defaults fill the options a caller leaves out (explicit wins)."""
+    from pipelines.pipeline_ipl import IPLPipeline
+
+    pipe = build_tiny_ipl_pipeline()
+    recommended = {k: v for k, v in FAST.items() if k != "progress"}
+    recommended["iterations"] = 1
+    pipe.register_to_config(adapt_defaults=recommended)
+    pipe.save_pretrained(tmp_path / "src")
+    pipe = IPLPipeline.from_pretrained(tmp_path / "src")
+    assert pipe.config.adapt_defaults["t0"] == 200
+    images = torch.rand(4, 3, SIZE, SIZE) * 2 - 1
+    adapted = pipe.adapt("sketch", images=images, batch_size=4, progress=False)
+    stage2 = adapted.adaptation_config["stage2"]
+    assert stage2["iterations"] == 1 and stage2["t0"] == 200 and stage2["batch_size"] == 4
+    assert adapted.config.adapt_defaults == pipe.config.adapt_defaults
+
+
+def test_from_components_assembles_a_source_pipeline(source_pipe, tmp_path):
+    """The shipped Shapes folder is assembled this way (examples/assemble_shapes_ipl.py)."""
+    from pipelines.pipeline_diffae import DiffAEPipeline
+    from pipelines.pipeline_ipl import IPLPipeline
+
+    diffae = DiffAEPipeline(
+        semantic_encoder=source_pipe.semantic_encoder, unet=source_pipe.source_unet, scheduler=source_pipe.scheduler,
+        latent_net=source_pipe.latent_net, latent_scheduler=source_pipe.latent_scheduler,
+    )
+    diffae.save_pretrained(tmp_path / "diffae")
+    source_pipe.text_encoder.save_pretrained(tmp_path / "clip")
+    source_pipe.tokenizer.save_pretrained(tmp_path / "clip")
+    source_pipe.feature_extractor.save_pretrained(tmp_path / "clip")
+    pipe = IPLPipeline.from_components(tmp_path / "diffae", tmp_path / "clip", source_label="photo",
+                                       adapt_defaults={"t0": 200})
+    assert pipe.unet is None and pipe.config.base_model == str(tmp_path / "diffae")
+    assert pipe.feature_extractor is not None and pipe.latent_net is not None
+    pipe.save_pretrained(tmp_path / "ipl")
+    reloaded = IPLPipeline.from_pretrained(tmp_path / "ipl")
+    x = torch.rand(1, 3, SIZE, SIZE) * 2 - 1
+    torch.testing.assert_close(
+        reloaded(x, output_type="pt", num_inversion_steps=3, num_inference_steps=3).images,
+        source_pipe(x, output_type="pt", t0=200, num_inversion_steps=3, num_inference_steps=3).images,
+    )
+    with pytest.raises(ValueError, match="tokenizer"):
+        IPLPipeline.from_components(diffae, source_pipe.text_encoder)

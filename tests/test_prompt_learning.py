@@ -1,0 +1,196 @@
+"""Stage 1 (Eq. 6): the four prompt schemes, caching, determinism, frozen CLIP/generator, NaN handling."""
+
+import pytest
+import torch
+from ipl_core_testing import TinyGenerator, build_encoder, latent_pool
+
+from ipl_diffusion import LatentMapper
+from ipl_diffusion.mapper import SharedPromptContext
+from ipl_diffusion.prompt_learning import PromptLearner, encode_latent_pool, learn_prompts, stage1_losses
+
+SOURCE, TARGET = "photo", "wall painting"
+FAST = dict(batch_size=8, progress=False, label_templates="single")
+ERR = dict(FAST, num_iterations=1)  # error cases: never a long run if the check were missing
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return build_encoder()
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return latent_pool(24)
+
+
+@pytest.fixture(scope="module")
+def features(encoder, pool):
+    return encode_latent_pool(encoder, pool, TinyGenerator(), batch_size=16)
+
+
+def full_pool_loss(learner, encoder, pool, features):
+    with torch.no_grad():
+        terms = stage1_losses(
+            learner.prompt_module, encoder, pool, features, SOURCE, encoder.label_features(TARGET, templates="single"),
+            target_label=TARGET, logit_scale=float(encoder.clip_model.logit_scale.exp()),
+        )
+    return terms["L"].item()
+
+
+def test_adaptive_training_reduces_the_stage1_loss(encoder, pool, features):
+    untrained = learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, num_iterations=0, **FAST)
+    trained = learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, num_iterations=12, **FAST)
+    assert isinstance(trained.mapper, LatentMapper) and trained.context is None
+    assert len(trained.history) == 12 and set(trained.history[0]) == {"L_contr", "L_domain", "L"}
+    before = full_pool_loss(untrained, encoder, pool, features)
+    after = full_pool_loss(trained, encoder, pool, features)
+    assert after < before - 0.1, (before, after)
+    # Trained mapper is frozen and in eval mode, ready for Stage 2.
+    assert not trained.mapper.training and all(not p.requires_grad for p in trained.mapper.parameters())
+
+
+def test_gradients_reach_only_the_mapper(encoder, pool):
+    generator = TinyGenerator()
+    mapper = LatentMapper(latent_dim=16, n_ctx=4, ctx_dim=encoder.hidden_size, hidden_dim=32)
+    images = generator(pool[:6])
+    feats = encoder.encode_images(images)
+    terms = stage1_losses(mapper, encoder, pool[:6], feats, SOURCE, encoder.label_features(TARGET), target_label=TARGET)
+    terms["L"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mapper.parameters())
+    assert all(p.grad is None for p in encoder.clip_model.parameters())
+    assert all(p.grad is None for p in generator.parameters())
+
+
+def test_clip_and_generator_are_unchanged_by_training(encoder, pool):
+    generator = TinyGenerator()
+    clip_before = {k: v.clone() for k, v in encoder.clip_model.state_dict().items()}
+    generator_before = generator.weight.clone()
+    learn_prompts(encoder, pool, SOURCE, TARGET, generate=generator, num_iterations=3, **FAST)
+    assert all(torch.equal(v, encoder.clip_model.state_dict()[k]) for k, v in clip_before.items())
+    assert torch.equal(generator.weight, generator_before)
+
+
+def test_seeded_determinism(encoder, pool, features):
+    runs = [
+        learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, num_iterations=3, seed=seed, **FAST)
+        for seed in (5, 5, 6)
+    ]
+    assert runs[0].history == runs[1].history
+    for a, b in zip(runs[0].mapper.parameters(), runs[1].mapper.parameters()):
+        assert torch.equal(a, b)
+    assert runs[0].history != runs[2].history
+
+
+def test_cached_features_give_the_same_training_with_far_fewer_generator_calls(encoder, pool):
+    cached_gen, fresh_gen = TinyGenerator(), TinyGenerator()
+    common = dict(num_iterations=4, encode_batch_size=16, **FAST)
+    cached = learn_prompts(encoder, pool, SOURCE, TARGET, generate=cached_gen, **common)
+    fresh = learn_prompts(encoder, pool, SOURCE, TARGET, generate=fresh_gen, cache_image_features=False, **common)
+    assert cached_gen.calls == 2  # 24 latents in batches of 16, once
+    assert fresh_gen.calls == 4  # every iteration, like the released code
+    for a, b in zip(cached.history, fresh.history):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+def test_precomputed_features_equal_the_generator_path(encoder, pool, features):
+    from_features = learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, num_iterations=2, **FAST)
+    from_generator = learn_prompts(encoder, pool, SOURCE, TARGET, generate=TinyGenerator(), num_iterations=2, **FAST)
+    for a, b in zip(from_features.history, from_generator.history, strict=True):
+        assert a == pytest.approx(b, rel=1e-6)
+
+
+def test_manual_scheme_is_nadas_fixed_prompt(encoder, pool):
+    learner = learn_prompts(encoder, pool, SOURCE, TARGET, scheme="manual", **FAST)
+    assert learner.history == [] and isinstance(learner.prompt_module, SharedPromptContext)
+    assert learner.n_ctx == encoder.count_tokens("a photo of a")
+    with torch.no_grad():
+        feats = learner.text_features(pool[:3], TARGET)
+        expected = encoder.encode_text([f"a photo of a {TARGET}"])
+    torch.testing.assert_close(feats, expected.expand(3, -1), rtol=0, atol=1e-6)
+
+
+def test_random_scheme_is_an_untrained_mapper(encoder, pool):
+    a = learn_prompts(encoder, pool, SOURCE, TARGET, scheme="random", **FAST)
+    b = learn_prompts(encoder, pool, SOURCE, TARGET, scheme="adaptive", num_iterations=0, **FAST)
+    assert a.history == [] and isinstance(a.mapper, LatentMapper)
+    for p, q in zip(a.mapper.parameters(), b.mapper.parameters()):  # same seeded init, no training
+        assert torch.equal(p, q)
+    with torch.no_grad():
+        feats = a.text_features(pool[:3], TARGET)
+    assert feats.shape == (3, encoder.projection_dim)
+    assert not torch.allclose(feats[0], feats[1])  # image-specific even untrained
+
+
+def test_learned_scheme_trains_one_shared_context(encoder, pool, features):
+    learner = learn_prompts(encoder, pool, SOURCE, TARGET, scheme="learned", image_features=features,
+                            num_iterations=4, context="a photo of a", **FAST)
+    assert learner.mapper is None and learner.context.shape == (4, encoder.hidden_size)
+    assert not torch.equal(learner.context, encoder.context_embeddings("a photo of a"))  # it moved (CoOp init)
+    with torch.no_grad():
+        feats = learner.text_features(pool[:3], TARGET)
+    torch.testing.assert_close(feats[0], feats[2])  # shared by every image
+
+
+def test_context_phrase_sets_n_ctx_in_bpe_tokens(encoder, pool):
+    phrase = "an ukiyo-e painting of"  # 4 words, more BPE tokens (case C1)
+    learner = learn_prompts(encoder, pool, SOURCE, TARGET, scheme="random", context=phrase, **FAST)
+    assert learner.n_ctx == encoder.count_tokens(phrase) > 4
+    assert learner.prompt_vectors(pool[:2]).shape == (2, learner.n_ctx, encoder.hidden_size)
+
+
+def test_source_regulariser_option(encoder, pool, features):
+    learner = learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, num_iterations=1,
+                            lambda_source=0.5, **FAST)
+    assert "L_domain_source" in learner.history[0]
+
+
+def test_nan_in_a_loss_term_stops_with_the_terms_name(encoder, pool, features, monkeypatch):
+    with pytest.raises(FloatingPointError, match="L_contr is nan at iteration 0"):
+        learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, num_iterations=2,
+                      logit_scale=float("nan"), **FAST)
+    nan_label = torch.full((encoder.projection_dim,), float("nan"))
+    monkeypatch.setattr(encoder, "label_features", lambda label, templates="imagenet": nan_label)
+    with pytest.raises(FloatingPointError, match="L_domain is nan at iteration 0"):
+        learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, num_iterations=2, **FAST)
+
+
+def test_bad_inputs_are_clear_errors(encoder, pool, features):
+    with pytest.raises(ValueError, match="Unknown prompt scheme"):
+        learn_prompts(encoder, pool, SOURCE, TARGET, scheme="coop", **ERR)
+    with pytest.raises(ValueError, match="exactly one of image_features"):
+        learn_prompts(encoder, pool, SOURCE, TARGET, **ERR)
+    with pytest.raises(ValueError, match="exactly one of image_features"):
+        learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, generate=TinyGenerator(), **ERR)
+    with pytest.raises(ValueError, match=r"image_features must be \(24, 32\)"):
+        learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features[:5], **ERR)
+    with pytest.raises(ValueError, match="at least 2 latents"):
+        learn_prompts(encoder, pool[:1], SOURCE, TARGET, image_features=features[:1], **ERR)
+    with pytest.raises(ValueError, match="NaN/inf"):
+        learn_prompts(encoder, pool * float("nan"), SOURCE, TARGET, image_features=features, **ERR)
+    with pytest.raises(ValueError, match="empty or blank"):
+        learn_prompts(encoder, pool, SOURCE, "  ", image_features=features, **ERR)
+    long_label = "wall painting " * 40
+    n = encoder.count_tokens(long_label)
+    with pytest.raises(ValueError, match=rf"{n} label tokens \+ 4 context slots"):
+        learn_prompts(encoder, pool, SOURCE, long_label, image_features=features, **ERR)
+
+
+def test_generator_returning_bad_images_is_caught(encoder, pool):
+    with pytest.raises(ValueError, match="NaN/inf images"):
+        learn_prompts(encoder, pool, SOURCE, TARGET, generate=lambda w: TinyGenerator()(w) * float("nan"),
+                      num_iterations=1, **FAST)
+    with pytest.raises(ValueError, match="expected"):
+        learn_prompts(encoder, pool, SOURCE, TARGET, generate=lambda w: torch.zeros(1, 3, 8, 8),
+                      num_iterations=1, **FAST)
+
+
+def test_prompt_learner_save_and_load(tmp_path, encoder, pool, features):
+    learner = learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, num_iterations=2, **FAST)
+    learner.save_pretrained(tmp_path)
+    assert (tmp_path / "prompt_module" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = PromptLearner.from_pretrained(tmp_path, encoder)
+    assert (loaded.scheme, loaded.source_label, loaded.target_label) == ("adaptive", SOURCE, TARGET)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.text_features(pool[:4], TARGET), learner.text_features(pool[:4], TARGET))
+    with pytest.raises(FileNotFoundError, match="prompt_learner.json"):
+        PromptLearner.from_pretrained(tmp_path / "nothing", encoder)

@@ -1,0 +1,53 @@
+"""The mode-collapse benchmark's metrics, checked against hand computations and clean renders."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ipl_diffusion.shapes import SHAPES, STYLES, ShapesRenderer
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "shapes_collapse.py"
+_spec = importlib.util.spec_from_file_location("shapes_collapse", _PATH)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def test_entropy_matches_hand_values():
+    assert bench.entropy(torch.tensor([0, 1, 2, 3]), 6) == pytest.approx(math.log(4))
+    assert bench.entropy(torch.tensor([2, 2, 2]), 6) == pytest.approx(0.0)
+    p = torch.tensor([0.75, 0.25])
+    assert bench.entropy(torch.tensor([0, 0, 0, 1]), 2) == pytest.approx(float(-(p * p.log()).sum()))
+
+
+def test_summary_is_mean_and_t_interval():
+    mean, half = bench.summarise([1.0, 2.0, 3.0])
+    assert mean == pytest.approx(2.0)
+    assert half == pytest.approx(4.303 * 1.0 / math.sqrt(3))  # sd = 1, n = 3, t_{0.975, 2} = 4.303
+    assert bench.summarise([5.0]) == (5.0, 0.0)
+
+
+def test_pairwise_distance_excludes_the_diagonal():
+    feats = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    assert bench.mean_pairwise_distance(feats) == pytest.approx(5.0)
+
+
+def test_collapsed_images_score_low_diversity_and_preservation():
+    """A perfect translation keeps every factor; a collapsed one (one image for all) does not."""
+    from ipl_diffusion.shapes import default_model_path
+    from ipl_diffusion.shapes.oracle import ShapesOracle
+
+    oracle = ShapesOracle.from_pretrained(default_model_path("oracle")).eval()
+    renderer = ShapesRenderer(32)
+    photos, factors = renderer.sample(48, seed=77, style="photo")
+    sketches = renderer(factors.with_style("sketch"), seed=77)
+    reference = bench.mean_pairwise_distance(oracle.predict(photos)["features"])
+    good = bench.evaluate_images(oracle, sketches, factors, STYLES.index("sketch"), 32, reference)
+    collapsed = bench.evaluate_images(oracle, sketches[:1].expand_as(sketches), factors, STYLES.index("sketch"), 32, reference)
+    assert good["target_acc"] > 0.9 and good["shape_acc"] > 0.8 and good["color_acc"] > 0.9
+    assert good["shape_entropy"] > 0.8 * math.log(len(SHAPES))
+    assert collapsed["shape_entropy"] == pytest.approx(0.0, abs=1e-6)
+    assert collapsed["feature_spread"] == pytest.approx(0.0, abs=1e-6)
+    assert collapsed["shape_acc"] < 0.5

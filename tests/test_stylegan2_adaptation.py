@@ -1,0 +1,275 @@
+"""GAN-IPL Stage 2 on a tiny StyleGAN2 with the tiny CLIP: layer choice, freezing, EMA, resume,
+and the real-image projector."""
+
+import pytest
+import torch
+from transformers import CLIPImageProcessor
+
+from ipl_diffusion.adaptation import stylegan2 as gan
+from ipl_diffusion.clip_image import CLIPImageEncoder
+from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
+from ipl_diffusion.projection import project
+
+STYLE_DIM = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """These tiny models are latency-bound: one intra-op thread avoids OpenMP hand-offs that
+    cost more than the work (on a loaded 2-core runner, 2 threads ran ~50x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_generator(seed=0, size=32):
+    torch.manual_seed(seed)
+    return StyleGAN2Generator(size=size, style_dim=STYLE_DIM, n_mlp=2, channel_max=8).eval()
+
+
+@pytest.fixture
+def clip_parts(tiny_clip):
+    model, tokenizer = tiny_clip
+    image_features = CLIPImageEncoder(model, CLIPImageProcessor()).encode_images
+    from ipl_diffusion.clip_text import CLIPPromptEncoder
+
+    encoder = CLIPPromptEncoder(model, tokenizer)
+    with torch.no_grad():
+        src = encoder.encode_text(["photo"])[0]
+        tgt = encoder.encode_text(["sketch"])[0]
+    return image_features, src, tgt
+
+
+def fixed_prompts(src, tgt):
+    """The manual (NADA) scheme: the same pair of text features for every w."""
+
+    def prompt_features(w):
+        return src.expand(w.shape[0], -1), tgt.expand(w.shape[0], -1)
+
+    return prompt_features
+
+
+def params_by_module(generator):
+    """top-level-ish module name -> {param name: tensor copy}."""
+    return {name: p.detach().clone() for name, p in generator.named_parameters()}
+
+
+def changed_modules(before, after, generator):
+    owners = set()
+    for name, value in before.items():
+        if not torch.equal(value, after[name]):
+            owners.add(_owner(name))
+    return owners
+
+
+def _owner(param_name):
+    parts = param_name.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("convs", "to_rgbs", "style") else parts[0]
+
+
+# ----------------------------------------------------------------------------------------
+# layer bookkeeping
+# ----------------------------------------------------------------------------------------
+
+
+def test_nada_fixed_layer_sets():
+    g = tiny_generator(size=64)  # 8 convs, n_latent 10
+    assert gan.nada_training_layers(g) == ["input", "conv1"] + [f"convs.{k}" for k in range(8)]
+    assert gan.nada_training_layers(g, "shape") == ["input", "conv1", "convs.0", "convs.1"]
+    assert gan.nada_training_layers(g, "texture") == ["input", "conv1"] + [f"convs.{k}" for k in range(2, 8)]
+    assert set(gan.nada_training_layers(g, "all")) == {name for name, _ in g.named_children()}
+    with pytest.raises(ValueError, match="phase"):
+        gan.nada_training_layers(g, "everything")
+
+
+def test_w_plus_rows_map_to_the_layers_that_consume_them():
+    g = tiny_generator(size=64)
+    # corrected: row 0 -> conv1, row j -> convs.{j-1}; ToRGB layers only on request
+    assert gan.trainable_module_names(g, [0, 1, 2, 5]) == ["conv1", "convs.0", "convs.1", "convs.4"]
+    assert gan.trainable_module_names(g, [1, 3], train_to_rgb=True) == ["to_rgb1", "convs.0", "convs.2", "to_rgbs.0"]
+    # upstream NADA/IPL: [conv1, to_rgb1, *convs][j] -- one layer too coarse for j >= 2
+    assert gan.trainable_module_names(g, [0, 1, 2, 5], compat=True) == ["conv1", "to_rgb1", "convs.0", "convs.3"]
+    # the last row feeds only the last ToRGB, so it is no candidate unless ToRGBs train
+    assert g.n_latent - 1 not in gan.candidate_rows(g)
+    assert g.n_latent - 1 in gan.candidate_rows(g, train_to_rgb=True)
+    # every conv can be reached (upstream could never select convs[-1])
+    reached = set(gan.trainable_module_names(g, gan.candidate_rows(g)))
+    assert {f"convs.{k}" for k in range(len(g.convs))} | {"conv1"} == reached
+
+
+def test_select_layers_ranks_rows_by_their_sgd_step(clip_parts):
+    image_features, _, tgt = clip_parts
+    g = tiny_generator()
+    text = torch.nn.functional.normalize(tgt[None], dim=-1)
+
+    def global_loss(images):
+        return (1 - torch.nn.functional.normalize(image_features(images), dim=-1) @ text.T).mean()
+
+    w = g.get_latent(torch.randn(3, STYLE_DIM)).detach()
+    torch.manual_seed(5)
+    names, scores = gan.select_layers(g, w, global_loss, k=3, lr=0.01)
+    # the same SGD step by hand, with the same noise draws
+    torch.manual_seed(5)
+    codes = w.unsqueeze(1).repeat(1, g.n_latent, 1).requires_grad_(True)
+    (grad,) = torch.autograd.grad(global_loss(g.synthesis(codes)), codes)
+    expected = (0.01 * grad).abs().mean(-1).mean(0)
+    torch.testing.assert_close(scores, expected)
+    rows = gan.candidate_rows(g)
+    top = sorted(rows[i] for i in torch.topk(expected[rows], 3).indices.tolist())
+    assert names == gan.trainable_module_names(g, top)
+    # the probe leaves no gradients behind in the generator
+    assert all(p.grad is None for p in g.parameters())
+    # rendering the probes in chunks changes the memory, not the selection
+    full = gan.select_layers(g, w, global_loss, k=3, randomize_noise=False)
+    chunked = gan.select_layers(g, w, global_loss, k=3, randomize_noise=False, chunk_size=2)
+    assert full[0] == chunked[0]
+    torch.testing.assert_close(full[1], chunked[1])
+
+
+# ----------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------
+
+
+def test_only_chosen_layers_change_adaptive(clip_parts):
+    image_features, src, tgt = clip_parts
+    source = tiny_generator()
+    before = params_by_module(source)
+    cfg = gan.GANStage2Config(iterations=3, batch_size=2, auto_layer_k=2, auto_layer_batch=2, learning_rate=0.05, seed=0)
+    trainer = gan.GANIPLTrainer(source, fixed_prompts(src, tgt), image_features, tgt, cfg)
+    chosen = set()
+    for _ in range(cfg.iterations):
+        out = trainer.train_step()
+        assert len(out["layers"]) == 2 and all(name == "conv1" or name.startswith("convs.") for name in out["layers"])
+        chosen |= set(out["layers"])
+    changed = changed_modules(before, params_by_module(trainer.generator), trainer.generator)
+    assert changed and changed <= chosen
+    # the EMA moved exactly where the generator moved, and by 1 - decay of it after one step
+    ema_changed = changed_modules(before, params_by_module(trainer.generator_ema), trainer.generator_ema)
+    assert ema_changed == changed
+    # the source generator is untouched
+    assert not changed_modules(before, params_by_module(source), source)
+
+
+def test_fixed_phase_trains_exactly_its_layers(clip_parts):
+    image_features, src, tgt = clip_parts
+    source = tiny_generator()
+    before = params_by_module(source)
+    cfg = gan.GANStage2Config(iterations=2, auto_layer_iters=0, phase="shape", learning_rate=0.05, seed=0)
+    trainer = gan.GANIPLTrainer(source, fixed_prompts(src, tgt), image_features, None, cfg)
+    for _ in range(cfg.iterations):
+        trainer.train_step()
+    changed = changed_modules(before, params_by_module(trainer.generator), trainer.generator)
+    assert changed == {"input", "conv1", "convs.0", "convs.1"}
+
+
+def test_ema_update_is_lerp_and_exact_for_unchanged():
+    a, b = tiny_generator(0), tiny_generator(1)
+    a_before = params_by_module(a)
+    b.conv1.conv.weight.data.copy_(a.conv1.conv.weight.data)
+    gan.ema_update(a, b, decay=0.9)
+    after = params_by_module(a)
+    assert torch.equal(after["conv1.conv.weight"], a_before["conv1.conv.weight"])
+    b_params = params_by_module(b)
+    torch.testing.assert_close(after["input.input"], 0.9 * a_before["input.input"] + 0.1 * b_params["input.input"])
+
+
+def test_resume_continues_exactly(tmp_path, clip_parts):
+    image_features, src, tgt = clip_parts
+    cfg = dict(batch_size=2, auto_layer_k=2, auto_layer_batch=2, learning_rate=0.05, seed=1)
+
+    torch.manual_seed(0)
+    straight = gan.GANIPLTrainer(tiny_generator(), fixed_prompts(src, tgt), image_features, tgt, gan.GANStage2Config(iterations=4, **cfg))
+    straight.train(progress=False)
+
+    torch.manual_seed(0)
+    first = gan.GANIPLTrainer(tiny_generator(), fixed_prompts(src, tgt), image_features, tgt, gan.GANStage2Config(iterations=2, checkpointing_steps=2, **cfg), output_dir=tmp_path)
+    first.train(progress=False)
+    assert (tmp_path / "checkpoints" / "checkpoint-2").is_dir()
+
+    torch.manual_seed(123)  # a different global state: resuming must restore it
+    second = gan.GANIPLTrainer(tiny_generator(), fixed_prompts(src, tgt), image_features, tgt, gan.GANStage2Config(iterations=4, **cfg), output_dir=tmp_path)
+    g_ema = second.train(resume_from_checkpoint="latest", progress=False)
+    assert second.step == 4 and len(second.history) == 4
+    for (name, p), q in zip(straight.generator_ema.named_parameters(), g_ema.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+    assert [h["loss"] for h in second.history] == pytest.approx([h["loss"] for h in straight.history])
+    assert (tmp_path / "losses.csv").read_text().count("\n") == 5
+
+
+def test_nan_loss_is_a_clear_error(clip_parts):
+    image_features, src, tgt = clip_parts
+
+    def nan_prompts(w):
+        return torch.full((w.shape[0], src.shape[0]), float("nan")), tgt.expand(w.shape[0], -1)
+
+    trainer = gan.GANIPLTrainer(tiny_generator(), nan_prompts, image_features, None, gan.GANStage2Config(iterations=1, auto_layer_iters=0))
+    with pytest.raises(ValueError, match="loss is nan"):
+        trainer.train_step()
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="phase"):
+        gan.GANStage2Config(phase="bogus").validate()
+    with pytest.raises(ValueError, match="mixed_precision"):
+        gan.GANStage2Config(mixed_precision="fp8").validate()
+    with pytest.raises(ValueError, match="target_text_features"):
+        gan.GANIPLTrainer(tiny_generator(), None, None, None, gan.GANStage2Config())
+
+
+# ----------------------------------------------------------------------------------------
+# projection
+# ----------------------------------------------------------------------------------------
+
+
+def test_projection_recovers_a_generated_image():
+    g = tiny_generator(3)
+    with torch.no_grad():
+        target, _ = g([torch.randn(2, STYLE_DIM)], randomize_noise=False)
+    start = project(g, target, space="w", num_steps=1)
+    result = project(g, target, space="w", num_steps=60)
+    err_start = (start.images - target).pow(2).mean()
+    err = (result.images - target).pow(2).mean()
+    assert err < 0.25 * err_start
+    assert result.latents.shape == (2, g.n_latent, STYLE_DIM)
+    # deterministic for a given seed
+    again = project(g, target, space="w", num_steps=60)
+    torch.testing.assert_close(again.latents, result.latents)
+
+
+def test_projection_encoder_hook_and_errors():
+    g = tiny_generator(3)
+    with torch.no_grad():
+        w = g.get_latent(torch.randn(2, STYLE_DIM))
+        target, _ = g([w], input_is_latent=True, randomize_noise=False)
+    exact = project(g, target, num_steps=0, encoder=lambda x: w)  # a perfect "encoder"
+    torch.testing.assert_close(exact.images, target)
+    with pytest.raises(ValueError, match="encoder returned"):
+        project(g, target, num_steps=0, encoder=lambda x: torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="num_steps"):
+        project(g, target, num_steps=0)
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        project(g, target[:, :1])
+    with pytest.raises(ValueError, match="space"):
+        project(g, target, space="s")
+
+
+def test_projection_perceptual_term():
+    g = tiny_generator(3)
+    with torch.no_grad():
+        target, _ = g([torch.randn(1, STYLE_DIM)], randomize_noise=False)
+    calls = []
+
+    def perceptual(x, y):
+        calls.append(x.shape)
+        return (x.mean(dim=(2, 3)) - y.mean(dim=(2, 3))).abs().mean()
+
+    plain = project(g, target, num_steps=5)
+    mixed = project(g, target, num_steps=5, perceptual_loss=perceptual, perceptual_weight=10.0)
+    assert len(calls) == 5 and calls[0] == (1, 3, 32, 32)
+    assert not torch.allclose(plain.latents, mixed.latents)
+    from ipl_diffusion.projection import lpips_loss
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        lpips_loss("./no/such/alexnet-owt-7be5be79.pth")

@@ -1,0 +1,234 @@
+"""StyleGANIPLPipeline end to end on CPU: a tiny StyleGAN2 + the tiny CLIP, every prompt scheme,
+sampling with fixed seeds, translation of real images, save / load in a fresh process, push."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPImageProcessor
+
+from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
+from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
+
+STYLE_DIM = 16
+FAST = dict(num_images=8, stage1_iterations=2, stage1_batch_size=4, iterations=2, auto_layer_batch=2, num_samples=3, label_templates="single", progress=False)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """These tiny models are latency-bound: one intra-op thread avoids OpenMP hand-offs that
+    cost more than the work (on a loaded 2-core runner, 2 threads ran ~50x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_generator(seed=0):
+    torch.manual_seed(seed)
+    return StyleGAN2Generator(size=32, style_dim=STYLE_DIM, n_mlp=2, channel_max=8).eval()
+
+
+@pytest.fixture
+def pipe(tiny_clip):
+    clip, tokenizer = tiny_clip
+    return StyleGANIPLPipeline.from_components(tiny_generator(), clip, tokenizer, CLIPImageProcessor(), source_label="photo")
+
+
+def _owner(param_name):
+    parts = param_name.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("convs", "to_rgbs", "style") else parts[0]
+
+
+@pytest.mark.parametrize("scheme", ["adaptive", "learned", "random", "manual"])
+def test_adapt_every_scheme(pipe, scheme):
+    adapted = pipe.adapt("sketch", scheme=scheme, **FAST)
+    assert adapted is not pipe and pipe.generator is None  # the source pipeline is unchanged
+    assert adapted.config.target_label == "sketch" and adapted.config.source_label == "photo"
+    cfg = adapted.adaptation_config
+    assert cfg["stage1"]["scheme"] == scheme and cfg["stage2"]["iterations"] == 2
+    assert adapted.sample_grid.size == (3 * 32, 2 * 32)
+    # only StyledConvs moved (adaptive layer selection; no mapping, ToRGB or constant)
+    src = dict(pipe.source_generator.named_parameters())
+    changed = {_owner(n) for n, p in adapted.generator.named_parameters() if not torch.equal(p, src[n])}
+    assert changed and all(name == "conv1" or name.startswith("convs.") for name in changed)
+    expected_module = {"adaptive": "LatentMapper", "random": "LatentMapper", "learned": "SharedPromptContext", "manual": "SharedPromptContext"}
+    assert type(adapted.mapper).__name__ == expected_module[scheme]
+
+
+def test_adapt_fixed_phase_and_checkpoint_resume(pipe, tmp_path, monkeypatch):
+    kwargs = dict(FAST, auto_layer_iters=0, phase="shape", output_dir=str(tmp_path), checkpointing_steps=1, sample_steps=1)
+    first = pipe.adapt("sketch", **kwargs)
+    src = dict(pipe.source_generator.named_parameters())
+    changed = {_owner(n) for n, p in first.generator.named_parameters() if not torch.equal(p, src[n])}
+    assert changed == {"input", "conv1", "convs.0", "convs.1"}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    assert (tmp_path / "samples" / "iter_000002.png").is_file() and (tmp_path / "sample_grid.png").is_file()
+    assert (tmp_path / "stage1" / "options.json").is_file()
+    # resuming a finished run trains nothing more (Stage 1 is reloaded, not re-learned)
+    # and gives the same generator
+    import ipl_diffusion.prompt_learning
+
+    def no_relearning(*args, **kwargs):
+        raise AssertionError("Stage 1 ran again on resume")
+
+    monkeypatch.setattr(ipl_diffusion.prompt_learning, "learn_prompts", no_relearning)
+    again = pipe.adapt("sketch", **dict(kwargs, resume_from_checkpoint="latest"))
+    for (name, p), q in zip(first.generator.named_parameters(), again.generator.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+def test_adapt_errors(pipe):
+    with pytest.raises(ValueError, match="scheme"):
+        pipe.adapt("sketch", scheme="fancy", **{k: v for k, v in FAST.items()})
+    with pytest.raises(ValueError):
+        pipe.adapt("", **FAST)  # empty label
+    bare = StyleGANIPLPipeline(source_generator=tiny_generator())
+    with pytest.raises(ValueError, match="text_encoder"):
+        bare.adapt("sketch")
+
+
+def test_sampling_is_seeded_and_source_matches_generator(pipe):
+    a = pipe(num_images=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    b = pipe(num_images=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    c = pipe(num_images=2, generator=torch.Generator().manual_seed(1), output_type="pt").images
+    assert a.shape == (2, 3, 32, 32) and 0 <= a.min() and a.max() <= 1
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+    z = torch.randn(2, STYLE_DIM, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, _ = pipe.source_generator([z], truncation=0.7, truncation_latent=pipe.source_generator.mean_latent(), randomize_noise=False)
+    torch.testing.assert_close(a, ((ref.clamp(-1, 1) + 1) / 2))
+    pil = pipe(num_images=1, generator=torch.Generator().manual_seed(0)).images
+    assert isinstance(pil[0], Image.Image) and pil[0].size == (32, 32)
+    assert pipe(num_images=1, output_type="np").images.shape == (1, 32, 32, 3)
+
+
+def test_translate_real_images(pipe, tmp_path):
+    adapted = pipe.adapt("sketch", **FAST)
+    rgba = Image.new("RGBA", (50, 40), (200, 10, 10, 128))
+    gray = Image.new("L", (20, 30), 90)
+    rgba.save(tmp_path / "a.png")
+    out = adapted.translate([tmp_path / "a.png", gray], num_steps=3)
+    assert len(out) == 2 and all(isinstance(im, Image.Image) and im.size == (32, 32) for im in out)
+    images, w_plus = adapted.translate([gray], num_steps=3, output_type="pt", return_latents=True)
+    assert w_plus.shape == (1, adapted.source_generator.n_latent, STYLE_DIM)
+    # the translation is the adapted generator applied to the source projection
+    with torch.no_grad():
+        expected, _ = adapted.generator(w_plus, input_is_latent=True, randomize_noise=False)
+    torch.testing.assert_close(images, (expected.clamp(-1, 1) + 1) / 2)
+    # deterministic for a seed
+    again, w2 = adapted.translate([gray], num_steps=3, output_type="pt", return_latents=True)
+    torch.testing.assert_close(w2, w_plus)
+
+
+def test_from_components_reads_rosinality_pt(tmp_path, tiny_clip):
+    g = tiny_generator(5)
+    torch.save({"g_ema": g.state_dict(), "args": argparse.Namespace(size=32, latent=STYLE_DIM, n_mlp=2, channel_multiplier=2)}, tmp_path / "g.pt")
+    pipe = StyleGANIPLPipeline.from_components(tmp_path / "g.pt", *tiny_clip)
+    assert pipe.source_generator.config.size == 32 and pipe.config.base_model == str(tmp_path / "g.pt")
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        StyleGANIPLPipeline.from_pretrained(tmp_path)
+    # a converted generator folder / .pt is accepted by from_pretrained (CLIP given explicitly)
+    g.save_pretrained(tmp_path / "converted")
+    for source in (tmp_path / "converted", tmp_path / "g.pt"):
+        loaded = StyleGANIPLPipeline.from_pretrained(source, text_encoder=tiny_clip[0], tokenizer=tiny_clip[1])
+        assert loaded.generator is None and loaded.source_generator.config.size == 32
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        StyleGANIPLPipeline.from_components(tmp_path / "missing", *tiny_clip)
+    # offline and no local CLIP: a clear error naming the CLIP component (case C8)
+    with pytest.raises(FileNotFoundError, match="CLIP model"):
+        StyleGANIPLPipeline.from_pretrained(tmp_path / "converted")
+
+
+FRESH_PROCESS = """
+import sys, numpy as np, torch
+from ipl_diffusion import StyleGANIPLPipeline
+pipe = StyleGANIPLPipeline.from_pretrained(sys.argv[1])
+out = pipe(num_images=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+np.save(sys.argv[2], out)
+print(type(pipe.generator).__name__, pipe.config.target_label, pipe.sample_grid is not None)
+"""
+
+
+def test_save_load_in_fresh_process(pipe, tmp_path):
+    adapted = pipe.adapt("sketch", **FAST)
+    adapted.save_pretrained(tmp_path / "pipe")
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["generator"] == ["ipl_diffusion.models.stylegan2", "StyleGAN2Generator"]
+    assert index["_class_name"] == "StyleGANIPLPipeline" and index["target_label"] == "sketch"
+    assert (tmp_path / "pipe" / "generator" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not list((tmp_path / "pipe").rglob("*.bin")) and not list((tmp_path / "pipe").rglob("*.pt"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(tmp_path / "pipe"), str(tmp_path / "out.npy")], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "StyleGAN2Generator sketch True"
+    expected = adapted(num_images=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-6)
+
+
+def test_push_to_hub_offline(pipe, monkeypatch):
+    import diffusers.utils.hub_utils as hub_utils
+
+    calls = {}
+
+    class Repo:
+        repo_id = "me/tiny-sketch"
+
+    def fake_create_repo(repo_id, **kwargs):
+        calls["create"] = repo_id
+        return Repo()
+
+    def fake_upload_folder(repo_id, folder_path, **kwargs):
+        calls["files"] = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+        calls["readme"] = (Path(folder_path) / "README.md").read_text()
+        return "https://hub/commit"
+
+    monkeypatch.setattr(hub_utils, "create_repo", fake_create_repo)
+    monkeypatch.setattr(hub_utils, "upload_folder", fake_upload_folder)
+    adapted = pipe.adapt("sketch", **FAST)
+    assert adapted.push_to_hub("me/tiny-sketch") == "https://hub/commit"
+    assert {"README.md", "pipeline.py", "model_index.json", "sample_grid.png", "generator/config.json"} <= set(calls["files"])
+    assert "photo → sketch" in calls["readme"] and "StyleGANIPLPipeline.from_pretrained" in calls["readme"]
+
+
+@pytest.mark.slow
+def test_cli_translate_stylegan2(pipe, tmp_path):
+    from ipl_diffusion.cli import main
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (40, 32), (10, 200, 30)).save(tmp_path / "in" / "a.png")
+    (tmp_path / "in" / "broken.png").write_bytes(b"not an image")
+    code = main(["translate", "--backend", "stylegan2", "--model", str(tmp_path / "pipe"), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--device", "cpu"])
+    assert code == 0
+    with Image.open(tmp_path / "out" / "a.png") as image:
+        assert image.size == (32, 32)
+    assert (tmp_path / "out" / "ipl_translation_grid.png").is_file()
+
+
+def test_cli_adapt_stylegan2(tmp_path):
+    """``ipl adapt --backend stylegan2`` on a saved source pipeline (CLIP with room for the
+    80 ImageNet templates, which the CLI's default label features use)."""
+    from tiny_clip import build_clip
+
+    from ipl_diffusion.cli import main
+
+    clip, tokenizer = build_clip(max_position_embeddings=32)
+    tokenizer.model_max_length = 32
+    StyleGANIPLPipeline.from_components(tiny_generator(), clip, tokenizer, CLIPImageProcessor(), source_label="photo").save_pretrained(tmp_path / "source")
+    argv = ["adapt", "--backend", "stylegan2", "--model", str(tmp_path / "source"), "--target", "sketch", "--output", str(tmp_path / "run"),
+            "--num-images", "4", "--stage1-iterations", "1", "--iterations", "2", "--batch-size", "2", "--device", "cpu", "--checkpointing-steps", "1"]
+    assert main(argv) == 0
+    adapted = StyleGANIPLPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    assert adapted.config.target_label == "sketch" and adapted.generator is not None
+    assert adapted.adaptation_config["stage2"]["iterations"] == 2
+    assert (tmp_path / "run" / "before_after.png").is_file() and (tmp_path / "run" / "checkpoints" / "checkpoint-2").is_dir()

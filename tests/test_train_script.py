@@ -1,0 +1,106 @@
+"""examples/train_ipl_diffae.py: outputs, resume after interruption, two processes (gloo)."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tiny_ipl import build_tiny_ipl_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "examples" / "train_ipl_diffae.py"
+TINY_ARGS = [
+    "--target", "sketch", "--num_source_images", "4", "--stage1_iterations", "2", "--stage1_batch_size", "4",
+    "--t0", "200", "--num_inversion_steps", "3", "--num_train_steps", "2", "--num_inference_steps", "3",
+    "--learning_rate", "1e-3", "--seed", "5",
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny") / "source"
+    build_tiny_ipl_pipeline().save_pretrained(folder)
+    return folder
+
+
+def unet_weights(output_dir):
+    return load_file(str(Path(output_dir) / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def run_script(args, launcher=(sys.executable,), timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*launcher, str(SCRIPT), *args], capture_output=True, text=True, env=env, cwd=REPO,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_script_outputs(model_dir, tmp_path):
+    spec = importlib.util.spec_from_file_location("train_ipl_diffae", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "run"
+    script.main(["--pretrained_model_name_or_path", str(model_dir), "--output_dir", str(out), *TINY_ARGS,
+                 "--max_train_steps", "2", "--train_batch_size", "2", "--checkpointing_steps", "1",
+                 "--validation_steps", "1", "--enable_xformers_memory_efficient_attention"])
+    assert (out / "pipeline" / "model_index.json").is_file() and (out / "pipeline" / "sample_grid.png").is_file()
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["args"]["max_train_steps"] == 2 and config["stage2"]["t0"] == 200
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000001.png", "step_000002.png"]
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["checkpoint-1", "checkpoint-2"]
+    assert (out / "losses.csv").is_file() or (out / "logs").is_dir()
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_identical_weights(model_dir, tmp_path):
+    common = ["--pretrained_model_name_or_path", str(model_dir), *TINY_ARGS, "--train_batch_size", "2",
+              "--checkpointing_steps", "2"]
+    run_script([*common, "--output_dir", str(tmp_path / "full"), "--max_train_steps", "4"])
+    # The first run stops after its checkpoint at step 2 (as if killed there) ...
+    run_script([*common, "--output_dir", str(tmp_path / "resumed"), "--max_train_steps", "2"])
+    shutil.rmtree(tmp_path / "resumed" / "pipeline")
+    # ... and the rerun picks it up.
+    result = run_script([*common, "--output_dir", str(tmp_path / "resumed"), "--max_train_steps", "4",
+                         "--resume_from_checkpoint", "latest"])
+    full, resumed = unet_weights(tmp_path / "full"), unet_weights(tmp_path / "resumed")
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+    assert "Stage 2" in result.stderr  # progress bars go to stderr
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_same_global_batch(model_dir, tmp_path):
+    common = ["--pretrained_model_name_or_path", str(model_dir), *TINY_ARGS, "--max_train_steps", "1"]
+    run_script([*common, "--output_dir", str(tmp_path / "one"), "--train_batch_size", "2"])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    result = run_script([*common, "--output_dir", str(tmp_path / "two"), "--train_batch_size", "1"], launcher=torchrun)
+    assert "MULTI_CPU" in result.stderr + result.stdout and "gloo" in result.stderr + result.stdout
+    assert json.loads((tmp_path / "two" / "run_config.json").read_text())["num_processes"] == 2
+    # Sharding: the two halves of the global batch give the same (logged, all-reduced) loss. At
+    # step 1 the adapted and source images are equal up to rounding, so the CLIP direction is
+    # rounding noise and only agrees to ~1e-3 between runs with different batch shapes.
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-2)
+    # Gradient averaging: the same update up to float noise. (Adam turns gradients that are
+    # ~0 up to rounding into +-lr steps of random sign, so compare the bulk, not every element.)
+    one, two = unet_weights(tmp_path / "one"), unet_weights(tmp_path / "two")
+    differ = sum(int(((one[k] - two[k]).abs() > 1e-5).sum()) for k in one)
+    assert differ / sum(v.numel() for v in one.values()) < 0.05
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) <= 2.5e-3  # at most ~ two Adam steps of lr 1e-3
+
+
+def losses(output_dir):
+    import csv
+
+    path = Path(output_dir) / "losses.csv"
+    if not path.is_file():
+        pytest.skip("tensorboard is installed: losses are in logs/, not losses.csv")
+    with open(path) as handle:
+        return [float(row["value"]) for row in csv.DictReader(handle) if row["name"] == "loss"]
