@@ -50,6 +50,8 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
 from ipl_diffusion.shapes import COLORS, SHAPES, STYLES, ShapesRenderer, default_model_path  # noqa: E402
+from ipl_diffusion.clip_text import CLIPPromptEncoder  # noqa: E402
+from ipl_diffusion.metrics import clip_directional_similarity, clip_encoders  # noqa: E402
 from ipl_diffusion.shapes.oracle import ShapesOracle  # noqa: E402
 
 SCHEMES = ("manual", "learned", "random", "adaptive")
@@ -63,6 +65,7 @@ METRICS = (
     ("shape_entropy", "shape entropy (nats)", "higher"),
     ("color_entropy", "colour entropy (nats)", "higher"),
     ("feature_spread", "feature spread (x source)", "higher"),
+    ("clip_direction", "CLIP directional sim.", "higher"),
 )
 # Two-sided 95% Student-t quantiles for n - 1 degrees of freedom.
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -78,16 +81,16 @@ def parse_args(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--lambdas", nargs="*", type=float, default=[0, 1, 5, 10, 20], help="λ sweep (adaptive, first target)")
     p.add_argument("--lambda_domain", type=float, default=1.0, help="λ of Eq. 6 for the scheme comparison")
-    p.add_argument("--train_images", type=int, default=32)
-    p.add_argument("--eval_images", type=int, default=64)
+    p.add_argument("--train_images", type=int, default=16)
+    p.add_argument("--eval_images", type=int, default=48)
     p.add_argument("--stage1_iterations", type=int, default=300)
-    p.add_argument("--iterations", type=int, default=60, help="Stage 2 iterations")
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--learning_rate", type=float, default=2e-4, help="Stage 2 learning rate (a tiny UNet needs more than 8e-6)")
+    p.add_argument("--iterations", type=int, default=40, help="Stage 2 iterations")
+    p.add_argument("--batch_size", type=int, default=2)
+    p.add_argument("--learning_rate", type=float, default=1e-4, help="Stage 2 learning rate (a tiny UNet needs more than 8e-6)")
     p.add_argument("--t0", type=int, default=500)
-    p.add_argument("--num_inversion_steps", type=int, default=20)
-    p.add_argument("--num_train_steps", type=int, default=4)
-    p.add_argument("--num_inference_steps", type=int, default=20)
+    p.add_argument("--num_inversion_steps", type=int, default=10)
+    p.add_argument("--num_train_steps", type=int, default=3)
+    p.add_argument("--num_inference_steps", type=int, default=10)
     p.add_argument("--l1_loss_weight", type=float, default=0.0)
     p.add_argument("--quick", action="store_true", help="CI mode: one target, one seed, tiny budgets (< 5 min)")
     p.add_argument("--device", default=None)
@@ -173,7 +176,17 @@ def run_key(target, scheme, seed, lam):
     return f"{target}|{scheme}|{seed}|{lam:g}"
 
 
-def adapt_and_evaluate(pipe, target, scheme, seed, lam, args, train_x, eval_x, eval_factors, oracle, reference_spread):
+def clip_direction(clip, source_images, adapted_images, target):
+    """Mean CLIP directional similarity (ipl_diffusion.metrics) under the Shapes CLIP: how well
+    each source -> adapted image direction follows the "photo" -> ``target`` text direction."""
+    image_encoder, label_encoder = clip
+    values = clip_directional_similarity(
+        source_images, adapted_images, label_encoder("photo"), label_encoder(target), image_encoder
+    )
+    return float(values.mean())
+
+
+def adapt_and_evaluate(pipe, target, scheme, seed, lam, args, train_x, eval_x, eval_factors, oracle, reference_spread, clip):
     t = time.time()
     adapted = pipe.adapt(
         target,
@@ -195,6 +208,7 @@ def adapt_and_evaluate(pipe, target, scheme, seed, lam, args, train_x, eval_x, e
     adapted.set_progress_bar_config(disable=True)
     images = translate(adapted, eval_x, args)
     metrics = evaluate_images(oracle, images, eval_factors, STYLES.index(target), eval_x.shape[-1], reference_spread)
+    metrics["clip_direction"] = clip_direction(clip, eval_x, images, target)
     metrics["seconds"] = time.time() - t
     return metrics, images
 
@@ -212,7 +226,12 @@ def write_table(rows, path_md, path_csv, title):
     for (target, scheme, lam), members in groups.items():
         cells, record = [], dict(target=target, scheme=scheme, **{"lambda": lam}, seeds=len(members))
         for key, _, _ in METRICS:
-            mean, half = summarise([float(m[key]) for m in members])
+            # Rows from runs.csv written before a metric existed have no value for it.
+            values = [float(m[key]) for m in members if m.get(key) not in (None, "")]
+            if not values:
+                cells.append("–")
+                continue
+            mean, half = summarise(values)
             record[key], record[key + "_ci95"] = mean, half
             cells.append(f"{mean:.3f} ± {half:.3f}" if len(members) > 1 else f"{mean:.3f}")
         table_rows.append(record)
@@ -308,6 +327,8 @@ def main(argv=None):
     clean = oracle.predict(eval_x)
     reference_spread = mean_pairwise_distance(clean["features"])
     source_row = evaluate_images(oracle, source_images, eval_factors, STYLES.index("photo"), side, reference_spread)
+    clip = clip_encoders(CLIPPromptEncoder.from_pretrained(str(default_model_path("clip"))))
+    source_row["clip_direction"] = float("nan")  # no target direction for the unadapted round trip
     source_row.update(target="photo", scheme="source", seed=0, **{"lambda": 0.0}, seconds=0.0)
 
     runs_path = out / "runs.csv"
@@ -334,7 +355,9 @@ def main(argv=None):
         seen.add(key)
         if key in done:
             continue
-        metrics, images = adapt_and_evaluate(pipe, target, scheme, seed, lam, args, train_x, eval_x, eval_factors, oracle, reference_spread)
+        metrics, images = adapt_and_evaluate(
+            pipe, target, scheme, seed, lam, args, train_x, eval_x, eval_factors, oracle, reference_spread, clip
+        )
         row = dict(target=target, scheme=scheme, seed=seed, **{"lambda": lam}, **metrics)
         writer.writerow(row)
         handle.flush()

@@ -13,13 +13,18 @@ import argparse
 import shutil
 from pathlib import Path
 
+from ipl_diffusion.cli.adapt import SHAPES_ADAPT_DEFAULTS  # CPU-sized settings, recorded in the folder
 from ipl_diffusion.shapes import SOURCE_STYLE, default_model_path
 from pipelines.pipeline_ipl import IPLPipeline
 
 
 def assemble(parts, clip, output):
     pipe = IPLPipeline.from_components(
-        str(parts), str(clip), source_label=SOURCE_STYLE, base_model="ipl-diffusion/shapes-diffae (shipped)"
+        str(parts),
+        str(clip),
+        source_label=SOURCE_STYLE,
+        base_model="ipl-diffusion/shapes-diffae (shipped)",
+        adapt_defaults=SHAPES_ADAPT_DEFAULTS,
     )
     output = Path(output)
     tmp = output.with_name(output.name + ".tmp")

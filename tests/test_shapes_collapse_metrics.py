@@ -51,3 +51,15 @@ def test_collapsed_images_score_low_diversity_and_preservation():
     assert collapsed["shape_entropy"] == pytest.approx(0.0, abs=1e-6)
     assert collapsed["feature_spread"] == pytest.approx(0.0, abs=1e-6)
     assert collapsed["shape_acc"] < 0.5
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs_end_to_end(tmp_path):
+    """The CI mode of the benchmark: every scheme adapts the shipped Shapes DiffAE and the
+    tables carry every metric, the CLIP directional similarity from ipl_diffusion.metrics too."""
+    bench.main(["--quick", "--output_dir", str(tmp_path)])
+    table = (tmp_path / "table.md").read_text()
+    for name in ("manual (NADA)", "learned", "random", "adaptive (IPL)", "CLIP directional sim."):
+        assert name in table
+    rows = (tmp_path / "runs.csv").read_text().splitlines()
+    assert len(rows) > 4 and "clip_direction" in rows[0]

@@ -109,3 +109,12 @@ def test_known_domains_and_check_domain():
         check_domain("Wall painting")
     with pytest.raises(ValueError, match="Empty"):
         check_domain("  ")
+
+
+def test_source_images_are_seeded_photos():
+    from ipl_diffusion.shapes import source_images
+
+    a, b = source_images(4, seed=1), source_images(4, seed=1)
+    assert a.shape == (4, 3, 32, 32) and torch.equal(a, b)
+    photos, _ = ShapesRenderer(32).sample(4, seed=1, style="photo")
+    assert torch.equal(a, photos)

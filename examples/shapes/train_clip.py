@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -227,6 +228,7 @@ def main(argv=None):
     image_processor(args.resolution).save_pretrained(out_dir)
     record = dict(
         task="shapes_clip",
+        command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         config=config,
         parameters=n_params,
         steps=step,

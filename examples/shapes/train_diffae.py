@@ -33,6 +33,7 @@ import argparse
 import copy
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -330,7 +331,13 @@ def main(argv=None):
         p.requires_grad_(False)
     counts = {n: sum(p.numel() for p in m.parameters()) for n, m in (("semantic_encoder", encoder), ("unet", unet), ("latent_net", latent_net))}
     print("parameters:", counts)
-    record = dict(task="shapes_diffae", config=vars(args), parameters=counts, torch_threads=torch.get_num_threads())
+    record = dict(
+        task="shapes_diffae",
+        command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        config=vars(args),
+        parameters=counts,
+        torch_threads=torch.get_num_threads(),
+    )
 
     if args.phase in ("all", "autoencoder"):
         steps, seconds, loss = train_autoencoder(args, encoder, unet, ema_encoder, ema_unet, work, renderer)

@@ -16,6 +16,7 @@ Example (what the shipped oracle was trained with, see its training_record.json)
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -126,6 +127,7 @@ def main(argv=None):
     oracle.save_pretrained(out)
     record = dict(
         task="shapes_oracle",
+        command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         config=config,
         parameters=sum(p.numel() for p in oracle.parameters()),
         steps=step,

@@ -28,6 +28,7 @@ import argparse
 import copy
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -179,6 +180,7 @@ def main(argv=None):
     Image.fromarray(((grid + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()).resize((16 * 64, 2 * 64), Image.NEAREST).save(out / "samples.png")
     record = dict(
         task="shapes_stylegan2",
+        command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         config=vars(args),
         parameters={n: sum(p.numel() for p in m.parameters()) for n, m in (("generator", generator), ("discriminator", discriminator))},
         steps=step,

@@ -17,7 +17,17 @@ SUBCOMMANDS = ("adapt", "translate", "sample", "convert", "push", "evaluate")
 
 # Errors that describe a problem with the user's input or environment. Anything else is a
 # bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, KeyError, OSError)
+# FloatingPointError: a NaN/inf loss term stops training with a message naming the term.
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    PermissionError,
+    KeyError,
+    OSError,
+    FloatingPointError,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,7 +40,7 @@ _TRAINING_SCRIPTS = {
     "clip": "examples/shapes/train_clip.py",
     "oracle": "examples/shapes/train_oracle.py",
     "diffae-parts": "examples/shapes/train_diffae.py",
-    "diffae": "examples/shapes/train_diffae.py (then assemble the IPLPipeline folder)",
+    "diffae": "examples/shapes/train_diffae.py, then examples/assemble_shapes_ipl.py",
     "stylegan2": "examples/shapes/train_stylegan2.py",
 }
 
@@ -67,6 +67,18 @@ def default_model_path(backend="diffae"):
             f"It is produced by {_TRAINING_SCRIPTS[key]}."
         )
     return path
+
+
+def source_images(num_images, seed=0, resolution=32):
+    """Rendered source-domain ("photo") images for adapting a Shapes model.
+
+    The shipped Shapes DiffAE reconstructs photos well through DDIM inversion but its
+    unconditional samples (latent net + decoding from pure noise) are not clean yet, so
+    adaptation of the Shapes default should start from rendered photos, as real-image
+    adaptation does. Returns ``float32 (num_images, 3, resolution, resolution)`` in ``[-1, 1]``.
+    """
+    images, _ = ShapesRenderer(resolution).sample(int(num_images), seed=seed, style=SOURCE_STYLE)
+    return images
 
 
 def known_domains():
@@ -109,4 +121,5 @@ __all__ = [
     "known_domains",
     "render",
     "sample_factors",
+    "source_images",
 ]
