@@ -92,7 +92,28 @@ class DiffAEPipelineOutput(BaseOutput):
     x_T: torch.Tensor
 
 
-class DiffAEPipeline(DiffusionPipeline):
+class XFormersFallbackPipelineMixin:
+    """``enable_xformers_memory_efficient_attention()`` that degrades gracefully (case C6).
+
+    diffusers' pipeline version walks into every component and raises where xformers cannot
+    run (no package, no CUDA). Pipelines of DiffAE models instead warn once for the whole
+    pipeline and put PyTorch SDPA on every component that has attention processors, which
+    gives the same outputs to numerical precision. Must precede ``DiffusionPipeline`` in the
+    bases.
+    """
+
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op=None) -> None:
+        reason = xformers_unavailable_reason() if valid else None
+        if reason is None:
+            return super().set_use_memory_efficient_attention_xformers(valid, attention_op)
+        warn_xformers_fallback(reason)
+        for name in self.components:
+            module = getattr(self, name, None)
+            if isinstance(module, torch.nn.Module) and hasattr(module, "set_attn_processor"):
+                module.set_attn_processor(AttnProcessor2_0())
+
+
+class DiffAEPipeline(XFormersFallbackPipelineMixin, DiffusionPipeline):
     r"""Diffusion autoencoder: encode (:meth:`encode`), decode (:meth:`decode`), sample / reconstruct (``__call__``).
 
     See the module docstring for the components.
@@ -196,18 +217,6 @@ class DiffAEPipeline(DiffusionPipeline):
         # x_T on every device.
         shape = (batch_size, self.unet.config.in_channels, self.image_size, self.image_size)
         return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-
-    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op=None) -> None:
-        # diffusers' version walks into every Attention module and raises where xformers cannot
-        # run; warn once for the whole pipeline and keep SDPA instead (case C6).
-        reason = xformers_unavailable_reason() if valid else None
-        if reason is None:
-            return super().set_use_memory_efficient_attention_xformers(valid, attention_op)
-        warn_xformers_fallback(reason)
-        for name in ("semantic_encoder", "unet"):
-            module = getattr(self, name, None)
-            if module is not None and hasattr(module, "set_attn_processor"):
-                module.set_attn_processor(AttnProcessor2_0())
 
     # ------------------------------------------------------------------ encode / decode
     @torch.no_grad()

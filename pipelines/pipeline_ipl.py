@@ -54,6 +54,7 @@ import ipl_diffusion.models  # noqa: F401
 from ipl_diffusion import ddim
 from ipl_diffusion.adaptation import diffae as diff_ipl
 from ipl_diffusion.clip_loading import hub_offline
+from pipelines.pipeline_diffae import XFormersFallbackPipelineMixin
 
 SAMPLE_GRID_NAME = "sample_grid.png"
 # Built-in adaptation options (the paper's Stage 1, DiffusionCLIP's README Stage 2); a model's
@@ -93,7 +94,7 @@ _COMPONENTS = (
 )
 
 
-class IPLPipeline(DiffusionPipeline):
+class IPLPipeline(XFormersFallbackPipelineMixin, DiffusionPipeline):
     r"""Diff-IPL pipeline: adapt (:meth:`adapt`), translate (``__call__``), sample (:meth:`sample`).
 
     See the module docstring for the components. Construct it from a folder or Hub id with

@@ -241,3 +241,26 @@ def test_from_components_assembles_a_source_pipeline(source_pipe, tmp_path):
     )
     with pytest.raises(ValueError, match="tokenizer"):
         IPLPipeline.from_components(diffae, source_pipe.text_encoder)
+
+
+def test_c6_xformers_where_it_cannot_run_warns_once_and_keeps_outputs(monkeypatch):
+    """Case C6 on the whole IPL pipeline: the CLIP text encoder and every DiffAE model are
+    components, yet enabling xformers gives one warning, SDPA everywhere and equal outputs."""
+    import warnings
+
+    import pipelines.pipeline_diffae as module
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    monkeypatch.setattr(module, "xformers_unavailable_reason", lambda: "no CUDA device")
+    pipe = build_tiny_ipl_pipeline()
+    images = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    z_sem, x_t0 = pipe.encode(images, t0=400, num_inversion_steps=3)
+    before = pipe.decode(z_sem, x_t0, t0=400, num_inference_steps=3, unet=pipe.source_unet)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe.enable_xformers_memory_efficient_attention()
+    assert len([w for w in caught if "xformers" in str(w.message)]) == 1
+    for name in ("semantic_encoder", "source_unet"):
+        assert all(isinstance(p, AttnProcessor2_0) for p in getattr(pipe, name).attn_processors.values())
+    after = pipe.decode(z_sem, x_t0, t0=400, num_inference_steps=3, unet=pipe.source_unet)
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
