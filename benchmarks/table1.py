@@ -43,7 +43,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from ipl_diffusion.images import load_image, load_images, to_pil  # noqa: E402
 from ipl_diffusion.metrics import (  # noqa: E402
-    FeatureDistance,
     identity_similarity,
     inception_score,
     sifid,

@@ -34,15 +34,12 @@ components whose module is already imported, hence the imports of our model modu
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
-import numpy as np
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
@@ -53,7 +50,7 @@ import ipl_diffusion.mapper  # noqa: F401
 import ipl_diffusion.models  # noqa: F401
 from ipl_diffusion import ddim
 from ipl_diffusion.adaptation import diffae as diff_ipl
-from ipl_diffusion.clip_loading import hub_offline
+from pipelines.loading import load_pipeline
 from pipelines.pipeline_diffae import XFormersFallbackPipelineMixin
 
 SAMPLE_GRID_NAME = "sample_grid.png"
@@ -163,41 +160,7 @@ class IPLPipeline(XFormersFallbackPipelineMixin, DiffusionPipeline):
                 downloadable (e.g. ``HF_HUB_OFFLINE=1``) -- fails at once, no network wait.
         """
         path = str(pretrained_model_name_or_path)
-        if os.path.isdir(path):
-            index = Path(path) / "model_index.json"
-            if not index.is_file():
-                raise FileNotFoundError(f"{path} is not a pipeline folder: model_index.json is missing")
-            entries = json.loads(index.read_text())
-            missing = [
-                name
-                for name in _COMPONENTS
-                if isinstance(entries.get(name), list)
-                and entries[name][0] is not None
-                and name not in kwargs
-                and not (Path(path) / name).is_dir()
-            ]
-            if missing:
-                raise FileNotFoundError(
-                    f"{path}: component folder(s) {', '.join(missing)} missing (listed in model_index.json); "
-                    "copy them in, or pass the component objects to from_pretrained"
-                )
-            pipe = super().from_pretrained(path, **kwargs)
-        else:
-            offline = hub_offline()  # read now: huggingface_hub reads the variable only at import
-            if offline:
-                kwargs.setdefault("local_files_only", True)
-            try:
-                pipe = super().from_pretrained(path, **kwargs)
-            except OSError as err:
-                raise FileNotFoundError(
-                    f"cannot load pipeline {path!r}: it is not a local folder and its model_index.json and "
-                    f"component weights are not in the Hub cache"
-                    + (" (HF_HUB_OFFLINE=1 forbids downloading)" if offline else "")
-                    + "; pass a local folder written by save_pretrained, or download it first with "
-                    f"`hf download {path} --local-dir DIR`"
-                ) from err
-            except ValueError as err:
-                raise FileNotFoundError(f"cannot load pipeline {path!r}: {err}") from err
+        pipe = load_pipeline(super().from_pretrained, path, _COMPONENTS, kwargs)
         grid = Path(path) / SAMPLE_GRID_NAME
         if grid.is_file():
             from PIL import Image

@@ -52,6 +52,7 @@ import ipl_diffusion.models.stylegan2  # noqa: F401
 from ipl_diffusion.adaptation import stylegan2 as gan_ipl
 from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
 from ipl_diffusion.prompt_learning import PROMPT_SCHEMES
+from pipelines.loading import load_pipeline
 
 SAMPLE_GRID_NAME = "sample_grid.png"
 PIPELINE_CODE_NAME = "pipeline.py"
@@ -131,27 +132,7 @@ class StyleGANIPLPipeline(DiffusionPipeline):
                 kwargs.pop("feature_extractor", None),
                 source_label=kwargs.pop("source_label", "Photo"),
             )
-        if os.path.isdir(path):
-            index = Path(path) / "model_index.json"
-            if not index.is_file():
-                raise FileNotFoundError(f"{path} is neither a pipeline folder (no model_index.json) nor a StyleGAN2Generator folder")
-            entries = json.loads(index.read_text())
-            missing = [n for n in _COMPONENTS if isinstance(entries.get(n), list) and entries[n][0] is not None and n not in kwargs and not (Path(path) / n).is_dir()]
-            if missing:
-                raise FileNotFoundError(f"{path}: component folder(s) {', '.join(missing)} missing (listed in model_index.json)")
-            pipe = super().from_pretrained(path, **kwargs)
-        else:
-            from ipl_diffusion.clip_loading import hub_offline
-
-            if hub_offline():
-                kwargs.setdefault("local_files_only", True)
-            try:
-                pipe = super().from_pretrained(path, **kwargs)
-            except (OSError, ValueError) as err:
-                raise FileNotFoundError(
-                    f"cannot load pipeline {path!r}: not a local folder and not in the Hub cache ({err}); "
-                    "pass a folder written by save_pretrained"
-                ) from err
+        pipe = load_pipeline(super().from_pretrained, path, _COMPONENTS, kwargs)
         grid = Path(path) / SAMPLE_GRID_NAME
         if grid.is_file():
             from PIL import Image

@@ -1,14 +1,12 @@
 """The `ipl` command line: adapt, translate, sample, push (help texts, outputs, one-line errors)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from ipl_diffusion.cli import main

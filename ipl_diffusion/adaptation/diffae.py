@@ -46,7 +46,6 @@ import copy
 import csv
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields

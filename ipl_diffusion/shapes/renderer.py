@@ -314,7 +314,7 @@ class ShapesRenderer:
     # -- styles -----------------------------------------------------------------------------
 
     def _gradient_background(self, background, noise, strength):
-        n, h = background.shape[0], self.resolution
+        n = background.shape[0]
         a = noise["grad_angle"].view(n, 1, 1)
         ramp = (self._xs - 0.5) * torch.cos(a) + (self._ys - 0.5) * torch.sin(a)  # (B,H,W) in ~[-0.7,0.7]
         shade = 1 + strength * ramp.unsqueeze(1) + 0.04 * noise["bg"]

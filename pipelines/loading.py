@@ -1,0 +1,62 @@
+"""Loading a pipeline folder or Hub id with errors a user can act on.
+
+diffusers' ``DiffusionPipeline.from_pretrained`` reports a missing component sub-folder deep
+inside loading, and with ``HF_HUB_OFFLINE=1`` set after ``huggingface_hub`` was imported it
+still tries the network. Our pipelines check first and fail at once (cases C7, C8).
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+from ipl_diffusion.clip_loading import hub_offline
+
+
+def check_pipeline_folder(path: str, components: Iterable[str], overrides: dict) -> None:
+    """Raise ``FileNotFoundError`` unless ``path`` holds ``model_index.json`` and a sub-folder
+    for every component it lists (except those passed as objects in ``overrides``)."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{path} is not a pipeline folder: model_index.json is missing")
+    entries = json.loads(index.read_text())
+    missing = [
+        name
+        for name in components
+        if isinstance(entries.get(name), list)
+        and entries[name][0] is not None
+        and name not in overrides
+        and not (Path(path) / name).is_dir()
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"{path}: component folder(s) {', '.join(missing)} missing (listed in model_index.json); "
+            "copy them in, or pass the component objects to from_pretrained"
+        )
+
+
+def load_pipeline(load: Callable, path: str, components: Iterable[str], kwargs: dict):
+    """``load(path, **kwargs)`` (a ``DiffusionPipeline.from_pretrained``) for a local folder or
+    a Hub id, turning what can go wrong into ``FileNotFoundError`` naming what is missing.
+
+    A Hub id is resolved from the local cache only when ``HF_HUB_OFFLINE=1`` (read at call
+    time), so an uncached id fails immediately instead of waiting on the network.
+    """
+    if os.path.isdir(path):
+        check_pipeline_folder(path, components, kwargs)
+        return load(path, **kwargs)
+    offline = hub_offline()
+    if offline:
+        kwargs.setdefault("local_files_only", True)
+    try:
+        return load(path, **kwargs)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"cannot load pipeline {path!r}: it is not a local folder and its model_index.json and "
+            "component weights are not in the Hub cache"
+            + (" (HF_HUB_OFFLINE=1 forbids downloading)" if offline else "")
+            + "; pass a local folder written by save_pretrained, or download it first with "
+            f"`hf download {path} --local-dir DIR`"
+        ) from err
+    except ValueError as err:
+        raise FileNotFoundError(f"cannot load pipeline {path!r}: {err}") from err
