@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ipl_diffusion.cli import main
@@ -77,9 +78,9 @@ def test_translate_folder_keeps_names_and_skips_bad_files(adapted_dir, photos, t
     assert rc == 0
     printed = capsys.readouterr().out
     assert "skipped broken.png" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["gray.png", "ipl_translation_grid.png", "wide.jpg"]
+    assert sorted(p.name for p in out.iterdir()) == ["gray.png", "ipl_grid", "wide.jpg"]
     assert Image.open(out / "wide.jpg").size == (SIZE, SIZE)
-    assert Image.open(out / "ipl_translation_grid.png").size == (2 * SIZE, 2 * SIZE)
+    assert Image.open(out / "ipl_grid" / "translation.png").size == (2 * SIZE, 2 * SIZE)
     assert {p.name: p.read_bytes() for p in photos.iterdir()} == before  # inputs untouched
 
 
@@ -146,3 +147,11 @@ def test_default_model_is_the_embedded_shapes_model(tmp_path):
     out = tmp_path / "sketch"
     assert main(["adapt", "--target", "sketch", "--output", str(out), *FAST_ARGS]) == 0
     assert (out / "pipeline" / "model_index.json").is_file() and (out / "before_after.png").is_file()
+
+
+def test_unusable_device_is_one_line_before_any_model_loads(capsys):
+    assert main(["sample", "--output", "unused", "--device", "banana"]) == 2
+    assert "is not a torch device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["translate", "--model", "m", "--input", "i", "--output", "o", "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err

@@ -212,7 +212,7 @@ def test_cli_translate_stylegan2(pipe, tmp_path):
     assert code == 0
     with Image.open(tmp_path / "out" / "a.png") as image:
         assert image.size == (32, 32)
-    assert (tmp_path / "out" / "ipl_translation_grid.png").is_file()
+    assert (tmp_path / "out" / "ipl_grid" / "translation.png").is_file()
 
 
 def test_cli_adapt_stylegan2(tmp_path):

@@ -44,10 +44,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_device(device):
+    """Refuse a ``--device`` this machine cannot use before any model is loaded.
+
+    torch reports these deep inside ``.to(device)`` (an ``AssertionError`` for CUDA on a
+    CPU-only build, a ``RuntimeError`` for a misspelt device), which would be a traceback.
+    """
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_device(getattr(args, "device", None))
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print(f"ipl {args.command}: interrupted", file=sys.stderr)

@@ -24,7 +24,7 @@ EPILOG = """examples:
   ipl adapt --target neon --scheme manual         # the NADA baseline (fixed prompts)
   ipl adapt --model ./ffhq256-ipl --source Photo --target "Wall painting" \\
             --images ./faces --iterations 300 --mixed-precision bf16
-  ipl adapt --backend stylegan2 --target sketch   # GAN-IPL on the Shapes StyleGAN2
+  ipl adapt --backend stylegan2 --model ./ffhq-sg2 --source Photo --target Sketch   # GAN-IPL
 """
 
 

@@ -4,7 +4,9 @@ Each readable image is inverted with the source model and decoded with the adapt
 (DiffAE: deterministic DDIM inversion; StyleGAN2: projection into W+). Results keep their
 file names, at the model's resolution, in `--output` (which must not be the input folder;
 inputs are never overwritten). Files that cannot be read as images are skipped and listed.
-A side-by-side grid (input | translation) is written as `ipl_translation_grid.png`.
+A side-by-side grid (input | translation) is written to `ipl_grid/translation.png`, in a
+sub-folder so it can never replace a translation and `--output` holds only translations
+(ready for `ipl evaluate`, which pairs files by name).
 """
 
 import argparse
@@ -15,7 +17,7 @@ EPILOG = """examples:
   ipl translate --model ipl-sketch/pipeline --input ./photos --output ./sketches
   ipl translate --model ./ffhq-wall-painting --input faces --output out --t0 500 --steps 40
 """
-GRID_NAME = "ipl_translation_grid.png"
+GRID_NAME = Path("ipl_grid") / "translation.png"
 
 
 def add_parser(subparsers):
@@ -129,6 +131,7 @@ def run(args) -> int:
         if target.resolve() in inputs:
             raise ValueError(f"refusing to overwrite input {target}")
         _save(image, target)
+    (output / GRID_NAME).parent.mkdir(exist_ok=True)
     side_by_side(to_pil(images), results).save(output / GRID_NAME)
     print(f"translated {len(results)} image(s) into {output} (grid: {output / GRID_NAME})")
     if skipped:
