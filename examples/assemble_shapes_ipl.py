@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from ipl_diffusion.cli.adapt import SHAPES_ADAPT_DEFAULTS  # CPU-sized settings, recorded in the folder
-from ipl_diffusion.shapes import SOURCE_STYLE, default_model_path
+from ipl_diffusion.shapes import SOURCE_STYLE, default_model_path, known_domains
 from pipelines.pipeline_ipl import IPLPipeline
 
 
@@ -26,6 +26,8 @@ def assemble(parts, clip, output):
         base_model="ipl-diffusion/shapes-diffae (shipped)",
         adapt_defaults=SHAPES_ADAPT_DEFAULTS,
     )
+    # The Shapes CLIP knows only the Shapes styles; adapt() refuses any other label.
+    pipe.register_to_config(known_domains=list(known_domains()))
     output = Path(output)
     tmp = output.with_name(output.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -126,6 +126,7 @@ class IPLPipeline(XFormersFallbackPipelineMixin, DiffusionPipeline):
         base_model: Optional[str] = None,
         adaptation: Optional[dict] = None,
         adapt_defaults: Optional[dict] = None,
+        known_domains: Optional[list] = None,
     ):
         super().__init__()
         self.register_modules(
@@ -146,6 +147,7 @@ class IPLPipeline(XFormersFallbackPipelineMixin, DiffusionPipeline):
             base_model=base_model,
             adaptation=adaptation,
             adapt_defaults=adapt_defaults,
+            known_domains=known_domains,
         )
         self.sample_grid = None  # PIL before/after grid of the adaptation run, saved beside the weights
 
@@ -229,6 +231,23 @@ class IPLPipeline(XFormersFallbackPipelineMixin, DiffusionPipeline):
         )
 
     # ------------------------------------------------------------------------- helpers
+    def check_known_domains(self, *labels: str) -> None:
+        """``ValueError`` for a label outside ``config.known_domains``.
+
+        A CLIP trained on a closed set of domains (the shipped Shapes CLIP) gives meaningless
+        directions for any other text, so such a pipeline records the domains it knows; a
+        pipeline built on an open-vocabulary CLIP records none and accepts any label.
+        """
+        known = self.config.get("known_domains")
+        if not known:
+            return
+        for label in labels:
+            if label.strip().lower() not in {d.lower() for d in known}:
+                raise ValueError(
+                    f"this pipeline's CLIP was trained only on the domains {', '.join(known)}; "
+                    f"{label!r} is not one of them"
+                )
+
     @property
     def is_adapted(self) -> bool:
         return self.unet is not None
@@ -479,6 +498,7 @@ class IPLPipeline(XFormersFallbackPipelineMixin, DiffusionPipeline):
         source, target = diff_ipl.validate_labels(
             self.text_encoder, self.tokenizer, source or self.config.source_label or "Photo", target, o["n_ctx"]
         )
+        self.check_known_domains(source, target)
         stage2 = diff_ipl.Stage2Config(
             t0=diff_ipl.check_t0(o["t0"], self.scheduler),
             num_inversion_steps=o["num_inversion_steps"],
@@ -555,6 +575,7 @@ class IPLPipeline(XFormersFallbackPipelineMixin, DiffusionPipeline):
             base_model=self.config.base_model,
             adaptation=config,
             adapt_defaults=self.config.adapt_defaults,
+            known_domains=self.config.get("known_domains"),
         )
         adapted.sample_grid = result.sample_grid
         return adapted

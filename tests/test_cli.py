@@ -155,3 +155,14 @@ def test_unusable_device_is_one_line_before_any_model_loads(capsys):
     if not torch.cuda.is_available():
         assert main(["translate", "--model", "m", "--input", "i", "--output", "o", "--device", "cuda"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_adapt_refuses_bad_output_and_image_count_before_loading(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    assert main(["adapt", "--target", "sketch", "--output", str(afile)]) == 2
+    assert "existing file" in capsys.readouterr().err
+    assert afile.read_text() == "keep me"
+    assert main(["adapt", "--target", "sketch", "--num-images", "1", "--output", str(tmp_path / "o")]) == 2
+    assert "--num-images must be >= 2" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -264,3 +264,14 @@ def test_c6_xformers_where_it_cannot_run_warns_once_and_keeps_outputs(monkeypatc
         assert all(isinstance(p, AttnProcessor2_0) for p in getattr(pipe, name).attn_processors.values())
     after = pipe.decode(z_sem, x_t0, t0=400, num_inference_steps=3, unet=pipe.source_unet)
     torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
+
+
+def test_known_domains_refuse_other_labels_before_work():
+    """A pipeline whose CLIP knows a closed set of domains (the shipped Shapes model records
+    them) refuses other labels in the Python API too, naming the known ones."""
+    pipe = build_tiny_ipl_pipeline()
+    pipe.register_to_config(known_domains=["photo", "sketch"])
+    with pytest.raises(ValueError, match="photo, sketch.*'Wall painting'"):
+        pipe.adapt("Wall painting", source="Photo", images=torch.zeros(2, 3, SIZE, SIZE))
+    with pytest.raises(ValueError, match="'Cubism'"):
+        pipe.adapt("sketch", source="Cubism", images=torch.zeros(2, 3, SIZE, SIZE))

@@ -95,3 +95,12 @@ def test_shipped_diff_ipl_pipeline_loads_offline_and_translates(monkeypatch):
     assert out.shape == (2, 3, 32, 32) and 0 <= float(out.min()) and float(out.max()) <= 1
     # The unadapted round trip stays close to its input.
     assert F.mse_loss(out * 2 - 1, images) < 0.02
+
+
+def test_shipped_pipeline_records_the_domains_its_clip_knows():
+    import json
+
+    from ipl_diffusion.shapes import default_model_path, known_domains
+
+    index = json.loads((default_model_path("diffae") / "model_index.json").read_text())
+    assert index["known_domains"] == list(known_domains())

@@ -175,6 +175,11 @@ def _check_domain(label):
 
 def run(args) -> int:
     output = Path(args.output or f"ipl-{'_'.join(args.target.split()).lower() or 'target'}")
+    # Checks a user can fail are made before any model is loaded or encoded.
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is an existing file; give a folder")
+    if args.num_images is not None and args.num_images < 2:
+        raise ValueError(f"--num-images must be >= 2 (the contrastive loss needs pairs), got {args.num_images}")
     if args.images is not None and not Path(args.images).is_file():
         from ipl_diffusion.images import list_image_files
 
