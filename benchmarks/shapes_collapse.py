@@ -51,7 +51,8 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
 
 from ipl_diffusion.shapes import COLORS, SHAPES, STYLES, ShapesRenderer, default_model_path  # noqa: E402
 from ipl_diffusion.clip_text import CLIPPromptEncoder  # noqa: E402
-from ipl_diffusion.metrics import clip_directional_similarity, clip_encoders  # noqa: E402
+from ipl_diffusion.metrics import FeatureDistance, clip_directional_similarity, clip_encoders  # noqa: E402
+from ipl_diffusion.metrics import mean_pairwise_distance as metrics_mean_pairwise_distance  # noqa: E402
 from ipl_diffusion.shapes.oracle import ShapesOracle  # noqa: E402
 
 SCHEMES = ("manual", "learned", "random", "adaptive")
@@ -66,6 +67,7 @@ METRICS = (
     ("color_entropy", "colour entropy (nats)", "higher"),
     ("feature_spread", "feature spread (x source)", "higher"),
     ("clip_direction", "CLIP directional sim.", "higher"),
+    ("lpips_diversity", "LPIPS-style diversity (oracle features)", "higher"),
 )
 # Two-sided 95% Student-t quantiles for n - 1 degrees of freedom.
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -186,6 +188,14 @@ def clip_direction(clip, source_images, adapted_images, target):
     return float(values.mean())
 
 
+def lpips_diversity(oracle, images):
+    """Mean pairwise LPIPS-style distance (ipl_diffusion.metrics.FeatureDistance) with the
+    Shapes oracle's penultimate features standing in for LPIPS' network, which has no
+    pretrained weights for this world."""
+    distance = FeatureDistance(lambda x: oracle.predict(x)["features"])
+    return metrics_mean_pairwise_distance(images, distance)
+
+
 def adapt_and_evaluate(pipe, target, scheme, seed, lam, args, train_x, eval_x, eval_factors, oracle, reference_spread, clip):
     t = time.time()
     adapted = pipe.adapt(
@@ -209,6 +219,7 @@ def adapt_and_evaluate(pipe, target, scheme, seed, lam, args, train_x, eval_x, e
     images = translate(adapted, eval_x, args)
     metrics = evaluate_images(oracle, images, eval_factors, STYLES.index(target), eval_x.shape[-1], reference_spread)
     metrics["clip_direction"] = clip_direction(clip, eval_x, images, target)
+    metrics["lpips_diversity"] = lpips_diversity(oracle, images)
     metrics["seconds"] = time.time() - t
     return metrics, images
 
@@ -329,6 +340,7 @@ def main(argv=None):
     source_row = evaluate_images(oracle, source_images, eval_factors, STYLES.index("photo"), side, reference_spread)
     clip = clip_encoders(CLIPPromptEncoder.from_pretrained(str(default_model_path("clip"))))
     source_row["clip_direction"] = float("nan")  # no target direction for the unadapted round trip
+    source_row["lpips_diversity"] = lpips_diversity(oracle, source_images)
     source_row.update(target="photo", scheme="source", seed=0, **{"lambda": 0.0}, seconds=0.0)
 
     runs_path = out / "runs.csv"

@@ -59,7 +59,7 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
     tables carry every metric, the CLIP directional similarity from ipl_diffusion.metrics too."""
     bench.main(["--quick", "--output_dir", str(tmp_path)])
     table = (tmp_path / "table.md").read_text()
-    for name in ("manual (NADA)", "learned", "random", "adaptive (IPL)", "CLIP directional sim."):
+    for name in ("manual (NADA)", "learned", "random", "adaptive (IPL)", "CLIP directional sim.", "LPIPS-style diversity"):
         assert name in table
     rows = (tmp_path / "runs.csv").read_text().splitlines()
-    assert len(rows) > 4 and "clip_direction" in rows[0]
+    assert len(rows) > 4 and "clip_direction" in rows[0] and "lpips_diversity" in rows[0]
