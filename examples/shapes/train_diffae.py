@@ -39,14 +39,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDPMScheduler
 from PIL import Image
 
 from ipl_diffusion.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
 from ipl_diffusion.ddim import ddim_decode, ddim_invert
 from ipl_diffusion.models import DiffAEUNetModel, LatentNetModel, SemanticEncoder
 from ipl_diffusion.shapes.renderer import SOURCE_STYLE, ShapesRenderer, sample_factors
-from pipelines.pipeline_diffae import DiffAEPipeline
+# Upstream DiffAE's two diffusions: images (linear betas, clipped x0), latents (constant beta).
+from pipelines.pipeline_diffae import DiffAEPipeline, default_latent_scheduler, diffae_scheduler
 
 
 def parse_args(argv=None):
@@ -114,32 +115,6 @@ def build_models(args):
         skip_layers=tuple(range(1, args.latent_layers - 1)),
     )
     return encoder, unet, latent_net
-
-
-def image_scheduler():
-    # Upstream DiffAE's diffusion: T = 1000, linear betas 1e-4..0.02; DDIM with clipped x0.
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=1e-4,
-        beta_end=0.02,
-        beta_schedule="linear",
-        clip_sample=True,
-        set_alpha_to_one=True,
-        steps_offset=0,
-        timestep_spacing="leading",
-    )
-
-
-def latent_scheduler():
-    # Upstream latent DDIM: constant beta 0.008 over T = 1000; latents are not clipped.
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        trained_betas=[0.008] * 1000,
-        clip_sample=False,
-        set_alpha_to_one=True,
-        steps_offset=0,
-        timestep_spacing="leading",
-    )
 
 
 @torch.no_grad()
@@ -261,10 +236,10 @@ def sample_images(unet, latent_net, n, steps, latent_steps, seed):
     """Unconditional samples: z_sem from the latent DDIM, x_T ~ N(0, I), DDIM-decoded."""
     g = torch.Generator().manual_seed(seed)
     z_T = torch.randn(n, latent_net.config.num_channels, generator=g)
-    z_sem = latent_net.denormalize(ddim_decode(latent_net, z_T, None, latent_scheduler(), latent_steps))
+    z_sem = latent_net.denormalize(ddim_decode(latent_net, z_T, None, default_latent_scheduler(), latent_steps))
     res = unet.config.sample_size
     x_T = torch.randn(n, 3, res, res, generator=g)
-    return ddim_decode(unet, x_T, z_sem, image_scheduler(), steps)
+    return ddim_decode(unet, x_T, z_sem, diffae_scheduler(), steps)
 
 
 @torch.no_grad()
@@ -272,7 +247,7 @@ def evaluate(args, encoder, unet, latent_net, renderer, out_dir):
     """Reconstruction error of encode -> DDIM-invert -> decode, and an oracle's reading of samples."""
     x0, factors = renderer.sample(64, seed=424242, style=SOURCE_STYLE)
     z_sem = encoder(x0)
-    scheduler = image_scheduler()
+    scheduler = diffae_scheduler()
     x_T = ddim_invert(unet, x0, z_sem, scheduler, args.eval_steps)
     recon = ddim_decode(unet, x_T, z_sem, scheduler, args.eval_steps)
     # The semantic part alone: decode the same z_sem from random noise (DiffAE's "stochastic" variation).
@@ -358,9 +333,9 @@ def main(argv=None):
     DiffAEPipeline(
         semantic_encoder=ema_encoder,
         unet=ema_unet,
-        scheduler=image_scheduler(),
+        scheduler=diffae_scheduler(),
         latent_net=latent_net,
-        latent_scheduler=latent_scheduler() if latent_net is not None else None,
+        latent_scheduler=default_latent_scheduler() if latent_net is not None else None,
     ).save_pretrained(out)
     record["evaluation"] = evaluate(args, ema_encoder, ema_unet, latent_net, renderer, out)
     print("evaluation:", json.dumps(record["evaluation"], indent=1))
