@@ -33,27 +33,23 @@ components whose module is already imported, hence the imports of our model modu
 
 from __future__ import annotations
 
-import inspect
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-from diffusers.utils import hub_utils
 
 # Imported for their side effect too: from_pretrained needs these modules in sys.modules.
 import ipl_diffusion.mapper  # noqa: F401
 import ipl_diffusion.models  # noqa: F401
 from ipl_diffusion import ddim
 from ipl_diffusion.adaptation import diffae as diff_ipl
+from pipelines.adapted_pipeline import PIPELINE_CODE_NAME, SAMPLE_GRID_NAME, AdaptedPipelineMixin
 from pipelines.loading import load_pipeline
 from pipelines.pipeline_diffae import XFormersFallbackPipelineMixin
 
-SAMPLE_GRID_NAME = "sample_grid.png"
 # Built-in adaptation options (the paper's Stage 1, DiffusionCLIP's README Stage 2); a model's
 # own config.adapt_defaults override them, explicit arguments override both.
 ADAPT_DEFAULTS = dict(
@@ -76,7 +72,6 @@ ADAPT_DEFAULTS = dict(
     id_loss_weight=0.0,
     gradient_mode="full_chain",
 )
-PIPELINE_CODE_NAME = "pipeline.py"
 _COMPONENTS = (
     "semantic_encoder",
     "source_unet",
@@ -91,7 +86,7 @@ _COMPONENTS = (
 )
 
 
-class IPLPipeline(XFormersFallbackPipelineMixin, DiffusionPipeline):
+class IPLPipeline(AdaptedPipelineMixin, XFormersFallbackPipelineMixin, DiffusionPipeline):
     r"""Diff-IPL pipeline: adapt (:meth:`adapt`), translate (``__call__``), sample (:meth:`sample`).
 
     See the module docstring for the components. Construct it from a folder or Hub id with
@@ -163,12 +158,7 @@ class IPLPipeline(XFormersFallbackPipelineMixin, DiffusionPipeline):
         """
         path = str(pretrained_model_name_or_path)
         pipe = load_pipeline(super().from_pretrained, path, _COMPONENTS, kwargs)
-        grid = Path(path) / SAMPLE_GRID_NAME
-        if grid.is_file():
-            from PIL import Image
-
-            with Image.open(grid) as image:
-                pipe.sample_grid = image.convert("RGB")
+        pipe.load_sample_grid(path)
         return pipe
 
     @classmethod
@@ -273,37 +263,6 @@ class IPLPipeline(XFormersFallbackPipelineMixin, DiffusionPipeline):
             return value
         recommended = (self.config.adapt_defaults or {}).get(name, default)
         return self.adaptation_config.get("stage2", {}).get(name, recommended)
-
-    def preprocess(self, images) -> torch.Tensor:
-        """Images -> ``(B, 3, S, S)`` float32 in ``[-1, 1]`` on the pipeline's device.
-
-        Accepts a folder, a file path, a PIL image, a list of paths / PIL images (any mode
-        and size: RGBA, grayscale, 16-bit, non-square), or a tensor already in that layout.
-        Conversion is :func:`ipl_diffusion.images.load_images` (the project's one path).
-        """
-        if torch.is_tensor(images):
-            if images.ndim == 3:
-                images = images[None]
-            if images.ndim != 4 or images.shape[1] != 3:
-                raise ValueError(f"image tensors must be (B, 3, H, W) in [-1, 1]; got {tuple(images.shape)}")
-            return images.to(self.device, torch.float32)
-        from ipl_diffusion.images import load_images
-
-        if not isinstance(images, (list, tuple, str, os.PathLike)):
-            images = [images]
-        return load_images(images, self.image_size)[0].to(self.device, torch.float32)
-
-    def postprocess(self, images: torch.Tensor, output_type: str = "pil"):
-        """``(B,3,H,W)`` in ``[-1, 1]`` -> ``"pt"`` tensor / ``"np"`` array in ``[0, 1]`` or PIL list."""
-        images = ((images.detach().float().clamp(-1, 1) + 1) / 2).cpu()
-        if output_type == "pt":
-            return images
-        array = images.permute(0, 2, 3, 1).numpy()
-        if output_type == "np":
-            return array
-        if output_type == "pil":
-            return self.numpy_to_pil(array)
-        raise ValueError(f"output_type must be 'pil', 'np' or 'pt'; got {output_type!r}")
 
     @torch.no_grad()
     def encode(self, images, t0: Optional[int] = None, num_inversion_steps: Optional[int] = None):
@@ -581,13 +540,6 @@ class IPLPipeline(XFormersFallbackPipelineMixin, DiffusionPipeline):
         return adapted
 
     # ---------------------------------------------------------------------- saving / hub
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """diffusers' ``save_pretrained`` plus ``sample_grid.png`` (the before/after grid)."""
-        result = super().save_pretrained(save_directory, *args, **kwargs)
-        if self.sample_grid is not None:
-            self.sample_grid.save(Path(save_directory) / SAMPLE_GRID_NAME)
-        return result
-
     def model_card(self, repo_id: str) -> str:
         """The model card (README.md) text for ``repo_id``."""
         cfg = self.adaptation_config
@@ -647,31 +599,3 @@ class IPLPipeline(XFormersFallbackPipelineMixin, DiffusionPipeline):
             "",
         ]
         return "\n".join(line for line in lines if line is not None)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        commit_message: Optional[str] = None,
-        private: Optional[bool] = None,
-        token: Optional[str] = None,
-        create_pr: bool = False,
-        safe_serialization: bool = True,
-        variant: Optional[str] = None,
-        **kwargs,
-    ) -> str:
-        """Upload the pipeline (safetensors), a model card, the sample grid and this file.
-
-        Uploads one folder: every component folder and ``model_index.json`` from
-        :meth:`save_pretrained`, ``README.md`` (:meth:`model_card`), ``sample_grid.png``
-        and ``pipeline.py`` (this module's code, for ``custom_pipeline=``). Goes through
-        ``diffusers.utils.hub_utils`` (``create_repo``, ``upload_folder``) like diffusers'
-        own ``push_to_hub``. Returns what ``upload_folder`` returns (the commit URL).
-        """
-        repo_id = hub_utils.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
-            (Path(folder) / "README.md").write_text(self.model_card(repo_id))
-            shutil.copyfile(inspect.getsourcefile(type(self)), Path(folder) / PIPELINE_CODE_NAME)
-            return self._upload_folder(
-                folder, repo_id, token=token, commit_message=commit_message or "Upload IPLPipeline", create_pr=create_pr
-            )

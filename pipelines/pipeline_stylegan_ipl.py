@@ -33,18 +33,14 @@ imports of our model modules below.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-from diffusers.utils import hub_utils
 
 # Imported for their side effect too: from_pretrained needs these modules in sys.modules.
 import ipl_diffusion.mapper  # noqa: F401
@@ -52,10 +48,9 @@ import ipl_diffusion.models.stylegan2  # noqa: F401
 from ipl_diffusion.adaptation import stylegan2 as gan_ipl
 from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
 from ipl_diffusion.prompt_learning import PROMPT_SCHEMES
+from pipelines.adapted_pipeline import SAMPLE_GRID_NAME, AdaptedPipelineMixin
 from pipelines.loading import load_pipeline
 
-SAMPLE_GRID_NAME = "sample_grid.png"
-PIPELINE_CODE_NAME = "pipeline.py"
 _COMPONENTS = ("source_generator", "generator", "text_encoder", "tokenizer", "mapper", "feature_extractor")
 
 
@@ -72,7 +67,7 @@ def _is_bare_generator(path: str) -> bool:
         return False
 
 
-class StyleGANIPLPipeline(DiffusionPipeline):
+class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
     r"""GAN-IPL pipeline: adapt (:meth:`adapt`), sample (``__call__``), translate (:meth:`translate`).
 
     See the module docstring for the components.
@@ -133,12 +128,7 @@ class StyleGANIPLPipeline(DiffusionPipeline):
                 source_label=kwargs.pop("source_label", "Photo"),
             )
         pipe = load_pipeline(super().from_pretrained, path, _COMPONENTS, kwargs)
-        grid = Path(path) / SAMPLE_GRID_NAME
-        if grid.is_file():
-            from PIL import Image
-
-            with Image.open(grid) as image:
-                pipe.sample_grid = image.convert("RGB")
+        pipe.load_sample_grid(path)
         return pipe
 
     @classmethod
@@ -209,33 +199,6 @@ class StyleGANIPLPipeline(DiffusionPipeline):
         if self._mean_latent is None or self._mean_latent.device != self.source_generator.device:
             self._mean_latent = self.source_generator.mean_latent(4096, seed=0)
         return self._mean_latent
-
-    def postprocess(self, images: torch.Tensor, output_type: str = "pil"):
-        """``(B,3,H,W)`` in ``[-1, 1]`` -> ``"pt"`` tensor / ``"np"`` array in ``[0, 1]`` or PIL list."""
-        images = ((images.detach().float().clamp(-1, 1) + 1) / 2).cpu()
-        if output_type == "pt":
-            return images
-        array = images.permute(0, 2, 3, 1).numpy()
-        if output_type == "np":
-            return array
-        if output_type == "pil":
-            return self.numpy_to_pil(array)
-        raise ValueError(f"output_type must be 'pil', 'np' or 'pt'; got {output_type!r}")
-
-    def preprocess(self, images) -> torch.Tensor:
-        """Folder / path(s) / PIL image(s) (any mode or size) / ``(B,3,H,W)`` tensor in [-1, 1]
-        -> ``(B, 3, S, S)`` float32 on the pipeline's device, through :mod:`ipl_diffusion.images`."""
-        if torch.is_tensor(images):
-            if images.ndim == 3:
-                images = images[None]
-            if images.ndim != 4 or images.shape[1] != 3:
-                raise ValueError(f"image tensors must be (B, 3, H, W) in [-1, 1]; got {tuple(images.shape)}")
-            return images.to(self.device, torch.float32)
-        from ipl_diffusion.images import load_images
-
-        if not isinstance(images, (list, tuple, str, os.PathLike)):
-            images = [images]
-        return load_images(images, self.image_size)[0].to(self.device, torch.float32)
 
     # ------------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -469,13 +432,6 @@ class StyleGANIPLPipeline(DiffusionPipeline):
         return adapted
 
     # ---------------------------------------------------------------------- saving / hub
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """diffusers' ``save_pretrained`` plus ``sample_grid.png`` (source | adapted)."""
-        result = super().save_pretrained(save_directory, *args, **kwargs)
-        if self.sample_grid is not None:
-            self.sample_grid.save(Path(save_directory) / SAMPLE_GRID_NAME)
-        return result
-
     def model_card(self, repo_id: str) -> str:
         """The model card (README.md) text for ``repo_id``."""
         cfg = self.adaptation_config
@@ -518,17 +474,6 @@ class StyleGANIPLPipeline(DiffusionPipeline):
             "",
         ]
         return "\n".join(lines)
-
-    def push_to_hub(self, repo_id: str, commit_message: Optional[str] = None, private: Optional[bool] = None, token: Optional[str] = None, create_pr: bool = False, safe_serialization: bool = True, variant: Optional[str] = None, **kwargs) -> str:
-        """Upload the pipeline (safetensors), a model card, the sample grid and this file,
-        through ``diffusers.utils.hub_utils`` (``create_repo``, ``upload_folder``) like
-        diffusers' own ``push_to_hub``. Returns what ``upload_folder`` returns."""
-        repo_id = hub_utils.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
-            (Path(folder) / "README.md").write_text(self.model_card(repo_id))
-            shutil.copyfile(inspect.getsourcefile(type(self)), Path(folder) / PIPELINE_CODE_NAME)
-            return self._upload_folder(folder, repo_id, token=token, commit_message=commit_message or "Upload StyleGANIPLPipeline", create_pr=create_pr)
 
 
 __all__ = ["StyleGANIPLPipeline"]

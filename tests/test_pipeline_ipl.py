@@ -186,7 +186,7 @@ def test_push_to_hub_uploads_weights_card_grid_and_code(adapted, monkeypatch, tm
     readme = calls["readme"]
     for needle in ("`photo`", "`sketch`", "tiny-random-diffae", "`adaptive`", "| Stage 2 | `t0` | `200` |", "sample_grid.png"):
         assert needle in readme, needle
-    assert "class IPLPipeline(XFormersFallbackPipelineMixin, DiffusionPipeline)" in calls["code"]
+    assert "class IPLPipeline(AdaptedPipelineMixin, XFormersFallbackPipelineMixin, DiffusionPipeline)" in calls["code"]
     assert calls["upload"]["repo_id"] == "me/shapes-photo-to-sketch"
     # The uploaded code file loads the uploaded folder through diffusers' custom_pipeline path.
     from diffusers import DiffusionPipeline

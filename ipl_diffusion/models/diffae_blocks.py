@@ -12,6 +12,9 @@ They mirror the blocks of upstream DiffAE (``phizaz/diffae``, ``model/blocks.py`
 * :func:`make_attention` - DiffAE's spatial self-attention block expressed as a diffusers
   :class:`~diffusers.models.attention_processor.Attention` (group norm, 1 head, residual),
   so ``set_attn_processor``, SDPA and xformers work on it.
+* :class:`DiffAELevelsMixin` - what the UNet and the semantic encoder share: one halving of
+  the resolution per ``channel_mult`` level, and blocks run under optional gradient
+  checkpointing.
 * :class:`XFormersFallbackMixin` - ``enable_xformers_memory_efficient_attention()`` that,
   where xformers cannot run, warns once and keeps PyTorch SDPA instead of raising.
 """
@@ -34,6 +37,7 @@ __all__ = [
     "check_spatial_size",
     "xformers_unavailable_reason",
     "XFormersFallbackMixin",
+    "DiffAELevelsMixin",
 ]
 
 
@@ -221,3 +225,19 @@ class XFormersFallbackMixin:
                 self.set_attn_processor(AttnProcessor2_0())
                 return
         super().set_use_memory_efficient_attention_xformers(valid, attention_op)
+
+
+class DiffAELevelsMixin:
+    """Shared by :class:`DiffAEUNetModel` and :class:`SemanticEncoder` (both have a
+    ``channel_mult`` config and diffusers' ``gradient_checkpointing`` flag)."""
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Input H and W must be multiples of this (``2 ** (len(channel_mult) - 1)``)."""
+        return 2 ** (len(self.config.channel_mult) - 1)
+
+    def _run(self, layer, *args):
+        # Checkpoint only when a backward pass will follow; inference keeps the plain call.
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(layer, *args)
+        return layer(*args)

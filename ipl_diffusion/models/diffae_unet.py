@@ -42,7 +42,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .diffae_blocks import DiffAEResBlock, GroupNorm32, XFormersFallbackMixin, check_spatial_size, make_attention
+from .diffae_blocks import DiffAELevelsMixin, DiffAEResBlock, GroupNorm32, XFormersFallbackMixin, check_spatial_size, make_attention
 
 __all__ = ["DiffAEUNetModel", "DiffAEUNetOutput", "DiffAEUNetLayer", "DiffAEMidBlock"]
 
@@ -100,7 +100,7 @@ class DiffAEMidBlock(nn.Module):
         return self.resnet_2(h, temb, cond)
 
 
-class DiffAEUNetModel(XFormersFallbackMixin, ModelMixin, AttentionMixin, ConfigMixin):
+class DiffAEUNetModel(DiffAELevelsMixin, XFormersFallbackMixin, ModelMixin, AttentionMixin, ConfigMixin):
     """DiffAE conditional UNet: ``(x_t, t, z_sem) -> eps``.
 
     Args (config):
@@ -183,16 +183,6 @@ class DiffAEUNetModel(XFormersFallbackMixin, ModelMixin, AttentionMixin, ConfigM
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
-
-    @property
-    def downsampling_factor(self) -> int:
-        """Input H and W must be multiples of this (``2 ** (len(channel_mult) - 1)``)."""
-        return 2 ** (len(self.config.channel_mult) - 1)
-
-    def _run(self, layer, *args):
-        if torch.is_grad_enabled() and self.gradient_checkpointing:
-            return self._gradient_checkpointing_func(layer, *args)
-        return layer(*args)
 
     def forward(
         self,

@@ -28,13 +28,13 @@ from diffusers.models.attention import AttentionMixin
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .diffae_blocks import DiffAEResBlock, GroupNorm32, XFormersFallbackMixin, check_spatial_size, make_attention
+from .diffae_blocks import DiffAELevelsMixin, DiffAEResBlock, GroupNorm32, XFormersFallbackMixin, check_spatial_size, make_attention
 from .diffae_unet import DiffAEMidBlock, DiffAEUNetLayer
 
 __all__ = ["SemanticEncoder"]
 
 
-class SemanticEncoder(XFormersFallbackMixin, ModelMixin, AttentionMixin, ConfigMixin):
+class SemanticEncoder(DiffAELevelsMixin, XFormersFallbackMixin, ModelMixin, AttentionMixin, ConfigMixin):
     """DiffAE semantic encoder: ``(B, 3, H, W)`` images in ``[-1, 1]`` -> ``z_sem (B, z_sem_channels)``.
 
     Args (config):
@@ -88,16 +88,6 @@ class SemanticEncoder(XFormersFallbackMixin, ModelMixin, AttentionMixin, ConfigM
         # "adaptivenonzero" pooling head: GN -> SiLU -> global average pool -> 1x1 conv.
         self.norm_out = GroupNorm32(ch)
         self.conv_out = nn.Conv2d(ch, z_sem_channels, 1)
-
-    @property
-    def downsampling_factor(self) -> int:
-        """Input H and W must be multiples of this (``2 ** (len(channel_mult) - 1)``)."""
-        return 2 ** (len(self.config.channel_mult) - 1)
-
-    def _run(self, layer, *args):
-        if torch.is_grad_enabled() and self.gradient_checkpointing:
-            return self._gradient_checkpointing_func(layer, *args)
-        return layer(*args)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Encode images.

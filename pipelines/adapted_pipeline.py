@@ -1,0 +1,105 @@
+"""What every IPL pipeline (Diff-IPL, GAN-IPL) does the same way: image I/O through the
+project's one preprocessing path, the sample grid saved beside the weights, and Hub pushes
+with a model card and the pipeline's code file."""
+
+import inspect
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from diffusers.utils import hub_utils
+
+SAMPLE_GRID_NAME = "sample_grid.png"
+PIPELINE_CODE_NAME = "pipeline.py"
+
+
+class AdaptedPipelineMixin:
+    """Shared by :class:`IPLPipeline` and :class:`StyleGANIPLPipeline`; precedes
+    ``DiffusionPipeline`` in the bases. Subclasses provide ``image_size`` (pixels) and
+    ``model_card(repo_id) -> str``, and keep a PIL ``sample_grid`` (or ``None``)."""
+
+    def load_sample_grid(self, folder) -> None:
+        """Set ``sample_grid`` from ``folder/sample_grid.png`` when a saved pipeline has one."""
+        grid = Path(folder) / SAMPLE_GRID_NAME
+        if grid.is_file():
+            from PIL import Image
+
+            with Image.open(grid) as image:
+                self.sample_grid = image.convert("RGB")
+
+    def preprocess(self, images) -> torch.Tensor:
+        """Images -> ``(B, 3, S, S)`` float32 in ``[-1, 1]`` on the pipeline's device.
+
+        Accepts a folder, a file path, a PIL image, a list of paths / PIL images (any mode
+        and size: RGBA, grayscale, 16-bit, non-square), or a tensor already in that layout.
+        Conversion is :func:`ipl_diffusion.images.load_images` (the project's one path).
+
+        Raises:
+            ValueError: a tensor not shaped ``(B, 3, H, W)``, or an unreadable image;
+            FileNotFoundError: a missing or empty folder.
+        """
+        if torch.is_tensor(images):
+            if images.ndim == 3:
+                images = images[None]
+            if images.ndim != 4 or images.shape[1] != 3:
+                raise ValueError(f"image tensors must be (B, 3, H, W) in [-1, 1]; got {tuple(images.shape)}")
+            return images.to(self.device, torch.float32)
+        from ipl_diffusion.images import load_images
+
+        if not isinstance(images, (list, tuple, str, os.PathLike)):
+            images = [images]
+        return load_images(images, self.image_size)[0].to(self.device, torch.float32)
+
+    def postprocess(self, images: torch.Tensor, output_type: str = "pil"):
+        """``(B,3,H,W)`` in ``[-1, 1]`` -> ``"pt"`` tensor / ``"np"`` array in ``[0, 1]`` or PIL list."""
+        images = ((images.detach().float().clamp(-1, 1) + 1) / 2).cpu()
+        if output_type == "pt":
+            return images
+        array = images.permute(0, 2, 3, 1).numpy()
+        if output_type == "np":
+            return array
+        if output_type == "pil":
+            return self.numpy_to_pil(array)
+        raise ValueError(f"output_type must be 'pil', 'np' or 'pt'; got {output_type!r}")
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' ``save_pretrained`` plus ``sample_grid.png`` (the adaptation run's grid)."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if self.sample_grid is not None:
+            self.sample_grid.save(Path(save_directory) / SAMPLE_GRID_NAME)
+        return result
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: Optional[str] = None,
+        private: Optional[bool] = None,
+        token: Optional[str] = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: Optional[str] = None,
+        **kwargs,
+    ) -> str:
+        """Upload the pipeline (safetensors), a model card, the sample grid and its code file.
+
+        Uploads one folder: every component folder and ``model_index.json`` from
+        :meth:`save_pretrained`, ``README.md`` (``model_card``), ``sample_grid.png`` and
+        ``pipeline.py`` (the pipeline class's module, for ``custom_pipeline=``). Goes through
+        ``diffusers.utils.hub_utils`` (``create_repo``, ``upload_folder``) like diffusers' own
+        ``push_to_hub``. Returns what ``upload_folder`` returns (the commit URL).
+        """
+        repo_id = hub_utils.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+            (Path(folder) / "README.md").write_text(self.model_card(repo_id))
+            shutil.copyfile(inspect.getsourcefile(type(self)), Path(folder) / PIPELINE_CODE_NAME)
+            return self._upload_folder(
+                folder,
+                repo_id,
+                token=token,
+                commit_message=commit_message or f"Upload {type(self).__name__}",
+                create_pr=create_pr,
+            )
