@@ -68,19 +68,22 @@ def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,
     n, c, h, w = x.shape
     kh, kw = kernel.shape
     pad0, pad1 = pad
-    out = x.reshape(n * c, 1, h, w)
+    out = x
     if up > 1:
         # Zero insertion as a reshape + pad: (h, 1, w, 1) -> (h, up, w, up) with zeros after.
-        out = out.reshape(n * c, 1, h, 1, w, 1)
+        out = out.reshape(n, c, h, 1, w, 1)
         out = F.pad(out, [0, up - 1, 0, 0, 0, up - 1])
-        out = out.reshape(n * c, 1, h * up, w * up)
+        out = out.reshape(n, c, h * up, w * up)
     # Constant padding with negative sizes crops, which is what the op does with negative pads.
     out = F.pad(out, [pad0, pad1, pad0, pad1])
     # conv2d is a correlation; flipping the kernel makes it the convolution of the definition.
     # A strided valid convolution equals the full one sampled every ``down`` from index 0.
-    weight = torch.flip(kernel, [0, 1]).reshape(1, 1, kh, kw).to(dtype=out.dtype, device=out.device)
-    out = F.conv2d(out, weight, stride=down)
-    return out.reshape(n, c, out.shape[-2], out.shape[-1])
+    # The same filter per channel as a depthwise convolution (groups=C): folding channels into
+    # the batch as (N*C, 1, H, W) instead is 10-20x slower on CPU (oneDNN has no fast path for
+    # one-channel convolutions, least of all their backward).
+    weight = torch.flip(kernel, [0, 1]).to(dtype=out.dtype, device=out.device)
+    weight = weight.reshape(1, 1, kh, kw).expand(c, 1, kh, kw)
+    return F.conv2d(out, weight, stride=down, groups=c)
 
 
 def fused_leaky_relu(x: torch.Tensor, bias: torch.Tensor, negative_slope: float = 0.2, scale: float = SQRT_2) -> torch.Tensor:
