@@ -21,6 +21,23 @@ class AdaptedPipelineMixin:
     ``DiffusionPipeline`` in the bases. Subclasses provide ``image_size`` (pixels) and
     ``model_card(repo_id) -> str``, and keep a PIL ``sample_grid`` (or ``None``)."""
 
+    def check_known_domains(self, *labels: str) -> None:
+        """``ValueError`` for a label outside ``config.known_domains``.
+
+        A CLIP trained on a closed set of domains (the shipped Shapes CLIP) gives meaningless
+        directions for any other text, so such a pipeline records the domains it knows; a
+        pipeline built on an open-vocabulary CLIP records none and accepts any label.
+        """
+        known = self.config.get("known_domains")
+        if not known:
+            return
+        for label in labels:
+            if label.strip().lower() not in {d.lower() for d in known}:
+                raise ValueError(
+                    f"this pipeline's CLIP was trained only on the domains {', '.join(known)}; "
+                    f"{label!r} is not one of them"
+                )
+
     def load_sample_grid(self, folder) -> None:
         """Set ``sample_grid`` from ``folder/sample_grid.png`` when a saved pipeline has one."""
         grid = Path(folder) / SAMPLE_GRID_NAME

@@ -221,23 +221,6 @@ class IPLPipeline(AdaptedPipelineMixin, XFormersFallbackPipelineMixin, Diffusion
         )
 
     # ------------------------------------------------------------------------- helpers
-    def check_known_domains(self, *labels: str) -> None:
-        """``ValueError`` for a label outside ``config.known_domains``.
-
-        A CLIP trained on a closed set of domains (the shipped Shapes CLIP) gives meaningless
-        directions for any other text, so such a pipeline records the domains it knows; a
-        pipeline built on an open-vocabulary CLIP records none and accepts any label.
-        """
-        known = self.config.get("known_domains")
-        if not known:
-            return
-        for label in labels:
-            if label.strip().lower() not in {d.lower() for d in known}:
-                raise ValueError(
-                    f"this pipeline's CLIP was trained only on the domains {', '.join(known)}; "
-                    f"{label!r} is not one of them"
-                )
-
     @property
     def is_adapted(self) -> bool:
         return self.unet is not None

@@ -24,8 +24,10 @@ Components (safetensors + JSON):
   schemes, the shared prompt vectors for learned / manual;
 * ``feature_extractor`` -- the CLIP image processor (mean / std; optional).
 
-Config (``model_index.json``): ``source_label``, ``target_label``, ``base_model`` and
-``adaptation`` (every hyper-parameter of the run that produced ``generator``).
+Config (``model_index.json``): ``source_label``, ``target_label``, ``base_model``,
+``adaptation`` (every hyper-parameter of the run that produced ``generator``),
+``adapt_defaults`` (the options :meth:`StyleGANIPLPipeline.adapt` uses when not given) and
+``known_domains`` (the labels a closed-vocabulary CLIP was trained on; ``adapt`` refuses others).
 
 diffusers 0.42 only loads custom components whose module is already imported, hence the
 imports of our model modules below.
@@ -51,6 +53,17 @@ from ipl_diffusion.prompt_learning import PROMPT_SCHEMES
 from pipelines.adapted_pipeline import SAMPLE_GRID_NAME, AdaptedPipelineMixin
 from pipelines.loading import load_pipeline
 
+# GAN-IPL's own settings (IPL README / NADA, 1024 px): adapt() uses these unless the pipeline's
+# config.adapt_defaults (e.g. the shipped Shapes GAN's CPU-sized settings) or an explicit
+# argument says otherwise.
+ADAPT_DEFAULTS = dict(
+    num_images=256,
+    stage1_iterations=300,
+    stage1_batch_size=32,
+    iterations=300,
+    batch_size=2,
+    learning_rate=0.002 * 4 / 5,
+)
 _COMPONENTS = ("source_generator", "generator", "text_encoder", "tokenizer", "mapper", "feature_extractor")
 
 
@@ -88,6 +101,8 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
         target_label: Optional[str] = None,
         base_model: Optional[str] = None,
         adaptation: Optional[dict] = None,
+        adapt_defaults: Optional[dict] = None,
+        known_domains: Optional[list] = None,
     ):
         super().__init__()
         self.register_modules(
@@ -98,7 +113,14 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
             mapper=mapper,
             feature_extractor=feature_extractor,
         )
-        self.register_to_config(source_label=source_label, target_label=target_label, base_model=base_model, adaptation=adaptation)
+        self.register_to_config(
+            source_label=source_label,
+            target_label=target_label,
+            base_model=base_model,
+            adaptation=adaptation,
+            adapt_defaults=adapt_defaults,
+            known_domains=known_domains,
+        )
         self.sample_grid = None  # PIL grid (source row | adapted row) of the adaptation run
         self._mean_latent = None
 
@@ -300,15 +322,15 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
         source: Optional[str] = None,
         scheme: str = "adaptive",
         lambda_domain: float = 1.0,
-        num_images: int = 256,
-        stage1_iterations: int = 300,
-        stage1_batch_size: int = 32,
+        num_images: Optional[int] = None,
+        stage1_iterations: Optional[int] = None,
+        stage1_batch_size: Optional[int] = None,
         stage1_learning_rate: Optional[float] = None,
         n_ctx: int = 4,
         label_templates: str = "imagenet",
-        iterations: int = 300,
-        batch_size: int = 2,
-        learning_rate: float = 0.002 * 4 / 5,
+        iterations: Optional[int] = None,
+        batch_size: Optional[int] = None,
+        learning_rate: Optional[float] = None,
         ema_decay: float = 0.99,
         phase: Optional[str] = None,
         auto_layer_k: Optional[int] = None,
@@ -325,6 +347,7 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
         resume_from_checkpoint: Optional[str] = None,
         sample_steps: Optional[int] = None,
         num_samples: int = 8,
+        accelerator=None,
         progress: bool = True,
     ) -> "StyleGANIPLPipeline":
         """Adapt the source generator to ``target`` (IPL Stage 1 + GAN-IPL Stage 2).
@@ -334,13 +357,17 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
         of ``G_s(w)``. Stage 2 fine-tunes a copy of the generator with the adaptive directional
         loss (Eq. 7-9) on fresh ``w`` every iteration, NADA's layer freezing and an EMA.
 
+        Options left ``None`` take the pipeline's recommended value (``config.adapt_defaults``,
+        e.g. the shipped Shapes GAN's CPU-sized settings), else GAN-IPL's own
+        (``ADAPT_DEFAULTS``, given in brackets below).
+
         Args:
             target / source: domain labels ("Wall painting" / "Photo"; ``source`` defaults to
                 the pipeline's ``source_label``).
             scheme: ``"adaptive"`` (IPL), ``"learned"`` (one shared learned prompt, CoOp),
                 ``"random"`` (untrained mapper) or ``"manual"`` (NADA's fixed prompts).
             lambda_domain: λ of Eq. 6 (IPL default 1).
-            num_images: size of Stage 1's cache of source samples.
+            num_images: size of Stage 1's cache of source samples (256).
             stage1_iterations, stage1_batch_size, stage1_learning_rate, n_ctx: Stage 1 options
                 (IPL: 300, 32, 0.05, 4 prompt vectors).
             label_templates: templates averaged for the target label's feature in Eq. 5
@@ -358,26 +385,38 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
             train_to_rgb, compat_layer_mapping: see :mod:`ipl_diffusion.adaptation.stylegan2`
                 (the W+ row -> layer mapping is corrected by default).
             mixing: style-mixing probability (0, as IPL; NADA issue #15).
-            mixed_precision: ``"no"`` / ``"bf16"`` / ``"fp16"`` (fp16 needs a GPU).
+            mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (fp16 needs a GPU); ignored when
+                an ``accelerator`` is given.
             seed: Stage 1 and Stage 2 seed.
-            output_dir: when given, ``checkpoints/``, ``samples/``, ``losses.csv`` go there and
-                ``resume_from_checkpoint="latest"`` continues an interrupted Stage 2.
+            output_dir: when given, ``stage1/``, ``checkpoints/``, ``samples/``, ``losses.csv``
+                and the final ``sample_grid`` go there (main process only) and
+                ``resume_from_checkpoint="latest"`` continues an interrupted run bit for bit.
             checkpointing_steps, sample_steps: intervals (iterations) for checkpoints / grids.
             num_samples: images per row of the returned ``sample_grid``.
+            accelerator: an ``accelerate.Accelerator`` to use (default: one is made on the
+                source generator's device); under ``accelerate launch`` each process trains on
+                ``batch_size`` latents per iteration.
         Returns:
             A new pipeline sharing the frozen components, with ``generator`` the adapted
             ``g_ema``, ``mapper`` the Stage 1 mapper, ``sample_grid`` (source | adapted, fixed
             seed) and the run's options in ``config.adaptation``. ``self`` is unchanged.
         Raises:
-            ValueError: no CLIP components, bad labels or options, a non-finite loss.
+            ValueError: no CLIP components, bad labels or options, fp16 without a GPU, a
+                non-finite loss.
         """
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("adapt needs the CLIP text_encoder and tokenizer components; this pipeline has none")
+        given = dict(num_images=num_images, stage1_iterations=stage1_iterations, stage1_batch_size=stage1_batch_size, iterations=iterations, batch_size=batch_size, learning_rate=learning_rate)
+        o = {**ADAPT_DEFAULTS, **(self.config.get("adapt_defaults") or {}), **{k: v for k, v in given.items() if v is not None}}
+        num_images, stage1_iterations, stage1_batch_size = o["num_images"], o["stage1_iterations"], o["stage1_batch_size"]
+        iterations, batch_size, learning_rate = o["iterations"], o["batch_size"], o["learning_rate"]
         if scheme not in PROMPT_SCHEMES:
             raise ValueError(f"scheme must be one of {PROMPT_SCHEMES}, got {scheme!r}")
         if num_images < 2:
             raise ValueError(f"num_images must be >= 2 (Stage 1 contrasts images within a batch), got {num_images}")
         source = source or self.config.source_label or "Photo"
+        if isinstance(target, str) and target.strip():  # empty labels get their own message below
+            self.check_known_domains(source, target)
         config = gan_ipl.GANStage2Config(
             iterations=iterations,
             batch_size=batch_size,
@@ -412,6 +451,7 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
             resume_from_checkpoint=resume_from_checkpoint,
             progress=progress,
             base_model=self.config.base_model,
+            accelerator=accelerator,
         )
         adapted = type(self)(
             source_generator=self.source_generator,
@@ -424,9 +464,11 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
             target_label=result.run_config["target"],
             base_model=self.config.base_model,
             adaptation=result.run_config,
+            adapt_defaults=self.config.get("adapt_defaults"),
+            known_domains=self.config.get("known_domains"),
         )
         adapted.sample_grid = adapted.make_sample_grid(num_images=num_samples)
-        if output_dir is not None:
+        if output_dir is not None and result.is_main_process:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             adapted.sample_grid.save(Path(output_dir) / SAMPLE_GRID_NAME)
         return adapted

@@ -7,6 +7,7 @@ import torch
 
 from ipl_diffusion import checkpointing
 from ipl_diffusion.adaptation import diffae
+from ipl_diffusion.adaptation.distributed import make_accelerator
 from tiny_ipl import SIZE, build_tiny_ipl_pipeline
 
 
@@ -17,7 +18,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def accelerator():
-    return diffae.make_accelerator("no", "cpu")
+    return make_accelerator("no", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -180,11 +181,11 @@ def test_options_are_validated(pipe):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_mixed_precision_on_cpu():
     with pytest.raises(ValueError, match="fp16.*GPU"):
-        diffae.make_accelerator("fp16", "cpu")
+        make_accelerator("fp16", "cpu")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            diffae.make_accelerator("bf16", "cpu")
+            make_accelerator("bf16", "cpu")
         except ValueError:
             pass  # the process already holds an fp32 Accelerator: the singleton refuses, clearly
     assert any("bf16" in str(w.message) for w in caught)

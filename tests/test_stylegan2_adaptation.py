@@ -1,10 +1,11 @@
-"""GAN-IPL Stage 2 on a tiny StyleGAN2 with the tiny CLIP: layer choice, freezing, EMA, resume,
-and the real-image projector."""
+"""GAN-IPL Stage 2 on a tiny StyleGAN2 with the tiny CLIP: layer choice, freezing, EMA, resume
+through the Accelerate-driven checkpoints, mixed-precision refusal, and the real-image projector."""
 
 import pytest
 import torch
 from transformers import CLIPImageProcessor
 
+from ipl_diffusion import checkpointing
 from ipl_diffusion.adaptation import stylegan2 as gan
 from ipl_diffusion.clip_image import CLIPImageEncoder
 from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
@@ -127,13 +128,42 @@ def test_select_layers_ranks_rows_by_their_sgd_step(clip_parts):
     torch.testing.assert_close(full[1], chunked[1])
 
 
+def test_probe_shares_add_up_to_the_whole_batch(clip_parts):
+    """What choose_layers does with several processes: each scores its share of the probes
+    with global_batch set, and the size-weighted sum of the shares is the whole batch."""
+    image_features, _, tgt = clip_parts
+    g = tiny_generator()
+    text = torch.nn.functional.normalize(tgt[None], dim=-1)
+
+    def global_loss(images):
+        return (1 - torch.nn.functional.normalize(image_features(images), dim=-1) @ text.T).mean()
+
+    w = g.get_latent(torch.randn(5, STYLE_DIM)).detach()
+    _, whole = gan.select_layers(g, w, global_loss, k=3, iterations=2, randomize_noise=False)
+    shares = [w[rank::2] for rank in range(2)]
+    parts = [gan.select_layers(g, share, global_loss, k=3, iterations=2, randomize_noise=False, global_batch=5)[1] for share in shares]
+    combined = sum(len(share) * part for share, part in zip(shares, parts)) / 5
+    torch.testing.assert_close(combined, whole)
+    assert gan.rank_layers(g, combined, 3) == gan.rank_layers(g, whole, 3)
+
+
+def test_sample_z_shares_partition_the_global_batch():
+    whole = gan.sample_z(3, STYLE_DIM, 0.0, torch.Generator().manual_seed(4), "cpu", world=1)[0]
+    doubled = gan.sample_z(6, STYLE_DIM, 0.0, torch.Generator().manual_seed(4), "cpu", world=1)[0]
+    shares = [gan.sample_z(3, STYLE_DIM, 0.0, torch.Generator().manual_seed(4), "cpu", world=2, rank=r)[0] for r in (0, 1)]
+    assert torch.equal(whole, doubled[:3])  # one process: the draw of before, unchanged
+    assert torch.equal(shares[0], doubled[0::2]) and torch.equal(shares[1], doubled[1::2])
+
+
 # ----------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------
 
 
-def test_only_chosen_layers_change_adaptive(clip_parts):
+def test_only_chosen_layers_change_adaptive(clip_parts, tiny_clip):
     image_features, src, tgt = clip_parts
+    clip_model, _ = tiny_clip  # the instance clip_parts wraps; trainable, as a user's CLIP may be
+    clip_model.requires_grad_(True)
     source = tiny_generator()
     before = params_by_module(source)
     cfg = gan.GANStage2Config(iterations=3, batch_size=2, auto_layer_k=2, auto_layer_batch=2, learning_rate=0.05, seed=0)
@@ -145,6 +175,10 @@ def test_only_chosen_layers_change_adaptive(clip_parts):
         chosen |= set(out["layers"])
     changed = changed_modules(before, params_by_module(trainer.generator), trainer.generator)
     assert changed and changed <= chosen
+    # no gradient is left behind: not in G_t (zeroed after each update), not in CLIP (the
+    # backward pass is restricted to the chosen layers)
+    assert all(p.grad is None for p in trainer.generator.parameters())
+    assert all(p.grad is None for p in clip_model.parameters())
     # the EMA moved exactly where the generator moved, and by 1 - decay of it after one step
     ema_changed = changed_modules(before, params_by_module(trainer.generator_ema), trainer.generator_ema)
     assert ema_changed == changed
@@ -152,11 +186,12 @@ def test_only_chosen_layers_change_adaptive(clip_parts):
     assert not changed_modules(before, params_by_module(source), source)
 
 
-def test_fixed_phase_trains_exactly_its_layers(clip_parts):
+@pytest.mark.parametrize("max_grad_norm", [None, 1e-3])
+def test_fixed_phase_trains_exactly_its_layers(clip_parts, max_grad_norm):
     image_features, src, tgt = clip_parts
     source = tiny_generator()
     before = params_by_module(source)
-    cfg = gan.GANStage2Config(iterations=2, auto_layer_iters=0, phase="shape", learning_rate=0.05, seed=0)
+    cfg = gan.GANStage2Config(iterations=2, auto_layer_iters=0, phase="shape", learning_rate=0.05, seed=0, max_grad_norm=max_grad_norm)
     trainer = gan.GANIPLTrainer(source, fixed_prompts(src, tgt), image_features, None, cfg)
     for _ in range(cfg.iterations):
         trainer.train_step()
@@ -175,27 +210,56 @@ def test_ema_update_is_lerp_and_exact_for_unchanged():
     torch.testing.assert_close(after["input.input"], 0.9 * a_before["input.input"] + 0.1 * b_params["input.input"])
 
 
-def test_resume_continues_exactly(tmp_path, clip_parts):
+def test_resume_after_kill_is_bit_exact(tmp_path, clip_parts, monkeypatch):
+    """4 iterations straight == 2, a kill, and a resume from checkpoint-2 in a "new process"
+    (fresh trainer, other global RNG state): identical weights, optimiser state and losses."""
     image_features, src, tgt = clip_parts
-    cfg = dict(batch_size=2, auto_layer_k=2, auto_layer_batch=2, learning_rate=0.05, seed=1)
+    # adaptive layer choice and style mixing: every random draw of an iteration is exercised
+    cfg = dict(iterations=4, batch_size=2, auto_layer_k=2, auto_layer_batch=2, learning_rate=0.05, mixing=0.5, seed=1, checkpointing_steps=2)
+
+    def make(output_dir):
+        return gan.GANIPLTrainer(tiny_generator(), fixed_prompts(src, tgt), image_features, tgt, gan.GANStage2Config(**cfg), output_dir=output_dir)
 
     torch.manual_seed(0)
-    straight = gan.GANIPLTrainer(tiny_generator(), fixed_prompts(src, tgt), image_features, tgt, gan.GANStage2Config(iterations=4, **cfg))
+    straight = make(tmp_path / "straight")
+    rng_before = torch.get_rng_state()
     straight.train(progress=False)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # training leaves the caller's RNG alone
 
     torch.manual_seed(0)
-    first = gan.GANIPLTrainer(tiny_generator(), fixed_prompts(src, tgt), image_features, tgt, gan.GANStage2Config(iterations=2, checkpointing_steps=2, **cfg), output_dir=tmp_path)
-    first.train(progress=False)
-    assert (tmp_path / "checkpoints" / "checkpoint-2").is_dir()
+    killed = make(tmp_path / "killed")
+    real_step = killed.train_step
 
-    torch.manual_seed(123)  # a different global state: resuming must restore it
-    second = gan.GANIPLTrainer(tiny_generator(), fixed_prompts(src, tgt), image_features, tgt, gan.GANStage2Config(iterations=4, **cfg), output_dir=tmp_path)
-    g_ema = second.train(resume_from_checkpoint="latest", progress=False)
-    assert second.step == 4 and len(second.history) == 4
-    for (name, p), q in zip(straight.generator_ema.named_parameters(), g_ema.parameters()):
-        torch.testing.assert_close(p, q, msg=name)
-    assert [h["loss"] for h in second.history] == pytest.approx([h["loss"] for h in straight.history])
-    assert (tmp_path / "losses.csv").read_text().count("\n") == 5
+    def dies_at_iteration_3():
+        if killed.step == 2:
+            raise KeyboardInterrupt  # the "kill", after checkpoint-2 was written
+        return real_step()
+
+    monkeypatch.setattr(killed, "train_step", dies_at_iteration_3)
+    with pytest.raises(KeyboardInterrupt):
+        killed.train(progress=False)
+    assert [p.name for p in checkpointing.list_checkpoints(tmp_path / "killed" / "checkpoints")] == ["checkpoint-2"]
+
+    torch.manual_seed(123)  # a new process has other global RNG state
+    resumed = make(tmp_path / "killed")
+    g_ema = resumed.train(resume_from_checkpoint="latest", progress=False)
+    assert resumed.step == 4 and len(resumed.history) == 4
+    for (name, a), b in zip(straight.generator.state_dict().items(), resumed.generator.state_dict().values()):
+        assert torch.equal(a, b), name
+    for (name, a), b in zip(straight.generator_ema.state_dict().items(), g_ema.state_dict().values()):
+        assert torch.equal(a, b), name
+    for a, b in zip(straight.optimizer.optimizer.state_dict()["state"].values(), resumed.optimizer.optimizer.state_dict()["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.history == straight.history
+    # losses.csv is rebuilt from the checkpoint's history: no duplicated or orphaned rows
+    assert (tmp_path / "killed" / "losses.csv").read_text() == (tmp_path / "straight" / "losses.csv").read_text()
+    assert (tmp_path / "killed" / "losses.csv").read_text().count("\n") == 5
+
+
+def test_fp16_on_cpu_is_refused(clip_parts):
+    image_features, src, tgt = clip_parts
+    with pytest.raises(ValueError, match="fp16.*GPU"):
+        gan.GANIPLTrainer(tiny_generator(), fixed_prompts(src, tgt), image_features, tgt, gan.GANStage2Config(mixed_precision="fp16"))
 
 
 def test_nan_loss_is_a_clear_error(clip_parts):

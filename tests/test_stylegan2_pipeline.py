@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessor
 
+from ipl_diffusion.adaptation.distributed import make_accelerator
 from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
 from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
 
@@ -81,9 +82,11 @@ def test_adapt_fixed_phase_and_checkpoint_resume(pipe, tmp_path, monkeypatch):
         raise AssertionError("Stage 1 ran again on resume")
 
     monkeypatch.setattr(ipl_diffusion.prompt_learning, "learn_prompts", no_relearning)
-    again = pipe.adapt("sketch", **dict(kwargs, resume_from_checkpoint="latest"))
+    # an accelerator passed in is the one used (the default is made the same way)
+    again = pipe.adapt("sketch", **dict(kwargs, resume_from_checkpoint="latest", accelerator=make_accelerator("no", "cpu")))
+    assert again.adaptation_config["num_processes"] == 1
     for (name, p), q in zip(first.generator.named_parameters(), again.generator.parameters()):
-        torch.testing.assert_close(p, q, msg=name)
+        assert torch.equal(p, q), name
 
 
 def test_adapt_errors(pipe):
@@ -94,6 +97,28 @@ def test_adapt_errors(pipe):
     bare = StyleGANIPLPipeline(source_generator=tiny_generator())
     with pytest.raises(ValueError, match="text_encoder"):
         bare.adapt("sketch")
+    with pytest.raises(ValueError, match="fp16.*GPU"):  # the tiny pipeline is on the CPU (GPU or not)
+        pipe.adapt("sketch", mixed_precision="fp16", **FAST)
+
+
+def test_recorded_adapt_defaults_and_known_domains(pipe, tmp_path):
+    """config.adapt_defaults fills the options a call leaves out (explicit ones win) and
+    config.known_domains makes adapt refuse other labels; both survive save/load."""
+    pipe.register_to_config(
+        adapt_defaults=dict(iterations=1, batch_size=2, num_images=4, stage1_iterations=2, stage1_batch_size=4),
+        known_domains=["photo", "sketch"],
+    )
+    pipe.save_pretrained(tmp_path / "p")
+    loaded = StyleGANIPLPipeline.from_pretrained(str(tmp_path / "p"))
+    assert loaded.config.known_domains == ["photo", "sketch"]
+    fixed = dict(label_templates="single", auto_layer_batch=2, num_samples=3, progress=False)
+    adapted = loaded.adapt("sketch", **fixed)
+    cfg = adapted.adaptation_config
+    assert cfg["stage2"]["iterations"] == 1 and cfg["stage1"]["num_images"] == 4
+    assert adapted.config.adapt_defaults == loaded.config.adapt_defaults
+    assert loaded.adapt("sketch", iterations=2, **fixed).adaptation_config["stage2"]["iterations"] == 2
+    with pytest.raises(ValueError, match="trained only on the domains photo, sketch"):
+        loaded.adapt("Wall painting")
 
 
 def test_sampling_is_seeded_and_source_matches_generator(pipe):

@@ -35,8 +35,9 @@ reads ``alphas_cumprod`` from the pipeline's diffusers ``DDIMScheduler``.
 
 Multi-process training (``accelerate launch``): every process takes its own slice of each
 global batch, gradients are averaged with one all-reduce per update, and only the main
-process writes. The UNet is *not* wrapped in DDP because the full chain calls it several
-times before one backward pass, which DDP's reducer does not support.
+process writes (the shared plumbing is :mod:`ipl_diffusion.adaptation.distributed`). The
+UNet is *not* wrapped in DDP because the full chain calls it several times before one
+backward pass, which DDP's reducer does not support.
 """
 
 from __future__ import annotations
@@ -45,9 +46,7 @@ import contextlib
 import copy
 import csv
 import json
-import math
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -57,8 +56,18 @@ import torch.nn.functional as F
 
 from ipl_diffusion import checkpointing, ddim
 
+# make_accelerator and MIXED_PRECISION stay importable from here (examples/train_ipl_diffae.py
+# and benchmarks/stage2_memory.py import them from this module).
+from ipl_diffusion.adaptation.distributed import (  # noqa: F401
+    MIXED_PRECISION,
+    average_gradients,
+    gather_in_order,
+    make_accelerator,
+    mean_over_processes,
+    shard_indices,
+)
+
 GRADIENT_MODES = ("full_chain", "per_step")
-MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
 @dataclass
@@ -205,10 +214,7 @@ def encode_sources(
 
     device = next(source_unet.parameters()).device
     n = images.shape[0]
-    world = accelerator.num_processes if accelerator is not None else 1
-    rank = accelerator.process_index if accelerator is not None else 0
-    padded = torch.arange(math.ceil(n / world) * world) % n  # equal shares for gather()
-    mine = padded[rank::world]
+    mine, order = shard_indices(n, accelerator)
     parts = {"z_sem": [], "x_t0": [], "x_rec": []}
     main = accelerator is None or accelerator.is_local_main_process
     for start in tqdm(range(0, len(mine), batch_size), desc="Encoding source images", disable=not (progress and main)):
@@ -220,13 +226,8 @@ def encode_sources(
         parts["x_t0"].append(x_t0.float())
         parts["x_rec"].append(x_rec.float())
     result = {"x0": images.detach().float().cpu()}
-    order = torch.cat([padded[r::world] for r in range(world)])
     for key, chunks in parts.items():
-        local = torch.cat(chunks).contiguous()
-        gathered = accelerator.gather(local) if world > 1 else local
-        full = torch.empty((n, *local.shape[1:]), dtype=local.dtype)
-        full[order] = gathered.cpu()
-        result[key] = full
+        result[key] = gather_in_order(torch.cat(chunks), order, n, accelerator)
     return result
 
 
@@ -270,47 +271,6 @@ class LossLog:
 
 
 # -------------------------------------------------------------------------- training
-
-
-def make_accelerator(mixed_precision: str = "no", device=None):
-    """An ``Accelerator`` for Stage 2 that refuses mixed precision where it cannot work.
-
-    fp16 autocast exists only on GPUs -- on a CPU accelerate silently runs fp32 while still
-    reporting fp16 -- so fp16 without CUDA is a ``ValueError``; bf16 runs on CPUs but is
-    several times slower than fp32 there (measured 4x on the 2-core test CPU), so it warns.
-    ``device="cpu"`` forces the CPU even when a GPU exists.
-    """
-    from accelerate import Accelerator
-
-    if mixed_precision not in MIXED_PRECISION:
-        raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
-    # cpu=True also when there is no GPU: only then does accelerate treat a torchrun /
-    # `accelerate launch` multi-process CPU job as MULTI_CPU (gloo) instead of N lone processes.
-    cpu = (device is not None and torch.device(device).type == "cpu") or not torch.cuda.is_available()
-    on_gpu = not cpu
-    if mixed_precision == "fp16" and not on_gpu:
-        raise ValueError("mixed_precision='fp16' needs a CUDA GPU; on a CPU use 'no' (or 'bf16', slower)")
-    if mixed_precision == "bf16" and not on_gpu:
-        warnings.warn("mixed_precision='bf16' on a CPU runs several times slower than fp32", stacklevel=2)
-    try:
-        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
-    except ValueError as err:  # AcceleratorState is a per-process singleton
-        raise ValueError(
-            f"this process already set up Accelerate with other options ({err}); restart Python to change "
-            "mixed precision"
-        ) from None
-
-
-def _average_gradients(parameters, accelerator):
-    """Mean of the gradients over processes, one all-reduce; no-op on a single process."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 def batch_indices(num_items: int, batch_size: int, iteration: int, seed: int, world: int = 1, rank: int = 0):
@@ -475,7 +435,7 @@ class Stage2Trainer:
         # inputs=: gradients accumulate only in the trained UNet, never in the frozen CLIP /
         # semantic encoder the loss passes through (whatever their requires_grad).
         self.accelerator.backward(loss, inputs=self._trainable)
-        _average_gradients(list(self.unet.parameters()), self.accelerator)
+        average_gradients(list(self.unet.parameters()), self.accelerator)
         if self.config.max_grad_norm:
             self.accelerator.clip_grad_norm_(self.unet.parameters(), self.config.max_grad_norm)
         self.optimizer.step()
@@ -589,10 +549,7 @@ class Stage2Trainer:
                 index = batch_indices(n, cfg.batch_size, self.step, cfg.seed, acc.num_processes, acc.process_index)
                 started = time.perf_counter()
                 values = self.train_step(index)
-                if acc.num_processes > 1:  # log the global batch's loss, not this shard's
-                    names = sorted(values)
-                    mean = acc.reduce(torch.tensor([values[k] for k in names], device=acc.device), reduction="mean")
-                    values = dict(zip(names, mean.tolist()))
+                values = mean_over_processes(values, acc)  # the global batch's loss, not this shard's
                 self.step += 1
                 values["seconds"] = time.perf_counter() - started
                 self.history.append({"step": self.step, **values})

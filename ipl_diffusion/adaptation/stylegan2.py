@@ -41,14 +41,32 @@ Optimiser (upstream): Adam, ``lr = 0.002 * 4/5 = 0.0016``, ``betas = (0, 0.99 **
 (rosinality's lazy-regularisation scaling with ``g_reg_every = 4``). Frozen layers get no
 gradient (``zero_grad(set_to_none=True)``), so Adam leaves them untouched.
 
+Accelerate, as the Diff-IPL trainer (shared plumbing in
+:mod:`ipl_diffusion.adaptation.distributed`): the device and mixed precision come from an
+``Accelerator`` (default: :func:`~ipl_diffusion.adaptation.distributed.make_accelerator`, on
+the source generator's device; fp16 needs a GPU), the optimiser is ``accelerator.prepare``-d
+(fp16 then scales the loss), and the forward passes run under ``accelerator.autocast()``.
+Under ``accelerate launch`` every process renders its own share of each iteration's global
+batch of ``batch_size * num_processes`` latents and of the layer-selection probes; gradients
+are averaged with one all-reduce. ``G_t`` is not wrapped in DDP because the set of layers
+that require a gradient changes every iteration, which DDP's reducer does not allow; the
+layer choice itself is made from the probe scores summed over all processes, so every
+process trains the same layers.
+
+Randomness: ``z``, the probes and the style-mixing draws come from one ``torch.Generator``
+seeded by ``seed`` and identical on every process (each takes its slice of the global draws);
+the per-layer noise maps are drawn from the global RNG *forked* for each iteration and seeded
+by ``(seed, iteration, process index)``. So a run is a function of its seed, training does
+not consume the caller's global RNG, and a resumed run -- on one process or several --
+continues bit for bit (on a GPU, as far as its kernels are deterministic).
+
 Checkpoints: ``output_dir/checkpoints/checkpoint-<step>`` via :mod:`ipl_diffusion.checkpointing`
-(safetensors + JSON, atomic) with ``G_t``, ``g_ema``, the optimiser and every RNG state, so a
-resumed run continues exactly where it stopped; Stage 1's result is kept in ``output_dir/stage1``
-and reused on resume. Accelerate's ``save_state`` is not used because it pickles the optimizer
-and RNG states; the device comes from an argument (default: the source generator's), and
-mixed precision is plain ``torch.autocast`` (bf16 anywhere, fp16 on CUDA with a grad scaler).
-Sample grids (source row | adapted row, fixed ``z``, truncation 0.7, fixed noise) go to
-``output_dir/samples/``.
+(safetensors + JSON, atomic; written by the main process between two
+``accelerator.wait_for_everyone()``) with ``G_t``, ``g_ema``, the optimiser, the fp16 loss
+scale, the seeded ``torch.Generator`` and the global RNG states. Accelerate's ``save_state`` is not used
+because it pickles the optimizer and RNG states. Stage 1's result is kept in
+``output_dir/stage1`` and reused on resume. Sample grids (source row | adapted row, fixed
+``z``, truncation 0.7, fixed noise) go to ``output_dir/samples/``.
 
 :func:`adapt_stylegan2` runs both stages: Stage 1 (Eq. 6, :mod:`ipl_diffusion.prompt_learning`)
 on a cache of source samples -- ``w`` from the mapping network as the mapper input (Eq. 2) and
@@ -62,7 +80,6 @@ import contextlib
 import json
 import math
 import os
-import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -71,6 +88,14 @@ import torch
 import torch.nn.functional as F
 
 from ipl_diffusion import checkpointing
+from ipl_diffusion.adaptation.distributed import (
+    MIXED_PRECISION,
+    average_gradients,
+    gather_in_order,
+    make_accelerator,
+    mean_over_processes,
+    shard_indices,
+)
 from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
 
 PHASES = (None, "texture", "shape", "no_fine", "shape_expanded", "all")
@@ -85,12 +110,18 @@ ImageFeatures = Callable[[torch.Tensor], torch.Tensor]
 class GANStage2Config:
     """Hyper-parameters of GAN-IPL's Stage 2 (defaults: IPL README / NADA, facts §1.2, §1.5).
 
+    iterations, batch_size: Stage 2 iterations, each on ``batch_size`` latents per process
+        (IPL: 300, 2).
     learning_rate: Adam's lr as used (upstream ``--lr 0.002`` times ``4/5`` = 0.0016).
     adam_beta2: ``0.99 ** (4/5)``; beta1 is 0.
+    lambda_direction: weight of the adaptive directional loss (Eq. 7-9).
     auto_layer_k: W+ rows (= layers) trained per iteration; None = IPL's ``--auto_compute``
         rule ``int(2 * n_latent / 3)`` (12 at 1024 px, 10 at 512, 9 at 256).
     auto_layer_chunk: probes rendered at a time in the layer selection (None: all
         ``auto_layer_batch`` at once, as upstream); same selection, lower peak memory.
+    mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (GPU only); used when the trainer
+        makes its own ``Accelerator`` (a given one brings its own setting).
+    max_grad_norm: clip the gradient norm of the trained layers (None: off, as IPL / NADA).
     sample_truncation: psi of the sample grids (training always uses psi = 1).
     """
 
@@ -110,6 +141,7 @@ class GANStage2Config:
     train_to_rgb: bool = False
     compat_layer_mapping: bool = False
     mixed_precision: str = "no"
+    max_grad_norm: Optional[float] = None
     seed: int = 2
     checkpointing_steps: Optional[int] = None
     checkpoints_total_limit: Optional[int] = 2
@@ -118,6 +150,7 @@ class GANStage2Config:
     sample_truncation: float = 0.7
 
     def validate(self):
+        """Raise ``ValueError`` naming the first option out of range."""
         if self.iterations < 0 or self.batch_size < 1:
             raise ValueError(f"iterations must be >= 0 and batch_size >= 1, got {self.iterations}, {self.batch_size}")
         if self.phase not in PHASES:
@@ -130,8 +163,10 @@ class GANStage2Config:
             raise ValueError(f"auto_layer_chunk must be >= 1 or None, got {self.auto_layer_chunk}")
         if self.auto_layer_iters < 0 or (self.auto_layer_k is not None and self.auto_layer_k < 1):
             raise ValueError(f"auto_layer_iters must be >= 0 and auto_layer_k >= 1, got {self.auto_layer_iters}, {self.auto_layer_k}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
 
@@ -203,6 +238,7 @@ def select_layers(
     compat: bool = False,
     chunk_size: Optional[int] = None,
     randomize_noise: bool = True,
+    global_batch: Optional[int] = None,
 ) -> tuple[list[str], torch.Tensor]:
     """NADA's adaptive layer selection (``determine_opt_layers``), with the index fix.
 
@@ -218,12 +254,17 @@ def select_layers(
             noise: exactly) while the peak memory is that of ``chunk_size`` images -- the probe
             batch (8 upstream) is otherwise the largest graph of a GAN-IPL step.
         randomize_noise: fresh noise maps per render (upstream) or the fixed ``noises.noise_i``.
+        global_batch: the whole probe batch when ``w`` is one process's share of it (default:
+            ``B``). Each code then takes the step it would take in the whole batch (``global_loss``
+            averages over ``global_batch`` images), so the shares' scores, weighted by their
+            sizes and summed, are the whole batch's scores (:meth:`GANIPLTrainer.choose_layers`).
     Returns:
-        ``(module names to train, per-row scores (n_latent,))``; scores are
-        ``mean |w+_after - w+_before|`` over batch and channels.
+        ``(module names to train, per-row scores (n_latent,) float)``; scores are
+        ``mean |w+_after - w+_before|`` over ``w``'s batch and the channels.
     """
     w_init = w.detach().unsqueeze(1).repeat(1, generator.n_latent, 1)
     batch = w_init.shape[0]
+    total = global_batch or batch
     chunk = chunk_size or batch
     codes = w_init.clone()
     for _ in range(iterations):
@@ -231,16 +272,22 @@ def select_layers(
         for start in range(0, batch, chunk):
             part = codes[start : start + chunk].clone().requires_grad_(True)
             image = generator.synthesis(part, randomize_noise=randomize_noise)
-            # global_loss averages over its images: rescale each chunk's mean to the batch mean.
-            (grad,) = torch.autograd.grad(global_loss(image) * (part.shape[0] / batch), part)
+            # global_loss averages over its images: rescale each chunk's mean to the (global) batch mean.
+            (grad,) = torch.autograd.grad(global_loss(image) * (part.shape[0] / total), part)
             grads.append(grad)
         codes = (codes - lr * torch.cat(grads)).detach()
     scores = (codes - w_init).abs().mean(dim=-1).mean(dim=0)
+    return rank_layers(generator, scores, k, train_to_rgb, compat), scores
+
+
+def rank_layers(generator: StyleGAN2Generator, scores: torch.Tensor, k: int, train_to_rgb: bool = False, compat: bool = False) -> list[str]:
+    """The modules consuming the ``k`` candidate W+ rows with the highest ``scores (n_latent,)``
+    (ties: ``torch.topk``'s order), in row order."""
     rows = candidate_rows(generator, train_to_rgb, compat)
     k = min(k, len(rows))
     ranked = torch.topk(scores[rows], k).indices.tolist()
     chosen = sorted(rows[i] for i in ranked)
-    return trainable_module_names(generator, chosen, train_to_rgb, compat), scores
+    return trainable_module_names(generator, chosen, train_to_rgb, compat)
 
 
 @torch.no_grad()
@@ -253,10 +300,16 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         p_ema.lerp_(p.detach().to(p_ema.dtype), 1.0 - decay)
 
 
-def sample_z(batch: int, style_dim: int, mixing: float, rng: torch.Generator, device) -> list[torch.Tensor]:
-    """``mixing_noise``: one ``z``, or two with probability ``mixing`` (style mixing)."""
+def sample_z(batch: int, style_dim: int, mixing: float, rng: torch.Generator, device, world: int = 1, rank: int = 0) -> list[torch.Tensor]:
+    """``mixing_noise``: one ``z``, or two with probability ``mixing`` (style mixing).
+
+    Draws the global batch of ``batch * world`` rows from the CPU generator ``rng`` (the same
+    on every process) and returns process ``rank``'s rows (every ``world``-th), so processes
+    sharing a seed never draw the same ``z``. Returns a list of 1 or 2 ``(batch, style_dim)``
+    float32 tensors on ``device``, N(0, 1).
+    """
     n = 2 if mixing > 0 and torch.rand((), generator=rng).item() < mixing else 1
-    return [torch.randn(batch, style_dim, generator=rng).to(device) for _ in range(n)]
+    return [torch.randn(batch * world, style_dim, generator=rng)[rank::world].to(device) for _ in range(n)]
 
 
 # --------------------------------------------------------------------------------------
@@ -268,19 +321,29 @@ class GANIPLTrainer:
     """Stage 2 of GAN-IPL: fine-tunes a copy of ``source_generator`` (returned as ``g_ema``).
 
     Args:
-        source_generator: the pretrained :class:`StyleGAN2Generator`; frozen in place
-            (``eval()``, ``requires_grad_(False)``), its weights are never changed.
+        source_generator: the pretrained :class:`StyleGAN2Generator`; moved to the
+            accelerator's device and frozen in place (``eval()``, ``requires_grad_(False)``),
+            its weights are never changed.
         prompt_features: ``w (B, style_dim)`` -> ``(source (B, D), target (B, D))`` prompt
             features ``E_T(M_s^i)``, ``E_T(M_t^i)`` of Eq. 8 (from Stage 1's latent mapper; a
-            manual / learned-fixed scheme just repeats one row).
+            manual / learned-fixed scheme just repeats one row). Called under ``no_grad``.
         image_features: differentiable CLIP image encoder, images ``(B, 3, H, W)`` in [-1, 1]
-            -> raw features ``(B, D)``.
+            -> raw features ``(B, D)``. Its parameters receive no gradient (the backward pass
+            is restricted to ``G_t``'s trained layers).
         target_text_features: ``(D,)`` E_T of the raw target label, for the adaptive layer
             selection's global loss; required when ``config.auto_layer_iters > 0``.
         config: :class:`GANStage2Config`.
         output_dir: where ``checkpoints/``, ``samples/`` and ``losses.csv`` go (None: nothing written).
-        device: torch device (default: the source generator's).
+        accelerator: an ``accelerate.Accelerator`` (default: :func:`make_accelerator` with
+            ``config.mixed_precision`` on ``device``).
         run_config: JSON-serialisable dict stored in every checkpoint.
+        device: only for callers from before the Accelerate port (``benchmarks/stylegan_step.py``):
+            the device of the default accelerator (default: the source generator's).
+
+    Raises:
+        ValueError: an option out of range (:meth:`GANStage2Config.validate`), fp16 without a
+            GPU, adaptive layer selection without ``target_text_features``, or a ``device``
+            that is not the given accelerator's.
     """
 
     def __init__(
@@ -291,35 +354,40 @@ class GANIPLTrainer:
         target_text_features: Optional[torch.Tensor] = None,
         config: Optional[GANStage2Config] = None,
         output_dir=None,
-        device=None,
+        accelerator=None,
         run_config: Optional[dict] = None,
+        device=None,
     ):
         from ipl_diffusion.losses import adaptive_directional_loss
 
         self.loss_fn = adaptive_directional_loss
         self.config = config = config or GANStage2Config()
         config.validate()
-        self.device = torch.device(device) if device is not None else source_generator.device
+        if config.auto_layer_iters > 0 and target_text_features is None:
+            raise ValueError("adaptive layer selection (auto_layer_iters > 0) needs target_text_features (E_T of the target label)")
+        wanted = torch.device(device) if device is not None else None
+        if accelerator is not None and wanted is not None and (
+            wanted.type != accelerator.device.type or wanted.index not in (None, accelerator.device.index)
+        ):
+            raise ValueError(f"device {str(device)!r} is not the accelerator's device {str(accelerator.device)!r}; pass one of the two")
+        self.accelerator = accelerator or make_accelerator(config.mixed_precision, device if device is not None else source_generator.device)
+        self.device = self.accelerator.device
         self.source = source_generator.to(self.device).eval().requires_grad_(False)
         self.generator = copy.deepcopy(self.source).train()
         self.generator_ema = copy.deepcopy(self.source).eval()
         self.prompt_features = prompt_features
         self.image_features = image_features
         if config.auto_layer_iters > 0:
-            if target_text_features is None:
-                raise ValueError("adaptive layer selection (auto_layer_iters > 0) needs target_text_features (E_T of the target label)")
             self.target_text = F.normalize(target_text_features.detach().reshape(1, -1).float().to(self.device), dim=-1)
         self.k = config.auto_layer_k or default_auto_layer_k(self.source)
         self.fixed_layers = nada_training_layers(self.generator, config.phase)
         set_trainable(self.generator, self.fixed_layers)
-        # Every parameter goes to Adam; frozen ones simply never have a gradient.
-        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.learning_rate, betas=(0.0, config.adam_beta2))
+        # Every parameter goes to Adam; frozen ones simply never have a gradient. prepare()
+        # adds the fp16 loss scaling (a GAN's fp16 gradients underflow without it).
+        optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.learning_rate, betas=(0.0, config.adam_beta2))
+        self.optimizer = self.accelerator.prepare(optimizer)
+        # Same seed on every process: z, probes and mixing draws agree, each process slices its share.
         self.rng = torch.Generator().manual_seed(config.seed)
-        if config.mixed_precision == "fp16" and self.device.type != "cuda":
-            raise ValueError("mixed_precision='fp16' needs a CUDA device; use 'no' (or 'bf16') on a CPU")
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
-        # fp16 gradients of a GAN underflow without loss scaling; bf16 has fp32's range.
-        self.scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.run_config = run_config or {"stage2": asdict(config)}
         self.step = 0
@@ -334,82 +402,147 @@ class GANIPLTrainer:
         return (1 - feats @ self.target_text.T).mean()
 
     def choose_layers(self) -> list[str]:
-        cfg = self.config
+        """This iteration's trained modules (NADA's adaptive selection, or the fixed ``phase``
+        set), identical on every process; leaves exactly them ``requires_grad``."""
+        cfg, acc = self.config, self.accelerator
         if cfg.auto_layer_iters == 0:
             return self.fixed_layers
-        z = torch.randn(cfg.auto_layer_batch, self.source.style_dim, generator=self.rng).to(self.device)
-        with torch.no_grad():
-            w = self.source.get_latent(z)
+        z = torch.randn(cfg.auto_layer_batch, self.source.style_dim, generator=self.rng)
+        mine = z[acc.process_index :: acc.num_processes].to(self.device)
         # The probe only needs d(loss)/d(w+): with every weight frozen, autograd keeps no
         # tensors for weight gradients, so the probe costs less time and memory.
         self.generator.requires_grad_(False)
-        names, _ = select_layers(
-            self.generator, w, self.global_loss, self.k, cfg.auto_layer_iters, cfg.auto_layer_lr, cfg.train_to_rgb, cfg.compat_layer_mapping, chunk_size=cfg.auto_layer_chunk
-        )
+        if len(mine):
+            with torch.no_grad():
+                w = self.source.get_latent(mine)
+            _, scores = select_layers(
+                self.generator, w, self.global_loss, self.k, cfg.auto_layer_iters, cfg.auto_layer_lr, cfg.train_to_rgb,
+                cfg.compat_layer_mapping, chunk_size=cfg.auto_layer_chunk, global_batch=cfg.auto_layer_batch,
+            )
+        else:  # more processes than probes: this one has no share
+            scores = torch.zeros(self.source.n_latent, device=self.device)
+        if acc.num_processes > 1:
+            # Size-weighted sum of the shares' means = the whole batch's mean; the all-reduce
+            # gives every process the same scores, hence the same layers (average_gradients
+            # needs the same parameters to have gradients everywhere).
+            scores = acc.reduce(scores.float() * len(mine), reduction="sum") / cfg.auto_layer_batch
+        names = rank_layers(self.generator, scores, self.k, cfg.train_to_rgb, cfg.compat_layer_mapping)
         set_trainable(self.generator, names)
         return names
 
+    @contextlib.contextmanager
+    def _iteration_noise(self):
+        """Fork the global RNG (CPU and this device) and seed it by ``(seed, step, process)``.
+
+        The noise maps of every render (``randomize_noise``) come from the global RNG. Seeding
+        it per iteration makes them a function of the run's seed on every process -- only the
+        main process's RNG state could go into a checkpoint -- and forking leaves the caller's
+        RNG state as it was.
+        """
+        cuda = self.device.type == "cuda"
+        index = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if cuda else None
+        seed = ((self.config.seed * 1_000_003 + self.step) * 1_009 + self.accelerator.process_index) % (2**63)
+        with torch.random.fork_rng(devices=[index] if cuda else []):
+            torch.default_generator.manual_seed(seed)
+            if cuda:
+                with torch.cuda.device(index):
+                    torch.cuda.manual_seed(seed)
+            yield
+
     def train_step(self) -> dict:
-        """One iteration; returns ``{"loss": float, "layers": [...]}``."""
-        cfg = self.config
-        zs = sample_z(cfg.batch_size, self.source.style_dim, cfg.mixing, self.rng, self.device)
-        with torch.no_grad():
-            ws = [self.source.get_latent(z) for z in zs]
-            # The mapper sees the first w of each image (IPL: sample_w[0]).
-            src_text, tgt_text = self.prompt_features(ws[0])
-        layers = self.choose_layers()
-        inject = random.randint(1, self.source.n_latent - 1) if len(ws) > 1 else None
-        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else contextlib.nullcontext()
-        with autocast:
+        """One iteration: this process's ``batch_size`` latents, the adaptive directional loss
+        (Eq. 7-9) ``mean_i 1 - cos(ΔI_i, ΔT_i)``, one averaged Adam update of the chosen
+        layers and the EMA.
+
+        Returns ``{"step": int, "loss": float (mean over processes), "layers": [...]}``.
+        Raises ``ValueError`` (on every process at once) when the loss is NaN / inf.
+        """
+        cfg, acc = self.config, self.accelerator
+        with self._iteration_noise():
+            zs = sample_z(cfg.batch_size, self.source.style_dim, cfg.mixing, self.rng, self.device, acc.num_processes, acc.process_index)
             with torch.no_grad():
-                src_img, _ = self.source(ws, input_is_latent=True, inject_index=inject)
-                src_feat = self.image_features(src_img)
-            tgt_img, _ = self.generator(ws, input_is_latent=True, inject_index=inject)
-            tgt_feat = self.image_features(tgt_img)
+                ws = [self.source.get_latent(z) for z in zs]
+                # The mapper sees the first w of each image (IPL: sample_w[0]).
+                src_text, tgt_text = self.prompt_features(ws[0])
+            layers = self.choose_layers()
+            # From the shared generator, not Python's RNG: every process mixes at the same layer.
+            inject = int(torch.randint(1, self.source.n_latent, (), generator=self.rng)) if len(ws) > 1 else None
+            with acc.autocast():
+                with torch.no_grad():
+                    src_img, _ = self.source(ws, input_is_latent=True, inject_index=inject)
+                    src_feat = self.image_features(src_img)
+                tgt_img, _ = self.generator(ws, input_is_latent=True, inject_index=inject)
+                tgt_feat = self.image_features(tgt_img)
         loss = cfg.lambda_direction * self.loss_fn(src_feat.float(), tgt_feat.float(), src_text.float(), tgt_text.float())
-        if not torch.isfinite(loss):
-            raise ValueError(f"GAN-IPL Stage 2 loss is {loss.item()} at iteration {self.step}; lower the learning rate")
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
+        # Checked on the mean over processes so that all raise together (one alone would leave
+        # the others waiting in the gradient all-reduce).
+        value = mean_over_processes({"loss": float(loss.detach())}, acc)["loss"]
+        if not math.isfinite(value):
+            raise ValueError(f"GAN-IPL Stage 2 loss is {value} at iteration {self.step}; lower the learning rate or turn mixed precision off")
+        # inputs=: gradients only for G_t's chosen layers, never for CLIP (whatever its
+        # requires_grad), which the loss also passes through.
+        trainable = [p for p in self.generator.parameters() if p.requires_grad]
+        acc.backward(loss, inputs=trainable)
+        average_gradients(trainable, acc)
+        if cfg.max_grad_norm:
+            acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # frozen-next-time layers must have no gradient
         ema_update(self.generator_ema, self.generator, cfg.ema_decay)
         self.step += 1
         self.last_layers = list(layers)
-        record = {"step": self.step, "loss": float(loss.detach())}
+        record = {"step": self.step, "loss": value}
         self.history.append(record)
         return {**record, "layers": list(layers)}
 
     # -- checkpoints -------------------------------------------------------------------
 
     def save_checkpoint(self) -> Optional[Path]:
+        """Write ``output_dir/checkpoints/checkpoint-<step>`` (main process; every process must
+        call this). Returns the folder on the main process, else None."""
         if self.output_dir is None:
             return None
-        return checkpointing.save_checkpoint(
-            self.output_dir / "checkpoints",
-            self.step,
-            models={"generator": self.generator, "generator_ema": self.generator_ema},
-            optimizers={"generator": self.optimizer},
-            config={**self.run_config, "history": self.history},
-            generators={"stage2": self.rng},
-            keep=self.config.checkpoints_total_limit,
-        )
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        path = None
+        if acc.is_main_process:
+            state = {**self.run_config, "history": self.history}
+            if acc.scaler is not None:  # fp16: the loss scale is part of the training state
+                state["grad_scaler"] = acc.scaler.state_dict()
+            path = checkpointing.save_checkpoint(
+                self.output_dir / "checkpoints",
+                self.step,
+                models={"generator": acc.unwrap_model(self.generator), "generator_ema": acc.unwrap_model(self.generator_ema)},
+                optimizers={"generator": self.optimizer.optimizer},
+                config=state,
+                generators={"stage2": self.rng},
+                keep=self.config.checkpoints_total_limit,
+            )
+        # Nobody goes on (and e.g. resumes from "latest") before the folder is in place.
+        acc.wait_for_everyone()
+        return path
 
     def resume(self, checkpoint) -> int:
-        """Restore from ``"latest"`` (in ``output_dir/checkpoints``) or a checkpoint folder; returns the step."""
+        """Restore from ``"latest"`` (in ``output_dir/checkpoints``; none yet: a fresh start) or
+        a checkpoint folder, on every process; returns the step.
+
+        Raises ``FileNotFoundError`` for a named checkpoint that does not exist and
+        ``ValueError`` for one from a different architecture.
+        """
         root = self.output_dir / "checkpoints" if self.output_dir is not None else Path(".")
         path = checkpointing.resolve_checkpoint(root, checkpoint)
         if path is None:
-            return 0
-        step, config = checkpointing.load_checkpoint(
-            path, models={"generator": self.generator, "generator_ema": self.generator_ema}, optimizers={"generator": self.optimizer}, generators={"stage2": self.rng}
+            return self.step
+        step, state = checkpointing.load_checkpoint(
+            path,
+            models={"generator": self.generator, "generator_ema": self.generator_ema},
+            optimizers={"generator": self.optimizer.optimizer},
+            generators={"stage2": self.rng},
         )
+        if self.accelerator.scaler is not None and state.get("grad_scaler"):
+            self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         self.step = step
-        self.history = list(config.get("history", []))
+        self.history = list(state.get("history", []))
         return step
 
     # -- samples -----------------------------------------------------------------------
@@ -434,38 +567,51 @@ class GANIPLTrainer:
         folder.mkdir(parents=True, exist_ok=True)
         self.sample_grid().save(folder / f"iter_{self.step:06d}.png")
 
+    def _open_loss_log(self):
+        """``losses.csv`` rewritten from the (checkpointed) history: after a resume it holds
+        exactly the steps of the run being continued, not rows logged after its last checkpoint."""
+        if self.output_dir is None:
+            return None
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.output_dir / "losses.csv", "w")
+        log.write("step,loss\n")
+        for record in self.history:
+            log.write(f"{record['step']},{record['loss']:.6g}\n")
+        return log
+
     # -- loop --------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint=None, progress: bool = True) -> StyleGAN2Generator:
-        """Run to ``config.iterations``; returns ``g_ema`` (the adapted generator, eval mode)."""
+        """Run to ``config.iterations``; returns ``g_ema`` (the adapted generator, eval mode).
+
+        Every process must call this. Only the main process writes ``losses.csv``,
+        checkpoints and sample grids.
+        """
         from tqdm.auto import tqdm
 
-        cfg = self.config
+        cfg, acc = self.config, self.accelerator
         if resume_from_checkpoint is not None:
             self.resume(resume_from_checkpoint)
-        log = None
-        if self.output_dir is not None:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            log = open(self.output_dir / "losses.csv", "a")
-            if log.tell() == 0:
-                log.write("step,loss\n")
+        log = self._open_loss_log() if acc.is_main_process else None
+        bar = tqdm(total=cfg.iterations, initial=self.step, disable=not (progress and acc.is_local_main_process), desc="GAN-IPL stage 2")
         try:
-            bar = tqdm(range(self.step, cfg.iterations), initial=self.step, total=cfg.iterations, disable=not progress, desc="GAN-IPL stage 2")
-            for _ in bar:
+            while self.step < cfg.iterations:
                 out = self.train_step()
+                bar.update(1)
                 bar.set_postfix(loss=f"{out['loss']:.4f}")
                 if log is not None:
                     log.write(f"{out['step']},{out['loss']:.6g}\n")
                     log.flush()
                 if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0:
                     self.save_checkpoint()
-                if cfg.sample_steps and self.step % cfg.sample_steps == 0:
+                if cfg.sample_steps and self.step % cfg.sample_steps == 0 and acc.is_main_process:
                     self._write_samples()
         finally:
+            bar.close()
             if log is not None:
                 log.close()
-        self.generator_ema.eval()
-        return self.generator_ema
+        acc.wait_for_everyone()
+        return acc.unwrap_model(self.generator_ema).eval()
 
 
 # --------------------------------------------------------------------------------------
@@ -476,27 +622,36 @@ class GANIPLTrainer:
 @dataclass
 class GANIPLResult:
     """What :func:`adapt_stylegan2` returns: the adapted ``g_ema``, Stage 1's prompt module
-    (``LatentMapper`` or ``SharedPromptContext``), the Stage 2 loss history and the run options."""
+    (``LatentMapper`` or ``SharedPromptContext``), the Stage 2 loss history, the run options,
+    and whether this is the main process (the one that writes files)."""
 
     generator: StyleGAN2Generator
     mapper: Optional[torch.nn.Module]
     history: list
     run_config: dict
+    is_main_process: bool = True
 
 
 @torch.no_grad()
-def source_cache(source_generator: StyleGAN2Generator, image_features: ImageFeatures, num_images: int, seed: int, chunk: int = 16):
+def source_cache(source_generator: StyleGAN2Generator, image_features: ImageFeatures, num_images: int, seed: int, chunk: int = 16, accelerator=None):
     """Stage 1's cache: ``w (N, style_dim)`` from the mapping network (no truncation, the
-    mapper's input as in IPL) and the CLIP features ``(N, D)`` of ``G_s(w)`` (fixed noise)."""
+    mapper's input as in IPL) and the raw CLIP features ``(N, D)`` float32 of ``G_s(w)``
+    (fixed noise), both on the generator's device; ``z`` is N(0, 1) from ``seed``.
+
+    With several processes each renders every ``world``-th sample (:func:`shard_indices`) and
+    the shares are gathered, so every process ends with the whole cache, in ``z`` order.
+    """
     rng = torch.Generator().manual_seed(seed)
-    z = torch.randn(num_images, source_generator.style_dim, generator=rng).to(source_generator.device)
+    z = torch.randn(num_images, source_generator.style_dim, generator=rng)
+    mine, order = shard_indices(num_images, accelerator)
     ws, feats = [], []
-    for i in range(0, num_images, chunk):
-        w = source_generator.get_latent(z[i : i + chunk])
+    for i in range(0, len(mine), chunk):
+        w = source_generator.get_latent(z[mine[i : i + chunk]].to(source_generator.device))
         image, _ = source_generator([w], input_is_latent=True, randomize_noise=False)
         ws.append(w)
         feats.append(image_features(image).float())
-    return torch.cat(ws), torch.cat(feats)
+    device = source_generator.device
+    return gather_in_order(torch.cat(ws), order, num_images, accelerator).to(device), gather_in_order(torch.cat(feats), order, num_images, accelerator).to(device)
 
 
 STAGE1_DIR = "stage1"
@@ -542,18 +697,36 @@ def adapt_stylegan2(
     resume_from_checkpoint=None,
     progress: bool = True,
     base_model: Optional[str] = None,
+    accelerator=None,
 ) -> GANIPLResult:
-    """GAN-IPL end to end: Stage 1 on cached source samples, then Stage 2.
+    """GAN-IPL end to end: Stage 1 (Eq. 6) on cached source samples, then Stage 2 (Eq. 7-9).
 
     Args:
-        source_generator: the pretrained generator (frozen in place, weights unchanged).
-        clip_model, tokenizer, feature_extractor: ``transformers`` CLIP parts (CLIP is frozen).
+        source_generator: the pretrained generator (moved to the accelerator's device and
+            frozen in place, weights unchanged).
+        clip_model, tokenizer, feature_extractor: ``transformers`` CLIP parts (CLIP is frozen;
+            moved to the accelerator's device).
         source, target: domain labels.
         stage1: keyword arguments of :func:`ipl_diffusion.prompt_learning.learn_prompts`
             (``scheme`` manual / learned / random / adaptive, ``lambda_domain``,
             ``num_iterations``, ``batch_size``, ``learning_rate``, ``n_ctx``, ...) plus
             ``num_images``, the size of the cache of source samples (default 256).
         stage2: :class:`GANStage2Config`.
+        output_dir: when given, ``stage1/`` (the prompt module), ``checkpoints/``,
+            ``samples/`` and ``losses.csv`` go there (main process only) and
+            ``resume_from_checkpoint="latest"`` continues an interrupted run bit for bit.
+        accelerator: an ``accelerate.Accelerator`` (default: :func:`make_accelerator` with
+            ``stage2.mixed_precision`` on the source generator's device).
+
+    Multi-process (``accelerate launch``): the cache of source samples is rendered in shares
+    and gathered (:func:`source_cache`); Stage 1 itself then runs on every process with the
+    same seed and the same gathered cache, so all end with the same prompts without a
+    broadcast. Splitting Stage 1 is not worth it: it optimises a small mapper on cached
+    features (no generator in the loop), and its contrastive loss (Eq. 3-4) takes the
+    negatives from the whole batch, so shares would have to exchange features every step.
+
+    Raises:
+        ValueError: bad labels or options, fp16 without a GPU, a non-finite loss.
     """
     from transformers import CLIPImageProcessor
 
@@ -565,7 +738,9 @@ def adapt_stylegan2(
     stage2 = stage2 or GANStage2Config()
     stage2.validate()
     num_images = int(stage1.pop("num_images", 256))
-    device = source_generator.device
+    accelerator = accelerator or make_accelerator(stage2.mixed_precision, source_generator.device)
+    device = accelerator.device
+    source_generator.to(device)
     clip_model.to(device)
     encoder = CLIPPromptEncoder(clip_model, tokenizer)
     source, target = encoder.validate_label(source), encoder.validate_label(target)
@@ -574,9 +749,13 @@ def adapt_stylegan2(
     stage1_key = {"source": source, "target": target, "seed": stage2.seed, "num_images": num_images, **stage1}
     learner = _load_stage1(output_dir, stage1_key, encoder) if resume_from_checkpoint is not None else None
     if learner is None:
-        latents, features = source_cache(source_generator, image_features, num_images, stage2.seed)
-        learner = learn_prompts(encoder, latents, source, target, image_features=features, seed=stage2.seed, progress=progress, **stage1)
-        _save_stage1(output_dir, stage1_key, learner)
+        latents, features = source_cache(source_generator, image_features, num_images, stage2.seed, accelerator=accelerator)
+        learner = learn_prompts(
+            encoder, latents, source, target, image_features=features, seed=stage2.seed,
+            progress=progress and accelerator.is_local_main_process, **stage1,
+        )
+        if accelerator.is_main_process:
+            _save_stage1(output_dir, stage1_key, learner)
 
     def prompt_features(w):
         return learner.text_features(w, source), learner.text_features(w, target)
@@ -588,13 +767,20 @@ def adapt_stylegan2(
         "source": source,
         "target": target,
         "base_model": base_model,
+        "num_processes": accelerator.num_processes,
         "stage1": {**stage1, "num_images": num_images},
         "stage2": asdict(stage2),
     }
-    trainer = GANIPLTrainer(source_generator, prompt_features, image_features, target_text, stage2, output_dir=output_dir, run_config=run_config)
+    trainer = GANIPLTrainer(
+        source_generator, prompt_features, image_features, target_text, stage2, output_dir=output_dir,
+        accelerator=accelerator, run_config=run_config,
+    )
     g_ema = trainer.train(resume_from_checkpoint=resume_from_checkpoint, progress=progress)
     # The prompt module: a LatentMapper (adaptive / random) or the shared context (learned / manual).
-    return GANIPLResult(generator=g_ema.requires_grad_(False), mapper=learner.prompt_module, history=trainer.history, run_config=run_config)
+    return GANIPLResult(
+        generator=g_ema.requires_grad_(False), mapper=learner.prompt_module, history=trainer.history,
+        run_config=run_config, is_main_process=accelerator.is_main_process,
+    )
 
 
 def image_grid(images: torch.Tensor, rows: int):
