@@ -15,14 +15,24 @@ never used in adaptation):
   images, next to the source's, and the mean pairwise distance of oracle features (ratio to
   the source's). Collapse shows as falling entropy / distance.
 
-Protocol: the source pipeline is the shipped Shapes Diff-IPL default (or ``--model``). For
-every target style x prompt scheme (manual = NADA, learned, random, adaptive = IPL) x seed,
-``IPLPipeline.adapt`` runs both stages on ``--train_images`` rendered photos; the adapted
-model then translates ``--eval_images`` *held-out* rendered photos (invert with the source
-UNet to ``t0``, decode with the adapted one), and the oracle compares each translation with
-the ground truth of its source image. The source row ("source") is the same translation with
-the unadapted UNet, i.e. the DDIM reconstruction. A λ sweep (Fig. 7: λ in {0, 1, 5, 10, 20})
-repeats the adaptive scheme on the first target.
+Protocol, per backend (``--backends``; both by default):
+
+* **diffae** -- the source pipeline is the shipped Shapes Diff-IPL default (or ``--model``).
+  For every target style x prompt scheme (manual = NADA, learned, random, adaptive = IPL) x
+  seed, ``IPLPipeline.adapt`` runs both stages on ``--train_images`` rendered photos; the
+  adapted model then translates ``--eval_images`` *held-out* rendered photos (invert with the
+  source UNet to ``t0``, decode with the adapted one), and the oracle compares each
+  translation with the ground truth of its source image. The source row is the same
+  translation with the unadapted UNet, i.e. the DDIM reconstruction.
+* **stylegan2** -- the source pipeline is the shipped Shapes GAN-IPL default (or
+  ``--gan_model``). ``StyleGANIPLPipeline.adapt`` runs both stages (Stage 1 on its own cache of
+  source samples); the adapted generator then renders ``--eval_images`` fixed ``z`` (seed
+  31337) and each image is compared with the *source generator's* image of the same ``z``. A
+  generated image has no ground truth, so the oracle's reading of the source image stands in
+  for it; the source row is the source samples themselves (factor errors 0 by construction).
+
+A λ sweep (Fig. 7: λ in {0, 1, 5, 10, 20}) repeats the adaptive scheme on the first target,
+for each backend.
 
 Outputs (``--output_dir``): ``runs.csv`` (one row per run; runs already there are skipped, so
 an interrupted benchmark resumes), ``table.md`` / ``table.csv`` (means with 95% t-intervals
@@ -33,6 +43,7 @@ Usage::
 
     python benchmarks/shapes_collapse.py                 # full run (long on a CPU)
     python benchmarks/shapes_collapse.py --quick         # CI: one target, tiny budgets, < 5 min
+    python benchmarks/shapes_collapse.py --backends stylegan2   # GAN-IPL rows only
 """
 
 import argparse
@@ -42,6 +53,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -55,6 +67,7 @@ from ipl_diffusion.metrics import FeatureDistance, clip_directional_similarity, 
 from ipl_diffusion.metrics import mean_pairwise_distance as metrics_mean_pairwise_distance  # noqa: E402
 from ipl_diffusion.shapes.oracle import ShapesOracle  # noqa: E402
 
+BACKENDS = ("diffae", "stylegan2")
 SCHEMES = ("manual", "learned", "random", "adaptive")
 SCHEME_NAMES = {"manual": "manual (NADA)", "learned": "learned", "random": "random", "adaptive": "adaptive (IPL)"}
 METRICS = (
@@ -75,7 +88,9 @@ _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     p.add_argument("--model", default=None, help="source IPLPipeline folder (default: the shipped Shapes model)")
+    p.add_argument("--gan_model", default=None, help="source StyleGANIPLPipeline folder (default: the shipped Shapes GAN)")
     p.add_argument("--oracle", default=None, help="oracle folder (default: the shipped Shapes oracle)")
     p.add_argument("--output_dir", default="benchmarks/results/shapes_collapse")
     p.add_argument("--targets", nargs="+", default=["sketch", "neon", "pixel art", "mosaic"])
@@ -84,16 +99,23 @@ def parse_args(argv=None):
     p.add_argument("--lambdas", nargs="*", type=float, default=[0, 1, 5, 10, 20], help="λ sweep (adaptive, first target)")
     p.add_argument("--lambda_domain", type=float, default=1.0, help="λ of Eq. 6 for the scheme comparison")
     p.add_argument("--train_images", type=int, default=16)
-    p.add_argument("--eval_images", type=int, default=48)
-    p.add_argument("--stage1_iterations", type=int, default=300)
-    p.add_argument("--iterations", type=int, default=40, help="Stage 2 iterations")
-    p.add_argument("--batch_size", type=int, default=2)
-    p.add_argument("--learning_rate", type=float, default=1e-4, help="Stage 2 learning rate (a tiny UNet needs more than 8e-6)")
+    p.add_argument("--eval_images", type=int, default=32)
+    p.add_argument("--stage1_iterations", type=int, default=100)
+    p.add_argument("--iterations", type=int, default=30, help="Stage 2 iterations")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--learning_rate", type=float, default=4e-4, help="Stage 2 learning rate (a tiny UNet needs more than 8e-6)")
     p.add_argument("--t0", type=int, default=500)
     p.add_argument("--num_inversion_steps", type=int, default=10)
     p.add_argument("--num_train_steps", type=int, default=3)
     p.add_argument("--num_inference_steps", type=int, default=10)
-    p.add_argument("--l1_loss_weight", type=float, default=0.0)
+    p.add_argument("--l1_loss_weight", type=float, default=0.5)
+    # GAN-IPL Stage 2: the shipped Shapes GAN's adapt defaults (ipl_diffusion.cli.adapt;
+    # IPL's own values are 300 iterations, batch 2, lr 0.0016 at 1024 px).
+    p.add_argument("--gan_iterations", type=int, default=60)
+    p.add_argument("--gan_batch_size", type=int, default=4)
+    p.add_argument("--gan_learning_rate", type=float, default=0.02)
+    p.add_argument("--gan_stage1_images", type=int, default=64, help="Stage 1 cache of source samples")
+    p.add_argument("--truncation", type=float, default=0.7, help="psi of the GAN evaluation samples (as NADA / IPL)")
     p.add_argument("--quick", action="store_true", help="CI mode: one target, one seed, tiny budgets (< 5 min)")
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
@@ -105,6 +127,7 @@ def parse_args(argv=None):
         args.stage1_iterations, args.iterations = 20, 3
         args.batch_size = 2
         args.num_inversion_steps, args.num_train_steps, args.num_inference_steps = 6, 2, 6
+        args.gan_iterations, args.gan_stage1_images = 3, 16
     return args
 
 
@@ -154,13 +177,20 @@ def summarise(values):
 # ------------------------------------------------------------------------------ running
 
 
-def load_source_pipeline(model, device):
-    from pipelines.pipeline_ipl import IPLPipeline
-
-    path = Path(model) if model else default_model_path("diffae")
-    pipe = IPLPipeline.from_pretrained(str(path))
+def load_source_pipeline(backend, model, device):
+    if backend == "stylegan2":
+        from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline as cls
+    else:
+        from pipelines.pipeline_ipl import IPLPipeline as cls
+    path = Path(model) if model else default_model_path(backend)
+    pipe = cls.from_pretrained(str(path))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device), str(path)
+
+
+def gan_samples(pipe, z, args, source=False):
+    """``(B, 3, H, W)`` in [-1, 1]: the (source or adapted) generator's images of ``z``."""
+    return pipe(latents=z, truncation=args.truncation, source=source, output_type="pt").images.cpu() * 2 - 1
 
 
 def translate(pipe, images, args):
@@ -174,8 +204,8 @@ def translate(pipe, images, args):
     return out.cpu() * 2 - 1  # "pt" is [0, 1]
 
 
-def run_key(target, scheme, seed, lam):
-    return f"{target}|{scheme}|{seed}|{lam:g}"
+def run_key(backend, target, scheme, seed, lam):
+    return f"{backend}|{target}|{scheme}|{seed}|{lam:g}"
 
 
 def clip_direction(clip, source_images, adapted_images, target):
@@ -196,27 +226,45 @@ def lpips_diversity(oracle, images):
     return metrics_mean_pairwise_distance(images, distance)
 
 
-def adapt_and_evaluate(pipe, target, scheme, seed, lam, args, train_x, eval_x, eval_factors, oracle, reference_spread, clip):
+def adapt_and_evaluate(backend, pipe, target, scheme, seed, lam, args, train_x, eval_input, eval_x, eval_factors, oracle, reference_spread, clip):
+    """One adaptation run; ``eval_input`` is what the adapted model turns into the evaluated
+    images (held-out photos for diffae, fixed ``z`` for stylegan2), ``eval_x`` their source
+    images and ``eval_factors`` the source images' factors."""
     t = time.time()
-    adapted = pipe.adapt(
-        target,
-        images=train_x,
-        scheme=scheme,
-        lambda_domain=lam,
-        stage1_iterations=args.stage1_iterations,
-        t0=args.t0,
-        num_inversion_steps=args.num_inversion_steps,
-        num_train_steps=args.num_train_steps,
-        num_inference_steps=args.num_inference_steps,
-        learning_rate=args.learning_rate,
-        iterations=args.iterations,
-        batch_size=args.batch_size,
-        l1_loss_weight=args.l1_loss_weight,
-        seed=seed,
-        progress=False,
-    )
-    adapted.set_progress_bar_config(disable=True)
-    images = translate(adapted, eval_x, args)
+    if backend == "stylegan2":
+        adapted = pipe.adapt(
+            target,
+            scheme=scheme,
+            lambda_domain=lam,
+            num_images=args.gan_stage1_images,
+            stage1_iterations=args.stage1_iterations,
+            iterations=args.gan_iterations,
+            batch_size=args.gan_batch_size,
+            learning_rate=args.gan_learning_rate,
+            seed=seed,
+            progress=False,
+        )
+        images = gan_samples(adapted, eval_input, args)
+    else:
+        adapted = pipe.adapt(
+            target,
+            images=train_x,
+            scheme=scheme,
+            lambda_domain=lam,
+            stage1_iterations=args.stage1_iterations,
+            t0=args.t0,
+            num_inversion_steps=args.num_inversion_steps,
+            num_train_steps=args.num_train_steps,
+            num_inference_steps=args.num_inference_steps,
+            learning_rate=args.learning_rate,
+            iterations=args.iterations,
+            batch_size=args.batch_size,
+            l1_loss_weight=args.l1_loss_weight,
+            seed=seed,
+            progress=False,
+        )
+        adapted.set_progress_bar_config(disable=True)
+        images = translate(adapted, eval_input, args)
     metrics = evaluate_images(oracle, images, eval_factors, STYLES.index(target), eval_x.shape[-1], reference_spread)
     metrics["clip_direction"] = clip_direction(clip, eval_x, images, target)
     metrics["lpips_diversity"] = lpips_diversity(oracle, images)
@@ -227,15 +275,17 @@ def adapt_and_evaluate(pipe, target, scheme, seed, lam, args, train_x, eval_x, e
 # ------------------------------------------------------------------------------ outputs
 
 
-def write_table(rows, path_md, path_csv, title):
+def write_table(rows, path_md, path_csv, title, source_rows=()):
+    """Markdown (+ CSV) table of means ± 95% intervals per (backend, target, scheme, λ); the
+    ``source_rows`` (one dict per backend) are appended as they are."""
     groups = {}
     for row in rows:
-        groups.setdefault((row["target"], row["scheme"], row["lambda"]), []).append(row)
-    lines = [f"### {title}", "", "| target | scheme | λ | seeds | " + " | ".join(m[1] for m in METRICS) + " |"]
-    lines.append("|" + "---|" * (4 + len(METRICS)))
+        groups.setdefault((row["backend"], row["target"], row["scheme"], row["lambda"]), []).append(row)
+    lines = [f"### {title}", "", "| backend | target | scheme | λ | seeds | " + " | ".join(m[1] for m in METRICS) + " |"]
+    lines.append("|" + "---|" * (5 + len(METRICS)))
     table_rows = []
-    for (target, scheme, lam), members in groups.items():
-        cells, record = [], dict(target=target, scheme=scheme, **{"lambda": lam}, seeds=len(members))
+    for (backend, target, scheme, lam), members in groups.items():
+        cells, record = [], dict(backend=backend, target=target, scheme=scheme, **{"lambda": lam}, seeds=len(members))
         for key, _, _ in METRICS:
             # Rows from runs.csv written before a metric existed have no value for it.
             values = [float(m[key]) for m in members if m.get(key) not in (None, "")]
@@ -246,7 +296,10 @@ def write_table(rows, path_md, path_csv, title):
             record[key], record[key + "_ci95"] = mean, half
             cells.append(f"{mean:.3f} ± {half:.3f}" if len(members) > 1 else f"{mean:.3f}")
         table_rows.append(record)
-        lines.append(f"| {target} | {SCHEME_NAMES.get(scheme, scheme)} | {lam:g} | {len(members)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {backend} | {target} | {SCHEME_NAMES.get(scheme, scheme)} | {lam:g} | {len(members)} | " + " | ".join(cells) + " |")
+    for row in source_rows:
+        cells = ["–" if row[m] != row[m] else f"{row[m]:.3f}" for m, _, _ in METRICS]  # NaN -> –
+        lines.append(f"| {row['backend']} | photo | {row['scheme']} | – | – | " + " | ".join(cells) + " |")
     Path(path_md).write_text("\n".join(lines) + "\n")
     if path_csv:
         with open(path_csv, "w", newline="") as handle:
@@ -316,6 +369,45 @@ def image_grid(rows, path, scale=3):
 # ------------------------------------------------------------------------------ main
 
 
+def prepare_backend(backend, args, device, oracle, clip):
+    """Load one backend's source pipeline and fix its evaluation set.
+
+    Returns a namespace with ``pipe``, ``model_path``, ``train_x`` (diffae Stage 1/2 images),
+    ``eval_input`` / ``eval_x`` / ``eval_factors`` (see :func:`adapt_and_evaluate`),
+    ``reference_spread`` (oracle-feature spread of the source images), ``source_images`` and
+    ``source_row`` (the unadapted model's metrics).
+    """
+    model = args.gan_model if backend == "stylegan2" else args.model
+    pipe, model_path = load_source_pipeline(backend, model, device)
+    side = pipe.image_size
+    renderer = ShapesRenderer(side)
+    if backend == "stylegan2":
+        train_x = None
+        eval_input = torch.randn(args.eval_images, pipe.source_generator.style_dim, generator=torch.Generator().manual_seed(31337))
+        eval_x = gan_samples(pipe, eval_input, args, source=True)
+        # No ground truth for generated images: the oracle's reading of the source image is
+        # the reference each adapted image is compared with.
+        read = oracle.predict(eval_x)
+        eval_factors = SimpleNamespace(shape=read["shape"], color=read["color"], position=read["position"], size=read["size"])
+        source_images = eval_x
+    else:
+        train_x, _ = renderer.sample(args.train_images, seed=2024, style="photo")
+        eval_x, eval_factors = renderer.sample(args.eval_images, seed=31337, style="photo")
+        eval_input = eval_x
+        # The unadapted round trip: the floor of factor errors.
+        source_images = translate(pipe, eval_x, args)
+    reference_spread = mean_pairwise_distance(oracle.predict(eval_x)["features"])
+    source_row = evaluate_images(oracle, source_images, eval_factors, STYLES.index("photo"), side, reference_spread)
+    source_row["clip_direction"] = float("nan")  # no target direction for the unadapted model
+    source_row["lpips_diversity"] = lpips_diversity(oracle, source_images)
+    name = "source (DDIM round trip, unadapted)" if backend == "diffae" else "source (G_s samples, unadapted)"
+    source_row.update(backend=backend, target="photo", scheme=name, seed=0, **{"lambda": 0.0}, seconds=0.0)
+    return SimpleNamespace(
+        pipe=pipe, model_path=model_path, train_x=train_x, eval_input=eval_input, eval_x=eval_x, eval_factors=eval_factors,
+        reference_spread=reference_spread, source_images=source_images, source_row=source_row,
+    )
+
+
 def main(argv=None):
     args = parse_args(argv)
     for target in args.targets:
@@ -326,106 +418,106 @@ def main(argv=None):
     (out / "plots").mkdir(parents=True, exist_ok=True)
     (out / "grids").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    pipe, model_path = load_source_pipeline(args.model, device)
     oracle = ShapesOracle.from_pretrained(str(args.oracle or default_model_path("oracle"))).eval()
-    side = pipe.image_size
-    renderer = ShapesRenderer(side)
-    train_x, _ = renderer.sample(args.train_images, seed=2024, style="photo")
-    eval_x, eval_factors = renderer.sample(args.eval_images, seed=31337, style="photo")
-
-    # The unadapted round trip: the floor of factor errors and the diversity reference.
-    source_images = translate(pipe, eval_x, args)
-    clean = oracle.predict(eval_x)
-    reference_spread = mean_pairwise_distance(clean["features"])
-    source_row = evaluate_images(oracle, source_images, eval_factors, STYLES.index("photo"), side, reference_spread)
     clip = clip_encoders(CLIPPromptEncoder.from_pretrained(str(default_model_path("clip"))))
-    source_row["clip_direction"] = float("nan")  # no target direction for the unadapted round trip
-    source_row["lpips_diversity"] = lpips_diversity(oracle, source_images)
-    source_row.update(target="photo", scheme="source", seed=0, **{"lambda": 0.0}, seconds=0.0)
 
     runs_path = out / "runs.csv"
     done = {}
     if runs_path.is_file():
         with open(runs_path) as handle:
-            for row in csv.DictReader(handle):
-                done[run_key(row["target"], row["scheme"], int(row["seed"]), float(row["lambda"]))] = row
-    fields = ["target", "scheme", "seed", "lambda"] + [m[0] for m in METRICS] + ["raw_feature_spread", "seconds"]
+            reader = csv.DictReader(handle)
+            if "backend" not in (reader.fieldnames or []):
+                raise ValueError(f"{runs_path} was written by an older version of this benchmark (no backend column); move it away")
+            for row in reader:
+                done[run_key(row["backend"], row["target"], row["scheme"], int(row["seed"]), float(row["lambda"]))] = row
+    fields = ["backend", "target", "scheme", "seed", "lambda"] + [m[0] for m in METRICS] + ["raw_feature_spread", "seconds"]
     new_file = not runs_path.is_file()
     handle = open(runs_path, "a", newline="")
     writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
     if new_file:
         writer.writeheader()
 
-    plan = [(t, s, seed, args.lambda_domain) for t in args.targets for s in args.schemes for seed in args.seeds]
-    plan += [(args.targets[0], "adaptive", seed, float(lam)) for lam in args.lambdas for seed in args.seeds]
-    seen, grids = set(), {}
-    started = time.time()
-    for target, scheme, seed, lam in plan:
-        key = run_key(target, scheme, seed, lam)
-        if key in seen:
-            continue
-        seen.add(key)
-        if key in done:
-            continue
-        metrics, images = adapt_and_evaluate(
-            pipe, target, scheme, seed, lam, args, train_x, eval_x, eval_factors, oracle, reference_spread, clip
-        )
-        row = dict(target=target, scheme=scheme, seed=seed, **{"lambda": lam}, **metrics)
-        writer.writerow(row)
-        handle.flush()
-        done[key] = row
-        print(f"[{time.time() - started:7.0f}s] {key}: " + ", ".join(f"{m}={row[m]:.3f}" for m, _, _ in METRICS), flush=True)
-        if seed == args.seeds[0] and lam == args.lambda_domain:
-            grids.setdefault(target, {})[scheme] = images[:12]
+    started, source_rows, model_paths = time.time(), [], {}
+    for backend in args.backends:
+        arm = prepare_backend(backend, args, device, oracle, clip)
+        source_rows.append(arm.source_row)
+        model_paths[backend] = arm.model_path
+        plan = [(t, s, seed, args.lambda_domain) for t in args.targets for s in args.schemes for seed in args.seeds]
+        plan += [(args.targets[0], "adaptive", seed, float(lam)) for lam in args.lambdas for seed in args.seeds]
+        seen, grids = set(), {}
+        for target, scheme, seed, lam in plan:
+            key = run_key(backend, target, scheme, seed, lam)
+            if key in seen:
+                continue
+            seen.add(key)
+            if key in done:
+                continue
+            metrics, images = adapt_and_evaluate(
+                backend, arm.pipe, target, scheme, seed, lam, args, arm.train_x, arm.eval_input, arm.eval_x,
+                arm.eval_factors, oracle, arm.reference_spread, clip,
+            )
+            row = dict(backend=backend, target=target, scheme=scheme, seed=seed, **{"lambda": lam}, **metrics)
+            writer.writerow(row)
+            handle.flush()
+            done[key] = row
+            print(f"[{time.time() - started:7.0f}s] {key}: " + ", ".join(f"{m}={row[m]:.3f}" for m, _, _ in METRICS), flush=True)
+            if seed == args.seeds[0] and lam == args.lambda_domain:
+                grids.setdefault(target, {})[scheme] = images[:12]
+        # Grid rows: the source images, the unadapted model's output (diffae), one row per scheme.
+        for target, per_scheme in grids.items():
+            rows = [arm.eval_x[:12]] + ([arm.source_images[:12]] if backend == "diffae" else [])
+            rows += [per_scheme[s] for s in args.schemes if s in per_scheme]
+            image_grid(rows, out / "grids" / f"{backend}_{target.replace(' ', '_')}.png")
+        del arm
     handle.close()
-
-    for target, per_scheme in grids.items():
-        rows = [eval_x[:12], source_images[:12]] + [per_scheme[s] for s in args.schemes if s in per_scheme]
-        image_grid(rows, out / "grids" / f"{target.replace(' ', '_')}.png")
 
     rows = [dict(r) for r in done.values()]
     for r in rows:
         r["lambda"], r["seed"] = float(r["lambda"]), int(r["seed"])
-    comparison = [r for r in rows if r["lambda"] == args.lambda_domain and r["target"] in args.targets]
-    sweep = [r for r in rows if r["target"] == args.targets[0] and r["scheme"] == "adaptive" and r["lambda"] in [float(v) for v in args.lambdas]]
-    source_md = "| photo | source (DDIM round trip, unadapted) | – | – | " + " | ".join(f"{source_row[m]:.3f}" for m, _, _ in METRICS) + " |"
-    text, table_rows = write_table(comparison, out / "table.md", out / "table.csv", f"Prompt schemes (λ = {args.lambda_domain:g})")
-    text = text + "\n" + source_md
-    (out / "table.md").write_text(text + "\n")
+    comparison = [r for r in rows if r["lambda"] == args.lambda_domain and r["target"] in args.targets and r["backend"] in args.backends]
+    sweep = [
+        r for r in rows
+        if r["target"] == args.targets[0] and r["scheme"] == "adaptive" and r["backend"] in args.backends
+        and r["lambda"] in [float(v) for v in args.lambdas]
+    ]
+    text, table_rows = write_table(comparison, out / "table.md", out / "table.csv", f"Prompt schemes (λ = {args.lambda_domain:g})", source_rows)
     sweep_text = ""
     if sweep:
         sweep_text, _ = write_table(sweep, out / "lambda_sweep.md", None, f"λ sweep (adaptive, {args.targets[0]})")
-    config = dict(vars(args), model=model_path, device=device, torch_threads=torch.get_num_threads(), source_row=source_row)
+    config = dict(vars(args), models=model_paths, device=device, torch_threads=torch.get_num_threads(), source_rows=source_rows)
     (out / "config.json").write_text(json.dumps(config, indent=1))
     print(text)
     print(sweep_text)
 
-    # Plots: per metric, targets on the x axis, schemes as bars.
-    targets = [t for t in args.targets if any(r["target"] == t for r in table_rows)]
-    for key, label, _ in METRICS[:2] + METRICS[5:]:
-        values, errors = [], []
-        for t in targets:
-            vs, es = [], []
-            for s in args.schemes:
-                match = [r for r in table_rows if r["target"] == t and r["scheme"] == s]
-                vs.append(match[0][key] if match else 0.0)
-                es.append(match[0][key + "_ci95"] if match else 0.0)
-            values.append(vs)
-            errors.append(es)
-        if targets:
-            bar_plot(out / "plots" / f"{key}.png", label, targets, [SCHEME_NAMES[s] for s in args.schemes], values, errors)
-    if sweep:
-        lams = sorted({r["lambda"] for r in sweep})
-        values, errors = [], []
-        for lam in lams:
-            vs, es = [], []
-            for key in ("target_acc", "shape_acc", "feature_spread"):
-                mean, half = summarise([float(r[key]) for r in sweep if r["lambda"] == lam])
-                vs.append(mean)
-                es.append(half)
-            values.append(vs)
-            errors.append(es)
-        bar_plot(out / "plots" / "lambda_sweep.png", f"λ sweep ({args.targets[0]})", [f"λ={v:g}" for v in lams], ["target acc", "shape kept", "spread"], values, errors)
+    # Plots: per backend and metric, targets on the x axis, schemes as bars.
+    for backend in args.backends:
+        backend_rows = [r for r in table_rows if r["backend"] == backend]
+        targets = [t for t in args.targets if any(r["target"] == t for r in backend_rows)]
+        for key, label, _ in METRICS[:2] + METRICS[5:]:
+            values, errors = [], []
+            for t in targets:
+                vs, es = [], []
+                for s in args.schemes:
+                    match = [r for r in backend_rows if r["target"] == t and r["scheme"] == s]
+                    vs.append(match[0].get(key, 0.0) if match else 0.0)
+                    es.append(match[0].get(key + "_ci95", 0.0) if match else 0.0)
+                values.append(vs)
+                errors.append(es)
+            if targets:
+                bar_plot(out / "plots" / f"{backend}_{key}.png", f"{label} ({backend})", targets, [SCHEME_NAMES[s] for s in args.schemes], values, errors)
+        backend_sweep = [r for r in sweep if r["backend"] == backend]
+        if backend_sweep:
+            lams = sorted({r["lambda"] for r in backend_sweep})
+            values, errors = [], []
+            for lam in lams:
+                vs, es = [], []
+                for key in ("target_acc", "shape_acc", "feature_spread"):
+                    mean, half = summarise([float(r[key]) for r in backend_sweep if r["lambda"] == lam])
+                    vs.append(mean)
+                    es.append(half)
+                values.append(vs)
+                errors.append(es)
+            bar_plot(out / "plots" / f"{backend}_lambda_sweep.png", f"λ sweep ({backend}, {args.targets[0]})", [f"λ={v:g}" for v in lams], ["target acc", "shape kept", "spread"], values, errors)
     print(f"results in {out}")
 
 

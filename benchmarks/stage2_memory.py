@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from diffusers import DDIMScheduler  # noqa: E402
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel  # noqa: E402
 
-from ipl_diffusion.adaptation.diffae import Stage2Config, Stage2Trainer, clip_image_features, make_accelerator  # noqa: E402
+from ipl_diffusion.adaptation.diffae import Stage2Config, Stage2Trainer, clip_image_features  # noqa: E402
+from ipl_diffusion.adaptation.distributed import make_accelerator  # noqa: E402
 from ipl_diffusion.models import DiffAEUNetModel  # noqa: E402
 
 CONFIGS = {

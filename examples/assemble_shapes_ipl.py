@@ -1,38 +1,60 @@
 #!/usr/bin/env python
-"""Assemble the shipped Shapes ``IPLPipeline`` (``ipl_diffusion/shapes_models/diffae-ipl``).
+"""Assemble the shipped Shapes source pipelines (``ipl_diffusion/shapes_models/``).
 
-Takes the trained Shapes DiffAE (a ``DiffAEPipeline`` folder: semantic encoder, UNet,
-scheduler, latent net) and the Shapes CLIP (``CLIPModel`` + ``CLIPTokenizer`` +
-``CLIPImageProcessor`` folder) and saves them as one *source* ``IPLPipeline`` -- the default
-model of ``ipl adapt`` -- with ``IPLPipeline.from_components``. No weights are changed.
+* ``--backend diffae``: the trained Shapes DiffAE (a ``DiffAEPipeline`` folder written by
+  ``examples/shapes/train_diffae.py``: semantic encoder, UNet, scheduler, latent net) + the
+  Shapes CLIP -> one *source* ``IPLPipeline`` (``shapes_models/diffae-ipl``), the default model
+  of ``ipl adapt``.
+* ``--backend stylegan2``: the trained Shapes ``g_ema`` (a ``StyleGAN2Generator`` folder
+  written by ``examples/shapes/train_stylegan2.py``) + the Shapes CLIP -> one source
+  ``StyleGANIPLPipeline`` (``shapes_models/stylegan2``), the default of
+  ``ipl adapt --backend stylegan2``.
 
-    python examples/assemble_shapes_ipl.py            # shipped parts -> shipped diffae-ipl/
+Both record the domains the Shapes CLIP knows (``adapt`` refuses other labels) and the
+CPU-sized ``adapt`` defaults of ``ipl_diffusion.cli.adapt``. No weights are changed; the
+training run's ``training_record.json`` and ``samples.png`` are copied alongside.
+
+    python examples/assemble_shapes_ipl.py                      # runs/shapes_diffae_out -> diffae-ipl/
+    python examples/assemble_shapes_ipl.py --backend stylegan2  # runs/shapes_stylegan2_out -> stylegan2/
 """
 
 import argparse
 import shutil
 from pathlib import Path
 
-from ipl_diffusion.cli.adapt import SHAPES_ADAPT_DEFAULTS  # CPU-sized settings, recorded in the folder
-from ipl_diffusion.shapes import SOURCE_STYLE, default_model_path, known_domains
-from pipelines.pipeline_ipl import IPLPipeline
+from ipl_diffusion.cli.adapt import SHAPES_ADAPT_DEFAULTS, SHAPES_GAN_ADAPT_DEFAULTS  # recorded in the folder
+from ipl_diffusion.shapes import MODELS_DIR, SOURCE_STYLE, default_model_path, known_domains
+
+TRAINED = {"diffae": "runs/shapes_diffae_out", "stylegan2": "runs/shapes_stylegan2_out"}
+SHIPPED = {"diffae": MODELS_DIR / "diffae-ipl", "stylegan2": MODELS_DIR / "stylegan2"}
+RECORDS = ("training_record.json", "samples.png")
 
 
-def assemble(parts, clip, output):
-    pipe = IPLPipeline.from_components(
-        str(parts),
-        str(clip),
-        source_label=SOURCE_STYLE,
-        base_model="ipl-diffusion/shapes-diffae (shipped)",
-        adapt_defaults=SHAPES_ADAPT_DEFAULTS,
-    )
+def build(backend, trained, clip):
+    if backend == "stylegan2":
+        from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline as cls
+
+        defaults = SHAPES_GAN_ADAPT_DEFAULTS
+    else:
+        from pipelines.pipeline_ipl import IPLPipeline as cls
+
+        defaults = SHAPES_ADAPT_DEFAULTS
+    pipe = cls.from_components(str(trained), str(clip), source_label=SOURCE_STYLE, base_model=f"ipl-diffusion/shapes-{backend} (shipped)")
     # The Shapes CLIP knows only the Shapes styles; adapt() refuses any other label.
-    pipe.register_to_config(known_domains=list(known_domains()))
+    pipe.register_to_config(known_domains=list(known_domains()), adapt_defaults=dict(defaults))
+    return cls, pipe
+
+
+def assemble(backend, trained, clip, output):
+    cls, pipe = build(backend, trained, clip)
     output = Path(output)
     tmp = output.with_name(output.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
-    IPLPipeline.from_pretrained(tmp)  # check it loads through the real path before replacing
+    for name in RECORDS:
+        if (Path(trained) / name).is_file():
+            shutil.copy2(Path(trained) / name, tmp / name)
+    cls.from_pretrained(str(tmp))  # check it loads through the real path before replacing
     shutil.rmtree(output, ignore_errors=True)
     tmp.rename(output)
     return output
@@ -40,14 +62,14 @@ def assemble(parts, clip, output):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", default=None, help="DiffAEPipeline folder (default: the shipped Shapes parts)")
+    parser.add_argument("--backend", choices=("diffae", "stylegan2"), default="diffae")
+    parser.add_argument("--trained", default=None, help="trained model folder (default: the training script's --output_dir)")
     parser.add_argument("--clip", default=None, help="CLIP folder (default: the shipped Shapes CLIP)")
-    parser.add_argument("--output", default=None, help="output folder (default: shapes_models/diffae-ipl)")
+    parser.add_argument("--output", default=None, help="output folder (default: the shipped folder of --backend)")
     args = parser.parse_args(argv)
-    parts = args.parts or default_model_path("diffae-parts")
+    trained = args.trained or TRAINED[args.backend]
     clip = args.clip or default_model_path("clip")
-    output = args.output or Path(parts).parent / "diffae-ipl"
-    print(f"wrote {assemble(parts, clip, output)}")
+    print(f"wrote {assemble(args.backend, trained, clip, args.output or SHIPPED[args.backend])}")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
-from ipl_diffusion.adaptation.diffae import Stage1Options, Stage2Config, adapt_diffae, make_accelerator
+from ipl_diffusion.adaptation.diffae import Stage1Options, Stage2Config, adapt_diffae
+from ipl_diffusion.adaptation.distributed import make_accelerator
 from pipelines.pipeline_ipl import IPLPipeline
 
 logger = get_logger(__name__)

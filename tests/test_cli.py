@@ -134,19 +134,31 @@ def test_push_is_stubbed_and_uploads_the_card(adapted_dir, monkeypatch, capsys):
 
 def test_default_model_is_the_embedded_shapes_model(tmp_path):
     """`ipl adapt --target sketch` with no --model: the README's main-job command."""
-    shapes = pytest.importorskip("ipl_diffusion.shapes")
-    default_model_path = getattr(shapes, "default_model_path", None)
-    if default_model_path is None:
-        pytest.skip("the Shapes default model is not shipped yet")
-    try:
-        path = Path(default_model_path())
-    except (FileNotFoundError, ValueError) as err:
-        pytest.skip(f"the Shapes default model is not available: {err}")
-    if not (path / "model_index.json").is_file():
-        pytest.skip("the Shapes default model is not shipped yet")
     out = tmp_path / "sketch"
     assert main(["adapt", "--target", "sketch", "--output", str(out), *FAST_ARGS]) == 0
     assert (out / "pipeline" / "model_index.json").is_file() and (out / "before_after.png").is_file()
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["target"] == "sketch" and config["stage1"]["scheme"] == "adaptive"
+
+
+@pytest.mark.slow
+def test_stylegan2_default_is_the_embedded_shapes_gan(tmp_path):
+    """`ipl adapt --backend stylegan2 --target sketch` with no --model (GAN-IPL on the Shapes GAN)."""
+    from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
+
+    out = tmp_path / "gan-sketch"
+    args = ["--stage1-iterations", "2", "--iterations", "2", "--batch-size", "2", "--num-images", "4", "--device", "cpu"]
+    assert main(["adapt", "--backend", "stylegan2", "--target", "sketch", "--output", str(out), *args]) == 0
+    adapted = StyleGANIPLPipeline.from_pretrained(str(out / "pipeline"))
+    assert adapted.is_adapted and adapted.config.target_label == "sketch"
+    assert (out / "before_after.png").is_file()
+
+
+def test_shapes_defaults_refuse_unknown_labels_before_loading(tmp_path, capsys):
+    for backend in ("diffae", "stylegan2"):
+        assert main(["adapt", "--backend", backend, "--target", "Wall painting", "--output", str(tmp_path / backend)]) == 2
+        assert "known domains: photo, sketch" in capsys.readouterr().err
+        assert not (tmp_path / backend).exists()
 
 
 def test_unusable_device_is_one_line_before_any_model_loads(capsys):

@@ -1,5 +1,6 @@
 """The mode-collapse benchmark's metrics, checked against hand computations and clean renders."""
 
+import csv
 import importlib.util
 import math
 from pathlib import Path
@@ -56,10 +57,21 @@ def test_collapsed_images_score_low_diversity_and_preservation():
 @pytest.mark.slow
 def test_quick_benchmark_runs_end_to_end(tmp_path):
     """The CI mode of the benchmark: every scheme adapts the shipped Shapes DiffAE and the
-    tables carry every metric, the CLIP directional similarity from ipl_diffusion.metrics too."""
+    shipped Shapes StyleGAN2, and the tables carry every metric, the CLIP directional
+    similarity from ipl_diffusion.metrics too."""
     bench.main(["--quick", "--output_dir", str(tmp_path)])
     table = (tmp_path / "table.md").read_text()
     for name in ("manual (NADA)", "learned", "random", "adaptive (IPL)", "CLIP directional sim.", "LPIPS-style diversity"):
         assert name in table
-    rows = (tmp_path / "runs.csv").read_text().splitlines()
-    assert len(rows) > 4 and "clip_direction" in rows[0] and "lpips_diversity" in rows[0]
+    for backend in ("diffae", "stylegan2"):
+        lines = [line for line in table.splitlines() if line.startswith(f"| {backend} |")]
+        assert len(lines) == 5, f"{backend}: four schemes and the source row"
+        assert (tmp_path / "grids" / f"{backend}_sketch.png").is_file()
+    with open(tmp_path / "runs.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["backend"] for r in rows} == {"diffae", "stylegan2"}
+    assert "clip_direction" in rows[0] and "lpips_diversity" in rows[0]
+    # A re-run finds every run in runs.csv and adapts nothing (an interrupted benchmark resumes).
+    bench.main(["--quick", "--output_dir", str(tmp_path)])
+    with open(tmp_path / "runs.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == len(rows)

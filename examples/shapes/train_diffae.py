@@ -23,10 +23,10 @@ DDIM inversion -> decoding, and an oracle's reading of samples when the oracle e
 sample grids. Checkpoints go to ``--work_dir`` (safetensors; ``--resume_from_checkpoint latest``
 continues a killed run).
 
-Example (the shipped parts)::
+Example (the shipped model, then its assembly with the Shapes CLIP)::
 
-    python examples/shapes/train_diffae.py --max_minutes 60 --latent_minutes 6 \
-        --output_dir ipl_diffusion/shapes_models/parts --work_dir runs/shapes_diffae
+    python examples/shapes/train_diffae.py --batch_size 16 --max_minutes 70 --latent_minutes 5
+    python examples/assemble_shapes_ipl.py     # -> ipl_diffusion/shapes_models/diffae-ipl
 """
 
 import argparse
@@ -52,7 +52,7 @@ from pipelines.pipeline_diffae import DiffAEPipeline, default_latent_scheduler, 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output_dir", default="ipl_diffusion/shapes_models/parts")
+    p.add_argument("--output_dir", default="runs/shapes_diffae_out", help="trained DiffAEPipeline folder (then examples/assemble_shapes_ipl.py)")
     p.add_argument("--work_dir", default="runs/shapes_diffae")
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--batch_size", type=int, default=32)

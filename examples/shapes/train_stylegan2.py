@@ -3,7 +3,7 @@
 
 Uses the project's own rosinality-layout :class:`~ipl_diffusion.models.StyleGAN2Generator` and
 :class:`~ipl_diffusion.models.stylegan2.StyleGAN2Discriminator` with a small config (size 32,
-``style_dim`` 128, ``n_mlp`` 4, ``channel_max`` 128). The objective is StyleGAN2's (Karras et al.
+``style_dim`` 128, ``n_mlp`` 4, ``channel_max`` 64). The objective is StyleGAN2's (Karras et al.
 2020, as trained by rosinality's ``train.py``): non-saturating logistic loss, lazy R1 penalty on
 real images every ``--d_reg_every`` steps (with the Adam hyper-parameters rescaled for lazy
 regularisation, StyleGAN2 Appendix B), style mixing, and an EMA generator ``g_ema`` (half-life
@@ -18,10 +18,10 @@ recorded. Checkpoints (generator, discriminator, g_ema, both optimisers, RNG) go
 ``--work_dir``; ``--resume_from_checkpoint latest`` continues a killed run. Minutes on a GPU;
 on a CPU expect hours for clean samples.
 
-Example::
+Example (the shipped model)::
 
-    python examples/shapes/train_stylegan2.py --max_minutes 30 \
-        --output_dir ipl_diffusion/shapes_models/stylegan2 --work_dir runs/shapes_stylegan2
+    python examples/shapes/train_stylegan2.py --max_minutes 70
+    python examples/assemble_shapes_ipl.py --backend stylegan2   # + Shapes CLIP -> shapes_models/stylegan2
 """
 
 import argparse
@@ -43,12 +43,12 @@ from ipl_diffusion.shapes.renderer import COLORS, SHAPES, SOURCE_STYLE, STYLES, 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output_dir", default="ipl_diffusion/shapes_models/stylegan2")
+    p.add_argument("--output_dir", default="runs/shapes_stylegan2_out", help="trained g_ema folder (then examples/assemble_shapes_ipl.py --backend stylegan2)")
     p.add_argument("--work_dir", default="runs/shapes_stylegan2")
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--style_dim", type=int, default=128)
     p.add_argument("--n_mlp", type=int, default=4)
-    p.add_argument("--channel_max", type=int, default=128)
+    p.add_argument("--channel_max", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--max_steps", type=int, default=20000)
     p.add_argument("--max_minutes", type=float, default=None)

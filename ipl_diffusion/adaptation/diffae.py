@@ -56,9 +56,7 @@ import torch.nn.functional as F
 
 from ipl_diffusion import checkpointing, ddim
 
-# make_accelerator and MIXED_PRECISION stay importable from here (examples/train_ipl_diffae.py
-# and benchmarks/stage2_memory.py import them from this module).
-from ipl_diffusion.adaptation.distributed import (  # noqa: F401
+from ipl_diffusion.adaptation.distributed import (
     MIXED_PRECISION,
     average_gradients,
     gather_in_order,

@@ -7,8 +7,8 @@ package ships small models trained on a synthetic world with known ground-truth 
   background) in one of several styles; the styles are the domains ("photo" is the source).
 * :mod:`.vocab` -- captions and the byte-level BPE ``CLIPTokenizer`` built from them.
 * :mod:`.oracle` -- a classifier/regressor of the factors, used only for evaluation.
-* ``ipl_diffusion/shapes_models/`` -- the shipped weights (``clip/``, ``oracle/``, DiffAE
-  ``parts/`` and the assembled ``diffae-ipl/`` pipeline), located by :func:`default_model_path`.
+* ``ipl_diffusion/shapes_models/`` -- the shipped weights (``clip/``, ``oracle/`` and the two
+  source pipelines ``diffae-ipl/`` and ``stylegan2/``), located by :func:`default_model_path`.
 """
 
 from pathlib import Path
@@ -33,15 +33,13 @@ _MODEL_FOLDERS = {
     "stylegan2": "stylegan2",
     "clip": "clip",
     "oracle": "oracle",
-    "diffae-parts": "parts",
 }
 
 _TRAINING_SCRIPTS = {
     "clip": "examples/shapes/train_clip.py",
     "oracle": "examples/shapes/train_oracle.py",
-    "diffae-parts": "examples/shapes/train_diffae.py",
     "diffae": "examples/shapes/train_diffae.py, then examples/assemble_shapes_ipl.py",
-    "stylegan2": "examples/shapes/train_stylegan2.py",
+    "stylegan2": "examples/shapes/train_stylegan2.py, then examples/assemble_shapes_ipl.py --backend stylegan2",
 }
 
 
@@ -50,8 +48,9 @@ def default_model_path(backend="diffae"):
 
     Args:
         backend: ``"diffae"`` (the ``IPLPipeline`` folder, the default of ``ipl adapt``),
-            ``"stylegan2"``, ``"clip"`` (the Shapes ``CLIPModel`` + tokenizer), ``"oracle"`` or
-            ``"diffae-parts"`` (the trained DiffAE components).
+            ``"stylegan2"`` (the ``StyleGANIPLPipeline`` folder, the default of
+            ``ipl adapt --backend stylegan2``), ``"clip"`` (the Shapes ``CLIPModel`` +
+            tokenizer + image processor) or ``"oracle"``.
 
     Raises:
         ValueError: unknown ``backend`` (the message lists the known ones).
