@@ -284,7 +284,12 @@ def write_table(rows, path_md, path_csv, title, source_rows=()):
     lines = [f"### {title}", "", "| backend | target | scheme | λ | seeds | " + " | ".join(m[1] for m in METRICS) + " |"]
     lines.append("|" + "---|" * (5 + len(METRICS)))
     table_rows = []
-    for (backend, target, scheme, lam), members in groups.items():
+    def order(key):  # backend, then target style, then scheme as listed, then λ
+        backend, target, scheme, lam = key
+        rank = lambda seq, x: seq.index(x) if x in seq else len(seq)  # noqa: E731
+        return rank(BACKENDS, backend), rank(STYLES, target), rank(SCHEMES, scheme), lam
+
+    for (backend, target, scheme, lam), members in sorted(groups.items(), key=lambda item: order(item[0])):
         cells, record = [], dict(backend=backend, target=target, scheme=scheme, **{"lambda": lam}, seeds=len(members))
         for key, _, _ in METRICS:
             # Rows from runs.csv written before a metric existed have no value for it.
