@@ -35,6 +35,7 @@ from typing import Mapping
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -242,11 +243,17 @@ def load_checkpoint(
     path = Path(path)
     if not (path / META_FILE).is_file() or not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint folder (needs {STATE_FILE} and {META_FILE})")
-    with open(path / META_FILE) as handle:
-        meta = json.load(handle)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported checkpoint format {meta.get('format_version')!r}")
-    tensors = load_file(str(path / STATE_FILE))
+    try:
+        with open(path / META_FILE) as handle:
+            meta = json.load(handle)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported checkpoint format {meta.get('format_version')!r}")
+        tensors = load_file(str(path / STATE_FILE))
+    except (ValueError, OSError, SafetensorError) as err:  # json's error is a ValueError
+        raise ValueError(
+            f"checkpoint {path} is unreadable ({err}); it was cut short or edited -- delete that folder "
+            "to resume from the one before it"
+        ) from None
     for name, module in models.items():
         prefix = f"model/{name}/"
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -265,3 +272,38 @@ def load_checkpoint(
     if restore_rng:
         _restore_rng(tensors, meta["rng"], generators)
     return int(meta["step"]), meta["config"]
+
+
+# Options that must match for a checkpoint to continue a run; the number of iterations and
+# the checkpoint / sample intervals may change (e.g. to extend a finished run).
+_RUN_IDENTITY = (("source",), ("target",), ("stage1", "scheme"), ("stage1", "lambda_domain"),
+                 ("stage2", "learning_rate"), ("stage2", "batch_size"), ("stage2", "seed"))
+
+
+def check_same_run(path: str | os.PathLike, saved: Mapping, current: Mapping) -> None:
+    """Refuse to resume from a checkpoint written by a run with other settings.
+
+    ``saved`` / ``current`` are the trainers' run configs (``source``, ``target``, ``stage1``,
+    ``stage2`` dicts). Raises ``ValueError`` naming the first option that differs.
+    """
+    for keys in _RUN_IDENTITY:
+        old, new = saved, current
+        for key in keys:
+            old = old.get(key) if isinstance(old, Mapping) else None
+            new = new.get(key) if isinstance(new, Mapping) else None
+        if old is not None and new is not None and old != new:
+            raise ValueError(
+                f"checkpoint {path} belongs to another run ({'.'.join(keys)} was {old!r} there, {new!r} now); "
+                "resume with the same options or write to a new output folder"
+            )
+
+
+def refuse_foreign_checkpoints(output_dir: str | os.PathLike) -> None:
+    """Before a fresh (not resumed) run: ``ValueError`` when ``output_dir`` already holds
+    checkpoints, which the new run's rotation would otherwise delete."""
+    found = list_checkpoints(output_dir)
+    if found:
+        raise ValueError(
+            f"{output_dir} already holds checkpoints of an earlier run ({found[-1].name}); resume it with "
+            "resume_from_checkpoint='latest' (CLI: --resume-from-checkpoint latest) or choose a new output folder"
+        )

@@ -120,3 +120,28 @@ def test_errors(tmp_path):
         ckpt.load_checkpoint(path, {"net": other})
     with pytest.raises(ValueError, match="no weights for model 'ema'"):
         ckpt.load_checkpoint(path, {"ema": model})
+
+
+def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
+    from ipl_diffusion.checkpointing import load_checkpoint, save_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    path = save_checkpoint(tmp_path, 1, {"m": model}, config={"target": "sketch"})
+    state = path / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:20])  # cut short, as by a full disk
+    with pytest.raises(ValueError, match="unreadable.*delete that folder"):
+        load_checkpoint(path, {"m": model})
+
+
+def test_resume_refuses_another_runs_checkpoint_and_fresh_runs_keep_old_ones(tmp_path):
+    from ipl_diffusion.checkpointing import check_same_run, refuse_foreign_checkpoints, save_checkpoint
+
+    saved = {"source": "photo", "target": "neon", "stage1": {"scheme": "adaptive"}, "stage2": {"learning_rate": 0.02, "iterations": 6}}
+    # more iterations (extending a run) is the same run; another target is not
+    check_same_run(tmp_path, saved, {**saved, "stage2": {"learning_rate": 0.02, "iterations": 60}})
+    with pytest.raises(ValueError, match="target was 'neon' there, 'sketch' now"):
+        check_same_run(tmp_path, saved, {**saved, "target": "sketch"})
+    refuse_foreign_checkpoints(tmp_path / "checkpoints")  # none yet: fine
+    save_checkpoint(tmp_path / "checkpoints", 6, {"m": torch.nn.Linear(2, 2)}, config=saved)
+    with pytest.raises(ValueError, match="already holds checkpoints.*checkpoint-6"):
+        refuse_foreign_checkpoints(tmp_path / "checkpoints")

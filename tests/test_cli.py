@@ -178,3 +178,10 @@ def test_adapt_refuses_bad_output_and_image_count_before_loading(tmp_path, capsy
     assert main(["adapt", "--target", "sketch", "--num-images", "1", "--output", str(tmp_path / "o")]) == 2
     assert "--num-images must be >= 2" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_adapt_refuses_to_write_into_the_images_folder(photos, capsys):
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    assert main(["adapt", "--target", "sketch", "--images", str(photos), "--output", str(photos)]) == 2
+    assert "is the --images folder" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before

@@ -505,7 +505,8 @@ class Stage2Trainer:
         path = checkpointing.resolve_checkpoint(self.checkpoint_dir() or Path("."), name)
         if path is None:
             return self.step
-        self.step, _ = checkpointing.load_checkpoint(path, {"unet": self.unet}, {"optimizer": self.optimizer.optimizer})
+        self.step, saved = checkpointing.load_checkpoint(path, {"unet": self.unet}, {"optimizer": self.optimizer.optimizer})
+        checkpointing.check_same_run(path, saved, self.run_config)
         history = path / "history.json"
         self.history = json.loads(history.read_text()) if history.is_file() else []
         return self.step
@@ -533,6 +534,8 @@ class Stage2Trainer:
         from tqdm.auto import tqdm
 
         cfg, acc = self.config, self.accelerator
+        if resume_from_checkpoint is None and self.output_dir is not None:
+            checkpointing.refuse_foreign_checkpoints(self.checkpoint_dir())
         self.resume(resume_from_checkpoint)
         log = LossLog(self.output_dir, enabled=acc.is_main_process)
         n = self.cache["x0"].shape[0]
@@ -735,6 +738,8 @@ def adapt_diffae(
     t0 = check_t0(stage2.t0, scheduler)
     source, target = validate_labels(clip_model, tokenizer, source, target, stage1.n_ctx)
     out = Path(output_dir) if output_dir is not None else None
+    if out is not None and resume_from_checkpoint is None:  # before the cache / Stage 1 are written
+        checkpointing.refuse_foreign_checkpoints(out / "checkpoints")
     run_config = {
         "source": source,
         "target": target,

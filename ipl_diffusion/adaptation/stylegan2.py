@@ -539,6 +539,7 @@ class GANIPLTrainer:
             optimizers={"generator": self.optimizer.optimizer},
             generators={"stage2": self.rng},
         )
+        checkpointing.check_same_run(path, state, self.run_config)
         if self.accelerator.scaler is not None and state.get("grad_scaler"):
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         self.step = step
@@ -592,6 +593,8 @@ class GANIPLTrainer:
         cfg, acc = self.config, self.accelerator
         if resume_from_checkpoint is not None:
             self.resume(resume_from_checkpoint)
+        elif self.output_dir is not None:
+            checkpointing.refuse_foreign_checkpoints(self.output_dir / "checkpoints")
         log = self._open_loss_log() if acc.is_main_process else None
         bar = tqdm(total=cfg.iterations, initial=self.step, disable=not (progress and acc.is_local_main_process), desc="GAN-IPL stage 2")
         try:
@@ -737,6 +740,8 @@ def adapt_stylegan2(
     stage1 = dict(stage1 or {})
     stage2 = stage2 or GANStage2Config()
     stage2.validate()
+    if output_dir is not None and resume_from_checkpoint is None:  # before Stage 1 writes anything
+        checkpointing.refuse_foreign_checkpoints(Path(output_dir) / "checkpoints")
     num_images = int(stage1.pop("num_images", 256))
     accelerator = accelerator or make_accelerator(stage2.mixed_precision, source_generator.device)
     device = accelerator.device

@@ -197,6 +197,9 @@ def run(args) -> int:
         raise ValueError(f"--output {output} is an existing file; give a folder")
     if args.num_images is not None and args.num_images < 2:
         raise ValueError(f"--num-images must be >= 2 (the contrastive loss needs pairs), got {args.num_images}")
+    if args.images is not None and output.resolve() == Path(args.images).resolve():
+        # The run writes before_after.png, pipeline/ ... there, over the user's images.
+        raise ValueError(f"--output {output} is the --images folder; give a separate output folder")
     if args.images is not None and not Path(args.images).is_file():
         from ipl_diffusion.images import list_image_files
 
