@@ -38,6 +38,13 @@ class AdaptedPipelineMixin:
                     f"{label!r} is not one of them"
                 )
 
+    def resolve_adapt_options(self, library_defaults: dict, given: dict) -> dict:
+        """The options of one ``adapt`` call: each ``given`` value that is not ``None``, else the
+        pipeline's recommended value (``config.adapt_defaults``, e.g. the shipped Shapes models'
+        CPU-sized settings), else the backend's ``library_defaults``."""
+        recommended = self.config.get("adapt_defaults") or {}
+        return {**library_defaults, **recommended, **{k: v for k, v in given.items() if v is not None}}
+
     def load_sample_grid(self, folder) -> None:
         """Set ``sample_grid`` from ``folder/sample_grid.png`` when a saved pipeline has one."""
         grid = Path(folder) / SAMPLE_GRID_NAME

@@ -436,7 +436,7 @@ class IPLPipeline(AdaptedPipelineMixin, XFormersFallbackPipelineMixin, Diffusion
             batch_size=batch_size, clip_loss_weight=clip_loss_weight, l1_loss_weight=l1_loss_weight,
             id_loss_weight=id_loss_weight, gradient_mode=gradient_mode,
         )
-        o = {**ADAPT_DEFAULTS, **(self.config.adapt_defaults or {}), **{k: v for k, v in given.items() if v is not None}}
+        o = self.resolve_adapt_options(ADAPT_DEFAULTS, given)
         source, target = diff_ipl.validate_labels(
             self.text_encoder, self.tokenizer, source or self.config.source_label or "Photo", target, o["n_ctx"]
         )

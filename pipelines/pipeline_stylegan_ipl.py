@@ -407,7 +407,7 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("adapt needs the CLIP text_encoder and tokenizer components; this pipeline has none")
         given = dict(num_images=num_images, stage1_iterations=stage1_iterations, stage1_batch_size=stage1_batch_size, iterations=iterations, batch_size=batch_size, learning_rate=learning_rate)
-        o = {**ADAPT_DEFAULTS, **(self.config.get("adapt_defaults") or {}), **{k: v for k, v in given.items() if v is not None}}
+        o = self.resolve_adapt_options(ADAPT_DEFAULTS, given)
         num_images, stage1_iterations, stage1_batch_size = o["num_images"], o["stage1_iterations"], o["stage1_batch_size"]
         iterations, batch_size, learning_rate = o["iterations"], o["batch_size"], o["learning_rate"]
         if scheme not in PROMPT_SCHEMES:

@@ -166,17 +166,11 @@ def load_pipeline(backend, model, device=None):
         from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline as cls
     else:
         from pipelines.pipeline_ipl import IPLPipeline as cls
-    shipped = model is None
-    if model is None:
+    if model is None:  # the shipped Shapes model; its folder records its adapt defaults
         from ipl_diffusion.shapes import default_model_path
 
-        try:
-            model = default_model_path(backend)
-        except TypeError:  # a default_model_path() without a backend argument
-            model = default_model_path()
+        model = default_model_path(backend)
     pipe = cls.from_pretrained(str(model))
-    if shipped and not pipe.config.get("adapt_defaults"):
-        pipe.register_to_config(adapt_defaults=SHAPES_GAN_ADAPT_DEFAULTS if backend == "stylegan2" else SHAPES_ADAPT_DEFAULTS)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return pipe.to(device)
 
@@ -184,10 +178,9 @@ def load_pipeline(backend, model, device=None):
 def _check_domain(label):
     """Shapes models know only their own domains: say which, before any work is done;
     returns the canonical name ("Pixel-Art" -> "pixel art")."""
-    from ipl_diffusion import shapes
+    from ipl_diffusion.shapes import check_domain
 
-    check = getattr(shapes, "check_domain", None)
-    return check(label) if check is not None else label
+    return check_domain(label)
 
 
 def run(args) -> int:
