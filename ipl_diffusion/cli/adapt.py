@@ -215,10 +215,10 @@ def run(args) -> int:
     elif args.model is None and args.backend == "diffae":
         # The embedded Shapes world renders real source-domain ("photo") images; its latent
         # net (trained for minutes) samples z_sem less faithfully than the renderer draws.
-        from ipl_diffusion.shapes import SOURCE_STYLE, render
+        from ipl_diffusion.shapes import source_images
 
         count = args.num_images or pipe.config.adapt_defaults.get("num_images", 16)
-        kwargs["images"] = render(count, resolution=pipe.image_size, seed=args.seed, style=SOURCE_STYLE)[0]
+        kwargs["images"] = source_images(count, seed=args.seed, resolution=pipe.image_size)
     if args.source is not None:
         kwargs["source"] = args.source
     kwargs["output_dir"] = str(output)
