@@ -390,18 +390,19 @@ def prepare_backend(backend, args, device, oracle, clip):
         train_x = None
         eval_input = torch.randn(args.eval_images, pipe.source_generator.style_dim, generator=torch.Generator().manual_seed(31337))
         eval_x = gan_samples(pipe, eval_input, args, source=True)
+        read = oracle.predict(eval_x)
         # No ground truth for generated images: the oracle's reading of the source image is
         # the reference each adapted image is compared with.
-        read = oracle.predict(eval_x)
         eval_factors = SimpleNamespace(shape=read["shape"], color=read["color"], position=read["position"], size=read["size"])
         source_images = eval_x
     else:
         train_x, _ = renderer.sample(args.train_images, seed=2024, style="photo")
         eval_x, eval_factors = renderer.sample(args.eval_images, seed=31337, style="photo")
+        read = oracle.predict(eval_x)
         eval_input = eval_x
         # The unadapted round trip: the floor of factor errors.
         source_images = translate(pipe, eval_x, args)
-    reference_spread = mean_pairwise_distance(oracle.predict(eval_x)["features"])
+    reference_spread = mean_pairwise_distance(read["features"])
     source_row = evaluate_images(oracle, source_images, eval_factors, STYLES.index("photo"), side, reference_spread)
     source_row["clip_direction"] = float("nan")  # no target direction for the unadapted model
     source_row["lpips_diversity"] = lpips_diversity(oracle, source_images)
