@@ -45,6 +45,10 @@ def load_pipeline(load: Callable, path: str, components: Iterable[str], kwargs: 
     if os.path.isdir(path):
         check_pipeline_folder(path, components, kwargs)
         return load(path, **kwargs)
+    if path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path:
+        # A Hub id is "name" or "owner/name"; anything else was meant as a local folder, and
+        # asking the Hub about it would only answer with its repo-id naming rules.
+        raise FileNotFoundError(f"pipeline folder {path!r} does not exist")
     offline = hub_offline()
     if offline:
         kwargs.setdefault("local_files_only", True)

@@ -98,6 +98,11 @@ def test_errors_are_one_line(model_dir, tmp_path, capsys):
     rc = main(["translate", "--model", str(tmp_path / "no-model"), "--input", str(tmp_path), "--output",
                str(tmp_path / "o")])
     assert rc == 2
+    capsys.readouterr()
+    # a missing local folder is named as such, not judged by the Hub's repo-id rules
+    assert main(["sample", "--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "pipeline folder" in err and "does not exist" in err
 
 
 def test_sample_is_seeded(adapted_dir, tmp_path):
