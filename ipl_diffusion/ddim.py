@@ -1,8 +1,9 @@
 """Deterministic DDIM decoding and inversion as small pure functions.
 
 All functions read the noise schedule (``alphas_cumprod``, ``final_alpha_cumprod``, the
-timestep grid, ``clip_sample``) from a diffusers :class:`~diffusers.DDIMScheduler` and never
-build a beta schedule of their own. They keep the autograd graph (no ``torch.no_grad``
+timestep grid, ``clip_sample``, ``prediction_type``) from a diffusers
+:class:`~diffusers.DDIMScheduler` and never build a beta schedule of their own. The update is
+written in eps; a v-prediction model's output is converted to eps first (:func:`predict_eps`). They keep the autograd graph (no ``torch.no_grad``
 inside) so Stage 2 fine-tuning can back-propagate through a chain of steps; pipelines wrap
 them in ``torch.no_grad()`` themselves.
 
@@ -73,6 +74,7 @@ __all__ = [
     "ddim_decode",
     "ddim_invert",
     "predict_eps",
+    "prediction_type",
 ]
 
 Plan = List[Tuple[int, int, int]]
@@ -243,11 +245,32 @@ def inversion_plan(
     raise ValueError(f"variant must be 'mirror' or 'diffae'; got {variant!r}")
 
 
-def predict_eps(model, x: torch.Tensor, t: int, z_sem: Optional[torch.Tensor]) -> torch.Tensor:
-    """Call a noise model as ``model(x, t, z_sem)`` (or ``model(x, t)`` when ``z_sem`` is None).
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def prediction_type(scheduler) -> str:
+    """What the network predicts, from the scheduler config (diffusers' ``prediction_type``).
+
+    Raises:
+        ValueError: a type other than ``"epsilon"`` / ``"v_prediction"`` (``"sample"`` is not
+            supported: eps derived from an x0 prediction divides by ``sqrt(1 - alpha_bar)``,
+            which vanishes at the last decoding step).
+    """
+    kind = getattr(scheduler.config, "prediction_type", "epsilon") if scheduler is not None else "epsilon"
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; the scheduler says {kind!r}")
+    return kind
+
+
+def predict_eps(model, x: torch.Tensor, t: int, z_sem: Optional[torch.Tensor], scheduler=None) -> torch.Tensor:
+    """Call a noise model as ``model(x, t, z_sem)`` (or ``model(x, t)`` when ``z_sem`` is None)
+    and return its noise prediction eps.
 
     ``t`` is broadcast to a ``(B,)`` long tensor on ``x``'s device. Accepts models returning a
-    tensor, a tuple, or a diffusers output with ``.sample``.
+    tensor, a tuple, or a diffusers output with ``.sample``. With a ``scheduler`` whose
+    ``prediction_type`` is ``"v_prediction"`` (Salimans & Ho 2022, ``v = sqrt(a) eps -
+    sqrt(1 - a) x0`` at ``a = alphas_cumprod[t]``) the output is converted:
+    ``eps = sqrt(a) v + sqrt(1 - a) x``. Without a scheduler the output is taken to be eps.
     """
     timestep = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
     out = model(x, timestep) if z_sem is None else model(x, timestep, z_sem)
@@ -255,6 +278,9 @@ def predict_eps(model, x: torch.Tensor, t: int, z_sem: Optional[torch.Tensor]) -
         out = out.sample
     elif isinstance(out, (tuple, list)):
         out = out[0]
+    if prediction_type(scheduler) == "v_prediction":
+        a = scheduler.alphas_cumprod[int(t)].to(device=x.device, dtype=torch.float32)
+        out = (a.sqrt() * out.float() + (1 - a).sqrt() * x.float()).to(out.dtype)
     return out
 
 
@@ -277,7 +303,7 @@ def _run_plan(model, x, z_sem, scheduler, plan: Plan, clip_range, progress_bar) 
     final = float(scheduler.final_alpha_cumprod)
     steps: Iterable = progress_bar(plan) if progress_bar is not None else plan
     for model_t, frm, to in steps:
-        eps = predict_eps(model, x, model_t, z_sem)
+        eps = predict_eps(model, x, model_t, z_sem, scheduler)
         x, _ = ddim_step(eps.to(x.dtype), x, frm, to, alphas, final, clip_range)
     return x
 
@@ -305,7 +331,8 @@ def ddim_decode(
 
     Args:
         unet: noise model called as ``unet(x, t, z_sem)`` (``unet(x, t)`` if ``z_sem`` is None, e.g.
-            the latent net); see :func:`predict_eps`.
+            the latent net); it predicts eps or v as the scheduler's ``prediction_type`` says
+            (see :func:`predict_eps`).
         x_t: ``(B, C, H, W)`` (or ``(B, D)`` for latents) at the first grid level. Keep it
             float32 for a half-precision model: the model computes in its own dtype, the chain
             stays in ``x_t``'s.
@@ -322,10 +349,11 @@ def ddim_decode(
         ``x0`` with the shape and dtype of ``x_t`` (images in ``[-1, 1]`` when clipping is on).
 
     Raises:
-        ValueError: bad step counts / grids, or an image size the UNet cannot take (before any
-            forward pass).
+        ValueError: bad step counts / grids, an unsupported ``prediction_type``, or an image size
+            the UNet cannot take (before any forward pass).
     """
     _check_input(unet, x_t)
+    prediction_type(scheduler)
     grid = _resolve_grid(scheduler, num_inference_steps, start_timestep, timesteps)
     return _run_plan(unet, x_t, z_sem, scheduler, decode_plan(grid), _clip_range(scheduler, clip_sample), progress_bar)
 
@@ -360,6 +388,7 @@ def ddim_invert(
         the same ``num_inference_steps`` / ``start_timestep=end_timestep``.
     """
     _check_input(unet, x0)
+    prediction_type(scheduler)
     grid = _resolve_grid(scheduler, num_inference_steps, end_timestep, timesteps)
     plan = inversion_plan(
         grid,

@@ -57,9 +57,15 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 Generator = Optional[Union[torch.Generator, List[torch.Generator]]]
 
 
-def diffae_scheduler() -> DDIMScheduler:
-    """The image DDIM scheduler of upstream DiffAE (T=1000, linear betas, clipped x0)."""
+def diffae_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """The image DDIM scheduler of upstream DiffAE (T=1000, linear betas, clipped x0).
+
+    ``prediction_type`` is diffusers' name for what the UNet predicts: ``"epsilon"`` (upstream
+    DiffAE and its converted checkpoints) or ``"v_prediction"`` (the Shapes DiffAE; see
+    ``examples/shapes/train_diffae.py``). :mod:`ipl_diffusion.ddim` reads it from the config.
+    """
     return DDIMScheduler(
+        prediction_type=prediction_type,
         num_train_timesteps=1000,
         beta_start=1e-4,
         beta_end=0.02,

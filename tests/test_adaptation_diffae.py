@@ -28,7 +28,7 @@ def cache(pipe):
     return diffae.encode_sources(pipe.semantic_encoder, pipe.source_unet, pipe.scheduler, images, 200, 4, 2, progress=False)
 
 
-def make_trainer(pipe, cache, accelerator, output_dir=None, **overrides):
+def make_trainer(pipe, cache, accelerator, output_dir=None, scheduler=None, **overrides):
     options = dict(t0=200, num_train_steps=2, num_inference_steps=3, iterations=4, batch_size=2, learning_rate=1e-3)
     options.update(overrides)
     features = diffae.clip_image_features(pipe.text_encoder, pipe.feature_extractor)
@@ -36,7 +36,7 @@ def make_trainer(pipe, cache, accelerator, output_dir=None, **overrides):
     gen = torch.Generator().manual_seed(0)
     src, tgt = torch.randn(4, d, generator=gen), torch.randn(4, d, generator=gen)
     return diffae.Stage2Trainer(
-        pipe.source_unet, pipe.scheduler, cache, src, tgt, features, diffae.Stage2Config(**options),
+        pipe.source_unet, scheduler or pipe.scheduler, cache, src, tgt, features, diffae.Stage2Config(**options),
         identity_features=pipe.semantic_encoder, accelerator=accelerator, output_dir=output_dir,
     )
 
@@ -83,6 +83,21 @@ def test_training_chain_equals_inference_decoding(pipe, cache, accelerator):
             x, _ = trainer._step(x, *step, z)
         reference = diffae.decode_from_t0(pipe.source_unet, cache["x_t0"][:2], cache["z_sem"][:2], pipe.scheduler, 200, 2)
     torch.testing.assert_close(x, reference)
+
+
+def test_training_chain_follows_a_v_prediction_scheduler(pipe, cache, accelerator):
+    from diffusers import DDIMScheduler
+
+    v_scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    trainer = make_trainer(pipe, cache, accelerator, scheduler=v_scheduler)
+    x, z = trainer.cache["x_t0"][:2], trainer.cache["z_sem"][:2]
+    with torch.no_grad():
+        for step in trainer._plan:
+            x, _ = trainer._step(x, *step, z)
+        as_v = diffae.decode_from_t0(pipe.source_unet, cache["x_t0"][:2], cache["z_sem"][:2], v_scheduler, 200, 2)
+        as_eps = diffae.decode_from_t0(pipe.source_unet, cache["x_t0"][:2], cache["z_sem"][:2], pipe.scheduler, 200, 2)
+    torch.testing.assert_close(x, as_v)
+    assert (as_v - as_eps).abs().max() > 1e-3  # the conversion is not a no-op
 
 
 def test_full_chain_trains_only_the_copy(pipe, cache, accelerator):

@@ -15,6 +15,7 @@ from ipl_diffusion.ddim import (
     decode_plan,
     diffae_timesteps,
     inversion_plan,
+    predict_eps,
 )
 
 DTYPE = torch.float64
@@ -164,6 +165,48 @@ def test_decode_matches_diffusers_ddim_scheduler_step(x0):
         eps = model(x, t.reshape(1))
         x = sched.step(eps, t, x, eta=0.0, use_clipped_model_output=True).prev_sample
     assert torch.allclose(ours, x, atol=1e-5)
+
+
+def test_v_prediction_is_converted_to_eps_by_hand():
+    sched = scheduler(prediction_type="v_prediction")
+    x = torch.randn(2, 3, 4, 4)
+    v = torch.randn(2, 3, 4, 4)
+    model = lambda x_, t_, z_=None: v  # noqa: E731
+    a = sched.alphas_cumprod[600]
+    expected = a.sqrt() * v + (1 - a).sqrt() * x
+    torch.testing.assert_close(predict_eps(model, x, 600, None, sched), expected)
+    # without a scheduler (or with an eps scheduler) the output is eps as it is
+    assert torch.equal(predict_eps(model, x, 600, None), v)
+    assert torch.equal(predict_eps(model, x, 600, None, scheduler()), v)
+
+
+def test_v_prediction_decode_matches_diffusers_ddim_scheduler_step(x0):
+    # A model whose output diffusers reads as v (pred_x0 = sqrt(a) x - sqrt(1 - a) v), with
+    # clipping on: our eps-form update must land where DDIMScheduler.step does.
+    sched = scheduler(clip_sample=True, prediction_type="v_prediction")
+    model = ScaledEps()
+    x_t = x0.float() * 3
+    ours = ddim_decode(model, x_t, None, sched, 10)
+    sched.set_timesteps(10)
+    x = x_t
+    for t in sched.timesteps:
+        x = sched.step(model(x, t.reshape(1)), t, x, eta=0.0, use_clipped_model_output=True).prev_sample
+    assert torch.allclose(ours, x, atol=1e-5)
+
+    # and inversion undoes decoding to first order in the step size, as for eps models
+    x0 = x0.clamp(-0.9, 0.9)  # inside the clipping range
+    errors = [
+        (ddim_decode(model, ddim_invert(model, x0, None, sched, n), None, sched, n) - x0).abs().max().item()
+        for n in (10, 50, 200)
+    ]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 5e-3, errors
+
+
+def test_unsupported_prediction_type_is_refused_before_any_step(x0):
+    model = Recorder(ScaledEps())
+    with pytest.raises(ValueError, match="prediction_type"):
+        ddim_decode(model, x0, None, scheduler(prediction_type="sample"), 5)
+    assert model.calls == []
 
 
 def _upstream_reverse_loop(model, x, alphas_spaced, clip):

@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -149,14 +150,16 @@ def invert_to_t0(unet, x0, z_sem, scheduler, t0, num_steps, progress_bar=None):
     )
 
 
-def decode_from_t0(unet, x_t0, z_sem, scheduler, t0, num_steps, progress_bar=None, call=ddim.predict_eps):
+def decode_from_t0(unet, x_t0, z_sem, scheduler, t0, num_steps, progress_bar=None, call=None):
     """``x_{t0} -> x0`` in ``num_steps`` DDIM steps over ``linspace(0, t0, num_steps)``.
 
     Keeps the autograd graph (Stage 2's full chain back-propagates through it). No x0
     clipping, as in DiffusionCLIP: clipping would zero the gradient of saturated pixels, and
     training and inference must decode the same way. ``call(unet, x, t, z_sem) -> eps``
-    lets the trainer checkpoint whole UNet calls.
+    lets the trainer checkpoint whole UNet calls; by default it is :func:`ddim.predict_eps`
+    with the scheduler's ``prediction_type``.
     """
+    call = call or functools.partial(ddim.predict_eps, scheduler=scheduler)
     alphas = scheduler.alphas_cumprod.to(x_t0.device)
     final = float(scheduler.final_alpha_cumprod)
     plan = ddim.decode_plan(ddim.ddim_timesteps(scheduler, num_steps, t0))
@@ -175,7 +178,7 @@ def decode_to_t0(unet, x_T, z_sem, scheduler, t0, num_steps, progress_bar=None):
     clip = float(scheduler.config.get("clip_sample_range", 1.0)) if scheduler.config.clip_sample else None
     x = x_T
     for model_t, level, next_level in progress_bar(plan) if progress_bar is not None else plan:
-        eps = ddim.predict_eps(unet, x, model_t, z_sem)
+        eps = ddim.predict_eps(unet, x, model_t, z_sem, scheduler)
         x, _ = ddim.ddim_step(eps.to(x.dtype), x, level, next_level, alphas, float(scheduler.final_alpha_cumprod), clip)
     return x
 
@@ -378,13 +381,14 @@ class Stage2Trainer:
         if any(p.dtype != torch.float32 for p in self.unet.parameters()):
             self.unet.to(dtype=torch.float32)
         self.unet.requires_grad_(True)
-        self._call = ddim.predict_eps
+        predict = functools.partial(ddim.predict_eps, scheduler=scheduler)
+        self._call = predict
         if config.gradient_checkpointing:
             if getattr(self.unet, "_supports_gradient_checkpointing", False):
                 self.unet.enable_gradient_checkpointing()
             else:  # checkpoint whole UNet calls: only each step's input stays alive
                 self._call = lambda unet, x, t, z: torch.utils.checkpoint.checkpoint(
-                    ddim.predict_eps, unet, x, t, z, use_reentrant=False
+                    predict, unet, x, t, z, use_reentrant=False
                 )
         self._trainable = [p for p in self.unet.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(self._trainable, lr=config.learning_rate, weight_decay=0.0)
