@@ -298,6 +298,20 @@ def check_same_run(path: str | os.PathLike, saved: Mapping, current: Mapping) ->
             )
 
 
+def check_before_run(output_dir: str | os.PathLike, resume_from_checkpoint: str | os.PathLike | None) -> None:
+    """What a run checks in its checkpoint folder before it writes anything (Stage 1 first).
+
+    A fresh run (``resume_from_checkpoint=None``) must not find an earlier run's checkpoints
+    (:func:`refuse_foreign_checkpoints`); a resumed one must name a checkpoint that exists
+    (:func:`resolve_checkpoint`: ``FileNotFoundError`` listing the available ones), so that a
+    misspelt name fails in a second rather than after Stage 1 has rewritten its outputs.
+    """
+    if resume_from_checkpoint is None:
+        refuse_foreign_checkpoints(output_dir)
+    else:
+        resolve_checkpoint(output_dir, resume_from_checkpoint)
+
+
 def refuse_foreign_checkpoints(output_dir: str | os.PathLike) -> None:
     """Before a fresh (not resumed) run: ``ValueError`` when ``output_dir`` already holds
     checkpoints, which the new run's rotation would otherwise delete."""

@@ -191,6 +191,10 @@ def test_options_are_validated(pipe):
         diffae.check_t0(1000, pipe.scheduler)
     with pytest.raises(ValueError, match="iterations"):
         diffae.Stage2Config(iterations=0)
+    with pytest.raises(ValueError, match="learning_rate must be a finite number"):
+        diffae.Stage2Config(learning_rate=float("nan"))
+    with pytest.raises(ValueError, match="l1_loss_weight must be a finite number"):
+        diffae.Stage2Config(l1_loss_weight=float("nan"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")

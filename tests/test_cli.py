@@ -190,3 +190,31 @@ def test_adapt_refuses_to_write_into_the_images_folder(photos, capsys):
     assert main(["adapt", "--target", "sketch", "--images", str(photos), "--output", str(photos)]) == 2
     assert "is the --images folder" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--iterations", "0", "must be >= 1"),
+        ("--stage1-iterations", "-1", "must be >= 1"),
+        ("--checkpointing-steps", "0", "must be >= 1"),
+        ("--lr", "nan", "must be a finite number"),
+        ("--lr", "0", "must be > 0"),
+        ("--l1-weight", "-0.5", "must be >= 0"),
+        ("--batch-size", "two", "expected a whole number"),
+    ],
+)
+def test_adapt_option_values_are_refused_by_the_parser(option, value, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["adapt", "--target", "sketch", option, value, "--output", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_misspelt_resume_fails_before_stage1_writes(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["adapt", "--model", str(model_dir), "--target", "sketch", "--output", str(out), *FAST_ARGS]
+    assert main([*args, "--resume-from-checkpoint", "checkpoint-99"]) == 2
+    assert "checkpoint 'checkpoint-99' not found" in capsys.readouterr().err
+    assert not (out / "stage1").exists() and not (out / "cache.safetensors").exists()

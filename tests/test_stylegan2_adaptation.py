@@ -278,6 +278,8 @@ def test_config_validation():
         gan.GANStage2Config(phase="bogus").validate()
     with pytest.raises(ValueError, match="mixed_precision"):
         gan.GANStage2Config(mixed_precision="fp8").validate()
+    with pytest.raises(ValueError, match="learning_rate must be a finite number"):
+        gan.GANStage2Config(learning_rate=float("nan")).validate()
     with pytest.raises(ValueError, match="target_text_features"):
         gan.GANIPLTrainer(tiny_generator(), None, None, None, gan.GANStage2Config())
 

@@ -47,6 +47,7 @@ import copy
 import csv
 import functools
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -118,11 +119,11 @@ class Stage2Config:
         for name in ("num_inversion_steps", "num_train_steps", "num_inference_steps", "iterations", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):  # NaN fails both
+            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
         for name in ("clip_loss_weight", "l1_loss_weight", "id_loss_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            if not getattr(self, name) >= 0 or not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "Stage2Config":
@@ -742,8 +743,8 @@ def adapt_diffae(
     t0 = check_t0(stage2.t0, scheduler)
     source, target = validate_labels(clip_model, tokenizer, source, target, stage1.n_ctx)
     out = Path(output_dir) if output_dir is not None else None
-    if out is not None and resume_from_checkpoint is None:  # before the cache / Stage 1 are written
-        checkpointing.refuse_foreign_checkpoints(out / "checkpoints")
+    if out is not None:  # before the cache / Stage 1 are written
+        checkpointing.check_before_run(out / "checkpoints", resume_from_checkpoint)
     run_config = {
         "source": source,
         "target": target,

@@ -167,8 +167,8 @@ class GANStage2Config:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):  # NaN fails both
+            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
 
 
 # --------------------------------------------------------------------------------------
@@ -740,8 +740,8 @@ def adapt_stylegan2(
     stage1 = dict(stage1 or {})
     stage2 = stage2 or GANStage2Config()
     stage2.validate()
-    if output_dir is not None and resume_from_checkpoint is None:  # before Stage 1 writes anything
-        checkpointing.refuse_foreign_checkpoints(Path(output_dir) / "checkpoints")
+    if output_dir is not None:  # before Stage 1 writes anything
+        checkpointing.check_before_run(Path(output_dir) / "checkpoints", resume_from_checkpoint)
     num_images = int(stage1.pop("num_images", 256))
     accelerator = accelerator or make_accelerator(stage2.mixed_precision, source_generator.device)
     device = accelerator.device

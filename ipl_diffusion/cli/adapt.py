@@ -15,6 +15,7 @@ The run writes into --output (default ./ipl-<target>):
 import argparse
 import inspect
 import json
+import math
 from pathlib import Path
 
 DESCRIPTION = __doc__.split("\n\n", 1)[1]
@@ -27,6 +28,43 @@ EPILOG = """examples:
             --images ./faces --iterations 300 --mixed-precision bf16
   ipl adapt --backend stylegan2 --model ./ffhq-sg2 --source Photo --target Sketch   # GAN-IPL
 """
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1 (0 iterations would leave the generator unchanged)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a finite number > 0 (a learning rate)."""
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0; got {text}")
+    return value
+
+
+def non_negative_float(text):
+    """argparse type: a finite number >= 0 (a loss weight)."""
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0; got {text}")
+    return value
+
+
+def _finite_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number; got {text}")
+    return value
 
 
 def add_parser(subparsers):
@@ -49,7 +87,7 @@ def add_parser(subparsers):
     parser.add_argument(
         "--images", default=None, help="folder of source-domain images; default: sample source latents"
     )
-    parser.add_argument("--num-images", type=int, default=None, help="how many source latents to sample")
+    parser.add_argument("--num-images", type=positive_int, default=None, help="how many source latents to sample")
 
     ipl = parser.add_argument_group("prompt learning (Stage 1)")
     ipl.add_argument(
@@ -59,19 +97,19 @@ def add_parser(subparsers):
         help="prompt scheme: adaptive = IPL, manual = NADA's fixed prompts, learned = one shared "
         "learned prompt (CoOp), random = untrained mapper (default: adaptive)",
     )
-    ipl.add_argument("--lambda", dest="lambda_domain", type=float, default=None, help="weight of the domain loss (Eq. 6)")
-    ipl.add_argument("--stage1-iterations", type=int, default=None, help="mapper training iterations")
+    ipl.add_argument("--lambda", dest="lambda_domain", type=non_negative_float, default=None, help="weight of the domain loss (Eq. 6)")
+    ipl.add_argument("--stage1-iterations", type=positive_int, default=None, help="mapper training iterations")
 
     train = parser.add_argument_group("generator fine-tuning (Stage 2)")
-    train.add_argument("--iterations", type=int, default=None, help="fine-tuning iterations")
-    train.add_argument("--batch-size", type=int, default=None, help="images per iteration")
-    train.add_argument("--lr", type=float, default=None, help="learning rate")
-    train.add_argument("--t0", type=int, default=None, help="DiffAE: timestep the images are inverted to (edit strength)")
-    train.add_argument("--inversion-steps", type=int, default=None, help="DiffAE: DDIM steps of the inversion")
-    train.add_argument("--train-steps", type=int, default=None, help="DiffAE: DDIM steps decoded while training")
-    train.add_argument("--sampling-steps", type=int, default=None, help="DiffAE: DDIM steps decoded for outputs")
-    train.add_argument("--l1-weight", type=float, default=None, help="weight of the L1 loss to the source image")
-    train.add_argument("--id-weight", type=float, default=None, help="weight of the identity loss")
+    train.add_argument("--iterations", type=positive_int, default=None, help="fine-tuning iterations")
+    train.add_argument("--batch-size", type=positive_int, default=None, help="images per iteration")
+    train.add_argument("--lr", type=positive_float, default=None, help="learning rate")
+    train.add_argument("--t0", type=positive_int, default=None, help="DiffAE: timestep the images are inverted to (edit strength)")
+    train.add_argument("--inversion-steps", type=positive_int, default=None, help="DiffAE: DDIM steps of the inversion")
+    train.add_argument("--train-steps", type=positive_int, default=None, help="DiffAE: DDIM steps decoded while training")
+    train.add_argument("--sampling-steps", type=positive_int, default=None, help="DiffAE: DDIM steps decoded for outputs")
+    train.add_argument("--l1-weight", type=non_negative_float, default=None, help="weight of the L1 loss to the source image")
+    train.add_argument("--id-weight", type=non_negative_float, default=None, help="weight of the identity loss")
     train.add_argument(
         "--gradient-mode",
         choices=("full_chain", "per_step"),
@@ -81,7 +119,7 @@ def add_parser(subparsers):
     )
     train.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     train.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="GPU only")
-    train.add_argument("--checkpointing-steps", type=int, default=None, help="save a resumable checkpoint every N iterations")
+    train.add_argument("--checkpointing-steps", type=positive_int, default=None, help="save a resumable checkpoint every N iterations")
     train.add_argument(
         "--resume-from-checkpoint", default=None, help="'latest' or a checkpoint folder in OUTPUT/checkpoints"
     )
