@@ -82,6 +82,14 @@ def test_translate_folder_keeps_names_and_skips_bad_files(adapted_dir, photos, t
     assert Image.open(out / "wide.jpg").size == (SIZE, SIZE)
     assert Image.open(out / "ipl_grid" / "translation.png").size == (2 * SIZE, 2 * SIZE)
     assert {p.name: p.read_bytes() for p in photos.iterdir()} == before  # inputs untouched
+    # a second run into the same folder would replace the translations: refused, files kept
+    (out / "gray.png").write_bytes(b"an earlier result")
+    args = ["translate", "--model", str(adapted_dir / "pipeline"), "--input", str(photos), "--output", str(out)]
+    assert main(args) == 2
+    assert "already holds gray.png, wide.jpg" in capsys.readouterr().err
+    assert (out / "gray.png").read_bytes() == b"an earlier result"
+    assert main([*args, "--overwrite", "--device", "cpu"]) == 0
+    assert Image.open(out / "gray.png").size == (SIZE, SIZE)
 
 
 def test_translate_refuses_to_write_into_the_input_folder(adapted_dir, photos, capsys):

@@ -6,11 +6,14 @@ file names, at the model's resolution, in `--output` (which must not be the inpu
 inputs are never overwritten). Files that cannot be read as images are skipped and listed.
 A side-by-side grid (input | translation) is written to `ipl_grid/translation.png`, in a
 sub-folder so it can never replace a translation and `--output` holds only translations
-(ready for `ipl evaluate`, which pairs files by name).
+(ready for `ipl evaluate`, which pairs files by name). Files already in `--output` under the
+names this run would write are refused before the model loads, unless `--overwrite`.
 """
 
 import argparse
 from pathlib import Path
+
+from ipl_diffusion.cli.adapt import positive_int
 
 DESCRIPTION = __doc__.split("\n\n", 1)[1]
 EPILOG = """examples:
@@ -32,7 +35,8 @@ def add_parser(subparsers):
     parser.add_argument("--input", required=True, help="folder of images (or a single image file)")
     parser.add_argument("--output", required=True, help="folder for the translated images (created)")
     parser.add_argument("--backend", choices=("diffae", "stylegan2"), default="diffae", help="generator family")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
+    parser.add_argument("--overwrite", action="store_true", help="replace same-name files already in --output")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="images per batch (default: 8)")
     parser.add_argument("--t0", type=int, default=None, help="DiffAE: inversion depth (default: the adaptation's)")
     parser.add_argument("--steps", type=int, default=None, help="DiffAE: DDIM decoding steps")
     parser.add_argument("--inversion-steps", type=int, default=None, help="DiffAE: DDIM inversion steps")
@@ -98,12 +102,18 @@ def run(args) -> int:
     from ipl_diffusion.images import to_pil
 
     source, output = Path(args.input), Path(args.output)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     files = list_inputs(source)
     input_dir = source if source.is_dir() else source.parent
     if output.resolve() == input_dir.resolve():
         raise ValueError(f"--output {output} is the input folder; choose another folder so inputs are kept")
+    if not args.overwrite:
+        taken = sorted(f.name for f in files if (output / f.name).exists())
+        if taken:
+            shown = ", ".join(taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
+            raise FileExistsError(
+                f"--output {output} already holds {shown}, which this run would write; "
+                "choose another folder or pass --overwrite"
+            )
     pipe = load_pipeline(args.backend, args.model, args.device)
     size = int(getattr(pipe, "image_size", 0) or pipe.config.get("resolution", 256))
     names, images, skipped = load_inputs(files, size)
