@@ -240,17 +240,22 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
             num_images: how many (ignored when ``latents`` is given).
             generator: ``torch.Generator`` for ``z`` (a fixed seed gives the same images: the
                 noise maps are the generators' fixed ``noises.noise_i``).
-            latents: ``z`` ``(N, style_dim)`` to use instead of sampling.
+            latents: ``z`` ``(N, style_dim)`` to use instead of sampling (finite).
             truncation: psi around the mean ``w`` (0.7 as NADA/IPL samples; 1 = off).
             output_type: ``"pil"`` / ``"np"`` (``(B,H,W,3)`` in [0,1]) / ``"pt"`` (``(B,3,H,W)`` in [0,1]).
         Returns:
             ``ImagePipelineOutput(images=...)`` or a 1-tuple when ``return_dict=False``.
+
+        Raises:
+            ValueError: ``num_images < 1``, non-finite ``latents``, or ``latents`` not ``(N, style_dim)``.
         """
         model = self.source_generator if source else self.adapted_generator
         if latents is None:
             if num_images < 1:
                 raise ValueError(f"num_images must be >= 1, got {num_images}")
             latents = torch.randn((num_images, model.style_dim), generator=generator)
+        elif not torch.isfinite(latents).all():
+            raise ValueError("latents contain NaN or inf; pass finite z of shape (N, style_dim)")
         latents = latents.to(self.device, model.dtype)
         # Map with the *source* mapping network: NADA/IPL never train it (unless phase="all"),
         # and the source and adapted samples of one z must share their w.

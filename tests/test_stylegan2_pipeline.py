@@ -135,6 +135,8 @@ def test_sampling_is_seeded_and_source_matches_generator(pipe):
     pil = pipe(num_images=1, generator=torch.Generator().manual_seed(0)).images
     assert isinstance(pil[0], Image.Image) and pil[0].size == (32, 32)
     assert pipe(num_images=1, output_type="np").images.shape == (1, 32, 32, 3)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        pipe(latents=torch.full((1, STYLE_DIM), float("nan")))
 
 
 def test_translate_real_images(pipe, tmp_path):
