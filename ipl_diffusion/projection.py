@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +72,7 @@ def project(
     encoder: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     n_mean_latent: int = 4096,
     seed: int = 0,
-    progress: bool = False,
+    progress_bar: Optional[Callable[[Iterable], Iterable]] = None,
 ) -> ProjectionResult:
     """Find latents whose images reproduce ``images``.
 
@@ -87,6 +87,7 @@ def project(
         noise_strength: latent noise at step 0, in units of the std of ``w`` (decays to 0).
         encoder: optional ``images -> w (N, D) | w+ (N, n_latent, D)``.
         seed: seeds the latent noise (the result is deterministic for a given input).
+        progress_bar: wraps the step range, e.g. a pipeline's ``self.progress_bar`` or ``tqdm``.
     Returns:
         :class:`ProjectionResult`.
     Raises:
@@ -131,7 +132,8 @@ def project(
     losses = []
     if num_steps:
         optimizer = torch.optim.Adam([latent], lr=learning_rate, betas=(0.9, 0.999))
-        for step in range(num_steps):
+        steps = range(num_steps)
+        for step in progress_bar(steps) if progress_bar is not None else steps:
             t = step / num_steps
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(t, learning_rate)
@@ -147,8 +149,6 @@ def project(
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
-            if progress and step % 50 == 0:
-                print(f"projection step {step}/{num_steps}: loss {losses[-1]:.4f}")
     with torch.no_grad():
         final = latent.detach()
         w_plus = final.expand(-1, n_latent, -1).clone() if space == "w" else final

@@ -286,7 +286,7 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
         x = self.preprocess(images)
         if perceptual_loss is None and lpips_weights is not None:
             perceptual_loss = lpips_loss(lpips_weights)
-        return project(self.source_generator, x, space=space, num_steps=num_steps, learning_rate=learning_rate, perceptual_loss=perceptual_loss, encoder=encoder, seed=seed).latents
+        return project(self.source_generator, x, space=space, num_steps=num_steps, learning_rate=learning_rate, perceptual_loss=perceptual_loss, encoder=encoder, seed=seed, progress_bar=self.progress_bar).latents
 
     def translate(
         self,
