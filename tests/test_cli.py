@@ -226,3 +226,13 @@ def test_misspelt_resume_fails_before_stage1_writes(model_dir, tmp_path, capsys)
     assert main([*args, "--resume-from-checkpoint", "checkpoint-99"]) == 2
     assert "checkpoint 'checkpoint-99' not found" in capsys.readouterr().err
     assert not (out / "stage1").exists() and not (out / "cache.safetensors").exists()
+
+
+def test_a_folder_of_the_other_backend_names_the_right_one(model_dir, tmp_path, capsys):
+    from ipl_diffusion.shapes import default_model_path
+
+    assert main(["sample", "--model", str(default_model_path("stylegan2")), "--output", str(tmp_path / "s")]) == 2
+    assert "is a StyleGANIPLPipeline folder; use --backend stylegan2" in capsys.readouterr().err
+    assert main(["sample", "--backend", "stylegan2", "--model", str(model_dir), "--output", str(tmp_path / "s")]) == 2
+    assert "is a IPLPipeline folder; use --backend diffae" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

@@ -208,9 +208,29 @@ def load_pipeline(backend, model, device=None):
         from ipl_diffusion.shapes import default_model_path
 
         model = default_model_path(backend)
+    _check_backend(backend, Path(model))
     pipe = cls.from_pretrained(str(model))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return pipe.to(device)
+
+
+# model_index.json "_class_name" -> the --backend that loads it.
+BACKEND_OF_CLASS = {"IPLPipeline": "diffae", "DiffAEPipeline": "diffae", "StyleGANIPLPipeline": "stylegan2"}
+
+
+def _check_backend(backend, folder):
+    """A local pipeline folder of the other generator family gets a hint at --backend, rather
+    than diffusers' list of expected components."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name")
+    except (ValueError, AttributeError):
+        return  # the pipeline's own loading reports a broken index
+    wanted = BACKEND_OF_CLASS.get(class_name)
+    if wanted is not None and wanted != backend:
+        raise ValueError(f"--model {folder} is a {class_name} folder; use --backend {wanted}")
 
 
 def _check_domain(label):
