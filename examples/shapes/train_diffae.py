@@ -41,8 +41,9 @@ continues a killed run).
 Example (the shipped model: eps training, then v-prediction fine-tuning; then its assembly
 with the Shapes CLIP; wall times and steps are in the shipped ``training_record.json``)::
 
-    python examples/shapes/train_diffae.py --prediction_type epsilon --phase autoencoder \
-        --batch_size 32 --max_minutes 145 --work_dir runs/shapes_diffae_eps --output_dir runs/shapes_diffae_eps_out
+    EPS="--prediction_type epsilon --phase autoencoder --work_dir runs/shapes_diffae_eps --output_dir runs/shapes_diffae_eps_out"
+    python examples/shapes/train_diffae.py $EPS --batch_size 16 --max_minutes 70
+    python examples/shapes/train_diffae.py $EPS --batch_size 32 --max_minutes 75   # resumes
     python examples/shapes/train_diffae.py --init_from runs/shapes_diffae_eps_out --learning_rate 2e-4 \
         --batch_size 32 --max_minutes 60 --latent_minutes 5
     python examples/assemble_shapes_ipl.py     # -> ipl_diffusion/shapes_models/diffae-ipl

@@ -49,7 +49,8 @@ __all__ = ["DiffAEUNetModel", "DiffAEUNetOutput", "DiffAEUNetLayer", "DiffAEMidB
 
 @dataclass
 class DiffAEUNetOutput(BaseOutput):
-    """``sample``: predicted noise eps, ``(B, out_channels, H, W)``, same dtype as the input."""
+    """``sample``: the prediction, ``(B, out_channels, H, W)``, same dtype as the input: noise eps
+    (upstream DiffAE), or v for a model trained with ``prediction_type="v_prediction"``."""
 
     sample: torch.Tensor
 
@@ -101,7 +102,8 @@ class DiffAEMidBlock(nn.Module):
 
 
 class DiffAEUNetModel(DiffAELevelsMixin, XFormersFallbackMixin, ModelMixin, AttentionMixin, ConfigMixin):
-    """DiffAE conditional UNet: ``(x_t, t, z_sem) -> eps``.
+    """DiffAE conditional UNet: ``(x_t, t, z_sem) -> eps`` (or ``v``; the pipeline's scheduler
+    config ``prediction_type`` records which, and :func:`ipl_diffusion.ddim.predict_eps` converts).
 
     Args (config):
         sample_size: image size the attention placement refers to (upstream ``img_size``).
@@ -203,7 +205,8 @@ class DiffAEUNetModel(DiffAELevelsMixin, XFormersFallbackMixin, ModelMixin, Atte
             return_dict: return :class:`DiffAEUNetOutput` (default) or a 1-tuple.
 
         Returns:
-            eps with the shape and dtype of ``sample`` (``.sample`` of the output).
+            eps (or v, see the class docstring) with the shape and dtype of ``sample`` (``.sample``
+            of the output).
 
         Raises:
             ValueError: wrong image shape / size or a ``z_sem`` that does not match the batch.
