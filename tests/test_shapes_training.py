@@ -57,3 +57,24 @@ def test_warm_start_from_a_folder_of_another_config_is_refused(script, trained, 
     with pytest.raises(ValueError, match="--init_from .* does not fit"):
         script.main(args + ["--max_steps", "1", "--init_from", str(trained), "--work_dir", str(tmp_path / "w"),
                             "--output_dir", str(tmp_path / "o")])
+
+
+def test_prediction_type_follows_the_checkpoint(script, tmp_path):
+    where = ["--work_dir", str(tmp_path / "work"), "--output_dir", str(tmp_path / "out")]
+    script.main(TINY + ["--prediction_type", "epsilon", "--phase", "autoencoder", "--max_steps", "1"] + where)
+    # resuming an eps checkpoint under the (v-prediction) default would switch objectives mid-run
+    with pytest.raises(ValueError, match="trained with --prediction_type epsilon"):
+        script.main(TINY + ["--phase", "autoencoder", "--max_steps", "2"] + where)
+    # the latent phase saves the scheduler of what the autoencoder was trained to predict
+    script.main(TINY + ["--phase", "latent", "--latent_steps", "1"] + where)
+    assert DiffAEPipeline.from_pretrained(tmp_path / "out").scheduler.config.prediction_type == "epsilon"
+    record = json.loads((tmp_path / "out" / "training_record.json").read_text())
+    assert record["autoencoder"]["config"]["prediction_type"] == "epsilon"
+
+
+def test_warm_started_run_records_the_run_it_started_from(script, trained, tmp_path):
+    script.main(TINY + ["--max_steps", "1", "--latent_steps", "1", "--init_from", str(trained),
+                        "--work_dir", str(tmp_path / "work"), "--output_dir", str(tmp_path / "out")])
+    record = json.loads((tmp_path / "out" / "training_record.json").read_text())
+    assert record["warm_start"]["init_from"] == str(trained)
+    assert record["warm_start"]["record"]["autoencoder"]["steps"] == 3

@@ -188,6 +188,9 @@ def train_autoencoder(args, encoder, unet, ema_encoder, ema_unet, work, renderer
     resume = None if args.resume_from_checkpoint == "none" else resolve_checkpoint(work, args.resume_from_checkpoint)
     if resume is not None:
         step, saved = load_checkpoint(resume, models, {"adam": optimizer}, {"data": data_gen})
+        trained_as = saved.get("prediction_type", "epsilon")  # checkpoints from before the option: eps
+        if trained_as != args.prediction_type:
+            raise ValueError(f"{resume} was trained with --prediction_type {trained_as}; resume it with that, or start a new --work_dir")
         elapsed_before = float(saved.get("elapsed_seconds", 0.0))
         print(f"resumed autoencoder from {resume} at step {step}")
     elif args.init_from:
@@ -373,7 +376,17 @@ def main(argv=None):
         if resume is None:
             raise FileNotFoundError(f"--phase latent needs an autoencoder checkpoint in {work}")
         steps, saved = load_checkpoint(resume, {"encoder": encoder, "unet": unet, "ema_encoder": ema_encoder, "ema_unet": ema_unet}, restore_rng=False)
-        record["autoencoder"] = dict(steps=steps, wall_seconds=float(saved.get("elapsed_seconds", 0.0)))
+        # The saved model predicts what its autoencoder run trained it to, whatever this command says.
+        args.prediction_type = saved.get("prediction_type", "epsilon")
+        record["autoencoder"] = dict(
+            steps=steps,
+            wall_seconds=float(saved.get("elapsed_seconds", 0.0)),
+            config={k: v for k, v in saved.items() if k != "elapsed_seconds"},
+        )
+    init_from = record["autoencoder"].get("config", vars(args)).get("init_from")
+    if init_from and (Path(init_from) / "training_record.json").is_file():
+        # A warm-started model's history: the record of the run it started from.
+        record["warm_start"] = dict(init_from=init_from, record=json.loads((Path(init_from) / "training_record.json").read_text()))
     if args.phase in ("all", "latent"):
         steps, seconds, loss = train_latent(args, ema_encoder, latent_net, work, renderer)
         record["latent_net"] = dict(steps=steps, wall_seconds=seconds, last_loss=loss)
