@@ -103,7 +103,7 @@ def parse_args(argv=None):
     p.add_argument("--stage1_iterations", type=int, default=100)
     p.add_argument("--iterations", type=int, default=30, help="Stage 2 iterations")
     p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--learning_rate", type=float, default=4e-4, help="Stage 2 learning rate (a tiny UNet needs more than 8e-6)")
+    p.add_argument("--learning_rate", type=float, default=2e-4, help="Stage 2 learning rate (ipl adapt's Shapes default; a tiny UNet needs more than 8e-6)")
     p.add_argument("--t0", type=int, default=500)
     p.add_argument("--num_inversion_steps", type=int, default=10)
     p.add_argument("--num_train_steps", type=int, default=3)

@@ -68,10 +68,9 @@ def test_shapes_oracle_loads_and_reads_fresh_images():
 
 def test_shipped_shapes_diffae_reconstructs_and_samples():
     """The DiffAE inside the shipped pipeline: the DDIM inversion round trip, and seeded
-    unconditional sampling (latent net -> z_sem, x_T ~ N(0, I)) through DiffAEPipeline.
-
-    Only the round trip is held to a quality bar: the shipped model's samples are not clean
-    yet (its training_record.json reads 16% of 64 samples as photos), a known limit."""
+    unconditional sampling (latent net -> z_sem, x_T ~ N(0, I)) through DiffAEPipeline that the
+    oracle reads as photos of several shapes and colours."""
+    from ipl_diffusion.shapes.oracle import ShapesOracle
     from ipl_diffusion.ddim import ddim_decode, ddim_invert
     from pipelines.pipeline_diffae import DiffAEPipeline
     from pipelines.pipeline_ipl import IPLPipeline
@@ -102,6 +101,13 @@ def test_shipped_shapes_diffae_reconstructs_and_samples():
     ]
     assert draws[0].shape == (4, 3, 32, 32) and 0 <= float(draws[0].min()) and float(draws[0].max()) <= 1
     assert torch.equal(draws[0], draws[1])
+
+    # Clean samples: the v-prediction model (scheduler config) sampled with 20 DDIM steps.
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    samples = diffae(batch_size=32, num_inference_steps=20, latent_num_inference_steps=50, seed=FRESH_SEED, output_type="pt").images
+    pred = ShapesOracle.from_pretrained(default_model_path("oracle")).eval().predict(samples * 2 - 1)
+    assert (pred["style"] == STYLES.index("photo")).float().mean() >= 0.8
+    assert pred["shape"].unique().numel() >= 4 and pred["color"].unique().numel() >= 4
 
 
 def test_shipped_diff_ipl_pipeline_loads_offline_and_translates(monkeypatch):
