@@ -237,9 +237,16 @@ def encode_sources(
 
 
 class LossLog:
-    """Losses to TensorBoard when it is installed, else to ``losses.csv`` (main process only)."""
+    """Losses to TensorBoard when it is installed, else to ``losses.csv`` (main process only).
 
-    def __init__(self, output_dir=None, enabled: bool = True):
+    ``resumed_at``: the step a resumed run continues from. Rows (TensorBoard events) logged
+    after it by the interrupted run are dropped, so the log holds each step once; a fresh run
+    (``0``) starts an empty log.
+    """
+
+    HEADER = ["stage", "step", "name", "value"]
+
+    def __init__(self, output_dir=None, enabled: bool = True, resumed_at: int = 0):
         self.writer = self.csv = None
         if output_dir is None or not enabled:
             return
@@ -247,14 +254,16 @@ class LossLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(output_dir) / "logs"))
+            self.writer = SummaryWriter(str(Path(output_dir) / "logs"), purge_step=resumed_at + 1)
         except ImportError:  # tensorboard is an optional extra
             path = Path(output_dir) / "losses.csv"
-            new = not path.exists()
-            self._file = open(path, "a", newline="")
+            kept = []
+            if resumed_at and path.is_file():
+                with open(path, newline="") as handle:
+                    kept = [row for row in csv.reader(handle) if row[1:2] and row[1].isdigit() and int(row[1]) <= resumed_at]
+            self._file = open(path, "w", newline="")
             self.csv = csv.writer(self._file)
-            if new:
-                self.csv.writerow(["stage", "step", "name", "value"])
+            self.csv.writerows([self.HEADER, *kept])
 
     def log(self, stage: str, step: int, values: dict):
         for name, value in values.items():
@@ -512,6 +521,8 @@ class Stage2Trainer:
             return self.step
         self.step, saved = checkpointing.load_checkpoint(path, {"unet": self.unet}, {"optimizer": self.optimizer.optimizer})
         checkpointing.check_same_run(path, saved, self.run_config)
+        if self.accelerator.scaler is not None and saved.get("grad_scaler"):
+            self.accelerator.scaler.load_state_dict(saved["grad_scaler"])
         history = path / "history.json"
         self.history = json.loads(history.read_text()) if history.is_file() else []
         return self.step
@@ -520,12 +531,15 @@ class Stage2Trainer:
         """Checkpoint (main process only); returns the folder or None."""
         if self.output_dir is None or not self.accelerator.is_main_process:
             return None
+        state = dict(self.run_config)
+        if self.accelerator.scaler is not None:  # fp16: the loss scale is part of the training state
+            state["grad_scaler"] = self.accelerator.scaler.state_dict()
         path = checkpointing.save_checkpoint(
             self.checkpoint_dir(),
             self.step,
             {"unet": self.accelerator.unwrap_model(self.unet)},
             {"optimizer": self.optimizer.optimizer},
-            config=self.run_config,
+            config=state,
             keep=self.config.checkpoints_total_limit,
         )
         # The loss curve rides along as JSON, written after the atomic move: losing it loses
@@ -542,7 +556,7 @@ class Stage2Trainer:
         if resume_from_checkpoint is None and self.output_dir is not None:
             checkpointing.refuse_foreign_checkpoints(self.checkpoint_dir())
         self.resume(resume_from_checkpoint)
-        log = LossLog(self.output_dir, enabled=acc.is_main_process)
+        log = LossLog(self.output_dir, enabled=acc.is_main_process, resumed_at=self.step)
         n = self.cache["x0"].shape[0]
         bar = tqdm(
             total=cfg.iterations,
