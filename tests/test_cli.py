@@ -234,5 +234,5 @@ def test_a_folder_of_the_other_backend_names_the_right_one(model_dir, tmp_path, 
     assert main(["sample", "--model", str(default_model_path("stylegan2")), "--output", str(tmp_path / "s")]) == 2
     assert "is a StyleGANIPLPipeline folder; use --backend stylegan2" in capsys.readouterr().err
     assert main(["sample", "--backend", "stylegan2", "--model", str(model_dir), "--output", str(tmp_path / "s")]) == 2
-    assert "is a IPLPipeline folder; use --backend diffae" in capsys.readouterr().err
+    assert "is an IPLPipeline folder; use --backend diffae" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()

@@ -201,17 +201,17 @@ _KEYWORDS = {
 
 def load_pipeline(backend, model, device=None):
     """Load the ``backend`` pipeline from ``model`` (folder / Hub id; None = Shapes default)."""
+    if model is None:  # the shipped Shapes model; its folder records its adapt defaults
+        from ipl_diffusion.shapes import default_model_path
+
+        model = default_model_path(backend)
+    _check_backend(backend, Path(model))  # before the (slow) imports below
     import torch
 
     if backend == "stylegan2":
         from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline as cls
     else:
         from pipelines.pipeline_ipl import IPLPipeline as cls
-    if model is None:  # the shipped Shapes model; its folder records its adapt defaults
-        from ipl_diffusion.shapes import default_model_path
-
-        model = default_model_path(backend)
-    _check_backend(backend, Path(model))
     pipe = cls.from_pretrained(str(model))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return pipe.to(device)
@@ -233,7 +233,8 @@ def _check_backend(backend, folder):
         return  # the pipeline's own loading reports a broken index
     wanted = BACKEND_OF_CLASS.get(class_name)
     if wanted is not None and wanted != backend:
-        raise ValueError(f"--model {folder} is a {class_name} folder; use --backend {wanted}")
+        article = "an" if class_name[0] in "AEIOU" else "a"
+        raise ValueError(f"--model {folder} is {article} {class_name} folder; use --backend {wanted}")
 
 
 def _check_domain(label):
