@@ -237,14 +237,6 @@ def _check_backend(backend, folder):
         raise ValueError(f"--model {folder} is {article} {class_name} folder; use --backend {wanted}")
 
 
-def _check_domain(label):
-    """Shapes models know only their own domains: say which, before any work is done;
-    returns the canonical name ("Pixel-Art" -> "pixel art")."""
-    from ipl_diffusion.shapes import check_domain
-
-    return check_domain(label)
-
-
 def run(args) -> int:
     output = Path(args.output or f"ipl-{'_'.join(args.target.split()).lower() or 'target'}")
     # Checks a user can fail are made before any model is loaded or encoded.
@@ -259,10 +251,14 @@ def run(args) -> int:
         from ipl_diffusion.images import list_image_files
 
         list_image_files(args.images)  # a missing / empty folder fails now, before any model is built (C7)
-    if args.model is None:  # the shipped Shapes models know only the Shapes domains
-        args.target = _check_domain(args.target)
+    if args.model is None:
+        # The shipped Shapes models know only the Shapes domains: say which before any work is
+        # done, and use the canonical names ("Pixel-Art" -> "pixel art").
+        from ipl_diffusion.shapes import check_domain
+
+        args.target = check_domain(args.target)
         if args.source is not None:
-            args.source = _check_domain(args.source)
+            args.source = check_domain(args.source)
     pipe = load_pipeline(args.backend, args.model, args.device)
 
     kwargs = {}
