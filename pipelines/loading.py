@@ -13,13 +13,33 @@ from typing import Callable, Iterable
 from ipl_diffusion.clip_loading import hub_offline
 
 
-def check_pipeline_folder(path: str, components: Iterable[str], overrides: dict) -> None:
-    """Raise ``FileNotFoundError`` unless ``path`` holds ``model_index.json`` and a sub-folder
-    for every component it lists (except those passed as objects in ``overrides``)."""
+# model_index.json "_class_name" of our pipelines -> the generator family (``ipl --backend``)
+# whose pipeline loads it, and that family's loading class.
+BACKEND_OF_CLASS = {"IPLPipeline": "diffae", "DiffAEPipeline": "diffae", "StyleGANIPLPipeline": "stylegan2"}
+LOADER_OF_BACKEND = {"diffae": "IPLPipeline", "stylegan2": "StyleGANIPLPipeline"}
+
+
+def check_pipeline_folder(path: str, components: Iterable[str], overrides: dict, backend: str | None = None) -> None:
+    """Raise unless ``path`` holds ``model_index.json`` and a sub-folder for every component it
+    lists (except those passed as objects in ``overrides``).
+
+    Raises:
+        FileNotFoundError: no ``model_index.json``, or component folders missing (named).
+        ValueError: with ``backend`` (``"diffae"`` / ``"stylegan2"``) given, the folder holds a
+            pipeline of the other generator family; the message names the class that loads it.
+    """
     index = Path(path) / "model_index.json"
     if not index.is_file():
         raise FileNotFoundError(f"{path} is not a pipeline folder: model_index.json is missing")
     entries = json.loads(index.read_text())
+    family = BACKEND_OF_CLASS.get(entries.get("_class_name")) if isinstance(entries, dict) else None
+    if backend is not None and family is not None and family != backend:
+        class_name = entries["_class_name"]
+        article = "an" if class_name[0] in "AEIOU" else "a"
+        raise ValueError(
+            f"{path} holds {article} {class_name} (a {family} generator); load it with "
+            f"{LOADER_OF_BACKEND[family]}.from_pretrained (ipl --backend {family})"
+        )
     missing = [
         name
         for name in components
@@ -35,7 +55,7 @@ def check_pipeline_folder(path: str, components: Iterable[str], overrides: dict)
         )
 
 
-def load_pipeline(load: Callable, path: str, components: Iterable[str], kwargs: dict):
+def load_pipeline(load: Callable, path: str, components: Iterable[str], kwargs: dict, backend: str | None = None):
     """``load(path, **kwargs)`` (a ``DiffusionPipeline.from_pretrained``) for a local folder or
     a Hub id, turning what can go wrong into ``FileNotFoundError`` naming what is missing.
 
@@ -43,7 +63,7 @@ def load_pipeline(load: Callable, path: str, components: Iterable[str], kwargs: 
     time), so an uncached id fails immediately instead of waiting on the network.
     """
     if os.path.isdir(path):
-        check_pipeline_folder(path, components, kwargs)
+        check_pipeline_folder(path, components, kwargs, backend)
         return load(path, **kwargs)
     if path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path:
         # A Hub id is "name" or "owner/name"; anything else was meant as a local folder, and

@@ -155,9 +155,11 @@ class IPLPipeline(AdaptedPipelineMixin, XFormersFallbackPipelineMixin, Diffusion
             FileNotFoundError: the folder lacks ``model_index.json`` or a component's
                 sub-folder (named in the message), or a Hub id is neither cached nor
                 downloadable (e.g. ``HF_HUB_OFFLINE=1``) -- fails at once, no network wait.
+            ValueError: the folder holds a pipeline of the other generator family (the
+                message names the class that loads it).
         """
         path = str(pretrained_model_name_or_path)
-        pipe = load_pipeline(super().from_pretrained, path, _COMPONENTS, kwargs)
+        pipe = load_pipeline(super().from_pretrained, path, _COMPONENTS, kwargs, backend="diffae")
         pipe.load_sample_grid(path)
         return pipe
 

@@ -137,6 +137,8 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
         Raises:
             FileNotFoundError: no ``model_index.json``, a listed component folder is missing,
                 or a Hub id / CLIP model that is not available (offline: at once).
+            ValueError: the folder holds a pipeline of the other generator family (the
+                message names the class that loads it).
         """
         path = str(pretrained_model_name_or_path)
         if _is_bare_generator(path):
@@ -149,7 +151,7 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
                 kwargs.pop("feature_extractor", None),
                 source_label=kwargs.pop("source_label", "Photo"),
             )
-        pipe = load_pipeline(super().from_pretrained, path, _COMPONENTS, kwargs)
+        pipe = load_pipeline(super().from_pretrained, path, _COMPONENTS, kwargs, backend="stylegan2")
         pipe.load_sample_grid(path)
         return pipe
 

@@ -160,3 +160,13 @@ def test_shipped_stylegan2_refuses_labels_its_clip_does_not_know():
     pipe = StyleGANIPLPipeline.from_pretrained(str(default_model_path("stylegan2")))
     with pytest.raises(ValueError, match="trained only on the domains photo, sketch"):
         pipe.adapt("Wall painting", iterations=1, stage1_iterations=1, num_images=2)
+
+
+def test_a_pipeline_class_refuses_the_other_familys_folder_and_names_its_loader():
+    from pipelines.pipeline_ipl import IPLPipeline
+    from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
+
+    with pytest.raises(ValueError, match=r"holds a StyleGANIPLPipeline .*load it with StyleGANIPLPipeline.from_pretrained"):
+        IPLPipeline.from_pretrained(str(default_model_path("stylegan2")))
+    with pytest.raises(ValueError, match=r"holds an IPLPipeline .*load it with IPLPipeline.from_pretrained"):
+        StyleGANIPLPipeline.from_pretrained(str(default_model_path("diffae")))

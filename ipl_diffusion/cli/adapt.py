@@ -217,13 +217,11 @@ def load_pipeline(backend, model, device=None):
     return pipe.to(device)
 
 
-# model_index.json "_class_name" -> the --backend that loads it.
-BACKEND_OF_CLASS = {"IPLPipeline": "diffae", "DiffAEPipeline": "diffae", "StyleGANIPLPipeline": "stylegan2"}
-
-
 def _check_backend(backend, folder):
     """A local pipeline folder of the other generator family gets a hint at --backend, rather
     than diffusers' list of expected components."""
+    from pipelines.loading import BACKEND_OF_CLASS  # light: json and pathlib only
+
     index = folder / "model_index.json"
     if not index.is_file():
         return
