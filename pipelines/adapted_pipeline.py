@@ -35,7 +35,8 @@ class AdaptedPipelineMixin:
             if label.strip().lower() not in {d.lower() for d in known}:
                 raise ValueError(
                     f"this pipeline's CLIP was trained only on the domains {', '.join(known)}; "
-                    f"{label!r} is not one of them"
+                    f"{label!r} is not one of them. Use one of them, or build the pipeline on an "
+                    "open-vocabulary CLIP: from_components(<generator>, text_encoder=\"openai/clip-vit-base-patch32\")"
                 )
 
     def resolve_adapt_options(self, library_defaults: dict, given: dict) -> dict:

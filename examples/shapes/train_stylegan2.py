@@ -3,25 +3,45 @@
 
 Uses the project's own rosinality-layout :class:`~ipl_diffusion.models.StyleGAN2Generator` and
 :class:`~ipl_diffusion.models.stylegan2.StyleGAN2Discriminator` with a small config (size 32,
-``style_dim`` 128, ``n_mlp`` 4, ``channel_max`` 64). The objective is StyleGAN2's (Karras et al.
-2020, as trained by rosinality's ``train.py``): non-saturating logistic loss, lazy R1 penalty on
-real images every ``--d_reg_every`` steps (with the Adam hyper-parameters rescaled for lazy
-regularisation, StyleGAN2 Appendix B), style mixing, and an EMA generator ``g_ema`` (half-life
-of 10k images). Path-length regularisation is left out: it serves the smoothness of W for
-projection at high resolution and costs a second generator pass; the Shapes generator is only
-a source model for adaptation.
+``style_dim`` 128, ``n_mlp`` 4, ``channel_max`` 64). Three phases (``--phase``):
 
-Images are rendered on the fly (``photo`` only). At the end ``g_ema`` is written with
-``save_pretrained`` (safetensors) plus ``training_record.json`` and a sample grid; when the
-Shapes oracle exists its reading of 256 samples (photo fraction, shape / colour entropy) is
-recorded. Checkpoints (generator, discriminator, g_ema, both optimisers, RNG) go to
-``--work_dir``; ``--resume_from_checkpoint latest`` continues a killed run. Minutes on a GPU;
-on a CPU expect hours for clean samples.
+``gan`` (default)
+    StyleGAN2's objective (Karras et al. 2020, as trained by rosinality's ``train.py``):
+    non-saturating logistic loss, lazy R1 penalty on real images every ``--d_reg_every`` steps
+    (with the Adam hyper-parameters rescaled for lazy regularisation, StyleGAN2 Appendix B),
+    style mixing, and an EMA generator ``g_ema`` (half-life of 10k images). Path-length
+    regularisation is left out: it serves the smoothness of W for projection at high
+    resolution and costs a second generator pass; the Shapes generator is only a source model
+    for adaptation. ``--init_from`` starts it from a trained generator folder.
+``autoencoder``
+    A reconstruction pre-training of the synthesis network, for machines without a GPU: an
+    encoder (the DiffAE semantic encoder's small config) maps each photo to one ``w`` and the
+    synthesis network must redraw it (MSE plus a gradient difference loss on edges). Why: on a
+    2-core CPU the adversarial phase sees some 2k images a minute; after 5000-7500 steps
+    (160-240k images, several recipes: longer, no style mixing, 20x R1) its samples had the
+    data's colours, shading and placement but were still round blobs. Reconstruction gives
+    the synthesis network a direct per-pixel signal for every image instead.
+``mapping``
+    With the synthesis network and encoder of the autoencoder phase frozen, the mapping network
+    ``z -> w`` is trained adversarially in W (a small MLP critic, non-saturating loss, R1)
+    to produce the distribution of the encoder's codes of photos, so that ``G(z)`` for
+    ``z ~ N(0, I)`` draws photos again. The result is an ordinary StyleGAN2 generator.
 
-Example (the shipped model)::
+Images are rendered on the fly (``photo`` only). The ``gan`` and ``mapping`` phases write the
+generator (``g_ema``; the mapping phase's generator) with ``save_pretrained`` (safetensors) plus
+``training_record.json`` and a sample grid; when the Shapes oracle exists its reading of 256
+samples (photo fraction, shape / colour entropy) is recorded. Checkpoints (models, optimisers,
+RNG) go to ``--work_dir`` (``autoencoder/`` and ``mapping/`` below it for those phases);
+``--resume_from_checkpoint latest`` continues a killed run.
 
-    python examples/shapes/train_stylegan2.py --max_minutes 70
-    python examples/assemble_shapes_ipl.py --backend stylegan2   # + Shapes CLIP -> shapes_models/stylegan2
+Example (the shipped model; wall times and results are in its ``training_record.json``)::
+
+    python examples/shapes/train_stylegan2.py --max_minutes 70                       # adversarial, 3341 steps
+    AE="--work_dir runs/shapes_stylegan2_ae --output_dir runs/shapes_stylegan2_ae_out"
+    python examples/shapes/train_stylegan2.py $AE --phase autoencoder --max_minutes 45 \
+        --init_from runs/shapes_stylegan2_out
+    python examples/shapes/train_stylegan2.py $AE --phase mapping
+    python examples/assemble_shapes_ipl.py --backend stylegan2 --trained runs/shapes_stylegan2_ae_out
 """
 
 import argparse
@@ -35,9 +55,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 from ipl_diffusion.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
-from ipl_diffusion.models.stylegan2 import StyleGAN2Discriminator, StyleGAN2Generator
+from ipl_diffusion.models.semantic_encoder import SemanticEncoder
+from ipl_diffusion.models.stylegan2 import EqualLinear, StyleGAN2Discriminator, StyleGAN2Generator
 from ipl_diffusion.shapes.renderer import COLORS, SHAPES, SOURCE_STYLE, STYLES, ShapesRenderer, sample_factors
 
 
@@ -61,6 +83,17 @@ def parse_args(argv=None):
     p.add_argument("--oracle", default="ipl_diffusion/shapes_models/oracle")
     p.add_argument("--resume_from_checkpoint", default="latest", help="'latest', a checkpoint folder, or 'none'")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--phase",
+        choices=("gan", "autoencoder", "mapping"),
+        default="gan",
+        help="gan: adversarial training (default); autoencoder / mapping: the reconstruction pre-training described above",
+    )
+    p.add_argument("--init_from", default=None, help="a trained generator folder (save_pretrained) to start the autoencoder or gan phase from")
+    p.add_argument("--encoder_channels", type=int, default=32, help="base width of the autoencoder phase's encoder")
+    p.add_argument("--edge_weight", type=float, default=1.0, help="weight of the autoencoder phase's gradient difference loss")
+    p.add_argument("--mapping_codes", type=int, default=32768, help="photos encoded once as the mapping phase's real codes")
+    p.add_argument("--mapping_kimg", type=float, default=2000.0, help="thousands of latent codes the mapping phase trains on")
     return p.parse_args(argv)
 
 
@@ -69,6 +102,14 @@ def mixed_latents(batch, style_dim, prob, generator):
     if torch.rand((), generator=generator) < prob:
         return [torch.randn(batch, style_dim, generator=generator) for _ in range(2)]
     return [torch.randn(batch, style_dim, generator=generator)]
+
+
+@torch.no_grad()
+def to_pil_grid(rows):
+    """rows: list of (N, 3, H, W) tensors in [-1, 1] -> one PIL image (2x nearest), a row per tensor."""
+    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)
+    image = Image.fromarray(((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+    return image.resize((image.width * 2, image.height * 2), Image.NEAREST)
 
 
 @torch.no_grad()
@@ -104,15 +145,236 @@ def oracle_report(g_ema, oracle_dir, n=256, seed=123):
     )
 
 
+def build_generator(args):
+    return StyleGAN2Generator(
+        size=args.resolution, style_dim=args.style_dim, n_mlp=args.n_mlp, channel_multiplier=1, channel_max=args.channel_max
+    )
+
+
+def build_encoder(args):
+    """Image -> ``w`` encoder of the autoencoder phase: the DiffAE semantic encoder's small
+    config (the Shapes DiffAE's), with ``style_dim`` outputs."""
+    return SemanticEncoder(
+        sample_size=args.resolution,
+        model_channels=args.encoder_channels,
+        channel_mult=(1, 2, 4, 4),
+        num_res_blocks=1,
+        attention_resolutions=(),
+        z_sem_channels=args.style_dim,
+    )
+
+
+def init_generator(generator, folder):
+    """Copy a trained generator folder's weights in; ValueError when it does not fit the config."""
+    trained = StyleGAN2Generator.from_pretrained(folder)
+    try:
+        generator.load_state_dict(trained.state_dict())
+    except RuntimeError as err:
+        raise ValueError(f"--init_from {folder} does not fit this run's generator: {err}") from None
+    print(f"initialised the generator from {folder}")
+
+
+def synthesis_parameters(generator):
+    """Everything but the mapping network (``style.*``)."""
+    return [p for name, p in generator.named_parameters() if not name.startswith("style.")]
+
+
+def synthesize_w(generator, w):
+    """``w`` ``(N, style_dim)`` -> image: one ``w`` for every layer, as the mapping network feeds it."""
+    return generator.synthesis(w[:, None].expand(-1, generator.n_latent, -1))
+
+
+def image_gradients(x):
+    return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+
+
+def reconstruction_loss(recon, real, edge_weight):
+    """MSE plus ``edge_weight`` x the gradient difference loss (Mathieu et al. 2016): L1 between
+    the images' horizontal and vertical finite differences.
+
+    Why the edge term: shapes of the same colour and size differ in a few edge pixels, which
+    MSE averages with a smooth background and rewards little; an MSE-only run still drew round
+    blobs for squares and triangles after 1500 steps.
+    """
+    loss = F.mse_loss(recon, real)
+    if edge_weight:
+        loss = loss + edge_weight * sum(F.l1_loss(a, b) for a, b in zip(image_gradients(recon), image_gradients(real)))
+    return loss
+
+
+def train_autoencoder(args, renderer):
+    """Encoder + synthesis network trained to reconstruct photos (:func:`reconstruction_loss`);
+    the mapping network is left alone."""
+    work = Path(args.work_dir) / "autoencoder"
+    generator, encoder = build_generator(args), build_encoder(args)
+    optimizer = torch.optim.Adam(
+        [dict(params=synthesis_parameters(generator), lr=args.learning_rate), dict(params=encoder.parameters(), lr=args.learning_rate / 4)],
+        betas=(0.0, 0.99),
+    )
+    data_gen = torch.Generator().manual_seed(args.seed + 1)
+    models, optimizers = {"generator": generator, "encoder": encoder}, {"adam": optimizer}
+    step, elapsed_before = 0, 0.0
+    resume = None if args.resume_from_checkpoint == "none" else resolve_checkpoint(work, args.resume_from_checkpoint)
+    if resume is not None:
+        step, saved = load_checkpoint(resume, models, optimizers, {"data": data_gen})
+        elapsed_before = float(saved.get("elapsed_seconds", 0.0))
+        print(f"resumed the autoencoder phase from {resume} at step {step}")
+    elif args.init_from:
+        init_generator(generator, args.init_from)
+    t0 = time.time()
+
+    def save():
+        elapsed = elapsed_before + time.time() - t0
+        save_checkpoint(work, step, models, optimizers, dict(vars(args), elapsed_seconds=elapsed), {"data": data_gen}, keep=2)
+        return elapsed
+
+    while step < args.max_steps:
+        if args.max_minutes is not None and time.time() - t0 > args.max_minutes * 60:
+            break
+        real = renderer.render(sample_factors(args.batch_size, generator=data_gen, style=SOURCE_STYLE), generator=data_gen)
+        loss = reconstruction_loss(synthesize_w(generator, encoder(real)), real, args.edge_weight)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite reconstruction loss at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        if step % 25 == 0:
+            print(dict(phase="autoencoder", step=step, loss=round(loss.item(), 5), minutes=round((time.time() - t0) / 60, 2)), flush=True)
+        if step % args.checkpointing_steps == 0:
+            save()
+    elapsed = save()
+    test_gen = torch.Generator().manual_seed(args.seed + 3)
+    real = renderer.render(sample_factors(16, generator=test_gen, style=SOURCE_STYLE), generator=test_gen)
+    with torch.no_grad():
+        recon = synthesize_w(generator, encoder(real)).clamp(-1, 1)
+    work.mkdir(parents=True, exist_ok=True)
+    to_pil_grid([real, recon]).save(work / "reconstructions.png")
+    record = dict(phase="autoencoder", steps=step, wall_seconds=elapsed, test_mse=F.mse_loss(recon, real).item(), init_from=args.init_from)
+    (work / "training_record.json").write_text(json.dumps(record, indent=1))
+    print(json.dumps(record, indent=1))
+
+
+def count_parameters(**modules):
+    return {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
+
+
+def write_generator(args, g_ema, facts):
+    """``g_ema`` -> ``--output_dir`` (``save_pretrained``), a 32-sample grid and ``training_record.json``
+    (also copied to ``--work_dir``) with the oracle's reading of 256 samples when the oracle exists."""
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    g_ema.save_pretrained(out)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(7)
+        samples = g_ema([torch.randn(32, args.style_dim, generator=g)], randomize_noise=False)[0].clamp(-1, 1)
+    grid = torch.cat([torch.cat(list(samples[:16]), 2), torch.cat(list(samples[16:]), 2)], 1)
+    Image.fromarray(((grid + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()).resize((16 * 64, 2 * 64), Image.NEAREST).save(out / "samples.png")
+    record = dict(
+        task="shapes_stylegan2",
+        phase=args.phase,
+        command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        config=vars(args),
+        **facts,
+        torch_threads=torch.get_num_threads(),
+    )
+    if (Path(args.oracle) / "config.json").is_file():
+        record["samples_oracle"] = oracle_report(g_ema, args.oracle)
+    (out / "training_record.json").write_text(json.dumps(record, indent=1))
+    (Path(args.work_dir) / "training_record.json").write_text(json.dumps(record, indent=1))
+    print(json.dumps(record, indent=1))
+
+
+def train_mapping(args, renderer):
+    """Mapping network z -> w trained adversarially in W against the encoder's codes of photos.
+
+    The synthesis network and encoder come from the autoencoder phase's latest checkpoint and
+    stay frozen. The discriminator is a 3-layer MLP on codes standardised with the bank's
+    mean/std; loss and R1 as in the image GAN.
+    """
+    ae_work, work = Path(args.work_dir) / "autoencoder", Path(args.work_dir) / "mapping"
+    ae_checkpoint = resolve_checkpoint(ae_work, "latest")
+    if ae_checkpoint is None:
+        raise FileNotFoundError(f"--phase mapping needs an autoencoder checkpoint in {ae_work}; run --phase autoencoder first")
+    generator, encoder = build_generator(args), build_encoder(args)
+    ae_steps, _ = load_checkpoint(ae_checkpoint, {"generator": generator, "encoder": encoder}, restore_rng=False)
+    generator.requires_grad_(False)
+    mapping = generator.style.requires_grad_(True)
+    encoder.requires_grad_(False).eval()
+    bank_gen = torch.Generator().manual_seed(args.seed + 4)
+    with torch.no_grad():
+        bank = torch.cat([encoder(renderer.render(sample_factors(512, generator=bank_gen, style=SOURCE_STYLE), generator=bank_gen)) for _ in range(args.mapping_codes // 512)])
+    mean, std = bank.mean(0), bank.std(0) + 1e-6
+    critic = nn.Sequential(
+        EqualLinear(args.style_dim, 2 * args.style_dim, activation="fused_lrelu"),
+        EqualLinear(2 * args.style_dim, 2 * args.style_dim, activation="fused_lrelu"),
+        EqualLinear(2 * args.style_dim, 1),
+    )
+    # The mapping network's equalised-LR multiplier (lr_mlp = 0.01) slows it down 100x so the
+    # image GAN's synthesis can follow it; trained alone here, that slowdown is undone.
+    g_optim = torch.optim.Adam(mapping.parameters(), lr=args.learning_rate / generator.config.lr_mlp, betas=(0.0, 0.99))
+    d_optim = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, betas=(0.0, 0.99))
+    data_gen = torch.Generator().manual_seed(args.seed + 5)
+    models, optimizers = {"mapping": mapping, "critic": critic}, {"g_optim": g_optim, "d_optim": d_optim}
+    step, elapsed_before = 0, 0.0
+    resume = None if args.resume_from_checkpoint == "none" else resolve_checkpoint(work, args.resume_from_checkpoint)
+    if resume is not None:
+        step, saved = load_checkpoint(resume, models, optimizers, {"data": data_gen})
+        elapsed_before = float(saved.get("elapsed_seconds", 0.0))
+        print(f"resumed the mapping phase from {resume} at step {step}")
+    batch = 256
+    total_steps = int(args.mapping_kimg * 1000 // batch)
+    t0 = time.time()
+
+    def save():
+        elapsed = elapsed_before + time.time() - t0
+        save_checkpoint(work, step, models, optimizers, dict(vars(args), elapsed_seconds=elapsed), {"data": data_gen}, keep=2)
+        return elapsed
+
+    def critic_of(w):
+        return critic((w - mean) / std)
+
+    while step < total_steps:
+        real = bank[torch.randint(0, bank.shape[0], (batch,), generator=data_gen)].requires_grad_(True)
+        fake = mapping(torch.randn(batch, args.style_dim, generator=data_gen))
+        real_logits = critic_of(real)
+        (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+        d_loss = F.softplus(critic_of(fake.detach())).mean() + F.softplus(-real_logits).mean() + args.r1 / 2 * grad.pow(2).sum(1).mean()
+        d_optim.zero_grad(set_to_none=True)
+        d_loss.backward()
+        d_optim.step()
+        g_loss = F.softplus(-critic_of(mapping(torch.randn(batch, args.style_dim, generator=data_gen)))).mean()
+        g_optim.zero_grad(set_to_none=True)
+        g_loss.backward()
+        g_optim.step()
+        if not (torch.isfinite(d_loss) and torch.isfinite(g_loss)):
+            raise FloatingPointError(f"non-finite mapping GAN loss at step {step}: d={d_loss.item()}, g={g_loss.item()}")
+        step += 1
+        if step % 250 == 0:
+            print(dict(phase="mapping", step=step, d_loss=round(d_loss.item(), 4), g_loss=round(g_loss.item(), 4), minutes=round((time.time() - t0) / 60, 2)), flush=True)
+        if step % (args.checkpointing_steps * 10) == 0:
+            save()
+    elapsed = save()
+    ae_record = json.loads((ae_work / "training_record.json").read_text()) if (ae_work / "training_record.json").is_file() else None
+    write_generator(
+        args,
+        generator.eval(),
+        dict(steps=step, wall_seconds=elapsed, autoencoder=dict(checkpoint=str(ae_checkpoint), steps=ae_steps, record=ae_record),
+             parameters=count_parameters(generator=generator, encoder=encoder, critic=critic)),
+    )
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    work, out = Path(args.work_dir), Path(args.output_dir)
+    work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     renderer = ShapesRenderer(args.resolution)
-    generator = StyleGAN2Generator(
-        size=args.resolution, style_dim=args.style_dim, n_mlp=args.n_mlp, channel_multiplier=1, channel_max=args.channel_max
-    )
+    if args.phase == "autoencoder":
+        return train_autoencoder(args, renderer)
+    if args.phase == "mapping":
+        return train_mapping(args, renderer)
+    generator = build_generator(args)
     discriminator = StyleGAN2Discriminator(size=args.resolution, channel_multiplier=1, channel_max=args.channel_max)
     g_ema = copy.deepcopy(generator).eval()
     for p in g_ema.parameters():
@@ -130,6 +392,9 @@ def main(argv=None):
         step, saved = load_checkpoint(resume, models, optimizers, {"data": data_gen})
         elapsed_before = float(saved.get("elapsed_seconds", 0.0))
         print(f"resumed from {resume} at step {step}")
+    elif args.init_from:
+        init_generator(generator, args.init_from)
+        g_ema.load_state_dict(generator.state_dict())
     ema_decay = 0.5 ** (args.batch_size / (args.ema_kimg * 1000))
     t0 = time.time()
 
@@ -170,29 +435,7 @@ def main(argv=None):
         if step % args.checkpointing_steps == 0:
             save()
     elapsed = save()
-
-    out.mkdir(parents=True, exist_ok=True)
-    g_ema.save_pretrained(out)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(7)
-        samples = g_ema([torch.randn(32, args.style_dim, generator=g)], randomize_noise=False)[0].clamp(-1, 1)
-    grid = torch.cat([torch.cat(list(samples[:16]), 2), torch.cat(list(samples[16:]), 2)], 1)
-    Image.fromarray(((grid + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()).resize((16 * 64, 2 * 64), Image.NEAREST).save(out / "samples.png")
-    record = dict(
-        task="shapes_stylegan2",
-        command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-        config=vars(args),
-        parameters={n: sum(p.numel() for p in m.parameters()) for n, m in (("generator", generator), ("discriminator", discriminator))},
-        steps=step,
-        wall_seconds=elapsed,
-        torch_threads=torch.get_num_threads(),
-    )
-    if (Path(args.oracle) / "config.json").is_file():
-        record["samples_oracle"] = oracle_report(g_ema, args.oracle)
-    (out / "training_record.json").write_text(json.dumps(record, indent=1))
-    (work / "training_record.json").write_text(json.dumps(record, indent=1))
-    print(json.dumps(record, indent=1))
-
+    write_generator(args, g_ema, dict(steps=step, wall_seconds=elapsed, parameters=count_parameters(generator=generator, discriminator=discriminator)))
 
 if __name__ == "__main__":
     main()
