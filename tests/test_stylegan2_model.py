@@ -433,6 +433,10 @@ def test_small_configs_build():
     from ipl_diffusion.models.stylegan2 import SMALL_CONFIGS
 
     g = StyleGAN2Generator(**SMALL_CONFIGS["shapes32"])
+    from ipl_diffusion.shapes import default_model_path
+
+    shipped = StyleGAN2Generator.load_config(default_model_path("stylegan2") / "source_generator")
+    assert all(shipped[k] == v for k, v in SMALL_CONFIGS["shapes32"].items()), "SMALL_CONFIGS must describe the shipped generator"
     assert g.size == 32 and g.n_latent == 8 and sum(p.numel() for p in g.parameters()) < 3_000_000
     with torch.no_grad():
         assert g([torch.randn(2, 128)])[0].shape == (2, 3, 32, 32)

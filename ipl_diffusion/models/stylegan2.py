@@ -722,8 +722,8 @@ class StyleGAN2Discriminator(ModelMixin, ConfigMixin):
 
 
 # Small generators trained with this code (not upstream configs). ``shapes32`` is the Shapes
-# world's 32x32 source generator (the defaults of examples/shapes/train_stylegan2.py): 128
+# world's 32x32 source generator (the defaults of examples/shapes/train_stylegan2.py): 64
 # channels at every scale and a 4-layer mapping network, trainable on a CPU.
 SMALL_CONFIGS = {
-    "shapes32": dict(size=32, style_dim=128, n_mlp=4, channel_multiplier=1, channel_max=128),
+    "shapes32": dict(size=32, style_dim=128, n_mlp=4, channel_multiplier=1, channel_max=64),
 }
