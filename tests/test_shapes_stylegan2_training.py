@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "--resolution", "16", "--style_dim", "16", "--n_mlp", "2", "--channel_max", "8", "--encoder_channels", "8",
     "--batch_size", "4", "--checkpointing_steps", "100", "--oracle", "no-oracle",
-    "--mapping_codes", "512", "--mapping_kimg", "2",
+    "--mapping_codes", "300", "--mapping_kimg", "2",
 ]
 
 
@@ -76,6 +76,20 @@ def test_mapping_phase_trains_mapping_only_and_writes_a_loadable_generator(run):
     record = json.loads((run / "ae_out" / "training_record.json").read_text())
     assert record["phase"] == "mapping" and record["autoencoder"]["steps"] == 3
     assert (run / "ae_out" / "samples.png").is_file()
+
+
+def test_a_killed_autoencoder_phase_resumes_where_it_stopped(script, tmp_path, capsys):
+    """2 steps, then a re-run to 4, give the weights of 4 steps in one go (data and noise RNG
+    come back with the checkpoint)."""
+    args = TINY + ["--phase", "autoencoder", "--output_dir", str(tmp_path / "o")]
+    script.main(args + ["--max_steps", "2", "--work_dir", str(tmp_path / "split")])
+    script.main(args + ["--max_steps", "4", "--work_dir", str(tmp_path / "split")])
+    assert "resumed the autoencoder phase from" in capsys.readouterr().out
+    script.main(args + ["--max_steps", "4", "--work_dir", str(tmp_path / "whole")])
+    split, whole = _weights(tmp_path / "split", "autoencoder", "generator"), _weights(tmp_path / "whole", "autoencoder", "generator")
+    assert all(torch.equal(split[k], whole[k]) for k in whole)
+    record = json.loads((tmp_path / "split" / "autoencoder" / "training_record.json").read_text())
+    assert record["steps"] == 4
 
 
 def test_mapping_phase_without_an_autoencoder_checkpoint_is_refused(script, tmp_path):

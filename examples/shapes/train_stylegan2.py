@@ -64,6 +64,7 @@ from PIL import Image
 from torch import nn
 
 from ipl_diffusion.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
+from ipl_diffusion.cli.adapt import positive_int
 from ipl_diffusion.models.semantic_encoder import SemanticEncoder
 from ipl_diffusion.models.stylegan2 import EqualLinear, StyleGAN2Discriminator, StyleGAN2Generator
 from ipl_diffusion.shapes.renderer import COLORS, SHAPES, SOURCE_STYLE, STYLES, ShapesRenderer, sample_factors
@@ -98,7 +99,7 @@ def parse_args(argv=None):
     p.add_argument("--init_from", default=None, help="a trained generator folder (save_pretrained) to start the autoencoder or gan phase from")
     p.add_argument("--encoder_channels", type=int, default=32, help="base width of the autoencoder phase's encoder")
     p.add_argument("--edge_weight", type=float, default=1.0, help="weight of the autoencoder phase's gradient difference loss")
-    p.add_argument("--mapping_codes", type=int, default=32768, help="photos encoded once as the mapping phase's real codes")
+    p.add_argument("--mapping_codes", type=positive_int, default=32768, help="photos encoded once as the mapping phase's real codes")
     p.add_argument("--mapping_kimg", type=float, default=6000.0, help="thousands of latent codes the mapping phase trains on")
     return p.parse_args(argv)
 
@@ -149,6 +150,40 @@ def oracle_report(g_ema, oracle_dir, n=256, seed=123):
         max_entropy_shape=math.log(len(SHAPES)),
         max_entropy_color=math.log(len(COLORS)),
     )
+
+
+class PhaseRun:
+    """Step counter, wall clock and checkpoints of one phase in ``work``.
+
+    Resumes from ``--resume_from_checkpoint`` (``latest`` by default; ``none`` starts afresh):
+    models, optimisers and the data RNG come back, and the wall time already spent is carried
+    in the checkpoint. ``save()`` writes an atomic checkpoint (the newest two are kept).
+    """
+
+    def __init__(self, args, work, models, optimizers, data_gen, name):
+        self.args, self.work, self.models, self.optimizers, self.data_gen = args, work, models, optimizers, data_gen
+        self.step, self.elapsed_before = 0, 0.0
+        resume = None if args.resume_from_checkpoint == "none" else resolve_checkpoint(work, args.resume_from_checkpoint)
+        self.resumed = resume is not None
+        if resume is not None:
+            self.step, saved = load_checkpoint(resume, models, optimizers, {"data": data_gen})
+            self.elapsed_before = float(saved.get("elapsed_seconds", 0.0))
+            print(f"resumed the {name} phase from {resume} at step {self.step}")
+        self.t0 = time.time()
+
+    def minutes(self):
+        """Wall minutes of this process (``--max_minutes`` bounds it)."""
+        return (time.time() - self.t0) / 60
+
+    def running(self, max_steps):
+        return self.step < max_steps and (self.args.max_minutes is None or self.minutes() < self.args.max_minutes)
+
+    def save(self):
+        """Checkpoint at the current step; returns the phase's wall seconds over all runs."""
+        elapsed = self.elapsed_before + time.time() - self.t0
+        config = dict(vars(self.args), elapsed_seconds=elapsed)
+        save_checkpoint(self.work, self.step, self.models, self.optimizers, config, {"data": self.data_gen}, keep=2)
+        return elapsed
 
 
 def build_generator(args):
@@ -218,45 +253,30 @@ def train_autoencoder(args, renderer):
         betas=(0.0, 0.99),
     )
     data_gen = torch.Generator().manual_seed(args.seed + 1)
-    models, optimizers = {"generator": generator, "encoder": encoder}, {"adam": optimizer}
-    step, elapsed_before = 0, 0.0
-    resume = None if args.resume_from_checkpoint == "none" else resolve_checkpoint(work, args.resume_from_checkpoint)
-    if resume is not None:
-        step, saved = load_checkpoint(resume, models, optimizers, {"data": data_gen})
-        elapsed_before = float(saved.get("elapsed_seconds", 0.0))
-        print(f"resumed the autoencoder phase from {resume} at step {step}")
-    elif args.init_from:
+    run = PhaseRun(args, work, {"generator": generator, "encoder": encoder}, {"adam": optimizer}, data_gen, "autoencoder")
+    if not run.resumed and args.init_from:
         init_generator(generator, args.init_from)
-    t0 = time.time()
-
-    def save():
-        elapsed = elapsed_before + time.time() - t0
-        save_checkpoint(work, step, models, optimizers, dict(vars(args), elapsed_seconds=elapsed), {"data": data_gen}, keep=2)
-        return elapsed
-
-    while step < args.max_steps:
-        if args.max_minutes is not None and time.time() - t0 > args.max_minutes * 60:
-            break
+    while run.running(args.max_steps):
         real = renderer.render(sample_factors(args.batch_size, generator=data_gen, style=SOURCE_STYLE), generator=data_gen)
         loss = reconstruction_loss(synthesize_w(generator, encoder(real)), real, args.edge_weight)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite reconstruction loss at step {step}")
+            raise FloatingPointError(f"non-finite reconstruction loss at step {run.step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        step += 1
-        if step % 25 == 0:
-            print(dict(phase="autoencoder", step=step, loss=round(loss.item(), 5), minutes=round((time.time() - t0) / 60, 2)), flush=True)
-        if step % args.checkpointing_steps == 0:
-            save()
-    elapsed = save()
+        run.step += 1
+        if run.step % 25 == 0:
+            print(dict(phase="autoencoder", step=run.step, loss=round(loss.item(), 5), minutes=round(run.minutes(), 2)), flush=True)
+        if run.step % args.checkpointing_steps == 0:
+            run.save()
+    elapsed = run.save()
     test_gen = torch.Generator().manual_seed(args.seed + 3)
     real = renderer.render(sample_factors(16, generator=test_gen, style=SOURCE_STYLE), generator=test_gen)
     with torch.no_grad():
         recon = synthesize_w(generator, encoder(real)).clamp(-1, 1)
     work.mkdir(parents=True, exist_ok=True)
     to_pil_grid([real, recon]).save(work / "reconstructions.png")
-    record = dict(phase="autoencoder", steps=step, wall_seconds=elapsed, test_mse=F.mse_loss(recon, real).item(), init_from=args.init_from)
+    record = dict(phase="autoencoder", steps=run.step, wall_seconds=elapsed, test_mse=F.mse_loss(recon, real).item(), init_from=args.init_from)
     if args.init_from and (Path(args.init_from) / "training_record.json").is_file():
         record["warm_start"] = json.loads((Path(args.init_from) / "training_record.json").read_text())
     (work / "training_record.json").write_text(json.dumps(record, indent=1))
@@ -311,7 +331,8 @@ def train_mapping(args, renderer):
     encoder.requires_grad_(False).eval()
     bank_gen = torch.Generator().manual_seed(args.seed + 4)
     with torch.no_grad():
-        bank = torch.cat([encoder(renderer.render(sample_factors(512, generator=bank_gen, style=SOURCE_STYLE), generator=bank_gen)) for _ in range(args.mapping_codes // 512)])
+        sizes = [min(512, args.mapping_codes - start) for start in range(0, args.mapping_codes, 512)]
+        bank = torch.cat([encoder(renderer.render(sample_factors(n, generator=bank_gen, style=SOURCE_STYLE), generator=bank_gen)) for n in sizes])
     mean, std = bank.mean(0), bank.std(0) + 1e-6
     critic = nn.Sequential(
         EqualLinear(args.style_dim, 2 * args.style_dim, activation="fused_lrelu"),
@@ -323,26 +344,14 @@ def train_mapping(args, renderer):
     g_optim = torch.optim.Adam(mapping.parameters(), lr=args.learning_rate / generator.config.lr_mlp, betas=(0.0, 0.99))
     d_optim = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, betas=(0.0, 0.99))
     data_gen = torch.Generator().manual_seed(args.seed + 5)
-    models, optimizers = {"mapping": mapping, "critic": critic}, {"g_optim": g_optim, "d_optim": d_optim}
-    step, elapsed_before = 0, 0.0
-    resume = None if args.resume_from_checkpoint == "none" else resolve_checkpoint(work, args.resume_from_checkpoint)
-    if resume is not None:
-        step, saved = load_checkpoint(resume, models, optimizers, {"data": data_gen})
-        elapsed_before = float(saved.get("elapsed_seconds", 0.0))
-        print(f"resumed the mapping phase from {resume} at step {step}")
+    run = PhaseRun(args, work, {"mapping": mapping, "critic": critic}, {"g_optim": g_optim, "d_optim": d_optim}, data_gen, "mapping")
     batch = 256
     total_steps = int(args.mapping_kimg * 1000 // batch)
-    t0 = time.time()
-
-    def save():
-        elapsed = elapsed_before + time.time() - t0
-        save_checkpoint(work, step, models, optimizers, dict(vars(args), elapsed_seconds=elapsed), {"data": data_gen}, keep=2)
-        return elapsed
 
     def critic_of(w):
         return critic((w - mean) / std)
 
-    while step < total_steps:
+    while run.running(total_steps):
         real = bank[torch.randint(0, bank.shape[0], (batch,), generator=data_gen)].requires_grad_(True)
         fake = mapping(torch.randn(batch, args.style_dim, generator=data_gen))
         real_logits = critic_of(real)
@@ -356,18 +365,18 @@ def train_mapping(args, renderer):
         g_loss.backward()
         g_optim.step()
         if not (torch.isfinite(d_loss) and torch.isfinite(g_loss)):
-            raise FloatingPointError(f"non-finite mapping GAN loss at step {step}: d={d_loss.item()}, g={g_loss.item()}")
-        step += 1
-        if step % 250 == 0:
-            print(dict(phase="mapping", step=step, d_loss=round(d_loss.item(), 4), g_loss=round(g_loss.item(), 4), minutes=round((time.time() - t0) / 60, 2)), flush=True)
-        if step % (args.checkpointing_steps * 10) == 0:
-            save()
-    elapsed = save()
+            raise FloatingPointError(f"non-finite mapping GAN loss at step {run.step}: d={d_loss.item()}, g={g_loss.item()}")
+        run.step += 1
+        if run.step % 250 == 0:
+            print(dict(phase="mapping", step=run.step, d_loss=round(d_loss.item(), 4), g_loss=round(g_loss.item(), 4), minutes=round(run.minutes(), 2)), flush=True)
+        if run.step % (args.checkpointing_steps * 10) == 0:
+            run.save()
+    elapsed = run.save()
     ae_record = json.loads((ae_work / "training_record.json").read_text()) if (ae_work / "training_record.json").is_file() else None
     write_generator(
         args,
         generator.eval(),
-        dict(steps=step, wall_seconds=elapsed, autoencoder=dict(checkpoint=str(ae_checkpoint), steps=ae_steps, record=ae_record),
+        dict(steps=run.step, wall_seconds=elapsed, autoencoder=dict(checkpoint=str(ae_checkpoint), steps=ae_steps, record=ae_record),
              parameters=count_parameters(generator=generator, encoder=encoder, critic=critic)),
     )
 
@@ -393,27 +402,12 @@ def main(argv=None):
     d_optim = torch.optim.Adam(discriminator.parameters(), lr=args.learning_rate * ratio, betas=(0.0, 0.99**ratio))
     data_gen = torch.Generator().manual_seed(args.seed + 1)
     models = {"generator": generator, "discriminator": discriminator, "g_ema": g_ema}
-    optimizers = {"g_optim": g_optim, "d_optim": d_optim}
-    step, elapsed_before = 0, 0.0
-    resume = None if args.resume_from_checkpoint == "none" else resolve_checkpoint(work, args.resume_from_checkpoint)
-    if resume is not None:
-        step, saved = load_checkpoint(resume, models, optimizers, {"data": data_gen})
-        elapsed_before = float(saved.get("elapsed_seconds", 0.0))
-        print(f"resumed from {resume} at step {step}")
-    elif args.init_from:
+    run = PhaseRun(args, work, models, {"g_optim": g_optim, "d_optim": d_optim}, data_gen, "gan")
+    if not run.resumed and args.init_from:
         init_generator(generator, args.init_from)
         g_ema.load_state_dict(generator.state_dict())
     ema_decay = 0.5 ** (args.batch_size / (args.ema_kimg * 1000))
-    t0 = time.time()
-
-    def save():
-        elapsed = elapsed_before + time.time() - t0
-        save_checkpoint(work, step, models, optimizers, dict(vars(args), elapsed_seconds=elapsed), {"data": data_gen}, keep=2)
-        return elapsed
-
-    while step < args.max_steps:
-        if args.max_minutes is not None and time.time() - t0 > args.max_minutes * 60:
-            break
+    while run.running(args.max_steps):
         real = renderer.render(sample_factors(args.batch_size, generator=data_gen, style=SOURCE_STYLE), generator=data_gen)
         # Discriminator: softplus(D(fake)) + softplus(-D(real)), the non-saturating logistic loss.
         with torch.no_grad():
@@ -422,7 +416,7 @@ def main(argv=None):
         d_optim.zero_grad(set_to_none=True)
         d_loss.backward()
         d_optim.step()
-        if step % args.d_reg_every == 0:
+        if run.step % args.d_reg_every == 0:
             r1 = d_r1_penalty(discriminator, real)
             d_optim.zero_grad(set_to_none=True)
             # "* 0" ties D's output into the graph (rosinality does the same) so every parameter gets a grad.
@@ -435,15 +429,16 @@ def main(argv=None):
         g_loss.backward()
         g_optim.step()
         if not (torch.isfinite(d_loss) and torch.isfinite(g_loss)):
-            raise FloatingPointError(f"non-finite GAN loss at step {step}: d={d_loss.item()}, g={g_loss.item()}")
+            raise FloatingPointError(f"non-finite GAN loss at step {run.step}: d={d_loss.item()}, g={g_loss.item()}")
         accumulate(g_ema, generator, ema_decay)
-        step += 1
-        if step % 25 == 0:
-            print(dict(step=step, d_loss=round(d_loss.item(), 4), g_loss=round(g_loss.item(), 4), minutes=round((time.time() - t0) / 60, 2)), flush=True)
-        if step % args.checkpointing_steps == 0:
-            save()
-    elapsed = save()
-    write_generator(args, g_ema, dict(steps=step, wall_seconds=elapsed, parameters=count_parameters(generator=generator, discriminator=discriminator)))
+        run.step += 1
+        if run.step % 25 == 0:
+            print(dict(phase="gan", step=run.step, d_loss=round(d_loss.item(), 4), g_loss=round(g_loss.item(), 4), minutes=round(run.minutes(), 2)), flush=True)
+        if run.step % args.checkpointing_steps == 0:
+            run.save()
+    elapsed = run.save()
+    write_generator(args, g_ema, dict(steps=run.step, wall_seconds=elapsed, parameters=count_parameters(generator=generator, discriminator=discriminator)))
+
 
 if __name__ == "__main__":
     main()
