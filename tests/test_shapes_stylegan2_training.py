@@ -108,9 +108,19 @@ def test_gan_phase_warm_start_copies_generator_and_g_ema(script, run, tmp_path):
 
 
 def test_warm_start_from_a_generator_of_another_config_is_refused(script, run, tmp_path):
-    with pytest.raises(ValueError, match="--init_from .* does not fit"):
+    with pytest.raises(ValueError, match=r"--init_from .* does not fit this run's generator \(channel_max 8 there, 16 here\)"):
         script.main(TINY + ["--channel_max", "16", "--phase", "autoencoder", "--max_steps", "1", "--init_from",
                             str(run / "gan_out"), "--work_dir", str(tmp_path / "w"), "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match="--init_from .*nope: no generator there"):
+        script.main(TINY + ["--max_steps", "1", "--init_from", str(tmp_path / "nope"), "--work_dir", str(tmp_path / "w2")])
+    assert not (tmp_path / "w2").exists()
+
+
+def test_mapping_phase_on_an_autoencoder_of_another_config_is_refused(script, run, tmp_path):
+    args = TINY + ["--channel_max", "16", "--phase", "mapping", "--work_dir", str(run / "ae"), "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(ValueError, match="does not fit this run's models .*--channel_max"):
+        script.main(args)
+    assert not (tmp_path / "o").exists()
 
 
 def test_edge_term_changes_the_gradient_of_a_blurred_square(script):

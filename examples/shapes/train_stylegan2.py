@@ -71,17 +71,20 @@ from ipl_diffusion.shapes.renderer import COLORS, SHAPES, SOURCE_STYLE, STYLES, 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output_dir", default="runs/shapes_stylegan2_out", help="trained g_ema folder (then examples/assemble_shapes_ipl.py --backend stylegan2)")
-    p.add_argument("--work_dir", default="runs/shapes_stylegan2")
-    p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--style_dim", type=int, default=128)
-    p.add_argument("--n_mlp", type=int, default=4)
-    p.add_argument("--channel_max", type=int, default=64)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--max_steps", type=int, default=20000)
-    p.add_argument("--max_minutes", type=float, default=None)
-    p.add_argument("--learning_rate", type=float, default=0.002)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + " (the module docstring tells the phases' story)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--output_dir", default="runs/shapes_stylegan2_out", help="trained generator folder (then examples/assemble_shapes_ipl.py --backend stylegan2)")
+    p.add_argument("--work_dir", default="runs/shapes_stylegan2", help="checkpoints (autoencoder/ and mapping/ below it for those phases)")
+    p.add_argument("--resolution", type=int, default=32, help="image size")
+    p.add_argument("--style_dim", type=int, default=128, help="width of z and w")
+    p.add_argument("--n_mlp", type=int, default=4, help="mapping network depth")
+    p.add_argument("--channel_max", type=int, default=64, help="feature width at every scale")
+    p.add_argument("--batch_size", type=int, default=32, help="images per step (gan, autoencoder)")
+    p.add_argument("--max_steps", type=int, default=20000, help="steps of the gan / autoencoder phase, counting resumed ones")
+    p.add_argument("--max_minutes", type=float, default=None, help="wall-time bound of this run")
+    p.add_argument("--learning_rate", type=float, default=0.002, help="Adam learning rate (all phases)")
     p.add_argument("--r1", type=float, default=0.05, help="R1 weight gamma (small images need a small gamma)")
     p.add_argument("--d_reg_every", type=int, default=16)
     p.add_argument("--mixing", type=float, default=0.9, help="style-mixing probability")
@@ -94,13 +97,15 @@ def parse_args(argv=None):
         "--phase",
         choices=("gan", "autoencoder", "mapping"),
         default="gan",
-        help="gan: adversarial training (default); autoencoder / mapping: the reconstruction pre-training described above",
+        help="gan: StyleGAN2's adversarial training; autoencoder: encoder + synthesis network trained to "
+        "reconstruct photos; mapping: then the mapping network trained adversarially in W against the encoder's codes",
     )
     p.add_argument("--init_from", default=None, help="a trained generator folder (save_pretrained) to start the autoencoder or gan phase from")
     p.add_argument("--encoder_channels", type=int, default=32, help="base width of the autoencoder phase's encoder")
     p.add_argument("--edge_weight", type=float, default=1.0, help="weight of the autoencoder phase's gradient difference loss")
     p.add_argument("--mapping_codes", type=positive_int, default=32768, help="photos encoded once as the mapping phase's real codes")
     p.add_argument("--mapping_kimg", type=float, default=6000.0, help="thousands of latent codes the mapping phase trains on")
+    p.add_argument("--mapping_batch_size", type=positive_int, default=256, help="latent codes per mapping-phase step")
     return p.parse_args(argv)
 
 
@@ -206,12 +211,19 @@ def build_encoder(args):
 
 
 def init_generator(generator, folder):
-    """Copy a trained generator folder's weights in; ValueError when it does not fit the config."""
+    """Copy a trained generator folder's weights in.
+
+    Raises FileNotFoundError when ``folder`` holds no generator, ValueError (naming the
+    differing settings) when it was built with another config.
+    """
+    if not (Path(folder) / "config.json").is_file():
+        raise FileNotFoundError(f"--init_from {folder}: no generator there (a StyleGAN2Generator.save_pretrained folder with config.json)")
     trained = StyleGAN2Generator.from_pretrained(folder)
-    try:
-        generator.load_state_dict(trained.state_dict())
-    except RuntimeError as err:
-        raise ValueError(f"--init_from {folder} does not fit this run's generator: {err}") from None
+    differ = {k: (trained.config[k], generator.config[k]) for k in ("size", "style_dim", "n_mlp", "channel_max") if trained.config[k] != generator.config[k]}
+    if differ:
+        settings = ", ".join(f"{k} {theirs} there, {ours} here" for k, (theirs, ours) in differ.items())
+        raise ValueError(f"--init_from {folder} does not fit this run's generator ({settings}); pass the same settings")
+    generator.load_state_dict(trained.state_dict())
     print(f"initialised the generator from {folder}")
 
 
@@ -325,7 +337,13 @@ def train_mapping(args, renderer):
     if ae_checkpoint is None:
         raise FileNotFoundError(f"--phase mapping needs an autoencoder checkpoint in {ae_work}; run --phase autoencoder first")
     generator, encoder = build_generator(args), build_encoder(args)
-    ae_steps, _ = load_checkpoint(ae_checkpoint, {"generator": generator, "encoder": encoder}, restore_rng=False)
+    try:
+        ae_steps, _ = load_checkpoint(ae_checkpoint, {"generator": generator, "encoder": encoder}, restore_rng=False)
+    except RuntimeError as err:  # shape mismatches; the first line names the model
+        raise ValueError(
+            f"{ae_checkpoint} does not fit this run's models ({str(err).splitlines()[0]} ...); pass the "
+            "autoencoder phase's --resolution / --style_dim / --n_mlp / --channel_max / --encoder_channels"
+        ) from None
     generator.requires_grad_(False)
     mapping = generator.style.requires_grad_(True)
     encoder.requires_grad_(False).eval()
@@ -345,7 +363,7 @@ def train_mapping(args, renderer):
     d_optim = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, betas=(0.0, 0.99))
     data_gen = torch.Generator().manual_seed(args.seed + 5)
     run = PhaseRun(args, work, {"mapping": mapping, "critic": critic}, {"g_optim": g_optim, "d_optim": d_optim}, data_gen, "mapping")
-    batch = 256
+    batch = args.mapping_batch_size
     total_steps = int(args.mapping_kimg * 1000 // batch)
 
     def critic_of(w):
@@ -385,7 +403,6 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     work = Path(args.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
     renderer = ShapesRenderer(args.resolution)
     if args.phase == "autoencoder":
         return train_autoencoder(args, renderer)
@@ -441,4 +458,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as err:  # a user's mistake: one line, not a traceback
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {err}")
