@@ -308,8 +308,7 @@ def write_generator(args, g_ema, facts):
     with torch.no_grad():
         g = torch.Generator().manual_seed(7)
         samples = g_ema([torch.randn(32, args.style_dim, generator=g)], randomize_noise=False)[0].clamp(-1, 1)
-    grid = torch.cat([torch.cat(list(samples[:16]), 2), torch.cat(list(samples[16:]), 2)], 1)
-    Image.fromarray(((grid + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()).resize((16 * 64, 2 * 64), Image.NEAREST).save(out / "samples.png")
+    to_pil_grid([samples[:16], samples[16:]]).save(out / "samples.png")
     record = dict(
         task="shapes_stylegan2",
         phase=args.phase,
