@@ -41,7 +41,7 @@ which holds the records of all three runs)::
     AE="--work_dir runs/shapes_stylegan2_ae --output_dir runs/shapes_stylegan2_ae_out"
     python examples/shapes/train_stylegan2.py $AE --phase autoencoder --max_minutes 60 \
         --init_from runs/shapes_stylegan2_out               # 11578 steps in 60 minutes (1-2 threads)
-    python examples/shapes/train_stylegan2.py $AE --phase mapping                # 4 minutes
+    python examples/shapes/train_stylegan2.py $AE --phase mapping                # 12 minutes
     python examples/assemble_shapes_ipl.py --backend stylegan2 --trained runs/shapes_stylegan2_ae_out
 
 A ``gan`` phase after the mapping phase (``--init_from`` its output, a fresh discriminator) was
@@ -104,7 +104,7 @@ def parse_args(argv=None):
     p.add_argument("--encoder_channels", type=int, default=32, help="base width of the autoencoder phase's encoder")
     p.add_argument("--edge_weight", type=float, default=1.0, help="weight of the autoencoder phase's gradient difference loss")
     p.add_argument("--mapping_codes", type=positive_int, default=32768, help="photos encoded once as the mapping phase's real codes")
-    p.add_argument("--mapping_kimg", type=float, default=6000.0, help="thousands of latent codes the mapping phase trains on")
+    p.add_argument("--mapping_kimg", type=float, default=15000.0, help="thousands of latent codes the mapping phase trains on")
     p.add_argument("--mapping_batch_size", type=positive_int, default=256, help="latent codes per mapping-phase step")
     return p.parse_args(argv)
 

@@ -157,8 +157,8 @@ SHAPES_ADAPT_DEFAULTS = dict(
 # about a minute on 2 CPU cores. Chosen on the NADA baseline (manual prompts, "sketch", seed 0,
 # 32 samples), not on IPL: in 60 iterations lr 0.0016 (IPL's) and 0.005 leave the samples as they
 # were (oracle: 6% / 12% sketch); 0.02 restyles them (66%) and keeps colour (94%). Re-checked on
-# the re-trained generator (autoencoder + mapping phases): 0.01 / 0.02 / 0.04 give 50% / 75% /
-# 100% sketch while keeping 88% / 69% / 47% of the shapes, so 0.02 stays.
+# the re-trained generator (autoencoder + mapping phases): 0.01 / 0.02 / 0.04 give 31% / 81% /
+# 100% sketch while keeping 94% / 66% / 19% of the shapes, so 0.02 stays.
 SHAPES_GAN_ADAPT_DEFAULTS = dict(
     num_images=64,
     stage1_iterations=100,
