@@ -72,7 +72,9 @@ from ipl_diffusion.shapes.renderer import COLORS, SHAPES, SOURCE_STYLE, STYLES, 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0] + " (the module docstring tells the phases' story)",
+        description=__doc__.split("\n\n")[0]
+        + " The shipped model ran the phases gan, then autoencoder (--init_from the gan output), then mapping;"
+        " on a CPU the gan phase alone draws blobs. The module docstring has the commands and the reasons.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--output_dir", default="runs/shapes_stylegan2_out", help="trained generator folder (then examples/assemble_shapes_ipl.py --backend stylegan2)")
@@ -86,13 +88,13 @@ def parse_args(argv=None):
     p.add_argument("--max_minutes", type=float, default=None, help="wall-time bound of this run")
     p.add_argument("--learning_rate", type=float, default=0.002, help="Adam learning rate (all phases)")
     p.add_argument("--r1", type=float, default=0.05, help="R1 weight gamma (small images need a small gamma)")
-    p.add_argument("--d_reg_every", type=int, default=16)
+    p.add_argument("--d_reg_every", type=int, default=16, help="gan phase: R1 every this many steps (lazy regularisation)")
     p.add_argument("--mixing", type=float, default=0.9, help="style-mixing probability")
     p.add_argument("--ema_kimg", type=float, default=10.0, help="EMA half-life in thousands of images")
-    p.add_argument("--checkpointing_steps", type=int, default=500)
-    p.add_argument("--oracle", default="ipl_diffusion/shapes_models/oracle")
+    p.add_argument("--checkpointing_steps", type=int, default=500, help="checkpoint every this many steps (x10 in the mapping phase)")
+    p.add_argument("--oracle", default="ipl_diffusion/shapes_models/oracle", help="Shapes oracle folder that reads the final samples (evaluation only; skipped if absent)")
     p.add_argument("--resume_from_checkpoint", default="latest", help="'latest', a checkpoint folder, or 'none'")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, data and latents")
     p.add_argument(
         "--phase",
         choices=("gan", "autoencoder", "mapping"),
