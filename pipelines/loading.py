@@ -19,6 +19,23 @@ BACKEND_OF_CLASS = {"IPLPipeline": "diffae", "DiffAEPipeline": "diffae", "StyleG
 LOADER_OF_BACKEND = {"diffae": "IPLPipeline", "stylegan2": "StyleGANIPLPipeline"}
 
 
+def pipeline_family(folder) -> tuple[str, str] | None:
+    """``(class name with its article, generator family)`` of a local folder holding one of our
+    pipelines, e.g. ``("an IPLPipeline", "diffae")``; None for other folders, and for a missing or
+    unreadable ``model_index.json`` (loading the pipeline reports those)."""
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name")
+    except (ValueError, AttributeError):
+        return None
+    family = BACKEND_OF_CLASS.get(class_name)
+    if family is None:
+        return None
+    return f"{'an' if class_name[0] in 'AEIOU' else 'a'} {class_name}", family
+
+
 def check_pipeline_folder(path: str, components: Iterable[str], overrides: dict, backend: str | None = None) -> None:
     """Raise unless ``path`` holds ``model_index.json`` and a sub-folder for every component it
     lists (except those passed as objects in ``overrides``).
@@ -32,12 +49,11 @@ def check_pipeline_folder(path: str, components: Iterable[str], overrides: dict,
     if not index.is_file():
         raise FileNotFoundError(f"{path} is not a pipeline folder: model_index.json is missing")
     entries = json.loads(index.read_text())
-    family = BACKEND_OF_CLASS.get(entries.get("_class_name")) if isinstance(entries, dict) else None
-    if backend is not None and family is not None and family != backend:
-        class_name = entries["_class_name"]
-        article = "an" if class_name[0] in "AEIOU" else "a"
+    found = pipeline_family(path) if backend is not None else None
+    if found is not None and found[1] != backend:
+        described, family = found
         raise ValueError(
-            f"{path} holds {article} {class_name} (a {family} generator); load it with "
+            f"{path} holds {described} (a {family} generator); load it with "
             f"{LOADER_OF_BACKEND[family]}.from_pretrained (ipl --backend {family})"
         )
     missing = [

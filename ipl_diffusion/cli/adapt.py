@@ -222,20 +222,11 @@ def load_pipeline(backend, model, device=None):
 def _check_backend(backend, folder):
     """A local pipeline folder of the other generator family gets a hint at --backend, rather
     than diffusers' list of expected components."""
-    from pipelines.loading import BACKEND_OF_CLASS  # light: json and pathlib only
+    from pipelines.loading import pipeline_family  # light: json and pathlib only
 
-    index = folder / "model_index.json"
-    if not index.is_file():
-        return
-    try:
-        class_name = json.loads(index.read_text()).get("_class_name")
-    except (ValueError, AttributeError):
-        return  # the pipeline's own loading reports a broken index
-    wanted = BACKEND_OF_CLASS.get(class_name)
-    if wanted is not None and wanted != backend:
-        article = "an" if class_name[0] in "AEIOU" else "a"
-        raise ValueError(f"--model {folder} is {article} {class_name} folder; use --backend {wanted}")
-
+    found = pipeline_family(folder)
+    if found is not None and found[1] != backend:
+        raise ValueError(f"--model {folder} is {found[0]} folder; use --backend {found[1]}")
 
 def run(args) -> int:
     output = Path(args.output or f"ipl-{'_'.join(args.target.split()).lower() or 'target'}")
