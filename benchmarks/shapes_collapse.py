@@ -62,6 +62,7 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
 from ipl_diffusion.shapes import COLORS, SHAPES, STYLES, ShapesRenderer, default_model_path  # noqa: E402
+from ipl_diffusion.shapes.oracle import label_entropy as entropy  # noqa: E402
 from ipl_diffusion.clip_text import CLIPPromptEncoder  # noqa: E402
 from ipl_diffusion.metrics import FeatureDistance, clip_directional_similarity, clip_encoders  # noqa: E402
 from ipl_diffusion.metrics import mean_pairwise_distance as metrics_mean_pairwise_distance  # noqa: E402
@@ -132,13 +133,6 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------------------ metrics
-
-
-def entropy(labels, num_classes):
-    """Entropy (nats) of the empirical distribution of int labels."""
-    counts = torch.bincount(labels, minlength=num_classes).float()
-    p = counts / counts.sum()
-    return float(-(p[p > 0] * p[p > 0].log()).sum())
 
 
 def mean_pairwise_distance(features):

@@ -139,21 +139,16 @@ def d_r1_penalty(discriminator, real):
 
 @torch.no_grad()
 def oracle_report(g_ema, oracle_dir, n=256, seed=123):
-    from ipl_diffusion.shapes.oracle import ShapesOracle
+    from ipl_diffusion.shapes.oracle import ShapesOracle, label_entropy
 
     oracle = ShapesOracle.from_pretrained(oracle_dir).eval()
     g = torch.Generator().manual_seed(seed)
     images = g_ema([torch.randn(n, g_ema.config.style_dim, generator=g)], randomize_noise=False)[0].clamp(-1, 1)
     pred = oracle.predict(images)
-
-    def entropy(labels, k):
-        p = torch.bincount(labels, minlength=k).float() / labels.numel()
-        return float(-(p[p > 0] * p[p > 0].log()).sum())
-
     return dict(
         photo_fraction=float((pred["style"] == STYLES.index(SOURCE_STYLE)).float().mean()),
-        shape_entropy=entropy(pred["shape"], len(SHAPES)),
-        color_entropy=entropy(pred["color"], len(COLORS)),
+        shape_entropy=label_entropy(pred["shape"], len(SHAPES)),
+        color_entropy=label_entropy(pred["color"], len(COLORS)),
         max_entropy_shape=math.log(len(SHAPES)),
         max_entropy_color=math.log(len(COLORS)),
     )
@@ -288,7 +283,6 @@ def train_autoencoder(args, renderer):
     real = renderer.render(sample_factors(16, generator=test_gen, style=SOURCE_STYLE), generator=test_gen)
     with torch.no_grad():
         recon = synthesize_w(generator, encoder(real)).clamp(-1, 1)
-    work.mkdir(parents=True, exist_ok=True)
     to_pil_grid([real, recon]).save(work / "reconstructions.png")
     record = dict(phase="autoencoder", steps=run.step, wall_seconds=elapsed, test_mse=F.mse_loss(recon, real).item(), init_from=args.init_from)
     if args.init_from and (Path(args.init_from) / "training_record.json").is_file():

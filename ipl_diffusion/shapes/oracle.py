@@ -108,6 +108,15 @@ class ShapesOracle(ModelMixin, ConfigMixin):
         return result
 
 
+def label_entropy(labels: torch.Tensor, num_classes: int) -> float:
+    """Entropy (nats) of the empirical distribution of the oracle's int labels ``(N,)`` over
+    ``num_classes`` classes: ``log(num_classes)`` when every class is equally frequent, 0 for
+    one class. How the benchmark and the training records measure factor diversity."""
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    p = counts / counts.sum()
+    return float(-(p[p > 0] * p[p > 0].log()).sum())
+
+
 def oracle_loss(outputs, factors):
     """Training loss of the oracle: cross-entropy on the three classes, L1 on position and size
     (in units of the image side, scaled by 10 so that a 1-pixel error at 32 px weighs ~0.3)."""
