@@ -2,27 +2,21 @@
 and IPL, scored with randomly initialised metric networks of the real architectures (a small
 IR-SE variant for ID), checked against ``ipl evaluate`` on the saved samples."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from repo_scripts import load_script
+
 FAST = dict(num_images=8, stage1_iterations=2, stage1_batch_size=4, iterations=2, auto_layer_batch=2, num_samples=3,
             label_templates="single", progress=False)
 
 
 def load_table1():
-    spec = importlib.util.spec_from_file_location("table1", ROOT / "benchmarks" / "table1.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["table1"] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/table1.py")
 
 
 def test_paper_numbers_and_layout():

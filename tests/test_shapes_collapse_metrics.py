@@ -1,19 +1,15 @@
 """The mode-collapse benchmark's metrics, checked against hand computations and clean renders."""
 
 import csv
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from ipl_diffusion.shapes import SHAPES, STYLES, ShapesRenderer
+from repo_scripts import load_script
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "shapes_collapse.py"
-_spec = importlib.util.spec_from_file_location("shapes_collapse", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_script("benchmarks/shapes_collapse.py")
 
 
 def test_entropy_matches_hand_values():

@@ -1,9 +1,7 @@
 """examples/shapes/train_stylegan2.py on a tiny config: the reconstruction loss by hand, each
 phase training only what it should, warm starts, and clear refusals."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +9,8 @@ import torch.nn.functional as F
 
 from ipl_diffusion.checkpointing import load_checkpoint, resolve_checkpoint
 from ipl_diffusion.models import StyleGAN2Generator
+from repo_scripts import load_script
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "--resolution", "16", "--style_dim", "16", "--n_mlp", "2", "--channel_max", "8", "--encoder_channels", "8",
     "--batch_size", "4", "--checkpointing_steps", "100", "--oracle", "no-oracle",
@@ -22,10 +20,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_stylegan2", REPO / "examples" / "shapes" / "train_stylegan2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/shapes/train_stylegan2.py")
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,14 @@
 """examples/shapes/train_diffae.py on a tiny config: v-prediction recorded in the scheduler,
 warm start from a trained folder, and a clear refusal of a folder that does not fit."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from pipelines.pipeline_diffae import DiffAEPipeline
+from repo_scripts import load_script
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "--resolution", "16", "--model_channels", "32", "--z_sem_channels", "16", "--latent_hidden", "32",
     "--latent_layers", "3", "--latent_pool", "64", "--latent_batch_size", "16", "--batch_size", "2",
@@ -20,10 +18,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_diffae", REPO / "examples" / "shapes" / "train_diffae.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/shapes/train_diffae.py")
 
 
 @pytest.fixture(scope="module")

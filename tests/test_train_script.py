@@ -1,6 +1,5 @@
 """examples/train_ipl_diffae.py: outputs, resume after interruption, two processes (gloo)."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -13,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from tiny_ipl import build_tiny_ipl_pipeline
+from repo_scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "train_ipl_diffae.py"
@@ -43,9 +43,7 @@ def run_script(args, launcher=(sys.executable,), timeout=600):
 
 
 def test_script_outputs(model_dir, tmp_path):
-    spec = importlib.util.spec_from_file_location("train_ipl_diffae", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("examples/train_ipl_diffae.py")
     out = tmp_path / "run"
     script.main(["--pretrained_model_name_or_path", str(model_dir), "--output_dir", str(out), *TINY_ARGS,
                  "--max_train_steps", "2", "--train_batch_size", "2", "--checkpointing_steps", "1",
