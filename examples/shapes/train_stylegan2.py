@@ -229,11 +229,6 @@ def synthesis_parameters(generator):
     return [p for name, p in generator.named_parameters() if not name.startswith("style.")]
 
 
-def synthesize_w(generator, w):
-    """``w`` ``(N, style_dim)`` -> image: one ``w`` for every layer, as the mapping network feeds it."""
-    return generator.synthesis(w[:, None].expand(-1, generator.n_latent, -1))
-
-
 def image_gradients(x):
     return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
 
@@ -267,7 +262,7 @@ def train_autoencoder(args, renderer):
         init_generator(generator, args.init_from)
     while run.running(args.max_steps):
         real = renderer.render(sample_factors(args.batch_size, generator=data_gen, style=SOURCE_STYLE), generator=data_gen)
-        loss = reconstruction_loss(synthesize_w(generator, encoder(real)), real, args.edge_weight)
+        loss = reconstruction_loss(generator(encoder(real), input_is_latent=True)[0], real, args.edge_weight)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite reconstruction loss at step {run.step}")
         optimizer.zero_grad(set_to_none=True)
@@ -282,7 +277,7 @@ def train_autoencoder(args, renderer):
     test_gen = torch.Generator().manual_seed(args.seed + 3)
     real = renderer.render(sample_factors(16, generator=test_gen, style=SOURCE_STYLE), generator=test_gen)
     with torch.no_grad():
-        recon = synthesize_w(generator, encoder(real)).clamp(-1, 1)
+        recon = generator(encoder(real), input_is_latent=True)[0].clamp(-1, 1)
     to_pil_grid([real, recon]).save(work / "reconstructions.png")
     record = dict(phase="autoencoder", steps=run.step, wall_seconds=elapsed, test_mse=F.mse_loss(recon, real).item(), init_from=args.init_from)
     if args.init_from and (Path(args.init_from) / "training_record.json").is_file():
