@@ -13,22 +13,25 @@ Schemes (one option, ``scheme=``):
 ========== ================================================ ==========================
 scheme     prompt vectors                                   training
 ========== ================================================ ==========================
-manual     token embeddings of a phrase ("a photo of a")    none (StyleGAN-NADA)
+manual     none: NADA's template-averaged label features    none (StyleGAN-NADA)
 learned    one shared learned set (CoOp)                    Eq. 6, same loss
 random     an untrained latent mapper                       none
 adaptive   the IPL latent mapper ``F(w)`` (Eq. 2)           Eq. 6
 ========== ================================================ ==========================
 
 The generator and CLIP are frozen. The released code re-generates and re-encodes ``G_s(w)``
-every iteration; since neither changes, we compute ``E_I(G_s(w))`` **once** for the whole
-latent pool (batched, under ``no_grad``) and cache it (``benchmarks/stage1_cache.py`` measures
-the speed-up). Stage 1 is generator-agnostic: pass either ``image_features`` (N, D) or a
-callable ``generate(latents) -> images`` ((B, 3, H, W) in [-1, 1]); StyleGAN (``w``) and DiffAE
+every iteration from *fresh* latents (``sample_latents=``, what GAN-IPL does here too). With a
+fixed pool, ``E_I(G_s(w))`` is computed **once** (batched, under ``no_grad``) and cached
+(``benchmarks/stage1_cache.py`` measures the speed-up); the pool must be large (thousands),
+because a mapper trained on a few dozen latents memorises them and its prompts do not carry
+over to the latents Stage 2 feeds it (:func:`prompt_retrieval` on held-out latents shows it).
+Stage 1 is generator-agnostic: pass ``image_features`` (N, D) or a callable
+``generate(latents) -> images`` ((B, 3, H, W) in [-1, 1]); StyleGAN (``w``) and DiffAE
 (``z_sem``) plug in the same way.
 
 Defaults follow the paper (300 iterations, batch 32, m = 4, λ = 1; the paper picks λ per
 domain in [1, 10] by Inception Score) and the released code (Adam with lr 0.05 for the
-equalised-lr mapper, default betas, no schedule, seed 3, symmetric InfoNCE with CLIP's logit
+equalised-lr mapper, default betas, no schedule, symmetric InfoNCE with CLIP's logit
 scale). The learned shared context (no equalised-lr scaling) uses Adam with lr 2e-3.
 
 The result is a :class:`PromptLearner`: it holds the trained prompt module (a
@@ -44,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .clip_text import DEFAULT_CONTEXT
@@ -54,7 +58,6 @@ PROMPT_SCHEMES = ("manual", "learned", "random", "adaptive")
 PromptScheme = Literal["manual", "learned", "random", "adaptive"]
 
 DEFAULT_LEARNING_RATES = {"adaptive": 0.05, "learned": 2e-3}
-DEFAULT_SEED = 3  # the released code's --seed1
 
 _CONFIG_NAME = "prompt_learner.json"
 
@@ -160,7 +163,12 @@ class PromptLearner:
             ``save_pretrained`` (or this object's :meth:`save_pretrained`).
         scheme: one of :data:`PROMPT_SCHEMES`.
         source_label, target_label: the domain labels ``Y_s``, ``Y_t``.
-        history: per-iteration loss values (floats), empty for untrained schemes.
+        history: per-iteration loss values (floats), empty for untrained schemes; rows at
+            which the held-out retrieval was measured also carry ``"heldout_retrieval"``.
+        direction_templates: ``manual`` only: the template set whose average is each label's
+            feature (NADA's fixed direction); ``None`` for the other schemes.
+        heldout_retrieval: the last held-out prompt retrieval (:func:`prompt_retrieval`), or
+            ``None`` when no held-out latents were given.
     """
 
     encoder: object
@@ -169,6 +177,8 @@ class PromptLearner:
     source_label: str
     target_label: str
     history: list = field(default_factory=list)
+    direction_templates: str | None = None
+    heldout_retrieval: float | None = None
 
     @property
     def mapper(self):
@@ -200,6 +210,10 @@ class PromptLearner:
             ``(B, D)`` raw features (gradients flow to the prompt module if it is unfrozen;
             Stage 2 calls this under ``torch.no_grad()``).
         """
+        if self.direction_templates is not None:
+            # NADA's fixed direction: the template-averaged label feature, the same for every row.
+            feature = self.encoder.label_features(label, templates=self.direction_templates)
+            return feature.unsqueeze(0).expand(latents.shape[0], -1)
         module_device = next(self.prompt_module.parameters()).device
         return self.encoder.encode_prompt_vectors(self.prompt_module(latents.to(module_device)), label)
 
@@ -216,6 +230,8 @@ class PromptLearner:
             "anchor_addition": bool(self.encoder.anchor_addition),
             "anchor_template": self.encoder.anchor_template,
             "context": self.encoder.context,
+            "direction_templates": self.direction_templates,
+            "heldout_retrieval": self.heldout_retrieval,
         }
         fd, tmp = tempfile.mkstemp(dir=save_directory, suffix=".json.tmp")
         with os.fdopen(fd, "w") as f:
@@ -240,7 +256,10 @@ class PromptLearner:
             raise ValueError(f"{path}: unknown scheme/module {meta.get('scheme')!r}/{meta.get('module_class')!r}.")
         module = classes[meta["module_class"]].from_pretrained(os.path.join(directory, "prompt_module"))
         module = module.to(encoder.device).requires_grad_(False).eval()
-        return cls(encoder, module, meta["scheme"], meta["source_label"], meta["target_label"])
+        learner = cls(encoder, module, meta["scheme"], meta["source_label"], meta["target_label"])
+        learner.direction_templates = meta.get("direction_templates")
+        learner.heldout_retrieval = meta.get("heldout_retrieval")
+        return learner
 
 
 def _resolve_n_ctx(encoder, n_ctx, context):
@@ -252,6 +271,98 @@ def _resolve_n_ctx(encoder, n_ctx, context):
     return int(n_ctx)
 
 
+def prompt_retrieval(learner, latents, image_features, batch_size=32):
+    """Held-out prompt retrieval: does each image find its *own* source prompt?
+
+    For consecutive batches of ``batch_size`` latents, the fraction of images ``i`` whose most
+    similar prompt feature ``E_T(M_s^j)`` (cosine with ``E_I(G_s(w^i))``, Eq. 3) is ``j = i``.
+    Chance is ``1 / batch_size``; a mapper that learned image-specific prompts scores well
+    above it on latents it never trained on. A last batch of fewer than 2 latents is dropped.
+
+    Args:
+        learner: a :class:`PromptLearner`.
+        latents: ``(N, latent_dim)``; image_features: ``(N, D)`` raw CLIP image features.
+
+    Returns:
+        top-1 accuracy in ``[0, 1]`` (float).
+    """
+    hits = total = 0
+    with torch.no_grad():
+        for start in range(0, latents.shape[0], batch_size):
+            w, feats = latents[start : start + batch_size], image_features[start : start + batch_size]
+            if w.shape[0] < 2:
+                break
+            text = learner.text_features(w, learner.source_label).float().to(feats.device)
+            sim = F.normalize(feats.float(), dim=-1) @ F.normalize(text, dim=-1).t()
+            hits += int((sim.argmax(dim=1) == torch.arange(w.shape[0], device=sim.device)).sum())
+            total += w.shape[0]
+    return hits / max(total, 1)
+
+
+def _build_prompt_module(scheme, encoder, prompt_module, context, m, latent_dim, rng):
+    """The scheme's prompt module: a ``SharedPromptContext`` (manual / learned) or a
+    ``LatentMapper`` (random / adaptive), new (seeded by ``rng``) unless one is given."""
+    if scheme in ("manual", "learned"):
+        if prompt_module is not None and not isinstance(prompt_module, SharedPromptContext):
+            raise ValueError(f"scheme={scheme!r} uses a SharedPromptContext, got {type(prompt_module).__name__}.")
+        if prompt_module is None:
+            if context is not None:
+                prompt_module = SharedPromptContext.from_vectors(encoder.context_embeddings(context), latent_dim)
+            else:
+                prompt_module = SharedPromptContext(n_ctx=m, ctx_dim=encoder.hidden_size, latent_dim=latent_dim)
+                with torch.no_grad():
+                    prompt_module.ctx.copy_(
+                        torch.randn(prompt_module.ctx.shape, generator=rng) * prompt_module.config.init_std
+                    )
+    elif prompt_module is None:
+        prompt_module = LatentMapper(latent_dim=latent_dim, n_ctx=m, ctx_dim=encoder.hidden_size)
+        prompt_module.reset_parameters(generator=rng)
+    elif not isinstance(prompt_module, LatentMapper):
+        raise ValueError(f"scheme={scheme!r} uses a LatentMapper, got {type(prompt_module).__name__}.")
+    cfg = prompt_module.config
+    if cfg.ctx_dim != encoder.hidden_size or (getattr(cfg, "latent_dim", None) not in (None, latent_dim)):
+        raise ValueError(
+            f"The prompt module expects latent_dim={cfg.latent_dim}, ctx_dim={cfg.ctx_dim}, but the latent pool has "
+            f"{latent_dim} and the CLIP text width is {encoder.hidden_size}."
+        )
+    return prompt_module.to(encoder.device)
+
+
+def _check_pool(latents, sample_latents, rng):
+    """``(latents on no device yet, latent_dim)``; a fresh-latent run draws one sample to learn the width."""
+    if sample_latents is not None:
+        if latents is not None:
+            raise ValueError("Pass either a latent pool or sample_latents (fresh latents every iteration), not both.")
+        probe = sample_latents(2, torch.Generator().manual_seed(0))
+        return None, int(probe.shape[-1])
+    if not torch.is_tensor(latents) or latents.ndim != 2 or latents.shape[0] < 1:
+        raise ValueError(f"latents must be a (N, latent_dim) tensor, got {getattr(latents, 'shape', latents)}.")
+    if not torch.isfinite(latents).all():
+        raise ValueError("The latent pool contains NaN/inf values.")
+    return latents, int(latents.shape[1])
+
+
+def _pool_features(encoder, latents, image_features, generate, cache, encode_batch_size):
+    """The pool's image features ``(N, D)`` (given, or encoded once), or ``None`` when every
+    step re-generates its images."""
+    if (image_features is None) == (generate is None):
+        raise ValueError("Pass exactly one of image_features (N, D) or generate (latents -> images).")
+    if image_features is not None:
+        if latents is None or (not torch.is_tensor(image_features) or image_features.ndim != 2
+                               or image_features.shape != (latents.shape[0], encoder.projection_dim)):
+            expected = (None if latents is None else latents.shape[0], encoder.projection_dim)
+            raise ValueError(
+                f"image_features must be {expected} to match the latent pool, got "
+                f"{tuple(getattr(image_features, 'shape', ()))}."
+            )
+        if not torch.isfinite(image_features).all():
+            raise ValueError("image_features contain NaN/inf values.")
+        return image_features.detach().to(encoder.device)
+    if latents is not None and cache:
+        return encode_latent_pool(encoder, latents, generate, encode_batch_size)
+    return None
+
+
 def learn_prompts(
     encoder,
     latents,
@@ -260,6 +371,9 @@ def learn_prompts(
     *,
     image_features=None,
     generate=None,
+    sample_latents=None,
+    heldout=None,
+    heldout_every=50,
     scheme="adaptive",
     n_ctx=4,
     context=None,
@@ -274,23 +388,31 @@ def learn_prompts(
     prompt_module=None,
     cache_image_features=True,
     encode_batch_size=32,
-    seed=DEFAULT_SEED,
+    seed=0,
     progress=True,
 ):
     """Stage 1 (Eq. 6): learn prompt vectors for ``source_label -> target_label``.
 
     Args:
         encoder: ``CLIPPromptEncoder`` (frozen CLIP; needs an image processor when ``generate`` is used).
-        latents: ``(N, latent_dim)`` pool of source latents (StyleGAN ``w`` / DiffAE ``z_sem``).
+        latents: ``(N, latent_dim)`` pool of source latents (StyleGAN ``w`` / DiffAE ``z_sem``),
+            or ``None`` with ``sample_latents``.
         source_label, target_label: ``Y_s``, ``Y_t`` (e.g. ``"photo"``, ``"wall painting"``).
         image_features: ``(N, D)`` precomputed raw ``E_I(G_s(latents))``; or
         generate: callable ``(b, latent_dim) -> (b, 3, H, W)`` images in ``[-1, 1]`` (frozen ``G_s``).
             Exactly one of the two (neither is needed for ``manual``/``random``).
+        sample_latents: callable ``(b, torch.Generator) -> (b, latent_dim)``: draw *fresh*
+            latents every iteration (with ``generate``), as the released code does; a mapper
+            trained on a small fixed pool memorises it and does not generalise to the fresh
+            latents Stage 2 feeds it.
+        heldout: ``(latents (M, latent_dim), image_features (M, D))`` never trained on; their
+            :func:`prompt_retrieval` is measured every ``heldout_every`` iterations and at the
+            end (progress bar, ``history``, ``learner.heldout_retrieval``).
         scheme: ``"manual" | "learned" | "random" | "adaptive"`` (see module docstring).
         n_ctx: number of prompt vectors ``m`` (4), unless ``context`` is given.
-        context: a phrase; sets ``m`` to its BPE token count. ``manual`` uses its token embeddings
-            as the fixed prompt (default ``"a photo of a"``); ``learned`` starts from them (CoOp
-            init; random N(0, 0.02²) if ``None``); the mapper schemes only take ``m`` from it.
+        context: a phrase; sets ``m`` to its BPE token count. ``learned`` starts from its token
+            embeddings (CoOp init; random N(0, 0.02²) if ``None``); the mapper schemes only
+            take ``m`` from it.
         num_iterations: optimiser steps (300).
         batch_size: latents per step (32); capped at ``N``; must end up >= 2 (in-batch negatives).
         learning_rate: Adam lr; default 0.05 (mapper, equalised-lr) / 2e-3 (shared context).
@@ -298,14 +420,16 @@ def learn_prompts(
         lambda_source: released-code source regulariser weight (``--lambda_src``, 0).
         contrastive_form: ``"infonce"`` (released code) or ``"paper"`` (Eq. 4).
         logit_scale: multiplier for InfoNCE; default ``clip_model.logit_scale.exp()`` (100 for OpenAI CLIP).
-        label_templates: templates for ``E_T(Y_t)``: ``"imagenet"`` (80), ``"nada"`` (79), ``"single"``.
+        label_templates: the templates averaged into a label's feature -- ``E_T(Y_t)`` in Eq. 5
+            and, for ``manual``, NADA's fixed direction (StyleGAN-NADA's ``compute_text_direction``
+            averages over templates): ``"imagenet"`` (CLIP's 80, default), ``"nada"`` (NADA's 79,
+            the same list less one), or ``"single"`` (the one prompt "a photo of a {label}.").
         prompt_module: a pre-built ``LatentMapper`` (adaptive/random) to use instead of a new one.
         cache_image_features: compute ``E_I(G_s(w))`` once for the pool (default). ``False``
-            re-generates and re-encodes each batch every step, like the released code (baseline
-            for the benchmark; same numbers, slower).
+            re-generates and re-encodes each batch every step (same numbers, slower).
         encode_batch_size: batch size of the one-off caching pass.
-        seed: seeds mapper init and batch sampling through a private ``torch.Generator``
-            (global RNG untouched); same seed + inputs -> same result.
+        seed: seeds mapper init and latent / batch sampling through a private
+            ``torch.Generator`` (global RNG untouched); same seed + inputs -> same result.
         progress: show a tqdm bar.
 
     Returns:
@@ -317,13 +441,10 @@ def learn_prompts(
     """
     if scheme not in PROMPT_SCHEMES:
         raise ValueError(f"Unknown prompt scheme {scheme!r}; expected one of {PROMPT_SCHEMES}.")
-    if not torch.is_tensor(latents) or latents.ndim != 2 or latents.shape[0] < 1:
-        raise ValueError(f"latents must be a (N, latent_dim) tensor, got {getattr(latents, 'shape', latents)}.")
-    if not torch.isfinite(latents).all():
-        raise ValueError("The latent pool contains NaN/inf values.")
-    device = encoder.device
-    latents = latents.detach().to(device=device, dtype=torch.float32)
-    num_latents, latent_dim = latents.shape
+    rng = torch.Generator(device="cpu").manual_seed(int(seed))
+    latents, latent_dim = _check_pool(latents, sample_latents, rng)
+    if latents is not None:
+        latents = latents.detach().to(device=encoder.device, dtype=torch.float32)
     if context is None and scheme == "manual":
         context = encoder.context or DEFAULT_CONTEXT
     m = _resolve_n_ctx(encoder, n_ctx, context)
@@ -341,87 +462,69 @@ def learn_prompts(
         raise ValueError(f"num_iterations must be >= 0, got {num_iterations}.")
     if lambda_domain < 0 or lambda_source < 0:
         raise ValueError("lambda_domain and lambda_source must be >= 0.")
-
-    rng = torch.Generator(device="cpu").manual_seed(int(seed))
-
-    # ---- the prompt module of the scheme
-    if scheme in ("manual", "learned"):
-        if prompt_module is not None and not isinstance(prompt_module, SharedPromptContext):
-            raise ValueError(f"scheme={scheme!r} uses a SharedPromptContext, got {type(prompt_module).__name__}.")
-        if prompt_module is None:
-            if context is not None:
-                prompt_module = SharedPromptContext.from_vectors(encoder.context_embeddings(context), latent_dim)
-            else:
-                prompt_module = SharedPromptContext(n_ctx=m, ctx_dim=encoder.hidden_size, latent_dim=latent_dim)
-                with torch.no_grad():
-                    prompt_module.ctx.copy_(
-                        torch.randn(prompt_module.ctx.shape, generator=rng) * prompt_module.config.init_std
-                    )
-    else:
-        if prompt_module is None:
-            prompt_module = LatentMapper(latent_dim=latent_dim, n_ctx=m, ctx_dim=encoder.hidden_size)
-            prompt_module.reset_parameters(generator=rng)
-        elif not isinstance(prompt_module, LatentMapper):
-            raise ValueError(f"scheme={scheme!r} uses a LatentMapper, got {type(prompt_module).__name__}.")
-    cfg = prompt_module.config
-    if cfg.ctx_dim != encoder.hidden_size or (getattr(cfg, "latent_dim", None) not in (None, latent_dim)):
-        raise ValueError(
-            f"The prompt module expects latent_dim={cfg.latent_dim}, ctx_dim={cfg.ctx_dim}, but the latent pool has "
-            f"{latent_dim} and the CLIP text width is {encoder.hidden_size}."
-        )
-    prompt_module = prompt_module.to(device)
+    prompt_module = _build_prompt_module(scheme, encoder, prompt_module, context, m, latent_dim, rng)
     learner = PromptLearner(encoder, prompt_module, scheme, source_label, target_label)
+    if scheme == "manual":
+        learner.direction_templates = label_templates
     trains = scheme in ("learned", "adaptive") and int(num_iterations) > 0
-    if not trains:
-        prompt_module.requires_grad_(False).eval()
-        return learner
+    if trains:
+        pool_features = _pool_features(encoder, latents, image_features, generate, cache_image_features, encode_batch_size)
+        _train(learner, latents, pool_features, generate, sample_latents, heldout, heldout_every, rng,
+               num_iterations=int(num_iterations), batch_size=batch_size, learning_rate=learning_rate,
+               lambda_domain=lambda_domain, lambda_source=lambda_source, contrastive_form=contrastive_form,
+               logit_scale=logit_scale, label_templates=label_templates, progress=progress)
+    prompt_module.requires_grad_(False).eval()
+    if heldout is not None:
+        learner.heldout_retrieval = prompt_retrieval(learner, *heldout)
+    return learner
 
-    # ---- image features: cached once (default) or re-generated per step (reference behaviour)
-    if (image_features is None) == (generate is None):
-        raise ValueError("Pass exactly one of image_features (N, D) or generate (latents -> images).")
-    if image_features is not None:
-        if (not torch.is_tensor(image_features) or image_features.ndim != 2
-                or image_features.shape != (num_latents, encoder.projection_dim)):
-            raise ValueError(
-                f"image_features must be ({num_latents}, {encoder.projection_dim}) to match the latent pool, got "
-                f"{tuple(getattr(image_features, 'shape', ()))}."
-            )
-        if not torch.isfinite(image_features).all():
-            raise ValueError("image_features contain NaN/inf values.")
-        image_features = image_features.detach().to(device)
-    elif cache_image_features:
-        image_features = encode_latent_pool(encoder, latents, generate, encode_batch_size)
 
-    batch = min(int(batch_size), num_latents)
+def _next_batch(latents, pool_features, generate, sample_latents, batch, rng, device):
+    """``(w (B, latent_dim), raw image features (B, D))`` of one Stage-1 iteration: fresh
+    latents (``sample_latents``) or a random batch of the pool; features from the pool's
+    cache or from re-generating the images."""
+    if sample_latents is not None:
+        w = sample_latents(batch, rng).to(device, torch.float32)
+        feats = None
+    else:
+        idx = torch.randperm(latents.shape[0], generator=rng)[:batch].to(device)
+        w, feats = latents[idx], (pool_features[idx] if pool_features is not None else None)
+    return w, feats
+
+
+def _train(learner, latents, pool_features, generate, sample_latents, heldout, heldout_every, rng, *,
+           num_iterations, batch_size, learning_rate, lambda_domain, lambda_source, contrastive_form,
+           logit_scale, label_templates, progress):
+    """The Stage-1 optimisation loop (Eq. 6) of a ``learned`` / ``adaptive`` learner, in place."""
+    encoder, module = learner.encoder, learner.prompt_module
+    available = latents.shape[0] if latents is not None else int(batch_size)
+    batch = min(int(batch_size), available)
     if batch < 2:
         raise ValueError(
             f"Stage 1 needs at least 2 latents per batch for the contrastive loss (got batch_size={batch_size}, "
-            f"pool size {num_latents})."
+            f"pool size {available})."
         )
     if logit_scale is None:
         logit_scale = float(encoder.clip_model.logit_scale.detach().exp())
     with torch.no_grad():
-        target_label_features = encoder.label_features(target_label, templates=label_templates)
+        target_label_features = encoder.label_features(learner.target_label, templates=label_templates)
         source_label_features = (
-            encoder.label_features(source_label, templates=label_templates) if lambda_source else None
+            encoder.label_features(learner.source_label, templates=label_templates) if lambda_source else None
         )
-
-    lr = DEFAULT_LEARNING_RATES[scheme] if learning_rate is None else float(learning_rate)
-    prompt_module.train().requires_grad_(True)
-    optimizer = torch.optim.Adam(prompt_module.parameters(), lr=lr)
-    bar = tqdm(range(int(num_iterations)), desc=f"Stage 1 ({scheme})", disable=not progress)
+    lr = DEFAULT_LEARNING_RATES[learner.scheme] if learning_rate is None else float(learning_rate)
+    module.train().requires_grad_(True)
+    optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+    bar = tqdm(range(num_iterations), desc=f"Stage 1 ({learner.scheme})", disable=not progress)
+    shown = {}
     for iteration in bar:
-        idx = torch.randperm(num_latents, generator=rng)[:batch].to(device)
-        w = latents[idx]
-        if image_features is not None:
-            feats = image_features[idx]
-        else:  # reference behaviour: G_s and E_I every step (frozen, so no gradients needed)
+        w, feats = _next_batch(latents, pool_features, generate, sample_latents, batch, rng, encoder.device)
+        if feats is None:  # G_s and E_I are frozen: no gradients needed through them
             with torch.no_grad():
                 feats = encoder.encode_images(generate(w))
         terms = stage1_losses(
-            prompt_module, encoder, w, feats, source_label, target_label_features,
+            module, encoder, w, feats, learner.source_label, target_label_features,
             lambda_domain=lambda_domain, logit_scale=logit_scale, contrastive_form=contrastive_form,
-            target_label=target_label, source_label_features=source_label_features, lambda_source=lambda_source,
+            target_label=learner.target_label, source_label_features=source_label_features, lambda_source=lambda_source,
         )
         for name, value in terms.items():
             _check_finite(value, name, iteration)
@@ -429,10 +532,14 @@ def learn_prompts(
         terms["L"].backward()
         optimizer.step()
         record = {name: float(value.detach()) for name, value in terms.items()}
+        if heldout is not None and (iteration + 1) % heldout_every == 0 and iteration + 1 < num_iterations:
+            module.eval()
+            record["heldout_retrieval"] = prompt_retrieval(learner, *heldout)
+            module.train()
         learner.history.append(record)
-        bar.set_postfix({k: f"{v:.4f}" for k, v in record.items()})
-    prompt_module.requires_grad_(False).eval()
-    return learner
+        shown.update({k: f"{v:.3f}" for k, v in record.items() if k in ("L", "heldout_retrieval")})
+        bar.set_postfix(shown)
+    bar.close()
 
 
 __all__ = [
@@ -442,4 +549,5 @@ __all__ = [
     "learn_prompts",
     "stage1_losses",
     "encode_latent_pool",
+    "prompt_retrieval",
 ]

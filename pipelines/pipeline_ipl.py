@@ -368,6 +368,8 @@ class IPLPipeline(AdaptedPipelineMixin, XFormersFallbackPipelineMixin, Diffusion
         target: str,
         source: Optional[str] = None,
         images=None,
+        stage1_images=None,
+        validation_images=None,
         num_images: Optional[int] = None,
         scheme: Optional[str] = None,
         lambda_domain: Optional[float] = None,
@@ -409,11 +411,19 @@ class IPLPipeline(AdaptedPipelineMixin, XFormersFallbackPipelineMixin, Diffusion
                 the pipeline's ``source_label``).
             images: source-domain images (folder, paths, PIL list or tensor); when ``None``,
                 ``num_images`` images are sampled with the latent net and the source UNet.
+            stage1_images: Stage 1's pool of source images (same forms; default ``images``).
+                Give thousands when you can: a mapper trained on a few dozen memorises them
+                (``adaptation_config["stage1"]["heldout_retrieval"]`` shows how well the
+                prompts carry over to images Stage 1 held out).
+            validation_images: images the returned ``sample_grid`` shows (default: the
+                first training images), e.g. photos the run never trained on.
             scheme: ``"adaptive"`` (IPL), ``"learned"``, ``"random"`` or ``"manual"`` (NADA).
             lambda_domain: λ of Eq. 6. ``stage1_*``, ``n_ctx``: Stage 1 (mapper) options.
             t0 ... gradient_mode: Stage 2 options, see
                 :class:`ipl_diffusion.adaptation.diffae.Stage2Config`.
             mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (fp16 needs a GPU).
+            seed: the run's one seed: Stage 1 (mapper init, batches), Stage 2 (batches) and
+                the sampled source images; the same seed reproduces the run.
             output_dir: when given, checkpoints, sample grids and losses are written there
                 and ``resume_from_checkpoint="latest"`` continues an interrupted run.
             accelerator: an ``accelerate.Accelerator`` to use (default: one is made).
@@ -480,6 +490,8 @@ class IPLPipeline(AdaptedPipelineMixin, XFormersFallbackPipelineMixin, Diffusion
         else:
             x0 = self.preprocess(images)
         result = diff_ipl.adapt_diffae(
+            stage1_images=None if stage1_images is None else self.preprocess(stage1_images),
+            validation_images=None if validation_images is None else self.preprocess(validation_images),
             semantic_encoder=self.semantic_encoder,
             source_unet=self.source_unet,
             scheduler=self.scheduler,

@@ -57,12 +57,17 @@ from pipelines.loading import load_pipeline
 # config.adapt_defaults (e.g. the shipped Shapes GAN's CPU-sized settings) or an explicit
 # argument says otherwise.
 ADAPT_DEFAULTS = dict(
-    num_images=256,
+    scheme="adaptive",
+    lambda_domain=1.0,
+    n_ctx=4,
+    num_images=None,
     stage1_iterations=300,
     stage1_batch_size=32,
     iterations=300,
     batch_size=2,
     learning_rate=0.002 * 4 / 5,
+    ema_decay=0.99,
+    max_grad_norm=1.0,
 )
 _COMPONENTS = ("source_generator", "generator", "text_encoder", "tokenizer", "mapper", "feature_extractor")
 
@@ -268,12 +273,17 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
         return ImagePipelineOutput(images=result) if return_dict else (result,)
 
     @torch.no_grad()
-    def make_sample_grid(self, num_images: int = 8, seed: int = 0, truncation: float = 0.7):
-        """PIL grid: source samples (top row) | adapted samples (bottom row), same ``z``."""
+    def make_sample_grid(self, num_images: int = 8, seed: int = 31337, truncation: float = 0.7):
+        """Labelled PIL grid: source samples (top row) | adapted samples (bottom row) of the
+        same ``z`` (``seed``: a stream that training never draws from)."""
+        from ipl_diffusion.grids import labelled_grid
+
         z = torch.randn((num_images, self.source_generator.style_dim), generator=torch.Generator().manual_seed(seed))
         top = self(latents=z, truncation=truncation, source=True, output_type="pt").images
         bottom = self(latents=z, truncation=truncation, output_type="pt").images
-        return gan_ipl.image_grid(torch.cat([top, bottom]) * 2 - 1, rows=2)
+        target = self.config.target_label or "adapted"
+        labels = ["source G_s(z)", f"adapted g_ema ({target})"]
+        return labelled_grid([top * 2 - 1, bottom * 2 - 1], labels, [str(i) for i in range(num_images)])
 
     # ---------------------------------------------------------------------- translation
     def invert(self, images, space: str = "w+", num_steps: int = 300, learning_rate: float = 0.1, perceptual_loss=None, lpips_weights=None, encoder=None, seed: int = 0):
@@ -327,18 +337,19 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
         self,
         target: str,
         source: Optional[str] = None,
-        scheme: str = "adaptive",
-        lambda_domain: float = 1.0,
+        scheme: Optional[str] = None,
+        lambda_domain: Optional[float] = None,
         num_images: Optional[int] = None,
         stage1_iterations: Optional[int] = None,
         stage1_batch_size: Optional[int] = None,
         stage1_learning_rate: Optional[float] = None,
-        n_ctx: int = 4,
+        n_ctx: Optional[int] = None,
         label_templates: str = "imagenet",
         iterations: Optional[int] = None,
         batch_size: Optional[int] = None,
         learning_rate: Optional[float] = None,
-        ema_decay: float = 0.99,
+        ema_decay: Optional[float] = None,
+        max_grad_norm: Optional[float] = None,
         phase: Optional[str] = None,
         auto_layer_k: Optional[int] = None,
         auto_layer_iters: int = 1,
@@ -348,7 +359,7 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
         compat_layer_mapping: bool = False,
         mixing: float = 0.0,
         mixed_precision: str = "no",
-        seed: int = 2,
+        seed: int = 0,
         output_dir: Optional[str] = None,
         checkpointing_steps: Optional[int] = None,
         resume_from_checkpoint: Optional[str] = None,
@@ -374,7 +385,8 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
             scheme: ``"adaptive"`` (IPL), ``"learned"`` (one shared learned prompt, CoOp),
                 ``"random"`` (untrained mapper) or ``"manual"`` (NADA's fixed prompts).
             lambda_domain: λ of Eq. 6 (IPL default 1).
-            num_images: size of Stage 1's cache of source samples (256).
+            num_images: Stage 1's source samples: ``None`` (default) draws fresh ones every
+                iteration (the released code); an int uses a fixed pool of that many.
             stage1_iterations, stage1_batch_size, stage1_learning_rate, n_ctx: Stage 1 options
                 (IPL: 300, 32, 0.05, 4 prompt vectors).
             label_templates: templates averaged for the target label's feature in Eq. 5
@@ -383,6 +395,10 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
             learning_rate: Stage 2 Adam lr as used (IPL/NADA ``--lr 0.002`` x 4/5 = 0.0016;
                 betas (0, 0.99^(4/5))).
             ema_decay: EMA of the target generator (0.99, IPL).
+            max_grad_norm: clip the trained layers' gradient norm (1; ``None`` turns it off):
+                at step 0 ``G_t = G_s`` and the two images differ only by their noise maps,
+                so ``ΔI`` is tiny and the normalised loss's first gradient is tens to
+                hundreds of times the later ones, which would dominate Adam's statistics.
             phase: NADA's fixed layer set when ``auto_layer_iters=0`` (None: input, conv1, all
                 convs; ``"all"``, ``"texture"``, ``"shape"``, ``"no_fine"``, ``"shape_expanded"``).
             auto_layer_k, auto_layer_iters, auto_layer_batch: NADA's adaptive layer selection
@@ -394,7 +410,7 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
             mixing: style-mixing probability (0, as IPL; NADA issue #15).
             mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (fp16 needs a GPU); ignored when
                 an ``accelerator`` is given.
-            seed: Stage 1 and Stage 2 seed.
+            seed: the run's one seed (Stage 1 and Stage 2); the same seed reproduces the run.
             output_dir: when given, ``stage1/``, ``checkpoints/``, ``samples/``, ``losses.csv``
                 and the final ``sample_grid`` go there (main process only) and
                 ``resume_from_checkpoint="latest"`` continues an interrupted run bit for bit.
@@ -413,13 +429,18 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
         """
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("adapt needs the CLIP text_encoder and tokenizer components; this pipeline has none")
-        given = dict(num_images=num_images, stage1_iterations=stage1_iterations, stage1_batch_size=stage1_batch_size, iterations=iterations, batch_size=batch_size, learning_rate=learning_rate)
+        given = dict(
+            scheme=scheme, lambda_domain=lambda_domain, n_ctx=n_ctx, num_images=num_images,
+            stage1_iterations=stage1_iterations, stage1_batch_size=stage1_batch_size, iterations=iterations,
+            batch_size=batch_size, learning_rate=learning_rate, ema_decay=ema_decay, max_grad_norm=max_grad_norm,
+        )
         o = self.resolve_adapt_options(ADAPT_DEFAULTS, given)
+        scheme, lambda_domain, n_ctx = o["scheme"], o["lambda_domain"], o["n_ctx"]
         num_images, stage1_iterations, stage1_batch_size = o["num_images"], o["stage1_iterations"], o["stage1_batch_size"]
         iterations, batch_size, learning_rate = o["iterations"], o["batch_size"], o["learning_rate"]
         if scheme not in PROMPT_SCHEMES:
             raise ValueError(f"scheme must be one of {PROMPT_SCHEMES}, got {scheme!r}")
-        if num_images < 2:
+        if num_images is not None and num_images < 2:
             raise ValueError(f"num_images must be >= 2 (Stage 1 contrasts images within a batch), got {num_images}")
         source = source or self.config.source_label or "Photo"
         if isinstance(target, str) and target.strip():  # empty labels get their own message below
@@ -428,7 +449,8 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
             iterations=iterations,
             batch_size=batch_size,
             learning_rate=learning_rate,
-            ema_decay=ema_decay,
+            ema_decay=o["ema_decay"],
+            max_grad_norm=o["max_grad_norm"],
             phase=phase,
             auto_layer_k=auto_layer_k,
             auto_layer_iters=auto_layer_iters,

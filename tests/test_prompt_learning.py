@@ -99,14 +99,29 @@ def test_precomputed_features_equal_the_generator_path(encoder, pool, features):
         assert a == pytest.approx(b, rel=1e-6)
 
 
-def test_manual_scheme_is_nadas_fixed_prompt(encoder, pool):
-    learner = learn_prompts(encoder, pool, SOURCE, TARGET, scheme="manual", **FAST)
+def test_manual_scheme_single_template_option(encoder, pool):
+    learner = learn_prompts(encoder, pool, SOURCE, TARGET, scheme="manual", **FAST)  # FAST: label_templates="single"
     assert learner.history == [] and isinstance(learner.prompt_module, SharedPromptContext)
-    assert learner.n_ctx == encoder.count_tokens("a photo of a")
     with torch.no_grad():
         feats = learner.text_features(pool[:3], TARGET)
-        expected = encoder.encode_text([f"a photo of a {TARGET}"])
+        expected = encoder.encode_text([f"a photo of a {TARGET}."])
+    expected = expected / expected.norm(dim=-1, keepdim=True)
     torch.testing.assert_close(feats, expected.expand(3, -1), rtol=0, atol=1e-6)
+
+
+def test_manual_scheme_is_nadas_template_averaged_direction(encoder, pool):
+    from ipl_diffusion.templates import get_templates
+
+    options = dict(FAST, label_templates="imagenet")
+    learner = learn_prompts(encoder, pool, SOURCE, TARGET, scheme="manual", **options)
+    with torch.no_grad():
+        feats = learner.text_features(pool[:3], TARGET)
+        # independent: NADA's compute_text_direction averages unit features over the templates
+        each = encoder.encode_text([t.format(TARGET) for t in get_templates("imagenet")])
+        expected = (each / each.norm(dim=-1, keepdim=True)).mean(0)
+    assert len(get_templates("imagenet")) == 80
+    torch.testing.assert_close(feats, expected.expand(3, -1), rtol=0, atol=1e-5)
+    assert not torch.allclose(feats[0], learner.encoder.encode_text([f"a photo of a {TARGET}"])[0], atol=1e-3)
 
 
 def test_random_scheme_is_an_untrained_mapper(encoder, pool):

@@ -339,3 +339,73 @@ def test_projection_perceptual_term():
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         lpips_loss("./no/such/alexnet-owt-7be5be79.pth")
+
+
+# ----------------------------------------------------------------------------------------
+# IPL's point: each image's own ΔT_i, and a first step that cannot dominate Adam
+# ----------------------------------------------------------------------------------------
+
+
+def image_specific_prompts(dim, style_dim=STYLE_DIM):
+    """A deterministic per-w prompt: each w gets its own source / target text feature."""
+    gen = torch.Generator().manual_seed(7)
+    a, b = torch.randn(style_dim, dim, generator=gen), torch.randn(style_dim, dim, generator=gen)
+
+    def prompt_features(w):
+        return w @ a, w @ b
+
+    return prompt_features
+
+
+def test_each_image_meets_its_own_text_direction(clip_parts):
+    """The rows of ΔT_i reaching the loss belong to the w that rendered the same rows of the
+    images (per-row pairing), and shuffling the prompts across images changes the loss."""
+    image_features, _, tgt = clip_parts
+    prompts = image_specific_prompts(tgt.shape[-1])
+    cfg = gan.GANStage2Config(iterations=2, batch_size=3, auto_layer_iters=0, learning_rate=0.05, seed=0)
+    trainer = gan.GANIPLTrainer(tiny_generator(), prompts, image_features, tgt, cfg)
+    rendered, seen = [], {}
+    forward = trainer.source.forward
+
+    def recording_forward(styles, *args, **kwargs):
+        rendered.append(styles[0].detach().clone())
+        return forward(styles, *args, **kwargs)
+
+    trainer.source.forward = recording_forward
+
+    def recording_loss(src_feat, tgt_feat, src_text, tgt_text):
+        seen.update(src_feat=src_feat, tgt_feat=tgt_feat, src_text=src_text, tgt_text=tgt_text)
+        return gan_loss(src_feat, tgt_feat, src_text, tgt_text)
+
+    from ipl_diffusion.losses import adaptive_directional_loss as gan_loss
+
+    trainer.loss_fn = recording_loss
+    trainer.train_step()
+    trainer.train_step()  # at step 0 G_t == G_s (the tiny generator's noise weights start at 0): ΔI = 0
+    w = rendered[-1]
+    src_text, tgt_text = prompts(w)
+    torch.testing.assert_close(seen["src_text"], src_text.float())
+    torch.testing.assert_close(seen["tgt_text"], tgt_text.float())
+    paired = gan_loss(seen["src_feat"], seen["tgt_feat"], seen["src_text"], seen["tgt_text"])
+    shuffled = gan_loss(seen["src_feat"], seen["tgt_feat"], seen["src_text"][[1, 2, 0]], seen["tgt_text"][[1, 2, 0]])
+    assert abs(float(paired) - float(shuffled)) > 1e-4
+
+
+def test_first_step_gradient_is_clipped_by_default(clip_parts):
+    """At step 0 G_t == G_s and ΔI is only the noise-map difference, so the raw gradient is
+    large; by default (max_grad_norm 1) no update's gradient exceeds norm 1."""
+    image_features, src, tgt = clip_parts
+    assert gan.GANStage2Config().max_grad_norm == 1.0
+    cfg = gan.GANStage2Config(iterations=3, batch_size=2, auto_layer_iters=0, learning_rate=0.01, seed=0)
+    trainer = gan.GANIPLTrainer(tiny_generator(), fixed_prompts(src, tgt), image_features, tgt, cfg)
+    norms, step = [], trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        grads = [p.grad.norm() for p in trainer.generator.parameters() if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack(grads))))
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    records = [trainer.train_step() for _ in range(cfg.iterations)]
+    assert max(norms) <= 1.0 + 1e-4
+    assert records[0]["grad_norm"] > 1.0  # the raw first gradient, logged before clipping

@@ -13,8 +13,19 @@ diffusion model we follow DiffusionCLIP (Kim et al. 2022, facts §4):
 2. a copy of the source UNet (EMA weights, ``eval()`` so DiffAE's dropout stays off -- the
    DiffusionCLIP code calls ``train()``, which would switch it on here) is fine-tuned so that
    decoding the cached ``x_{t0}`` with it, in ``num_train_steps`` DDIM steps, gives images
-   whose CLIP direction from the source model's own decoding follows ``ΔT_i``;
+   whose CLIP direction from the source image ``x0`` follows ``ΔT_i``;
 3. optional L1 and identity regularisers tie each adapted image to its source.
+
+Why ``ΔI_i`` (Eq. 7) is measured from the source image ``x0`` and not from the source UNet's
+decoding ``x_rec``: before the first update the trainable UNet *is* the source UNet, so its
+decoding equals ``x_rec`` exactly and ``ΔI_i = 0`` for every image. The loss normalises
+``ΔI_i``, so its gradient grows like ``1 / |ΔI_i|``: the first gradient was ~10^6 times the
+later ones, and Adam's second moment kept that spike for the whole run (every later step was
+a fraction of the first). DiffusionCLIP measures ``ΔI`` from ``x0`` (its ``clip_loss_func(x0,
+src_txt, x, trg_txt)``), so the first step sees the small but non-zero reconstruction error;
+StyleGAN-NADA avoids the exact zero through fresh noise maps in each generator call. The
+gradient norm is also clipped (``max_grad_norm``, 1 as in diffusers' training scripts), so
+a near-zero ``ΔI_i`` can never again dominate Adam's statistics.
 
 Two gradient modes:
 
@@ -87,6 +98,9 @@ class Stage2Config:
       downloaded offline and suits only faces; pass ``identity_features`` to use another).
     * ``gradient_mode``: ``"full_chain"`` or ``"per_step"`` (module docstring);
       ``gradient_checkpointing``; ``mixed_precision``: ``"no"``, ``"bf16"``, ``"fp16"`` (GPU).
+    * ``max_grad_norm``: clip the UNet's gradient norm before each update (1, as diffusers'
+      training scripts; ``None`` turns it off -- see the module docstring for why it is on).
+    * ``seed``: the run's one seed (Stage 1's mapper and batches, Stage 2's batches).
     * ``checkpointing_steps`` / ``checkpoints_total_limit``: resumable checkpoints;
       ``sample_steps`` / ``num_sample_images``: grids (source | reconstruction | adapted).
     """
@@ -104,12 +118,12 @@ class Stage2Config:
     gradient_mode: str = "full_chain"
     gradient_checkpointing: bool = False
     mixed_precision: str = "no"
-    max_grad_norm: float | None = None
+    max_grad_norm: float | None = 1.0
     seed: int = 0
     checkpointing_steps: int | None = None
     checkpoints_total_limit: int | None = 2
     sample_steps: int | None = None
-    num_sample_images: int = 4
+    num_sample_images: int = 8
 
     def __post_init__(self):
         if self.gradient_mode not in GRADIENT_MODES:
@@ -121,6 +135,8 @@ class Stage2Config:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):  # NaN fails both
             raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
         for name in ("clip_loss_weight", "l1_loss_weight", "id_loss_weight"):
             if not getattr(self, name) >= 0 or not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
@@ -195,7 +211,6 @@ def encode_sources(
     images: torch.Tensor,
     t0: int,
     num_inversion_steps: int,
-    num_train_steps: int,
     batch_size: int = 8,
     accelerator=None,
     progress: bool = True,
@@ -205,28 +220,25 @@ def encode_sources(
     Args:
         images: ``(N, 3, H, W)`` float in ``[-1, 1]`` (any device).
     Returns:
-        CPU float32 tensors: ``x0`` (the inputs), ``z_sem (N, 512)``, ``x_t0`` (inversion to
-        ``t0`` with the source UNet) and ``x_rec`` (the source UNet's decoding of ``x_t0``
-        along the training chain: the *source image* of the CLIP direction, as NADA uses the
-        frozen generator's output, so the direction measures the domain change and not the
-        reconstruction error). With several processes each computes every ``world``-th item
-        and the results are gathered, so every process ends with the whole cache.
+        CPU float32 tensors: ``x0`` (the inputs: the source images of the CLIP direction
+        ``ΔI``, as in DiffusionCLIP -- see the module docstring), ``z_sem (N, 512)`` and
+        ``x_t0`` (inversion to ``t0`` with the source UNet). With several processes each
+        computes every ``world``-th item and the results are gathered, so every process ends
+        with the whole cache.
     """
     from tqdm.auto import tqdm
 
     device = next(source_unet.parameters()).device
     n = images.shape[0]
     mine, order = shard_indices(n, accelerator)
-    parts = {"z_sem": [], "x_t0": [], "x_rec": []}
+    parts = {"z_sem": [], "x_t0": []}
     main = accelerator is None or accelerator.is_local_main_process
     for start in tqdm(range(0, len(mine), batch_size), desc="Encoding source images", disable=not (progress and main)):
         x0 = images[mine[start : start + batch_size]].to(device, torch.float32)
         z_sem = semantic_encoder(x0)
         x_t0 = invert_to_t0(source_unet, x0, z_sem, scheduler, t0, num_inversion_steps)
-        x_rec = decode_from_t0(source_unet, x_t0, z_sem, scheduler, t0, num_train_steps)
         parts["z_sem"].append(z_sem.float())
         parts["x_t0"].append(x_t0.float())
-        parts["x_rec"].append(x_rec.float())
     result = {"x0": images.detach().float().cpu()}
     for key, chunks in parts.items():
         result[key] = gather_in_order(torch.cat(chunks), order, n, accelerator)
@@ -377,14 +389,14 @@ class Stage2Trainer:
         self.tgt_text = target_text_features.detach().to(self.device, torch.float32)
         with torch.no_grad():
             chunks = range(0, n, 16)
-            self.src_image = torch.cat([image_features(self.cache["x_rec"][i : i + 16]).float() for i in chunks])
+            # ΔI's source is x0, never the source UNet's own decoding (module docstring).
+            self.src_image = torch.cat([image_features(self.cache["x0"][i : i + 16]).float() for i in chunks])
             self.src_identity = None
             if config.id_loss_weight > 0:
                 self.src_identity = torch.cat(
                     [identity_features(self.cache["x0"][i : i + 16]).float() for i in chunks]
                 )
         self.source_unet = source_unet
-        self._recon = None
         # The trainable copy: the (EMA) weights as given, fp32 master weights, and eval() so
         # that DiffAE's dropout stays off while training (DiffusionCLIP's train() would enable it).
         self.unet = copy.deepcopy(source_unet).to(self.device).eval()
@@ -415,8 +427,8 @@ class Stage2Trainer:
     def losses(self, images: torch.Tensor, index: list[int]) -> dict[str, torch.Tensor]:
         """Weighted loss terms for the adapted ``images (B,3,H,W)`` of cache items ``index``.
 
-        ``directional``: Eq. 7-9 (``losses.adaptive_directional_loss``) between the source
-        model's and the adapted model's decodings of the same ``x_{t0}``; ``l1``: mean
+        ``directional``: Eq. 7-9 (``losses.adaptive_directional_loss``) from the source image
+        ``x0`` to the adapted model's decoding of its ``x_{t0}``; ``l1``: mean
         absolute difference to the source image; ``identity``: ``1 - cos`` of identity
         features. Raises ``ValueError`` naming the term when one is NaN / inf.
         """
@@ -443,15 +455,19 @@ class Stage2Trainer:
                 )
         return terms
 
-    def _update(self, loss):
+    def _update(self, loss) -> float:
+        """Backward, all-reduce, clip, Adam step; returns the gradient norm before clipping."""
         # inputs=: gradients accumulate only in the trained UNet, never in the frozen CLIP /
         # semantic encoder the loss passes through (whatever their requires_grad).
         self.accelerator.backward(loss, inputs=self._trainable)
         average_gradients(list(self.unet.parameters()), self.accelerator)
         if self.config.max_grad_norm:
-            self.accelerator.clip_grad_norm_(self.unet.parameters(), self.config.max_grad_norm)
+            norm = self.accelerator.clip_grad_norm_(self._trainable, self.config.max_grad_norm)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self._trainable if p.grad is not None]))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
 
     def _step(self, x, model_t, level, next_level, z_sem):
         eps = self._call(self.unet, x, model_t, z_sem).float()
@@ -473,37 +489,44 @@ class Stage2Trainer:
                     x, _ = self._step(x, model_t, level, next_level, z_sem)
                 terms = self.losses(x, index)
                 loss = sum(terms.values())
-            self._update(loss)
+            grad_norm = self._update(loss)
             logged = {k: v.item() for k, v in terms.items()}
         else:
+            grad_norm = 0.0
             for model_t, level, next_level in self._plan:
                 with self.accelerator.autocast():
                     x_next, x0_hat = self._step(x.detach(), model_t, level, next_level, z_sem)
                     terms = self.losses(x0_hat, index)
                     loss = sum(terms.values())
-                self._update(loss)
+                grad_norm = max(grad_norm, self._update(loss))
                 x = x_next.detach()
                 for k, v in terms.items():
                     logged[k] = logged.get(k, 0.0) + v.item() / len(self._plan)
         logged["loss"] = sum(logged.values())
+        logged["grad_norm"] = grad_norm  # before clipping; per_step: the largest of the steps
         return logged
 
     # -- samples -----------------------------------------------------------------------
     @torch.no_grad()
-    def sample_grid(self, unet=None, num_images: int | None = None):
-        """PIL grid with one column per image; rows: source | reconstruction | adapted.
+    def sample_grid(self, unet=None, num_images: int | None = None, items: dict | None = None):
+        """Labelled PIL grid, one column per image; rows: source | DDIM round trip | adapted.
 
-        Reconstruction and adaptation decode the cached ``x_{t0}`` with
-        ``num_inference_steps`` steps, with the source and the adapted UNet.
+        ``items``: ``{"x0", "z_sem", "x_t0"}`` of the images to show (e.g. held-out photos
+        encoded by :func:`encode_sources`); default: the first training images. The round
+        trip and the adaptation decode ``x_{t0}`` in ``num_inference_steps`` steps with the
+        source and the adapted UNet.
         """
+        from ipl_diffusion.grids import labelled_grid
+
         unet = unet or self.unet
-        k = min(num_images or self.config.num_sample_images, self.cache["x0"].shape[0])
-        x_t0, z_sem = self.cache["x_t0"][:k], self.cache["z_sem"][:k]
+        items = items if items is not None else self.cache
+        k = min(num_images or self.config.num_sample_images, items["x0"].shape[0])
+        x_t0, z_sem = items["x_t0"][:k].to(self.device), items["z_sem"][:k].to(self.device)
         steps = self.config.num_inference_steps
-        if self._recon is None or self._recon.shape[0] < k:
-            self._recon = decode_from_t0(self.source_unet, x_t0, z_sem, self.scheduler, self.t0, steps)
+        recon = decode_from_t0(self.source_unet, x_t0, z_sem, self.scheduler, self.t0, steps)
         adapted = decode_from_t0(unet, x_t0, z_sem, self.scheduler, self.t0, steps)
-        return image_grid([self.cache["x0"][:k], self._recon[:k], adapted])
+        labels = ["source", "DDIM round trip", f"adapted ({self.run_config.get('target', 'target')})"]
+        return labelled_grid([items["x0"][:k], recon, adapted], labels, [str(i) for i in range(k)])
 
     # -- checkpoints ---------------------------------------------------------------------
     def checkpoint_dir(self):
@@ -590,25 +613,13 @@ class Stage2Trainer:
         return Stage2Result(unet=acc.unwrap_model(self.unet).eval(), step=self.step, history=self.history)
 
 
-def image_grid(rows: list):
-    """A PIL image with one row per ``(B,3,H,W)`` tensor in ``[-1, 1]``."""
-    from PIL import Image
-
-    b, _, h, w = rows[0].shape
-    tiles = torch.cat([r.detach().float().cpu() for r in rows])
-    array = ((tiles.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    grid = Image.new("RGB", (w * b, h * len(rows)))
-    for i, tile in enumerate(array):
-        grid.paste(Image.fromarray(tile), ((i % b) * w, (i // b) * h))
-    return grid
-
-
 # ------------------------------------------------------------------ Stage 1 + Stage 2
 
 
 @dataclass
 class Stage1Options:
-    """Stage 1 (prompt learning, Eq. 6) options; defaults from the paper / IPL code."""
+    """Stage 1 (prompt learning, Eq. 6) options; defaults from the paper / IPL code. Its seed
+    is the run's (``Stage2Config.seed``): one seed governs both stages."""
 
     scheme: str = "adaptive"
     lambda_domain: float = 1.0
@@ -616,7 +627,17 @@ class Stage1Options:
     batch_size: int = 32
     learning_rate: float | None = None  # None: prompt_learning's default (0.05 mapper, 2e-3 shared)
     n_ctx: int = 4
-    seed: int | None = None  # None: the released code's seed (3)
+
+
+# Held-out share of Stage 1's pool for the retrieval diagnostic: a fifth, at most 256 images,
+# and none when that would be fewer than 8 (retrieval among so few says little).
+MAX_HELDOUT, MIN_HELDOUT = 256, 8
+
+
+def heldout_size(pool_size: int) -> int:
+    """How many of ``pool_size`` Stage-1 images are held out for :func:`prompt_retrieval`."""
+    k = min(MAX_HELDOUT, pool_size // 5)
+    return k if k >= MIN_HELDOUT else 0
 
 
 @dataclass
@@ -645,35 +666,35 @@ def clip_image_features(clip_model, feature_extractor=None) -> Callable:
     return CLIPImageEncoder(clip_model, feature_extractor or CLIPImageProcessor()).encode_images
 
 
-def run_stage1(clip_model, tokenizer, z_sem, image_features, source, target, options: Stage1Options, progress=True):
-    """IPL Stage 1 on cached features; returns ``(prompt_module, source_text, target_text)``.
+def run_stage1(clip_model, tokenizer, z_sem, image_features, source, target, options: Stage1Options, seed: int, progress=True):
+    """IPL Stage 1 on a pool of cached features; returns the ``PromptLearner``.
 
-    ``z_sem (N, 512)`` is the mapper input (Eq. 2) and ``image_features (N, D)`` the cached
-    CLIP features of the source images. ``prompt_module`` is the ``LatentMapper``
-    (adaptive / random) or ``SharedPromptContext`` (learned / manual); the text features are
-    the per-image prompt features ``(N, D)`` of the source and target labels whose
-    difference is ``ΔT_i`` (Eq. 8).
+    ``z_sem (N, 512)`` is the mapper input (Eq. 2) and ``image_features (N, D)`` the CLIP
+    features of the same source images. The last :func:`heldout_size` of them are held out
+    and measured with :func:`~ipl_diffusion.prompt_learning.prompt_retrieval`
+    (``learner.heldout_retrieval``; ``None`` for a pool too small to hold any out).
     """
     from ipl_diffusion.clip_text import CLIPPromptEncoder
-    from ipl_diffusion.prompt_learning import DEFAULT_SEED, learn_prompts
+    from ipl_diffusion.prompt_learning import learn_prompts
 
-    encoder = CLIPPromptEncoder(clip_model, tokenizer)
-    learner = learn_prompts(
-        encoder,
-        z_sem,
+    k = heldout_size(z_sem.shape[0])
+    train = slice(0, z_sem.shape[0] - k)
+    return learn_prompts(
+        CLIPPromptEncoder(clip_model, tokenizer),
+        z_sem[train],
         source,
         target,
-        image_features=image_features,
+        image_features=image_features[train],
+        heldout=(z_sem[-k:], image_features[-k:]) if k else None,
         scheme=options.scheme,
         n_ctx=options.n_ctx,
         num_iterations=options.iterations,
         batch_size=options.batch_size,
         learning_rate=options.learning_rate,
         lambda_domain=options.lambda_domain,
-        seed=DEFAULT_SEED if options.seed is None else options.seed,
+        seed=seed,
         progress=progress,
     )
-    return learner.prompt_module, *prompt_text_features(learner, z_sem, source, target)
 
 
 @torch.no_grad()
@@ -719,6 +740,55 @@ def _same_cache(cache_file: Path, images: torch.Tensor, key: dict) -> dict | Non
     return cache
 
 
+@torch.no_grad()
+def encode_pool(semantic_encoder, image_features, images: torch.Tensor, device, batch_size: int = 64):
+    """Stage 1's pool: ``(z_sem (N, 512), CLIP image features (N, D))`` of source ``images``
+    ``(N, 3, H, W)`` in ``[-1, 1]`` -- no DDIM needed: Stage 1 sees only these two."""
+    z, f = [], []
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i : i + batch_size].to(device, torch.float32)
+        z.append(semantic_encoder(x).float())
+        f.append(image_features(x).float())
+    return torch.cat(z), torch.cat(f)
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _prepare_cache(semantic_encoder, source_unet, scheduler, images, stage1_images, image_features, source, target,
+                   stage1, stage2, accelerator, progress, clip_model, tokenizer):
+    """Encode the Stage-2 images, run Stage 1 on its pool; returns ``(cache, learner)``."""
+    device = accelerator.device
+    cache = encode_sources(
+        semantic_encoder, source_unet, scheduler, images, stage2.t0, stage2.num_inversion_steps,
+        accelerator=accelerator, progress=progress,
+    )
+    pool = encode_pool(semantic_encoder, image_features, stage1_images, device)
+    # Every process runs the (cheap, cached-feature) Stage 1 with the same seed, so all end
+    # with the same prompts without a broadcast.
+    learner = run_stage1(
+        clip_model, tokenizer, *pool, source, target, stage1, seed=stage2.seed,
+        progress=progress and accelerator.is_local_main_process,
+    )
+    src_text, tgt_text = prompt_text_features(learner, cache["z_sem"].to(device), source, target)
+    cache["source_text_features"], cache["target_text_features"] = src_text.cpu(), tgt_text.cpu()
+    return cache, learner
+
+
+def stage1_report(learner, pool_size: int) -> dict:
+    """What ``run_config.json`` records of Stage 1's result (held-out retrieval, chance level)."""
+    k = heldout_size(pool_size)
+    return {
+        "pool_images": pool_size - k,
+        "heldout_images": k,
+        "heldout_retrieval": learner.heldout_retrieval if learner is not None else None,
+        "retrieval_chance": 1 / min(32, k) if k else None,
+    }
+
+
 def adapt_diffae(
     *,
     semantic_encoder,
@@ -731,6 +801,8 @@ def adapt_diffae(
     target: str,
     stage1: Stage1Options | None = None,
     stage2: Stage2Config | None = None,
+    stage1_images: torch.Tensor | None = None,
+    validation_images: torch.Tensor | None = None,
     feature_extractor=None,
     accelerator=None,
     output_dir=None,
@@ -741,19 +813,24 @@ def adapt_diffae(
     """Diff-IPL end to end on source ``images (N,3,H,W) in [-1,1]``: encode + cache, Stage 1,
     Stage 2. Shared by ``IPLPipeline.adapt``, ``ipl adapt`` and ``examples/train_ipl_diffae.py``.
 
+    ``stage1_images`` ``(M,3,H,W)`` in ``[-1,1]``: Stage 1's pool (default: ``images``); a
+    mapper generalises only from a large pool (thousands), and a fifth of it (at most 256) is
+    held out to measure that (``run_config["stage1"]["heldout_retrieval"]``).
+    ``validation_images``: what the returned ``sample_grid`` shows (default: the first 8
+    ``images``), e.g. photos the run never trained on.
+
     With ``output_dir`` the run writes ``run_config.json``, ``cache.safetensors`` (the
     encoded sources and the Stage-1 text features, reused on resume), ``stage1/mapper``,
     checkpoints, sample grids and the loss log there (main process only), and
     ``resume_from_checkpoint="latest"`` continues an interrupted run bit for bit.
     """
-    from safetensors.torch import save_file
-
     stage1 = stage1 or Stage1Options()
     stage2 = stage2 or Stage2Config()
     accelerator = accelerator or make_accelerator(stage2.mixed_precision, next(source_unet.parameters()).device)
-    device = accelerator.device
-    if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] < 1:
-        raise ValueError(f"source images must be (N, 3, H, W) in [-1, 1] with N >= 1; got {tuple(images.shape)}")
+    for name, x in (("source images", images), ("stage1_images", stage1_images), ("validation_images", validation_images)):
+        if x is not None and (x.ndim != 4 or x.shape[1] != 3 or x.shape[0] < 1):
+            raise ValueError(f"{name} must be (N, 3, H, W) in [-1, 1] with N >= 1; got {tuple(x.shape)}")
+    stage1_images = images if stage1_images is None else stage1_images
     t0 = check_t0(stage2.t0, scheduler)
     source, target = validate_labels(clip_model, tokenizer, source, target, stage1.n_ctx)
     out = Path(output_dir) if output_dir is not None else None
@@ -763,6 +840,7 @@ def adapt_diffae(
         "source": source,
         "target": target,
         "base_model": base_model,
+        "seed": stage2.seed,
         "num_source_images": int(images.shape[0]),
         "image_size": int(images.shape[-1]),
         "num_processes": accelerator.num_processes,
@@ -770,53 +848,39 @@ def adapt_diffae(
         "stage2": asdict(stage2),
     }
     for module in (semantic_encoder, source_unet, clip_model):
-        module.to(device).eval()
+        module.to(accelerator.device).eval()
     image_features = clip_image_features(clip_model, feature_extractor)
-    key = {"t0": t0, "inv": stage2.num_inversion_steps, "train": stage2.num_train_steps, "stage1": asdict(stage1),
-           "source": source, "target": target, "seed": stage2.seed}
+    key = {"t0": t0, "num_inversion_steps": stage2.num_inversion_steps, "stage1": asdict(stage1),
+           "source": source, "target": target, "seed": stage2.seed, "stage1_images": _digest(stage1_images)}
     cache_file = out / "cache.safetensors" if out is not None else None
     with frozen(semantic_encoder, source_unet, clip_model):
         cache = _same_cache(cache_file, images, key) if (cache_file is not None and resume_from_checkpoint) else None
-        mapper = None
+        learner = None
         if cache is None:
-            cache = encode_sources(
-                semantic_encoder, source_unet, scheduler, images, t0, stage2.num_inversion_steps,
-                stage2.num_train_steps, accelerator=accelerator, progress=progress,
+            cache, learner = _prepare_cache(
+                semantic_encoder, source_unet, scheduler, images, stage1_images, image_features, source, target,
+                stage1, stage2, accelerator, progress, clip_model, tokenizer,
             )
-            with torch.no_grad():
-                x0 = cache["x0"].to(device)
-                features = torch.cat([image_features(x0[i : i + 32]).float() for i in range(0, len(x0), 32)])
-            # Every process runs the (cheap, cached-feature) Stage 1 with the same seed, so all
-            # end with the same prompts without a broadcast.
-            mapper, src_text, tgt_text = run_stage1(
-                clip_model, tokenizer, cache["z_sem"].to(device), features, source, target, stage1,
-                progress=progress and accelerator.is_local_main_process,
-            )
-            cache["source_text_features"], cache["target_text_features"] = src_text.cpu(), tgt_text.cpu()
+            run_config["stage1"].update(stage1_report(learner, stage1_images.shape[0]))
             if out is not None and accelerator.is_main_process:
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "run_config.json").write_text(json.dumps(run_config, indent=2))
-                save_file({k: v.contiguous() for k, v in cache.items()}, str(cache_file), metadata={"key": json.dumps(key)})
-                if mapper is not None:
-                    mapper.save_pretrained(out / "stage1" / "mapper")
-        elif out is not None and (out / "stage1" / "mapper").is_dir():
-            mapper = load_prompt_module(out / "stage1" / "mapper").to(device)
-        identity = semantic_encoder if stage2.id_loss_weight > 0 else None
+                _write_stage1(out, run_config, cache, cache_file, key, learner)
+        else:
+            run_config["stage1"].update(_saved_stage1_report(out))
+        mapper = _saved_mapper(out, learner, accelerator.device)
         trainer = Stage2Trainer(
-            source_unet,
-            scheduler,
-            {k: cache[k] for k in ("x0", "z_sem", "x_t0", "x_rec")},
-            cache["source_text_features"],
-            cache["target_text_features"],
-            image_features,
-            stage2,
-            identity_features=identity,
-            accelerator=accelerator,
-            output_dir=out,
-            run_config=run_config,
+            source_unet, scheduler, {k: cache[k] for k in ("x0", "z_sem", "x_t0")}, cache["source_text_features"],
+            cache["target_text_features"], image_features, stage2,
+            identity_features=semantic_encoder if stage2.id_loss_weight > 0 else None,
+            accelerator=accelerator, output_dir=out, run_config=run_config,
         )
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint, progress=progress)
-        grid = trainer.sample_grid(result.unet) if accelerator.is_main_process else None
+        grid = None
+        if accelerator.is_main_process:
+            shown = None
+            if validation_images is not None:
+                shown = encode_sources(semantic_encoder, source_unet, scheduler, validation_images, t0,
+                                       stage2.num_inversion_steps, progress=False)
+            grid = trainer.sample_grid(result.unet, items=shown)
     return DiffIPLResult(
         unet=result.unet,
         mapper=mapper,
@@ -826,3 +890,29 @@ def adapt_diffae(
         source_text_features=cache["source_text_features"],
         target_text_features=cache["target_text_features"],
     )
+
+
+def _write_stage1(out: Path, run_config: dict, cache: dict, cache_file: Path, key: dict, learner) -> None:
+    """``run_config.json``, ``cache.safetensors`` and ``stage1/mapper`` (main process)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run_config.json").write_text(json.dumps(run_config, indent=2))
+    save_file({k: v.contiguous() for k, v in cache.items()}, str(cache_file), metadata={"key": json.dumps(key)})
+    learner.prompt_module.save_pretrained(out / "stage1" / "mapper")
+
+
+def _saved_stage1_report(out: Path) -> dict:
+    """A resumed run's Stage-1 report, from the ``run_config.json`` its first part wrote."""
+    path = out / "run_config.json"
+    saved = json.loads(path.read_text()).get("stage1", {}) if path.is_file() else {}
+    return {k: saved.get(k) for k in ("pool_images", "heldout_images", "heldout_retrieval", "retrieval_chance")}
+
+
+def _saved_mapper(out, learner, device):
+    """The Stage-1 mapper: this run's, or on resume the one saved in ``out/stage1/mapper``."""
+    if learner is not None:
+        return learner.prompt_module
+    if out is not None and (out / "stage1" / "mapper").is_dir():
+        return load_prompt_module(out / "stage1" / "mapper").to(device)
+    return None

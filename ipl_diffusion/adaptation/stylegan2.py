@@ -34,6 +34,12 @@ so the last row (which only feeds the last ToRGB) is not a candidate unless
 ``train_to_rgb=True``, in which case the ToRGB layers consuming a chosen row train as well.
 ``compat_layer_mapping=True`` reproduces the upstream mapping for comparisons.
 
+The first step. At step 0 ``G_t = G_s``: the two renders of one ``w`` differ only by their
+fresh noise maps (as in NADA), so ``ΔI_i`` is tiny and the normalised loss's gradient, which
+grows like ``1 / |ΔI_i|``, was 50-400 times the later ones on the Shapes GAN. Adam's second
+moment then kept that spike for the whole run, shrinking every later step. The gradient norm
+is clipped (``max_grad_norm``, 1 by default) so that no single step dominates.
+
 The selection's gradient is taken with ``torch.autograd.grad`` with respect to the W+ codes
 only, so unlike upstream it leaves no gradients behind in the generator or in CLIP.
 
@@ -88,6 +94,7 @@ import torch
 import torch.nn.functional as F
 
 from ipl_diffusion import checkpointing
+from ipl_diffusion.grids import labelled_grid
 from ipl_diffusion.adaptation.distributed import (
     MIXED_PRECISION,
     average_gradients,
@@ -121,7 +128,8 @@ class GANStage2Config:
         ``auto_layer_batch`` at once, as upstream); same selection, lower peak memory.
     mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (GPU only); used when the trainer
         makes its own ``Accelerator`` (a given one brings its own setting).
-    max_grad_norm: clip the gradient norm of the trained layers (None: off, as IPL / NADA).
+    max_grad_norm: clip the gradient norm of the trained layers (1; None: off, as IPL / NADA;
+        see "The first step" above for why it is on).
     sample_truncation: psi of the sample grids (training always uses psi = 1).
     """
 
@@ -141,8 +149,8 @@ class GANStage2Config:
     train_to_rgb: bool = False
     compat_layer_mapping: bool = False
     mixed_precision: str = "no"
-    max_grad_norm: Optional[float] = None
-    seed: int = 2
+    max_grad_norm: Optional[float] = 1.0
+    seed: int = 0
     checkpointing_steps: Optional[int] = None
     checkpoints_total_limit: Optional[int] = 2
     sample_steps: Optional[int] = None
@@ -485,13 +493,15 @@ class GANIPLTrainer:
         acc.backward(loss, inputs=trainable)
         average_gradients(trainable, acc)
         if cfg.max_grad_norm:
-            acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            grad_norm = float(acc.clip_grad_norm_(trainable, cfg.max_grad_norm))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable if p.grad is not None])))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)  # frozen-next-time layers must have no gradient
         ema_update(self.generator_ema, self.generator, cfg.ema_decay)
         self.step += 1
         self.last_layers = list(layers)
-        record = {"step": self.step, "loss": value}
+        record = {"step": self.step, "loss": value, "grad_norm": grad_norm}
         self.history.append(record)
         return {**record, "layers": list(layers)}
 
@@ -550,7 +560,7 @@ class GANIPLTrainer:
 
     @torch.no_grad()
     def sample_grid(self, n: Optional[int] = None, seed: int = 0):
-        """PIL grid: source samples (top row) | adapted ``g_ema`` samples (bottom row); fixed
+        """Labelled PIL grid: source samples (top row) | adapted ``g_ema`` samples (bottom row); fixed
         ``z`` (``seed``), truncation ``sample_truncation``, fixed noise maps."""
         n = n or self.config.num_samples
         z = torch.randn(n, self.source.style_dim, generator=torch.Generator().manual_seed(seed)).to(self.device)
@@ -559,7 +569,7 @@ class GANIPLTrainer:
         w = self.source.get_latent(z)
         top, _ = self.source([w], input_is_latent=True, **kwargs)
         bottom, _ = self.generator_ema([w], input_is_latent=True, **kwargs)
-        return image_grid(torch.cat([top, bottom]), rows=2)
+        return labelled_grid([top, bottom], ["source G_s(z)", f"g_ema, step {self.step}"])
 
     def _write_samples(self):
         if self.output_dir is None:
@@ -575,9 +585,9 @@ class GANIPLTrainer:
             return None
         self.output_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.output_dir / "losses.csv", "w")
-        log.write("step,loss\n")
+        log.write("step,loss,grad_norm\n")
         for record in self.history:
-            log.write(f"{record['step']},{record['loss']:.6g}\n")
+            log.write(f"{record['step']},{record['loss']:.6g},{record.get('grad_norm', float('nan')):.6g}\n")
         return log
 
     # -- loop --------------------------------------------------------------------------
@@ -603,7 +613,7 @@ class GANIPLTrainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{out['loss']:.4f}")
                 if log is not None:
-                    log.write(f"{out['step']},{out['loss']:.6g}\n")
+                    log.write(f"{out['step']},{out['loss']:.6g},{out['grad_norm']:.6g}\n")
                     log.flush()
                 if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0:
                     self.save_checkpoint()
@@ -658,6 +668,35 @@ def source_cache(source_generator: StyleGAN2Generator, image_features: ImageFeat
 
 
 STAGE1_DIR = "stage1"
+# Fresh latents Stage 1 never trains on, for its held-out prompt retrieval (batches of 32).
+HELDOUT_LATENTS = 256
+
+
+def run_stage1(source_generator, encoder, image_features, source, target, options: dict, num_images, seed, progress, accelerator=None):
+    """Stage 1 (Eq. 6) for GAN-IPL; returns the ``PromptLearner``.
+
+    ``num_images=None``: fresh ``w`` every iteration, rendered by ``G_s`` and encoded (the
+    released code; the mapper then generalises to the fresh ``w`` of Stage 2). An int: a
+    fixed pool of that many samples, encoded once. ``HELDOUT_LATENTS`` further samples from
+    another stream of ``seed`` measure the held-out prompt retrieval.
+    """
+    from ipl_diffusion.prompt_learning import learn_prompts
+
+    heldout = source_cache(source_generator, image_features, HELDOUT_LATENTS, seed + 20_011, accelerator=accelerator)
+    if num_images is None:
+        @torch.no_grad()
+        def sample_latents(batch, rng):
+            z = torch.randn(batch, source_generator.style_dim, generator=rng)
+            return source_generator.get_latent(z.to(source_generator.device))
+
+        def generate(w):
+            return source_generator([w], input_is_latent=True, randomize_noise=False)[0]
+
+        return learn_prompts(encoder, None, source, target, generate=generate, sample_latents=sample_latents,
+                             heldout=heldout, seed=seed, progress=progress, **options)
+    latents, features = source_cache(source_generator, image_features, int(num_images), seed, accelerator=accelerator)
+    return learn_prompts(encoder, latents, source, target, image_features=features, heldout=heldout, seed=seed,
+                         progress=progress, **options)
 
 
 def _save_stage1(output_dir, key: dict, learner) -> None:
@@ -713,7 +752,8 @@ def adapt_stylegan2(
         stage1: keyword arguments of :func:`ipl_diffusion.prompt_learning.learn_prompts`
             (``scheme`` manual / learned / random / adaptive, ``lambda_domain``,
             ``num_iterations``, ``batch_size``, ``learning_rate``, ``n_ctx``, ...) plus
-            ``num_images``, the size of the cache of source samples (default 256).
+            ``num_images``: ``None`` (default) draws fresh source samples every iteration
+            (the released code); an int uses a fixed pool of that many.
         stage2: :class:`GANStage2Config`.
         output_dir: when given, ``stage1/`` (the prompt module), ``checkpoints/``,
             ``samples/`` and ``losses.csv`` go there (main process only) and
@@ -735,30 +775,28 @@ def adapt_stylegan2(
 
     from ipl_diffusion.clip_image import CLIPImageEncoder
     from ipl_diffusion.clip_text import CLIPPromptEncoder
-    from ipl_diffusion.prompt_learning import learn_prompts
 
     stage1 = dict(stage1 or {})
     stage2 = stage2 or GANStage2Config()
     stage2.validate()
     if output_dir is not None:  # before Stage 1 writes anything
         checkpointing.check_before_run(Path(output_dir) / "checkpoints", resume_from_checkpoint)
-    num_images = int(stage1.pop("num_images", 256))
+    num_images = stage1.pop("num_images", None)
     accelerator = accelerator or make_accelerator(stage2.mixed_precision, source_generator.device)
     device = accelerator.device
     source_generator.to(device)
     clip_model.to(device)
-    encoder = CLIPPromptEncoder(clip_model, tokenizer)
+    processor = feature_extractor or CLIPImageProcessor()
+    # The encoder's image processor serves Stage 1's fresh renders; image_features, Stage 2.
+    encoder = CLIPPromptEncoder(clip_model, tokenizer, image_processor=processor)
     source, target = encoder.validate_label(source), encoder.validate_label(target)
-    image_features = CLIPImageEncoder(clip_model, feature_extractor or CLIPImageProcessor()).encode_images
+    image_features = CLIPImageEncoder(clip_model, processor).encode_images
 
     stage1_key = {"source": source, "target": target, "seed": stage2.seed, "num_images": num_images, **stage1}
     learner = _load_stage1(output_dir, stage1_key, encoder) if resume_from_checkpoint is not None else None
     if learner is None:
-        latents, features = source_cache(source_generator, image_features, num_images, stage2.seed, accelerator=accelerator)
-        learner = learn_prompts(
-            encoder, latents, source, target, image_features=features, seed=stage2.seed,
-            progress=progress and accelerator.is_local_main_process, **stage1,
-        )
+        learner = run_stage1(source_generator, encoder, image_features, source, target, stage1, num_images,
+                             stage2.seed, progress and accelerator.is_local_main_process, accelerator)
         if accelerator.is_main_process:
             _save_stage1(output_dir, stage1_key, learner)
 
@@ -772,8 +810,10 @@ def adapt_stylegan2(
         "source": source,
         "target": target,
         "base_model": base_model,
+        "seed": stage2.seed,
         "num_processes": accelerator.num_processes,
-        "stage1": {**stage1, "num_images": num_images},
+        "stage1": {**stage1, "num_images": num_images, "heldout_images": HELDOUT_LATENTS,
+                   "heldout_retrieval": learner.heldout_retrieval, "retrieval_chance": 1 / 32},
         "stage2": asdict(stage2),
     }
     trainer = GANIPLTrainer(
@@ -786,17 +826,3 @@ def adapt_stylegan2(
         generator=g_ema.requires_grad_(False), mapper=learner.prompt_module, history=trainer.history,
         run_config=run_config, is_main_process=accelerator.is_main_process,
     )
-
-
-def image_grid(images: torch.Tensor, rows: int):
-    """``(N, 3, H, W)`` in [-1, 1] -> one PIL image, ``rows`` rows filled left to right."""
-    from PIL import Image
-
-    images = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    n, _, h, w = images.shape
-    cols = math.ceil(n / rows)
-    canvas = torch.full((3, rows * h, cols * w), 255, dtype=torch.uint8)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        canvas[:, r * h : (r + 1) * h, c * w : (c + 1) * w] = images[i]
-    return Image.fromarray(canvas.permute(1, 2, 0).numpy())

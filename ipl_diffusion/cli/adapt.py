@@ -228,6 +228,22 @@ def _check_backend(backend, folder):
     if found is not None and found[1] != backend:
         raise ValueError(f"--model {folder} is {found[0]} folder; use --backend {found[1]}")
 
+def shapes_source_images(pipe, num_images, seed):
+    """The embedded Shapes DiffAE's inputs: rendered photos (its latent net, trained for
+    minutes, samples z_sem less faithfully than the renderer draws) -- the Stage-2 images, a
+    large Stage-1 pool (so that the mapper generalises) and 8 photos for the before/after
+    grid that neither stage sees. Three disjoint seed streams of the run's seed."""
+    from ipl_diffusion.shapes import source_images
+
+    defaults = pipe.config.adapt_defaults or {}
+    size = pipe.image_size
+    return {
+        "images": source_images(num_images or defaults.get("num_images", 16), seed=seed, resolution=size),
+        "stage1_images": source_images(defaults.get("stage1_num_images", 2048), seed=seed + 10_007, resolution=size),
+        "validation_images": source_images(8, seed=seed + 20_011, resolution=size),
+    }
+
+
 def run(args) -> int:
     output = Path(args.output or f"ipl-{'_'.join(args.target.split()).lower() or 'target'}")
     # Checks a user can fail are made before any model is loaded or encoded.
@@ -262,12 +278,7 @@ def run(args) -> int:
     if args.images is not None:
         kwargs["images"] = args.images
     elif args.model is None and args.backend == "diffae":
-        # The embedded Shapes world renders real source-domain ("photo") images; its latent
-        # net (trained for minutes) samples z_sem less faithfully than the renderer draws.
-        from ipl_diffusion.shapes import source_images
-
-        count = args.num_images or pipe.config.adapt_defaults.get("num_images", 16)
-        kwargs["images"] = source_images(count, seed=args.seed, resolution=pipe.image_size)
+        kwargs.update(shapes_source_images(pipe, args.num_images, args.seed))
     if args.source is not None:
         kwargs["source"] = args.source
     kwargs["output_dir"] = str(output)
@@ -288,6 +299,12 @@ def run(args) -> int:
     config = getattr(adapted, "adaptation_config", None)
     if config:
         (output / "run_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    stage1 = (config or {}).get("stage1", {})
+    if stage1.get("heldout_retrieval") is not None:
+        print(
+            f"Stage 1: held-out prompt retrieval {stage1['heldout_retrieval']:.2f} "
+            f"(chance {stage1['retrieval_chance']:.2f}, {stage1['heldout_images']} held-out images)"
+        )
     print(f"adapted pipeline: {output / 'pipeline'}")
     if grid is not None:
         print(f"before/after grid: {output / 'before_after.png'}")

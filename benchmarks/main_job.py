@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""The main job, measured on what it never saw: ``ipl adapt`` with the shipped settings.
+
+For every backend and Shapes target this runs exactly what a user runs,
+``ipl adapt [--backend B] --target T --output DIR --seed S`` (no other option, so the shipped
+folders' ``adapt_defaults`` decide everything), loads ``DIR/pipeline`` back from disk, and
+judges it on images the run never trained on:
+
+* **diffae** -- ``--eval_images`` photos rendered with seed 31337 (the run renders its training
+  photos with ``--seed``), translated by the adapted pipeline (DDIM inversion with the source
+  UNet, decoding with the adapted one, the recorded ``t0`` / steps). The oracle compares each
+  translation with the renderer's ground truth of its photo.
+* **stylegan2** -- ``--eval_images`` fixed ``z`` (seed 31337, truncation 0.7 as NADA / IPL
+  sample), rendered by the adapted ``g_ema`` and by the source generator; each adapted image
+  is compared with the oracle's reading of the source image of the same ``z``.
+
+Per run it reports the fraction the oracle reads as the target style, shape kept, colour
+kept and the wall-clock seconds of ``ipl adapt`` (load + both stages + saving), and writes a
+labelled grid (8 held-out examples) to ``DIR/heldout.png`` -- look at those: the oracle can be
+fooled (a pale background alone reads as "sketch" to it).
+
+Usage::
+
+    python benchmarks/main_job.py                         # both backends, every target, seed 0
+    python benchmarks/main_job.py --backends diffae --targets sketch --seeds 0 1 2
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(REPO))
+
+from ipl_diffusion.grids import labelled_grid  # noqa: E402
+from ipl_diffusion.shapes import STYLES, ShapesRenderer, default_model_path  # noqa: E402
+from ipl_diffusion.shapes.oracle import ShapesOracle  # noqa: E402
+
+TARGETS = ("sketch", "neon", "pixel art", "mosaic")
+EVAL_SEED = 31337
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backends", nargs="+", default=["diffae", "stylegan2"], choices=("diffae", "stylegan2"))
+    p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--eval_images", type=int, default=32)
+    p.add_argument("--output_dir", default=None, help="where the runs and results.json go (default: a temp folder)")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further `ipl adapt` options (not the shipped settings)")
+    return p.parse_args(argv)
+
+
+def heldout(backend, pipe, count):
+    """``(inputs, source images (B,3,H,W) in [-1,1], reference factors)`` of the held-out set."""
+    if backend == "diffae":
+        images, factors = ShapesRenderer(pipe.image_size).sample(count, seed=EVAL_SEED, style="photo")
+        return images, images, {"shape": factors.shape, "color": factors.color}
+    z = torch.randn(count, pipe.source_generator.style_dim, generator=torch.Generator().manual_seed(EVAL_SEED))
+    return z, None, None
+
+
+def render(backend, pipe, inputs, source=False):
+    """The (adapted or source) pipeline's images of the held-out inputs, ``[-1, 1]``."""
+    if backend == "diffae":
+        if source:  # the unadapted round trip: what the user's photo looks like before adapting
+            z_sem, x_t0 = pipe.encode(inputs)
+            return pipe.decode(z_sem, x_t0, unet=pipe.source_unet).cpu()
+        return pipe(inputs, output_type="pt").images.cpu() * 2 - 1
+    return pipe(latents=inputs, truncation=0.7, source=source, output_type="pt").images.cpu() * 2 - 1
+
+
+def evaluate(oracle, backend, pipe, target, count):
+    inputs, sources, factors = heldout(backend, pipe, count)
+    before = render(backend, pipe, inputs, source=True)
+    after = render(backend, pipe, inputs)
+    if factors is None:  # generated images: the oracle's reading of the source image is the reference
+        sources = before
+        read = oracle.predict(before)
+        factors = {"shape": read["shape"], "color": read["color"]}
+    pred = oracle.predict(after)
+    metrics = {
+        "target_acc": float((pred["style"] == STYLES.index(target)).float().mean()),
+        "shape_kept": float((pred["shape"] == factors["shape"]).float().mean()),
+        "colour_kept": float((pred["color"] == factors["color"]).float().mean()),
+        "source_target_acc": float((oracle.predict(before)["style"] == STYLES.index(target)).float().mean()),
+    }
+    rows = [sources[:8]] + ([before[:8]] if backend == "diffae" else []) + [after[:8]]
+    labels = ["photo (held out)"] + (["DDIM round trip"] if backend == "diffae" else []) + [f"adapted: {target}"]
+    if backend == "stylegan2":
+        labels = ["source G_s(z)", f"adapted g_ema: {target}"]
+    grid = labelled_grid(rows, labels, [str(i) for i in range(rows[0].shape[0])])
+    return metrics, grid
+
+
+def run_one(backend, target, seed, folder, extra):
+    from ipl_diffusion.cli import main as ipl
+
+    argv = ["adapt", "--backend", backend, "--target", target, "--output", str(folder), "--seed", str(seed), *extra]
+    started = time.perf_counter()
+    code = ipl(argv)
+    seconds = time.perf_counter() - started
+    if code:
+        raise SystemExit(f"ipl {' '.join(argv)} exited with {code}")
+    return seconds
+
+
+def load(backend, folder):
+    if backend == "stylegan2":
+        from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline as cls
+    else:
+        from pipelines.pipeline_ipl import IPLPipeline as cls
+    pipe = cls.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def table(results):
+    lines = [
+        "| backend | target | seeds | target acc. | shape kept | colour kept | seconds (2 cores) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    groups = {}
+    for r in results:
+        groups.setdefault((r["backend"], r["target"]), []).append(r)
+    for (backend, target), rs in groups.items():
+        mean = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+        lines.append(
+            f"| {backend} | {target} | {len(rs)} | {mean('target_acc'):.2f} | {mean('shape_kept'):.2f} | "
+            f"{mean('colour_kept'):.2f} | {mean('seconds'):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.output_dir or tempfile.mkdtemp(prefix="ipl-main-job-"))
+    out.mkdir(parents=True, exist_ok=True)
+    oracle = ShapesOracle.from_pretrained(str(default_model_path("oracle"))).eval()
+    results = []
+    for backend in args.backends:
+        for target in args.targets:
+            for seed in args.seeds:
+                folder = out / f"{backend}_{target.replace(' ', '_')}_seed{seed}"
+                seconds = run_one(backend, target, seed, folder, args.extra)
+                with torch.no_grad():
+                    metrics, grid = evaluate(oracle, backend, load(backend, folder / "pipeline"), target, args.eval_images)
+                grid.save(folder / "heldout.png")
+                row = {"backend": backend, "target": target, "seed": seed, "seconds": seconds, **metrics}
+                results.append(row)
+                print(json.dumps(row), flush=True)
+    (out / "results.json").write_text(json.dumps({"argv": sys.argv[1:], "torch_threads": torch.get_num_threads(), "results": results}, indent=1))
+    print(table(results))
+    print(f"runs and held-out grids in {out}")
+
+
+if __name__ == "__main__":
+    main()
