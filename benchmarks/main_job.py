@@ -15,9 +15,10 @@ judges it on images the run never trained on:
   is compared with the oracle's reading of the source image of the same ``z``.
 
 Per run it reports the fraction the oracle reads as the target style, shape kept, colour
-kept and the wall-clock seconds of ``ipl adapt`` (load + both stages + saving), and writes a
-labelled grid (8 held-out examples) to ``DIR/heldout.png`` -- look at those: the oracle can be
-fooled (a pale background alone reads as "sketch" to it).
+kept and the wall-clock seconds of ``ipl adapt`` (load + both stages + saving), and writes
+``--output_dir/results.json``, ``table.md`` and a labelled grid of 8 held-out examples per run
+(``grids/``) -- look at those: the oracle can be fooled (a pale background alone reads as
+"sketch" to it). The runs themselves go to a temporary ``--work_dir`` (removed afterwards).
 
 Usage::
 
@@ -52,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--eval_images", type=int, default=32)
-    p.add_argument("--output_dir", default=None, help="where the runs and results.json go (default: a temp folder)")
+    p.add_argument("--output_dir", default="benchmarks/results/main_job", help="results.json, table.md and grids/")
+    p.add_argument("--work_dir", default=None, help="where the `ipl adapt` runs go (default: a temporary folder, removed)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further `ipl adapt` options (not the shipped settings)")
     return p.parse_args(argv)
 
@@ -139,25 +141,32 @@ def table(results):
 
 
 def main(argv=None):
+    import shutil
+
     args = parse_args(argv)
-    out = Path(args.output_dir or tempfile.mkdtemp(prefix="ipl-main-job-"))
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.output_dir)
+    (out / "grids").mkdir(parents=True, exist_ok=True)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="ipl-main-job-"))
     oracle = ShapesOracle.from_pretrained(str(default_model_path("oracle"))).eval()
     results = []
     for backend in args.backends:
         for target in args.targets:
             for seed in args.seeds:
-                folder = out / f"{backend}_{target.replace(' ', '_')}_seed{seed}"
-                seconds = run_one(backend, target, seed, folder, args.extra)
+                name = f"{backend}_{target.replace(' ', '_')}_seed{seed}"
+                seconds = run_one(backend, target, seed, work / name, args.extra)
                 with torch.no_grad():
-                    metrics, grid = evaluate(oracle, backend, load(backend, folder / "pipeline"), target, args.eval_images)
-                grid.save(folder / "heldout.png")
+                    metrics, grid = evaluate(oracle, backend, load(backend, work / name / "pipeline"), target, args.eval_images)
+                grid.save(out / "grids" / f"{name}.png")
                 row = {"backend": backend, "target": target, "seed": seed, "seconds": seconds, **metrics}
                 results.append(row)
                 print(json.dumps(row), flush=True)
-    (out / "results.json").write_text(json.dumps({"argv": sys.argv[1:], "torch_threads": torch.get_num_threads(), "results": results}, indent=1))
+    record = {"argv": sys.argv[1:], "torch_threads": torch.get_num_threads(), "results": results}
+    (out / "results.json").write_text(json.dumps(record, indent=1))
+    (out / "table.md").write_text(table(results) + "\n")
+    if args.work_dir is None:
+        shutil.rmtree(work, ignore_errors=True)
     print(table(results))
-    print(f"runs and held-out grids in {out}")
+    print(f"results and held-out grids in {out}")
 
 
 if __name__ == "__main__":

@@ -99,23 +99,24 @@ def parse_args(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--lambdas", nargs="*", type=float, default=[0, 1, 5, 10, 20], help="λ sweep (adaptive, first target)")
     p.add_argument("--lambda_domain", type=float, default=1.0, help="λ of Eq. 6 for the scheme comparison")
-    p.add_argument("--train_images", type=int, default=16)
+    p.add_argument("--train_images", type=int, default=None, help="diffae Stage-2 photos (default: the shipped num_images)")
+    p.add_argument("--stage1_images", type=int, default=None, help="diffae Stage-1 pool (default: the shipped stage1_num_images)")
     p.add_argument("--eval_images", type=int, default=32)
-    p.add_argument("--stage1_iterations", type=int, default=100)
-    p.add_argument("--iterations", type=int, default=30, help="Stage 2 iterations")
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--learning_rate", type=float, default=2e-4, help="Stage 2 learning rate (ipl adapt's Shapes default; a tiny UNet needs more than 8e-6)")
-    p.add_argument("--t0", type=int, default=500)
-    p.add_argument("--num_inversion_steps", type=int, default=10)
-    p.add_argument("--num_train_steps", type=int, default=3)
-    p.add_argument("--num_inference_steps", type=int, default=10)
-    p.add_argument("--l1_loss_weight", type=float, default=0.5)
-    # GAN-IPL Stage 2: the shipped Shapes GAN's adapt defaults (ipl_diffusion.cli.adapt;
-    # IPL's own values are 300 iterations, batch 2, lr 0.0016 at 1024 px).
-    p.add_argument("--gan_iterations", type=int, default=60)
-    p.add_argument("--gan_batch_size", type=int, default=4)
-    p.add_argument("--gan_learning_rate", type=float, default=0.02)
-    p.add_argument("--gan_stage1_images", type=int, default=64, help="Stage 1 cache of source samples")
+    # Every adaptation option below defaults to None: the shipped folder's recorded
+    # adapt_defaults, i.e. what `ipl adapt` runs (ipl_diffusion.cli.adapt.SHAPES_*).
+    p.add_argument("--stage1_iterations", type=int, default=None)
+    p.add_argument("--iterations", type=int, default=None, help="diffae Stage 2 iterations")
+    p.add_argument("--batch_size", type=int, default=None)
+    p.add_argument("--learning_rate", type=float, default=None, help="diffae Stage 2 learning rate")
+    p.add_argument("--t0", type=int, default=None)
+    p.add_argument("--num_inversion_steps", type=int, default=None)
+    p.add_argument("--num_train_steps", type=int, default=None)
+    p.add_argument("--num_inference_steps", type=int, default=None)
+    p.add_argument("--l1_loss_weight", type=float, default=None)
+    p.add_argument("--gan_iterations", type=int, default=None)
+    p.add_argument("--gan_batch_size", type=int, default=None)
+    p.add_argument("--gan_learning_rate", type=float, default=None)
+    p.add_argument("--gan_stage1_images", type=int, default=None, help="a fixed Stage-1 pool (default: fresh samples)")
     p.add_argument("--truncation", type=float, default=0.7, help="psi of the GAN evaluation samples (as NADA / IPL)")
     p.add_argument("--quick", action="store_true", help="CI mode: one target, one seed, tiny budgets (< 5 min)")
     p.add_argument("--device", default=None)
@@ -124,7 +125,7 @@ def parse_args(argv=None):
         args.targets = args.targets[:1]
         args.seeds = args.seeds[:1]
         args.lambdas = [0.0, 10.0]
-        args.train_images, args.eval_images = 8, 16
+        args.train_images, args.stage1_images, args.eval_images = 8, 64, 16
         args.stage1_iterations, args.iterations = 20, 3
         args.batch_size = 2
         args.num_inversion_steps, args.num_train_steps, args.num_inference_steps = 6, 2, 6
@@ -198,6 +199,20 @@ def translate(pipe, images, args):
     return out.cpu() * 2 - 1  # "pt" is [0, 1]
 
 
+def shapes_training_images(pipe, args, seed):
+    """diffae: the Stage-2 photos and the Stage-1 pool ``ipl adapt`` renders for ``seed``
+    (ipl_diffusion.cli.adapt.shapes_source_images), with --train_images / --stage1_images
+    overriding the shipped counts."""
+    from ipl_diffusion.cli.adapt import shapes_source_images
+
+    inputs = shapes_source_images(pipe, args.train_images, seed)
+    if args.stage1_images is not None:
+        from ipl_diffusion.shapes import source_images
+
+        inputs["stage1_images"] = source_images(args.stage1_images, seed=seed + 10_007, resolution=pipe.image_size)
+    return inputs["images"], inputs["stage1_images"]
+
+
 def run_key(backend, target, scheme, seed, lam):
     return f"{backend}|{target}|{scheme}|{seed}|{lam:g}"
 
@@ -226,37 +241,20 @@ def adapt_and_evaluate(backend, pipe, target, scheme, seed, lam, args, train_x, 
     images and ``eval_factors`` the source images' factors."""
     t = time.time()
     if backend == "stylegan2":
-        adapted = pipe.adapt(
-            target,
-            scheme=scheme,
-            lambda_domain=lam,
-            num_images=args.gan_stage1_images,
-            stage1_iterations=args.stage1_iterations,
-            iterations=args.gan_iterations,
-            batch_size=args.gan_batch_size,
-            learning_rate=args.gan_learning_rate,
-            seed=seed,
-            progress=False,
-        )
+        options = dict(num_images=args.gan_stage1_images, stage1_iterations=args.stage1_iterations,
+                       iterations=args.gan_iterations, batch_size=args.gan_batch_size,
+                       learning_rate=args.gan_learning_rate)
+        adapted = pipe.adapt(target, scheme=scheme, lambda_domain=lam, seed=seed, progress=False,
+                             **{k: v for k, v in options.items() if v is not None})
         images = gan_samples(adapted, eval_input, args)
     else:
-        adapted = pipe.adapt(
-            target,
-            images=train_x,
-            scheme=scheme,
-            lambda_domain=lam,
-            stage1_iterations=args.stage1_iterations,
-            t0=args.t0,
-            num_inversion_steps=args.num_inversion_steps,
-            num_train_steps=args.num_train_steps,
-            num_inference_steps=args.num_inference_steps,
-            learning_rate=args.learning_rate,
-            iterations=args.iterations,
-            batch_size=args.batch_size,
-            l1_loss_weight=args.l1_loss_weight,
-            seed=seed,
-            progress=False,
-        )
+        options = dict(stage1_iterations=args.stage1_iterations, t0=args.t0, num_inversion_steps=args.num_inversion_steps,
+                       num_train_steps=args.num_train_steps, num_inference_steps=args.num_inference_steps,
+                       learning_rate=args.learning_rate, iterations=args.iterations, batch_size=args.batch_size,
+                       l1_loss_weight=args.l1_loss_weight)
+        train_x, pool = shapes_training_images(pipe, args, seed)
+        adapted = pipe.adapt(target, images=train_x, stage1_images=pool, scheme=scheme, lambda_domain=lam, seed=seed,
+                             progress=False, **{k: v for k, v in options.items() if v is not None})
         adapted.set_progress_bar_config(disable=True)
         images = translate(adapted, eval_input, args)
     metrics = evaluate_images(oracle, images, eval_factors, STYLES.index(target), eval_x.shape[-1], reference_spread)
@@ -390,7 +388,7 @@ def prepare_backend(backend, args, device, oracle, clip):
         eval_factors = SimpleNamespace(shape=read["shape"], color=read["color"], position=read["position"], size=read["size"])
         source_images = eval_x
     else:
-        train_x, _ = renderer.sample(args.train_images, seed=2024, style="photo")
+        train_x = None  # rendered per seed, as `ipl adapt` does (shapes_training_images)
         eval_x, eval_factors = renderer.sample(args.eval_images, seed=31337, style="photo")
         read = oracle.predict(eval_x)
         eval_input = eval_x

@@ -55,6 +55,9 @@ def parse_args(argv=None):
     io.add_argument("--source", default=None, help="source domain label (default: the pipeline's)")
     io.add_argument("--target", required=True, help='target domain label, e.g. "Wall painting"')
     io.add_argument("--train_data_dir", default=None, help="folder of source-domain images")
+    io.add_argument("--stage1_data_dir", default=None,
+                    help="folder of source-domain images for Stage 1's pool (default: --train_data_dir); give "
+                         "thousands: a mapper trained on a few dozen memorises them (see heldout_retrieval)")
     io.add_argument("--num_source_images", type=int, default=32, help="latents to sample without --train_data_dir")
     io.add_argument("--output_dir", required=True)
     stage1 = parser.add_argument_group("Stage 1: prompt learning")
@@ -77,7 +80,7 @@ def parse_args(argv=None):
     stage2.add_argument("--id_loss_weight", type=float, default=0.0)
     stage2.add_argument("--gradient_mode", default="full_chain", choices=("full_chain", "per_step"))
     stage2.add_argument("--gradient_checkpointing", action="store_true")
-    stage2.add_argument("--max_grad_norm", type=float, default=None)
+    stage2.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient-norm clipping (Stage2Config)")
     run = parser.add_argument_group("run")
     run.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"), help="fp16 needs a GPU")
     run.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
@@ -136,6 +139,7 @@ def main(argv=None):
         semantic_encoder=pipe.semantic_encoder, source_unet=pipe.source_unet, scheduler=pipe.scheduler,
         clip_model=pipe.text_encoder, tokenizer=pipe.tokenizer, feature_extractor=pipe.feature_extractor,
         images=images, source=args.source or pipe.config.source_label, target=args.target,
+        stage1_images=pipe.preprocess(args.stage1_data_dir) if args.stage1_data_dir else None,
         stage1=stage1, stage2=stage2, accelerator=accelerator, output_dir=args.output_dir,
         resume_from_checkpoint=args.resume_from_checkpoint, base_model=pipe.config.base_model or str(model),
     )

@@ -218,10 +218,12 @@ class PromptLearner:
         return self.encoder.encode_prompt_vectors(self.prompt_module(latents.to(module_device)), label)
 
     def save_pretrained(self, save_directory):
-        """Write ``prompt_learner.json`` and the module (``save_pretrained``, safetensors) under
-        ``save_directory/prompt_module``. The JSON is written atomically (temp file + rename)."""
+        """Write ``prompt_learner.json``, ``history.csv`` (Stage 1's loss terms and held-out
+        retrieval per iteration) and the module (``save_pretrained``, safetensors) under
+        ``save_directory/prompt_module``. The files are written atomically (temp file + rename)."""
         os.makedirs(save_directory, exist_ok=True)
         self.prompt_module.save_pretrained(os.path.join(save_directory, "prompt_module"))
+        _write_history(self.history, os.path.join(save_directory, "history.csv"))
         meta = {
             "scheme": self.scheme,
             "source_label": self.source_label,
@@ -260,6 +262,21 @@ class PromptLearner:
         learner.direction_templates = meta.get("direction_templates")
         learner.heldout_retrieval = meta.get("heldout_retrieval")
         return learner
+
+
+def _write_history(history, path):
+    """Stage 1's per-iteration records as CSV (``iteration`` then one column per term; the
+    held-out retrieval is empty where it was not measured)."""
+    import csv
+
+    names = list(dict.fromkeys(k for record in history for k in record))
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".csv.tmp")
+    with os.fdopen(fd, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["iteration", *names])
+        for i, record in enumerate(history, start=1):
+            writer.writerow([i, *(f"{record[k]:.6g}" if k in record else "" for k in names)])
+    os.replace(tmp, path)
 
 
 def _resolve_n_ctx(encoder, n_ctx, context):

@@ -172,3 +172,15 @@ def test_a_pipeline_class_refuses_the_other_familys_folder_and_names_its_loader(
         IPLPipeline.from_pretrained(str(default_model_path("stylegan2")))
     with pytest.raises(ValueError, match=r"holds an IPLPipeline .*load it with IPLPipeline.from_pretrained"):
         StyleGANIPLPipeline.from_pretrained(str(default_model_path("diffae")))
+
+
+def test_shipped_adapt_defaults_are_the_documented_ones():
+    """The folders' recorded adapt_defaults are the CLI's SHAPES_* constants, whose comment
+    says how each value was chosen (one source of truth for `ipl adapt`'s defaults)."""
+    import json
+
+    from ipl_diffusion.cli.adapt import SHAPES_ADAPT_DEFAULTS, SHAPES_GAN_ADAPT_DEFAULTS
+
+    for backend, expected in (("diffae", SHAPES_ADAPT_DEFAULTS), ("stylegan2", SHAPES_GAN_ADAPT_DEFAULTS)):
+        index = json.loads((default_model_path(backend) / "model_index.json").read_text())
+        assert index["adapt_defaults"] == expected, backend

@@ -820,7 +820,8 @@ def adapt_diffae(
     ``images``), e.g. photos the run never trained on.
 
     With ``output_dir`` the run writes ``run_config.json``, ``cache.safetensors`` (the
-    encoded sources and the Stage-1 text features, reused on resume), ``stage1/mapper``,
+    encoded sources and the Stage-1 text features, reused on resume), ``stage1/`` (the
+    prompt module and Stage 1's loss / held-out retrieval history, as GAN-IPL writes it),
     checkpoints, sample grids and the loss log there (main process only), and
     ``resume_from_checkpoint="latest"`` continues an interrupted run bit for bit.
     """
@@ -893,13 +894,13 @@ def adapt_diffae(
 
 
 def _write_stage1(out: Path, run_config: dict, cache: dict, cache_file: Path, key: dict, learner) -> None:
-    """``run_config.json``, ``cache.safetensors`` and ``stage1/mapper`` (main process)."""
+    """``run_config.json``, ``cache.safetensors`` and ``stage1/`` (main process)."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "run_config.json").write_text(json.dumps(run_config, indent=2))
     save_file({k: v.contiguous() for k, v in cache.items()}, str(cache_file), metadata={"key": json.dumps(key)})
-    learner.prompt_module.save_pretrained(out / "stage1" / "mapper")
+    learner.save_pretrained(out / "stage1")
 
 
 def _saved_stage1_report(out: Path) -> dict:
@@ -910,9 +911,9 @@ def _saved_stage1_report(out: Path) -> dict:
 
 
 def _saved_mapper(out, learner, device):
-    """The Stage-1 mapper: this run's, or on resume the one saved in ``out/stage1/mapper``."""
+    """The Stage-1 prompt module: this run's, or on resume the one saved in ``out/stage1``."""
     if learner is not None:
         return learner.prompt_module
-    if out is not None and (out / "stage1" / "mapper").is_dir():
-        return load_prompt_module(out / "stage1" / "mapper").to(device)
+    if out is not None and (out / "stage1" / "prompt_module").is_dir():
+        return load_prompt_module(out / "stage1" / "prompt_module").to(device)
     return None
