@@ -141,7 +141,7 @@ def test_push_is_stubbed_and_uploads_the_card(adapted_dir, monkeypatch, capsys):
     monkeypatch.setattr(hub_utils, "upload_folder", fake_upload_folder)
     assert main(["push", "--model", str(adapted_dir / "pipeline"), "--repo-id", "me/sketch"]) == 0
     assert "pushed" in capsys.readouterr().out
-    assert {"README.md", "pipeline.py", "sample_grid.png", "model_index.json"} <= set(uploaded["files"])
+    assert {"README.md", "pipeline_ipl.py", "sample_grid.png", "model_index.json"} <= set(uploaded["files"])
     assert "`sketch`" in uploaded["readme"]
 
 

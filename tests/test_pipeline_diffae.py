@@ -128,10 +128,10 @@ def test_save_load_round_trip_and_fresh_process(pipe, tmp_path):
     folder = tmp_path / "diffae"
     pipe.save_pretrained(folder)
     index = json.loads((folder / "model_index.json").read_text())
-    assert index["_class_name"] == "DiffAEPipeline"
-    assert index["unet"] == ["ipl_diffusion.models.diffae_unet", "DiffAEUNetModel"]
-    assert index["semantic_encoder"] == ["ipl_diffusion.models.semantic_encoder", "SemanticEncoder"]
-    assert index["latent_net"] == ["ipl_diffusion.models.latent_net", "LatentNetModel"]
+    assert index["_class_name"] == ["pipeline_diffae", "DiffAEPipeline"]  # diffusers' custom-code layout
+    assert index["unet"] == ["diffae_unet", "DiffAEUNetModel"]
+    assert index["semantic_encoder"] == ["semantic_encoder", "SemanticEncoder"]
+    assert index["latent_net"] == ["latent_net", "LatentNetModel"]
     assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     kwargs = dict(batch_size=2, num_inference_steps=3, latent_num_inference_steps=3, output_type="latent")
     expected = pipe(**kwargs, seed=0).images

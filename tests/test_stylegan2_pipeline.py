@@ -190,8 +190,8 @@ def test_save_load_in_fresh_process(pipe, tmp_path):
     adapted = pipe.adapt("sketch", **FAST)
     adapted.save_pretrained(tmp_path / "pipe")
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
-    assert index["generator"] == ["ipl_diffusion.models.stylegan2", "StyleGAN2Generator"]
-    assert index["_class_name"] == "StyleGANIPLPipeline" and index["target_label"] == "sketch"
+    assert index["generator"] == ["stylegan2", "StyleGAN2Generator"]  # diffusers' custom-code layout
+    assert index["_class_name"] == ["pipeline_stylegan_ipl", "StyleGANIPLPipeline"] and index["target_label"] == "sketch"
     assert (tmp_path / "pipe" / "generator" / "diffusion_pytorch_model.safetensors").is_file()
     assert not list((tmp_path / "pipe").rglob("*.bin")) and not list((tmp_path / "pipe").rglob("*.pt"))
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -223,7 +223,7 @@ def test_push_to_hub_offline(pipe, monkeypatch):
     monkeypatch.setattr(hub_utils, "upload_folder", fake_upload_folder)
     adapted = pipe.adapt("sketch", **FAST)
     assert adapted.push_to_hub("me/tiny-sketch") == "https://hub/commit"
-    assert {"README.md", "pipeline.py", "model_index.json", "sample_grid.png", "generator/config.json"} <= set(calls["files"])
+    assert {"README.md", "pipeline_stylegan_ipl.py", "model_index.json", "sample_grid.png", "generator/config.json"} <= set(calls["files"])
     assert "photo → sketch" in calls["readme"] and "StyleGANIPLPipeline.from_pretrained" in calls["readme"]
 
 

@@ -1,10 +1,11 @@
 """`ipl push`: upload an adapted pipeline to the Hugging Face Hub.
 
 Uploads the pipeline folder's weights (safetensors) and configs, a model card (source and
-target labels, base model, prompt scheme, hyper-parameters, the before/after sample grid)
-and the pipeline's code file, so that others can load it with
-`IPLPipeline.from_pretrained("<repo-id>")` (`pip install ipl-diffusion`). Log in first
-with `hf auth login` or pass `--token`.
+target labels, base model, prompt scheme, the run's loss and options, the before/after
+sample grid) and the code files of diffusers' custom-pipeline layout, so that others can
+load it with `DiffusionPipeline.from_pretrained("<repo-id>", trust_remote_code=True)` or
+`IPLPipeline.from_pretrained("<repo-id>")` (both with `pip install ipl-diffusion`). Log in
+first with `hf auth login` or pass `--token`.
 """
 
 import argparse
