@@ -199,7 +199,7 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
             base_model = base_model or str(diffae)
             diffae = DiffAEPipeline.from_pretrained(str(diffae))
         if isinstance(text_encoder, (str, os.PathLike)):
-            from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+            from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
             from ipl_diffusion.clip_loading import load_clip_component
 
@@ -207,7 +207,7 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
             text_encoder = load_clip_component(CLIPModel, folder, "CLIP model")
             tokenizer = tokenizer or load_clip_component(CLIPTokenizer, folder, "CLIP tokenizer")
             if feature_extractor is None and (Path(folder) / "preprocessor_config.json").is_file():
-                feature_extractor = load_clip_component(CLIPImageProcessor, folder, "CLIP image processor")
+                feature_extractor = load_clip_component(CLIPImageProcessorPil, folder, "CLIP image processor")
         if tokenizer is None:
             raise ValueError("from_components needs a tokenizer (or a CLIP folder holding one as text_encoder)")
         parts = diffae.components
@@ -303,7 +303,7 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
             ``ImagePipelineOutput(images=...)`` or a 1-tuple when ``return_dict=False``.
         """
         if images is None:
-            x0 = self.sample(num_images=num_images, generator=generator, num_inference_steps=num_inference_steps, output_type="latent")
+            x0 = self.sample(num_images=num_images, generator=generator, num_inference_steps=num_inference_steps, output_type="latent").images
         else:
             z_sem, x_t0 = self.encode(images, t0=t0, num_inversion_steps=num_inversion_steps)
             x0 = self.decode(z_sem, x_t0, t0=t0, num_inference_steps=num_inference_steps)
@@ -344,13 +344,22 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
         num_inference_steps: Optional[int] = None,
         output_type: str = "pil",
         source: bool = False,
+        return_dict: bool = True,
     ):
         """Unconditional samples: ``z_sem`` from the latent net, ``x_T`` from noise.
 
         The noisy part ``T -> t0`` is decoded with the source UNet and ``t0 -> 0`` with the
         adapted UNet -- the adapted UNet was trained only on ``t <= t0`` (DiffusionCLIP).
-        ``source=True`` decodes everything with the source UNet. ``output_type="latent"``
-        returns the ``(B,3,H,W)`` tensor in ``[-1, 1]``.
+        ``source=True`` decodes everything with the source UNet.
+
+        Args:
+            output_type: ``"pil"`` (list of ``PIL.Image``), ``"np"`` (``(B,H,W,3)`` in ``[0,1]``),
+                ``"pt"`` (``(B,3,H,W)`` in ``[0,1]``) or ``"latent"`` (``(B,3,H,W)`` in ``[-1,1]``).
+        Returns:
+            ``ImagePipelineOutput(images=...)`` like ``__call__`` and ``StyleGANIPLPipeline``'s
+            ``__call__``, or a 1-tuple when ``return_dict=False``.
+        Raises:
+            ValueError: the pipeline has no ``latent_net``, or a bad ``output_type``.
         """
         z_sem = self.sample_z_sem(num_images, generator)
         size = self.image_size
@@ -362,9 +371,8 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
             t0 = diff_ipl.check_t0(self._option("t0", None, ADAPT_DEFAULTS["t0"]), self.scheduler)
             x = diff_ipl.decode_to_t0(self.source_unet, x, z_sem, self.scheduler, t0, steps, self.progress_bar)
             x = diff_ipl.decode_from_t0(self.unet, x, z_sem, self.scheduler, t0, steps, self.progress_bar)
-        if output_type == "latent":
-            return x
-        return self.postprocess(x, output_type)
+        images = x if output_type == "latent" else self.postprocess(x, output_type)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
 
     # ------------------------------------------------------------------------ adaptation
     def adapt(
@@ -480,7 +488,7 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
                 num_inference_steps=o["num_inference_steps"],
                 output_type="latent",
                 source=True,
-            )
+            ).images
         else:
             x0 = self.preprocess(images)
         result = diff_ipl.adapt_diffae(

@@ -181,7 +181,7 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, Diffusion
             else:
                 generator = StyleGAN2Generator.from_pretrained(str(generator))
         if isinstance(text_encoder, (str, os.PathLike)):
-            from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+            from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
             from ipl_diffusion.clip_loading import load_clip_component
 
@@ -190,7 +190,7 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, Diffusion
             tokenizer = tokenizer or load_clip_component(CLIPTokenizer, folder, "CLIP tokenizer")
             if feature_extractor is None:
                 try:
-                    feature_extractor = load_clip_component(CLIPImageProcessor, folder, "CLIP image processor")
+                    feature_extractor = load_clip_component(CLIPImageProcessorPil, folder, "CLIP image processor")
                 except FileNotFoundError:
                     feature_extractor = None  # OpenAI CLIP's mean / std are CLIPImageProcessor's defaults
         return cls(

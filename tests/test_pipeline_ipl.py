@@ -72,10 +72,17 @@ def test_translate_images_of_any_size_and_mode(adapted, odd_images):
 
 
 def test_sample_is_seeded(adapted):
-    a = adapted.sample(2, generator=torch.Generator().manual_seed(0), output_type="pt", num_inference_steps=4)
-    b = adapted.sample(2, generator=torch.Generator().manual_seed(0), output_type="pt", num_inference_steps=4)
-    c = adapted.sample(2, generator=torch.Generator().manual_seed(1), output_type="pt", num_inference_steps=4)
+    a = adapted.sample(2, generator=torch.Generator().manual_seed(0), output_type="pt", num_inference_steps=4).images
+    b = adapted.sample(2, generator=torch.Generator().manual_seed(0), output_type="pt", num_inference_steps=4).images
+    c = adapted.sample(2, generator=torch.Generator().manual_seed(1), output_type="pt", num_inference_steps=4).images
     assert torch.equal(a, b) and not torch.equal(a, c)
+    # the same output type as __call__ and StyleGANIPLPipeline.__call__ (diffusers' ImagePipelineOutput)
+    from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+
+    out = adapted.sample(2, generator=torch.Generator().manual_seed(0), num_inference_steps=4)
+    assert type(out) is ImagePipelineOutput and len(out.images) == 2 and out.images[0].size == (SIZE, SIZE)
+    (images,) = adapted.sample(2, generator=torch.Generator().manual_seed(0), output_type="pt", num_inference_steps=4, return_dict=False)
+    assert torch.equal(images, a)
 
 
 def test_save_and_reload_in_a_fresh_process(adapted, odd_images, tmp_path):

@@ -235,11 +235,24 @@ def test_cli_translate_stylegan2(pipe, tmp_path):
     (tmp_path / "in").mkdir()
     Image.new("RGB", (40, 32), (10, 200, 30)).save(tmp_path / "in" / "a.png")
     (tmp_path / "in" / "broken.png").write_bytes(b"not an image")
-    code = main(["translate", "--backend", "stylegan2", "--model", str(tmp_path / "pipe"), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--device", "cpu"])
+    # no --backend: the folder's model_index.json says it is a StyleGAN pipeline
+    code = main(["translate", "--model", str(tmp_path / "pipe"), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--device", "cpu"])
     assert code == 0
     with Image.open(tmp_path / "out" / "a.png") as image:
         assert image.size == (32, 32)
     assert (tmp_path / "out" / "ipl_grid" / "translation.png").is_file()
+
+
+def test_cli_sample_detects_the_backend(pipe, tmp_path):
+    """``ipl sample --model <StyleGAN pipeline folder>`` without ``--backend stylegan2``."""
+    from ipl_diffusion.cli import main
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert main(["sample", "--model", str(tmp_path / "pipe"), "--output", str(tmp_path / "out"), "--num-images", "2", "--device", "cpu"]) == 0
+    with Image.open(tmp_path / "out" / "sample_0001.png") as image:
+        assert image.size == (32, 32)
+    # an explicit --backend that contradicts the folder still gets the hint
+    assert main(["sample", "--model", str(tmp_path / "pipe"), "--output", str(tmp_path / "out"), "--backend", "diffae"]) == 2
 
 
 def test_cli_adapt_stylegan2(tmp_path):

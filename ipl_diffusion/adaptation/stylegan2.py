@@ -731,7 +731,7 @@ def adapt_stylegan2(
     Raises:
         ValueError: bad labels or options, fp16 without a GPU, a non-finite loss.
     """
-    from transformers import CLIPImageProcessor
+    from transformers import CLIPImageProcessorPil
 
     from ipl_diffusion.clip_image import CLIPImageEncoder
     from ipl_diffusion.clip_text import CLIPPromptEncoder
@@ -749,7 +749,7 @@ def adapt_stylegan2(
     clip_model.to(device)
     encoder = CLIPPromptEncoder(clip_model, tokenizer)
     source, target = encoder.validate_label(source), encoder.validate_label(target)
-    image_features = CLIPImageEncoder(clip_model, feature_extractor or CLIPImageProcessor()).encode_images
+    image_features = CLIPImageEncoder(clip_model, feature_extractor or CLIPImageProcessorPil()).encode_images
 
     stage1_key = {"source": source, "target": target, "seed": stage2.seed, "num_images": num_images, **stage1}
     learner = _load_stage1(output_dir, stage1_key, encoder) if resume_from_checkpoint is not None else None

@@ -27,7 +27,12 @@ def add_parser(subparsers):
     )
     parser.add_argument("--model", required=True, help="adapted pipeline folder (from `ipl adapt`)")
     parser.add_argument("--repo-id", required=True, help="Hub repository, e.g. username/shapes-photo-to-sketch")
-    parser.add_argument("--backend", choices=("diffae", "stylegan2"), default="diffae", help="generator family")
+    parser.add_argument(
+        "--backend",
+        choices=("diffae", "stylegan2"),
+        default=None,
+        help="generator family (default: read from the --model folder)",
+    )
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--token", default=None, help="Hub token (default: the logged-in user's)")
     parser.add_argument("--commit-message", default=None, help="commit message")
@@ -39,7 +44,9 @@ def run(args) -> int:
 
     if not Path(args.model).is_dir():
         raise FileNotFoundError(f"--model {args.model} is not a pipeline folder")
-    if args.backend == "stylegan2":
+    from ipl_diffusion.cli.adapt import detect_backend
+
+    if detect_backend(args.backend, args.model) == "stylegan2":
         from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline as cls
     else:
         from pipelines.pipeline_ipl import IPLPipeline as cls
