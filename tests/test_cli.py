@@ -265,7 +265,8 @@ def test_misspelt_resume_fails_before_stage1_writes(model_dir, tmp_path, capsys)
 def test_a_folder_of_the_other_backend_names_the_right_one(model_dir, tmp_path, capsys):
     from ipl_diffusion.shapes import default_model_path
 
-    assert main(["sample", "--model", str(default_model_path("stylegan2")), "--output", str(tmp_path / "s")]) == 2
+    # (without --backend the folder's family is used: tests/test_stylegan2_pipeline.py)
+    assert main(["sample", "--backend", "diffae", "--model", str(default_model_path("stylegan2")), "--output", str(tmp_path / "s")]) == 2
     assert "is a StyleGANIPLPipeline folder; use --backend stylegan2" in capsys.readouterr().err
     assert main(["sample", "--backend", "stylegan2", "--model", str(model_dir), "--output", str(tmp_path / "s")]) == 2
     assert "is an IPLPipeline folder; use --backend diffae" in capsys.readouterr().err
