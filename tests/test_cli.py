@@ -49,7 +49,7 @@ def photos(tmp_path):
 
 
 def test_help_texts():
-    for command in ("adapt", "translate", "sample", "push"):
+    for command in ("adapt", "translate", "sample", "push", "demo"):
         result = subprocess.run(
             [sys.executable, "-m", "ipl_diffusion.cli", command, "--help"],
             capture_output=True, text=True, cwd=REPO, timeout=120,
