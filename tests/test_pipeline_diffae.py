@@ -194,6 +194,8 @@ def test_push_to_hub_uploads_the_saved_folder(pipe, monkeypatch):
     assert url.endswith("/commit/0") and calls["create"] == "me/tiny-diffae"
     assert {"model_index.json", "unet", "semantic_encoder", "scheduler", "latent_net", "README.md"} <= set(calls["files"])
     assert "diffusion_pytorch_model.safetensors" in calls["unet_files"]
+    # diffusers' push goes through our save_pretrained: the custom-code layout is uploaded too
+    assert "pipeline_diffae.py" in calls["files"] and "diffae_unet.py" in calls["unet_files"]
 
 
 def test_c6_pipeline_xformers_fallback_warns_once(pipe, monkeypatch):
