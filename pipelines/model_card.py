@@ -12,6 +12,8 @@ import os
 from typing import Optional, Sequence
 
 from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from pipelines.adapted_pipeline import SAMPLE_GRID_NAME
 from pipelines.hub_layout import INSTALL_HINT, project_url
@@ -37,11 +39,16 @@ def summarize_history(history: Sequence[dict]) -> Optional[dict]:
 
 
 def _hub_base_model(base_model: Optional[str]) -> Optional[str]:
-    """``base_model`` for the card's metadata only when it is a Hub id (``owner/name``): the
-    Hub rejects other values there, e.g. the local folder a model was built from."""
-    if not base_model or os.path.exists(base_model) or base_model.startswith(("/", ".", "~")):
+    """``base_model`` for the card's metadata only when it is a Hub id (``owner/name``, by
+    ``huggingface_hub``'s own rules): the Hub rejects other values there, e.g. the local folder
+    a model was built from. The card's text names it either way."""
+    if not base_model or os.path.exists(base_model) or base_model.count("/") != 1:
         return None
-    return base_model if base_model.count("/") == 1 else None
+    try:
+        validate_repo_id(base_model)
+    except HFValidationError:
+        return None
+    return base_model
 
 
 def _options_table(config: dict) -> list[str]:

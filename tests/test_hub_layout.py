@@ -203,6 +203,14 @@ def test_push_uploads_the_layout_and_a_card(saved, name, monkeypatch, tmp_path):
     assert 'DiffusionPipeline.from_pretrained("me/tiny-sketch", trust_remote_code=True)' in snippet
 
 
+def test_card_metadata_names_only_hub_ids_as_base_model():
+    from pipelines.model_card import _hub_base_model
+
+    assert _hub_base_model("openai/some-diffae") == "openai/some-diffae"
+    for not_an_id in ("ipl-diffusion/shapes-stylegan2 (shipped)", str(REPO), "tiny-random-diffae", "a/b/c", None):
+        assert _hub_base_model(not_an_id) is None, not_an_id
+
+
 def test_project_url_comes_from_the_installed_metadata(monkeypatch):
     import importlib.metadata
     from email.message import Message
