@@ -121,7 +121,7 @@ def main(argv=None):
     else:
         generator = torch.Generator().manual_seed(args.seed)
         images = pipe.sample(args.num_source_images, generator=generator, output_type="latent", source=True,
-                             num_inference_steps=args.num_inference_steps)
+                             num_inference_steps=args.num_inference_steps).images
 
     # 3-5. Encode + cache, Stage 1, Stage 2 (checkpointed, resumable, sharded).
     stage1 = Stage1Options(scheme=args.scheme, lambda_domain=args.lambda_domain, iterations=args.stage1_iterations,

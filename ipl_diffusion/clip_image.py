@@ -151,10 +151,10 @@ class CLIPImageEncoder:
             FileNotFoundError: a component is missing (offline: immediately); the message says
                 which one and how to pass a local path (case C8).
         """
-        from transformers import CLIPImageProcessor, CLIPModel
+        from transformers import CLIPImageProcessorPil, CLIPModel
 
         model = load_clip_component(CLIPModel, path_or_id, "CLIP model", **kwargs)
-        processor = load_clip_component(CLIPImageProcessor, path_or_id, "CLIP image processor")
+        processor = load_clip_component(CLIPImageProcessorPil, path_or_id, "CLIP image processor")
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)
         return cls(model, processor)

@@ -32,14 +32,32 @@ def hub_offline():
         return False
 
 
-def _how_to_fix(path_or_id):
+def _how_to_fix(path_or_id, pass_as=None):
+    pass_as = pass_as or "`CLIPPromptEncoder.from_pretrained('./clip')`"
     return (
         f"Download it once on a machine with network access, e.g. "
         f"`hf download {path_or_id} --local-dir ./clip` (or "
         f"`CLIPModel.from_pretrained({path_or_id!r}).save_pretrained('./clip')` plus the tokenizer "
         f"and CLIPImageProcessor), then pass the local folder path instead of the id, e.g. "
-        f"`CLIPPromptEncoder.from_pretrained('./clip')`."
+        f"{pass_as}."
     )
+
+
+class CLIPNotFoundError(FileNotFoundError):
+    """A CLIP component that could not be loaded from ``path_or_id``.
+
+    ``str(err)`` is ``reason`` plus how to fetch a local copy and pass it to the Python API;
+    :meth:`with_advice` gives the same text for another way of passing it (a CLI flag).
+    """
+
+    def __init__(self, reason: str, path_or_id: str):
+        self.reason, self.path_or_id = reason, path_or_id
+        super().__init__(self.with_advice())
+
+    def with_advice(self, pass_as=None) -> str:
+        """The message, ending with ``pass_as`` (e.g. ``"`--clip-model ./clip`"``) as the way to
+        pass the local copy (default: ``CLIPPromptEncoder.from_pretrained('./clip')``)."""
+        return f"{self.reason} {_how_to_fix(self.path_or_id, pass_as)}"
 
 
 def load_clip_component(cls, path_or_id, component, **kwargs):
@@ -56,9 +74,9 @@ def load_clip_component(cls, path_or_id, component, **kwargs):
         The loaded object.
 
     Raises:
-        FileNotFoundError: ``path_or_id`` is neither a loadable local folder nor reachable
-            on the Hub (always immediately when offline). The message names ``component``, the
-            class and how to pass a local path.
+        CLIPNotFoundError: (a ``FileNotFoundError``) ``path_or_id`` is neither a loadable local
+            folder nor reachable on the Hub (always immediately when offline). The message names
+            ``component``, the class and how to pass a local path.
     """
     path_or_id = os.fspath(path_or_id)
     offline = hub_offline()
@@ -69,9 +87,8 @@ def load_clip_component(cls, path_or_id, component, **kwargs):
     except (OSError, ValueError) as err:  # transformers raises OSError/EnvironmentError; hub errors subclass OSError
         where = "a local folder" if os.path.isdir(path_or_id) else "the Hugging Face Hub cache"
         mode = " (offline: HF_HUB_OFFLINE is set, so nothing is downloaded)" if offline else ""
-        raise FileNotFoundError(
-            f"Could not load the {component} ({cls.__name__}) from {path_or_id!r} via {where}{mode}. "
-            + _how_to_fix(path_or_id)
+        raise CLIPNotFoundError(
+            f"Could not load the {component} ({cls.__name__}) from {path_or_id!r} via {where}{mode}.", path_or_id
         ) from err
     return obj
 
@@ -81,15 +98,16 @@ def check_tokenizer(tokenizer, path_or_id, vocab_size=None):
     exceed the text model's vocabulary.
 
     Raises:
-        FileNotFoundError: the tokenizer holds no vocabulary (missing files).
+        CLIPNotFoundError: (a ``FileNotFoundError``) the tokenizer holds no vocabulary (missing files).
         ValueError: the tokenizer and the text model disagree on the vocabulary size.
     """
     special = set(tokenizer.all_special_ids)
     probe = tokenizer("a photo", add_special_tokens=False).input_ids
     if len(tokenizer) <= len(special) or not probe or all(i in special for i in probe):
-        raise FileNotFoundError(
+        raise CLIPNotFoundError(
             f"Could not load the CLIP tokenizer (CLIPTokenizer) from {os.fspath(path_or_id)!r}: no vocabulary "
-            f"found (vocab.json/merges.txt or tokenizer.json missing). " + _how_to_fix(os.fspath(path_or_id))
+            f"found (vocab.json/merges.txt or tokenizer.json missing).",
+            os.fspath(path_or_id),
         )
     if vocab_size is not None and len(tokenizer) > vocab_size:
         raise ValueError(

@@ -449,12 +449,12 @@ class CLIPPromptEncoder:
                 immediate, with no network wait. The message names the component and how to pass
                 a local folder (case C8).
         """
-        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+        from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
         model = load_clip_component(CLIPModel, path_or_id, "CLIP model")
         tokenizer = load_clip_component(CLIPTokenizer, path_or_id, "CLIP tokenizer")
         check_tokenizer(tokenizer, path_or_id, vocab_size=model.config.text_config.vocab_size)
-        processor = load_clip_component(CLIPImageProcessor, path_or_id, "CLIP image processor")
+        processor = load_clip_component(CLIPImageProcessorPil, path_or_id, "CLIP image processor")
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)
         return cls(model, tokenizer, processor, **kwargs)

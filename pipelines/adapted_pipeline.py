@@ -1,10 +1,9 @@
 """What every IPL pipeline (Diff-IPL, GAN-IPL) does the same way: image I/O through the
-project's one preprocessing path, the sample grid saved beside the weights, and Hub pushes
-with a model card and the pipeline's code file."""
+project's one preprocessing path, the sample grid and model card saved beside the weights, and
+Hub pushes of that folder (whose code files let plain diffusers load it, see
+:mod:`pipelines.hub_layout`)."""
 
-import inspect
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -13,13 +12,13 @@ import torch
 from diffusers.utils import hub_utils
 
 SAMPLE_GRID_NAME = "sample_grid.png"
-PIPELINE_CODE_NAME = "pipeline.py"
+MODEL_CARD_NAME = "README.md"
 
 
 class AdaptedPipelineMixin:
     """Shared by :class:`IPLPipeline` and :class:`StyleGANIPLPipeline`; precedes
     ``DiffusionPipeline`` in the bases. Subclasses provide ``image_size`` (pixels) and
-    ``model_card(repo_id) -> str``, and keep a PIL ``sample_grid`` (or ``None``)."""
+    ``model_card(repo_id) -> huggingface_hub.ModelCard``, and keep a PIL ``sample_grid`` (or ``None``)."""
 
     def check_known_domains(self, *labels: str) -> None:
         """``ValueError`` for a label outside ``config.known_domains``.
@@ -91,10 +90,13 @@ class AdaptedPipelineMixin:
         raise ValueError(f"output_type must be 'pil', 'np' or 'pt'; got {output_type!r}")
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """diffusers' ``save_pretrained`` plus ``sample_grid.png`` (the adaptation run's grid)."""
+        """diffusers' ``save_pretrained`` (in the layout of :mod:`pipelines.hub_layout`), plus
+        ``sample_grid.png`` (the adaptation run's grid) and ``README.md``, the model card whose
+        usage snippet loads ``save_directory``."""
         result = super().save_pretrained(save_directory, *args, **kwargs)
         if self.sample_grid is not None:
             self.sample_grid.save(Path(save_directory) / SAMPLE_GRID_NAME)
+        self.model_card(str(save_directory)).save(Path(save_directory) / MODEL_CARD_NAME)
         return result
 
     def push_to_hub(
@@ -108,19 +110,18 @@ class AdaptedPipelineMixin:
         variant: Optional[str] = None,
         **kwargs,
     ) -> str:
-        """Upload the pipeline (safetensors), a model card, the sample grid and its code file.
+        """Upload the pipeline as :meth:`save_pretrained` writes it, with the card for ``repo_id``.
 
-        Uploads one folder: every component folder and ``model_index.json`` from
-        :meth:`save_pretrained`, ``README.md`` (``model_card``), ``sample_grid.png`` and
-        ``pipeline.py`` (the pipeline class's module, for ``custom_pipeline=``). Goes through
+        Uploads one folder: ``model_index.json``, every component folder (safetensors + JSON,
+        with the code files of :mod:`pipelines.hub_layout`), the pipeline's code file,
+        ``sample_grid.png`` and ``README.md`` (:meth:`model_card` of ``repo_id``). Goes through
         ``diffusers.utils.hub_utils`` (``create_repo``, ``upload_folder``) like diffusers' own
         ``push_to_hub``. Returns what ``upload_folder`` returns (the commit URL).
         """
         repo_id = hub_utils.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
-            (Path(folder) / "README.md").write_text(self.model_card(repo_id))
-            shutil.copyfile(inspect.getsourcefile(type(self)), Path(folder) / PIPELINE_CODE_NAME)
+            self.model_card(repo_id).save(Path(folder) / MODEL_CARD_NAME)
             return self._upload_folder(
                 folder,
                 repo_id,

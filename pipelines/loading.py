@@ -3,6 +3,11 @@
 diffusers' ``DiffusionPipeline.from_pretrained`` reports a missing component sub-folder deep
 inside loading, and with ``HF_HUB_OFFLINE=1`` set after ``huggingface_hub`` was imported it
 still tries the network. Our pipelines check first and fail at once (cases C7, C8).
+
+A Hub id is fetched with ``huggingface_hub.snapshot_download`` and then loaded as a local
+folder: diffusers' own download step would treat the code files of
+:mod:`pipelines.hub_layout` as code to run and ask for ``trust_remote_code``, which our
+classes never need.
 """
 
 import json
@@ -29,6 +34,10 @@ def pipeline_family(folder) -> tuple[str, str] | None:
     try:
         class_name = json.loads(index.read_text()).get("_class_name")
     except (ValueError, AttributeError):
+        return None
+    if isinstance(class_name, list) and class_name:  # [module, class]: diffusers' custom-code layout
+        class_name = class_name[-1]
+    if not isinstance(class_name, str):
         return None
     family = BACKEND_OF_CLASS.get(class_name)
     if family is None:
@@ -72,31 +81,44 @@ def check_pipeline_folder(path: str, components: Iterable[str], overrides: dict,
 
 
 def load_pipeline(load: Callable, path: str, components: Iterable[str], kwargs: dict, backend: str | None = None):
-    """``load(path, **kwargs)`` (a ``DiffusionPipeline.from_pretrained``) for a local folder or
-    a Hub id, turning what can go wrong into ``FileNotFoundError`` naming what is missing.
+    """``load(folder, **kwargs)`` (a ``DiffusionPipeline.from_pretrained``) for a local folder or
+    the snapshot of a Hub id, turning what can go wrong into ``FileNotFoundError`` naming what
+    is missing.
 
     A Hub id is resolved from the local cache only when ``HF_HUB_OFFLINE=1`` (read at call
     time), so an uncached id fails immediately instead of waiting on the network.
     """
-    if os.path.isdir(path):
-        check_pipeline_folder(path, components, kwargs, backend)
-        return load(path, **kwargs)
-    if path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path:
+    if not os.path.isdir(path):
+        path = hub_snapshot(path, kwargs)
+    check_pipeline_folder(path, components, kwargs, backend)
+    return load(path, **kwargs)
+
+
+def hub_snapshot(repo_id: str, kwargs: dict) -> str:
+    """The local folder of Hub repository ``repo_id`` (``huggingface_hub.snapshot_download``;
+    from the cache only when ``HF_HUB_OFFLINE=1`` or ``local_files_only=True``). Pops the
+    download options (``cache_dir``, ``revision``, ``token``, ``local_files_only``,
+    ``force_download``) from ``kwargs``.
+
+    Raises:
+        FileNotFoundError: ``repo_id`` is not a Hub id (a missing local folder), or it is
+            neither cached nor downloadable.
+    """
+    if repo_id.startswith(("/", ".", "~")) or repo_id.count("/") > 1 or "\\" in repo_id:
         # A Hub id is "name" or "owner/name"; anything else was meant as a local folder, and
         # asking the Hub about it would only answer with its repo-id naming rules.
-        raise FileNotFoundError(f"pipeline folder {path!r} does not exist")
-    offline = hub_offline()
-    if offline:
-        kwargs.setdefault("local_files_only", True)
+        raise FileNotFoundError(f"pipeline folder {repo_id!r} does not exist")
+    from huggingface_hub import snapshot_download
+
+    options = {key: kwargs.pop(key) for key in ("cache_dir", "revision", "token", "force_download") if key in kwargs}
+    offline = hub_offline() or bool(kwargs.pop("local_files_only", False))
     try:
-        return load(path, **kwargs)
-    except OSError as err:
+        return snapshot_download(repo_id, local_files_only=offline, **options)
+    except (OSError, ValueError) as err:  # huggingface_hub's not-found / HTTP / offline errors
         raise FileNotFoundError(
-            f"cannot load pipeline {path!r}: it is not a local folder and its model_index.json and "
+            f"cannot load pipeline {repo_id!r}: it is not a local folder and its model_index.json and "
             "component weights are not in the Hub cache"
-            + (" (HF_HUB_OFFLINE=1 forbids downloading)" if offline else "")
+            + (" (HF_HUB_OFFLINE=1 forbids downloading)" if offline else f" and could not be downloaded ({err})")
             + "; pass a local folder written by save_pretrained, or download it first with "
-            f"`hf download {path} --local-dir DIR`"
+            f"`hf download {repo_id} --local-dir DIR`"
         ) from err
-    except ValueError as err:
-        raise FileNotFoundError(f"cannot load pipeline {path!r}: {err}") from err

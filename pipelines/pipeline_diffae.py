@@ -50,6 +50,8 @@ import ipl_diffusion.models  # noqa: F401
 from ipl_diffusion import ddim
 from ipl_diffusion.images import load_images, to_pil
 from ipl_diffusion.models.diffae_blocks import warn_xformers_fallback, xformers_unavailable_reason
+from pipelines.hub_layout import RemoteCodeLayoutMixin
+from pipelines.loading import hub_snapshot
 
 __all__ = ["DiffAEPipeline", "DiffAEPipelineOutput", "default_latent_scheduler", "diffae_scheduler"]
 
@@ -119,7 +121,7 @@ class XFormersFallbackPipelineMixin:
                 module.set_attn_processor(AttnProcessor2_0())
 
 
-class DiffAEPipeline(XFormersFallbackPipelineMixin, DiffusionPipeline):
+class DiffAEPipeline(RemoteCodeLayoutMixin, XFormersFallbackPipelineMixin, DiffusionPipeline):
     r"""Diffusion autoencoder: encode (:meth:`encode`), decode (:meth:`decode`), sample / reconstruct (``__call__``).
 
     See the module docstring for the components.
@@ -148,21 +150,11 @@ class DiffAEPipeline(XFormersFallbackPipelineMixin, DiffusionPipeline):
                 local cache while ``HF_HUB_OFFLINE=1`` (no network wait).
         """
         path = str(pretrained_model_name_or_path)
-        if os.path.isdir(path):
-            if not os.path.isfile(os.path.join(path, "model_index.json")):
-                raise FileNotFoundError(f"'{path}' is not a DiffAE pipeline folder: model_index.json is missing")
-            return super().from_pretrained(path, **kwargs)
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        if offline:
-            kwargs.setdefault("local_files_only", True)
-        try:
-            return super().from_pretrained(path, **kwargs)
-        except (OSError, ValueError) as err:
-            raise FileNotFoundError(
-                f"cannot load DiffAE pipeline {path!r}: not a local folder and not in the Hub cache"
-                + (" (HF_HUB_OFFLINE=1 forbids downloading)" if offline else "")
-                + f"; pass a folder written by save_pretrained / `ipl convert diffae` ({err})"
-            ) from err
+        if not os.path.isdir(path):
+            path = hub_snapshot(path, kwargs)
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise FileNotFoundError(f"'{path}' is not a DiffAE pipeline folder: model_index.json is missing")
+        return super().from_pretrained(path, **kwargs)
 
     # ------------------------------------------------------------------ helpers
     @property

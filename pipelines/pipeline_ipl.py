@@ -46,8 +46,10 @@ import ipl_diffusion.mapper  # noqa: F401
 import ipl_diffusion.models  # noqa: F401
 from ipl_diffusion import ddim
 from ipl_diffusion.adaptation import diffae as diff_ipl
-from pipelines.adapted_pipeline import PIPELINE_CODE_NAME, SAMPLE_GRID_NAME, AdaptedPipelineMixin
+from pipelines.adapted_pipeline import AdaptedPipelineMixin
+from pipelines.hub_layout import RemoteCodeLayoutMixin
 from pipelines.loading import load_pipeline
+from pipelines.model_card import build_model_card, summarize_history
 from pipelines.pipeline_diffae import XFormersFallbackPipelineMixin
 
 # Built-in adaptation options (the paper's Stage 1, DiffusionCLIP's README Stage 2); a model's
@@ -86,7 +88,7 @@ _COMPONENTS = (
 )
 
 
-class IPLPipeline(AdaptedPipelineMixin, XFormersFallbackPipelineMixin, DiffusionPipeline):
+class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackPipelineMixin, DiffusionPipeline):
     r"""Diff-IPL pipeline: adapt (:meth:`adapt`), translate (``__call__``), sample (:meth:`sample`).
 
     See the module docstring for the components. Construct it from a folder or Hub id with
@@ -122,6 +124,7 @@ class IPLPipeline(AdaptedPipelineMixin, XFormersFallbackPipelineMixin, Diffusion
         adaptation: Optional[dict] = None,
         adapt_defaults: Optional[dict] = None,
         known_domains: Optional[list] = None,
+        run_summary: Optional[dict] = None,
     ):
         super().__init__()
         self.register_modules(
@@ -143,6 +146,7 @@ class IPLPipeline(AdaptedPipelineMixin, XFormersFallbackPipelineMixin, Diffusion
             adaptation=adaptation,
             adapt_defaults=adapt_defaults,
             known_domains=known_domains,
+            run_summary=run_summary,
         )
         self.sample_grid = None  # PIL before/after grid of the adaptation run, saved beside the weights
 
@@ -195,7 +199,7 @@ class IPLPipeline(AdaptedPipelineMixin, XFormersFallbackPipelineMixin, Diffusion
             base_model = base_model or str(diffae)
             diffae = DiffAEPipeline.from_pretrained(str(diffae))
         if isinstance(text_encoder, (str, os.PathLike)):
-            from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+            from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
             from ipl_diffusion.clip_loading import load_clip_component
 
@@ -203,7 +207,7 @@ class IPLPipeline(AdaptedPipelineMixin, XFormersFallbackPipelineMixin, Diffusion
             text_encoder = load_clip_component(CLIPModel, folder, "CLIP model")
             tokenizer = tokenizer or load_clip_component(CLIPTokenizer, folder, "CLIP tokenizer")
             if feature_extractor is None and (Path(folder) / "preprocessor_config.json").is_file():
-                feature_extractor = load_clip_component(CLIPImageProcessor, folder, "CLIP image processor")
+                feature_extractor = load_clip_component(CLIPImageProcessorPil, folder, "CLIP image processor")
         if tokenizer is None:
             raise ValueError("from_components needs a tokenizer (or a CLIP folder holding one as text_encoder)")
         parts = diffae.components
@@ -299,7 +303,7 @@ class IPLPipeline(AdaptedPipelineMixin, XFormersFallbackPipelineMixin, Diffusion
             ``ImagePipelineOutput(images=...)`` or a 1-tuple when ``return_dict=False``.
         """
         if images is None:
-            x0 = self.sample(num_images=num_images, generator=generator, num_inference_steps=num_inference_steps, output_type="latent")
+            x0 = self.sample(num_images=num_images, generator=generator, num_inference_steps=num_inference_steps, output_type="latent").images
         else:
             z_sem, x_t0 = self.encode(images, t0=t0, num_inversion_steps=num_inversion_steps)
             x0 = self.decode(z_sem, x_t0, t0=t0, num_inference_steps=num_inference_steps)
@@ -340,13 +344,22 @@ class IPLPipeline(AdaptedPipelineMixin, XFormersFallbackPipelineMixin, Diffusion
         num_inference_steps: Optional[int] = None,
         output_type: str = "pil",
         source: bool = False,
+        return_dict: bool = True,
     ):
         """Unconditional samples: ``z_sem`` from the latent net, ``x_T`` from noise.
 
         The noisy part ``T -> t0`` is decoded with the source UNet and ``t0 -> 0`` with the
         adapted UNet -- the adapted UNet was trained only on ``t <= t0`` (DiffusionCLIP).
-        ``source=True`` decodes everything with the source UNet. ``output_type="latent"``
-        returns the ``(B,3,H,W)`` tensor in ``[-1, 1]``.
+        ``source=True`` decodes everything with the source UNet.
+
+        Args:
+            output_type: ``"pil"`` (list of ``PIL.Image``), ``"np"`` (``(B,H,W,3)`` in ``[0,1]``),
+                ``"pt"`` (``(B,3,H,W)`` in ``[0,1]``) or ``"latent"`` (``(B,3,H,W)`` in ``[-1,1]``).
+        Returns:
+            ``ImagePipelineOutput(images=...)`` like ``__call__`` and ``StyleGANIPLPipeline``'s
+            ``__call__``, or a 1-tuple when ``return_dict=False``.
+        Raises:
+            ValueError: the pipeline has no ``latent_net``, or a bad ``output_type``.
         """
         z_sem = self.sample_z_sem(num_images, generator)
         size = self.image_size
@@ -358,9 +371,8 @@ class IPLPipeline(AdaptedPipelineMixin, XFormersFallbackPipelineMixin, Diffusion
             t0 = diff_ipl.check_t0(self._option("t0", None, ADAPT_DEFAULTS["t0"]), self.scheduler)
             x = diff_ipl.decode_to_t0(self.source_unet, x, z_sem, self.scheduler, t0, steps, self.progress_bar)
             x = diff_ipl.decode_from_t0(self.unet, x, z_sem, self.scheduler, t0, steps, self.progress_bar)
-        if output_type == "latent":
-            return x
-        return self.postprocess(x, output_type)
+        images = x if output_type == "latent" else self.postprocess(x, output_type)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
 
     # ------------------------------------------------------------------------ adaptation
     def adapt(
@@ -486,7 +498,7 @@ class IPLPipeline(AdaptedPipelineMixin, XFormersFallbackPipelineMixin, Diffusion
                 num_inference_steps=o["num_inference_steps"],
                 output_type="latent",
                 source=True,
-            )
+            ).images
         else:
             x0 = self.preprocess(images)
         result = diff_ipl.adapt_diffae(
@@ -532,67 +544,44 @@ class IPLPipeline(AdaptedPipelineMixin, XFormersFallbackPipelineMixin, Diffusion
             adaptation=config,
             adapt_defaults=self.config.adapt_defaults,
             known_domains=self.config.get("known_domains"),
+            run_summary=summarize_history(result.history),
         )
         adapted.sample_grid = result.sample_grid
         return adapted
 
     # ---------------------------------------------------------------------- saving / hub
-    def model_card(self, repo_id: str) -> str:
-        """The model card (README.md) text for ``repo_id``."""
-        cfg = self.adaptation_config
-        stage1, stage2 = cfg.get("stage1", {}), cfg.get("stage2", {})
+    def model_card(self, repo_id: str):
+        """The model card (``huggingface_hub.ModelCard``, saved as README.md) for ``repo_id``
+        (a Hub id or a local folder): see :func:`pipelines.model_card.build_model_card`."""
         source, target = self.config.source_label, self.config.target_label or "(not adapted)"
-        base = self.config.base_model or "unknown"
-        tags = ["diffusers", "ipl", "diffusion-autoencoder", "zero-shot-domain-adaptation", "image-to-image"]
-        lines = [
-            "---",
-            "library_name: diffusers",
-            "license: mit",
-            f"base_model: {base}" if self.config.base_model else None,
-            "tags:",
-            *[f"- {t}" for t in tags],
-            "---",
-            "",
-            f"# {source} → {target} (Diff-IPL)",
-            "",
-            f"A diffusion autoencoder adapted zero-shot from **{source}** to **{target}** with Image-specific "
-            "Prompt Learning (IPL, Guo et al., CVPR 2023) using [ipl-diffusion](https://github.com/) — "
-            "no target-domain images were used, only CLIP and the two domain labels.",
-            "",
-            f"* Source domain: `{source}`",
-            f"* Target domain: `{target}`",
-            f"* Base model: `{base}`",
-            f"* Prompt scheme: `{stage1.get('scheme', 'n/a')}` (adaptive = IPL, manual = NADA)",
-            "",
-        ]
-        if self.sample_grid is not None:
-            lines += [
-                "Rows: source images, source-model reconstructions, adapted images.",
-                "",
-                f"![samples]({SAMPLE_GRID_NAME})",
-                "",
-            ]
-        if cfg:
-            lines += ["## Hyper-parameters", "", "| stage | option | value |", "|---|---|---|"]
-            for stage_name, values in (("Stage 1", stage1), ("Stage 2", stage2)):
-                for key in sorted(values):
-                    lines.append(f"| {stage_name} | `{key}` | `{values[key]}` |")
-            lines.append("")
-        lines += [
-            "## Usage",
-            "",
-            "```python",
-            "# pip install ipl-diffusion",
-            "from ipl_diffusion import IPLPipeline",
-            "",
-            f'pipe = IPLPipeline.from_pretrained("{repo_id}")',
-            'images = pipe(["photo.jpg"]).images  # translate real images',
-            "```",
-            "",
-            f"or from the command line: `ipl translate --model {repo_id} --input photos --output out`.",
-            f"The pipeline class is also in [`{PIPELINE_CODE_NAME}`]({PIPELINE_CODE_NAME}) "
-            f'(`DiffusionPipeline.from_pretrained("{repo_id}", custom_pipeline="{repo_id}", '
-            "trust_remote_code=True)` with ipl-diffusion installed).",
-            "",
-        ]
-        return "\n".join(line for line in lines if line is not None)
+        if self.latent_net is not None:
+            usage = f"""
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True)
+samples = pipe(num_images=4, generator=torch.Generator().manual_seed(0)).images  # new {target} images
+samples[0].save("sample.png")
+translated = pipe(["sample.png"]).images  # translate images (paths, a folder or PIL images)
+"""
+        else:
+            usage = f"""
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True)
+translated = pipe(["photo.jpg"]).images  # translate images (paths, a folder or PIL images)
+"""
+        return build_model_card(
+            self,
+            repo_id,
+            title=f"{source} → {target} (Diff-IPL)",
+            description=(
+                f"A diffusion autoencoder adapted zero-shot from **{source}** to **{target}** with Image-specific "
+                "Prompt Learning (IPL, Guo et al., CVPR 2023): no target-domain images were used, only CLIP and "
+                "the two domain labels."
+            ),
+            tags=["diffusers", "ipl", "diffusion-autoencoder", "zero-shot-domain-adaptation", "image-to-image"],
+            grid_caption="Rows: source images, source-model reconstructions, adapted images.",
+            usage=usage + f"# or: ipl translate --model {repo_id} --input photos --output out\n",
+            pipeline_tag="image-to-image",
+        )

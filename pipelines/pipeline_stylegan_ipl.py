@@ -51,7 +51,9 @@ from ipl_diffusion.adaptation import stylegan2 as gan_ipl
 from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
 from ipl_diffusion.prompt_learning import PROMPT_SCHEMES
 from pipelines.adapted_pipeline import SAMPLE_GRID_NAME, AdaptedPipelineMixin
+from pipelines.hub_layout import RemoteCodeLayoutMixin
 from pipelines.loading import load_pipeline
+from pipelines.model_card import build_model_card, summarize_history
 
 # GAN-IPL's own settings (IPL README / NADA, 1024 px): adapt() uses these unless the pipeline's
 # config.adapt_defaults (e.g. the shipped Shapes GAN's CPU-sized settings) or an explicit
@@ -85,7 +87,7 @@ def _is_bare_generator(path: str) -> bool:
         return False
 
 
-class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
+class StyleGANIPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, DiffusionPipeline):
     r"""GAN-IPL pipeline: adapt (:meth:`adapt`), sample (``__call__``), translate (:meth:`translate`).
 
     See the module docstring for the components.
@@ -108,6 +110,7 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
         adaptation: Optional[dict] = None,
         adapt_defaults: Optional[dict] = None,
         known_domains: Optional[list] = None,
+        run_summary: Optional[dict] = None,
     ):
         super().__init__()
         self.register_modules(
@@ -125,6 +128,7 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
             adaptation=adaptation,
             adapt_defaults=adapt_defaults,
             known_domains=known_domains,
+            run_summary=run_summary,
         )
         self.sample_grid = None  # PIL grid (source row | adapted row) of the adaptation run
         self._mean_latent = None
@@ -182,7 +186,7 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
             else:
                 generator = StyleGAN2Generator.from_pretrained(str(generator))
         if isinstance(text_encoder, (str, os.PathLike)):
-            from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+            from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
             from ipl_diffusion.clip_loading import load_clip_component
 
@@ -191,7 +195,7 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
             tokenizer = tokenizer or load_clip_component(CLIPTokenizer, folder, "CLIP tokenizer")
             if feature_extractor is None:
                 try:
-                    feature_extractor = load_clip_component(CLIPImageProcessor, folder, "CLIP image processor")
+                    feature_extractor = load_clip_component(CLIPImageProcessorPil, folder, "CLIP image processor")
                 except FileNotFoundError:
                     feature_extractor = None  # OpenAI CLIP's mean / std are CLIPImageProcessor's defaults
         return cls(
@@ -495,6 +499,7 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
             adaptation=result.run_config,
             adapt_defaults=self.config.get("adapt_defaults"),
             known_domains=self.config.get("known_domains"),
+            run_summary=summarize_history(result.history),
         )
         adapted.sample_grid = adapted.make_sample_grid(num_images=num_samples)
         if output_dir is not None and result.is_main_process:
@@ -503,48 +508,33 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
         return adapted
 
     # ---------------------------------------------------------------------- saving / hub
-    def model_card(self, repo_id: str) -> str:
-        """The model card (README.md) text for ``repo_id``."""
-        cfg = self.adaptation_config
+    def model_card(self, repo_id: str):
+        """The model card (``huggingface_hub.ModelCard``, saved as README.md) for ``repo_id``
+        (a Hub id or a local folder): see :func:`pipelines.model_card.build_model_card`."""
         source, target = self.config.source_label, self.config.target_label or "(not adapted)"
-        base = self.config.base_model or "unknown"
-        lines = [
-            "---",
-            "library_name: diffusers",
-            "license: mit",
-            *([f"base_model: {base}"] if self.config.base_model else []),
-            "tags:",
-            *[f"- {t}" for t in ("diffusers", "ipl", "stylegan2", "gan", "zero-shot-domain-adaptation")],
-            "---",
-            "",
-            f"# {source} → {target} (GAN-IPL, StyleGAN2)",
-            "",
-            f"A StyleGAN2 generator adapted zero-shot from **{source}** to **{target}** with Image-specific Prompt "
-            "Learning (IPL, Guo et al., CVPR 2023) using ipl-diffusion: only CLIP and the two domain labels, no "
-            "target-domain images.",
-            "",
-            f"* Prompt scheme: `{cfg.get('stage1', {}).get('scheme', 'n/a')}` (adaptive = IPL, manual = NADA)",
-            f"* Base model: `{base}`",
-            "",
-        ]
-        if self.sample_grid is not None:
-            lines += ["Top row: source generator; bottom row: adapted generator (same latents).", "", f"![samples]({SAMPLE_GRID_NAME})", ""]
-        if cfg:
-            lines += ["## Hyper-parameters", "", "```json", json.dumps(cfg, indent=1, sort_keys=True, default=str), "```", ""]
-        lines += [
-            "## Usage",
-            "",
-            "```python",
-            "import torch",
-            "from ipl_diffusion import StyleGANIPLPipeline",
-            "",
-            f'pipe = StyleGANIPLPipeline.from_pretrained("{repo_id}")',
-            "images = pipe(num_images=4, generator=torch.Generator().manual_seed(0)).images",
-            'translated = pipe.translate(["face.jpg"])',
-            "```",
-            "",
-        ]
-        return "\n".join(lines)
+        usage = f"""
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True)
+images = pipe(num_images=4, generator=torch.Generator().manual_seed(0)).images  # new {target} images
+images[0].save("sample.png")
+translated = pipe.translate(["sample.png"])  # real images: projected into W+, re-synthesised
+"""
+        return build_model_card(
+            self,
+            repo_id,
+            title=f"{source} → {target} (GAN-IPL, StyleGAN2)",
+            description=(
+                f"A StyleGAN2 generator adapted zero-shot from **{source}** to **{target}** with Image-specific "
+                "Prompt Learning (IPL, Guo et al., CVPR 2023): only CLIP and the two domain labels, no "
+                "target-domain images."
+            ),
+            tags=["diffusers", "ipl", "stylegan2", "gan", "zero-shot-domain-adaptation"],
+            grid_caption="Top row: source generator; bottom row: adapted generator (same latents).",
+            usage=usage,
+            pipeline_tag="unconditional-image-generation",
+        )
 
 
 __all__ = ["StyleGANIPLPipeline"]

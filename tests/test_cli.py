@@ -1,6 +1,7 @@
 """The `ipl` command line: adapt, translate, sample, push (help texts, outputs, one-line errors)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ def photos(tmp_path):
 
 
 def test_help_texts():
-    for command in ("adapt", "translate", "sample", "push"):
+    for command in ("adapt", "translate", "sample", "push", "demo"):
         result = subprocess.run(
             [sys.executable, "-m", "ipl_diffusion.cli", command, "--help"],
             capture_output=True, text=True, cwd=REPO, timeout=120,
@@ -59,6 +60,39 @@ def test_help_texts():
                             cwd=REPO, timeout=120)
     for command in ("adapt", "translate", "sample", "convert", "push"):
         assert command in result.stdout
+
+
+NO_WARNING_SCRIPT = """
+import sys
+from ipl_diffusion.cli import main
+model, clip, run, images = sys.argv[1:5]
+assert main(["adapt", "--model", model, "--target", "sketch", "--output", run, *sys.argv[5:]]) == 0
+assert main(["evaluate", "--adapted", images, "--clip-model", clip, "--target-label", "sketch",
+             "--metrics", "clip_score", "--clip-templates", "single", "--size", "32"]) == 0
+"""
+
+
+def test_commands_print_no_torchvision_warning(model_dir, tiny_clip, tmp_path):
+    """transformers warns that CLIPImageProcessor "requires torchvision" whenever that name is
+    used without torchvision; every CLIP image processor we build is the PIL one."""
+    try:
+        import torchvision  # noqa: F401
+
+        pytest.skip("torchvision is installed here, so transformers never warns about it")
+    except ImportError:
+        pass
+    from transformers import CLIPImageProcessorPil
+
+    clip, tokenizer = tiny_clip
+    for part in (clip, tokenizer, CLIPImageProcessorPil(crop_size={"height": 32, "width": 32}, size={"shortest_edge": 32})):
+        part.save_pretrained(tmp_path / "clip")
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "images" / "a.png")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    argv = [str(model_dir), str(tmp_path / "clip"), str(tmp_path / "run"), str(tmp_path / "images"), *FAST_ARGS]
+    result = subprocess.run([sys.executable, "-c", NO_WARNING_SCRIPT, *argv], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torchvision" not in result.stderr, result.stderr[-3000:]
 
 
 def test_adapt_writes_pipeline_grid_and_config(adapted_dir):
@@ -141,7 +175,7 @@ def test_push_is_stubbed_and_uploads_the_card(adapted_dir, monkeypatch, capsys):
     monkeypatch.setattr(hub_utils, "upload_folder", fake_upload_folder)
     assert main(["push", "--model", str(adapted_dir / "pipeline"), "--repo-id", "me/sketch"]) == 0
     assert "pushed" in capsys.readouterr().out
-    assert {"README.md", "pipeline.py", "sample_grid.png", "model_index.json"} <= set(uploaded["files"])
+    assert {"README.md", "pipeline_ipl.py", "sample_grid.png", "model_index.json"} <= set(uploaded["files"])
     assert "`sketch`" in uploaded["readme"]
 
 
@@ -231,7 +265,8 @@ def test_misspelt_resume_fails_before_stage1_writes(model_dir, tmp_path, capsys)
 def test_a_folder_of_the_other_backend_names_the_right_one(model_dir, tmp_path, capsys):
     from ipl_diffusion.shapes import default_model_path
 
-    assert main(["sample", "--model", str(default_model_path("stylegan2")), "--output", str(tmp_path / "s")]) == 2
+    # (without --backend the folder's family is used: tests/test_stylegan2_pipeline.py)
+    assert main(["sample", "--backend", "diffae", "--model", str(default_model_path("stylegan2")), "--output", str(tmp_path / "s")]) == 2
     assert "is a StyleGANIPLPipeline folder; use --backend stylegan2" in capsys.readouterr().err
     assert main(["sample", "--backend", "stylegan2", "--model", str(model_dir), "--output", str(tmp_path / "s")]) == 2
     assert "is an IPLPipeline folder; use --backend diffae" in capsys.readouterr().err

@@ -124,8 +124,11 @@ def test_missing_weights_file_and_offline_hub_id_fail_before_images_are_read(tmp
     with pytest.raises(FileNotFoundError, match="HED edge detector .*does not exist"):
         run_cli(["--adapted", str(tmp_path / "dst"), "--hed-weights", str(tmp_path / "hed.pytorch")])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match="CLIP model .*offline"):
+    with pytest.raises(FileNotFoundError, match="CLIP model .*offline") as error:
         run_cli(["--adapted", str(tmp_path / "dst"), "--clip-model", "openai/clip-vit-base-patch32-not-cached"])
+    # the advice is the command's own flag, not the Python API
+    assert str(error.value).startswith("--clip-model: ") and "e.g. `--clip-model ./clip`." in str(error.value)
+    assert "CLIPPromptEncoder.from_pretrained" not in str(error.value)
 
 
 def test_ipl_main_turns_user_errors_into_one_line_and_exit_code_2(tmp_path, capsys):

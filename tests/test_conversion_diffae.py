@@ -403,10 +403,10 @@ def test_cli_convert_stylegan2_dispatches(monkeypatch, tmp_path, capsys):
 
     calls = []
     monkeypatch.setattr(
-        stylegan2_conversion, "convert_stylegan2_checkpoint", lambda checkpoint, output_dir: calls.append((checkpoint, output_dir)) or output_dir
+        stylegan2_conversion, "convert_stylegan2_checkpoint", lambda checkpoint, output_dir, overwrite: calls.append((checkpoint, output_dir, overwrite)) or output_dir
     )
     parser = argparse.ArgumentParser(prog="ipl")
     convert.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["convert", "stylegan2", "--checkpoint", "g.pt", "--output", str(tmp_path)])
     assert convert.run(args) == 0
-    assert calls == [("g.pt", str(tmp_path))] and "StyleGAN2Generator" in capsys.readouterr().out
+    assert calls == [("g.pt", str(tmp_path), False)] and "StyleGAN2Generator" in capsys.readouterr().out

@@ -128,10 +128,10 @@ def test_save_load_round_trip_and_fresh_process(pipe, tmp_path):
     folder = tmp_path / "diffae"
     pipe.save_pretrained(folder)
     index = json.loads((folder / "model_index.json").read_text())
-    assert index["_class_name"] == "DiffAEPipeline"
-    assert index["unet"] == ["ipl_diffusion.models.diffae_unet", "DiffAEUNetModel"]
-    assert index["semantic_encoder"] == ["ipl_diffusion.models.semantic_encoder", "SemanticEncoder"]
-    assert index["latent_net"] == ["ipl_diffusion.models.latent_net", "LatentNetModel"]
+    assert index["_class_name"] == ["pipeline_diffae", "DiffAEPipeline"]  # diffusers' custom-code layout
+    assert index["unet"] == ["diffae_unet", "DiffAEUNetModel"]
+    assert index["semantic_encoder"] == ["semantic_encoder", "SemanticEncoder"]
+    assert index["latent_net"] == ["latent_net", "LatentNetModel"]
     assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     kwargs = dict(batch_size=2, num_inference_steps=3, latent_num_inference_steps=3, output_type="latent")
     expected = pipe(**kwargs, seed=0).images
@@ -194,6 +194,8 @@ def test_push_to_hub_uploads_the_saved_folder(pipe, monkeypatch):
     assert url.endswith("/commit/0") and calls["create"] == "me/tiny-diffae"
     assert {"model_index.json", "unet", "semantic_encoder", "scheduler", "latent_net", "README.md"} <= set(calls["files"])
     assert "diffusion_pytorch_model.safetensors" in calls["unet_files"]
+    # diffusers' push goes through our save_pretrained: the custom-code layout is uploaded too
+    assert "pipeline_diffae.py" in calls["files"] and "diffae_unet.py" in calls["unet_files"]
 
 
 def test_c6_pipeline_xformers_fallback_warns_once(pipe, monkeypatch):

@@ -73,19 +73,26 @@ def test_translate_images_of_any_size_and_mode(adapted, odd_images):
 
 
 def test_sample_is_seeded(adapted):
-    a = adapted.sample(2, generator=torch.Generator().manual_seed(0), output_type="pt", num_inference_steps=4)
-    b = adapted.sample(2, generator=torch.Generator().manual_seed(0), output_type="pt", num_inference_steps=4)
-    c = adapted.sample(2, generator=torch.Generator().manual_seed(1), output_type="pt", num_inference_steps=4)
+    a = adapted.sample(2, generator=torch.Generator().manual_seed(0), output_type="pt", num_inference_steps=4).images
+    b = adapted.sample(2, generator=torch.Generator().manual_seed(0), output_type="pt", num_inference_steps=4).images
+    c = adapted.sample(2, generator=torch.Generator().manual_seed(1), output_type="pt", num_inference_steps=4).images
     assert torch.equal(a, b) and not torch.equal(a, c)
+    # the same output type as __call__ and StyleGANIPLPipeline.__call__ (diffusers' ImagePipelineOutput)
+    from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+
+    out = adapted.sample(2, generator=torch.Generator().manual_seed(0), num_inference_steps=4)
+    assert type(out) is ImagePipelineOutput and len(out.images) == 2 and out.images[0].size == (SIZE, SIZE)
+    (images,) = adapted.sample(2, generator=torch.Generator().manual_seed(0), output_type="pt", num_inference_steps=4, return_dict=False)
+    assert torch.equal(images, a)
 
 
 def test_save_and_reload_in_a_fresh_process(adapted, odd_images, tmp_path):
     folder = tmp_path / "adapted"
     adapted.save_pretrained(folder)
     index = json.loads((folder / "model_index.json").read_text())
-    assert index["_class_name"] == "IPLPipeline"
-    assert index["unet"] == ["ipl_diffusion.models.diffae_unet", "DiffAEUNetModel"]
-    assert index["mapper"] == ["ipl_diffusion.mapper", "LatentMapper"]
+    assert index["_class_name"] == ["pipeline_ipl", "IPLPipeline"]  # diffusers' custom-code layout
+    assert index["unet"] == ["diffae_unet", "DiffAEUNetModel"]
+    assert index["mapper"] == ["mapper", "LatentMapper"]
     assert index["target_label"] == "sketch" and index["adaptation"]["stage2"]["iterations"] == FAST["iterations"]
     assert (folder / "sample_grid.png").is_file()
     files = sorted(str(f) for f in odd_images.iterdir())
@@ -160,9 +167,7 @@ def test_push_to_hub_uploads_weights_card_grid_and_code(adapted, monkeypatch, tm
         folder = Path(kwargs["folder_path"])
         calls["files"] = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
         calls["readme"] = (folder / "README.md").read_text()
-        calls["code"] = (folder / "pipeline.py").read_text()
         calls["upload"] = kwargs
-        shutil.copytree(folder, tmp_path / "repo")  # what a user would download
         return "https://huggingface.co/me/shapes-photo-to-sketch/commit/0"
 
     monkeypatch.setattr(hub_utils, "create_repo", fake_create_repo)
@@ -173,7 +178,7 @@ def test_push_to_hub_uploads_weights_card_grid_and_code(adapted, monkeypatch, tm
     files = calls["files"]
     for expected in (
         "README.md",
-        "pipeline.py",
+        "pipeline_ipl.py",
         "sample_grid.png",
         "model_index.json",
         "unet/diffusion_pytorch_model.safetensors",
@@ -185,17 +190,10 @@ def test_push_to_hub_uploads_weights_card_grid_and_code(adapted, monkeypatch, tm
         assert expected in files, expected
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl", ".ckpt"))]  # no pickles
     readme = calls["readme"]
-    for needle in ("`photo`", "`sketch`", "tiny-random-diffae", "`adaptive`", "| Stage 2 | `t0` | `200` |", "sample_grid.png"):
+    for needle in ("`photo`", "`sketch`", "tiny-random-diffae", "`adaptive`", "| stage2 | `t0` | `200` |", "sample_grid.png"):
         assert needle in readme, needle
-    assert "class IPLPipeline(AdaptedPipelineMixin, XFormersFallbackPipelineMixin, DiffusionPipeline)" in calls["code"]
     assert calls["upload"]["repo_id"] == "me/shapes-photo-to-sketch"
-    # The uploaded code file loads the uploaded folder through diffusers' custom_pipeline path.
-    from diffusers import DiffusionPipeline
-
-    loaded = DiffusionPipeline.from_pretrained(
-        tmp_path / "repo", custom_pipeline=str(tmp_path / "repo"), trust_remote_code=True
-    )
-    assert type(loaded).__name__ == "IPLPipeline" and loaded.config.target_label == "sketch"
+    # plain diffusers loading of the uploaded folder: tests/test_hub_layout.py
 
 
 def test_model_recommended_adapt_defaults(tmp_path):

@@ -462,6 +462,11 @@ def test_cli_convert_stylegan2(tmp_path, capsys):
     save_rosinality(tmp_path / "g.pt", g)
     assert main(["convert", "stylegan2", "--checkpoint", str(tmp_path / "g.pt"), "--output", str(tmp_path / "out")]) == 0
     assert StyleGAN2Generator.from_pretrained(tmp_path / "out").config.size == 32
+    # a non-empty --output is refused with the flag to pass, and --overwrite writes into it
+    capsys.readouterr()
+    assert main(["convert", "stylegan2", "--checkpoint", str(tmp_path / "g.pt"), "--output", str(tmp_path / "out")]) == 2
+    assert "(--overwrite)" in capsys.readouterr().err
+    assert main(["convert", "stylegan2", "--checkpoint", str(tmp_path / "g.pt"), "--output", str(tmp_path / "out"), "--overwrite"]) == 0
     torch.save({"g_ema": {"x": torch.zeros(1)}, "args": _Payload(str(tmp_path / "pwned"))}, tmp_path / "evil.pt")
     assert main(["convert", "stylegan2", "--checkpoint", str(tmp_path / "evil.pt"), "--output", str(tmp_path / "out2")]) == 2
     assert "refusing to load" in capsys.readouterr().err and not (tmp_path / "pwned").exists()

@@ -190,8 +190,8 @@ def test_save_load_in_fresh_process(pipe, tmp_path):
     adapted = pipe.adapt("sketch", **FAST)
     adapted.save_pretrained(tmp_path / "pipe")
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
-    assert index["generator"] == ["ipl_diffusion.models.stylegan2", "StyleGAN2Generator"]
-    assert index["_class_name"] == "StyleGANIPLPipeline" and index["target_label"] == "sketch"
+    assert index["generator"] == ["stylegan2", "StyleGAN2Generator"]  # diffusers' custom-code layout
+    assert index["_class_name"] == ["pipeline_stylegan_ipl", "StyleGANIPLPipeline"] and index["target_label"] == "sketch"
     assert (tmp_path / "pipe" / "generator" / "diffusion_pytorch_model.safetensors").is_file()
     assert not list((tmp_path / "pipe").rglob("*.bin")) and not list((tmp_path / "pipe").rglob("*.pt"))
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -223,7 +223,7 @@ def test_push_to_hub_offline(pipe, monkeypatch):
     monkeypatch.setattr(hub_utils, "upload_folder", fake_upload_folder)
     adapted = pipe.adapt("sketch", **FAST)
     assert adapted.push_to_hub("me/tiny-sketch") == "https://hub/commit"
-    assert {"README.md", "pipeline.py", "model_index.json", "sample_grid.png", "generator/config.json"} <= set(calls["files"])
+    assert {"README.md", "pipeline_stylegan_ipl.py", "model_index.json", "sample_grid.png", "generator/config.json"} <= set(calls["files"])
     assert "photo → sketch" in calls["readme"] and "StyleGANIPLPipeline.from_pretrained" in calls["readme"]
 
 
@@ -235,11 +235,24 @@ def test_cli_translate_stylegan2(pipe, tmp_path):
     (tmp_path / "in").mkdir()
     Image.new("RGB", (40, 32), (10, 200, 30)).save(tmp_path / "in" / "a.png")
     (tmp_path / "in" / "broken.png").write_bytes(b"not an image")
-    code = main(["translate", "--backend", "stylegan2", "--model", str(tmp_path / "pipe"), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--device", "cpu"])
+    # no --backend: the folder's model_index.json says it is a StyleGAN pipeline
+    code = main(["translate", "--model", str(tmp_path / "pipe"), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--device", "cpu"])
     assert code == 0
     with Image.open(tmp_path / "out" / "a.png") as image:
         assert image.size == (32, 32)
     assert (tmp_path / "out" / "ipl_grid" / "translation.png").is_file()
+
+
+def test_cli_sample_detects_the_backend(pipe, tmp_path):
+    """``ipl sample --model <StyleGAN pipeline folder>`` without ``--backend stylegan2``."""
+    from ipl_diffusion.cli import main
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert main(["sample", "--model", str(tmp_path / "pipe"), "--output", str(tmp_path / "out"), "--num-images", "2", "--device", "cpu"]) == 0
+    with Image.open(tmp_path / "out" / "sample_0001.png") as image:
+        assert image.size == (32, 32)
+    # an explicit --backend that contradicts the folder still gets the hint
+    assert main(["sample", "--model", str(tmp_path / "pipe"), "--output", str(tmp_path / "out"), "--backend", "diffae"]) == 2
 
 
 def test_cli_adapt_stylegan2(tmp_path):

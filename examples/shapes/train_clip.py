@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
 from ipl_diffusion.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
 from ipl_diffusion.shapes.renderer import STYLES, ShapesRenderer, sample_factors
@@ -96,7 +96,7 @@ def build_model(args, tokenizer):
 def image_processor(resolution):
     # Shapes images are already square at the CLIP resolution; mean = std = 0.5 maps [0, 1] pixels
     # to [-1, 1], the renderer's range, so the differentiable preprocessing is an identity here.
-    return CLIPImageProcessor(
+    return CLIPImageProcessorPil(
         size={"shortest_edge": resolution},
         crop_size={"height": resolution, "width": resolution},
         image_mean=[0.5, 0.5, 0.5],

@@ -659,11 +659,11 @@ def clip_image_features(clip_model, feature_extractor=None) -> Callable:
     ``feature_extractor`` (a ``CLIPImageProcessor``) supplies the normalisation; without one,
     ``CLIPImageProcessor()``'s defaults are OpenAI CLIP's mean / std.
     """
-    from transformers import CLIPImageProcessor
+    from transformers import CLIPImageProcessorPil
 
     from ipl_diffusion.clip_image import CLIPImageEncoder
 
-    return CLIPImageEncoder(clip_model, feature_extractor or CLIPImageProcessor()).encode_images
+    return CLIPImageEncoder(clip_model, feature_extractor or CLIPImageProcessorPil()).encode_images
 
 
 def run_stage1(clip_model, tokenizer, z_sem, image_features, source, target, options: Stage1Options, seed: int, progress=True):

@@ -771,7 +771,7 @@ def adapt_stylegan2(
     Raises:
         ValueError: bad labels or options, fp16 without a GPU, a non-finite loss.
     """
-    from transformers import CLIPImageProcessor
+    from transformers import CLIPImageProcessorPil
 
     from ipl_diffusion.clip_image import CLIPImageEncoder
     from ipl_diffusion.clip_text import CLIPPromptEncoder
@@ -786,7 +786,7 @@ def adapt_stylegan2(
     device = accelerator.device
     source_generator.to(device)
     clip_model.to(device)
-    processor = feature_extractor or CLIPImageProcessor()
+    processor = feature_extractor or CLIPImageProcessorPil()
     # The encoder's image processor serves Stage 1's fresh renders; image_features, Stage 2.
     encoder = CLIPPromptEncoder(clip_model, tokenizer, image_processor=processor)
     source, target = encoder.validate_label(source), encoder.validate_label(target)

@@ -13,7 +13,7 @@ import os
 import sys
 
 # Order is the order shown by ``ipl --help``.
-SUBCOMMANDS = ("adapt", "translate", "sample", "convert", "push", "evaluate")
+SUBCOMMANDS = ("adapt", "translate", "sample", "convert", "push", "evaluate", "demo")
 
 # Errors that describe a problem with the user's input or environment. Anything else is a
 # bug and keeps its traceback.

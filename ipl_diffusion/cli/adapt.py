@@ -225,6 +225,21 @@ def load_pipeline(backend, model, device=None):
     return pipe.to(device)
 
 
+def detect_backend(backend, model) -> str:
+    """``backend`` when given, else the generator family of the pipeline folder ``model``
+    (read from its ``model_index.json``), else ``"diffae"`` (the default ``--backend``; also
+    for Hub ids, whose folder is not read before loading)."""
+    if backend is not None:
+        return backend
+    if model is not None:
+        from pipelines.loading import pipeline_family  # light: json and pathlib only
+
+        found = pipeline_family(Path(model))
+        if found is not None:
+            return found[1]
+    return "diffae"
+
+
 def _check_backend(backend, folder):
     """A local pipeline folder of the other generator family gets a hint at --backend, rather
     than diffusers' list of expected components."""

@@ -52,7 +52,8 @@ def add_parser(subparsers):
         description="Convert a rosinality stylegan2-pytorch checkpoint (g_ema) into a StyleGAN2Generator folder.",
     )
     stylegan2.add_argument("--checkpoint", required=True, help="rosinality .pt file")
-    stylegan2.add_argument("--output", required=True, help="folder to write")
+    stylegan2.add_argument("--output", required=True, help="folder to write (must be empty or absent)")
+    stylegan2.add_argument("--overwrite", action="store_true", help="write into a non-empty --output folder")
     return parser
 
 
@@ -75,6 +76,6 @@ def run(args) -> int:
         return 0
     from ipl_diffusion.conversion.stylegan2 import convert_stylegan2_checkpoint
 
-    output = convert_stylegan2_checkpoint(args.checkpoint, args.output)
+    output = convert_stylegan2_checkpoint(args.checkpoint, args.output, overwrite=args.overwrite)
     print(f"wrote StyleGAN2Generator to {output}")
     return 0

@@ -182,14 +182,19 @@ def run(args) -> int:
 
     # 2. Networks: a missing or wrong weights file fails here, before images are decoded.
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    nets = MetricNetworks.from_weights(
-        inception_weights=args.inception_weights, fid_inception_weights=args.fid_inception_weights,
-        hed_weights=args.hed_weights, arcface_weights=args.arcface_weights,
-        lpips_backbone_weights=args.lpips_backbone_weights, lpips_lin_weights=args.lpips_lin_weights,
-        lpips_net=args.lpips_net, clip=args.clip_model, diversity_network=args.diversity_network,
-        identity_network=args.identity_network, device=device,
-        clip_templates=args.clip_templates,
-    )
+    from ipl_diffusion.clip_loading import CLIPNotFoundError
+
+    try:
+        nets = MetricNetworks.from_weights(
+            inception_weights=args.inception_weights, fid_inception_weights=args.fid_inception_weights,
+            hed_weights=args.hed_weights, arcface_weights=args.arcface_weights,
+            lpips_backbone_weights=args.lpips_backbone_weights, lpips_lin_weights=args.lpips_lin_weights,
+            lpips_net=args.lpips_net, clip=args.clip_model, diversity_network=args.diversity_network,
+            identity_network=args.identity_network, device=device,
+            clip_templates=args.clip_templates,
+        )
+    except CLIPNotFoundError as err:  # its advice names the Python API; here the flag is the way
+        raise FileNotFoundError(f"--clip-model: {err.with_advice('`--clip-model ./clip`')}") from err
 
     # 3. Images, through the one preprocessing path.
     def load(files):

@@ -1,10 +1,11 @@
 """`ipl push`: upload an adapted pipeline to the Hugging Face Hub.
 
 Uploads the pipeline folder's weights (safetensors) and configs, a model card (source and
-target labels, base model, prompt scheme, hyper-parameters, the before/after sample grid)
-and the pipeline's code file, so that others can load it with
-`IPLPipeline.from_pretrained("<repo-id>")` (`pip install ipl-diffusion`). Log in first
-with `hf auth login` or pass `--token`.
+target labels, base model, prompt scheme, the run's loss and options, the before/after
+sample grid) and the code files of diffusers' custom-pipeline layout, so that others can
+load it with `DiffusionPipeline.from_pretrained("<repo-id>", trust_remote_code=True)` or
+`IPLPipeline.from_pretrained("<repo-id>")` (both with `pip install ipl-diffusion`). Log in
+first with `hf auth login` or pass `--token`.
 """
 
 import argparse
@@ -26,7 +27,12 @@ def add_parser(subparsers):
     )
     parser.add_argument("--model", required=True, help="adapted pipeline folder (from `ipl adapt`)")
     parser.add_argument("--repo-id", required=True, help="Hub repository, e.g. username/shapes-photo-to-sketch")
-    parser.add_argument("--backend", choices=("diffae", "stylegan2"), default="diffae", help="generator family")
+    parser.add_argument(
+        "--backend",
+        choices=("diffae", "stylegan2"),
+        default=None,
+        help="generator family (default: read from the --model folder)",
+    )
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--token", default=None, help="Hub token (default: the logged-in user's)")
     parser.add_argument("--commit-message", default=None, help="commit message")
@@ -38,7 +44,9 @@ def run(args) -> int:
 
     if not Path(args.model).is_dir():
         raise FileNotFoundError(f"--model {args.model} is not a pipeline folder")
-    if args.backend == "stylegan2":
+    from ipl_diffusion.cli.adapt import detect_backend
+
+    if detect_backend(args.backend, args.model) == "stylegan2":
         from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline as cls
     else:
         from pipelines.pipeline_ipl import IPLPipeline as cls

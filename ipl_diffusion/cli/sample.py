@@ -27,7 +27,12 @@ def add_parser(subparsers):
     parser.add_argument("--model", default=None, help="pipeline folder or Hub id (default: the embedded Shapes model)")
     parser.add_argument("--output", required=True, help="folder for the samples (created)")
     parser.add_argument("--num-images", type=int, default=8, help="number of samples (default: 8)")
-    parser.add_argument("--backend", choices=("diffae", "stylegan2"), default="diffae", help="generator family")
+    parser.add_argument(
+        "--backend",
+        choices=("diffae", "stylegan2"),
+        default=None,
+        help="generator family (default: read from the --model folder; diffae for the embedded default)",
+    )
     parser.add_argument("--source", action="store_true", help="sample the source (un-adapted) generator")
     parser.add_argument("--steps", type=int, default=None, help="DiffAE: DDIM decoding steps")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -50,19 +55,20 @@ def grid_of(images, columns=8):
 def run(args) -> int:
     import torch
 
-    from ipl_diffusion.cli.adapt import load_pipeline
+    from ipl_diffusion.cli.adapt import detect_backend, load_pipeline
 
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
-    pipe = load_pipeline(args.backend, args.model, args.device)
+    backend = detect_backend(args.backend, args.model)
+    pipe = load_pipeline(backend, args.model, args.device)
     generator = torch.Generator().manual_seed(args.seed)
     kwargs = {"num_images": args.num_images, "generator": generator, "source": args.source, "output_type": "pil"}
-    if args.backend == "stylegan2":
+    if backend == "stylegan2":
         images = pipe(**kwargs).images
     else:
         if args.steps is not None:
             kwargs["num_inference_steps"] = args.steps
-        images = pipe.sample(**kwargs)
+        images = pipe.sample(**kwargs).images
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):

@@ -34,7 +34,12 @@ def add_parser(subparsers):
     parser.add_argument("--model", required=True, help="adapted pipeline folder or Hub id (from `ipl adapt`)")
     parser.add_argument("--input", required=True, help="folder of images (or a single image file)")
     parser.add_argument("--output", required=True, help="folder for the translated images (created)")
-    parser.add_argument("--backend", choices=("diffae", "stylegan2"), default="diffae", help="generator family")
+    parser.add_argument(
+        "--backend",
+        choices=("diffae", "stylegan2"),
+        default=None,
+        help="generator family (default: read from the --model folder, else diffae)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace same-name files already in --output")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images per batch (default: 8)")
     parser.add_argument("--t0", type=int, default=None, help="DiffAE: inversion depth (default: the adaptation's)")
@@ -98,7 +103,7 @@ def _save(image, target: Path) -> Path:
 def run(args) -> int:
     import torch
 
-    from ipl_diffusion.cli.adapt import load_pipeline
+    from ipl_diffusion.cli.adapt import detect_backend, load_pipeline
     from ipl_diffusion.images import to_pil
 
     source, output = Path(args.input), Path(args.output)
@@ -114,6 +119,7 @@ def run(args) -> int:
                 f"--output {output} already holds {shown}, which this run would write; "
                 "choose another folder or pass --overwrite"
             )
+    args.backend = detect_backend(args.backend, args.model)
     pipe = load_pipeline(args.backend, args.model, args.device)
     size = int(getattr(pipe, "image_size", 0) or pipe.config.get("resolution", 256))
     names, images, skipped = load_inputs(files, size)

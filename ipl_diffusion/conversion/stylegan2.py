@@ -132,7 +132,7 @@ def convert_stylegan2_checkpoint(
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{output_dir} exists and is not an empty folder; choose another output or pass overwrite=True")
+        raise FileExistsError(f"{output_dir} exists and is not an empty folder; choose another output or pass overwrite=True (--overwrite)")
     requested = {k: v for k, v in dict(size=size, channel_multiplier=channel_multiplier, n_mlp=n_mlp, style_dim=style_dim).items() if v is not None}
     generator = generator_from_checkpoint(checkpoint, **requested)
     generator.save_pretrained(output_dir, safe_serialization=True)
