@@ -2,6 +2,7 @@
 project's one preprocessing path, the sample grid saved beside the weights, and Hub pushes
 with a model card and the pipeline's code file."""
 
+import contextlib
 import inspect
 import os
 import shutil
@@ -45,6 +46,23 @@ class AdaptedPipelineMixin:
         CPU-sized settings), else the backend's ``library_defaults``."""
         recommended = self.config.get("adapt_defaults") or {}
         return {**library_defaults, **recommended, **{k: v for k, v in given.items() if v is not None}}
+
+    @staticmethod
+    @contextlib.contextmanager
+    def guard_output_dir(output_dir):
+        """Around an ``adapt`` run writing into ``output_dir`` (``None``: no-op): refuse a folder
+        that cannot be written before any work, and hold its run lock
+        (:func:`ipl_diffusion.outputs.output_lock`) so a second run into it is refused at once.
+
+        Raises:
+            UserError: ``output_dir`` is not writable, or another live run holds it.
+        """
+        from ipl_diffusion.outputs import check_writable, output_lock
+
+        if output_dir is not None:
+            check_writable(output_dir, "output_dir")
+        with output_lock(output_dir, "output_dir"):
+            yield
 
     def load_sample_grid(self, folder) -> None:
         """Set ``sample_grid`` from ``folder/sample_grid.png`` when a saved pipeline has one."""

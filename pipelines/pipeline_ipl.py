@@ -469,34 +469,35 @@ class IPLPipeline(AdaptedPipelineMixin, XFormersFallbackPipelineMixin, Diffusion
             learning_rate=o["stage1_learning_rate"],
             n_ctx=o["n_ctx"],
         )
-        if images is None:
-            x0 = self.sample(
-                num_images=o["num_images"],
-                generator=torch.Generator().manual_seed(seed),
-                num_inference_steps=o["num_inference_steps"],
-                output_type="latent",
-                source=True,
+        with self.guard_output_dir(output_dir):  # before the (slow) sampling / encoding
+            if images is None:
+                x0 = self.sample(
+                    num_images=o["num_images"],
+                    generator=torch.Generator().manual_seed(seed),
+                    num_inference_steps=o["num_inference_steps"],
+                    output_type="latent",
+                    source=True,
+                )
+            else:
+                x0 = self.preprocess(images)
+            result = diff_ipl.adapt_diffae(
+                semantic_encoder=self.semantic_encoder,
+                source_unet=self.source_unet,
+                scheduler=self.scheduler,
+                clip_model=self.text_encoder,
+                tokenizer=self.tokenizer,
+                feature_extractor=self.feature_extractor,
+                images=x0,
+                source=source,
+                target=target,
+                stage1=stage1,
+                stage2=stage2,
+                accelerator=accelerator,
+                output_dir=output_dir,
+                resume_from_checkpoint=resume_from_checkpoint,
+                progress=progress,
+                base_model=self.config.base_model,
             )
-        else:
-            x0 = self.preprocess(images)
-        result = diff_ipl.adapt_diffae(
-            semantic_encoder=self.semantic_encoder,
-            source_unet=self.source_unet,
-            scheduler=self.scheduler,
-            clip_model=self.text_encoder,
-            tokenizer=self.tokenizer,
-            feature_extractor=self.feature_extractor,
-            images=x0,
-            source=source,
-            target=target,
-            stage1=stage1,
-            stage2=stage2,
-            accelerator=accelerator,
-            output_dir=output_dir,
-            resume_from_checkpoint=resume_from_checkpoint,
-            progress=progress,
-            base_model=self.config.base_model,
-        )
         return self.with_adaptation(result)
 
     def with_adaptation(self, result) -> "IPLPipeline":

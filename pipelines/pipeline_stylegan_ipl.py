@@ -49,6 +49,7 @@ import ipl_diffusion.mapper  # noqa: F401
 import ipl_diffusion.models.stylegan2  # noqa: F401
 from ipl_diffusion.adaptation import stylegan2 as gan_ipl
 from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
+from ipl_diffusion.outputs import atomic_save_image
 from ipl_diffusion.prompt_learning import PROMPT_SCHEMES
 from pipelines.adapted_pipeline import SAMPLE_GRID_NAME, AdaptedPipelineMixin
 from pipelines.loading import load_pipeline
@@ -445,21 +446,22 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
         )
         config.validate()
         stage1 = dict(scheme=scheme, lambda_domain=lambda_domain, num_iterations=stage1_iterations, batch_size=stage1_batch_size, learning_rate=stage1_learning_rate, n_ctx=n_ctx, label_templates=label_templates, num_images=num_images)
-        result = gan_ipl.adapt_stylegan2(
-            source_generator=self.source_generator,
-            clip_model=self.text_encoder,
-            tokenizer=self.tokenizer,
-            feature_extractor=self.feature_extractor,
-            source=source,
-            target=target,
-            stage1=stage1,
-            stage2=config,
-            output_dir=output_dir,
-            resume_from_checkpoint=resume_from_checkpoint,
-            progress=progress,
-            base_model=self.config.base_model,
-            accelerator=accelerator,
-        )
+        with self.guard_output_dir(output_dir):  # writable and not in use, before any work
+            result = gan_ipl.adapt_stylegan2(
+                source_generator=self.source_generator,
+                clip_model=self.text_encoder,
+                tokenizer=self.tokenizer,
+                feature_extractor=self.feature_extractor,
+                source=source,
+                target=target,
+                stage1=stage1,
+                stage2=config,
+                output_dir=output_dir,
+                resume_from_checkpoint=resume_from_checkpoint,
+                progress=progress,
+                base_model=self.config.base_model,
+                accelerator=accelerator,
+            )
         adapted = type(self)(
             source_generator=self.source_generator,
             generator=result.generator,
@@ -477,7 +479,7 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
         adapted.sample_grid = adapted.make_sample_grid(num_images=num_samples)
         if output_dir is not None and result.is_main_process:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
-            adapted.sample_grid.save(Path(output_dir) / SAMPLE_GRID_NAME)
+            atomic_save_image(adapted.sample_grid, Path(output_dir) / SAMPLE_GRID_NAME)
         return adapted
 
     # ---------------------------------------------------------------------- saving / hub

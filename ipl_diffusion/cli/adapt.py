@@ -85,6 +85,12 @@ def add_parser(subparsers):
     parser.add_argument("--backend", choices=("diffae", "stylegan2"), default="diffae", help="generator family")
     parser.add_argument("--output", default=None, help="output folder (default: ./ipl-<target>)")
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the result of an earlier run in --output (its pipeline/, grid and checkpoints); "
+        "without it such a folder is refused",
+    )
+    parser.add_argument(
         "--images", default=None, help="folder of source-domain images; default: sample source latents"
     )
     parser.add_argument("--num-images", type=positive_int, default=None, help="how many source latents to sample")
@@ -229,8 +235,26 @@ def _check_backend(backend, folder):
         raise ValueError(f"--model {folder} is {found[0]} folder; use --backend {found[1]}")
 
 def run(args) -> int:
+    from ipl_diffusion.outputs import check_writable, output_lock
+
     output = Path(args.output or f"ipl-{'_'.join(args.target.split()).lower() or 'target'}")
-    # Checks a user can fail are made before any model is loaded or encoded.
+    _check_inputs(args, output)
+    check_writable(output, "--output")  # before any model is loaded
+    # One run per folder: a second `ipl adapt` into it is refused at once, before it reads or
+    # writes anything there (its checkpoint rotation and losses.csv would clobber the first's).
+    with output_lock(output, "--output"):
+        _check_earlier_result(args, output)
+        pipe = load_pipeline(args.backend, args.model, args.device)
+        adapted = pipe.adapt(args.target, **_adapt_kwargs(args, pipe, output))
+        grid = _save_outputs(adapted, output)
+    print(f"adapted pipeline: {output / 'pipeline'}")
+    if grid is not None:
+        print(f"before/after grid: {output / 'before_after.png'}")
+    return 0
+
+
+def _check_inputs(args, output):
+    """Checks a user can fail, made before any model is loaded or encoded."""
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {output} is an existing file; give a folder")
     if args.num_images is not None and args.num_images < 2:
@@ -250,8 +274,35 @@ def run(args) -> int:
         args.target = check_domain(args.target)
         if args.source is not None:
             args.source = check_domain(args.source)
-    pipe = load_pipeline(args.backend, args.model, args.device)
 
+
+# What an earlier `ipl adapt` leaves in --output as its result.
+RESULT_NAMES = ("pipeline", "before_after.png")
+
+
+def _check_earlier_result(args, output):
+    """Refuse to replace an earlier run's result unless --overwrite; with --overwrite, drop the
+    earlier run's checkpoints (a fresh run would refuse them, a resumed one continues them)."""
+    import shutil
+
+    from ipl_diffusion.checkpointing import list_checkpoints
+    from ipl_diffusion.errors import UserError
+
+    found = [name for name in RESULT_NAMES if (output / name).exists()]
+    resuming = args.resume_from_checkpoint is not None and (
+        args.resume_from_checkpoint != "latest" or list_checkpoints(output / "checkpoints")
+    )
+    if found and not (args.overwrite or resuming):
+        raise UserError(
+            f"--output {output} already holds the result of an earlier run ({', '.join(found)}); "
+            "choose another folder or pass --overwrite to replace it"
+        )
+    if args.overwrite and args.resume_from_checkpoint is None and (output / "checkpoints").is_dir():
+        shutil.rmtree(output / "checkpoints")
+
+
+def _adapt_kwargs(args, pipe, output) -> dict:
+    """The keywords of ``pipe.adapt`` that the command line sets."""
     kwargs = {}
     for name in _FORWARDED:
         value = getattr(args, name)
@@ -277,18 +328,21 @@ def run(args) -> int:
         if ignored:
             print(f"ipl adapt: note: the {args.backend} backend ignores {', '.join(ignored)}")
         kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    return kwargs
 
-    adapted = pipe.adapt(args.target, **kwargs)
+
+def _save_outputs(adapted, output):
+    """Write pipeline/, before_after.png and run_config.json, each atomically (a crash leaves the
+    earlier version or the new one); returns the grid (or None)."""
+    from ipl_diffusion.outputs import atomic_folder, atomic_save_image, atomic_write_text
 
     output.mkdir(parents=True, exist_ok=True)
-    adapted.save_pretrained(output / "pipeline")
+    with atomic_folder(output / "pipeline") as folder:
+        adapted.save_pretrained(folder)
     grid = getattr(adapted, "sample_grid", None)
     if grid is not None:
-        grid.save(output / "before_after.png")
+        atomic_save_image(grid, output / "before_after.png")
     config = getattr(adapted, "adaptation_config", None)
     if config:
-        (output / "run_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    print(f"adapted pipeline: {output / 'pipeline'}")
-    if grid is not None:
-        print(f"before/after grid: {output / 'before_after.png'}")
-    return 0
+        atomic_write_text(output / "run_config.json", json.dumps(config, indent=2, sort_keys=True))
+    return grid
