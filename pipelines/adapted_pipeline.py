@@ -49,19 +49,25 @@ class AdaptedPipelineMixin:
 
     @staticmethod
     @contextlib.contextmanager
-    def guard_output_dir(output_dir):
+    def guard_output_dir(output_dir, resume_from_checkpoint=None):
         """Around an ``adapt`` run writing into ``output_dir`` (``None``: no-op): refuse a folder
-        that cannot be written before any work, and hold its run lock
-        (:func:`ipl_diffusion.outputs.output_lock`) so a second run into it is refused at once.
+        that cannot be written before any work, hold its run lock
+        (:func:`ipl_diffusion.outputs.output_lock`) so a second run into it is refused at once,
+        and check its checkpoints (:func:`ipl_diffusion.checkpointing.check_before_run`).
 
         Raises:
-            UserError: ``output_dir`` is not writable, or another live run holds it.
+            UserError: ``output_dir`` is not writable, another live run holds it, or the
+                checkpoint to resume from does not match its recorded digests.
+            ValueError / FileNotFoundError: see ``check_before_run``.
         """
+        from ipl_diffusion.checkpointing import check_before_run
         from ipl_diffusion.outputs import check_writable, output_lock
 
         if output_dir is not None:
             check_writable(output_dir, "output_dir")
         with output_lock(output_dir, "output_dir"):
+            if output_dir is not None:
+                check_before_run(Path(output_dir) / "checkpoints", resume_from_checkpoint)
             yield
 
     def load_sample_grid(self, folder) -> None:

@@ -469,7 +469,7 @@ class IPLPipeline(AdaptedPipelineMixin, XFormersFallbackPipelineMixin, Diffusion
             learning_rate=o["stage1_learning_rate"],
             n_ctx=o["n_ctx"],
         )
-        with self.guard_output_dir(output_dir):  # before the (slow) sampling / encoding
+        with self.guard_output_dir(output_dir, resume_from_checkpoint):  # before the (slow) sampling / encoding
             if images is None:
                 x0 = self.sample(
                     num_images=o["num_images"],

@@ -446,7 +446,7 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
         )
         config.validate()
         stage1 = dict(scheme=scheme, lambda_domain=lambda_domain, num_iterations=stage1_iterations, batch_size=stage1_batch_size, learning_rate=stage1_learning_rate, n_ctx=n_ctx, label_templates=label_templates, num_images=num_images)
-        with self.guard_output_dir(output_dir):  # writable and not in use, before any work
+        with self.guard_output_dir(output_dir, resume_from_checkpoint):  # writable and not in use, before any work
             result = gan_ipl.adapt_stylegan2(
                 source_generator=self.source_generator,
                 clip_model=self.text_encoder,

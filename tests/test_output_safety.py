@@ -44,6 +44,7 @@ def earlier_result(folder):
 
 
 def one_line_error(capsys, command="adapt"):
+    """The error line; stderr must hold nothing else (no progress bar: refused before any work)."""
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"ipl {command}: error:") and "\n" not in err, err
     return err
@@ -209,3 +210,24 @@ def test_no_warning_for_a_clean_lock(tmp_path):
             pass
         with output_lock(tmp_path / "x"):
             pass
+
+
+# ------------------------------------------------------------------ checkpoint digests
+
+
+@pytest.mark.slow
+def test_resume_from_a_bit_flipped_checkpoint_is_one_line_error(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["adapt", "--model", str(model_dir), "--target", "sketch", "--output", str(out), *FAST_ARGS,
+            "--checkpointing-steps", "1"]
+    assert main(args) == 0
+    state = out / "checkpoints" / "checkpoint-1" / "state.safetensors"
+    data = bytearray(state.read_bytes())
+    data[-3] ^= 0x10  # one bit of one weight: still a valid safetensors file
+    state.write_bytes(bytes(data))
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main([*args, "--iterations", "2", "--resume-from-checkpoint", "latest"]) == 2
+    err = one_line_error(capsys)
+    assert f"checkpoint file {state} does not match the sha256 digest" in err
+    assert snapshot(out) == before

@@ -285,7 +285,7 @@ def _check_earlier_result(args, output):
     earlier run's checkpoints (a fresh run would refuse them, a resumed one continues them)."""
     import shutil
 
-    from ipl_diffusion.checkpointing import list_checkpoints
+    from ipl_diffusion.checkpointing import check_before_run, list_checkpoints
     from ipl_diffusion.errors import UserError
 
     found = [name for name in RESULT_NAMES if (output / name).exists()]
@@ -299,6 +299,9 @@ def _check_earlier_result(args, output):
         )
     if args.overwrite and args.resume_from_checkpoint is None and (output / "checkpoints").is_dir():
         shutil.rmtree(output / "checkpoints")
+    # A misspelt checkpoint name, a damaged checkpoint or a fresh run over old checkpoints fails
+    # now, before the model is loaded.
+    check_before_run(output / "checkpoints", args.resume_from_checkpoint)
 
 
 def _adapt_kwargs(args, pipe, output) -> dict:
