@@ -427,6 +427,8 @@ class IPLPipeline(AdaptedPipelineMixin, XFormersFallbackPipelineMixin, Diffusion
         Raises:
             ValueError: bad labels (empty, too long, unknown to a Shapes CLIP), bad options,
                 or a non-finite loss; FileNotFoundError: a missing / empty image folder.
+            UserError (a ``ValueError``): half-precision weights on a CPU, an ``output_dir``
+                that is not writable or is in use by another run, a damaged checkpoint.
         """
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("adapt needs the CLIP text_encoder and tokenizer components; this pipeline has none")
@@ -469,6 +471,8 @@ class IPLPipeline(AdaptedPipelineMixin, XFormersFallbackPipelineMixin, Diffusion
             learning_rate=o["stage1_learning_rate"],
             n_ctx=o["n_ctx"],
         )
+        frozen = {"semantic_encoder": self.semantic_encoder, "source_unet": self.source_unet, "text_encoder": self.text_encoder}
+        diff_ipl.check_weights_dtype(frozen, accelerator.device if accelerator is not None else self.device)
         with self.guard_output_dir(output_dir, resume_from_checkpoint):  # before the (slow) sampling / encoding
             if images is None:
                 x0 = self.sample(

@@ -411,6 +411,8 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
         Raises:
             ValueError: no CLIP components, bad labels or options, fp16 without a GPU, a
                 non-finite loss.
+            UserError (a ``ValueError``): half-precision weights on a CPU, an ``output_dir``
+                that is not writable or is in use by another run, a damaged checkpoint.
         """
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("adapt needs the CLIP text_encoder and tokenizer components; this pipeline has none")

@@ -231,3 +231,24 @@ def test_resume_from_a_bit_flipped_checkpoint_is_one_line_error(model_dir, tmp_p
     err = one_line_error(capsys)
     assert f"checkpoint file {state} does not match the sha256 digest" in err
     assert snapshot(out) == before
+
+
+# ------------------------------------------------------------------- fp16 weights on CPU
+
+
+def test_half_precision_weights_on_cpu_are_refused_by_both_backends(model_dir, tiny_clip):
+    import torch
+    from transformers import CLIPImageProcessor
+
+    from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
+    from pipelines.pipeline_ipl import IPLPipeline
+    from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
+
+    pipe = IPLPipeline.from_pretrained(str(model_dir), torch_dtype=torch.float16)
+    with pytest.raises(UserError, match=r"adapt on a CPU needs float32 weights, but the semantic_encoder's are torch.float16"):
+        pipe.adapt("sketch", num_images=2, stage1_iterations=1, iterations=1, progress=False)
+    clip, tokenizer = tiny_clip
+    generator = StyleGAN2Generator(size=32, style_dim=16, n_mlp=2, channel_max=8).to(torch.float16)
+    gan = StyleGANIPLPipeline.from_components(generator, clip, tokenizer, CLIPImageProcessor(), source_label="photo")
+    with pytest.raises(UserError, match=r"the generator's are torch.float16.*mixed_precision='fp16' on a CUDA GPU"):
+        gan.adapt("sketch", num_images=2, stage1_iterations=1, iterations=1, progress=False)

@@ -61,6 +61,7 @@ from ipl_diffusion import checkpointing, ddim
 from ipl_diffusion.adaptation.distributed import (
     MIXED_PRECISION,
     average_gradients,
+    check_weights_dtype,
     gather_in_order,
     make_accelerator,
     mean_over_processes,
@@ -752,6 +753,7 @@ def adapt_diffae(
     stage2 = stage2 or Stage2Config()
     accelerator = accelerator or make_accelerator(stage2.mixed_precision, next(source_unet.parameters()).device)
     device = accelerator.device
+    check_weights_dtype({"semantic_encoder": semantic_encoder, "source_unet": source_unet, "text_encoder": clip_model}, device)
     if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] < 1:
         raise ValueError(f"source images must be (N, 3, H, W) in [-1, 1] with N >= 1; got {tuple(images.shape)}")
     t0 = check_t0(stage2.t0, scheduler)

@@ -91,6 +91,7 @@ from ipl_diffusion import checkpointing
 from ipl_diffusion.adaptation.distributed import (
     MIXED_PRECISION,
     average_gradients,
+    check_weights_dtype,
     gather_in_order,
     make_accelerator,
     mean_over_processes,
@@ -745,6 +746,7 @@ def adapt_stylegan2(
     num_images = int(stage1.pop("num_images", 256))
     accelerator = accelerator or make_accelerator(stage2.mixed_precision, source_generator.device)
     device = accelerator.device
+    check_weights_dtype({"generator": source_generator, "text_encoder": clip_model}, device)
     source_generator.to(device)
     clip_model.to(device)
     encoder = CLIPPromptEncoder(clip_model, tokenizer)
