@@ -87,16 +87,14 @@ class AdaptedPipelineMixin:
         Conversion is :func:`ipl_diffusion.images.load_images` (the project's one path).
 
         Raises:
-            ValueError: a tensor not shaped ``(B, 3, H, W)``, or an unreadable image;
+            ValueError: a tensor not shaped ``(B, 3, H, W)``, with NaN / inf or values outside
+                ``[-1, 1]`` (:func:`ipl_diffusion.images.check_image_tensor`), or an unreadable image;
             FileNotFoundError: a missing or empty folder.
         """
-        if torch.is_tensor(images):
-            if images.ndim == 3:
-                images = images[None]
-            if images.ndim != 4 or images.shape[1] != 3:
-                raise ValueError(f"image tensors must be (B, 3, H, W) in [-1, 1]; got {tuple(images.shape)}")
-            return images.to(self.device, torch.float32)
-        from ipl_diffusion.images import load_images
+        from ipl_diffusion.images import check_image_tensor, load_images
+
+        if torch.is_tensor(images):  # NaN or [0, 255] tensors would translate into garbage silently
+            return check_image_tensor(images).to(self.device, torch.float32)
 
         if not isinstance(images, (list, tuple, str, os.PathLike)):
             images = [images]

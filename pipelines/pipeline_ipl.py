@@ -48,7 +48,7 @@ from ipl_diffusion import ddim
 from ipl_diffusion.adaptation import diffae as diff_ipl
 from pipelines.adapted_pipeline import PIPELINE_CODE_NAME, SAMPLE_GRID_NAME, AdaptedPipelineMixin
 from pipelines.loading import load_pipeline
-from pipelines.pipeline_diffae import XFormersFallbackPipelineMixin
+from pipelines.pipeline_diffae import XFormersFallbackPipelineMixin, check_codes
 
 # Built-in adaptation options (the paper's Stage 1, DiffusionCLIP's README Stage 2); a model's
 # own config.adapt_defaults override them, explicit arguments override both.
@@ -265,10 +265,16 @@ class IPLPipeline(AdaptedPipelineMixin, XFormersFallbackPipelineMixin, Diffusion
 
     @torch.no_grad()
     def decode(self, z_sem, x_t0, t0: Optional[int] = None, num_inference_steps: Optional[int] = None, unet=None):
-        """``x_t0 -> x0 (B, 3, H, W)`` in ``[-1, 1]`` with the adapted UNet (or ``unet``)."""
+        """``x_t0 -> x0 (B, 3, H, W)`` in ``[-1, 1]`` with the adapted UNet (or ``unet``).
+
+        Raises:
+            UserError: ``z_sem`` / ``x_t0`` of the wrong shape (``x_t0`` must be at the model's
+                size), with NaN / inf, or of different batch sizes.
+        """
         t0 = diff_ipl.check_t0(self._option("t0", t0, ADAPT_DEFAULTS["t0"]), self.scheduler)
         steps = self._option("num_inference_steps", num_inference_steps, ADAPT_DEFAULTS["num_inference_steps"])
         unet = unet or self.adapted_unet
+        z_sem, x_t0 = check_codes(self.source_unet, z_sem, x_t0, "x_t0")
         return diff_ipl.decode_from_t0(unet, x_t0, z_sem, self.scheduler, t0, steps, self.progress_bar)
 
     # ---------------------------------------------------------------------- translation

@@ -1,0 +1,59 @@
+"""Bad inputs that used to crash deep inside or pass silently get one clear error (issue 17)."""
+
+import warnings
+
+import pytest
+import torch
+from diffae_tiny import SIZE, Z, diffae_scheduler, tiny_encoder, tiny_unet
+
+from ipl_diffusion.errors import UserError
+from pipelines.pipeline_diffae import DiffAEPipeline
+
+
+@pytest.fixture(scope="module")
+def diffae():
+    return DiffAEPipeline(semantic_encoder=tiny_encoder(), unet=tiny_unet(), scheduler=diffae_scheduler())
+
+
+# ------------------------------------------------------------------------ DiffAE codes
+
+
+def test_decode_refuses_nan_and_other_size_codes(diffae):
+    z = torch.randn(2, Z)
+    with pytest.raises(UserError, match=r"x_T must be \(B, 3, 16, 16\) for this 16-px model; got \(2, 3, 32, 32\)"):
+        diffae.decode(z, torch.randn(2, 3, 2 * SIZE, 2 * SIZE), num_inference_steps=2)
+    with pytest.raises(UserError, match="x_T contains NaN or infinite values"):
+        diffae.decode(z, torch.full((2, 3, SIZE, SIZE), float("nan")), num_inference_steps=2)
+    with pytest.raises(UserError, match="z_sem contains NaN"):
+        diffae(z_sem=torch.full((2, Z), float("nan")), num_inference_steps=2, output_type="latent")
+    with pytest.raises(UserError, match=r"x_T must be \(B, 3, 16, 16\)"):  # __call__ checks the same way
+        diffae(z_sem=z, x_T=torch.randn(2, 3, 2 * SIZE, 2 * SIZE), num_inference_steps=2, output_type="latent")
+    with pytest.raises(UserError, match=rf"z_sem must be \(B, {Z}\)"):
+        diffae.decode(torch.randn(2, Z + 1), torch.randn(2, 3, SIZE, SIZE), num_inference_steps=2)
+
+
+def test_decode_warns_when_x_T_is_not_gaussian_noise(diffae):
+    z = torch.randn(2, Z)
+    with pytest.warns(UserWarning, match=r"x_T has mean 0.5\d and std 0.2\d, far from the N\(0, I\) noise"):
+        diffae.decode(z, torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)), num_inference_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Gaussian noise, an encoded x_T and a partial x_t0: no warning
+        diffae.decode(z, torch.randn(2, 3, SIZE, SIZE), num_inference_steps=2)
+        diffae.decode(z, torch.rand(2, 3, SIZE, SIZE), num_inference_steps=2, start_timestep=200)
+        diffae(torch.rand(2, 3, SIZE, SIZE) * 2 - 1, num_inference_steps=2, num_inversion_steps=2, output_type="latent")
+
+
+def test_ipl_decode_and_image_tensors_are_checked(tiny_clip):
+    from tiny_ipl import build_tiny_ipl_pipeline
+
+    pipe = build_tiny_ipl_pipeline()
+    z = torch.randn(1, pipe.semantic_encoder.config.z_sem_channels)
+    with pytest.raises(UserError, match=r"x_t0 must be \(B, 3, 16, 16\)"):
+        pipe.decode(z, torch.randn(1, 3, 32, 32), t0=200, num_inference_steps=2, unet=pipe.source_unet)
+    with pytest.raises(UserError, match="x_t0 contains NaN"):
+        pipe.decode(z, torch.full((1, 3, 16, 16), float("nan")), t0=200, num_inference_steps=2, unet=pipe.source_unet)
+    # image tensors in [0, 255] or with NaN are refused, not translated into garbage
+    with pytest.raises(ValueError, match=r"image tensors must be in \[-1, 1\]; got values in \[0, 255\]"):
+        pipe.preprocess(torch.linspace(0, 255, 3 * 16 * 16).reshape(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        pipe.preprocess(torch.full((1, 3, 16, 16), float("nan")))
