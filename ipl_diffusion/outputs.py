@@ -149,7 +149,7 @@ def atomic_write_text(path, text: str) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as handle:
+        with os.fdopen(fd, "w", newline="") as handle:  # the text exactly as given
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())

@@ -1,5 +1,7 @@
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -20,3 +22,23 @@ def tiny_clip():
     from tiny_clip import build_clip
 
     return build_clip()
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder no new file can be created in, for root too (root ignores chmod)."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    folder = Path("/sys/fs")  # sysfs: nobody can create files there
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError:
+        yield folder
+        return
+    pytest.skip("no read-only folder available")

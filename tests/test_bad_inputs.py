@@ -12,7 +12,9 @@ from pipelines.pipeline_diffae import DiffAEPipeline
 
 @pytest.fixture(scope="module")
 def diffae():
-    return DiffAEPipeline(semantic_encoder=tiny_encoder(), unet=tiny_unet(), scheduler=diffae_scheduler())
+    pipe = DiffAEPipeline(semantic_encoder=tiny_encoder(), unet=tiny_unet(), scheduler=diffae_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 # ------------------------------------------------------------------------ DiffAE codes
@@ -57,3 +59,44 @@ def test_ipl_decode_and_image_tensors_are_checked(tiny_clip):
         pipe.preprocess(torch.linspace(0, 255, 3 * 16 * 16).reshape(1, 3, 16, 16))
     with pytest.raises(ValueError, match="NaN or infinite"):
         pipe.preprocess(torch.full((1, 3, 16, 16), float("nan")))
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+def test_lpips_refuses_images_outside_minus_one_one_and_takes_grey():
+    from ipl_diffusion.metrics import LPIPS
+
+    torch.manual_seed(0)
+    lpips = LPIPS("alex")
+    x, y = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)  # [0, 1] images
+    with pytest.raises(UserError, match=r"LPIPS expects images in \[-1, 1\]; got only values in \[.*\], as \[0, 1\] images have.*2 \* x - 1"):
+        lpips(x, y)
+    with pytest.raises(UserError, match=r"LPIPS expects images in \[-1, 1\]; got values in \[.*, 25\d\]"):
+        lpips(x * 255, y * 255)
+    assert lpips(x * 2 - 1, y * 2 - 1).shape == (2,)  # the same pair, in range
+    grey = torch.rand(2, 1, 32, 32) * 2 - 1
+    assert torch.allclose(lpips(grey, y * 2 - 1), lpips(grey.expand(-1, 3, -1, -1), y * 2 - 1))
+    lpips.check_range = False  # for callers that guarantee the range themselves
+    lpips(x, y)
+
+
+def test_sifid_takes_grey_tensors_as_grey_files_load():
+    from ipl_diffusion.metrics import InceptionV3, sifid
+
+    torch.manual_seed(0)
+    inception = InceptionV3().eval()
+    reference, images = torch.rand(1, 24, 24) * 2 - 1, torch.rand(2, 1, 24, 24) * 2 - 1
+    expected = sifid(reference.expand(3, -1, -1), images.expand(-1, 3, -1, -1), inception)
+    assert torch.allclose(sifid(reference, images, inception), expected)
+
+
+def test_inception_score_resizes_images_under_75_px():
+    from ipl_diffusion.metrics import InceptionV3, inception_score
+    from ipl_diffusion.metrics.inception_score import input_size
+
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert input_size(images) == 299 and input_size(torch.zeros(1, 3, 96, 96)) is None
+    mean, std = inception_score(images, InceptionV3().eval(), splits=2)
+    assert 1.0 <= mean <= 2.0

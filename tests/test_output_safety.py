@@ -135,22 +135,6 @@ def test_a_stale_lock_of_a_killed_run_is_reported_and_taken_over(tmp_path):
 # ------------------------------------------------------------------ read-only outputs
 
 
-@pytest.fixture
-def read_only_dir(tmp_path):
-    """A folder no new file can be created in, for root too (root ignores chmod)."""
-    if os.geteuid() != 0:
-        folder = tmp_path / "ro"
-        folder.mkdir()
-        folder.chmod(0o555)
-        yield folder
-        folder.chmod(0o755)
-        return
-    folder = Path("/sys/fs")  # sysfs: nobody can create files there
-    if not folder.is_dir() or os.access("/sys/fs/ipl-write-test", os.F_OK):
-        pytest.skip("no read-only folder available")
-    yield folder
-
-
 def test_read_only_output_is_refused_before_any_work(model_dir, read_only_dir, tmp_path, capsys, monkeypatch):
     import ipl_diffusion.cli.adapt as adapt_cli
 
