@@ -100,3 +100,32 @@ def test_inception_score_resizes_images_under_75_px():
     assert input_size(images) == 299 and input_size(torch.zeros(1, 3, 96, 96)) is None
     mean, std = inception_score(images, InceptionV3().eval(), splits=2)
     assert 1.0 <= mean <= 2.0
+
+
+# ------------------------------------------------------------------- model-config keys
+
+
+@pytest.mark.parametrize("kind", ["stylegan2", "semantic_encoder", "unet", "latent_net", "mapper"])
+def test_a_misspelt_model_config_key_is_refused_naming_the_nearest_valid_one(kind, tmp_path):
+    import json
+
+    from diffae_tiny import tiny_latent_net
+
+    from ipl_diffusion.mapper import LatentMapper
+    from ipl_diffusion.models import StyleGAN2Generator
+
+    model, key, meant = {
+        "stylegan2": (StyleGAN2Generator(size=32, style_dim=16, n_mlp=2, channel_max=8), "chanel_multiplier", "channel_multiplier"),
+        "semantic_encoder": (tiny_encoder(), "chanel_mult", "channel_mult"),
+        "unet": (tiny_unet(), "num_res_block", "num_res_blocks"),
+        "latent_net": (tiny_latent_net(), "num_layer", "num_layers"),
+        "mapper": (LatentMapper(latent_dim=8, ctx_dim=8, n_ctx=2), "n_ctxx", "n_ctx"),
+    }[kind]
+    model.save_pretrained(tmp_path)
+    type(model).from_pretrained(str(tmp_path))  # as saved: loads
+    config = json.loads((tmp_path / "config.json").read_text())
+    config[key] = config.pop(meant)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    cls = type(model).__name__
+    with pytest.raises(UserError, match=rf"{cls} config has an unknown key '{key}' \(did you mean '{meant}'\?\)"):
+        type(model).from_pretrained(str(tmp_path))
