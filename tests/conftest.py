@@ -16,6 +16,18 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("single_thread")``).
+
+    Tiny models are latency-bound: one thread avoids OpenMP hand-offs that cost more than the
+    work (on a loaded 2-core runner, 2 threads ran ~50x slower for the tiny StyleGAN2s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_clip():
     """``(CLIPModel, CLIPTokenizer)``: a tiny random CLIP and its offline tokenizer."""
