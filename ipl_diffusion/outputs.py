@@ -30,7 +30,10 @@ try:
 except ImportError:  # Windows: no advisory locks; runs are not serialised there
     fcntl = None
 
-__all__ = ["LOCK_NAME", "check_writable", "output_lock", "atomic_write_text", "atomic_save_image", "atomic_folder"]
+__all__ = [
+    "LOCK_NAME", "check_writable", "refuse_earlier_result", "output_lock", "atomic_write_text", "atomic_save_image",
+    "atomic_folder",
+]
 
 LOCK_NAME = ".ipl.lock"
 
@@ -66,6 +69,19 @@ def check_writable(path, what: str = "output") -> None:
         raise UserError(f"{what} {path} is not writable ({err.strerror or err}); choose a folder you can write to") from None
 
 
+def refuse_earlier_result(folder, names, what: str = "output", overwrite_hint: str = "pass --overwrite") -> None:
+    """Refuse to replace an earlier run's result: ``UserError`` when any of ``names`` exists in
+    ``folder``, listing them (at most 3) and how to proceed."""
+    folder = Path(folder)
+    found = [name for name in names if (folder / name).exists()]
+    if found:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise UserError(
+            f"{what} {folder} already holds the result of an earlier run ({shown}); "
+            f"choose another folder or {overwrite_hint} to replace it"
+        )
+
+
 def _read_owner(handle) -> str:
     handle.seek(0)
     return handle.read().strip()
@@ -73,7 +89,8 @@ def _read_owner(handle) -> str:
 
 @contextlib.contextmanager
 def output_lock(folder, what: str = "output folder") -> Iterator[Path]:
-    """Hold ``<folder>/.ipl.lock`` for the ``with`` block (``folder`` is created).
+    """Hold ``<folder>/.ipl.lock`` for the ``with`` block (``folder`` is created, and removed
+    again if the block leaves it empty).
 
     Raises:
         UserError: another live process holds the lock (the message names its PID and host).
@@ -87,6 +104,7 @@ def output_lock(folder, what: str = "output folder") -> Iterator[Path]:
         yield None
         return
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     key = folder.resolve()
     if key in _HELD:
@@ -105,6 +123,9 @@ def output_lock(folder, what: str = "output folder") -> Iterator[Path]:
         with contextlib.suppress(OSError):
             os.unlink(key / LOCK_NAME)  # unlink first: a waiting opener then re-checks the inode
         handle.close()  # closing releases the flock
+        if created:  # a run that failed before writing leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                key.rmdir()
 
 
 def _acquire(path: Path, folder: Path, what: str):

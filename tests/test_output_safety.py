@@ -236,3 +236,38 @@ def test_half_precision_weights_on_cpu_are_refused_by_both_backends(model_dir, t
     gan = StyleGANIPLPipeline.from_components(generator, clip, tokenizer, CLIPImageProcessor(), source_label="photo")
     with pytest.raises(UserError, match=r"the generator's are torch.float16.*mixed_precision='fp16' on a CUDA GPU"):
         gan.adapt("sketch", num_images=2, stage1_iterations=1, iterations=1, progress=False)
+
+
+# -------------------------------------------------- the same kinds in the other commands
+
+
+def test_sample_refuses_to_replace_earlier_samples_unless_overwrite(model_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "samples"
+    out.mkdir()
+    (out / "sample_0001.png").write_bytes(b"an earlier sample")
+    before = snapshot(out)
+    args = ["sample", "--model", str(model_dir), "--output", str(out), "--num-images", "2", "--steps", "2", "--device", "cpu"]
+    assert main(args) == 2
+    err = one_line_error(capsys, "sample")
+    assert "already holds the result of an earlier run (sample_0001.png)" in err and "--overwrite" in err
+    assert snapshot(out) == before
+    assert main([*args, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["sample_0000.png", "sample_0001.png", "samples_grid.png"]
+    assert (out / "sample_0001.png").read_bytes() != b"an earlier sample"
+
+
+def test_translate_and_sample_refuse_a_read_only_output_before_loading(read_only_dir, tmp_path, capsys, monkeypatch):
+    import ipl_diffusion.cli.adapt as adapt_cli
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(adapt_cli, "load_pipeline", no_model)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.png").write_bytes(b"not read before the check")
+    out = str(read_only_dir / "out")
+    assert main(["translate", "--model", "m", "--input", str(photos), "--output", out]) == 2
+    assert "is not writable" in one_line_error(capsys, "translate")
+    assert main(["sample", "--model", "m", "--output", out]) == 2
+    assert "is not writable" in one_line_error(capsys, "sample")

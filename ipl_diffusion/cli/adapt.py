@@ -286,17 +286,13 @@ def _check_earlier_result(args, output):
     import shutil
 
     from ipl_diffusion.checkpointing import check_before_run, list_checkpoints
-    from ipl_diffusion.errors import UserError
+    from ipl_diffusion.outputs import refuse_earlier_result
 
-    found = [name for name in RESULT_NAMES if (output / name).exists()]
     resuming = args.resume_from_checkpoint is not None and (
         args.resume_from_checkpoint != "latest" or list_checkpoints(output / "checkpoints")
     )
-    if found and not (args.overwrite or resuming):
-        raise UserError(
-            f"--output {output} already holds the result of an earlier run ({', '.join(found)}); "
-            "choose another folder or pass --overwrite to replace it"
-        )
+    if not (args.overwrite or resuming):
+        refuse_earlier_result(output, RESULT_NAMES, "--output")
     if args.overwrite and args.resume_from_checkpoint is None and (output / "checkpoints").is_dir():
         shutil.rmtree(output / "checkpoints")
     # A misspelt checkpoint name, a damaged checkpoint or a fresh run over old checkpoints fails
