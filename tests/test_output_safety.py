@@ -271,3 +271,10 @@ def test_translate_and_sample_refuse_a_read_only_output_before_loading(read_only
     assert "is not writable" in one_line_error(capsys, "translate")
     assert main(["sample", "--model", "m", "--output", out]) == 2
     assert "is not writable" in one_line_error(capsys, "sample")
+
+
+def test_convert_refuses_a_read_only_output_before_reading_the_checkpoint(read_only_dir, tmp_path, capsys):
+    missing = tmp_path / "never-read.ckpt"  # the output is checked first, so its absence is not reported
+    for family in ("diffae", "stylegan2"):
+        assert main(["convert", family, "--checkpoint", str(missing), "--output", str(read_only_dir / "out")]) == 2
+        assert "output folder" in (err := one_line_error(capsys, "convert")) and "is not writable" in err, err
