@@ -153,3 +153,15 @@ def test_two_process_all_reduces_average_gradients_and_losses(tmp_path):
     assert reduced["loss"] == pytest.approx(loss.item(), rel=1e-5)
     for name, p in model.named_parameters():
         assert torch.allclose(torch.tensor(reduced["grads"][name]), p.grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_script_refuses_an_output_dir_with_an_earlier_pipeline(tmp_path):
+    from ipl_diffusion.errors import UserError
+
+    script = load_script("examples/train_ipl_diffae.py")
+    out = tmp_path / "run"
+    (out / "pipeline").mkdir(parents=True)
+    (out / "pipeline" / "model_index.json").write_text("{}")
+    with pytest.raises(UserError, match=r"--output_dir .* already holds the result of an earlier run \(pipeline\).*--overwrite"):
+        script.main(["--output_dir", str(out), "--target", "sketch"])
+    assert (out / "pipeline" / "model_index.json").read_text() == "{}"
