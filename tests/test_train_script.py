@@ -155,7 +155,7 @@ def test_two_process_all_reduces_average_gradients_and_losses(tmp_path):
         assert torch.allclose(torch.tensor(reduced["grads"][name]), p.grad, rtol=1e-5, atol=1e-7), name
 
 
-def test_script_refuses_an_output_dir_with_an_earlier_pipeline(tmp_path):
+def test_script_refuses_an_output_dir_with_an_earlier_pipeline(model_dir, tmp_path):
     from ipl_diffusion.errors import UserError
 
     script = load_script("examples/train_ipl_diffae.py")
@@ -163,5 +163,6 @@ def test_script_refuses_an_output_dir_with_an_earlier_pipeline(tmp_path):
     (out / "pipeline").mkdir(parents=True)
     (out / "pipeline" / "model_index.json").write_text("{}")
     with pytest.raises(UserError, match=r"--output_dir .* already holds the result of an earlier run \(pipeline\).*--overwrite"):
-        script.main(["--output_dir", str(out), "--target", "sketch"])
+        script.main(["--pretrained_model_name_or_path", str(model_dir), "--output_dir", str(out), *TINY_ARGS,
+                     "--max_train_steps", "1"])
     assert (out / "pipeline" / "model_index.json").read_text() == "{}"
