@@ -257,8 +257,6 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, DiffusionPipeline):
             if num_images < 1:
                 raise ValueError(f"num_images must be >= 1, got {num_images}")
             latents = torch.randn((num_images, model.style_dim), generator=generator)
-        elif latents.ndim != 2 or latents.shape[1] != model.style_dim:
-            raise ValueError(f"latents must be z of shape (N, {model.style_dim}); got {tuple(latents.shape)}")
         elif not torch.isfinite(latents).all():
             raise ValueError("latents contain NaN or inf; pass finite z of shape (N, style_dim)")
         latents = latents.to(self.device, model.dtype)
