@@ -92,6 +92,32 @@ def verify_checkpoint(path: str | os.PathLike, meta: dict) -> None:
             )
 
 
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """One sha256 over named tensors (names, dtypes, shapes and bytes, in name order), for a
+    safetensors file's metadata: it survives the file being rewritten with another layout."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def verify_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping | None) -> None:
+    """Check tensors loaded from ``path`` against the ``"sha256"`` (:func:`tensors_sha256`) in
+    its safetensors metadata; files without one (written before digests) pass.
+
+    Raises:
+        UserError: a mismatch; the message names the file and says to delete it.
+    """
+    recorded = (metadata or {}).get(DIGEST_KEY)
+    if recorded is not None and recorded != tensors_sha256(tensors):
+        raise UserError(
+            f"{path} does not match the sha256 digest recorded when it was written (changed or damaged on "
+            "disk); delete it to have it computed again"
+        )
+
+
 # ----------------------------------------------------------------------------- RNG state
 
 

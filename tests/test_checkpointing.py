@@ -172,3 +172,15 @@ def test_changed_checkpoint_files_are_refused_naming_the_file(tmp_path):
     del meta["sha256"]  # a checkpoint from before digests were recorded still loads
     (path / "checkpoint.json").write_text(json.dumps(meta))
     assert ckpt.load_checkpoint(path, {"m": model})[1] == {"target": "neon"}
+
+
+def test_tensor_digest_names_the_changed_file(tmp_path):
+    from ipl_diffusion.errors import UserError
+
+    tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2, dtype=torch.bfloat16)}
+    digest = ckpt.tensors_sha256(tensors)
+    ckpt.verify_tensors(tmp_path / "cache.safetensors", dict(tensors), {"sha256": digest})
+    ckpt.verify_tensors(tmp_path / "cache.safetensors", tensors, {})  # written before digests: passes
+    changed = {**tensors, "a": tensors["a"].clone().index_fill_(1, torch.tensor([2]), 7.0)}
+    with pytest.raises(UserError, match=r"cache.safetensors does not match the sha256 digest"):
+        ckpt.verify_tensors(tmp_path / "cache.safetensors", changed, {"sha256": digest})

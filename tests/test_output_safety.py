@@ -215,6 +215,18 @@ def test_resume_from_a_bit_flipped_checkpoint_is_one_line_error(model_dir, tmp_p
     err = one_line_error(capsys)
     assert f"checkpoint file {state} does not match the sha256 digest" in err
     assert snapshot(out) == before
+    # The Stage-1 cache (encoded sources, text features) that a resume reuses is checked the same way.
+    data[-3] ^= 0x10
+    state.write_bytes(bytes(data))
+    cache = out / "cache.safetensors"
+    data = bytearray(cache.read_bytes())
+    data[-3] ^= 0x10
+    cache.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main([*args, "--iterations", "2", "--resume-from-checkpoint", "latest"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars of sampling
+    assert err == f"ipl adapt: error: {cache} does not match the sha256 digest recorded when it was written " \
+                  "(changed or damaged on disk); delete it to have it computed again"
 
 
 # ------------------------------------------------------------------- fp16 weights on CPU

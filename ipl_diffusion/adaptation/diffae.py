@@ -712,9 +712,11 @@ def _same_cache(cache_file: Path, images: torch.Tensor, key: dict) -> dict | Non
     if not cache_file.is_file():
         return None
     with safe_open(str(cache_file), "pt") as handle:
-        if json.loads((handle.metadata() or {}).get("key", "null")) != key:
+        metadata = handle.metadata() or {}
+        if json.loads(metadata.get("key", "null")) != key:
             return None
     cache = load_file(str(cache_file))
+    checkpointing.verify_tensors(cache_file, cache, metadata)  # resume from damaged codes: refused
     if cache["x0"].shape != images.shape or not torch.equal(cache["x0"], images.detach().float().cpu()):
         return None
     return cache
@@ -798,7 +800,9 @@ def adapt_diffae(
             if out is not None and accelerator.is_main_process:
                 out.mkdir(parents=True, exist_ok=True)
                 (out / "run_config.json").write_text(json.dumps(run_config, indent=2))
-                save_file({k: v.contiguous() for k, v in cache.items()}, str(cache_file), metadata={"key": json.dumps(key)})
+                digest = checkpointing.tensors_sha256(cache)
+                save_file({k: v.contiguous() for k, v in cache.items()}, str(cache_file),
+                          metadata={"key": json.dumps(key), "sha256": digest})
                 if mapper is not None:
                     mapper.save_pretrained(out / "stage1" / "mapper")
         elif out is not None and (out / "stage1" / "mapper").is_dir():
