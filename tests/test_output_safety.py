@@ -290,3 +290,16 @@ def test_convert_refuses_a_read_only_output_before_reading_the_checkpoint(read_o
     for family in ("diffae", "stylegan2"):
         assert main(["convert", family, "--checkpoint", str(missing), "--output", str(read_only_dir / "out")]) == 2
         assert "output folder" in (err := one_line_error(capsys, "convert")) and "is not writable" in err, err
+
+
+@pytest.mark.parametrize("script", ["train_clip", "train_oracle", "train_diffae", "train_stylegan2"])
+def test_shapes_training_scripts_refuse_a_work_dir_in_use(script, tmp_path):
+    from repo_scripts import load_script
+
+    work = tmp_path / "work"
+    holder = hold_lock(work)
+    try:
+        with pytest.raises(UserError, match=rf"--work_dir {work} is in use by another run \(pid {holder.pid}"):
+            load_script(f"examples/shapes/{script}.py").main(["--work_dir", str(work), "--output_dir", str(tmp_path / "o")])
+    finally:
+        holder.communicate("")
