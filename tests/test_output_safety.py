@@ -300,6 +300,8 @@ def test_shapes_training_scripts_refuse_a_work_dir_in_use(script, tmp_path):
     holder = hold_lock(work)
     try:
         with pytest.raises(UserError, match=rf"--work_dir {work} is in use by another run \(pid {holder.pid}"):
-            load_script(f"examples/shapes/{script}.py").main(["--work_dir", str(work), "--output_dir", str(tmp_path / "o")])
+            load_script(f"examples/shapes/{script}.py").main(
+                ["--work_dir", str(work), "--output_dir", str(tmp_path / "o"), "--max_steps", "1", "--max_minutes", "0.01"]
+            )
     finally:
         holder.communicate("")
