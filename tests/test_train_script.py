@@ -126,6 +126,8 @@ logged = mean_over_processes({"loss": loss.item()}, acc)
 if acc.is_main_process:
     grads = {name: p.grad.tolist() for name, p in model.named_parameters()}
     json.dump({"world": acc.num_processes, "loss": logged["loss"], "grads": grads}, open(sys.argv[1], "w"))
+acc.wait_for_everyone()  # exit together: a process leaving gloo early aborts the other
+acc.end_training()
 """
 
 
