@@ -42,6 +42,7 @@ from accelerate.utils import set_seed
 
 from ipl_diffusion.adaptation.diffae import Stage1Options, Stage2Config, adapt_diffae
 from ipl_diffusion.adaptation.distributed import make_accelerator
+from ipl_diffusion.outputs import atomic_folder, atomic_write_text, check_writable, output_lock, refuse_earlier_result
 from pipelines.pipeline_ipl import IPLPipeline
 
 logger = get_logger(__name__)
@@ -87,6 +88,7 @@ def parse_args(argv=None):
     run.add_argument("--checkpointing_steps", type=int, default=None)
     run.add_argument("--checkpoints_total_limit", type=int, default=2)
     run.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder')
+    run.add_argument("--overwrite", action="store_true", help="replace the pipeline/ of an earlier run in --output_dir")
     run.add_argument("--validation_steps", type=int, default=None, help="write a sample grid every N iterations")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--push_to_hub", action="store_true")
@@ -97,6 +99,16 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    # Before any model loads: the output folder must be writable, hold no earlier result (unless
+    # resumed or --overwrite) and not be in use by another run (its lock is held until the end).
+    check_writable(args.output_dir, "--output_dir")
+    with output_lock(args.output_dir, "--output_dir"):
+        if args.resume_from_checkpoint is None and not args.overwrite:
+            refuse_earlier_result(args.output_dir, ["pipeline"], "--output_dir")
+        train(args)
+
+
+def train(args):
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     accelerator = make_accelerator(args.mixed_precision)
     logger.info(accelerator.state, main_process_only=False)
@@ -148,9 +160,10 @@ def main(argv=None):
     if accelerator.is_main_process:
         output = Path(args.output_dir)
         result.run_config["args"] = vars(args)
-        (output / "run_config.json").write_text(json.dumps(result.run_config, indent=2))
+        atomic_write_text(output / "run_config.json", json.dumps(result.run_config, indent=2))
         adapted = pipe.with_adaptation(result)
-        adapted.save_pretrained(output / "pipeline")
+        with atomic_folder(output / "pipeline") as folder:  # a crash leaves the old pipeline or the new one
+            adapted.save_pretrained(folder)
         logger.info(f"saved the adapted pipeline to {output / 'pipeline'}")
         if args.push_to_hub:
             repo_id = args.hub_model_id or output.name

@@ -10,8 +10,14 @@ unpickling, so a checkpoint here is a folder of
   ``exp_avg``/``exp_avg_sq``/``step``), and the RNG states (``rng/torch``, ``rng/cuda/<i>``,
   ``rng/numpy``, ``rng/generator/<name>``) as uint8/int64 tensors;
 * ``checkpoint.json`` -- the step, the run config, the optimizers' ``param_groups``
-  (learning rates, betas, ... all JSON numbers), the non-tensor optimizer state entries and
-  the scalar parts of numpy's and Python's RNG states.
+  (learning rates, betas, ... all JSON numbers), the non-tensor optimizer state entries,
+  the scalar parts of numpy's and Python's RNG states, and the sha256 digests of
+  ``state.safetensors`` and of the JSON's own content (``"sha256"``).
+
+Integrity: :func:`load_checkpoint` recomputes both digests before it restores anything, so a
+checkpoint changed on disk (a flipped bit, an edit, a partial copy) is refused with a
+:class:`~ipl_diffusion.errors.UserError` naming the file, instead of resuming silently from
+damaged weights. Checkpoints written before digests were recorded load unchecked.
 
 Models are passed *unwrapped* (``accelerator.unwrap_model(model)``) so the keys never carry
 a DDP ``module.`` prefix, and only the main process calls :func:`save_checkpoint`.
@@ -24,12 +30,12 @@ a half-written ``checkpoint-<step>``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -38,12 +44,78 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ipl_diffusion.errors import UserError
+from ipl_diffusion.outputs import atomic_folder
+
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "state.safetensors"
 META_FILE = "checkpoint.json"
 FORMAT_VERSION = 1
 
 _NAME_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+DIGEST_KEY = "sha256"
+
+
+# ----------------------------------------------------------------------------- digests
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _meta_sha256(meta: dict) -> str:
+    """Digest of the JSON content without its ``"sha256"`` entry, in a canonical form."""
+    body = {k: v for k, v in meta.items() if k != DIGEST_KEY}
+    # Through JSON once, so the digest at save time (tuples, int keys) is that of what is read back.
+    body = json.loads(json.dumps(body))
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def verify_checkpoint(path: str | os.PathLike, meta: dict) -> None:
+    """Check ``path``'s files against the digests in its ``meta`` (``checkpoint.json``).
+
+    Raises:
+        UserError: a digest does not match; the message names the file.
+    """
+    path = Path(path)
+    recorded = meta.get(DIGEST_KEY)
+    if recorded is None:  # written before digests were recorded
+        return
+    actual = {META_FILE: _meta_sha256(meta), STATE_FILE: _file_sha256(path / STATE_FILE)}
+    for name in (META_FILE, STATE_FILE):
+        if recorded.get(name) != actual[name]:
+            raise UserError(
+                f"checkpoint file {path / name} does not match the sha256 digest recorded when it was written "
+                f"(changed or damaged on disk); delete {path.name} to resume from the checkpoint before it, "
+                "or start a new run"
+            )
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """One sha256 over named tensors (names, dtypes, shapes and bytes, in name order), for a
+    safetensors file's metadata: it survives the file being rewritten with another layout."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def verify_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping | None) -> None:
+    """Check tensors loaded from ``path`` against the ``"sha256"`` (:func:`tensors_sha256`) in
+    its safetensors metadata; files without one (written before digests) pass.
+
+    Raises:
+        UserError: a mismatch; the message names the file and says to delete it.
+    """
+    recorded = (metadata or {}).get(DIGEST_KEY)
+    if recorded is not None and recorded != tensors_sha256(tensors):
+        raise UserError(
+            f"{path} does not match the sha256 digest recorded when it was written (changed or damaged on "
+            "disk); delete it to have it computed again"
+        )
 
 
 # ----------------------------------------------------------------------------- RNG state
@@ -201,26 +273,15 @@ def save_checkpoint(
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
     target = root / f"{CHECKPOINT_PREFIX}{int(step)}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=root))
-    try:
+    with atomic_folder(target) as tmp:
         save_file(tensors, str(tmp / STATE_FILE), metadata={"format": "pt"})
+        with open(tmp / STATE_FILE, "rb") as handle:
+            os.fsync(handle.fileno())
+        meta[DIGEST_KEY] = {STATE_FILE: _file_sha256(tmp / STATE_FILE), META_FILE: _meta_sha256(meta)}
         with open(tmp / META_FILE, "w") as handle:
             json.dump(meta, handle, indent=1)
             handle.flush()
             os.fsync(handle.fileno())
-        with open(tmp / STATE_FILE, "rb") as handle:
-            os.fsync(handle.fileno())
-        if target.exists():
-            # os.replace cannot replace a non-empty folder: move the old one aside first.
-            trash = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=root))
-            os.replace(target, trash / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep:
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -237,7 +298,9 @@ def load_checkpoint(
     """Restore a checkpoint written by :func:`save_checkpoint`; returns ``(step, config)``.
 
     Models are loaded strictly: a checkpoint from a different architecture raises
-    ``ValueError`` naming the missing / unexpected keys. Tensors are moved to each
+    ``ValueError`` naming the missing / unexpected keys. A file that does not match the
+    digest recorded at save time raises :class:`~ipl_diffusion.errors.UserError` naming it
+    (:func:`verify_checkpoint`), before anything is restored. Tensors are moved to each
     module's / optimizer parameter's device by ``load_state_dict``.
     """
     path = Path(path)
@@ -254,6 +317,7 @@ def load_checkpoint(
             f"checkpoint {path} is unreadable ({err}); it was cut short or edited -- delete that folder "
             "to resume from the one before it"
         ) from None
+    verify_checkpoint(path, meta)  # readable, but is it what was written?
     for name, module in models.items():
         prefix = f"model/{name}/"
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -303,13 +367,21 @@ def check_before_run(output_dir: str | os.PathLike, resume_from_checkpoint: str 
 
     A fresh run (``resume_from_checkpoint=None``) must not find an earlier run's checkpoints
     (:func:`refuse_foreign_checkpoints`); a resumed one must name a checkpoint that exists
-    (:func:`resolve_checkpoint`: ``FileNotFoundError`` listing the available ones), so that a
-    misspelt name fails in a second rather than after Stage 1 has rewritten its outputs.
+    (:func:`resolve_checkpoint`: ``FileNotFoundError`` listing the available ones) whose files
+    match their digests (:func:`verify_checkpoint`: ``UserError`` naming the file), so that a
+    misspelt name or a damaged checkpoint fails in a second rather than after Stage 1 has
+    rewritten its outputs.
     """
     if resume_from_checkpoint is None:
         refuse_foreign_checkpoints(output_dir)
-    else:
-        resolve_checkpoint(output_dir, resume_from_checkpoint)
+        return
+    path = resolve_checkpoint(output_dir, resume_from_checkpoint)
+    if path is not None:  # a damaged checkpoint fails now, not after the sources are encoded
+        try:
+            meta = json.loads((path / META_FILE).read_text())
+        except ValueError:
+            return  # unreadable JSON: load_checkpoint says so, with its own message
+        verify_checkpoint(path, meta)
 
 
 def refuse_foreign_checkpoints(output_dir: str | os.PathLike) -> None:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["IMAGE_EXTENSIONS", "list_image_files", "load_image", "load_images", "to_pil", "to_rgb"]
+__all__ = ["IMAGE_EXTENSIONS", "check_image_tensor", "list_image_files", "load_image", "load_images", "to_pil", "to_rgb"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 
@@ -225,6 +225,32 @@ def load_images(
     if not tensors:
         raise ValueError(f"none of the {len(items)} image(s) could be read: {'; '.join(skipped)}")
     return torch.stack(tensors), names
+
+
+def check_image_tensor(images: torch.Tensor) -> torch.Tensor:
+    """Images given as a tensor: ``(3, H, W)`` or ``(B, 3, H, W)`` float in ``[-1, 1]``.
+
+    Returns:
+        ``float32`` ``(B, 3, H, W)`` (a batch axis added to a single image), values unchanged.
+
+    Raises:
+        ValueError: another shape, NaN / inf values, or values outside ``[-1, 1]`` (with
+            1e-3 slack for rounding), e.g. ``[0, 255]`` images; the message says how to map them.
+    """
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"image tensors must be (B, 3, H, W) in [-1, 1]; got {tuple(images.shape)}")
+    images = images.float()
+    if not torch.isfinite(images).all():
+        raise ValueError("image tensors contain NaN or infinite values")
+    low, high = images.min().item(), images.max().item()
+    if low < -1.001 or high > 1.001:
+        raise ValueError(
+            f"image tensors must be in [-1, 1]; got values in [{low:.3g}, {high:.3g}] "
+            "(map [0, 255] images with x / 127.5 - 1)"
+        )
+    return images
 
 
 def to_pil(images: torch.Tensor) -> List[Image.Image]:

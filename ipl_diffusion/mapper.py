@@ -31,6 +31,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ipl_diffusion.models.config_keys import StrictConfigMixin
 
 class PixelNorm(nn.Module):
     """``x / sqrt(mean(x², dim=1) + 1e-8)`` (StyleGAN's input normalisation), for ``(B, C)`` inputs."""
@@ -75,7 +76,7 @@ class EqualLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, lr_mul={self.lr_mul}, activate={self.activate}"
 
 
-class LatentMapper(ModelMixin, ConfigMixin):
+class LatentMapper(StrictConfigMixin, ModelMixin, ConfigMixin):
     """IPL latent mapper ``F`` (Eq. 2): ``(B, latent_dim)`` latents -> ``(B, n_ctx, ctx_dim)`` prompt vectors.
 
     Args:
@@ -185,7 +186,7 @@ class LatentMapper(ModelMixin, ConfigMixin):
         return model
 
 
-class SharedPromptContext(ModelMixin, ConfigMixin):
+class SharedPromptContext(StrictConfigMixin, ModelMixin, ConfigMixin):
     """One set of prompt vectors shared by every image: CoOp's learned context ("learned" scheme)
     or a fixed phrase's token embeddings (NADA's "a photo of a", "manual" scheme).
 

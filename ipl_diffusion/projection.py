@@ -45,6 +45,7 @@ def lpips_loss(backbone_weights, lin_weights=None, net: str = "alex") -> Callabl
     from ipl_diffusion.metrics.lpips import LPIPS
 
     model = LPIPS.from_pretrained(backbone_weights, lin_weights, net=net, metric="LPIPS (projection)").eval().requires_grad_(False)
+    model.check_range = False  # the generator's outputs are unclamped and may leave [-1, 1] slightly
 
     def loss(x, y):
         model.to(x.device)

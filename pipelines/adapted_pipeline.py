@@ -3,6 +3,7 @@ project's one preprocessing path, the sample grid and model card saved beside th
 Hub pushes of that folder (whose code files let plain diffusers load it, see
 :mod:`pipelines.hub_layout`)."""
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -45,6 +46,29 @@ class AdaptedPipelineMixin:
         recommended = self.config.get("adapt_defaults") or {}
         return {**library_defaults, **recommended, **{k: v for k, v in given.items() if v is not None}}
 
+    @staticmethod
+    @contextlib.contextmanager
+    def guard_output_dir(output_dir, resume_from_checkpoint=None):
+        """Around an ``adapt`` run writing into ``output_dir`` (``None``: no-op): refuse a folder
+        that cannot be written before any work, hold its run lock
+        (:func:`ipl_diffusion.outputs.output_lock`) so a second run into it is refused at once,
+        and check its checkpoints (:func:`ipl_diffusion.checkpointing.check_before_run`).
+
+        Raises:
+            UserError: ``output_dir`` is not writable, another live run holds it, or the
+                checkpoint to resume from does not match its recorded digests.
+            ValueError / FileNotFoundError: see ``check_before_run``.
+        """
+        from ipl_diffusion.checkpointing import check_before_run
+        from ipl_diffusion.outputs import check_writable, output_lock
+
+        if output_dir is not None:
+            check_writable(output_dir, "output_dir")
+        with output_lock(output_dir, "output_dir"):
+            if output_dir is not None:
+                check_before_run(Path(output_dir) / "checkpoints", resume_from_checkpoint)
+            yield
+
     def load_sample_grid(self, folder) -> None:
         """Set ``sample_grid`` from ``folder/sample_grid.png`` when a saved pipeline has one."""
         grid = Path(folder) / SAMPLE_GRID_NAME
@@ -62,16 +86,14 @@ class AdaptedPipelineMixin:
         Conversion is :func:`ipl_diffusion.images.load_images` (the project's one path).
 
         Raises:
-            ValueError: a tensor not shaped ``(B, 3, H, W)``, or an unreadable image;
+            ValueError: a tensor not shaped ``(B, 3, H, W)``, with NaN / inf or values outside
+                ``[-1, 1]`` (:func:`ipl_diffusion.images.check_image_tensor`), or an unreadable image;
             FileNotFoundError: a missing or empty folder.
         """
-        if torch.is_tensor(images):
-            if images.ndim == 3:
-                images = images[None]
-            if images.ndim != 4 or images.shape[1] != 3:
-                raise ValueError(f"image tensors must be (B, 3, H, W) in [-1, 1]; got {tuple(images.shape)}")
-            return images.to(self.device, torch.float32)
-        from ipl_diffusion.images import load_images
+        from ipl_diffusion.images import check_image_tensor, load_images
+
+        if torch.is_tensor(images):  # NaN or [0, 255] tensors would translate into garbage silently
+            return check_image_tensor(images).to(self.device, torch.float32)
 
         if not isinstance(images, (list, tuple, str, os.PathLike)):
             images = [images]

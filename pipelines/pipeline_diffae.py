@@ -34,6 +34,7 @@ a fresh process.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
@@ -48,7 +49,7 @@ from diffusers.utils.torch_utils import randn_tensor
 # Imported for their side effect too: from_pretrained needs these modules in sys.modules.
 import ipl_diffusion.models  # noqa: F401
 from ipl_diffusion import ddim
-from ipl_diffusion.images import load_images, to_pil
+from ipl_diffusion.images import check_image_tensor, load_images, to_pil
 from ipl_diffusion.models.diffae_blocks import warn_xformers_fallback, xformers_unavailable_reason
 from pipelines.hub_layout import RemoteCodeLayoutMixin
 from pipelines.loading import hub_snapshot
@@ -82,6 +83,46 @@ def diffae_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
 def default_latent_scheduler() -> DDIMScheduler:
     """The latent DDIM scheduler of upstream DiffAE (T=1000, constant beta 0.008, no clipping)."""
     return DDIMScheduler(num_train_timesteps=1000, trained_betas=[0.008] * 1000, clip_sample=False)
+
+
+def check_codes(unet, z_sem: torch.Tensor, x: torch.Tensor, name: str = "x_T", gaussian: bool = False):
+    """Check codes before ``unet`` decodes them; returns ``(z_sem, x)`` unchanged.
+
+    Args:
+        unet: the DiffAE UNet (its config gives ``sample_size``, ``in_channels``, ``z_sem_channels``).
+        z_sem: ``(B, z_sem_channels)`` semantic codes.
+        x: ``(B, in_channels, S, S)`` with ``S`` the UNet's ``sample_size`` (the UNet is
+            convolutional and would silently decode another size into other-size images).
+        name: how messages call ``x`` (``"x_T"``, ``"x_t0"``).
+        gaussian: ``x`` should be pure noise: a ``UserWarning`` when its mean / std are far
+            from N(0, I) (e.g. ``torch.rand``, uniform in [0, 1]; upstream DiffAE users hit this).
+
+    Raises:
+        UserError: a wrong shape, NaN / inf values, or batch sizes that differ.
+    """
+    from ipl_diffusion.errors import UserError
+
+    size, channels = int(unet.config.sample_size), int(unet.config.in_channels)
+    width = int(unet.config.get("z_sem_channels", z_sem.shape[-1]))
+    if z_sem.ndim != 2 or z_sem.shape[1] != width:
+        raise UserError(f"z_sem must be (B, {width}) for this model; got {tuple(z_sem.shape)}")
+    if x.ndim != 4 or tuple(x.shape[1:]) != (channels, size, size):
+        raise UserError(f"{name} must be (B, {channels}, {size}, {size}) for this {size}-px model; got {tuple(x.shape)}")
+    if x.shape[0] != z_sem.shape[0]:
+        raise UserError(f"z_sem has {z_sem.shape[0]} rows but {name} has {x.shape[0]}")
+    for label, value in (("z_sem", z_sem), (name, x)):
+        if not torch.isfinite(value).all():
+            raise UserError(f"{label} contains NaN or infinite values")
+    if gaussian and x.numel() >= 256:
+        mean, std = x.float().mean().item(), x.float().std().item()
+        if abs(mean) > 0.25 or not 0.6 < std < 1.5:
+            warnings.warn(
+                f"{name} has mean {mean:.2f} and std {std:.2f}, far from the N(0, I) noise DiffAE decodes; "
+                "the images will look wrong (torch.rand is uniform in [0, 1]: use torch.randn)",
+                UserWarning,
+                stacklevel=3,
+            )
+    return z_sem, x
 
 
 @dataclass
@@ -171,19 +212,7 @@ class DiffAEPipeline(RemoteCodeLayoutMixin, XFormersFallbackPipelineMixin, Diffu
         through :func:`ipl_diffusion.images.load_images` at ``size`` (default: the UNet's sample size).
         """
         if torch.is_tensor(images):
-            if images.ndim == 3:
-                images = images[None]
-            if images.ndim != 4 or images.shape[1] != 3:
-                raise ValueError(f"image tensors must be (B, 3, H, W) in [-1, 1]; got {tuple(images.shape)}")
-            images = images.float()
-            if not torch.isfinite(images).all():
-                raise ValueError("image tensors contain NaN or infinite values")
-            low, high = images.min().item(), images.max().item()
-            if low < -1.001 or high > 1.001:
-                raise ValueError(
-                    f"image tensors must be in [-1, 1]; got values in [{low:.3g}, {high:.3g}] "
-                    "(map [0, 255] images with x / 127.5 - 1)"
-                )
+            images = check_image_tensor(images)
         else:
             if isinstance(images, PIL.Image.Image):
                 images = [images]
@@ -257,6 +286,11 @@ class DiffAEPipeline(RemoteCodeLayoutMixin, XFormersFallbackPipelineMixin, Diffu
         )
         return z_sem, x_T
 
+    def check_codes(self, z_sem: torch.Tensor, x: torch.Tensor, name: str = "x_T", gaussian: bool = False):
+        """:func:`check_codes` for this pipeline's UNet; returns float32 codes on its device."""
+        z_sem, x = check_codes(self.unet, z_sem, x, name, gaussian)
+        return z_sem.to(device=self.device, dtype=torch.float32), x.to(device=self.device, dtype=torch.float32)
+
     @torch.no_grad()
     def decode(
         self,
@@ -271,22 +305,27 @@ class DiffAEPipeline(RemoteCodeLayoutMixin, XFormersFallbackPipelineMixin, Diffu
 
         Args:
             z_sem: ``(B, 512)`` semantic codes.
-            x_T: ``(B, 3, H, W)`` stochastic codes; ``None`` draws Gaussian noise with ``generator``
-                at the UNet's sample size.
+            x_T: ``(B, 3, H, W)`` stochastic codes at the UNet's sample size; ``None`` draws
+                Gaussian noise with ``generator``. A given ``x_T`` far from N(0, I) gets a
+                ``UserWarning`` (unless ``start_timestep`` is given: ``x_t0`` is not pure noise).
             num_inference_steps: DDIM steps (upstream default ``T_eval=20``).
             generator: for ``x_T=None``.
             output_type: ``"latent"`` (default: tensor in ``[-1, 1]``), ``"pt"``, ``"np"``, ``"pil"``.
             start_timestep: decode from this intermediate timestep (DiffusionCLIP's ``t0``).
+
+        Raises:
+            UserError: codes of the wrong shape, with NaN / inf, or of different batch sizes
+                (:meth:`check_codes`); ValueError: a bad ``output_type``.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
-        z_sem = z_sem.to(device=self.device, dtype=torch.float32)
         if x_T is None:
             x_T = self._noise(z_sem.shape[0], generator)
-        x_T = x_T.to(device=self.device, dtype=torch.float32)
-        if x_T.shape[0] != z_sem.shape[0]:
-            raise ValueError(f"z_sem has {z_sem.shape[0]} rows but x_T has {x_T.shape[0]}")
-        x0 = ddim.ddim_decode(
+        z_sem, x_T = self.check_codes(z_sem, x_T, gaussian=start_timestep is None)
+        return self.postprocess(self._decode(z_sem, x_T, num_inference_steps, start_timestep), output_type)
+
+    def _decode(self, z_sem, x_T, num_inference_steps, start_timestep=None):
+        return ddim.ddim_decode(
             self.unet,
             x_T,
             z_sem,
@@ -295,7 +334,6 @@ class DiffAEPipeline(RemoteCodeLayoutMixin, XFormersFallbackPipelineMixin, Diffu
             start_timestep=start_timestep,
             progress_bar=self.progress_bar,
         )
-        return self.postprocess(x0, output_type)
 
     @torch.no_grad()
     def sample_z_sem(self, batch_size: int = 1, generator: Generator = None, num_inference_steps: int = 200):
@@ -357,6 +395,7 @@ class DiffAEPipeline(RemoteCodeLayoutMixin, XFormersFallbackPipelineMixin, Diffu
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
         generator = self._generator(generator, seed)
+        given_x_T = x_T is not None
         if images is not None:
             if z_sem is not None:
                 raise ValueError("pass images or z_sem, not both")
@@ -370,8 +409,9 @@ class DiffAEPipeline(RemoteCodeLayoutMixin, XFormersFallbackPipelineMixin, Diffu
             z_sem = self.sample_z_sem(int(batch_size), generator, latent_num_inference_steps)
         if x_T is None:
             x_T = self._noise(z_sem.shape[0], generator)
-        x0 = self.decode(z_sem, x_T, num_inference_steps, output_type="latent")
-        result = self.postprocess(x0, output_type)
+        # x_T of the inversion of images is not checked against N(0, I); a user's is.
+        z_sem, x_T = self.check_codes(z_sem, x_T, gaussian=given_x_T)
+        result = self.postprocess(self._decode(z_sem, x_T, num_inference_steps), output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return result, z_sem, x_T

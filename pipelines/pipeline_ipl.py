@@ -50,7 +50,7 @@ from pipelines.adapted_pipeline import AdaptedPipelineMixin
 from pipelines.hub_layout import RemoteCodeLayoutMixin
 from pipelines.loading import load_pipeline
 from pipelines.model_card import build_model_card, summarize_history
-from pipelines.pipeline_diffae import XFormersFallbackPipelineMixin
+from pipelines.pipeline_diffae import XFormersFallbackPipelineMixin, check_codes
 
 # Built-in adaptation options (the paper's Stage 1, DiffusionCLIP's README Stage 2); a model's
 # own config.adapt_defaults override them, explicit arguments override both.
@@ -269,10 +269,16 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
 
     @torch.no_grad()
     def decode(self, z_sem, x_t0, t0: Optional[int] = None, num_inference_steps: Optional[int] = None, unet=None):
-        """``x_t0 -> x0 (B, 3, H, W)`` in ``[-1, 1]`` with the adapted UNet (or ``unet``)."""
+        """``x_t0 -> x0 (B, 3, H, W)`` in ``[-1, 1]`` with the adapted UNet (or ``unet``).
+
+        Raises:
+            UserError: ``z_sem`` / ``x_t0`` of the wrong shape (``x_t0`` must be at the model's
+                size), with NaN / inf, or of different batch sizes.
+        """
         t0 = diff_ipl.check_t0(self._option("t0", t0, ADAPT_DEFAULTS["t0"]), self.scheduler)
         steps = self._option("num_inference_steps", num_inference_steps, ADAPT_DEFAULTS["num_inference_steps"])
         unet = unet or self.adapted_unet
+        z_sem, x_t0 = check_codes(self.source_unet, z_sem, x_t0, "x_t0")
         return diff_ipl.decode_from_t0(unet, x_t0, z_sem, self.scheduler, t0, steps, self.progress_bar)
 
     # ---------------------------------------------------------------------- translation
@@ -449,6 +455,8 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
         Raises:
             ValueError: bad labels (empty, too long, unknown to a Shapes CLIP), bad options,
                 or a non-finite loss; FileNotFoundError: a missing / empty image folder.
+            UserError (a ``ValueError``): half-precision weights on a CPU, an ``output_dir``
+                that is not writable or is in use by another run, a damaged checkpoint.
         """
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("adapt needs the CLIP text_encoder and tokenizer components; this pipeline has none")
@@ -491,36 +499,39 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
             learning_rate=o["stage1_learning_rate"],
             n_ctx=o["n_ctx"],
         )
-        if images is None:
-            x0 = self.sample(
-                num_images=o["num_images"],
-                generator=torch.Generator().manual_seed(seed),
-                num_inference_steps=o["num_inference_steps"],
-                output_type="latent",
-                source=True,
-            ).images
-        else:
-            x0 = self.preprocess(images)
-        result = diff_ipl.adapt_diffae(
-            stage1_images=None if stage1_images is None else self.preprocess(stage1_images),
-            validation_images=None if validation_images is None else self.preprocess(validation_images),
-            semantic_encoder=self.semantic_encoder,
-            source_unet=self.source_unet,
-            scheduler=self.scheduler,
-            clip_model=self.text_encoder,
-            tokenizer=self.tokenizer,
-            feature_extractor=self.feature_extractor,
-            images=x0,
-            source=source,
-            target=target,
-            stage1=stage1,
-            stage2=stage2,
-            accelerator=accelerator,
-            output_dir=output_dir,
-            resume_from_checkpoint=resume_from_checkpoint,
-            progress=progress,
-            base_model=self.config.base_model,
-        )
+        frozen = {"semantic_encoder": self.semantic_encoder, "source_unet": self.source_unet, "text_encoder": self.text_encoder}
+        diff_ipl.check_weights_dtype(frozen, accelerator.device if accelerator is not None else self.device)
+        with self.guard_output_dir(output_dir, resume_from_checkpoint):  # before the (slow) sampling / encoding
+            if images is None:
+                x0 = self.sample(
+                    num_images=o["num_images"],
+                    generator=torch.Generator().manual_seed(seed),
+                    num_inference_steps=o["num_inference_steps"],
+                    output_type="latent",
+                    source=True,
+                ).images
+            else:
+                x0 = self.preprocess(images)
+            result = diff_ipl.adapt_diffae(
+                stage1_images=None if stage1_images is None else self.preprocess(stage1_images),
+                validation_images=None if validation_images is None else self.preprocess(validation_images),
+                semantic_encoder=self.semantic_encoder,
+                source_unet=self.source_unet,
+                scheduler=self.scheduler,
+                clip_model=self.text_encoder,
+                tokenizer=self.tokenizer,
+                feature_extractor=self.feature_extractor,
+                images=x0,
+                source=source,
+                target=target,
+                stage1=stage1,
+                stage2=stage2,
+                accelerator=accelerator,
+                output_dir=output_dir,
+                resume_from_checkpoint=resume_from_checkpoint,
+                progress=progress,
+                base_model=self.config.base_model,
+            )
         return self.with_adaptation(result)
 
     def with_adaptation(self, result) -> "IPLPipeline":

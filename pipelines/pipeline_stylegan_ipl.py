@@ -49,6 +49,7 @@ import ipl_diffusion.mapper  # noqa: F401
 import ipl_diffusion.models.stylegan2  # noqa: F401
 from ipl_diffusion.adaptation import stylegan2 as gan_ipl
 from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
+from ipl_diffusion.outputs import atomic_save_image
 from ipl_diffusion.prompt_learning import PROMPT_SCHEMES
 from pipelines.adapted_pipeline import SAMPLE_GRID_NAME, AdaptedPipelineMixin
 from pipelines.hub_layout import RemoteCodeLayoutMixin
@@ -430,6 +431,8 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, Diffusion
         Raises:
             ValueError: no CLIP components, bad labels or options, fp16 without a GPU, a
                 non-finite loss.
+            UserError (a ``ValueError``): half-precision weights on a CPU, an ``output_dir``
+                that is not writable or is in use by another run, a damaged checkpoint.
         """
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("adapt needs the CLIP text_encoder and tokenizer components; this pipeline has none")
@@ -471,21 +474,22 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, Diffusion
         )
         config.validate()
         stage1 = dict(scheme=scheme, lambda_domain=lambda_domain, num_iterations=stage1_iterations, batch_size=stage1_batch_size, learning_rate=stage1_learning_rate, n_ctx=n_ctx, label_templates=label_templates, num_images=num_images)
-        result = gan_ipl.adapt_stylegan2(
-            source_generator=self.source_generator,
-            clip_model=self.text_encoder,
-            tokenizer=self.tokenizer,
-            feature_extractor=self.feature_extractor,
-            source=source,
-            target=target,
-            stage1=stage1,
-            stage2=config,
-            output_dir=output_dir,
-            resume_from_checkpoint=resume_from_checkpoint,
-            progress=progress,
-            base_model=self.config.base_model,
-            accelerator=accelerator,
-        )
+        with self.guard_output_dir(output_dir, resume_from_checkpoint):  # writable and not in use, before any work
+            result = gan_ipl.adapt_stylegan2(
+                source_generator=self.source_generator,
+                clip_model=self.text_encoder,
+                tokenizer=self.tokenizer,
+                feature_extractor=self.feature_extractor,
+                source=source,
+                target=target,
+                stage1=stage1,
+                stage2=config,
+                output_dir=output_dir,
+                resume_from_checkpoint=resume_from_checkpoint,
+                progress=progress,
+                base_model=self.config.base_model,
+                accelerator=accelerator,
+            )
         adapted = type(self)(
             source_generator=self.source_generator,
             generator=result.generator,
@@ -504,7 +508,7 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, Diffusion
         adapted.sample_grid = adapted.make_sample_grid(num_images=num_samples)
         if output_dir is not None and result.is_main_process:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
-            adapted.sample_grid.save(Path(output_dir) / SAMPLE_GRID_NAME)
+            atomic_save_image(adapted.sample_grid, Path(output_dir) / SAMPLE_GRID_NAME)
         return adapted
 
     # ---------------------------------------------------------------------- saving / hub

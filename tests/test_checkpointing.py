@@ -145,3 +145,42 @@ def test_resume_refuses_another_runs_checkpoint_and_fresh_runs_keep_old_ones(tmp
     save_checkpoint(tmp_path / "checkpoints", 6, {"m": torch.nn.Linear(2, 2)}, config=saved)
     with pytest.raises(ValueError, match="already holds checkpoints.*checkpoint-6"):
         refuse_foreign_checkpoints(tmp_path / "checkpoints")
+
+
+def _flip_bit(path, offset_from_end=1):
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x01  # tensor data sits at the end of a safetensors file
+    path.write_bytes(bytes(data))
+
+
+def test_changed_checkpoint_files_are_refused_naming_the_file(tmp_path):
+    from ipl_diffusion.errors import UserError
+
+    model = torch.nn.Linear(2, 2)
+    path = ckpt.save_checkpoint(tmp_path, 1, {"m": model}, config={"target": "sketch"})
+    assert set(json.loads((path / "checkpoint.json").read_text())["sha256"]) == {"state.safetensors", "checkpoint.json"}
+    ckpt.load_checkpoint(path, {"m": model})  # intact: loads
+    _flip_bit(path / "state.safetensors")  # still a readable safetensors file, one weight changed
+    with pytest.raises(UserError, match=r"checkpoint file .*checkpoint-1/state.safetensors does not match the sha256"):
+        ckpt.load_checkpoint(path, {"m": torch.nn.Linear(2, 2)})
+    path = ckpt.save_checkpoint(tmp_path, 2, {"m": model}, config={"target": "sketch"})
+    meta = json.loads((path / "checkpoint.json").read_text())
+    meta["config"]["target"] = "neon"  # an edit to the JSON is caught too
+    (path / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"checkpoint-2/checkpoint.json does not match"):
+        ckpt.load_checkpoint(path, {"m": model})
+    del meta["sha256"]  # a checkpoint from before digests were recorded still loads
+    (path / "checkpoint.json").write_text(json.dumps(meta))
+    assert ckpt.load_checkpoint(path, {"m": model})[1] == {"target": "neon"}
+
+
+def test_tensor_digest_names_the_changed_file(tmp_path):
+    from ipl_diffusion.errors import UserError
+
+    tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2, dtype=torch.bfloat16)}
+    digest = ckpt.tensors_sha256(tensors)
+    ckpt.verify_tensors(tmp_path / "cache.safetensors", dict(tensors), {"sha256": digest})
+    ckpt.verify_tensors(tmp_path / "cache.safetensors", tensors, {})  # written before digests: passes
+    changed = {**tensors, "a": tensors["a"].clone().index_fill_(1, torch.tensor([2]), 7.0)}
+    with pytest.raises(UserError, match=r"cache.safetensors does not match the sha256 digest"):
+        ckpt.verify_tensors(tmp_path / "cache.safetensors", changed, {"sha256": digest})

@@ -180,3 +180,33 @@ def test_paper_metrics_with_random_networks_in_their_published_layouts(tmp_path)
     assert 1.0 <= rows["is"]["value"] <= 3.0  # IS lies in [1, number of images per split]
     assert 0.0 <= rows["scs"]["value"] <= 1.0 and -1.0 <= rows["id"]["value"] <= 1.0
     assert rows["sifid"]["value"] == pytest.approx((rows["sifid[R1.png]"]["value"] + rows["sifid[R2.png]"]["value"]) / 2)
+
+
+def test_read_only_json_or_csv_is_refused_before_any_work(tmp_path, read_only_dir, monkeypatch, capsys):
+    from ipl_diffusion.cli import main
+    from ipl_diffusion.metrics.suite import MetricNetworks
+
+    def no_networks(*args, **kwargs):
+        raise AssertionError("networks were built before --json / --csv was checked")
+
+    monkeypatch.setattr(MetricNetworks, "from_weights", no_networks)
+    write_images(tmp_path / "dst", ["a.png", "b.png"], 1)
+    for flag in ("--json", "--csv"):
+        assert main(["evaluate", "--adapted", str(tmp_path / "dst"), flag, str(read_only_dir / "res.out")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"ipl evaluate: error: {flag} {read_only_dir / 'res.out'}: its folder") and "not writable" in err
+
+
+@pytest.mark.slow
+def test_inception_score_of_32_px_images_resizes_them(tmp_path):
+    from ipl_diffusion.metrics import InceptionV3
+
+    torch.manual_seed(0)
+    inception = _save_random(InceptionV3("torchvision"), tmp_path / "inception_v3_google-0cc3c7bd.pth")
+    write_images(tmp_path / "dst", ["0.png", "1.png"], 1)
+    out = tmp_path / "res.json"
+    assert run_cli(["--adapted", str(tmp_path / "dst"), "--size", "32", "--splits", "2", "--metrics", "is",
+                    "--inception-weights", inception, "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["metrics"][0]
+    assert row["metric"] == "is" and 1.0 <= row["value"] <= 2.0
+    assert "resized to 299 px (Inception needs >= 75)" in row["note"]

@@ -14,14 +14,7 @@ from ipl_diffusion.projection import project
 STYLE_DIM = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tiny models are latency-bound: one intra-op thread avoids OpenMP hand-offs that
-    cost more than the work (on a loaded 2-core runner, 2 threads ran ~50x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny latency-bound models (conftest.py)
 
 
 def tiny_generator(seed=0, size=32):

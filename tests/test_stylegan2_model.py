@@ -16,14 +16,7 @@ import torch
 from ipl_diffusion.conversion.stylegan2 import convert_stylegan2_checkpoint, generator_from_checkpoint, load_rosinality_checkpoint
 from ipl_diffusion.models.stylegan2 import StyleGAN2Generator, fused_leaky_relu, make_kernel, upfirdn2d
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tiny models are latency-bound: one intra-op thread avoids OpenMP hand-offs that
-    cost more than the work (on a loaded 2-core runner, 2 threads ran ~50x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny latency-bound models (conftest.py)
 
 
 # ----------------------------------------------------------------------------------------

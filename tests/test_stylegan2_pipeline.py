@@ -23,14 +23,7 @@ FAST = dict(num_images=8, stage1_iterations=2, stage1_batch_size=4, iterations=2
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tiny models are latency-bound: one intra-op thread avoids OpenMP hand-offs that
-    cost more than the work (on a loaded 2-core runner, 2 threads ran ~50x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny latency-bound models (conftest.py)
 
 
 def tiny_generator(seed=0):

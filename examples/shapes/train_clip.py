@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
 from ipl_diffusion.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
+from ipl_diffusion.outputs import output_lock
 from ipl_diffusion.shapes.renderer import STYLES, ShapesRenderer, sample_factors
 from ipl_diffusion.shapes.vocab import build_tokenizer, sample_captions, zero_shot_texts
 
@@ -152,6 +153,12 @@ def zero_shot_accuracy(model, tokenizer, renderer, n_images, seed):
 
 def main(argv=None):
     args = parse_args(argv)
+    # One run per --work_dir: two would rotate each other's checkpoints away.
+    with output_lock(args.work_dir, "--work_dir"):
+        return train(args)
+
+
+def train(args):
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)

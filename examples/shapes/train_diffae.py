@@ -65,6 +65,7 @@ from PIL import Image
 from ipl_diffusion.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
 from ipl_diffusion.ddim import ddim_decode, ddim_invert
 from ipl_diffusion.models import DiffAEUNetModel, LatentNetModel, SemanticEncoder
+from ipl_diffusion.outputs import output_lock
 from ipl_diffusion.shapes.renderer import SOURCE_STYLE, ShapesRenderer, sample_factors
 # Upstream DiffAE's two diffusions: images (linear betas, clipped x0), latents (constant beta).
 from pipelines.pipeline_diffae import DiffAEPipeline, default_latent_scheduler, diffae_scheduler
@@ -348,6 +349,12 @@ def evaluate(args, encoder, unet, latent_net, renderer, out_dir):
 
 def main(argv=None):
     args = parse_args(argv)
+    # One run per --work_dir: two would rotate each other's checkpoints away.
+    with output_lock(args.work_dir, "--work_dir"):
+        return train(args)
+
+
+def train(args):
     torch.manual_seed(args.seed)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ipl_diffusion.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
+from ipl_diffusion.outputs import output_lock
 from ipl_diffusion.shapes.oracle import ShapesOracle, oracle_loss
 from ipl_diffusion.shapes.renderer import STYLES, ShapesRenderer, sample_factors
 
@@ -77,6 +78,12 @@ def evaluate(oracle, renderer, n_images, seed):
 
 def main(argv=None):
     args = parse_args(argv)
+    # One run per --work_dir: two would rotate each other's checkpoints away.
+    with output_lock(args.work_dir, "--work_dir"):
+        return train(args)
+
+
+def train(args):
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)

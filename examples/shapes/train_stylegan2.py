@@ -67,6 +67,7 @@ from ipl_diffusion.checkpointing import load_checkpoint, resolve_checkpoint, sav
 from ipl_diffusion.cli.adapt import positive_int
 from ipl_diffusion.models.semantic_encoder import SemanticEncoder
 from ipl_diffusion.models.stylegan2 import EqualLinear, StyleGAN2Discriminator, StyleGAN2Generator
+from ipl_diffusion.outputs import output_lock
 from ipl_diffusion.shapes.renderer import COLORS, SHAPES, SOURCE_STYLE, STYLES, ShapesRenderer, sample_factors
 
 
@@ -391,6 +392,12 @@ def train_mapping(args, renderer):
 
 def main(argv=None):
     args = parse_args(argv)
+    # One run per --work_dir: two would rotate each other's checkpoints away.
+    with output_lock(args.work_dir, "--work_dir"):
+        return train(args)
+
+
+def train(args):
     torch.manual_seed(args.seed)
     work = Path(args.work_dir)
     renderer = ShapesRenderer(args.resolution)

@@ -72,6 +72,7 @@ from ipl_diffusion import checkpointing, ddim
 from ipl_diffusion.adaptation.distributed import (
     MIXED_PRECISION,
     average_gradients,
+    check_weights_dtype,
     gather_in_order,
     make_accelerator,
     mean_over_processes,
@@ -732,9 +733,11 @@ def _same_cache(cache_file: Path, images: torch.Tensor, key: dict) -> dict | Non
     if not cache_file.is_file():
         return None
     with safe_open(str(cache_file), "pt") as handle:
-        if json.loads((handle.metadata() or {}).get("key", "null")) != key:
+        metadata = handle.metadata() or {}
+        if json.loads(metadata.get("key", "null")) != key:
             return None
     cache = load_file(str(cache_file))
+    checkpointing.verify_tensors(cache_file, cache, metadata)  # resume from damaged codes: refused
     if cache["x0"].shape != images.shape or not torch.equal(cache["x0"], images.detach().float().cpu()):
         return None
     return cache
@@ -828,6 +831,7 @@ def adapt_diffae(
     stage1 = stage1 or Stage1Options()
     stage2 = stage2 or Stage2Config()
     accelerator = accelerator or make_accelerator(stage2.mixed_precision, next(source_unet.parameters()).device)
+    check_weights_dtype({"semantic_encoder": semantic_encoder, "source_unet": source_unet, "text_encoder": clip_model}, accelerator.device)
     for name, x in (("source images", images), ("stage1_images", stage1_images), ("validation_images", validation_images)):
         if x is not None and (x.ndim != 4 or x.shape[1] != 3 or x.shape[0] < 1):
             raise ValueError(f"{name} must be (N, 3, H, W) in [-1, 1] with N >= 1; got {tuple(x.shape)}")

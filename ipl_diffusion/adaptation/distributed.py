@@ -66,6 +66,36 @@ def make_accelerator(mixed_precision: str = "no", device=None):
         ) from None
 
 
+def check_weights_dtype(modules: dict, device) -> None:
+    """Refuse half-precision weights where adaptation cannot train them, before any work.
+
+    On a CPU, torch has no float16 kernels for several ops adaptation needs, and mixing a
+    half-precision network with the float32 inputs / master weights fails deep in a layer
+    (``expected m1 and m2 to have the same dtype``). The command line never loads weights
+    that way; a pipeline from ``from_pretrained(..., torch_dtype=torch.float16)`` does.
+
+    Args:
+        modules: ``name -> torch.nn.Module`` (``None`` entries are skipped).
+        device: where the run computes (``torch.device`` or string).
+    Raises:
+        UserError: on a CPU, a module with floating-point weights other than float32; the
+            message names it, its dtype and what to do instead.
+    """
+    from ipl_diffusion.errors import UserError
+
+    if torch.device(device).type != "cpu":
+        return
+    for name, module in modules.items():
+        dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()} if module is not None else set()
+        other = sorted(str(d) for d in dtypes - {torch.float32})
+        if other:
+            raise UserError(
+                f"adapt on a CPU needs float32 weights, but the {name}'s are {', '.join(other)} (loaded with "
+                "torch_dtype=...?); load the pipeline in float32 (the default) -- half precision is "
+                "mixed_precision='fp16' on a CUDA GPU, or 'bf16'"
+            )
+
+
 def average_gradients(parameters, accelerator) -> None:
     """Replace each ``.grad`` by its mean over the processes, with one all-reduce.
 

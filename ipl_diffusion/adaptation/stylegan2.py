@@ -98,6 +98,7 @@ from ipl_diffusion.grids import labelled_grid
 from ipl_diffusion.adaptation.distributed import (
     MIXED_PRECISION,
     average_gradients,
+    check_weights_dtype,
     gather_in_order,
     make_accelerator,
     mean_over_processes,
@@ -784,6 +785,7 @@ def adapt_stylegan2(
     num_images = stage1.pop("num_images", None)
     accelerator = accelerator or make_accelerator(stage2.mixed_precision, source_generator.device)
     device = accelerator.device
+    check_weights_dtype({"generator": source_generator, "text_encoder": clip_model}, device)
     source_generator.to(device)
     clip_model.to(device)
     processor = feature_extractor or CLIPImageProcessorPil()

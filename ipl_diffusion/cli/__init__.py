@@ -12,6 +12,8 @@ import importlib
 import os
 import sys
 
+from ipl_diffusion.errors import UserError
+
 # Order is the order shown by ``ipl --help``.
 SUBCOMMANDS = ("adapt", "translate", "sample", "convert", "push", "evaluate", "demo")
 
@@ -19,6 +21,7 @@ SUBCOMMANDS = ("adapt", "translate", "sample", "convert", "push", "evaluate", "d
 # bug and keeps its traceback.
 # FloatingPointError: a NaN/inf loss term stops training with a message naming the term.
 USER_ERRORS = (
+    UserError,  # ipl_diffusion.errors: the library's refusals (a ValueError, listed for the reader)
     ValueError,
     FileNotFoundError,
     FileExistsError,

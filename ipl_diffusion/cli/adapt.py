@@ -85,6 +85,12 @@ def add_parser(subparsers):
     parser.add_argument("--backend", choices=("diffae", "stylegan2"), default="diffae", help="generator family")
     parser.add_argument("--output", default=None, help="output folder (default: ./ipl-<target>)")
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the result of an earlier run in --output (its pipeline/, grid and checkpoints); "
+        "without it such a folder is refused",
+    )
+    parser.add_argument(
         "--images", default=None, help="folder of source-domain images; default: sample source latents"
     )
     parser.add_argument("--num-images", type=positive_int, default=None, help="how many source latents to sample")
@@ -266,8 +272,27 @@ def shapes_source_images(pipe, num_images, seed):
 
 
 def run(args) -> int:
+    from ipl_diffusion.outputs import check_writable, output_lock
+
     output = Path(args.output or f"ipl-{'_'.join(args.target.split()).lower() or 'target'}")
-    # Checks a user can fail are made before any model is loaded or encoded.
+    _check_inputs(args, output)
+    check_writable(output, "--output")  # before any model is loaded
+    # One run per folder: a second `ipl adapt` into it is refused at once, before it reads or
+    # writes anything there (its checkpoint rotation and losses.csv would clobber the first's).
+    with output_lock(output, "--output"):
+        _check_earlier_result(args, output)
+        pipe = load_pipeline(args.backend, args.model, args.device)
+        adapted = pipe.adapt(args.target, **_adapt_kwargs(args, pipe, output))
+        grid = _save_outputs(adapted, output)
+    _report_stage1(adapted.adaptation_config)
+    print(f"adapted pipeline: {output / 'pipeline'}")
+    if grid is not None:
+        print(f"before/after grid: {output / 'before_after.png'}")
+    return 0
+
+
+def _check_inputs(args, output):
+    """Checks a user can fail, made before any model is loaded or encoded."""
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {output} is an existing file; give a folder")
     if args.num_images is not None and args.num_images < 2:
@@ -287,8 +312,34 @@ def run(args) -> int:
         args.target = check_domain(args.target)
         if args.source is not None:
             args.source = check_domain(args.source)
-    pipe = load_pipeline(args.backend, args.model, args.device)
 
+
+# What an earlier `ipl adapt` leaves in --output as its result.
+RESULT_NAMES = ("pipeline", "before_after.png")
+
+
+def _check_earlier_result(args, output):
+    """Refuse to replace an earlier run's result unless --overwrite; with --overwrite, drop the
+    earlier run's checkpoints (a fresh run would refuse them, a resumed one continues them)."""
+    import shutil
+
+    from ipl_diffusion.checkpointing import check_before_run, list_checkpoints
+    from ipl_diffusion.outputs import refuse_earlier_result
+
+    resuming = args.resume_from_checkpoint is not None and (
+        args.resume_from_checkpoint != "latest" or list_checkpoints(output / "checkpoints")
+    )
+    if not (args.overwrite or resuming):
+        refuse_earlier_result(output, RESULT_NAMES, "--output")
+    if args.overwrite and args.resume_from_checkpoint is None and (output / "checkpoints").is_dir():
+        shutil.rmtree(output / "checkpoints")
+    # A misspelt checkpoint name, a damaged checkpoint or a fresh run over old checkpoints fails
+    # now, before the model is loaded.
+    check_before_run(output / "checkpoints", args.resume_from_checkpoint)
+
+
+def _adapt_kwargs(args, pipe, output) -> dict:
+    """The keywords of ``pipe.adapt`` that the command line sets."""
     kwargs = {}
     for name in _FORWARDED:
         value = getattr(args, name)
@@ -309,24 +360,31 @@ def run(args) -> int:
         if ignored:
             print(f"ipl adapt: note: the {args.backend} backend ignores {', '.join(ignored)}")
         kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    return kwargs
 
-    adapted = pipe.adapt(args.target, **kwargs)
 
-    output.mkdir(parents=True, exist_ok=True)
-    adapted.save_pretrained(output / "pipeline")
-    grid = getattr(adapted, "sample_grid", None)
-    if grid is not None:
-        grid.save(output / "before_after.png")
-    config = getattr(adapted, "adaptation_config", None)
-    if config:
-        (output / "run_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+def _report_stage1(config):
+    """One line on whether prompts were learned: held-out retrieval against chance."""
     stage1 = (config or {}).get("stage1", {})
     if stage1.get("heldout_retrieval") is not None:
         print(
             f"Stage 1: held-out prompt retrieval {stage1['heldout_retrieval']:.2f} "
             f"(chance {stage1['retrieval_chance']:.2f}, {stage1['heldout_images']} held-out images)"
         )
-    print(f"adapted pipeline: {output / 'pipeline'}")
+
+
+def _save_outputs(adapted, output):
+    """Write pipeline/, before_after.png and run_config.json, each atomically (a crash leaves the
+    earlier version or the new one); returns the grid (or None)."""
+    from ipl_diffusion.outputs import atomic_folder, atomic_save_image, atomic_write_text
+
+    output.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(output / "pipeline") as folder:
+        adapted.save_pretrained(folder)
+    grid = getattr(adapted, "sample_grid", None)
     if grid is not None:
-        print(f"before/after grid: {output / 'before_after.png'}")
-    return 0
+        atomic_save_image(grid, output / "before_after.png")
+    config = getattr(adapted, "adaptation_config", None)
+    if config:
+        atomic_write_text(output / "run_config.json", json.dumps(config, indent=2, sort_keys=True))
+    return grid

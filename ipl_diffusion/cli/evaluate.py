@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ipl_diffusion.outputs import atomic_write_text, check_writable
+
 DESCRIPTION = __doc__.split("\n\n", 1)[1]
 EPILOG = """examples:
   ipl evaluate --source out/src --adapted out/disney --reference refs/disney \\
@@ -143,17 +145,21 @@ def format_table(rows, skipped=None):
 
 
 def write_csv(path, rows):
+    """The result rows as CSV, written atomically (a crash leaves the earlier file or the new one)."""
     import csv
+    import io
 
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["metric", "value", "std", "n", "higher_is_better", "note"])
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=["metric", "value", "std", "n", "higher_is_better", "note"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
 def run(args) -> int:
     import torch
 
+    from ipl_diffusion.errors import UserError
     from ipl_diffusion.images import load_images
     from ipl_diffusion.metrics.suite import METRICS, EvaluationInputs, MetricNetworks, evaluate
 
@@ -168,6 +174,10 @@ def run(args) -> int:
         target = getattr(args, flag)
         if target and not Path(target).resolve().parent.is_dir():
             raise FileNotFoundError(f"--{flag}: the folder of {target} does not exist")
+        if target:  # before any network is built or image decoded
+            if Path(target).is_dir():
+                raise UserError(f"--{flag} {target} is a folder; give a file name")
+            check_writable(Path(target).resolve().parent, f"--{flag} {target}: its folder")
 
     # 1. Every folder is listed and paired before any network is built (case C7).
     adapted_files = _image_files(args.adapted, "--adapted")
@@ -222,7 +232,7 @@ def run(args) -> int:
             "skipped": result["skipped"],
             "per_image": per_image,
         }
-        Path(args.json).write_text(json.dumps(payload, indent=2))
+        atomic_write_text(args.json, json.dumps(payload, indent=2))
     if args.csv:
         write_csv(args.csv, result["rows"])
     return 0

@@ -91,22 +91,32 @@ def side_by_side(inputs, outputs):
 
 
 def _save(image, target: Path) -> Path:
+    """Save atomically (never a half-written file under a user's name); a format PIL reads
+    but cannot write falls back to PNG."""
+    from ipl_diffusion.outputs import atomic_save_image
+
     try:
-        image.save(target)
-        return target
+        return atomic_save_image(image, target)
     except (OSError, ValueError, KeyError):  # e.g. a format PIL reads but cannot write
-        fallback = target.with_suffix(".png")
-        image.save(fallback)
-        return fallback
+        return atomic_save_image(image, target.with_suffix(".png"))
 
 
 def run(args) -> int:
+    from ipl_diffusion.outputs import check_writable, output_lock
+
+    source, output = Path(args.input), Path(args.output)
+    check_writable(output, "--output")  # before the model loads
+    with output_lock(output, "--output"):  # two translations into one folder would mix their files
+        return _translate(args, source, output)
+
+
+def _translate(args, source: Path, output: Path) -> int:
     import torch
 
     from ipl_diffusion.cli.adapt import detect_backend, load_pipeline
     from ipl_diffusion.images import to_pil
+    from ipl_diffusion.outputs import atomic_save_image
 
-    source, output = Path(args.input), Path(args.output)
     files = list_inputs(source)
     input_dir = source if source.is_dir() else source.parent
     if output.resolve() == input_dir.resolve():
@@ -148,7 +158,7 @@ def run(args) -> int:
             raise ValueError(f"refusing to overwrite input {target}")
         _save(image, target)
     (output / GRID_NAME).parent.mkdir(exist_ok=True)
-    side_by_side(to_pil(images), results).save(output / GRID_NAME)
+    atomic_save_image(side_by_side(to_pil(images), results), output / GRID_NAME)
     print(f"translated {len(results)} image(s) into {output} (grid: {output / GRID_NAME})")
     if skipped:
         print(f"skipped {len(skipped)} unreadable file(s): {', '.join(n for n, _ in skipped)}")

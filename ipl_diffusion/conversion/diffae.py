@@ -499,13 +499,16 @@ def convert_diffae_checkpoint(
 
     Raises:
         FileNotFoundError: missing checkpoint. FileExistsError: non-empty ``output_dir``.
+        UserError: ``output_dir`` is not writable (checked before the checkpoint is read).
         ValueError: unsafe pickle, wrong keys or shapes (named in the message).
     """
+    from ipl_diffusion.outputs import check_writable
     from pipelines.pipeline_diffae import DiffAEPipeline, default_latent_scheduler, diffae_scheduler
 
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"output folder '{output_dir}' is not empty; pass overwrite=True (--overwrite)")
+    check_writable(output_dir, "output folder")  # before a checkpoint of gigabytes is read
     checkpoint = load_upstream_checkpoint(checkpoint_path)
     state_dict = checkpoint.get("state_dict", checkpoint)
     if not all(torch.is_tensor(v) for v in state_dict.values()):

@@ -129,10 +129,14 @@ def convert_stylegan2_checkpoint(
     Raises:
         FileExistsError: ``output_dir`` is a non-empty folder and ``overwrite`` is False (checked
             before the checkpoint is read, so nothing is lost).
+        UserError: ``output_dir`` is not writable (checked before the checkpoint is read).
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
         raise FileExistsError(f"{output_dir} exists and is not an empty folder; choose another output or pass overwrite=True (--overwrite)")
+    from ipl_diffusion.outputs import check_writable
+
+    check_writable(output_dir, "output folder")  # before the checkpoint is read
     requested = {k: v for k, v in dict(size=size, channel_multiplier=channel_multiplier, n_mlp=n_mlp, style_dim=style_dim).items() if v is not None}
     generator = generator_from_checkpoint(checkpoint, **requested)
     generator.save_pretrained(output_dir, safe_serialization=True)

@@ -7,6 +7,11 @@ runs it as: torchvision's ImageNet Inception-v3 with ``transform_input=False`` o
 ``exp(mean_i KL(p(y|x_i) || p(y)))`` with ``p(y)`` the split's mean prediction; the result is
 the mean and the population standard deviation (``np.std``) over splits.
 
+Inception-v3 cannot take images under 75 px (its stride-2 convolutions and pools shrink them
+to nothing). Such images -- e.g. the 32-px Shapes models' -- are resized to 299 px first, the
+way that script does with ``resize=True`` (``nn.Upsample(size=(299, 299), mode="bilinear")``),
+and ``ipl evaluate`` notes it in the IS row.
+
 torchmetrics' ``InceptionScore`` differs (it shuffles before splitting, uses the unbiased
 standard deviation and the TF FID network), so it cannot reproduce the table; the formula is
 short enough to state here exactly.
@@ -18,6 +23,18 @@ import torch
 import torch.nn.functional as F
 
 from .inception import InceptionV3
+from .inputs import as_rgb
+
+INCEPTION_MIN_SIZE = 75  # the smallest input side Inception-v3 accepts
+INCEPTION_SIZE = 299  # Inception-v3's native input size, what the IS script resizes to
+
+
+def input_size(images: torch.Tensor, resize_to: int | None = None) -> int | None:
+    """The side images are resized to before Inception: ``resize_to``, else ``INCEPTION_SIZE``
+    for images under ``INCEPTION_MIN_SIZE`` px, else ``None`` (no resizing)."""
+    if resize_to is None and min(images.shape[-2:]) < INCEPTION_MIN_SIZE:
+        return INCEPTION_SIZE
+    return resize_to
 
 
 def inception_score_from_probs(probs: torch.Tensor, splits: int = 5) -> tuple[float, float]:
@@ -56,9 +73,11 @@ def inception_score_from_probs(probs: torch.Tensor, splits: int = 5) -> tuple[fl
 def inception_probs(images: torch.Tensor, inception: InceptionV3, batch_size: int = 50, resize_to: int | None = None):
     """``(N, 1000)`` softmax predictions of ``inception`` for images ``(N, 3, H, W)`` in ``[-1, 1]``.
 
-    ``resize_to``: ``None`` feeds images at their own size (RSSA's ``resize=False``); an int
-    resizes bilinearly (``align_corners=False``, like ``nn.Upsample``) first, e.g. 299.
+    ``resize_to``: ``None`` feeds images at their own size (RSSA's ``resize=False``) unless they
+    are under 75 px, which are resized to 299 (:func:`input_size`); an int resizes bilinearly
+    (``align_corners=False``, like ``nn.Upsample``) first, e.g. 299.
     """
+    resize_to = input_size(images, resize_to)
     device = next(inception.parameters()).device
     out = []
     for start in range(0, images.shape[0], batch_size):
@@ -74,9 +93,9 @@ def inception_score(images: torch.Tensor, inception: InceptionV3, splits: int = 
     """Inception Score ``(mean, std)`` of images ``(N, 3, H, W)`` float in ``[-1, 1]`` (higher is better).
 
     Table 1 protocol: N = 1000 samples, ``splits=5``, ``resize_to=None``, torchvision weights.
+    Images under 75 px are resized to 299 px (:func:`input_size`).
     """
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be (N, 3, H, W), got shape {tuple(images.shape)}")
+    images = as_rgb(images, "Inception Score images")  # grey (N, 1, H, W) as grey files load
     if images.shape[0] < splits:
         raise ValueError(f"Inception Score needs at least `splits`={splits} images, got {images.shape[0]}")
     return inception_score_from_probs(inception_probs(images, inception, batch_size, resize_to), splits)

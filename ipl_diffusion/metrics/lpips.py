@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .inputs import as_rgb, check_signed_range
 from .weights import NetworkSpec, load_into, load_state_dict, resolve_weights
 
 BACKBONE_SPECS = {
@@ -80,10 +81,18 @@ def normalize_channels(features: torch.Tensor, eps: float = 1e-10) -> torch.Tens
 
 
 class LPIPS(nn.Module):
-    """``forward(x, y) -> (B,)`` LPIPS distances of paired images ``(B, 3, H, W)`` in ``[-1, 1]``."""
+    """``forward(x, y) -> (B,)`` LPIPS distances of paired images ``(B, 3, H, W)`` in ``[-1, 1]``.
 
-    def __init__(self, net: str = "alex"):
+    Grey ``(B, 1, H, W)`` images are repeated to RGB. With ``check_range`` (default) inputs
+    outside ``[-1, 1]``, or a pair lying wholly in ``[0, 1]``, raise ``UserError``
+    (:func:`~ipl_diffusion.metrics.inputs.check_signed_range`): LPIPS of ``[0, 1]`` images is
+    silently about a third of the right value. Callers that guarantee the range themselves
+    (``ipl evaluate``'s loader, projection's loss on unclamped generator outputs) switch it off.
+    """
+
+    def __init__(self, net: str = "alex", check_range: bool = True):
         super().__init__()
+        self.check_range = check_range
         if net not in _CHANNELS:
             raise ValueError(f"LPIPS net must be 'alex' or 'vgg', got {net!r}")
         self.net = net
@@ -104,6 +113,9 @@ class LPIPS(nn.Module):
         return outs
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x, y = as_rgb(x, "LPIPS x"), as_rgb(y, "LPIPS y")
+        if self.check_range:
+            check_signed_range("LPIPS", x, y)
         total = 0
         for k, (fx, fy) in enumerate(zip(self.stages(x), self.stages(y))):
             diff = (normalize_channels(fx) - normalize_channels(fy)).square()

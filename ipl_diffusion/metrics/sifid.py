@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .inception import InceptionV3
+from .inputs import as_rgb
 
 
 def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
@@ -53,6 +54,7 @@ def sifid(reference: torch.Tensor, images: torch.Tensor, inception: InceptionV3,
     Args:
         reference: ``(3, H, W)`` or ``(1, 3, H, W)`` float in ``[-1, 1]``.
         images: ``(N, 3, H', W')`` float in ``[-1, 1]`` (any size >= 8 px; no resizing, as SinGAN).
+            Grey ``(1, H, W)`` / ``(N, 1, H, W)`` tensors are repeated to RGB.
         inception: torchvision-layout ``InceptionV3``.
         dims: 64 (``block0``, default) or 192 (``block1``) feature channels.
 
@@ -62,9 +64,9 @@ def sifid(reference: torch.Tensor, images: torch.Tensor, inception: InceptionV3,
     if dims not in (64, 192):
         raise ValueError(f"SIFID dims must be 64 or 192 (SinGAN's blocks 0 and 1), got {dims}")
     features = inception.block0 if dims == 64 else inception.block1
-    if reference.ndim == 3:
-        reference = reference.unsqueeze(0)
-    if reference.ndim != 4 or reference.shape[0] != 1 or images.ndim != 4:
+    # Grey tensors become RGB the way grey files do when loaded (PIL's L -> RGB).
+    reference, images = as_rgb(reference, "SIFID reference"), as_rgb(images, "SIFID images")
+    if reference.shape[0] != 1:
         raise ValueError("reference must be one (3, H, W) image and images (N, 3, H, W)")
     device = next(inception.parameters()).device
     mu_r, sigma_r = location_statistics(features(reference.to(device, torch.float32))[0])

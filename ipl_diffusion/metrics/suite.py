@@ -24,7 +24,7 @@ from .fid import PoolFeatures, fid, kid
 from .hed import HED
 from .identity import ArcFaceFeatures, identity_similarity
 from .inception import InceptionV3
-from .inception_score import inception_score
+from .inception_score import INCEPTION_MIN_SIZE, inception_score, input_size
 from .lpips import LPIPS
 from .scs import structural_consistency
 from .sifid import sifid
@@ -102,6 +102,9 @@ class MetricNetworks:
             nets.diversity_name = "CLIP image-feature distance (not LPIPS)"
         elif lpips_backbone_weights is not None:
             nets.diversity_distance = LPIPS.from_pretrained(lpips_backbone_weights, lpips_lin_weights, lpips_net).to(device)
+            # Inputs come through ipl_diffusion.images ([-1, 1] by construction); a set of all-bright
+            # images (a collapsed, all-white generator) must not be taken for [0, 1] images.
+            nets.diversity_distance.check_range = False
             nets.diversity_name = f"LPIPS v0.1 ({lpips_net})"
         return nets
 
@@ -190,7 +193,10 @@ def run_metric(metric: str, inputs: EvaluationInputs, nets: MetricNetworks, spli
         if n < splits:
             raise ValueError(f"is: needs at least --splits={splits} adapted images, got {n}")
         mean, std = inception_score(adapted, nets.inception, splits=splits, batch_size=batch_size)
-        return [_row("is", mean, std, n, f"{splits} splits, std over splits")], {}
+        note = f"{splits} splits, std over splits"
+        if input_size(adapted) is not None:
+            note += f"; resized to {input_size(adapted)} px (Inception needs >= {INCEPTION_MIN_SIZE})"
+        return [_row("is", mean, std, n, note)], {}
     if metric == "sifid":
         rows, per_image = [], {}
         names = inputs.reference_names or [f"R{i + 1}" for i in range(inputs.references.shape[0])]

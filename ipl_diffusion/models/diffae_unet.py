@@ -43,6 +43,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from .diffae_blocks import DiffAELevelsMixin, DiffAEResBlock, GroupNorm32, XFormersFallbackMixin, check_spatial_size, make_attention
+from .config_keys import StrictConfigMixin
 
 __all__ = ["DiffAEUNetModel", "DiffAEUNetOutput", "DiffAEUNetLayer", "DiffAEMidBlock"]
 
@@ -101,7 +102,7 @@ class DiffAEMidBlock(nn.Module):
         return self.resnet_2(h, temb, cond)
 
 
-class DiffAEUNetModel(DiffAELevelsMixin, XFormersFallbackMixin, ModelMixin, AttentionMixin, ConfigMixin):
+class DiffAEUNetModel(StrictConfigMixin, DiffAELevelsMixin, XFormersFallbackMixin, ModelMixin, AttentionMixin, ConfigMixin):
     """DiffAE conditional UNet: ``(x_t, t, z_sem) -> eps`` (or ``v``; the pipeline's scheduler
     config ``prediction_type`` records which, and :func:`ipl_diffusion.ddim.predict_eps` converts).
 

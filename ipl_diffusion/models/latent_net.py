@@ -28,6 +28,8 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from .config_keys import StrictConfigMixin
+
 __all__ = ["LatentNetModel", "LatentNetLayer"]
 
 
@@ -56,7 +58,7 @@ class LatentNetLayer(nn.Module):
         return F.silu(self.norm(x))
 
 
-class LatentNetModel(ModelMixin, ConfigMixin):
+class LatentNetModel(StrictConfigMixin, ModelMixin, ConfigMixin):
     """Latent DDIM noise predictor over normalised ``z_sem`` with the normalisation statistics.
 
     Args (config):

@@ -30,11 +30,12 @@ from torch import nn
 
 from .diffae_blocks import DiffAELevelsMixin, DiffAEResBlock, GroupNorm32, XFormersFallbackMixin, check_spatial_size, make_attention
 from .diffae_unet import DiffAEMidBlock, DiffAEUNetLayer
+from .config_keys import StrictConfigMixin
 
 __all__ = ["SemanticEncoder"]
 
 
-class SemanticEncoder(DiffAELevelsMixin, XFormersFallbackMixin, ModelMixin, AttentionMixin, ConfigMixin):
+class SemanticEncoder(StrictConfigMixin, DiffAELevelsMixin, XFormersFallbackMixin, ModelMixin, AttentionMixin, ConfigMixin):
     """DiffAE semantic encoder: ``(B, 3, H, W)`` images in ``[-1, 1]`` -> ``z_sem (B, z_sem_channels)``.
 
     Args (config):

@@ -40,6 +40,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from .config_keys import StrictConfigMixin
+
 SQRT_2 = math.sqrt(2.0)
 
 
@@ -297,7 +299,7 @@ def stylegan2_channels(resolution: int, channel_multiplier: int = 2, channel_max
 LatentInput = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
-class StyleGAN2Generator(ModelMixin, ConfigMixin):
+class StyleGAN2Generator(StrictConfigMixin, ModelMixin, ConfigMixin):
     """StyleGAN2 generator, rosinality ``Generator`` layout (strict ``g_ema`` compatibility).
 
     Args (saved in ``config.json``):
@@ -674,7 +676,7 @@ class ResBlock(nn.Module):
         return (self.conv2(self.conv1(x)) + self.skip(x)) / SQRT_2
 
 
-class StyleGAN2Discriminator(ModelMixin, ConfigMixin):
+class StyleGAN2Discriminator(StrictConfigMixin, ModelMixin, ConfigMixin):
     """StyleGAN2 residual discriminator, rosinality ``Discriminator`` layout (``checkpoint["d"]``).
 
     Input ``(N, 3, size, size)`` images in [-1, 1]; output ``(N, 1)`` logits (real > fake).

@@ -1,0 +1,17 @@
+"""The one exception type for mistakes a user can fix.
+
+:class:`UserError` is raised where the library refuses an input or an output location it cannot
+use safely (an occupied or read-only output folder, a folder another run holds, a corrupt
+checkpoint, images in the wrong range, a misspelt model-config key, ...). The ``ipl`` command
+line prints it as one line (``ipl <command>: error: <message>``) with exit status 2.
+
+It subclasses ``ValueError`` so that code written against the library's earlier, documented
+``ValueError`` keeps catching it.
+"""
+
+__all__ = ["UserError"]
+
+
+class UserError(ValueError):
+    """A problem with the caller's input or environment, described in one line (what was
+    wrong, and what to do instead)."""
