@@ -903,7 +903,9 @@ def _write_stage1(out: Path, run_config: dict, cache: dict, cache_file: Path, ke
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "run_config.json").write_text(json.dumps(run_config, indent=2))
-    save_file({k: v.contiguous() for k, v in cache.items()}, str(cache_file), metadata={"key": json.dumps(key)})
+    digest = checkpointing.tensors_sha256(cache)  # checked when a resume reuses the cache
+    save_file({k: v.contiguous() for k, v in cache.items()}, str(cache_file),
+              metadata={"key": json.dumps(key), "sha256": digest})
     learner.save_pretrained(out / "stage1")
 
 
