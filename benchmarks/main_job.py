@@ -123,6 +123,14 @@ def load(backend, folder):
     return pipe
 
 
+def previous_results(path, extra):
+    """Rows of an earlier run into the same folder with the same options, else none."""
+    if not path.is_file():
+        return []
+    record = json.loads(path.read_text())
+    return record["results"] if record.get("extra") == extra else []
+
+
 def table(results):
     lines = [
         "| backend | target | seeds | target acc. | shape kept | colour kept | seconds (2 cores) |",
@@ -148,10 +156,13 @@ def main(argv=None):
     (out / "grids").mkdir(parents=True, exist_ok=True)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="ipl-main-job-"))
     oracle = ShapesOracle.from_pretrained(str(default_model_path("oracle"))).eval()
-    results = []
+    results = previous_results(out / "results.json", args.extra)
+    done = {(r["backend"], r["target"], r["seed"]) for r in results}
     for backend in args.backends:
         for target in args.targets:
             for seed in args.seeds:
+                if (backend, target, seed) in done:  # an interrupted measurement resumes
+                    continue
                 name = f"{backend}_{target.replace(' ', '_')}_seed{seed}"
                 seconds = run_one(backend, target, seed, work / name, args.extra)
                 with torch.no_grad():
@@ -160,8 +171,8 @@ def main(argv=None):
                 row = {"backend": backend, "target": target, "seed": seed, "seconds": seconds, **metrics}
                 results.append(row)
                 print(json.dumps(row), flush=True)
-    record = {"argv": sys.argv[1:], "torch_threads": torch.get_num_threads(), "results": results}
-    (out / "results.json").write_text(json.dumps(record, indent=1))
+                record = {"extra": args.extra, "torch_threads": torch.get_num_threads(), "results": results}
+                (out / "results.json").write_text(json.dumps(record, indent=1))
     (out / "table.md").write_text(table(results) + "\n")
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)

@@ -526,7 +526,8 @@ class Stage2Trainer:
         steps = self.config.num_inference_steps
         recon = decode_from_t0(self.source_unet, x_t0, z_sem, self.scheduler, self.t0, steps)
         adapted = decode_from_t0(unet, x_t0, z_sem, self.scheduler, self.t0, steps)
-        labels = ["source", "DDIM round trip", f"adapted ({self.run_config.get('target', 'target')})"]
+        shown = "source" if items is self.cache else "held-out source"
+        labels = [shown, "DDIM round trip", f"adapted ({self.run_config.get('target', 'target')})"]
         return labelled_grid([items["x0"][:k], recon, adapted], labels, [str(i) for i in range(k)])
 
     # -- checkpoints ---------------------------------------------------------------------
