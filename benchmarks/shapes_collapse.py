@@ -205,11 +205,7 @@ def shapes_training_images(pipe, args, seed):
     overriding the shipped counts."""
     from ipl_diffusion.cli.adapt import shapes_source_images
 
-    inputs = shapes_source_images(pipe, args.train_images, seed)
-    if args.stage1_images is not None:
-        from ipl_diffusion.shapes import source_images
-
-        inputs["stage1_images"] = source_images(args.stage1_images, seed=seed + 10_007, resolution=pipe.image_size)
+    inputs = shapes_source_images(pipe, args.train_images, seed, args.stage1_images)
     return inputs["images"], inputs["stage1_images"]
 
 

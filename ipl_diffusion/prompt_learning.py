@@ -345,7 +345,7 @@ def _build_prompt_module(scheme, encoder, prompt_module, context, m, latent_dim,
     return prompt_module.to(encoder.device)
 
 
-def _check_pool(latents, sample_latents, rng):
+def _check_pool(latents, sample_latents):
     """``(latents on no device yet, latent_dim)``; a fresh-latent run draws one sample to learn the width."""
     if sample_latents is not None:
         if latents is not None:
@@ -459,7 +459,7 @@ def learn_prompts(
     if scheme not in PROMPT_SCHEMES:
         raise ValueError(f"Unknown prompt scheme {scheme!r}; expected one of {PROMPT_SCHEMES}.")
     rng = torch.Generator(device="cpu").manual_seed(int(seed))
-    latents, latent_dim = _check_pool(latents, sample_latents, rng)
+    latents, latent_dim = _check_pool(latents, sample_latents)
     if latents is not None:
         latents = latents.detach().to(device=encoder.device, dtype=torch.float32)
     if context is None and scheme == "manual":

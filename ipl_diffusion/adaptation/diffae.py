@@ -462,10 +462,8 @@ class Stage2Trainer:
         # semantic encoder the loss passes through (whatever their requires_grad).
         self.accelerator.backward(loss, inputs=self._trainable)
         average_gradients(list(self.unet.parameters()), self.accelerator)
-        if self.config.max_grad_norm:
-            norm = self.accelerator.clip_grad_norm_(self._trainable, self.config.max_grad_norm)
-        else:
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self._trainable if p.grad is not None]))
+        # An infinite bound only measures: clip_grad_norm_ returns the norm either way.
+        norm = self.accelerator.clip_grad_norm_(self._trainable, self.config.max_grad_norm or math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
@@ -756,12 +754,6 @@ def encode_pool(semantic_encoder, image_features, images: torch.Tensor, device, 
     return torch.cat(z), torch.cat(f)
 
 
-def _digest(tensor: torch.Tensor) -> str:
-    import hashlib
-
-    return hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
 def _prepare_cache(semantic_encoder, source_unet, scheduler, images, stage1_images, image_features, source, target,
                    stage1, stage2, accelerator, progress, clip_model, tokenizer):
     """Encode the Stage-2 images, run Stage 1 on its pool; returns ``(cache, learner)``."""
@@ -857,7 +849,7 @@ def adapt_diffae(
         module.to(accelerator.device).eval()
     image_features = clip_image_features(clip_model, feature_extractor)
     key = {"t0": t0, "num_inversion_steps": stage2.num_inversion_steps, "stage1": asdict(stage1),
-           "source": source, "target": target, "seed": stage2.seed, "stage1_images": _digest(stage1_images)}
+           "source": source, "target": target, "seed": stage2.seed, "stage1_images": checkpointing.tensors_sha256({"x": stage1_images.float()})}
     cache_file = out / "cache.safetensors" if out is not None else None
     with frozen(semantic_encoder, source_unet, clip_model):
         cache = _same_cache(cache_file, images, key) if (cache_file is not None and resume_from_checkpoint) else None

@@ -255,18 +255,21 @@ def _check_backend(backend, folder):
     if found is not None and found[1] != backend:
         raise ValueError(f"--model {folder} is {found[0]} folder; use --backend {found[1]}")
 
-def shapes_source_images(pipe, num_images, seed):
+def shapes_source_images(pipe, num_images, seed, stage1_num_images=None):
     """The embedded Shapes DiffAE's inputs: rendered photos (its latent net, trained for
     minutes, samples z_sem less faithfully than the renderer draws) -- the Stage-2 images, a
     large Stage-1 pool (so that the mapper generalises) and 8 photos for the before/after
-    grid that neither stage sees. Three disjoint seed streams of the run's seed."""
+    grid that neither stage sees. Three disjoint seed streams of the run's seed; a count left
+    None is the folder's recorded adapt_defaults."""
     from ipl_diffusion.shapes import source_images
 
     defaults = pipe.config.adapt_defaults or {}
     size = pipe.image_size
     return {
         "images": source_images(num_images or defaults.get("num_images", 16), seed=seed, resolution=size),
-        "stage1_images": source_images(defaults.get("stage1_num_images", 2048), seed=seed + 10_007, resolution=size),
+        "stage1_images": source_images(
+            stage1_num_images or defaults.get("stage1_num_images", 2048), seed=seed + 10_007, resolution=size
+        ),
         "validation_images": source_images(8, seed=seed + 20_011, resolution=size),
     }
 
