@@ -160,6 +160,15 @@ def _acquire(path: Path, folder: Path, what: str):
     return handle
 
 
+def _default_mode(path, folder: bool = False) -> None:
+    """Give a temporary file / folder the mode a plain ``open`` / ``mkdir`` would have:
+    ``mkstemp`` / ``mkdtemp`` make them private (0600 / 0700), which would leave the results
+    unreadable to anyone else once renamed into place."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~mask)
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
@@ -174,6 +183,7 @@ def atomic_write_text(path, text: str) -> Path:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        _default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -190,6 +200,7 @@ def atomic_save_image(image, path, **save_kwargs) -> Path:
     try:
         image.save(tmp, **save_kwargs)
         _fsync(Path(tmp))
+        _default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -209,6 +220,7 @@ def atomic_folder(target) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    _default_mode(tmp, folder=True)
     try:
         yield tmp
         if target.exists():

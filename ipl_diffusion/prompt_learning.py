@@ -41,7 +41,6 @@ the per-image prompt features through :meth:`PromptLearner.text_features`.
 
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal
@@ -53,6 +52,7 @@ from tqdm.auto import tqdm
 from .clip_text import DEFAULT_CONTEXT
 from .losses import contrastive_loss, domain_regularization_loss
 from .mapper import LatentMapper, SharedPromptContext
+from .outputs import atomic_write_text
 
 PROMPT_SCHEMES = ("manual", "learned", "random", "adaptive")
 PromptScheme = Literal["manual", "learned", "random", "adaptive"]
@@ -235,10 +235,7 @@ class PromptLearner:
             "direction_templates": self.direction_templates,
             "heldout_retrieval": self.heldout_retrieval,
         }
-        fd, tmp = tempfile.mkstemp(dir=save_directory, suffix=".json.tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(meta, f, indent=2)
-        os.replace(tmp, os.path.join(save_directory, _CONFIG_NAME))
+        atomic_write_text(os.path.join(save_directory, _CONFIG_NAME), json.dumps(meta, indent=2))
 
     @classmethod
     def from_pretrained(cls, directory, encoder):
@@ -268,15 +265,15 @@ def _write_history(history, path):
     """Stage 1's per-iteration records as CSV (``iteration`` then one column per term; the
     held-out retrieval is empty where it was not measured)."""
     import csv
+    import io
 
     names = list(dict.fromkeys(k for record in history for k in record))
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".csv.tmp")
-    with os.fdopen(fd, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["iteration", *names])
-        for i, record in enumerate(history, start=1):
-            writer.writerow([i, *(f"{record[k]:.6g}" if k in record else "" for k in names)])
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["iteration", *names])
+    for i, record in enumerate(history, start=1):
+        writer.writerow([i, *(f"{record[k]:.6g}" if k in record else "" for k in names)])
+    atomic_write_text(path, text.getvalue())
 
 
 def _resolve_n_ctx(encoder, n_ctx, context):

@@ -305,3 +305,26 @@ def test_shapes_training_scripts_refuse_a_work_dir_in_use(script, tmp_path):
             )
     finally:
         holder.communicate("")
+
+
+def test_atomic_outputs_get_the_mode_a_plain_write_would(tmp_path):
+    """mkstemp / mkdtemp make private temporaries; renamed into place they must not leave the
+    results unreadable to others (a fresh user found -rw------- outputs under umask 022)."""
+    import os
+    import stat
+
+    from PIL import Image
+
+    from ipl_diffusion.outputs import atomic_folder, atomic_save_image, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        text = atomic_write_text(tmp_path / "run_config.json", "{}")
+        image = atomic_save_image(Image.new("RGB", (2, 2)), tmp_path / "grid.png")
+        with atomic_folder(tmp_path / "pipeline"):
+            pass
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(text.stat().st_mode) == 0o644
+    assert stat.S_IMODE(image.stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "pipeline").stat().st_mode) == 0o755
