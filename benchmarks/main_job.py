@@ -115,9 +115,9 @@ def run_one(backend, target, seed, folder, extra):
 
 def load(backend, folder):
     if backend == "stylegan2":
-        from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline as cls
+        from ipl_diffusion.pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline as cls
     else:
-        from pipelines.pipeline_ipl import IPLPipeline as cls
+        from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline as cls
     pipe = cls.from_pretrained(str(folder))
     pipe.set_progress_bar_config(disable=True)
     return pipe

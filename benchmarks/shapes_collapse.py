@@ -174,9 +174,9 @@ def summarise(values):
 
 def load_source_pipeline(backend, model, device):
     if backend == "stylegan2":
-        from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline as cls
+        from ipl_diffusion.pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline as cls
     else:
-        from pipelines.pipeline_ipl import IPLPipeline as cls
+        from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline as cls
     path = Path(model) if model else default_model_path(backend)
     pipe = cls.from_pretrained(str(path))
     pipe.set_progress_bar_config(disable=True)

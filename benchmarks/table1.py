@@ -273,7 +273,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
+    from ipl_diffusion.pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
 
     generators = {"FFHQ": args.ffhq_generator, "AFHQ": args.afhq_generator}
     generators = {k: v for k, v in generators.items() if v}

@@ -32,11 +32,11 @@ RECORDS = ("training_record.json", "samples.png")
 
 def build(backend, trained, clip):
     if backend == "stylegan2":
-        from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline as cls
+        from ipl_diffusion.pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline as cls
 
         defaults = SHAPES_GAN_ADAPT_DEFAULTS
     else:
-        from pipelines.pipeline_ipl import IPLPipeline as cls
+        from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline as cls
 
         defaults = SHAPES_ADAPT_DEFAULTS
     pipe = cls.from_components(str(trained), str(clip), source_label=SOURCE_STYLE, base_model=f"ipl-diffusion/shapes-{backend} (shipped)")

@@ -43,7 +43,7 @@ from accelerate.utils import set_seed
 from ipl_diffusion.adaptation.diffae import Stage1Options, Stage2Config, adapt_diffae
 from ipl_diffusion.adaptation.distributed import make_accelerator
 from ipl_diffusion.outputs import atomic_folder, atomic_write_text, check_writable, output_lock, refuse_earlier_result
-from pipelines.pipeline_ipl import IPLPipeline
+from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline
 
 logger = get_logger(__name__)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ipl_diffusion.images import list_image_files, load_image, to_pil
-from pipelines.pipeline_ipl import IPLPipeline
+from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline
 
 
 def main(argv=None):

@@ -1,8 +1,9 @@
 """ipl-diffusion: zero-shot generative model adaptation with Image-specific Prompt Learning.
 
 Public names are imported lazily so that ``import ipl_diffusion`` stays cheap and the
-pipelines (which live in the top-level ``pipelines`` package and import from this one)
-never form an import cycle.
+pipelines (``ipl_diffusion.pipelines``, whose files the design card keeps in the repository's
+top-level ``pipelines/`` folder; ``ipl_diffusion/pipelines`` links to it) never form an
+import cycle.
 """
 
 import importlib
@@ -13,9 +14,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "LatentMapper": "ipl_diffusion.mapper",
     "CLIPPromptEncoder": "ipl_diffusion.clip_text",
-    "DiffAEPipeline": "pipelines.pipeline_diffae",
-    "IPLPipeline": "pipelines.pipeline_ipl",
-    "StyleGANIPLPipeline": "pipelines.pipeline_stylegan_ipl",
+    "DiffAEPipeline": "ipl_diffusion.pipelines.pipeline_diffae",
+    "IPLPipeline": "ipl_diffusion.pipelines.pipeline_ipl",
+    "StyleGANIPLPipeline": "ipl_diffusion.pipelines.pipeline_stylegan_ipl",
 }
 
 __all__ = ["__version__", *_LAZY]

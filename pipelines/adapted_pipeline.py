@@ -1,7 +1,7 @@
 """What every IPL pipeline (Diff-IPL, GAN-IPL) does the same way: image I/O through the
 project's one preprocessing path, the sample grid and model card saved beside the weights, and
 Hub pushes of that folder (whose code files let plain diffusers load it, see
-:mod:`pipelines.hub_layout`)."""
+:mod:`ipl_diffusion.pipelines.hub_layout`)."""
 
 import contextlib
 import os
@@ -112,7 +112,7 @@ class AdaptedPipelineMixin:
         raise ValueError(f"output_type must be 'pil', 'np' or 'pt'; got {output_type!r}")
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """diffusers' ``save_pretrained`` (in the layout of :mod:`pipelines.hub_layout`), plus
+        """diffusers' ``save_pretrained`` (in the layout of :mod:`ipl_diffusion.pipelines.hub_layout`), plus
         ``sample_grid.png`` (the adaptation run's grid) and ``README.md``, the model card whose
         usage snippet loads ``save_directory``."""
         result = super().save_pretrained(save_directory, *args, **kwargs)
@@ -135,7 +135,7 @@ class AdaptedPipelineMixin:
         """Upload the pipeline as :meth:`save_pretrained` writes it, with the card for ``repo_id``.
 
         Uploads one folder: ``model_index.json``, every component folder (safetensors + JSON,
-        with the code files of :mod:`pipelines.hub_layout`), the pipeline's code file,
+        with the code files of :mod:`ipl_diffusion.pipelines.hub_layout`), the pipeline's code file,
         ``sample_grid.png`` and ``README.md`` (:meth:`model_card` of ``repo_id``). Goes through
         ``diffusers.utils.hub_utils`` (``create_repo``, ``upload_folder``) like diffusers' own
         ``push_to_hub``. Returns what ``upload_folder`` returns (the commit URL).

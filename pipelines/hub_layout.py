@@ -138,7 +138,7 @@ class RemoteCodeLayoutMixin:
     def save_pretrained(self, save_directory, *args, **kwargs):
         """diffusers' ``save_pretrained``, then the code files and ``model_index.json`` entries
         that let ``DiffusionPipeline.from_pretrained(save_directory, trust_remote_code=True)``
-        load the folder (see :mod:`pipelines.hub_layout`).
+        load the folder (see :mod:`ipl_diffusion.pipelines.hub_layout`).
 
         ``push_to_hub=True`` (with ``repo_id``, ``token``, ``private``, ``commit_message``,
         ``create_pr``) uploads through :meth:`push_to_hub` after the folder is complete:

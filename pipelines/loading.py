@@ -6,7 +6,7 @@ still tries the network. Our pipelines check first and fail at once (cases C7, C
 
 A Hub id is fetched with ``huggingface_hub.snapshot_download`` and then loaded as a local
 folder: diffusers' own download step would treat the code files of
-:mod:`pipelines.hub_layout` as code to run and ask for ``trust_remote_code``, which our
+:mod:`ipl_diffusion.pipelines.hub_layout` as code to run and ask for ``trust_remote_code``, which our
 classes never need.
 """
 

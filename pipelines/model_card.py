@@ -1,7 +1,7 @@
 """Model cards (``README.md``) of adapted pipelines, through ``huggingface_hub.ModelCard``.
 
 A card carries the Hub metadata (``ModelCardData``: library, license, tags, base model), the
-domains, a link to the project (:func:`pipelines.hub_layout.project_url`), the run's sample
+domains, a link to the project (:func:`ipl_diffusion.pipelines.hub_layout.project_url`), the run's sample
 grid, the run's numbers (Stage 2 loss and time from its history, every option of
 ``config.adaptation``) and a usage snippet that loads the repository with plain diffusers.
 """
@@ -15,8 +15,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from pipelines.adapted_pipeline import SAMPLE_GRID_NAME
-from pipelines.hub_layout import INSTALL_HINT, project_url
+from ipl_diffusion.pipelines.adapted_pipeline import SAMPLE_GRID_NAME
+from ipl_diffusion.pipelines.hub_layout import INSTALL_HINT, project_url
 
 
 def summarize_history(history: Sequence[dict]) -> Optional[dict]:

@@ -51,8 +51,8 @@ import ipl_diffusion.models  # noqa: F401
 from ipl_diffusion import ddim
 from ipl_diffusion.images import check_image_tensor, load_images, to_pil
 from ipl_diffusion.models.diffae_blocks import warn_xformers_fallback, xformers_unavailable_reason
-from pipelines.hub_layout import RemoteCodeLayoutMixin
-from pipelines.loading import hub_snapshot
+from ipl_diffusion.pipelines.hub_layout import RemoteCodeLayoutMixin
+from ipl_diffusion.pipelines.loading import hub_snapshot
 
 __all__ = ["DiffAEPipeline", "DiffAEPipelineOutput", "default_latent_scheduler", "diffae_scheduler"]
 

@@ -46,11 +46,11 @@ import ipl_diffusion.mapper  # noqa: F401
 import ipl_diffusion.models  # noqa: F401
 from ipl_diffusion import ddim
 from ipl_diffusion.adaptation import diffae as diff_ipl
-from pipelines.adapted_pipeline import AdaptedPipelineMixin
-from pipelines.hub_layout import RemoteCodeLayoutMixin
-from pipelines.loading import load_pipeline
-from pipelines.model_card import build_model_card, summarize_history
-from pipelines.pipeline_diffae import XFormersFallbackPipelineMixin, check_codes
+from ipl_diffusion.pipelines.adapted_pipeline import AdaptedPipelineMixin
+from ipl_diffusion.pipelines.hub_layout import RemoteCodeLayoutMixin
+from ipl_diffusion.pipelines.loading import load_pipeline
+from ipl_diffusion.pipelines.model_card import build_model_card, summarize_history
+from ipl_diffusion.pipelines.pipeline_diffae import XFormersFallbackPipelineMixin, check_codes
 
 # Built-in adaptation options (the paper's Stage 1, DiffusionCLIP's README Stage 2); a model's
 # own config.adapt_defaults override them, explicit arguments override both.
@@ -194,7 +194,7 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
                 e.g. steps and iterations sized for this model.
         """
         if isinstance(diffae, (str, os.PathLike)):
-            from pipelines.pipeline_diffae import DiffAEPipeline
+            from ipl_diffusion.pipelines.pipeline_diffae import DiffAEPipeline
 
             base_model = base_model or str(diffae)
             diffae = DiffAEPipeline.from_pretrained(str(diffae))
@@ -563,7 +563,7 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
     # ---------------------------------------------------------------------- saving / hub
     def model_card(self, repo_id: str):
         """The model card (``huggingface_hub.ModelCard``, saved as README.md) for ``repo_id``
-        (a Hub id or a local folder): see :func:`pipelines.model_card.build_model_card`."""
+        (a Hub id or a local folder): see :func:`ipl_diffusion.pipelines.model_card.build_model_card`."""
         source, target = self.config.source_label, self.config.target_label or "(not adapted)"
         if self.latent_net is not None:
             usage = f"""

@@ -51,10 +51,10 @@ from ipl_diffusion.adaptation import stylegan2 as gan_ipl
 from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
 from ipl_diffusion.outputs import atomic_save_image
 from ipl_diffusion.prompt_learning import PROMPT_SCHEMES
-from pipelines.adapted_pipeline import SAMPLE_GRID_NAME, AdaptedPipelineMixin
-from pipelines.hub_layout import RemoteCodeLayoutMixin
-from pipelines.loading import load_pipeline
-from pipelines.model_card import build_model_card, summarize_history
+from ipl_diffusion.pipelines.adapted_pipeline import SAMPLE_GRID_NAME, AdaptedPipelineMixin
+from ipl_diffusion.pipelines.hub_layout import RemoteCodeLayoutMixin
+from ipl_diffusion.pipelines.loading import load_pipeline
+from ipl_diffusion.pipelines.model_card import build_model_card, summarize_history
 
 # GAN-IPL's own settings (IPL README / NADA, 1024 px): adapt() uses these unless the pipeline's
 # config.adapt_defaults (e.g. the shipped Shapes GAN's CPU-sized settings) or an explicit
@@ -514,7 +514,7 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, Diffusion
     # ---------------------------------------------------------------------- saving / hub
     def model_card(self, repo_id: str):
         """The model card (``huggingface_hub.ModelCard``, saved as README.md) for ``repo_id``
-        (a Hub id or a local folder): see :func:`pipelines.model_card.build_model_card`."""
+        (a Hub id or a local folder): see :func:`ipl_diffusion.pipelines.model_card.build_model_card`."""
         source, target = self.config.source_label, self.config.target_label or "(not adapted)"
         usage = f"""
 import torch

@@ -7,7 +7,7 @@ import torch
 from diffae_tiny import SIZE, Z, diffae_scheduler, tiny_encoder, tiny_unet
 
 from ipl_diffusion.errors import UserError
-from pipelines.pipeline_diffae import DiffAEPipeline
+from ipl_diffusion.pipelines.pipeline_diffae import DiffAEPipeline
 
 
 @pytest.fixture(scope="module")

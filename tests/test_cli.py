@@ -191,7 +191,7 @@ def test_default_model_is_the_embedded_shapes_model(tmp_path):
 @pytest.mark.slow
 def test_stylegan2_default_is_the_embedded_shapes_gan(tmp_path):
     """`ipl adapt --backend stylegan2 --target sketch` with no --model (GAN-IPL on the Shapes GAN)."""
-    from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
+    from ipl_diffusion.pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
 
     out = tmp_path / "gan-sketch"
     args = ["--stage1-iterations", "2", "--iterations", "2", "--batch-size", "2", "--num-images", "4", "--device", "cpu"]

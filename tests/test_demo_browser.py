@@ -49,7 +49,7 @@ def test_demo_page_in_headless_chromium(gradio_needed, tmp_path):
 def test_demo_session_diffae_with_given_images(gradio_needed, tmp_path):
     """The DiffAE path behind the page (uploaded images are translated), and the zip loads."""
     from ipl_diffusion.cli.demo import DemoSession, build_app, pipeline_zip, run_summary
-    from pipelines.pipeline_ipl import IPLPipeline
+    from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline
 
     session = DemoSession(device="cpu")
     assert session.domains("diffae") == ["sketch", "neon", "pixel art", "mosaic"]  # the source, photo, is left out

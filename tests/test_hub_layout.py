@@ -20,9 +20,9 @@ from transformers import CLIPImageProcessorPil
 
 from diffae_tiny import diffae_scheduler, latent_scheduler, tiny_encoder, tiny_latent_net, tiny_unet
 from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
-from pipelines.pipeline_diffae import DiffAEPipeline
-from pipelines.pipeline_ipl import IPLPipeline
-from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
+from ipl_diffusion.pipelines.pipeline_diffae import DiffAEPipeline
+from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline
+from ipl_diffusion.pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
 from tiny_clip import build_clip
 from tiny_ipl import FAST, SIZE, build_tiny_ipl_pipeline
 
@@ -204,7 +204,7 @@ def test_push_uploads_the_layout_and_a_card(saved, name, monkeypatch, tmp_path):
 
 
 def test_card_metadata_names_only_hub_ids_as_base_model():
-    from pipelines.model_card import _hub_base_model
+    from ipl_diffusion.pipelines.model_card import _hub_base_model
 
     assert _hub_base_model("openai/some-diffae") == "openai/some-diffae"
     for not_an_id in ("ipl-diffusion/shapes-stylegan2 (shipped)", str(REPO), "tiny-random-diffae", "a/b/c", None):
@@ -215,7 +215,7 @@ def test_project_url_comes_from_the_installed_metadata(monkeypatch):
     import importlib.metadata
     from email.message import Message
 
-    from pipelines import hub_layout
+    from ipl_diffusion.pipelines import hub_layout
 
     assert hub_layout.project_url() == URL  # installed metadata, else this checkout's setup.cfg
     metadata = Message()

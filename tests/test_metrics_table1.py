@@ -44,7 +44,7 @@ def test_protocol_end_to_end_on_tiny_models(tiny_clip, tmp_path):
     from ipl_diffusion.metrics import HED, IRSE50, ArcFaceFeatures, InceptionV3
     from ipl_diffusion.metrics.suite import MetricNetworks
     from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
-    from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
+    from ipl_diffusion.pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
 
     table1 = load_table1()
     clip, tokenizer = tiny_clip

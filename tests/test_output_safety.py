@@ -237,8 +237,8 @@ def test_half_precision_weights_on_cpu_are_refused_by_both_backends(model_dir, t
     from transformers import CLIPImageProcessor
 
     from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
-    from pipelines.pipeline_ipl import IPLPipeline
-    from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
+    from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline
+    from ipl_diffusion.pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
 
     pipe = IPLPipeline.from_pretrained(str(model_dir), torch_dtype=torch.float16)
     with pytest.raises(UserError, match=r"adapt on a CPU needs float32 weights, but the semantic_encoder's are torch.float16"):

@@ -15,7 +15,7 @@ from diffae_tiny import SIZE, Z, diffae_scheduler, latent_scheduler, tiny_encode
 
 from ipl_diffusion import DiffAEPipeline
 from ipl_diffusion.ddim import ddim_decode, ddim_invert
-from pipelines.pipeline_diffae import DiffAEPipelineOutput
+from ipl_diffusion.pipelines.pipeline_diffae import DiffAEPipelineOutput
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -199,7 +199,7 @@ def test_push_to_hub_uploads_the_saved_folder(pipe, monkeypatch):
 
 
 def test_c6_pipeline_xformers_fallback_warns_once(pipe, monkeypatch):
-    import pipelines.pipeline_diffae as module
+    import ipl_diffusion.pipelines.pipeline_diffae as module
 
     monkeypatch.setattr(module, "xformers_unavailable_reason", lambda: "no CUDA device")
     z = torch.randn(1, Z)

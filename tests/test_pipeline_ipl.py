@@ -114,7 +114,7 @@ def test_save_and_reload_in_a_fresh_process(adapted, odd_images, tmp_path):
 
 
 def test_source_pipeline_round_trip_without_unet(source_pipe, tmp_path):
-    from pipelines.pipeline_ipl import IPLPipeline
+    from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline
 
     source_pipe.save_pretrained(tmp_path / "src")
     assert not (tmp_path / "src" / "unet").exists()  # no duplicate of the source UNet
@@ -127,7 +127,7 @@ def test_source_pipeline_round_trip_without_unet(source_pipe, tmp_path):
 
 
 def test_missing_component_and_offline_hub_id(source_pipe, tmp_path, monkeypatch):
-    from pipelines.pipeline_ipl import IPLPipeline
+    from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline
 
     source_pipe.save_pretrained(tmp_path / "broken")
     shutil.rmtree(tmp_path / "broken" / "semantic_encoder")
@@ -198,7 +198,7 @@ def test_push_to_hub_uploads_weights_card_grid_and_code(adapted, monkeypatch, tm
 
 def test_model_recommended_adapt_defaults(tmp_path):
     """A model's config.adapt_defaults fill the options a caller leaves out (explicit wins)."""
-    from pipelines.pipeline_ipl import IPLPipeline
+    from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline
 
     pipe = build_tiny_ipl_pipeline()
     recommended = {k: v for k, v in FAST.items() if k != "progress"}
@@ -216,8 +216,8 @@ def test_model_recommended_adapt_defaults(tmp_path):
 
 def test_from_components_assembles_a_source_pipeline(source_pipe, tmp_path):
     """The shipped Shapes folder is assembled this way (examples/assemble_shapes_ipl.py)."""
-    from pipelines.pipeline_diffae import DiffAEPipeline
-    from pipelines.pipeline_ipl import IPLPipeline
+    from ipl_diffusion.pipelines.pipeline_diffae import DiffAEPipeline
+    from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline
 
     diffae = DiffAEPipeline(
         semantic_encoder=source_pipe.semantic_encoder, unet=source_pipe.source_unet, scheduler=source_pipe.scheduler,
@@ -247,7 +247,7 @@ def test_c6_xformers_where_it_cannot_run_warns_once_and_keeps_outputs(monkeypatc
     components, yet enabling xformers gives one warning, SDPA everywhere and equal outputs."""
     import warnings
 
-    import pipelines.pipeline_diffae as module
+    import ipl_diffusion.pipelines.pipeline_diffae as module
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     monkeypatch.setattr(module, "xformers_unavailable_reason", lambda: "no CUDA device")

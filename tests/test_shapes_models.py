@@ -72,8 +72,8 @@ def test_shipped_shapes_diffae_reconstructs_and_samples():
     oracle reads as photos of several shapes and colours."""
     from ipl_diffusion.shapes.oracle import ShapesOracle
     from ipl_diffusion.ddim import ddim_decode, ddim_invert
-    from pipelines.pipeline_diffae import DiffAEPipeline
-    from pipelines.pipeline_ipl import IPLPipeline
+    from ipl_diffusion.pipelines.pipeline_diffae import DiffAEPipeline
+    from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline
 
     pipe = IPLPipeline.from_pretrained(str(default_model_path("diffae")))
     images, _ = ShapesRenderer(32).sample(4, seed=FRESH_SEED + 2, style="photo")
@@ -111,7 +111,7 @@ def test_shipped_shapes_diffae_reconstructs_and_samples():
 
 
 def test_shipped_diff_ipl_pipeline_loads_offline_and_translates(monkeypatch):
-    from pipelines.pipeline_ipl import IPLPipeline
+    from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipe = IPLPipeline.from_pretrained(str(default_model_path("diffae")))
@@ -137,7 +137,7 @@ def test_shipped_pipeline_records_the_domains_its_clip_knows():
 
 def test_shipped_shapes_stylegan2_loads_offline_and_samples_photos(monkeypatch):
     from ipl_diffusion.shapes.oracle import ShapesOracle
-    from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
+    from ipl_diffusion.pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipe = StyleGANIPLPipeline.from_pretrained(str(default_model_path("stylegan2")))
@@ -157,7 +157,7 @@ def test_shipped_shapes_stylegan2_loads_offline_and_samples_photos(monkeypatch):
 
 
 def test_shipped_stylegan2_refuses_labels_its_clip_does_not_know():
-    from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
+    from ipl_diffusion.pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
 
     pipe = StyleGANIPLPipeline.from_pretrained(str(default_model_path("stylegan2")))
     with pytest.raises(ValueError, match="trained only on the domains photo, sketch.*open-vocabulary CLIP: from_components"):
@@ -165,8 +165,8 @@ def test_shipped_stylegan2_refuses_labels_its_clip_does_not_know():
 
 
 def test_a_pipeline_class_refuses_the_other_familys_folder_and_names_its_loader():
-    from pipelines.pipeline_ipl import IPLPipeline
-    from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
+    from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline
+    from ipl_diffusion.pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
 
     with pytest.raises(ValueError, match=r"holds a StyleGANIPLPipeline .*load it with StyleGANIPLPipeline.from_pretrained"):
         IPLPipeline.from_pretrained(str(default_model_path("stylegan2")))

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from pipelines.pipeline_diffae import DiffAEPipeline
+from ipl_diffusion.pipelines.pipeline_diffae import DiffAEPipeline
 from repo_scripts import load_script
 
 TINY = [

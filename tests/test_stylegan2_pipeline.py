@@ -16,7 +16,7 @@ from transformers import CLIPImageProcessor
 
 from ipl_diffusion.adaptation.distributed import make_accelerator
 from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
-from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
+from ipl_diffusion.pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
 
 STYLE_DIM = 16
 FAST = dict(num_images=8, stage1_iterations=2, stage1_batch_size=4, iterations=2, auto_layer_batch=2, num_samples=3, label_templates="single", progress=False)

@@ -17,7 +17,7 @@ Z_DIM = 32
 
 def build_tiny_ipl_pipeline(seed=0):
     from ipl_diffusion.models import DiffAEUNetModel, LatentNetModel, SemanticEncoder
-    from pipelines.pipeline_ipl import IPLPipeline
+    from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline
 
     torch.manual_seed(seed)
     common = dict(sample_size=SIZE, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,))

@@ -68,7 +68,7 @@ from ipl_diffusion.models import DiffAEUNetModel, LatentNetModel, SemanticEncode
 from ipl_diffusion.outputs import output_lock
 from ipl_diffusion.shapes.renderer import SOURCE_STYLE, ShapesRenderer, sample_factors
 # Upstream DiffAE's two diffusions: images (linear betas, clipped x0), latents (constant beta).
-from pipelines.pipeline_diffae import DiffAEPipeline, default_latent_scheduler, diffae_scheduler
+from ipl_diffusion.pipelines.pipeline_diffae import DiffAEPipeline, default_latent_scheduler, diffae_scheduler
 
 
 def parse_args(argv=None):

@@ -223,9 +223,9 @@ def load_pipeline(backend, model, device=None):
     import torch
 
     if backend == "stylegan2":
-        from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline as cls
+        from ipl_diffusion.pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline as cls
     else:
-        from pipelines.pipeline_ipl import IPLPipeline as cls
+        from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline as cls
     pipe = cls.from_pretrained(str(model))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return pipe.to(device)
@@ -238,7 +238,7 @@ def detect_backend(backend, model) -> str:
     if backend is not None:
         return backend
     if model is not None:
-        from pipelines.loading import pipeline_family  # light: json and pathlib only
+        from ipl_diffusion.pipelines.loading import pipeline_family  # light: json and pathlib only
 
         found = pipeline_family(Path(model))
         if found is not None:
@@ -249,7 +249,7 @@ def detect_backend(backend, model) -> str:
 def _check_backend(backend, folder):
     """A local pipeline folder of the other generator family gets a hint at --backend, rather
     than diffusers' list of expected components."""
-    from pipelines.loading import pipeline_family  # light: json and pathlib only
+    from ipl_diffusion.pipelines.loading import pipeline_family  # light: json and pathlib only
 
     found = pipeline_family(folder)
     if found is not None and found[1] != backend:

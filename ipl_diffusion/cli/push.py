@@ -47,9 +47,9 @@ def run(args) -> int:
     from ipl_diffusion.cli.adapt import detect_backend
 
     if detect_backend(args.backend, args.model) == "stylegan2":
-        from pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline as cls
+        from ipl_diffusion.pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline as cls
     else:
-        from pipelines.pipeline_ipl import IPLPipeline as cls
+        from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline as cls
     pipe = cls.from_pretrained(args.model)
     url = pipe.push_to_hub(
         args.repo_id, private=args.private or None, token=args.token, commit_message=args.commit_message

@@ -503,7 +503,7 @@ def convert_diffae_checkpoint(
         ValueError: unsafe pickle, wrong keys or shapes (named in the message).
     """
     from ipl_diffusion.outputs import check_writable
-    from pipelines.pipeline_diffae import DiffAEPipeline, default_latent_scheduler, diffae_scheduler
+    from ipl_diffusion.pipelines.pipeline_diffae import DiffAEPipeline, default_latent_scheduler, diffae_scheduler
 
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
