@@ -2,7 +2,7 @@
 """The main job, measured on what it never saw: ``ipl adapt`` with the shipped settings.
 
 For every backend and Shapes target this runs exactly what a user runs,
-``ipl adapt [--backend B] --target T --output DIR --seed S`` (no other option, so the shipped
+``ipl adapt [--backend B] --target T --output_dir DIR --seed S`` (no other option, so the shipped
 folders' ``adapt_defaults`` decide everything), loads ``DIR/pipeline`` back from disk, and
 judges it on images the run never trained on:
 
@@ -104,7 +104,7 @@ def evaluate(oracle, backend, pipe, target, count):
 def run_one(backend, target, seed, folder, extra):
     from ipl_diffusion.cli import main as ipl
 
-    argv = ["adapt", "--backend", backend, "--target", target, "--output", str(folder), "--seed", str(seed), *extra]
+    argv = ["adapt", "--backend", backend, "--target", target, "--output_dir", str(folder), "--seed", str(seed), *extra]
     started = time.perf_counter()
     code = ipl(argv)
     seconds = time.perf_counter() - started

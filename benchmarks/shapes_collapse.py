@@ -103,7 +103,7 @@ def parse_args(argv=None):
     p.add_argument("--stage1_images", type=int, default=None, help="diffae Stage-1 pool (default: the shipped stage1_num_images)")
     p.add_argument("--eval_images", type=int, default=32)
     # Every adaptation option below defaults to None: the shipped folder's recorded
-    # adapt_defaults, i.e. what `ipl adapt` runs (ipl_diffusion.cli.adapt.SHAPES_*).
+    # adapt_defaults, i.e. what `ipl adapt` runs (ipl_diffusion.shapes.adapt_defaults.SHAPES_*).
     p.add_argument("--stage1_iterations", type=int, default=None)
     p.add_argument("--iterations", type=int, default=None, help="diffae Stage 2 iterations")
     p.add_argument("--batch_size", type=int, default=None)
@@ -201,9 +201,9 @@ def translate(pipe, images, args):
 
 def shapes_training_images(pipe, args, seed):
     """diffae: the Stage-2 photos and the Stage-1 pool ``ipl adapt`` renders for ``seed``
-    (ipl_diffusion.cli.adapt.shapes_source_images), with --train_images / --stage1_images
+    (ipl_diffusion.shapes.adapt_defaults.shapes_source_images), with --train_images / --stage1_images
     overriding the shipped counts."""
-    from ipl_diffusion.cli.adapt import shapes_source_images
+    from ipl_diffusion.shapes.adapt_defaults import shapes_source_images
 
     inputs = shapes_source_images(pipe, args.train_images, seed, args.stage1_images)
     return inputs["images"], inputs["stage1_images"]

@@ -72,17 +72,17 @@ def main():
     torch.manual_seed(0)
     generator = ConvGenerator(args.latent_dim, args.image_size)
     latents = torch.randn(args.pool_size, args.latent_dim, generator=torch.Generator().manual_seed(0))
-    common = dict(batch_size=args.batch_size, progress=False, label_templates="single")
+    common = dict(stage1_batch_size=args.batch_size, progress=False, label_templates="single")
 
     # Warm-up (allocator, kernels) outside the measurements.
-    learn_prompts(encoder, latents, "photo", "wall painting", generate=generator, num_iterations=1,
+    learn_prompts(encoder, latents, "photo", "wall painting", generate=generator, stage1_iterations=1,
                   cache_image_features=False, **common)
 
     cache_time, features = timed(lambda: encode_latent_pool(encoder, latents, generator, batch_size=32))
     cached_time, _ = timed(lambda: learn_prompts(encoder, latents, "photo", "wall painting", image_features=features,
-                                                 num_iterations=args.iterations, **common))
+                                                 stage1_iterations=args.iterations, **common))
     fresh_time, _ = timed(lambda: learn_prompts(encoder, latents, "photo", "wall painting", generate=generator,
-                                                num_iterations=args.iterations, cache_image_features=False, **common))
+                                                stage1_iterations=args.iterations, cache_image_features=False, **common))
 
     per_cached = cached_time / args.iterations
     per_fresh = fresh_time / args.iterations

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Stage 2 (Diff-IPL) step time and activation memory: full chain vs per-step vs checkpointed.
 
-Runs the real ``Stage2Trainer.train_step`` on randomly initialised DiffAE models (timing and
+Runs the real ``DiffAEStage2Trainer.step_on`` on randomly initialised DiffAE models (timing and
 memory do not depend on the weights) in one process and prints every mode as a ratio to the
 full-chain baseline measured in the same run:
 
@@ -32,7 +32,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from diffusers import DDIMScheduler  # noqa: E402
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel  # noqa: E402
 
-from ipl_diffusion.adaptation.diffae import Stage2Config, Stage2Trainer, clip_image_features  # noqa: E402
+from ipl_diffusion.adaptation.diffae_trainer import DiffAEStage2Trainer  # noqa: E402
+from ipl_diffusion.clip_image import clip_image_features  # noqa: E402
+from ipl_diffusion.configs import DiffAEStage2Config  # noqa: E402
 from ipl_diffusion.adaptation.distributed import make_accelerator  # noqa: E402
 from ipl_diffusion.models import DiffAEUNetModel  # noqa: E402
 
@@ -60,7 +62,7 @@ def small_clip(image_size=32, width=32, layers=2, patch_size=8):
 
 def build_trainer(config_name, mode, gradient_checkpointing, device, batch_size=2, num_images=4, train_steps=6,
                   mixed_precision="no", clip=None, accelerator=None, attention=None):
-    """A ready ``Stage2Trainer`` on random models and random cached inversions."""
+    """A ready ``DiffAEStage2Trainer`` on random models and random cached inversions."""
     size, unet_kwargs = CONFIGS[config_name]
     torch.manual_seed(0)
     unet = DiffAEUNetModel(sample_size=size, **unet_kwargs).to(device).eval()
@@ -77,11 +79,11 @@ def build_trainer(config_name, mode, gradient_checkpointing, device, batch_size=
         "x_t0": torch.randn(num_images, 3, size, size),
         "x_rec": torch.rand(num_images, 3, size, size) * 2 - 1,
     }
-    cfg = Stage2Config(t0=400, num_train_steps=train_steps, iterations=1, batch_size=batch_size, gradient_mode=mode,
+    cfg = DiffAEStage2Config(t0=400, num_train_steps=train_steps, iterations=1, batch_size=batch_size, gradient_mode=mode,
                        gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
                        learning_rate=1e-5)
     scheduler = DDIMScheduler(beta_schedule="linear", clip_sample=True, set_alpha_to_one=True)
-    return Stage2Trainer(unet, scheduler, cache, torch.randn(num_images, d), torch.randn(num_images, d), features, cfg,
+    return DiffAEStage2Trainer(unet, scheduler, cache, torch.randn(num_images, d), torch.randn(num_images, d), features, cfg,
                          accelerator=accelerator or make_accelerator(mixed_precision, device))
 
 
@@ -127,7 +129,7 @@ def measure(trainer, repeats, warmup=1):
     """
     index = list(range(trainer.config.batch_size))
     for _ in range(warmup):
-        trainer.train_step(index)
+        trainer.step_on(index)
     cuda = trainer.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -135,7 +137,7 @@ def measure(trainer, repeats, warmup=1):
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        trainer.train_step(index)
+        trainer.step_on(index)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
@@ -143,7 +145,7 @@ def measure(trainer, repeats, warmup=1):
     if cuda:
         return times[len(times) // 2], torch.cuda.max_memory_allocated(), "allocated"
     with SavedTensorMeter() as meter:
-        trainer.train_step(index)
+        trainer.step_on(index)
     return times[len(times) // 2], meter.peak, "saved activations"
 
 

@@ -34,7 +34,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel  # noqa: E402
 
-from ipl_diffusion.adaptation.stylegan2 import GANIPLTrainer, GANStage2Config  # noqa: E402
+from ipl_diffusion.adaptation.stylegan2 import GANIPLTrainer  # noqa: E402
+from ipl_diffusion.configs import GANStage2Config  # noqa: E402
 from ipl_diffusion.clip_image import CLIPImageEncoder  # noqa: E402
 from ipl_diffusion.models.stylegan2 import StyleGAN2Generator  # noqa: E402
 

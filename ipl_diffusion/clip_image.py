@@ -161,3 +161,15 @@ class CLIPImageEncoder:
 
 
 __all__ = ["CLIPImageEncoder", "image_processor_settings", "preprocess_images"]
+
+
+def clip_image_features(clip_model, feature_extractor=None):
+    """Differentiable CLIP image features: images ``(B, 3, H, W)`` in ``[-1, 1]`` -> raw
+    projected features ``(B, D)``, the ``E_I`` of Eq. 7.
+
+    ``feature_extractor`` (a ``CLIPImageProcessor``) supplies the normalisation; without one,
+    ``CLIPImageProcessorPil()``'s defaults are OpenAI CLIP's mean / std.
+    """
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageEncoder(clip_model, feature_extractor or CLIPImageProcessorPil()).encode_images

@@ -73,6 +73,10 @@ __all__ = [
     "inversion_plan",
     "ddim_decode",
     "ddim_invert",
+    "invert_to_t0",
+    "decode_from_t0",
+    "decode_to_t0",
+    "check_t0",
     "predict_eps",
     "prediction_type",
 ]
@@ -298,12 +302,17 @@ def _check_input(model, x: torch.Tensor) -> None:
         )
 
 
-def _run_plan(model, x, z_sem, scheduler, plan: Plan, clip_range, progress_bar) -> torch.Tensor:
+def _run_plan(model, x, z_sem, scheduler, plan: Plan, clip_range, progress_bar, call=None) -> torch.Tensor:
+    """Run ``plan``'s DDIM steps from ``x``. ``call(model, x, t, z_sem) -> eps`` replaces
+    :func:`predict_eps` (a trainer wraps it in gradient checkpointing)."""
     alphas = scheduler.alphas_cumprod.to(x.device)
     final = float(scheduler.final_alpha_cumprod)
     steps: Iterable = progress_bar(plan) if progress_bar is not None else plan
     for model_t, frm, to in steps:
-        eps = predict_eps(model, x, model_t, z_sem, scheduler)
+        if call is None:
+            eps = predict_eps(model, x, model_t, z_sem, scheduler)
+        else:
+            eps = call(model, x, model_t, z_sem)
         x, _ = ddim_step(eps.to(x.dtype), x, frm, to, alphas, final, clip_range)
     return x
 
@@ -397,3 +406,44 @@ def ddim_invert(
         num_train_timesteps=_num_train_timesteps(scheduler),
     )
     return _run_plan(unet, x0, z_sem, scheduler, plan, _clip_range(scheduler, clip_sample), progress_bar)
+
+
+# ------------------------------------------------------------ DiffusionCLIP's partial chain
+# Diff-IPL edits an image by inverting it to ``t0`` (not to T: ``t0`` sets how far an image may
+# move), then decoding ``x_{t0}`` with the adapted UNet (DiffusionCLIP). Both directions use
+# the grid ``linspace(0, t0, N)`` and no x0 clipping: clipping would zero the gradient of
+# every saturated pixel, and training and inference must decode the same way.
+
+
+def invert_to_t0(unet, x0, z_sem, scheduler, t0: int, num_steps: int, progress_bar=None) -> torch.Tensor:
+    """``x0 -> x_{t0}`` ``(B, 3, H, W)``: DiffusionCLIP's deterministic inversion
+    (``num_steps - 1`` steps over ``linspace(0, t0, num_steps)``, eps at the *source*
+    timestep -- the ``"diffae"`` variant of :func:`ddim_invert` -- no clipping)."""
+    return ddim_invert(unet, x0, z_sem, scheduler, num_steps, end_timestep=t0, variant="diffae",
+                       clip_sample=False, progress_bar=progress_bar)
+
+
+def decode_from_t0(unet, x_t0, z_sem, scheduler, t0: int, num_steps: int, progress_bar=None, call=None) -> torch.Tensor:
+    """``x_{t0} -> x0`` ``(B, 3, H, W)`` in ``num_steps`` steps over ``linspace(0, t0,
+    num_steps)``, no clipping. Keeps the autograd graph (Stage 2's full chain
+    back-propagates through it); ``call`` as in :func:`_run_plan`."""
+    plan = decode_plan(ddim_timesteps(scheduler, num_steps, t0))
+    return _run_plan(unet, x_t0, z_sem, scheduler, plan, None, progress_bar, call)
+
+
+def decode_to_t0(unet, x_T, z_sem, scheduler, t0: int, num_steps: int, progress_bar=None) -> torch.Tensor:
+    """Pure noise ``x_T -> x_{t0}`` on the scheduler's ``num_steps`` grid above ``t0``, with
+    its clipping: unconditional sampling, where the adapted UNet takes over at ``t0``."""
+    grid = [t for t in ddim_timesteps(scheduler, num_steps) if t > t0] + [t0]
+    plan = decode_plan(grid)[:-1]  # stop at level t0
+    return _run_plan(unet, x_T, z_sem, scheduler, plan, _clip_range(scheduler, None), progress_bar)
+
+
+def check_t0(t0: int, scheduler) -> int:
+    """``t0`` as an int; ``UserError`` unless ``0 < t0 < num_train_timesteps``."""
+    from ipl_diffusion.errors import UserError
+
+    total = _num_train_timesteps(scheduler)
+    if int(t0) != t0 or not 0 < int(t0) < total:
+        raise UserError(f"t0 must be an integer in 1..{total - 1} (the scheduler's timesteps), got {t0}")
+    return int(t0)

@@ -9,9 +9,29 @@ It subclasses ``ValueError`` so that code written against the library's earlier,
 ``ValueError`` keeps catching it.
 """
 
-__all__ = ["UserError"]
+import math
+
+__all__ = ["UserError", "NonFiniteLossError", "check_finite"]
 
 
 class UserError(ValueError):
     """A problem with the caller's input or environment, described in one line (what was
     wrong, and what to do instead)."""
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """A loss term became NaN or infinite during training (Stage 1 or Stage 2, either
+    backend); raised before any update is made with it. The message names the term and the
+    iteration; the usual remedy is a lower learning rate or turning mixed precision off."""
+
+
+def check_finite(terms: dict, stage: str, iteration: int) -> None:
+    """Raise :class:`NonFiniteLossError` naming the first NaN / inf term of ``terms``
+    (``{name: scalar tensor or float}``)."""
+    for name, value in terms.items():
+        value = float(value.detach()) if hasattr(value, "detach") else float(value)
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"{stage} loss term {name} is {value} at iteration {iteration}; "
+                "lower the learning rate or turn mixed precision off"
+            )

@@ -39,6 +39,7 @@ The result is a :class:`PromptLearner`: it holds the trained prompt module (a
 the per-image prompt features through :meth:`PromptLearner.text_features`.
 """
 
+import dataclasses
 import json
 import os
 import warnings
@@ -50,26 +51,17 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .clip_text import DEFAULT_CONTEXT
+from .configs import PROMPT_SCHEMES, Stage1Config
+from .errors import UserError, check_finite
 from .losses import contrastive_loss, domain_regularization_loss
 from .mapper import LatentMapper, SharedPromptContext
 from .outputs import atomic_write_text
 
-PROMPT_SCHEMES = ("manual", "learned", "random", "adaptive")
 PromptScheme = Literal["manual", "learned", "random", "adaptive"]
 
 DEFAULT_LEARNING_RATES = {"adaptive": 0.05, "learned": 2e-3}
 
 _CONFIG_NAME = "prompt_learner.json"
-
-
-def _check_finite(value, name, iteration):
-    if not torch.isfinite(value).all():
-        kind = "nan" if torch.isnan(value).any() else "inf"
-        raise FloatingPointError(
-            f"{name} is {kind} at iteration {iteration}; stopping Stage 1 (check the latent pool / image features "
-            "for NaN/inf, or lower the learning rate)."
-        )
-    return value
 
 
 def encode_latent_pool(encoder, latents, generate, batch_size=32):
@@ -85,7 +77,7 @@ def encode_latent_pool(encoder, latents, generate, batch_size=32):
         ``(N, D)`` raw image features on CLIP's device.
 
     Raises:
-        ValueError: the generator returns a wrong batch size / shape, or NaN/inf images.
+        UserError: the generator returns a wrong batch size / shape, or NaN/inf images.
     """
     chunks = []
     with torch.no_grad():
@@ -94,11 +86,11 @@ def encode_latent_pool(encoder, latents, generate, batch_size=32):
             images = generate(batch)
             if not torch.is_tensor(images) or images.ndim != 4 or images.shape[0] != batch.shape[0]:
                 shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-                raise ValueError(
+                raise UserError(
                     f"The generator returned {shape} for {batch.shape[0]} latents; expected ({batch.shape[0]}, 3, H, W)."
                 )
             if not torch.isfinite(images).all():
-                raise ValueError(f"The generator produced NaN/inf images for latents {start}..{start + len(batch) - 1}.")
+                raise UserError(f"The generator produced NaN/inf images for latents {start}..{start + len(batch) - 1}.")
             chunks.append(encoder.encode_images(images))
     return torch.cat(chunks)
 
@@ -136,7 +128,7 @@ def stage1_losses(
         dict of 0-d tensors: ``"L_contr"``, ``"L_domain"``, (``"L_domain_source"``), ``"L"``.
     """
     if target_label is None:
-        raise ValueError("stage1_losses needs target_label.")
+        raise UserError("stage1_losses needs target_label.")
     vectors = prompt_module(latents)
     source_text = encoder.encode_prompt_vectors(vectors, source_label)
     target_text = encoder.encode_prompt_vectors(vectors, target_label)
@@ -252,7 +244,7 @@ class PromptLearner:
             meta = json.load(f)
         classes = {"LatentMapper": LatentMapper, "SharedPromptContext": SharedPromptContext}
         if meta.get("scheme") not in PROMPT_SCHEMES or meta.get("module_class") not in classes:
-            raise ValueError(f"{path}: unknown scheme/module {meta.get('scheme')!r}/{meta.get('module_class')!r}.")
+            raise UserError(f"{path}: unknown scheme/module {meta.get('scheme')!r}/{meta.get('module_class')!r}.")
         module = classes[meta["module_class"]].from_pretrained(os.path.join(directory, "prompt_module"))
         module = module.to(encoder.device).requires_grad_(False).eval()
         learner = cls(encoder, module, meta["scheme"], meta["source_label"], meta["target_label"])
@@ -281,7 +273,7 @@ def _resolve_n_ctx(encoder, n_ctx, context):
     if context is not None:
         return encoder.count_tokens(encoder.validate_context(context))
     if int(n_ctx) < 1:
-        raise ValueError(f"n_ctx must be >= 1, got {n_ctx}.")
+        raise UserError(f"n_ctx must be >= 1, got {n_ctx}.")
     return int(n_ctx)
 
 
@@ -318,7 +310,7 @@ def _build_prompt_module(scheme, encoder, prompt_module, context, m, latent_dim,
     ``LatentMapper`` (random / adaptive), new (seeded by ``rng``) unless one is given."""
     if scheme in ("manual", "learned"):
         if prompt_module is not None and not isinstance(prompt_module, SharedPromptContext):
-            raise ValueError(f"scheme={scheme!r} uses a SharedPromptContext, got {type(prompt_module).__name__}.")
+            raise UserError(f"scheme={scheme!r} uses a SharedPromptContext, got {type(prompt_module).__name__}.")
         if prompt_module is None:
             if context is not None:
                 prompt_module = SharedPromptContext.from_vectors(encoder.context_embeddings(context), latent_dim)
@@ -332,10 +324,10 @@ def _build_prompt_module(scheme, encoder, prompt_module, context, m, latent_dim,
         prompt_module = LatentMapper(latent_dim=latent_dim, n_ctx=m, ctx_dim=encoder.hidden_size)
         prompt_module.reset_parameters(generator=rng)
     elif not isinstance(prompt_module, LatentMapper):
-        raise ValueError(f"scheme={scheme!r} uses a LatentMapper, got {type(prompt_module).__name__}.")
+        raise UserError(f"scheme={scheme!r} uses a LatentMapper, got {type(prompt_module).__name__}.")
     cfg = prompt_module.config
     if cfg.ctx_dim != encoder.hidden_size or (getattr(cfg, "latent_dim", None) not in (None, latent_dim)):
-        raise ValueError(
+        raise UserError(
             f"The prompt module expects latent_dim={cfg.latent_dim}, ctx_dim={cfg.ctx_dim}, but the latent pool has "
             f"{latent_dim} and the CLIP text width is {encoder.hidden_size}."
         )
@@ -346,13 +338,13 @@ def _check_pool(latents, sample_latents):
     """``(latents on no device yet, latent_dim)``; a fresh-latent run draws one sample to learn the width."""
     if sample_latents is not None:
         if latents is not None:
-            raise ValueError("Pass either a latent pool or sample_latents (fresh latents every iteration), not both.")
+            raise UserError("Pass either a latent pool or sample_latents (fresh latents every iteration), not both.")
         probe = sample_latents(2, torch.Generator().manual_seed(0))
         return None, int(probe.shape[-1])
     if not torch.is_tensor(latents) or latents.ndim != 2 or latents.shape[0] < 1:
-        raise ValueError(f"latents must be a (N, latent_dim) tensor, got {getattr(latents, 'shape', latents)}.")
+        raise UserError(f"latents must be a (N, latent_dim) tensor, got {getattr(latents, 'shape', latents)}.")
     if not torch.isfinite(latents).all():
-        raise ValueError("The latent pool contains NaN/inf values.")
+        raise UserError("The latent pool contains NaN/inf values.")
     return latents, int(latents.shape[1])
 
 
@@ -360,17 +352,17 @@ def _pool_features(encoder, latents, image_features, generate, cache, encode_bat
     """The pool's image features ``(N, D)`` (given, or encoded once), or ``None`` when every
     step re-generates its images."""
     if (image_features is None) == (generate is None):
-        raise ValueError("Pass exactly one of image_features (N, D) or generate (latents -> images).")
+        raise UserError("Pass exactly one of image_features (N, D) or generate (latents -> images).")
     if image_features is not None:
         if latents is None or (not torch.is_tensor(image_features) or image_features.ndim != 2
                                or image_features.shape != (latents.shape[0], encoder.projection_dim)):
             expected = (None if latents is None else latents.shape[0], encoder.projection_dim)
-            raise ValueError(
+            raise UserError(
                 f"image_features must be {expected} to match the latent pool, got "
                 f"{tuple(getattr(image_features, 'shape', ()))}."
             )
         if not torch.isfinite(image_features).all():
-            raise ValueError("image_features contain NaN/inf values.")
+            raise UserError("image_features contain NaN/inf values.")
         return image_features.detach().to(encoder.device)
     if latents is not None and cache:
         return encode_latent_pool(encoder, latents, generate, encode_batch_size)
@@ -382,28 +374,16 @@ def learn_prompts(
     latents,
     source_label,
     target_label,
+    config: Stage1Config | None = None,
     *,
     image_features=None,
     generate=None,
     sample_latents=None,
     heldout=None,
-    heldout_every=50,
-    scheme="adaptive",
-    n_ctx=4,
-    context=None,
-    num_iterations=300,
-    batch_size=32,
-    learning_rate=None,
-    lambda_domain=1.0,
-    lambda_source=0.0,
-    contrastive_form="infonce",
-    logit_scale=None,
-    label_templates="imagenet",
     prompt_module=None,
-    cache_image_features=True,
-    encode_batch_size=32,
     seed=0,
     progress=True,
+    **options,
 ):
     """Stage 1 (Eq. 6): learn prompt vectors for ``source_label -> target_label``.
 
@@ -412,6 +392,8 @@ def learn_prompts(
         latents: ``(N, latent_dim)`` pool of source latents (StyleGAN ``w`` / DiffAE ``z_sem``),
             or ``None`` with ``sample_latents``.
         source_label, target_label: ``Y_s``, ``Y_t`` (e.g. ``"photo"``, ``"wall painting"``).
+        config: :class:`~ipl_diffusion.configs.Stage1Config` (scheme, λ, iterations, batch,
+            lr, m, templates, ...); ``options`` override its fields by name.
         image_features: ``(N, D)`` precomputed raw ``E_I(G_s(latents))``; or
         generate: callable ``(b, latent_dim) -> (b, 3, H, W)`` images in ``[-1, 1]`` (frozen ``G_s``).
             Exactly one of the two (neither is needed for ``manual``/``random``).
@@ -422,26 +404,7 @@ def learn_prompts(
         heldout: ``(latents (M, latent_dim), image_features (M, D))`` never trained on; their
             :func:`prompt_retrieval` is measured every ``heldout_every`` iterations and at the
             end (progress bar, ``history``, ``learner.heldout_retrieval``).
-        scheme: ``"manual" | "learned" | "random" | "adaptive"`` (see module docstring).
-        n_ctx: number of prompt vectors ``m`` (4), unless ``context`` is given.
-        context: a phrase; sets ``m`` to its BPE token count. ``learned`` starts from its token
-            embeddings (CoOp init; random N(0, 0.02²) if ``None``); the mapper schemes only
-            take ``m`` from it.
-        num_iterations: optimiser steps (300).
-        batch_size: latents per step (32); capped at ``N``; must end up >= 2 (in-batch negatives).
-        learning_rate: Adam lr; default 0.05 (mapper, equalised-lr) / 2e-3 (shared context).
-        lambda_domain: λ in Eq. 6 (1; the paper selects it in [1, 10] per domain).
-        lambda_source: released-code source regulariser weight (``--lambda_src``, 0).
-        contrastive_form: ``"infonce"`` (released code) or ``"paper"`` (Eq. 4).
-        logit_scale: multiplier for InfoNCE; default ``clip_model.logit_scale.exp()`` (100 for OpenAI CLIP).
-        label_templates: the templates averaged into a label's feature -- ``E_T(Y_t)`` in Eq. 5
-            and, for ``manual``, NADA's fixed direction (StyleGAN-NADA's ``compute_text_direction``
-            averages over templates): ``"imagenet"`` (CLIP's 80, default), ``"nada"`` (NADA's 79,
-            the same list less one), or ``"single"`` (the one prompt "a photo of a {label}.").
         prompt_module: a pre-built ``LatentMapper`` (adaptive/random) to use instead of a new one.
-        cache_image_features: compute ``E_I(G_s(w))`` once for the pool (default). ``False``
-            re-generates and re-encodes each batch every step (same numbers, slower).
-        encode_batch_size: batch size of the one-off caching pass.
         seed: seeds mapper init and latent / batch sampling through a private
             ``torch.Generator`` (global RNG untouched); same seed + inputs -> same result.
         progress: show a tqdm bar.
@@ -450,47 +413,48 @@ def learn_prompts(
         :class:`PromptLearner`.
 
     Raises:
-        ValueError: bad scheme, shapes, labels (empty / too long, with token counts), batch size.
-        FloatingPointError: a loss term became NaN/inf (message names the term and iteration).
+        UserError: an unknown option, a value out of range, bad shapes, labels (empty / too
+            long, with token counts), a batch of fewer than 2 latents.
+        NonFiniteLossError (a ``UserError`` and a ``FloatingPointError``): a loss term became
+            NaN / inf (the message names the term and the iteration).
     """
-    if scheme not in PROMPT_SCHEMES:
-        raise ValueError(f"Unknown prompt scheme {scheme!r}; expected one of {PROMPT_SCHEMES}.")
+    from ipl_diffusion.configs import make_config
+
+    cfg = make_config(Stage1Config, dataclasses.asdict(config) if config is not None else {}, options)
     rng = torch.Generator(device="cpu").manual_seed(int(seed))
     latents, latent_dim = _check_pool(latents, sample_latents)
     if latents is not None:
         latents = latents.detach().to(device=encoder.device, dtype=torch.float32)
-    if context is None and scheme == "manual":
+    context = cfg.context
+    if context is None and cfg.scheme == "manual":
         context = encoder.context or DEFAULT_CONTEXT
-    m = _resolve_n_ctx(encoder, n_ctx, context)
+    m = _resolve_n_ctx(encoder, cfg.n_ctx, context)
+    _warn_anchor_context(encoder, context)
+    source_label = encoder.validate_label(source_label, n_ctx=m)
+    target_label = encoder.validate_label(target_label, n_ctx=m)
+    prompt_module = _build_prompt_module(cfg.scheme, encoder, prompt_module, context, m, latent_dim, rng)
+    learner = PromptLearner(encoder, prompt_module, cfg.scheme, source_label, target_label)
+    if cfg.scheme == "manual":
+        learner.direction_templates = cfg.label_templates
+    if cfg.scheme in ("learned", "adaptive") and cfg.stage1_iterations > 0:
+        pool_features = _pool_features(encoder, latents, image_features, generate, cfg.cache_image_features,
+                                       cfg.encode_batch_size)
+        _train(learner, latents, pool_features, generate, sample_latents, heldout, rng, cfg, progress)
+    prompt_module.requires_grad_(False).eval()
+    if heldout is not None:
+        learner.heldout_retrieval = prompt_retrieval(learner, *heldout)
+    return learner
+
+
+def _warn_anchor_context(encoder, context):
     if encoder.anchor_addition and context is not None and encoder.validate_context(context) != encoder.context:
         # The anchor text is built from the encoder's context phrase, as the released code builds it
         # from --ctx_init; a different phrase here would silently mix two prompts.
         warnings.warn(
             f"Anchor addition uses the encoder's context {encoder.context!r}, not {context!r}; build the "
             f"CLIPPromptEncoder with context={context!r} to anchor on the same phrase.",
-            stacklevel=2,
+            stacklevel=3,
         )
-    source_label = encoder.validate_label(source_label, n_ctx=m)
-    target_label = encoder.validate_label(target_label, n_ctx=m)
-    if int(num_iterations) < 0:
-        raise ValueError(f"num_iterations must be >= 0, got {num_iterations}.")
-    if lambda_domain < 0 or lambda_source < 0:
-        raise ValueError("lambda_domain and lambda_source must be >= 0.")
-    prompt_module = _build_prompt_module(scheme, encoder, prompt_module, context, m, latent_dim, rng)
-    learner = PromptLearner(encoder, prompt_module, scheme, source_label, target_label)
-    if scheme == "manual":
-        learner.direction_templates = label_templates
-    trains = scheme in ("learned", "adaptive") and int(num_iterations) > 0
-    if trains:
-        pool_features = _pool_features(encoder, latents, image_features, generate, cache_image_features, encode_batch_size)
-        _train(learner, latents, pool_features, generate, sample_latents, heldout, heldout_every, rng,
-               num_iterations=int(num_iterations), batch_size=batch_size, learning_rate=learning_rate,
-               lambda_domain=lambda_domain, lambda_source=lambda_source, contrastive_form=contrastive_form,
-               logit_scale=logit_scale, label_templates=label_templates, progress=progress)
-    prompt_module.requires_grad_(False).eval()
-    if heldout is not None:
-        learner.heldout_retrieval = prompt_retrieval(learner, *heldout)
-    return learner
 
 
 def _next_batch(latents, pool_features, generate, sample_latents, batch, rng, device):
@@ -506,26 +470,26 @@ def _next_batch(latents, pool_features, generate, sample_latents, batch, rng, de
     return w, feats
 
 
-def _train(learner, latents, pool_features, generate, sample_latents, heldout, heldout_every, rng, *,
-           num_iterations, batch_size, learning_rate, lambda_domain, lambda_source, contrastive_form,
-           logit_scale, label_templates, progress):
+def _train(learner, latents, pool_features, generate, sample_latents, heldout, rng, cfg, progress):
     """The Stage-1 optimisation loop (Eq. 6) of a ``learned`` / ``adaptive`` learner, in place."""
     encoder, module = learner.encoder, learner.prompt_module
-    available = latents.shape[0] if latents is not None else int(batch_size)
-    batch = min(int(batch_size), available)
+    num_iterations = cfg.stage1_iterations
+    available = latents.shape[0] if latents is not None else cfg.stage1_batch_size
+    batch = min(cfg.stage1_batch_size, available)
     if batch < 2:
-        raise ValueError(
-            f"Stage 1 needs at least 2 latents per batch for the contrastive loss (got batch_size={batch_size}, "
-            f"pool size {available})."
+        raise UserError(
+            f"Stage 1 needs at least 2 latents per batch for the contrastive loss (got stage1_batch_size="
+            f"{cfg.stage1_batch_size}, pool size {available})."
         )
+    logit_scale = cfg.logit_scale
     if logit_scale is None:
         logit_scale = float(encoder.clip_model.logit_scale.detach().exp())
     with torch.no_grad():
-        target_label_features = encoder.label_features(learner.target_label, templates=label_templates)
+        target_label_features = encoder.label_features(learner.target_label, templates=cfg.label_templates)
         source_label_features = (
-            encoder.label_features(learner.source_label, templates=label_templates) if lambda_source else None
+            encoder.label_features(learner.source_label, templates=cfg.label_templates) if cfg.lambda_source else None
         )
-    lr = DEFAULT_LEARNING_RATES[learner.scheme] if learning_rate is None else float(learning_rate)
+    lr = DEFAULT_LEARNING_RATES[learner.scheme] if cfg.stage1_learning_rate is None else float(cfg.stage1_learning_rate)
     module.train().requires_grad_(True)
     optimizer = torch.optim.Adam(module.parameters(), lr=lr)
     bar = tqdm(range(num_iterations), desc=f"Stage 1 ({learner.scheme})", disable=not progress)
@@ -537,16 +501,16 @@ def _train(learner, latents, pool_features, generate, sample_latents, heldout, h
                 feats = encoder.encode_images(generate(w))
         terms = stage1_losses(
             module, encoder, w, feats, learner.source_label, target_label_features,
-            lambda_domain=lambda_domain, logit_scale=logit_scale, contrastive_form=contrastive_form,
-            target_label=learner.target_label, source_label_features=source_label_features, lambda_source=lambda_source,
+            lambda_domain=cfg.lambda_domain, logit_scale=logit_scale, contrastive_form=cfg.contrastive_form,
+            target_label=learner.target_label, source_label_features=source_label_features,
+            lambda_source=cfg.lambda_source,
         )
-        for name, value in terms.items():
-            _check_finite(value, name, iteration)
+        check_finite(terms, "Stage 1", iteration)
         optimizer.zero_grad(set_to_none=True)
         terms["L"].backward()
         optimizer.step()
         record = {name: float(value.detach()) for name, value in terms.items()}
-        if heldout is not None and (iteration + 1) % heldout_every == 0 and iteration + 1 < num_iterations:
+        if heldout is not None and (iteration + 1) % cfg.heldout_every == 0 and iteration + 1 < num_iterations:
             module.eval()
             record["heldout_retrieval"] = prompt_retrieval(learner, *heldout)
             module.train()

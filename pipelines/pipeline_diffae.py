@@ -85,6 +85,19 @@ def default_latent_scheduler() -> DDIMScheduler:
     return DDIMScheduler(num_train_timesteps=1000, trained_betas=[0.008] * 1000, clip_sample=False)
 
 
+def sample_z_sem(latent_net, latent_scheduler, batch_size: int, generator, device, num_inference_steps: int = 200,
+                 progress_bar=None) -> torch.Tensor:
+    """DiffAE's latent DDIM: ``z_sem (batch_size, 512)`` float32 from noise drawn with
+    ``generator`` (on its device, then moved, so a seed gives the same codes everywhere),
+    decoded in ``num_inference_steps`` (upstream ``T_latent``: 200) and denormalised.
+    ``latent_scheduler`` None: :func:`default_latent_scheduler`. Both pipelines sample this way."""
+    scheduler = latent_scheduler or default_latent_scheduler()
+    shape = (batch_size, latent_net.config.num_channels)
+    z = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+    z = ddim.ddim_decode(latent_net, z, None, scheduler, num_inference_steps, progress_bar=progress_bar)
+    return latent_net.denormalize(z)
+
+
 def check_codes(unet, z_sem: torch.Tensor, x: torch.Tensor, name: str = "x_T", gaussian: bool = False):
     """Check codes before ``unet`` decodes them; returns ``(z_sem, x)`` unchanged.
 
@@ -347,11 +360,8 @@ class DiffAEPipeline(RemoteCodeLayoutMixin, XFormersFallbackPipelineMixin, Diffu
                 "this DiffAE pipeline has no latent_net, so it cannot sample z_sem; convert the "
                 "*_autoenc_latent checkpoint, or pass images / z_sem instead"
             )
-        scheduler = self.latent_scheduler or default_latent_scheduler()
-        shape = (batch_size, self.latent_net.config.num_channels)
-        z = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-        z = ddim.ddim_decode(self.latent_net, z, None, scheduler, num_inference_steps, progress_bar=self.progress_bar)
-        return self.latent_net.denormalize(z)
+        return sample_z_sem(self.latent_net, self.latent_scheduler, batch_size, generator, self.device,
+                            num_inference_steps, self.progress_bar)
 
     # ------------------------------------------------------------------ __call__
     @torch.no_grad()

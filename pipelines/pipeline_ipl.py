@@ -46,34 +46,16 @@ import ipl_diffusion.mapper  # noqa: F401
 import ipl_diffusion.models  # noqa: F401
 from ipl_diffusion import ddim
 from ipl_diffusion.adaptation import diffae as diff_ipl
+from ipl_diffusion.configs import DiffAEStage2Config
 from ipl_diffusion.pipelines.adapted_pipeline import AdaptedPipelineMixin
 from ipl_diffusion.pipelines.hub_layout import RemoteCodeLayoutMixin
 from ipl_diffusion.pipelines.loading import load_pipeline
 from ipl_diffusion.pipelines.model_card import build_model_card, summarize_history
-from ipl_diffusion.pipelines.pipeline_diffae import XFormersFallbackPipelineMixin, check_codes
+from ipl_diffusion.errors import UserError
+from ipl_diffusion.pipelines.pipeline_diffae import XFormersFallbackPipelineMixin, check_codes, sample_z_sem
 
-# Built-in adaptation options (the paper's Stage 1, DiffusionCLIP's README Stage 2); a model's
-# own config.adapt_defaults override them, explicit arguments override both.
-ADAPT_DEFAULTS = dict(
-    num_images=32,
-    scheme="adaptive",
-    lambda_domain=1.0,
-    stage1_iterations=300,
-    stage1_batch_size=32,
-    stage1_learning_rate=None,
-    n_ctx=4,
-    t0=400,
-    num_inversion_steps=40,
-    num_train_steps=6,
-    num_inference_steps=40,
-    learning_rate=8e-6,
-    iterations=300,
-    batch_size=2,
-    clip_loss_weight=3.0,
-    l1_loss_weight=0.0,
-    id_loss_weight=0.0,
-    gradient_mode="full_chain",
-)
+# Inference options fall back to the Diff-IPL defaults when neither the run nor the model set them.
+_INFERENCE_DEFAULTS = DiffAEStage2Config()
 _COMPONENTS = (
     "semantic_encoder",
     "source_unet",
@@ -190,7 +172,7 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
                 when one is given).
             source_label: the domain the DiffAE was trained on (e.g. ``"photo"``).
             base_model: name recorded in model cards (default: the DiffAE folder / id).
-            adapt_defaults: options :meth:`adapt` uses when not given (see ``ADAPT_DEFAULTS``),
+            adapt_defaults: options :meth:`adapt` uses when not given (any field of ``Stage1Config`` / ``DiffAEStage2Config``),
                 e.g. steps and iterations sized for this model.
         """
         if isinstance(diffae, (str, os.PathLike)):
@@ -261,10 +243,10 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
         partial inversion; ``t0 = num_train_timesteps - 1`` inverts all the way).
         """
         x0 = self.preprocess(images)
-        t0 = diff_ipl.check_t0(self._option("t0", t0, ADAPT_DEFAULTS["t0"]), self.scheduler)
-        steps = self._option("num_inversion_steps", num_inversion_steps, ADAPT_DEFAULTS["num_inversion_steps"])
+        t0 = ddim.check_t0(self._option("t0", t0, _INFERENCE_DEFAULTS.t0), self.scheduler)
+        steps = self._option("num_inversion_steps", num_inversion_steps, _INFERENCE_DEFAULTS.num_inversion_steps)
         z_sem = self.semantic_encoder(x0)
-        x_t0 = diff_ipl.invert_to_t0(self.source_unet, x0, z_sem, self.scheduler, t0, steps, self.progress_bar)
+        x_t0 = ddim.invert_to_t0(self.source_unet, x0, z_sem, self.scheduler, t0, steps, self.progress_bar)
         return z_sem, x_t0
 
     @torch.no_grad()
@@ -275,11 +257,11 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
             UserError: ``z_sem`` / ``x_t0`` of the wrong shape (``x_t0`` must be at the model's
                 size), with NaN / inf, or of different batch sizes.
         """
-        t0 = diff_ipl.check_t0(self._option("t0", t0, ADAPT_DEFAULTS["t0"]), self.scheduler)
-        steps = self._option("num_inference_steps", num_inference_steps, ADAPT_DEFAULTS["num_inference_steps"])
+        t0 = ddim.check_t0(self._option("t0", t0, _INFERENCE_DEFAULTS.t0), self.scheduler)
+        steps = self._option("num_inference_steps", num_inference_steps, _INFERENCE_DEFAULTS.num_inference_steps)
         unet = unet or self.adapted_unet
         z_sem, x_t0 = check_codes(self.source_unet, z_sem, x_t0, "x_t0")
-        return diff_ipl.decode_from_t0(unet, x_t0, z_sem, self.scheduler, t0, steps, self.progress_bar)
+        return ddim.decode_from_t0(unet, x_t0, z_sem, self.scheduler, t0, steps, self.progress_bar)
 
     # ---------------------------------------------------------------------- translation
     @torch.no_grad()
@@ -321,26 +303,17 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
 
     # ------------------------------------------------------------------------- sampling
     @torch.no_grad()
-    def sample_z_sem(self, num_images: int, generator: Optional[torch.Generator] = None, num_inference_steps: int = 50):
-        """Sample ``z_sem (num_images, 512)`` with DiffAE's latent DDIM network.
+    def sample_z_sem(self, num_images: int, generator: Optional[torch.Generator] = None, num_inference_steps: int = 200):
+        """Sample ``z_sem (num_images, 512)`` with DiffAE's latent DDIM network
+        (:func:`ipl_diffusion.pipelines.pipeline_diffae.sample_z_sem`, upstream's 200 steps).
 
         Raises:
-            ValueError: the pipeline has no ``latent_net`` (give source images instead).
+            UserError: the pipeline has no ``latent_net`` (give source images instead).
         """
         if self.latent_net is None:
-            raise ValueError("this pipeline has no latent_net to sample z_sem; pass source images instead")
-        scheduler = self.latent_scheduler or DDIMScheduler(
-            num_train_timesteps=1000, trained_betas=[0.008] * 1000, clip_sample=False
-        )
-        scheduler = DDIMScheduler.from_config(scheduler.config)  # do not mutate the component's state
-        channels = self.latent_net.config.num_channels
-        z = torch.randn((num_images, channels), generator=generator).to(self.device)
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
-        for t in scheduler.timesteps:
-            eps = self.latent_net(z, t)
-            eps = eps.sample if hasattr(eps, "sample") else eps
-            z = scheduler.step(eps, t, z).prev_sample
-        return self.latent_net.denormalize(z)
+            raise UserError("this pipeline has no latent_net to sample z_sem; pass source images instead")
+        return sample_z_sem(self.latent_net, self.latent_scheduler, num_images, generator, self.device,
+                            num_inference_steps, self.progress_bar)
 
     @torch.no_grad()
     def sample(
@@ -370,81 +343,45 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
         z_sem = self.sample_z_sem(num_images, generator)
         size = self.image_size
         x = torch.randn((num_images, 3, size, size), generator=generator).to(self.device)
-        steps = self._option("num_inference_steps", num_inference_steps, ADAPT_DEFAULTS["num_inference_steps"])
+        steps = self._option("num_inference_steps", num_inference_steps, _INFERENCE_DEFAULTS.num_inference_steps)
         if source or self.unet is None:
             x = ddim.ddim_decode(self.source_unet, x, z_sem, self.scheduler, steps, progress_bar=self.progress_bar)
         else:
-            t0 = diff_ipl.check_t0(self._option("t0", None, ADAPT_DEFAULTS["t0"]), self.scheduler)
-            x = diff_ipl.decode_to_t0(self.source_unet, x, z_sem, self.scheduler, t0, steps, self.progress_bar)
-            x = diff_ipl.decode_from_t0(self.unet, x, z_sem, self.scheduler, t0, steps, self.progress_bar)
+            t0 = ddim.check_t0(self._option("t0", None, _INFERENCE_DEFAULTS.t0), self.scheduler)
+            x = ddim.decode_to_t0(self.source_unet, x, z_sem, self.scheduler, t0, steps, self.progress_bar)
+            x = ddim.decode_from_t0(self.unet, x, z_sem, self.scheduler, t0, steps, self.progress_bar)
         images = x if output_type == "latent" else self.postprocess(x, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
     # ------------------------------------------------------------------------ adaptation
-    def adapt(
-        self,
-        target: str,
-        source: Optional[str] = None,
-        images=None,
-        stage1_images=None,
-        validation_images=None,
-        num_images: Optional[int] = None,
-        scheme: Optional[str] = None,
-        lambda_domain: Optional[float] = None,
-        stage1_iterations: Optional[int] = None,
-        stage1_batch_size: Optional[int] = None,
-        stage1_learning_rate: Optional[float] = None,
-        n_ctx: Optional[int] = None,
-        t0: Optional[int] = None,
-        num_inversion_steps: Optional[int] = None,
-        num_train_steps: Optional[int] = None,
-        num_inference_steps: Optional[int] = None,
-        learning_rate: Optional[float] = None,
-        iterations: Optional[int] = None,
-        batch_size: Optional[int] = None,
-        clip_loss_weight: Optional[float] = None,
-        l1_loss_weight: Optional[float] = None,
-        id_loss_weight: Optional[float] = None,
-        gradient_mode: Optional[str] = None,
-        gradient_checkpointing: bool = False,
-        mixed_precision: str = "no",
-        seed: int = 0,
-        output_dir: Optional[str] = None,
-        checkpointing_steps: Optional[int] = None,
-        resume_from_checkpoint: Optional[str] = None,
-        sample_steps: Optional[int] = None,
-        accelerator=None,
-        progress: bool = True,
-    ) -> "IPLPipeline":
+    def adapt(self, target: str, source: Optional[str] = None, images=None, stage1_images=None, validation_images=None, *,
+              prompt_learner=None, output_dir: Optional[str] = None, resume_from_checkpoint: Optional[str] = None,
+              accelerator=None, progress: bool = True, **options) -> "IPLPipeline":
         """Adapt the source DiffAE to ``target`` (IPL Stage 1 + Diff-IPL Stage 2).
-
-        Every option left at ``None`` takes the model's recommended value
-        (``config.adapt_defaults``, e.g. the shipped Shapes model's CPU-sized settings), else
-        :data:`ADAPT_DEFAULTS` (the paper's / DiffusionCLIP's values: 32 images, adaptive
-        scheme, λ 1, Stage 1 300 iterations of batch 32, m = 4; t0 400, 40 / 6 / 40 DDIM
-        steps, lr 8e-6, 300 iterations of batch 2, CLIP weight 3, no L1 / identity, full chain).
 
         Args:
             target / source: domain labels ("Wall painting" / "Photo"; ``source`` defaults to
                 the pipeline's ``source_label``).
-            images: source-domain images (folder, paths, PIL list or tensor); when ``None``,
-                ``num_images`` images are sampled with the latent net and the source UNet.
-            stage1_images: Stage 1's pool of source images (same forms; default ``images``).
-                Give thousands when you can: a mapper trained on a few dozen memorises them
-                (``adaptation_config["stage1"]["heldout_retrieval"]`` shows how well the
-                prompts carry over to images Stage 1 held out).
-            validation_images: images the returned ``sample_grid`` shows (default: the
-                first training images), e.g. photos the run never trained on.
-            scheme: ``"adaptive"`` (IPL), ``"learned"``, ``"random"`` or ``"manual"`` (NADA).
-            lambda_domain: λ of Eq. 6. ``stage1_*``, ``n_ctx``: Stage 1 (mapper) options.
-            t0 ... gradient_mode: Stage 2 options, see
-                :class:`ipl_diffusion.adaptation.diffae.Stage2Config`.
-            mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (fp16 needs a GPU).
-            seed: the run's one seed: Stage 1 (mapper init, batches), Stage 2 (batches) and
-                the sampled source images; the same seed reproduces the run.
-            output_dir: when given, checkpoints, sample grids and losses are written there
-                and ``resume_from_checkpoint="latest"`` continues an interrupted run.
+            images: source-domain images (folder, paths, PIL list or a ``(N, 3, H, W)`` tensor
+                in ``[-1, 1]``); when ``None``, ``num_images`` are sampled with the latent net
+                and the source UNet.
+            stage1_images: Stage 1's pool (same forms; default: ``stage1_num_images`` sampled,
+                else ``images``). Give thousands when you can: a mapper trained on a few dozen
+                memorises them (``adaptation_config["stage1"]["heldout_retrieval"]`` shows how
+                well the prompts carry over to images Stage 1 held out).
+            validation_images: what the returned ``sample_grid`` shows (default: the first
+                training images), e.g. photos the run never trained on.
+            prompt_learner: a ready Stage-1 result (``text_features(z_sem, label)``): Stage 1 is skipped.
+            output_dir: when given, the cache, ``stage1/``, checkpoints, grids and
+                ``losses.csv`` are written there and ``resume_from_checkpoint="latest"``
+                continues an interrupted run.
             accelerator: an ``accelerate.Accelerator`` to use (default: one is made).
+            **options: any field of :class:`ipl_diffusion.configs.Stage1Config` or
+                :class:`ipl_diffusion.configs.DiffAEStage2Config` (``scheme``, ``t0``,
+                ``learning_rate``, ``iterations``, ``seed``, ...). An option not given takes
+                the model's recommended value (``config.adapt_defaults``, e.g. the shipped
+                Shapes model's CPU-sized settings), else the config's default (the paper's /
+                DiffusionCLIP's).
 
         Returns:
             A new ``IPLPipeline`` sharing this one's frozen components, with ``unet`` the
@@ -453,86 +390,16 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
             pipeline is left unchanged.
 
         Raises:
-            ValueError: bad labels (empty, too long, unknown to a Shapes CLIP), bad options,
-                or a non-finite loss; FileNotFoundError: a missing / empty image folder.
-            UserError (a ``ValueError``): half-precision weights on a CPU, an ``output_dir``
-                that is not writable or is in use by another run, a damaged checkpoint.
+            UserError: an unknown option, bad labels (empty, too long, unknown to a Shapes
+                CLIP) or values, a missing / empty image folder, half-precision weights on a
+                CPU, an ``output_dir`` that is not writable or is in use by another run, a
+                damaged checkpoint; NonFiniteLossError (a ``UserError``): a NaN / inf loss.
         """
-        if self.text_encoder is None or self.tokenizer is None:
-            raise ValueError("adapt needs the CLIP text_encoder and tokenizer components; this pipeline has none")
-        given = dict(
-            num_images=num_images, scheme=scheme, lambda_domain=lambda_domain, stage1_iterations=stage1_iterations,
-            stage1_batch_size=stage1_batch_size, stage1_learning_rate=stage1_learning_rate, n_ctx=n_ctx, t0=t0,
-            num_inversion_steps=num_inversion_steps, num_train_steps=num_train_steps,
-            num_inference_steps=num_inference_steps, learning_rate=learning_rate, iterations=iterations,
-            batch_size=batch_size, clip_loss_weight=clip_loss_weight, l1_loss_weight=l1_loss_weight,
-            id_loss_weight=id_loss_weight, gradient_mode=gradient_mode,
+        return diff_ipl.adapt_pipeline(
+            self, target, source, images, stage1_images, validation_images, prompt_learner=prompt_learner,
+            output_dir=output_dir, resume_from_checkpoint=resume_from_checkpoint, accelerator=accelerator,
+            progress=progress, **options,
         )
-        o = self.resolve_adapt_options(ADAPT_DEFAULTS, given)
-        source, target = diff_ipl.validate_labels(
-            self.text_encoder, self.tokenizer, source or self.config.source_label or "Photo", target, o["n_ctx"]
-        )
-        self.check_known_domains(source, target)
-        stage2 = diff_ipl.Stage2Config(
-            t0=diff_ipl.check_t0(o["t0"], self.scheduler),
-            num_inversion_steps=o["num_inversion_steps"],
-            num_train_steps=o["num_train_steps"],
-            num_inference_steps=o["num_inference_steps"],
-            learning_rate=o["learning_rate"],
-            iterations=o["iterations"],
-            batch_size=o["batch_size"],
-            clip_loss_weight=o["clip_loss_weight"],
-            l1_loss_weight=o["l1_loss_weight"],
-            id_loss_weight=o["id_loss_weight"],
-            gradient_mode=o["gradient_mode"],
-            gradient_checkpointing=gradient_checkpointing,
-            mixed_precision=mixed_precision,
-            seed=seed,
-            checkpointing_steps=checkpointing_steps,
-            sample_steps=sample_steps,
-        )
-        stage1 = diff_ipl.Stage1Options(
-            scheme=o["scheme"],
-            lambda_domain=o["lambda_domain"],
-            iterations=o["stage1_iterations"],
-            batch_size=o["stage1_batch_size"],
-            learning_rate=o["stage1_learning_rate"],
-            n_ctx=o["n_ctx"],
-        )
-        frozen = {"semantic_encoder": self.semantic_encoder, "source_unet": self.source_unet, "text_encoder": self.text_encoder}
-        diff_ipl.check_weights_dtype(frozen, accelerator.device if accelerator is not None else self.device)
-        with self.guard_output_dir(output_dir, resume_from_checkpoint):  # before the (slow) sampling / encoding
-            if images is None:
-                x0 = self.sample(
-                    num_images=o["num_images"],
-                    generator=torch.Generator().manual_seed(seed),
-                    num_inference_steps=o["num_inference_steps"],
-                    output_type="latent",
-                    source=True,
-                ).images
-            else:
-                x0 = self.preprocess(images)
-            result = diff_ipl.adapt_diffae(
-                stage1_images=None if stage1_images is None else self.preprocess(stage1_images),
-                validation_images=None if validation_images is None else self.preprocess(validation_images),
-                semantic_encoder=self.semantic_encoder,
-                source_unet=self.source_unet,
-                scheduler=self.scheduler,
-                clip_model=self.text_encoder,
-                tokenizer=self.tokenizer,
-                feature_extractor=self.feature_extractor,
-                images=x0,
-                source=source,
-                target=target,
-                stage1=stage1,
-                stage2=stage2,
-                accelerator=accelerator,
-                output_dir=output_dir,
-                resume_from_checkpoint=resume_from_checkpoint,
-                progress=progress,
-                base_model=self.config.base_model,
-            )
-        return self.with_adaptation(result)
 
     def with_adaptation(self, result) -> "IPLPipeline":
         """A new pipeline sharing this one's frozen components, with the adapted UNet and

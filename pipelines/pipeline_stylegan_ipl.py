@@ -50,28 +50,12 @@ import ipl_diffusion.models.stylegan2  # noqa: F401
 from ipl_diffusion.adaptation import stylegan2 as gan_ipl
 from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
 from ipl_diffusion.outputs import atomic_save_image
-from ipl_diffusion.prompt_learning import PROMPT_SCHEMES
+from ipl_diffusion.errors import UserError
 from ipl_diffusion.pipelines.adapted_pipeline import SAMPLE_GRID_NAME, AdaptedPipelineMixin
 from ipl_diffusion.pipelines.hub_layout import RemoteCodeLayoutMixin
 from ipl_diffusion.pipelines.loading import load_pipeline
 from ipl_diffusion.pipelines.model_card import build_model_card, summarize_history
 
-# GAN-IPL's own settings (IPL README / NADA, 1024 px): adapt() uses these unless the pipeline's
-# config.adapt_defaults (e.g. the shipped Shapes GAN's CPU-sized settings) or an explicit
-# argument says otherwise.
-ADAPT_DEFAULTS = dict(
-    scheme="adaptive",
-    lambda_domain=1.0,
-    n_ctx=4,
-    num_images=None,
-    stage1_iterations=300,
-    stage1_batch_size=32,
-    iterations=300,
-    batch_size=2,
-    learning_rate=0.002 * 4 / 5,
-    ema_decay=0.99,
-    max_grad_norm=1.0,
-)
 _COMPONENTS = ("source_generator", "generator", "text_encoder", "tokenizer", "mapper", "feature_extractor")
 
 
@@ -338,158 +322,53 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, Diffusion
         return (result, w_plus) if return_latents else result
 
     # ------------------------------------------------------------------------ adaptation
-    def adapt(
-        self,
-        target: str,
-        source: Optional[str] = None,
-        scheme: Optional[str] = None,
-        lambda_domain: Optional[float] = None,
-        num_images: Optional[int] = None,
-        stage1_iterations: Optional[int] = None,
-        stage1_batch_size: Optional[int] = None,
-        stage1_learning_rate: Optional[float] = None,
-        n_ctx: Optional[int] = None,
-        label_templates: str = "imagenet",
-        iterations: Optional[int] = None,
-        batch_size: Optional[int] = None,
-        learning_rate: Optional[float] = None,
-        ema_decay: Optional[float] = None,
-        max_grad_norm: Optional[float] = None,
-        phase: Optional[str] = None,
-        auto_layer_k: Optional[int] = None,
-        auto_layer_iters: int = 1,
-        auto_layer_batch: int = 8,
-        auto_layer_chunk: Optional[int] = None,
-        train_to_rgb: bool = False,
-        compat_layer_mapping: bool = False,
-        mixing: float = 0.0,
-        mixed_precision: str = "no",
-        seed: int = 0,
-        output_dir: Optional[str] = None,
-        checkpointing_steps: Optional[int] = None,
-        resume_from_checkpoint: Optional[str] = None,
-        sample_steps: Optional[int] = None,
-        num_samples: int = 8,
-        accelerator=None,
-        progress: bool = True,
-    ) -> "StyleGANIPLPipeline":
+    def adapt(self, target: str, source: Optional[str] = None, *, prompt_learner=None, output_dir: Optional[str] = None,
+              resume_from_checkpoint: Optional[str] = None, accelerator=None, progress: bool = True,
+              **options) -> "StyleGANIPLPipeline":
         """Adapt the source generator to ``target`` (IPL Stage 1 + GAN-IPL Stage 2).
 
-        Stage 1 (prompt learning, Eq. 6) runs on a cache of ``num_images`` source samples:
-        ``w`` from the frozen mapping network (the mapper's input, Eq. 2) and the CLIP features
-        of ``G_s(w)``. Stage 2 fine-tunes a copy of the generator with the adaptive directional
-        loss (Eq. 7-9) on fresh ``w`` every iteration, NADA's layer freezing and an EMA.
-
-        Options left ``None`` take the pipeline's recommended value (``config.adapt_defaults``,
-        e.g. the shipped Shapes GAN's CPU-sized settings), else GAN-IPL's own
-        (``ADAPT_DEFAULTS``, given in brackets below).
+        Stage 1 (prompt learning, Eq. 6) learns the latent mapper on source samples ``w``
+        from the frozen mapping network; Stage 2 fine-tunes a copy of the generator with the
+        adaptive directional loss (Eq. 7-9) on fresh ``w`` every iteration, NADA's layer
+        freezing and an EMA (``g_ema``, what is sampled and saved).
 
         Args:
             target / source: domain labels ("Wall painting" / "Photo"; ``source`` defaults to
                 the pipeline's ``source_label``).
-            scheme: ``"adaptive"`` (IPL), ``"learned"`` (one shared learned prompt, CoOp),
-                ``"random"`` (untrained mapper) or ``"manual"`` (NADA's fixed prompts).
-            lambda_domain: λ of Eq. 6 (IPL default 1).
-            num_images: Stage 1's source samples: ``None`` (default) draws fresh ones every
-                iteration (the released code); an int uses a fixed pool of that many.
-            stage1_iterations, stage1_batch_size, stage1_learning_rate, n_ctx: Stage 1 options
-                (IPL: 300, 32, 0.05, 4 prompt vectors).
-            label_templates: templates averaged for the target label's feature in Eq. 5
-                (``"imagenet"`` 80, ``"nada"`` 79, ``"single"``).
-            iterations, batch_size: Stage 2 (IPL: 300, 2).
-            learning_rate: Stage 2 Adam lr as used (IPL/NADA ``--lr 0.002`` x 4/5 = 0.0016;
-                betas (0, 0.99^(4/5))).
-            ema_decay: EMA of the target generator (0.99, IPL).
-            max_grad_norm: clip the trained layers' gradient norm (1; ``None`` turns it off):
-                at step 0 ``G_t = G_s`` and the two images differ only by their noise maps,
-                so ``ΔI`` is tiny and the normalised loss's first gradient is tens to
-                hundreds of times the later ones, which would dominate Adam's statistics.
-            phase: NADA's fixed layer set when ``auto_layer_iters=0`` (None: input, conv1, all
-                convs; ``"all"``, ``"texture"``, ``"shape"``, ``"no_fine"``, ``"shape_expanded"``).
-            auto_layer_k, auto_layer_iters, auto_layer_batch: NADA's adaptive layer selection
-                (k default ``int(2 * n_latent / 3)``; 0 iterations turns it off).
-            auto_layer_chunk: render the selection's probes this many at a time (same
-                selection, lower peak memory; e.g. 2 at 1024 px on a small GPU).
-            train_to_rgb, compat_layer_mapping: see :mod:`ipl_diffusion.adaptation.stylegan2`
-                (the W+ row -> layer mapping is corrected by default).
-            mixing: style-mixing probability (0, as IPL; NADA issue #15).
-            mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (fp16 needs a GPU); ignored when
-                an ``accelerator`` is given.
-            seed: the run's one seed (Stage 1 and Stage 2); the same seed reproduces the run.
+            prompt_learner: a ready Stage-1 result (``text_features(w, label)``): Stage 1 is skipped.
             output_dir: when given, ``stage1/``, ``checkpoints/``, ``samples/``, ``losses.csv``
-                and the final ``sample_grid`` go there (main process only) and
+                and the final ``sample_grid.png`` go there (main process only) and
                 ``resume_from_checkpoint="latest"`` continues an interrupted run bit for bit.
-            checkpointing_steps, sample_steps: intervals (iterations) for checkpoints / grids.
-            num_samples: images per row of the returned ``sample_grid``.
-            accelerator: an ``accelerate.Accelerator`` to use (default: one is made on the
-                source generator's device); under ``accelerate launch`` each process trains on
-                ``batch_size`` latents per iteration.
+            accelerator: an ``accelerate.Accelerator`` (default: one on the generator's device).
+            **options: any field of :class:`ipl_diffusion.configs.Stage1Config` or
+                :class:`ipl_diffusion.configs.GANStage2Config` (``scheme``, ``lambda_domain``,
+                ``stage1_iterations``, ``iterations``, ``learning_rate``, ``seed``, ...). An
+                option not given takes the pipeline's recommended value
+                (``config.adapt_defaults``, e.g. the shipped Shapes GAN's CPU-sized settings),
+                else the config's default (IPL's / NADA's).
+
         Returns:
             A new pipeline sharing the frozen components, with ``generator`` the adapted
             ``g_ema``, ``mapper`` the Stage 1 mapper, ``sample_grid`` (source | adapted, fixed
             seed) and the run's options in ``config.adaptation``. ``self`` is unchanged.
+
         Raises:
-            ValueError: no CLIP components, bad labels or options, fp16 without a GPU, a
-                non-finite loss.
-            UserError (a ``ValueError``): half-precision weights on a CPU, an ``output_dir``
-                that is not writable or is in use by another run, a damaged checkpoint.
+            UserError: no CLIP components, an unknown option, bad labels or values, fp16
+                without a GPU, half-precision weights on a CPU, an ``output_dir`` that is not
+                writable or is in use by another run, a damaged checkpoint;
+                NonFiniteLossError (a ``UserError``): a NaN / inf loss.
         """
         if self.text_encoder is None or self.tokenizer is None:
-            raise ValueError("adapt needs the CLIP text_encoder and tokenizer components; this pipeline has none")
-        given = dict(
-            scheme=scheme, lambda_domain=lambda_domain, n_ctx=n_ctx, num_images=num_images,
-            stage1_iterations=stage1_iterations, stage1_batch_size=stage1_batch_size, iterations=iterations,
-            batch_size=batch_size, learning_rate=learning_rate, ema_decay=ema_decay, max_grad_norm=max_grad_norm,
-        )
-        o = self.resolve_adapt_options(ADAPT_DEFAULTS, given)
-        scheme, lambda_domain, n_ctx = o["scheme"], o["lambda_domain"], o["n_ctx"]
-        num_images, stage1_iterations, stage1_batch_size = o["num_images"], o["stage1_iterations"], o["stage1_batch_size"]
-        iterations, batch_size, learning_rate = o["iterations"], o["batch_size"], o["learning_rate"]
-        if scheme not in PROMPT_SCHEMES:
-            raise ValueError(f"scheme must be one of {PROMPT_SCHEMES}, got {scheme!r}")
-        if num_images is not None and num_images < 2:
-            raise ValueError(f"num_images must be >= 2 (Stage 1 contrasts images within a batch), got {num_images}")
-        source = source or self.config.source_label or "Photo"
-        if isinstance(target, str) and target.strip():  # empty labels get their own message below
-            self.check_known_domains(source, target)
-        config = gan_ipl.GANStage2Config(
-            iterations=iterations,
-            batch_size=batch_size,
-            learning_rate=learning_rate,
-            ema_decay=o["ema_decay"],
-            max_grad_norm=o["max_grad_norm"],
-            phase=phase,
-            auto_layer_k=auto_layer_k,
-            auto_layer_iters=auto_layer_iters,
-            auto_layer_batch=auto_layer_batch,
-            auto_layer_chunk=auto_layer_chunk,
-            train_to_rgb=train_to_rgb,
-            compat_layer_mapping=compat_layer_mapping,
-            mixing=mixing,
-            mixed_precision=mixed_precision,
-            seed=seed,
-            checkpointing_steps=checkpointing_steps,
-            sample_steps=sample_steps,
-            num_samples=num_samples,
-        )
-        config.validate()
-        stage1 = dict(scheme=scheme, lambda_domain=lambda_domain, num_iterations=stage1_iterations, batch_size=stage1_batch_size, learning_rate=stage1_learning_rate, n_ctx=n_ctx, label_templates=label_templates, num_images=num_images)
-        with self.guard_output_dir(output_dir, resume_from_checkpoint):  # writable and not in use, before any work
-            result = gan_ipl.adapt_stylegan2(
-                source_generator=self.source_generator,
-                clip_model=self.text_encoder,
-                tokenizer=self.tokenizer,
-                feature_extractor=self.feature_extractor,
-                source=source,
-                target=target,
-                stage1=stage1,
-                stage2=config,
-                output_dir=output_dir,
-                resume_from_checkpoint=resume_from_checkpoint,
-                progress=progress,
-                base_model=self.config.base_model,
-                accelerator=accelerator,
-            )
+            raise UserError("adapt needs the CLIP text_encoder and tokenizer components; this pipeline has none")
+        return gan_ipl.adapt_pipeline(self, target, source, prompt_learner=prompt_learner, output_dir=output_dir,
+                                      resume_from_checkpoint=resume_from_checkpoint, accelerator=accelerator,
+                                      progress=progress, **options)
+
+    def with_adaptation(self, result, output_dir=None) -> "StyleGANIPLPipeline":
+        """A new pipeline sharing this one's frozen components, with the adapted ``g_ema`` and
+        mapper of ``result`` (:class:`ipl_diffusion.adaptation.stylegan2.GANIPLResult`); its
+        sample grid is also written to ``output_dir`` when given (main process)."""
+        config = {**result.run_config, "base_model": self.config.base_model}
         adapted = type(self)(
             source_generator=self.source_generator,
             generator=result.generator,
@@ -497,15 +376,15 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, Diffusion
             tokenizer=self.tokenizer,
             mapper=result.mapper,
             feature_extractor=self.feature_extractor,
-            source_label=source,
-            target_label=result.run_config["target"],
+            source_label=config["source"],
+            target_label=config["target"],
             base_model=self.config.base_model,
-            adaptation=result.run_config,
+            adaptation=config,
             adapt_defaults=self.config.get("adapt_defaults"),
             known_domains=self.config.get("known_domains"),
             run_summary=summarize_history(result.history),
         )
-        adapted.sample_grid = adapted.make_sample_grid(num_images=num_samples)
+        adapted.sample_grid = adapted.make_sample_grid(num_images=config["stage2"]["num_sample_images"])
         if output_dir is not None and result.is_main_process:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             atomic_save_image(adapted.sample_grid, Path(output_dir) / SAMPLE_GRID_NAME)

@@ -6,8 +6,11 @@ import warnings
 import pytest
 import torch
 
-from ipl_diffusion import checkpointing
+from ipl_diffusion import checkpointing, ddim
 from ipl_diffusion.adaptation import diffae
+from ipl_diffusion.adaptation.diffae_trainer import DiffAEStage2Trainer, batch_indices
+from ipl_diffusion.clip_image import clip_image_features
+from ipl_diffusion.configs import DiffAEStage2Config
 from ipl_diffusion.adaptation.distributed import make_accelerator
 from tiny_ipl import SIZE, build_tiny_ipl_pipeline
 
@@ -32,12 +35,12 @@ def cache(pipe):
 def make_trainer(pipe, cache, accelerator, output_dir=None, scheduler=None, **overrides):
     options = dict(t0=200, num_train_steps=2, num_inference_steps=3, iterations=4, batch_size=2, learning_rate=1e-3)
     options.update(overrides)
-    features = diffae.clip_image_features(pipe.text_encoder, pipe.feature_extractor)
+    features = clip_image_features(pipe.text_encoder, pipe.feature_extractor)
     d = pipe.text_encoder.config.projection_dim
     gen = torch.Generator().manual_seed(0)
     src, tgt = torch.randn(4, d, generator=gen), torch.randn(4, d, generator=gen)
-    return diffae.Stage2Trainer(
-        pipe.source_unet, scheduler or pipe.scheduler, cache, src, tgt, features, diffae.Stage2Config(**options),
+    return DiffAEStage2Trainer(
+        pipe.source_unet, scheduler or pipe.scheduler, cache, src, tgt, features, DiffAEStage2Config(**options),
         identity_features=pipe.semantic_encoder, accelerator=accelerator, output_dir=output_dir,
     )
 
@@ -46,7 +49,7 @@ def test_encode_sources_cache(pipe, cache):
     assert set(cache) == {"x0", "z_sem", "x_t0"}
     assert cache["z_sem"].shape == (4, 32) and cache["x_t0"].shape == (4, 3, SIZE, SIZE)
     with torch.no_grad():
-        again = diffae.invert_to_t0(pipe.source_unet, cache["x0"], pipe.semantic_encoder(cache["x0"]), pipe.scheduler, 200, 4)
+        again = ddim.invert_to_t0(pipe.source_unet, cache["x0"], pipe.semantic_encoder(cache["x0"]), pipe.scheduler, 200, 4)
     torch.testing.assert_close(again, cache["x_t0"])
 
 
@@ -67,7 +70,7 @@ def test_first_step_image_direction_is_not_zero(pipe, cache, accelerator):
 def test_gradient_norm_is_clipped_by_default(pipe, cache, accelerator):
     """A first-step spike must not reach Adam: by default every update's gradient has norm
     <= max_grad_norm (1), and the pre-clip norm is logged."""
-    assert diffae.Stage2Config().max_grad_norm == 1.0
+    assert DiffAEStage2Config().max_grad_norm == 1.0
     trainer = make_trainer(pipe, cache, accelerator, learning_rate=1e-3)
     seen = []
     step = trainer.optimizer.step
@@ -77,7 +80,7 @@ def test_gradient_norm_is_clipped_by_default(pipe, cache, accelerator):
         return step(*args, **kwargs)
 
     trainer.optimizer.step = recording_step
-    values = [trainer.train_step([0, 1]) for _ in range(2)]
+    values = [trainer.step_on([0, 1]) for _ in range(2)]
     assert len(seen) == 2 and max(seen) <= 1.0 + 1e-4
     assert all(v["grad_norm"] > 1.0 for v in values)  # the tiny model's raw gradients are larger
 
@@ -98,8 +101,8 @@ def test_inversion_round_trip_with_constant_eps(pipe):
     x0 = torch.rand(2, 3, 8, 8) * 2 - 1
     eps = torch.randn(2, 3, 8, 8)
     model = ConstantEps(eps)
-    x_t0 = diffae.invert_to_t0(model, x0, None, pipe.scheduler, 300, 7)
-    back = diffae.decode_from_t0(model, x_t0, None, pipe.scheduler, 300, 7)
+    x_t0 = ddim.invert_to_t0(model, x0, None, pipe.scheduler, 300, 7)
+    back = ddim.decode_from_t0(model, x_t0, None, pipe.scheduler, 300, 7)
     # The only mismatch is the final jump from alpha_bar(0) = 0.9999 to 1.
     a0 = pipe.scheduler.alphas_cumprod[0]
     expected = (x0 - (1 - a0).sqrt() * eps) / a0.sqrt()
@@ -113,7 +116,7 @@ def test_training_chain_equals_inference_decoding(pipe, cache, accelerator):
     with torch.no_grad():
         for step in trainer._plan:
             x, _ = trainer._step(x, *step, z)
-        reference = diffae.decode_from_t0(pipe.source_unet, cache["x_t0"][:2], cache["z_sem"][:2], pipe.scheduler, 200, 2)
+        reference = ddim.decode_from_t0(pipe.source_unet, cache["x_t0"][:2], cache["z_sem"][:2], pipe.scheduler, 200, 2)
     torch.testing.assert_close(x, reference)
 
 
@@ -126,8 +129,8 @@ def test_training_chain_follows_a_v_prediction_scheduler(pipe, cache, accelerato
     with torch.no_grad():
         for step in trainer._plan:
             x, _ = trainer._step(x, *step, z)
-        as_v = diffae.decode_from_t0(pipe.source_unet, cache["x_t0"][:2], cache["z_sem"][:2], v_scheduler, 200, 2)
-        as_eps = diffae.decode_from_t0(pipe.source_unet, cache["x_t0"][:2], cache["z_sem"][:2], pipe.scheduler, 200, 2)
+        as_v = ddim.decode_from_t0(pipe.source_unet, cache["x_t0"][:2], cache["z_sem"][:2], v_scheduler, 200, 2)
+        as_eps = ddim.decode_from_t0(pipe.source_unet, cache["x_t0"][:2], cache["z_sem"][:2], pipe.scheduler, 200, 2)
     torch.testing.assert_close(x, as_v)
     assert (as_v - as_eps).abs().max() > 1e-3  # the conversion is not a no-op
 
@@ -136,7 +139,7 @@ def test_full_chain_trains_only_the_copy(pipe, cache, accelerator):
     before = {k: v.clone() for k, v in pipe.source_unet.state_dict().items()}
     clip_before = pipe.text_encoder.text_projection.weight.clone()
     trainer = make_trainer(pipe, cache, accelerator, l1_loss_weight=0.5, id_loss_weight=0.5)
-    values = trainer.train_step([0, 1])
+    values = trainer.step_on([0, 1])
     assert set(values) == {"directional", "l1", "identity", "loss", "grad_norm"}
     assert values["loss"] == pytest.approx(values["directional"] + values["l1"] + values["identity"])
     changed = [k for k, v in trainer.unet.state_dict().items() if not torch.equal(v, before[k])]
@@ -151,14 +154,14 @@ def test_full_chain_trains_only_the_copy(pipe, cache, accelerator):
 
 def test_directional_loss_decreases(pipe, cache, accelerator):
     trainer = make_trainer(pipe, cache, accelerator, iterations=8, learning_rate=2e-3)
-    losses = [trainer.train_step([0, 1, 2, 3])["directional"] for _ in range(8)]
+    losses = [trainer.step_on([0, 1, 2, 3])["directional"] for _ in range(8)]
     assert losses[-1] < losses[0]
 
 
 def test_per_step_mode_updates_after_every_step(pipe, cache, accelerator):
     trainer = make_trainer(pipe, cache, accelerator, gradient_mode="per_step", num_train_steps=3)
-    trainer.train_step([0, 1])
-    trainer.train_step([2, 3])
+    trainer.step_on([0, 1])
+    trainer.step_on([2, 3])
     state = trainer.optimizer.optimizer.state_dict()["state"]
     assert int(state[0]["step"]) == 2 * 3
 
@@ -167,8 +170,8 @@ def test_gradient_checkpointing_gives_the_same_update(pipe, cache, accelerator):
     plain = make_trainer(pipe, cache, accelerator)
     checkpointed = make_trainer(pipe, cache, accelerator, gradient_checkpointing=True)
     assert checkpointed.unet.gradient_checkpointing
-    plain.train_step([0, 1])
-    checkpointed.train_step([0, 1])
+    plain.step_on([0, 1])
+    checkpointed.step_on([0, 1])
     for (name, a), b in zip(plain.unet.state_dict().items(), checkpointed.unet.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
 
@@ -180,10 +183,10 @@ def test_resume_after_kill_gives_identical_weights(pipe, cache, accelerator, tmp
     killed = make_trainer(pipe, cache, accelerator, tmp_path / "b", checkpointing_steps=2)
     real_step = killed.train_step
 
-    def dies_at_iteration_3(index):
+    def dies_at_iteration_3(*args):
         if killed.step == 2:
             raise KeyboardInterrupt  # the "kill", after checkpoint-2 was written
-        return real_step(index)
+        return real_step(*args)
 
     monkeypatch.setattr(killed, "train_step", dies_at_iteration_3)
     with pytest.raises(KeyboardInterrupt):
@@ -192,9 +195,9 @@ def test_resume_after_kill_gives_identical_weights(pipe, cache, accelerator, tmp
 
     torch.manual_seed(12345)  # a new process has other global RNG state
     resumed = make_trainer(pipe, cache, accelerator, tmp_path / "b", checkpointing_steps=2)
-    result = resumed.train(resume_from_checkpoint="latest", progress=False)
-    assert result.step == 4 and len(result.history) == 4
-    for (name, a), b in zip(uninterrupted.unet.state_dict().items(), result.unet.state_dict().values()):
+    unet = resumed.train(resume_from_checkpoint="latest", progress=False)
+    assert resumed.step == 4 and len(resumed.history) == 4
+    for (name, a), b in zip(uninterrupted.unet.state_dict().items(), unet.state_dict().values()):
         assert torch.equal(a, b), name
     assert (tmp_path / "b" / "losses.csv").is_file() or (tmp_path / "b" / "logs").is_dir()
 
@@ -213,10 +216,10 @@ def test_resume_keeps_each_step_once_in_the_loss_log(pipe, cache, accelerator, t
     killed = make_trainer(pipe, cache, accelerator, tmp_path, checkpointing_steps=2)
     real_step = killed.train_step
 
-    def dies_at_iteration_4(index):
+    def dies_at_iteration_4(*args):
         if killed.step == 3:
             raise KeyboardInterrupt  # step 3 is logged, but the newest checkpoint is step 2
-        return real_step(index)
+        return real_step(*args)
 
     monkeypatch.setattr(killed, "train_step", dies_at_iteration_4)
     with pytest.raises(KeyboardInterrupt):
@@ -224,7 +227,7 @@ def test_resume_keeps_each_step_once_in_the_loss_log(pipe, cache, accelerator, t
     resumed = make_trainer(pipe, cache, accelerator, tmp_path, checkpointing_steps=2)
     resumed.train(resume_from_checkpoint="latest", progress=False)
     with open(tmp_path / "losses.csv") as handle:
-        steps = [int(row[1]) for row in list(csv.reader(handle))[1:] if row[2] == "loss"]
+        steps = [int(row["step"]) for row in csv.DictReader(handle)]
     assert steps == [1, 2, 3, 4]
 
 
@@ -233,7 +236,7 @@ def test_checkpoint_carries_the_fp16_loss_scale(pipe, cache, accelerator, tmp_pa
     monkeypatch.setattr(accelerator, "scaler", torch.amp.GradScaler("cpu", init_scale=512.0))
     trainer = make_trainer(pipe, cache, accelerator, tmp_path)
     trainer.step = 1
-    trainer.save()
+    trainer.save_checkpoint()
     monkeypatch.setattr(accelerator, "scaler", torch.amp.GradScaler("cpu", init_scale=2.0))
     make_trainer(pipe, cache, accelerator, tmp_path).resume("latest")
     assert accelerator.scaler.get_scale() == 512.0
@@ -242,31 +245,31 @@ def test_checkpoint_carries_the_fp16_loss_scale(pipe, cache, accelerator, tmp_pa
 def test_non_finite_loss_names_the_term(pipe, cache, accelerator):
     trainer = make_trainer(pipe, cache, accelerator)
     trainer.image_features = lambda images: torch.full((images.shape[0], trainer.src_image.shape[1]), float("nan"))
-    with pytest.raises(ValueError, match="'directional' is nan"):
-        trainer.train_step([0, 1])
+    with pytest.raises(ValueError, match="Stage 2 loss term directional is nan at iteration 0"):
+        trainer.step_on([0, 1])
 
 
 def test_batch_indices_are_deterministic_and_sharded():
-    assert diffae.batch_indices(10, 3, 5, seed=1) == diffae.batch_indices(10, 3, 5, seed=1)
-    whole = diffae.batch_indices(12, 4, 1, seed=0, world=1)
-    shares = [diffae.batch_indices(12, 2, 1, seed=0, world=2, rank=r) for r in (0, 1)]
+    assert batch_indices(10, 3, 5, seed=1) == batch_indices(10, 3, 5, seed=1)
+    whole = batch_indices(12, 4, 1, seed=0, world=1)
+    shares = [batch_indices(12, 2, 1, seed=0, world=2, rank=r) for r in (0, 1)]
     assert sorted(shares[0] + shares[1]) == sorted(whole) and not set(shares[0]) & set(shares[1])
     # an epoch visits every item once
-    epoch = sum((diffae.batch_indices(12, 4, i, seed=0) for i in range(3)), [])
+    epoch = sum((batch_indices(12, 4, i, seed=0) for i in range(3)), [])
     assert sorted(epoch) == list(range(12))
 
 
 def test_options_are_validated(pipe):
     with pytest.raises(ValueError, match="gradient_mode"):
-        diffae.Stage2Config(gradient_mode="sideways")
+        DiffAEStage2Config(gradient_mode="sideways")
     with pytest.raises(ValueError, match="t0"):
-        diffae.check_t0(1000, pipe.scheduler)
+        ddim.check_t0(1000, pipe.scheduler)
     with pytest.raises(ValueError, match="iterations"):
-        diffae.Stage2Config(iterations=0)
+        DiffAEStage2Config(iterations=0)
     with pytest.raises(ValueError, match="learning_rate must be a finite number"):
-        diffae.Stage2Config(learning_rate=float("nan"))
+        DiffAEStage2Config(learning_rate=float("nan"))
     with pytest.raises(ValueError, match="l1_loss_weight must be a finite number"):
-        diffae.Stage2Config(l1_loss_weight=float("nan"))
+        DiffAEStage2Config(l1_loss_weight=float("nan"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")

@@ -28,7 +28,7 @@ from tiny_ipl import FAST, SIZE, build_tiny_ipl_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 URL = "https://github.com/ipl-diffusion/ipl-diffusion"
-GAN_FAST = dict(num_images=4, stage1_iterations=2, stage1_batch_size=4, iterations=2, auto_layer_batch=2, num_samples=3, label_templates="single", progress=False)
+GAN_FAST = dict(stage1_num_images=4, stage1_iterations=2, stage1_batch_size=4, iterations=2, auto_layer_batch=2, num_sample_images=3, label_templates="single", progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from tiny_ipl import build_tiny_ipl_pipeline
 REPO = Path(__file__).resolve().parents[1]
 FAST_ARGS = [
     "--stage1-iterations", "2", "--iterations", "1", "--batch-size", "2", "--t0", "200",
-    "--inversion-steps", "3", "--train-steps", "2", "--sampling-steps", "3", "--num-images", "4",
-    "--lr", "1e-3", "--device", "cpu",
+    "--num_inversion_steps", "3", "--num_train_steps", "2", "--num_inference_steps", "3", "--num_images", "4",
+    "--learning_rate", "1e-3", "--device", "cpu",
 ]
 
 
@@ -56,12 +56,12 @@ def one_line_error(capsys, command="adapt"):
 def test_adapt_refuses_an_output_that_holds_an_earlier_result(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     before = earlier_result(out)
-    assert main(["adapt", "--model", str(model_dir), "--target", "sketch", "--output", str(out), *FAST_ARGS]) == 2
+    assert main(["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out), *FAST_ARGS]) == 2
     err = one_line_error(capsys)
     assert "already holds the result of an earlier run (pipeline, before_after.png)" in err and "--overwrite" in err
     assert snapshot(out) == before  # byte-identical, nothing added (no lock file left either)
     # "--resume-from-checkpoint latest" with no checkpoint is a fresh run: refused the same way
-    args = ["adapt", "--model", str(model_dir), "--target", "sketch", "--output", str(out),
+    args = ["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out),
             "--resume-from-checkpoint", "latest", *FAST_ARGS]
     assert main(args) == 2 and "earlier run" in one_line_error(capsys)
     assert snapshot(out) == before
@@ -72,7 +72,7 @@ def test_adapt_overwrite_replaces_the_earlier_result(model_dir, tmp_path):
     out = tmp_path / "run"
     earlier_result(out)
     (out / "checkpoints" / "checkpoint-7").mkdir(parents=True)  # the earlier run's, stand-in
-    assert main(["adapt", "--model", str(model_dir), "--target", "sketch", "--output", str(out), "--overwrite",
+    assert main(["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out), "--overwrite",
                  *FAST_ARGS]) == 0
     assert (out / "pipeline" / "unet").is_dir() and (out / "before_after.png").read_bytes() != b"first grid"
     assert not (out / "checkpoints" / "checkpoint-7").exists()
@@ -106,7 +106,7 @@ def test_a_second_run_into_a_locked_folder_is_refused_at_once(model_dir, tmp_pat
     holder = hold_lock(out)
     try:
         before = snapshot(out)
-        assert main(["adapt", "--model", str(model_dir), "--target", "sketch", "--output", str(out), *FAST_ARGS]) == 2
+        assert main(["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out), *FAST_ARGS]) == 2
         err = one_line_error(capsys)
         assert f"is in use by another run (pid {holder.pid} on" in err
         assert snapshot(out) == before  # the first run's folder is untouched (its lock too)
@@ -143,7 +143,7 @@ def test_read_only_output_is_refused_before_any_work(model_dir, read_only_dir, t
 
     monkeypatch.setattr(adapt_cli, "load_pipeline", no_model)
     for out in (read_only_dir, read_only_dir / "new-run"):
-        assert main(["adapt", "--model", str(model_dir), "--target", "sketch", "--output", str(out), *FAST_ARGS]) == 2
+        assert main(["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out), *FAST_ARGS]) == 2
         assert "is not writable" in one_line_error(capsys)
     with pytest.raises(UserError, match="output_dir .* is not writable"):
         build_tiny_ipl_pipeline().adapt("sketch", num_images=2, output_dir=str(read_only_dir / "run"))
@@ -202,7 +202,7 @@ def test_no_warning_for_a_clean_lock(tmp_path):
 @pytest.mark.slow
 def test_resume_from_a_bit_flipped_checkpoint_is_one_line_error(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["adapt", "--model", str(model_dir), "--target", "sketch", "--output", str(out), *FAST_ARGS,
+    args = ["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out), *FAST_ARGS,
             "--checkpointing-steps", "1"]
     assert main(args) == 0
     state = out / "checkpoints" / "checkpoint-1" / "state.safetensors"
@@ -247,7 +247,7 @@ def test_half_precision_weights_on_cpu_are_refused_by_both_backends(model_dir, t
     generator = StyleGAN2Generator(size=32, style_dim=16, n_mlp=2, channel_max=8).to(torch.float16)
     gan = StyleGANIPLPipeline.from_components(generator, clip, tokenizer, CLIPImageProcessor(), source_label="photo")
     with pytest.raises(UserError, match=r"the generator's are torch.float16.*mixed_precision='fp16' on a CUDA GPU"):
-        gan.adapt("sketch", num_images=2, stage1_iterations=1, iterations=1, progress=False)
+        gan.adapt("sketch", stage1_num_images=2, stage1_iterations=1, iterations=1, progress=False)
 
 
 # -------------------------------------------------- the same kinds in the other commands

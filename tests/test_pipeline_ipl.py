@@ -301,6 +301,9 @@ def test_each_image_meets_its_own_text_direction(source_pipe):
     """Stage 2's loss pairs row i of ΔT with image i: an independent computation on the
     same rows matches, and the prompts shuffled across images give another loss."""
     from ipl_diffusion.adaptation import diffae
+    from ipl_diffusion.adaptation.diffae_trainer import DiffAEStage2Trainer
+    from ipl_diffusion.clip_image import clip_image_features
+    from ipl_diffusion.configs import DiffAEStage2Config
     from ipl_diffusion.losses import adaptive_directional_loss
 
     images = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3)) * 2 - 1
@@ -309,9 +312,9 @@ def test_each_image_meets_its_own_text_direction(source_pipe):
     d = pipe.text_encoder.config.projection_dim
     gen = torch.Generator().manual_seed(0)
     src, tgt = torch.randn(4, d, generator=gen), torch.randn(4, d, generator=gen)
-    features = diffae.clip_image_features(pipe.text_encoder, pipe.feature_extractor)
-    config = diffae.Stage2Config(t0=200, num_train_steps=2, iterations=1, batch_size=2)
-    trainer = diffae.Stage2Trainer(pipe.source_unet, pipe.scheduler, cache, src, tgt, features, config)
+    features = clip_image_features(pipe.text_encoder, pipe.feature_extractor)
+    config = DiffAEStage2Config(t0=200, num_train_steps=2, iterations=1, batch_size=2)
+    trainer = DiffAEStage2Trainer(pipe.source_unet, pipe.scheduler, cache, src, tgt, features, config)
     adapted = torch.rand(2, 3, SIZE, SIZE, generator=gen) * 2 - 1
     index = [3, 1]
     with torch.no_grad():

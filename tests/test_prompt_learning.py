@@ -5,12 +5,13 @@ import torch
 from ipl_core_testing import TinyGenerator, build_encoder, latent_pool
 
 from ipl_diffusion import LatentMapper
+from ipl_diffusion.errors import UserError
 from ipl_diffusion.mapper import SharedPromptContext
 from ipl_diffusion.prompt_learning import PromptLearner, encode_latent_pool, learn_prompts, stage1_losses
 
 SOURCE, TARGET = "photo", "wall painting"
-FAST = dict(batch_size=8, progress=False, label_templates="single")
-ERR = dict(FAST, num_iterations=1)  # error cases: never a long run if the check were missing
+FAST = dict(stage1_batch_size=8, progress=False, label_templates="single")
+ERR = dict(FAST, stage1_iterations=1)  # error cases: never a long run if the check were missing
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +39,8 @@ def full_pool_loss(learner, encoder, pool, features):
 
 
 def test_adaptive_training_reduces_the_stage1_loss(encoder, pool, features):
-    untrained = learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, num_iterations=0, **FAST)
-    trained = learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, num_iterations=12, **FAST)
+    untrained = learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, stage1_iterations=0, **FAST)
+    trained = learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, stage1_iterations=12, **FAST)
     assert isinstance(trained.mapper, LatentMapper) and trained.context is None
     assert len(trained.history) == 12 and set(trained.history[0]) == {"L_contr", "L_domain", "L"}
     before = full_pool_loss(untrained, encoder, pool, features)
@@ -65,14 +66,14 @@ def test_clip_and_generator_are_unchanged_by_training(encoder, pool):
     generator = TinyGenerator()
     clip_before = {k: v.clone() for k, v in encoder.clip_model.state_dict().items()}
     generator_before = generator.weight.clone()
-    learn_prompts(encoder, pool, SOURCE, TARGET, generate=generator, num_iterations=3, **FAST)
+    learn_prompts(encoder, pool, SOURCE, TARGET, generate=generator, stage1_iterations=3, **FAST)
     assert all(torch.equal(v, encoder.clip_model.state_dict()[k]) for k, v in clip_before.items())
     assert torch.equal(generator.weight, generator_before)
 
 
 def test_seeded_determinism(encoder, pool, features):
     runs = [
-        learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, num_iterations=3, seed=seed, **FAST)
+        learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, stage1_iterations=3, seed=seed, **FAST)
         for seed in (5, 5, 6)
     ]
     assert runs[0].history == runs[1].history
@@ -83,7 +84,7 @@ def test_seeded_determinism(encoder, pool, features):
 
 def test_cached_features_give_the_same_training_with_far_fewer_generator_calls(encoder, pool):
     cached_gen, fresh_gen = TinyGenerator(), TinyGenerator()
-    common = dict(num_iterations=4, encode_batch_size=16, **FAST)
+    common = dict(stage1_iterations=4, encode_batch_size=16, **FAST)
     cached = learn_prompts(encoder, pool, SOURCE, TARGET, generate=cached_gen, **common)
     fresh = learn_prompts(encoder, pool, SOURCE, TARGET, generate=fresh_gen, cache_image_features=False, **common)
     assert cached_gen.calls == 2  # 24 latents in batches of 16, once
@@ -93,8 +94,8 @@ def test_cached_features_give_the_same_training_with_far_fewer_generator_calls(e
 
 
 def test_precomputed_features_equal_the_generator_path(encoder, pool, features):
-    from_features = learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, num_iterations=2, **FAST)
-    from_generator = learn_prompts(encoder, pool, SOURCE, TARGET, generate=TinyGenerator(), num_iterations=2, **FAST)
+    from_features = learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, stage1_iterations=2, **FAST)
+    from_generator = learn_prompts(encoder, pool, SOURCE, TARGET, generate=TinyGenerator(), stage1_iterations=2, **FAST)
     for a, b in zip(from_features.history, from_generator.history, strict=True):
         assert a == pytest.approx(b, rel=1e-6)
 
@@ -126,7 +127,7 @@ def test_manual_scheme_is_nadas_template_averaged_direction(encoder, pool):
 
 def test_random_scheme_is_an_untrained_mapper(encoder, pool):
     a = learn_prompts(encoder, pool, SOURCE, TARGET, scheme="random", **FAST)
-    b = learn_prompts(encoder, pool, SOURCE, TARGET, scheme="adaptive", num_iterations=0, **FAST)
+    b = learn_prompts(encoder, pool, SOURCE, TARGET, scheme="adaptive", stage1_iterations=0, **FAST)
     assert a.history == [] and isinstance(a.mapper, LatentMapper)
     for p, q in zip(a.mapper.parameters(), b.mapper.parameters()):  # same seeded init, no training
         assert torch.equal(p, q)
@@ -138,7 +139,7 @@ def test_random_scheme_is_an_untrained_mapper(encoder, pool):
 
 def test_learned_scheme_trains_one_shared_context(encoder, pool, features):
     learner = learn_prompts(encoder, pool, SOURCE, TARGET, scheme="learned", image_features=features,
-                            num_iterations=4, context="a photo of a", **FAST)
+                            stage1_iterations=4, context="a photo of a", **FAST)
     assert learner.mapper is None and learner.context.shape == (4, encoder.hidden_size)
     assert not torch.equal(learner.context, encoder.context_embeddings("a photo of a"))  # it moved (CoOp init)
     with torch.no_grad():
@@ -154,23 +155,29 @@ def test_context_phrase_sets_n_ctx_in_bpe_tokens(encoder, pool):
 
 
 def test_source_regulariser_option(encoder, pool, features):
-    learner = learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, num_iterations=1,
+    learner = learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, stage1_iterations=1,
                             lambda_source=0.5, **FAST)
     assert "L_domain_source" in learner.history[0]
 
 
 def test_nan_in_a_loss_term_stops_with_the_terms_name(encoder, pool, features, monkeypatch):
-    with pytest.raises(FloatingPointError, match="L_contr is nan at iteration 0"):
-        learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, num_iterations=2,
+    with pytest.raises(UserError, match="logit_scale must be a finite number"):  # refused before any work
+        learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, stage1_iterations=2,
                       logit_scale=float("nan"), **FAST)
+    # NaN prompt features (as a diverging mapper would give): L_contr (Eq. 4) is the first NaN term.
+    real_encode = encoder.encode_prompt_vectors
+    monkeypatch.setattr(encoder, "encode_prompt_vectors", lambda *a, **k: real_encode(*a, **k) * float("nan"))
+    with pytest.raises(FloatingPointError, match="L_contr is nan at iteration 0"):
+        learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, stage1_iterations=2, **FAST)
+    monkeypatch.setattr(encoder, "encode_prompt_vectors", real_encode)
     nan_label = torch.full((encoder.projection_dim,), float("nan"))
     monkeypatch.setattr(encoder, "label_features", lambda label, templates="imagenet": nan_label)
     with pytest.raises(FloatingPointError, match="L_domain is nan at iteration 0"):
-        learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, num_iterations=2, **FAST)
+        learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, stage1_iterations=2, **FAST)
 
 
 def test_bad_inputs_are_clear_errors(encoder, pool, features):
-    with pytest.raises(ValueError, match="Unknown prompt scheme"):
+    with pytest.raises(ValueError, match=r"scheme must be one of \(.manual., .learned., .random., .adaptive.\); got .coop."):
         learn_prompts(encoder, pool, SOURCE, TARGET, scheme="coop", **ERR)
     with pytest.raises(ValueError, match="exactly one of image_features"):
         learn_prompts(encoder, pool, SOURCE, TARGET, **ERR)
@@ -193,14 +200,14 @@ def test_bad_inputs_are_clear_errors(encoder, pool, features):
 def test_generator_returning_bad_images_is_caught(encoder, pool):
     with pytest.raises(ValueError, match="NaN/inf images"):
         learn_prompts(encoder, pool, SOURCE, TARGET, generate=lambda w: TinyGenerator()(w) * float("nan"),
-                      num_iterations=1, **FAST)
+                      stage1_iterations=1, **FAST)
     with pytest.raises(ValueError, match="expected"):
         learn_prompts(encoder, pool, SOURCE, TARGET, generate=lambda w: torch.zeros(1, 3, 8, 8),
-                      num_iterations=1, **FAST)
+                      stage1_iterations=1, **FAST)
 
 
 def test_prompt_learner_save_and_load(tmp_path, encoder, pool, features):
-    learner = learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, num_iterations=2, **FAST)
+    learner = learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, stage1_iterations=2, **FAST)
     learner.save_pretrained(tmp_path)
     assert (tmp_path / "prompt_module" / "diffusion_pytorch_model.safetensors").is_file()
     loaded = PromptLearner.from_pretrained(tmp_path, encoder)

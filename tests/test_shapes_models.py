@@ -161,7 +161,7 @@ def test_shipped_stylegan2_refuses_labels_its_clip_does_not_know():
 
     pipe = StyleGANIPLPipeline.from_pretrained(str(default_model_path("stylegan2")))
     with pytest.raises(ValueError, match="trained only on the domains photo, sketch.*open-vocabulary CLIP: from_components"):
-        pipe.adapt("Wall painting", iterations=1, stage1_iterations=1, num_images=2)
+        pipe.adapt("Wall painting", iterations=1, stage1_iterations=1, stage1_num_images=2)
 
 
 def test_a_pipeline_class_refuses_the_other_familys_folder_and_names_its_loader():
@@ -179,7 +179,7 @@ def test_shipped_adapt_defaults_are_the_documented_ones():
     says how each value was chosen (one source of truth for `ipl adapt`'s defaults)."""
     import json
 
-    from ipl_diffusion.cli.adapt import SHAPES_ADAPT_DEFAULTS, SHAPES_GAN_ADAPT_DEFAULTS
+    from ipl_diffusion.shapes.adapt_defaults import SHAPES_ADAPT_DEFAULTS, SHAPES_GAN_ADAPT_DEFAULTS
 
     for backend, expected in (("diffae", SHAPES_ADAPT_DEFAULTS), ("stylegan2", SHAPES_GAN_ADAPT_DEFAULTS)):
         index = json.loads((default_model_path(backend) / "model_index.json").read_text())

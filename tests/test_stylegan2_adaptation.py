@@ -262,7 +262,7 @@ def test_nan_loss_is_a_clear_error(clip_parts):
         return torch.full((w.shape[0], src.shape[0]), float("nan")), tgt.expand(w.shape[0], -1)
 
     trainer = gan.GANIPLTrainer(tiny_generator(), nan_prompts, image_features, None, gan.GANStage2Config(iterations=1, auto_layer_iters=0))
-    with pytest.raises(ValueError, match="loss is nan"):
+    with pytest.raises(ValueError, match="GAN-IPL Stage 2 loss term directional is nan at iteration 0"):
         trainer.train_step()
 
 

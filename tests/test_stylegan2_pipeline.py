@@ -15,11 +15,12 @@ from PIL import Image
 from transformers import CLIPImageProcessor
 
 from ipl_diffusion.adaptation.distributed import make_accelerator
+from ipl_diffusion.configs import GANStage2Config
 from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
 from ipl_diffusion.pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
 
 STYLE_DIM = 16
-FAST = dict(num_images=8, stage1_iterations=2, stage1_batch_size=4, iterations=2, auto_layer_batch=2, num_samples=3, label_templates="single", progress=False)
+FAST = dict(stage1_num_images=8, stage1_iterations=2, stage1_batch_size=4, iterations=2, auto_layer_batch=2, num_sample_images=3, label_templates="single", progress=False)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,7 +66,7 @@ def test_adapt_fixed_phase_and_checkpoint_resume(pipe, tmp_path, monkeypatch):
     changed = {_owner(n) for n, p in first.generator.named_parameters() if not torch.equal(p, src[n])}
     assert changed == {"input", "conv1", "convs.0", "convs.1"}
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
-    assert (tmp_path / "samples" / "iter_000002.png").is_file() and (tmp_path / "sample_grid.png").is_file()
+    assert (tmp_path / "samples" / "step_000002.png").is_file() and (tmp_path / "sample_grid.png").is_file()
     assert (tmp_path / "stage1" / "options.json").is_file()
     # resuming a finished run trains nothing more (Stage 1 is reloaded, not re-learned)
     # and gives the same generator
@@ -98,16 +99,16 @@ def test_recorded_adapt_defaults_and_known_domains(pipe, tmp_path):
     """config.adapt_defaults fills the options a call leaves out (explicit ones win) and
     config.known_domains makes adapt refuse other labels; both survive save/load."""
     pipe.register_to_config(
-        adapt_defaults=dict(iterations=1, batch_size=2, num_images=4, stage1_iterations=2, stage1_batch_size=4),
+        adapt_defaults=dict(iterations=1, batch_size=2, stage1_num_images=4, stage1_iterations=2, stage1_batch_size=4),
         known_domains=["photo", "sketch"],
     )
     pipe.save_pretrained(tmp_path / "p")
     loaded = StyleGANIPLPipeline.from_pretrained(str(tmp_path / "p"))
     assert loaded.config.known_domains == ["photo", "sketch"]
-    fixed = dict(label_templates="single", auto_layer_batch=2, num_samples=3, progress=False)
+    fixed = dict(label_templates="single", auto_layer_batch=2, num_sample_images=3, progress=False)
     adapted = loaded.adapt("sketch", **fixed)
     cfg = adapted.adaptation_config
-    assert cfg["stage2"]["iterations"] == 1 and cfg["stage1"]["num_images"] == 4
+    assert cfg["stage2"]["iterations"] == 1 and cfg["stage1"]["stage1_num_images"] == 4
     assert adapted.config.adapt_defaults == loaded.config.adapt_defaults
     assert loaded.adapt("sketch", iterations=2, **fixed).adaptation_config["stage2"]["iterations"] == 2
     with pytest.raises(ValueError, match="trained only on the domains photo, sketch"):
@@ -258,8 +259,8 @@ def test_cli_adapt_stylegan2(tmp_path):
     clip, tokenizer = build_clip(max_position_embeddings=32)
     tokenizer.model_max_length = 32
     StyleGANIPLPipeline.from_components(tiny_generator(), clip, tokenizer, CLIPImageProcessor(), source_label="photo").save_pretrained(tmp_path / "source")
-    argv = ["adapt", "--backend", "stylegan2", "--model", str(tmp_path / "source"), "--target", "sketch", "--output", str(tmp_path / "run"),
-            "--num-images", "4", "--stage1-iterations", "1", "--iterations", "2", "--batch-size", "2", "--device", "cpu", "--checkpointing-steps", "1"]
+    argv = ["adapt", "--backend", "stylegan2", "--model", str(tmp_path / "source"), "--target", "sketch", "--output_dir", str(tmp_path / "run"),
+            "--stage1_num_images", "4", "--stage1-iterations", "1", "--iterations", "2", "--batch-size", "2", "--device", "cpu", "--checkpointing-steps", "1"]
     assert main(argv) == 0
     adapted = StyleGANIPLPipeline.from_pretrained(tmp_path / "run" / "pipeline")
     assert adapted.config.target_label == "sketch" and adapted.generator is not None
@@ -272,8 +273,8 @@ def test_one_seed_governs_both_stages(pipe):
     seed is recorded (never null), and the API's default is the CLI's (0)."""
     import inspect
 
-    assert inspect.signature(type(pipe).adapt).parameters["seed"].default == 0
-    fixed = dict(FAST, num_images=None)  # fresh latents every Stage-1 iteration
+    assert GANStage2Config().seed == 0  # the API default, as the CLI's
+    fixed = dict(FAST, stage1_num_images=None)  # fresh latents every Stage-1 iteration
     runs = [pipe.adapt("sketch", seed=s, **fixed) for s in (3, 3, 4)]
     weights = [({k: v.clone() for k, v in r.mapper.state_dict().items()}, r.generator.state_dict()) for r in runs]
     for a, b in zip(weights[0], weights[1]):

@@ -64,7 +64,7 @@ from PIL import Image
 from torch import nn
 
 from ipl_diffusion.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
-from ipl_diffusion.cli.adapt import positive_int
+from ipl_diffusion.cli.argtypes import positive_int
 from ipl_diffusion.models.semantic_encoder import SemanticEncoder
 from ipl_diffusion.models.stylegan2 import EqualLinear, StyleGAN2Discriminator, StyleGAN2Generator
 from ipl_diffusion.outputs import output_lock

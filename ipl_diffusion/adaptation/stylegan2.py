@@ -83,20 +83,17 @@ from __future__ import annotations
 
 import copy
 import contextlib
-import json
 import math
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from ipl_diffusion import checkpointing
-from ipl_diffusion.grids import labelled_grid
+from ipl_diffusion.adaptation import stage1 as stage1_store
 from ipl_diffusion.adaptation.distributed import (
-    MIXED_PRECISION,
     average_gradients,
     check_weights_dtype,
     gather_in_order,
@@ -104,199 +101,26 @@ from ipl_diffusion.adaptation.distributed import (
     mean_over_processes,
     shard_indices,
 )
+from ipl_diffusion.adaptation.stylegan2_layers import (  # noqa: F401  (public names of GAN-IPL)
+    candidate_rows,
+    default_auto_layer_k,
+    nada_training_layers,
+    rank_layers,
+    select_layers,
+    set_trainable,
+    trainable_module_names,
+)
+from ipl_diffusion.adaptation.trainer import Trainer
+from ipl_diffusion.configs import GANStage2Config, Stage1Config, as_dict, resolve_configs
+from ipl_diffusion.errors import UserError, check_finite
+from ipl_diffusion.grids import labelled_grid
 from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
 
-PHASES = (None, "texture", "shape", "no_fine", "shape_expanded", "all")
 
 # (w (B, style_dim)) -> (source prompt features (B, D), target prompt features (B, D))
 PromptFeatures = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 # images (B, 3, H, W) in [-1, 1] -> raw CLIP image features (B, D), differentiable
 ImageFeatures = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class GANStage2Config:
-    """Hyper-parameters of GAN-IPL's Stage 2 (defaults: IPL README / NADA, facts §1.2, §1.5).
-
-    iterations, batch_size: Stage 2 iterations, each on ``batch_size`` latents per process
-        (IPL: 300, 2).
-    learning_rate: Adam's lr as used (upstream ``--lr 0.002`` times ``4/5`` = 0.0016).
-    adam_beta2: ``0.99 ** (4/5)``; beta1 is 0.
-    lambda_direction: weight of the adaptive directional loss (Eq. 7-9).
-    auto_layer_k: W+ rows (= layers) trained per iteration; None = IPL's ``--auto_compute``
-        rule ``int(2 * n_latent / 3)`` (12 at 1024 px, 10 at 512, 9 at 256).
-    auto_layer_chunk: probes rendered at a time in the layer selection (None: all
-        ``auto_layer_batch`` at once, as upstream); same selection, lower peak memory.
-    mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (GPU only); used when the trainer
-        makes its own ``Accelerator`` (a given one brings its own setting).
-    max_grad_norm: clip the gradient norm of the trained layers (1; None: off, as IPL / NADA;
-        see "The first step" above for why it is on).
-    sample_truncation: psi of the sample grids (training always uses psi = 1).
-    """
-
-    iterations: int = 300
-    batch_size: int = 2
-    learning_rate: float = 0.002 * 4 / 5
-    adam_beta2: float = 0.99 ** (4 / 5)
-    ema_decay: float = 0.99
-    lambda_direction: float = 1.0
-    mixing: float = 0.0
-    phase: Optional[str] = None
-    auto_layer_iters: int = 1
-    auto_layer_k: Optional[int] = None
-    auto_layer_batch: int = 8
-    auto_layer_lr: float = 0.01
-    auto_layer_chunk: Optional[int] = None
-    train_to_rgb: bool = False
-    compat_layer_mapping: bool = False
-    mixed_precision: str = "no"
-    max_grad_norm: Optional[float] = 1.0
-    seed: int = 0
-    checkpointing_steps: Optional[int] = None
-    checkpoints_total_limit: Optional[int] = 2
-    sample_steps: Optional[int] = None
-    num_samples: int = 8
-    sample_truncation: float = 0.7
-
-    def validate(self):
-        """Raise ``ValueError`` naming the first option out of range."""
-        if self.iterations < 0 or self.batch_size < 1:
-            raise ValueError(f"iterations must be >= 0 and batch_size >= 1, got {self.iterations}, {self.batch_size}")
-        if self.phase not in PHASES:
-            raise ValueError(f"phase must be one of {PHASES}, got {self.phase!r}")
-        if not 0.0 <= self.ema_decay <= 1.0:
-            raise ValueError(f"ema_decay must lie in [0, 1], got {self.ema_decay}")
-        if not 0.0 <= self.mixing <= 1.0:
-            raise ValueError(f"mixing must lie in [0, 1], got {self.mixing}")
-        if self.auto_layer_chunk is not None and self.auto_layer_chunk < 1:
-            raise ValueError(f"auto_layer_chunk must be >= 1 or None, got {self.auto_layer_chunk}")
-        if self.auto_layer_iters < 0 or (self.auto_layer_k is not None and self.auto_layer_k < 1):
-            raise ValueError(f"auto_layer_iters must be >= 0 and auto_layer_k >= 1, got {self.auto_layer_iters}, {self.auto_layer_k}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
-        if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):  # NaN fails both
-            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
-
-
-# --------------------------------------------------------------------------------------
-# NADA's layer sets and adaptive selection
-# --------------------------------------------------------------------------------------
-
-
-def default_auto_layer_k(generator: StyleGAN2Generator) -> int:
-    """IPL ``--auto_compute``: ``int(2 * (2 * log2(size) - 2) / 3)`` = ``int(2 * n_latent / 3)``."""
-    return int(2 * generator.n_latent / 3)
-
-
-def nada_training_layers(generator: StyleGAN2Generator, phase: Optional[str] = None) -> list[str]:
-    """Module names NADA trains for ``phase`` (``SG2Generator.get_training_layers``).
-
-    ``None`` -> ``input``, ``conv1`` and every ``convs.*``; ``"all"`` -> every top-level child
-    (mapping and ToRGB included); ``"texture"`` -> + ``convs[2:10]``; ``"shape"`` ->
-    + ``convs[0:2]``; ``"no_fine"`` -> + ``convs[:10]``; ``"shape_expanded"`` -> + ``convs[0:3]``.
-    """
-    if phase not in PHASES:
-        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-    if phase == "all":
-        return [name for name, _ in generator.named_children()]
-    n = len(generator.convs)
-    ranges = {None: range(n), "texture": range(2, min(10, n)), "shape": range(min(2, n)), "no_fine": range(min(10, n)), "shape_expanded": range(min(3, n))}
-    return ["input", "conv1"] + [f"convs.{k}" for k in ranges[phase]]
-
-
-def set_trainable(generator: torch.nn.Module, module_names: Sequence[str]) -> None:
-    """Freeze every parameter, then unfreeze the named sub-modules (NADA ``freeze/unfreeze_layers``)."""
-    generator.requires_grad_(False)
-    for name in module_names:
-        generator.get_submodule(name).requires_grad_(True)
-
-
-def trainable_module_names(generator: StyleGAN2Generator, w_plus_rows: Sequence[int], train_to_rgb: bool = False, compat: bool = False) -> list[str]:
-    """Map selected W+ rows to the modules to unfreeze (the corrected NADA mapping).
-
-    ``compat=True`` gives the upstream ``[conv1, to_rgb1, *convs][j]`` mapping (off by one).
-    """
-    if compat:
-        table = ["conv1", "to_rgb1"] + [f"convs.{k}" for k in range(len(generator.convs))]
-        return [table[j] for j in w_plus_rows if j < len(table)]
-    names = []
-    for j in w_plus_rows:
-        for name in generator.latent_index_modules(j):
-            if (train_to_rgb or "to_rgb" not in name) and name not in names:
-                names.append(name)
-    return names
-
-
-def candidate_rows(generator: StyleGAN2Generator, train_to_rgb: bool = False, compat: bool = False) -> list[int]:
-    """W+ rows that can be selected: those driving a trainable StyledConv (or any row with ToRGB)."""
-    if compat or train_to_rgb:
-        return list(range(generator.n_latent))
-    return [j for j in range(generator.n_latent) if any("to_rgb" not in n for n in generator.latent_index_modules(j))]
-
-
-def select_layers(
-    generator: StyleGAN2Generator,
-    w: torch.Tensor,
-    global_loss: Callable[[torch.Tensor], torch.Tensor],
-    k: int,
-    iterations: int = 1,
-    lr: float = 0.01,
-    train_to_rgb: bool = False,
-    compat: bool = False,
-    chunk_size: Optional[int] = None,
-    randomize_noise: bool = True,
-    global_batch: Optional[int] = None,
-) -> tuple[list[str], torch.Tensor]:
-    """NADA's adaptive layer selection (``determine_opt_layers``), with the index fix.
-
-    Args:
-        generator: the trainable generator ``G_t``.
-        w: ``(B, style_dim)`` latents from the (frozen) mapping network.
-        global_loss: images ``(b, 3, H, W)`` -> scalar loss, a *mean over the images* (NADA:
-            ``mean(1 - cos(E_I(x), E_T(target)))``).
-        k: how many W+ rows to pick.
-        iterations, lr: plain SGD steps on the W+ codes.
-        chunk_size: render and back-propagate the ``B`` probes this many at a time. Each code's
-            gradient depends only on its own image, so the scores are the same (with fixed
-            noise: exactly) while the peak memory is that of ``chunk_size`` images -- the probe
-            batch (8 upstream) is otherwise the largest graph of a GAN-IPL step.
-        randomize_noise: fresh noise maps per render (upstream) or the fixed ``noises.noise_i``.
-        global_batch: the whole probe batch when ``w`` is one process's share of it (default:
-            ``B``). Each code then takes the step it would take in the whole batch (``global_loss``
-            averages over ``global_batch`` images), so the shares' scores, weighted by their
-            sizes and summed, are the whole batch's scores (:meth:`GANIPLTrainer.choose_layers`).
-    Returns:
-        ``(module names to train, per-row scores (n_latent,) float)``; scores are
-        ``mean |w+_after - w+_before|`` over ``w``'s batch and the channels.
-    """
-    w_init = w.detach().unsqueeze(1).repeat(1, generator.n_latent, 1)
-    batch = w_init.shape[0]
-    total = global_batch or batch
-    chunk = chunk_size or batch
-    codes = w_init.clone()
-    for _ in range(iterations):
-        grads = []
-        for start in range(0, batch, chunk):
-            part = codes[start : start + chunk].clone().requires_grad_(True)
-            image = generator.synthesis(part, randomize_noise=randomize_noise)
-            # global_loss averages over its images: rescale each chunk's mean to the (global) batch mean.
-            (grad,) = torch.autograd.grad(global_loss(image) * (part.shape[0] / total), part)
-            grads.append(grad)
-        codes = (codes - lr * torch.cat(grads)).detach()
-    scores = (codes - w_init).abs().mean(dim=-1).mean(dim=0)
-    return rank_layers(generator, scores, k, train_to_rgb, compat), scores
-
-
-def rank_layers(generator: StyleGAN2Generator, scores: torch.Tensor, k: int, train_to_rgb: bool = False, compat: bool = False) -> list[str]:
-    """The modules consuming the ``k`` candidate W+ rows with the highest ``scores (n_latent,)``
-    (ties: ``torch.topk``'s order), in row order."""
-    rows = candidate_rows(generator, train_to_rgb, compat)
-    k = min(k, len(rows))
-    ranked = torch.topk(scores[rows], k).indices.tolist()
-    chosen = sorted(rows[i] for i in ranked)
-    return trainable_module_names(generator, chosen, train_to_rgb, compat)
 
 
 @torch.no_grad()
@@ -322,11 +146,11 @@ def sample_z(batch: int, style_dim: int, mixing: float, rng: torch.Generator, de
 
 
 # --------------------------------------------------------------------------------------
-# Trainer
+# Stage 2
 # --------------------------------------------------------------------------------------
 
 
-class GANIPLTrainer:
+class GANIPLTrainer(Trainer):
     """Stage 2 of GAN-IPL: fine-tunes a copy of ``source_generator`` (returned as ``g_ema``).
 
     Args:
@@ -334,58 +158,42 @@ class GANIPLTrainer:
             accelerator's device and frozen in place (``eval()``, ``requires_grad_(False)``),
             its weights are never changed.
         prompt_features: ``w (B, style_dim)`` -> ``(source (B, D), target (B, D))`` prompt
-            features ``E_T(M_s^i)``, ``E_T(M_t^i)`` of Eq. 8 (from Stage 1's latent mapper; a
-            manual / learned-fixed scheme just repeats one row). Called under ``no_grad``.
+            features ``E_T(M_s^i)``, ``E_T(M_t^i)`` of Eq. 8 (from Stage 1; a manual /
+            learned-fixed scheme just repeats one row). Called under ``no_grad``.
         image_features: differentiable CLIP image encoder, images ``(B, 3, H, W)`` in [-1, 1]
-            -> raw features ``(B, D)``. Its parameters receive no gradient (the backward pass
-            is restricted to ``G_t``'s trained layers).
+            -> raw features ``(B, D)``. Its parameters receive no gradient.
         target_text_features: ``(D,)`` E_T of the raw target label, for the adaptive layer
             selection's global loss; required when ``config.auto_layer_iters > 0``.
-        config: :class:`GANStage2Config`.
+        config: :class:`~ipl_diffusion.configs.GANStage2Config`.
         output_dir: where ``checkpoints/``, ``samples/`` and ``losses.csv`` go (None: nothing written).
         accelerator: an ``accelerate.Accelerator`` (default: :func:`make_accelerator` with
-            ``config.mixed_precision`` on ``device``).
+            ``config.mixed_precision`` on ``device``, else the source generator's device).
         run_config: JSON-serialisable dict stored in every checkpoint.
-        device: only for callers from before the Accelerate port (``benchmarks/stylegan_step.py``):
-            the device of the default accelerator (default: the source generator's).
+        device: the default accelerator's device (``benchmarks/stylegan_step.py``).
 
     Raises:
-        ValueError: an option out of range (:meth:`GANStage2Config.validate`), fp16 without a
-            GPU, adaptive layer selection without ``target_text_features``, or a ``device``
-            that is not the given accelerator's.
+        UserError: an option out of range, fp16 without a GPU, adaptive layer selection
+            without ``target_text_features``, or a ``device`` that is not the given accelerator's.
     """
 
-    def __init__(
-        self,
-        source_generator: StyleGAN2Generator,
-        prompt_features: PromptFeatures,
-        image_features: ImageFeatures,
-        target_text_features: Optional[torch.Tensor] = None,
-        config: Optional[GANStage2Config] = None,
-        output_dir=None,
-        accelerator=None,
-        run_config: Optional[dict] = None,
-        device=None,
-    ):
+    description = "GAN-IPL stage 2"
+
+    def __init__(self, source_generator: StyleGAN2Generator, prompt_features: PromptFeatures, image_features: ImageFeatures,
+                 target_text_features: Optional[torch.Tensor] = None, config: Optional[GANStage2Config] = None,
+                 output_dir=None, accelerator=None, run_config: Optional[dict] = None, device=None):
         from ipl_diffusion.losses import adaptive_directional_loss
 
-        self.loss_fn = adaptive_directional_loss
-        self.config = config = config or GANStage2Config()
+        config = config or GANStage2Config()
         config.validate()
         if config.auto_layer_iters > 0 and target_text_features is None:
-            raise ValueError("adaptive layer selection (auto_layer_iters > 0) needs target_text_features (E_T of the target label)")
-        wanted = torch.device(device) if device is not None else None
-        if accelerator is not None and wanted is not None and (
-            wanted.type != accelerator.device.type or wanted.index not in (None, accelerator.device.index)
-        ):
-            raise ValueError(f"device {str(device)!r} is not the accelerator's device {str(accelerator.device)!r}; pass one of the two")
-        self.accelerator = accelerator or make_accelerator(config.mixed_precision, device if device is not None else source_generator.device)
-        self.device = self.accelerator.device
+            raise UserError("adaptive layer selection (auto_layer_iters > 0) needs target_text_features (E_T of the target label)")
+        accelerator = _accelerator(accelerator, device, config, source_generator)
+        self.setup(config, accelerator, output_dir, run_config or {"stage2": as_dict(config)})
+        self.loss_fn = adaptive_directional_loss
         self.source = source_generator.to(self.device).eval().requires_grad_(False)
         self.generator = copy.deepcopy(self.source).train()
         self.generator_ema = copy.deepcopy(self.source).eval()
-        self.prompt_features = prompt_features
-        self.image_features = image_features
+        self.prompt_features, self.image_features = prompt_features, image_features
         if config.auto_layer_iters > 0:
             self.target_text = F.normalize(target_text_features.detach().reshape(1, -1).float().to(self.device), dim=-1)
         self.k = config.auto_layer_k or default_auto_layer_k(self.source)
@@ -397,10 +205,6 @@ class GANIPLTrainer:
         self.optimizer = self.accelerator.prepare(optimizer)
         # Same seed on every process: z, probes and mixing draws agree, each process slices its share.
         self.rng = torch.Generator().manual_seed(config.seed)
-        self.output_dir = Path(output_dir) if output_dir is not None else None
-        self.run_config = run_config or {"stage2": asdict(config)}
-        self.step = 0
-        self.history: list[dict] = []
         self.last_layers: list[str] = list(self.fixed_layers)
 
     # -- pieces ------------------------------------------------------------------------
@@ -432,8 +236,7 @@ class GANIPLTrainer:
             scores = torch.zeros(self.source.n_latent, device=self.device)
         if acc.num_processes > 1:
             # Size-weighted sum of the shares' means = the whole batch's mean; the all-reduce
-            # gives every process the same scores, hence the same layers (average_gradients
-            # needs the same parameters to have gradients everywhere).
+            # gives every process the same scores, hence the same layers.
             scores = acc.reduce(scores.float() * len(mine), reduction="sum") / cfg.auto_layer_batch
         names = rank_layers(self.generator, scores, self.k, cfg.train_to_rgb, cfg.compat_layer_mapping)
         set_trainable(self.generator, names)
@@ -458,38 +261,38 @@ class GANIPLTrainer:
                     torch.cuda.manual_seed(seed)
             yield
 
-    def train_step(self) -> dict:
-        """One iteration: this process's ``batch_size`` latents, the adaptive directional loss
-        (Eq. 7-9) ``mean_i 1 - cos(ΔI_i, ΔT_i)``, one averaged Adam update of the chosen
-        layers and the EMA.
+    def _loss(self):
+        """This process's renders and the adaptive directional loss (Eq. 7-9); returns
+        ``(loss, layers)``."""
+        cfg, acc = self.config, self.accelerator
+        zs = sample_z(cfg.batch_size, self.source.style_dim, cfg.mixing, self.rng, self.device, acc.num_processes, acc.process_index)
+        with torch.no_grad():
+            ws = [self.source.get_latent(z) for z in zs]
+            src_text, tgt_text = self.prompt_features(ws[0])  # the mapper sees the first w (IPL: sample_w[0])
+        layers = self.choose_layers()
+        # From the shared generator, not Python's RNG: every process mixes at the same layer.
+        inject = int(torch.randint(1, self.source.n_latent, (), generator=self.rng)) if len(ws) > 1 else None
+        with acc.autocast():
+            with torch.no_grad():
+                src_img, _ = self.source(ws, input_is_latent=True, inject_index=inject)
+                src_feat = self.image_features(src_img)
+            tgt_img, _ = self.generator(ws, input_is_latent=True, inject_index=inject)
+            tgt_feat = self.image_features(tgt_img)
+        loss = cfg.clip_loss_weight * self.loss_fn(src_feat.float(), tgt_feat.float(), src_text.float(), tgt_text.float())
+        return loss, layers
 
-        Returns ``{"step": int, "loss": float (mean over processes), "layers": [...]}``.
-        Raises ``ValueError`` (on every process at once) when the loss is NaN / inf.
-        """
+    def iteration(self) -> dict:
+        """One iteration: ``batch_size`` latents per process, the loss ``mean_i 1 - cos(ΔI_i,
+        ΔT_i)``, one averaged Adam update of the chosen layers, the EMA. Returns ``{"loss"
+        (mean over processes), "grad_norm" (before clipping), "layers"}``."""
         cfg, acc = self.config, self.accelerator
         with self._iteration_noise():
-            zs = sample_z(cfg.batch_size, self.source.style_dim, cfg.mixing, self.rng, self.device, acc.num_processes, acc.process_index)
-            with torch.no_grad():
-                ws = [self.source.get_latent(z) for z in zs]
-                # The mapper sees the first w of each image (IPL: sample_w[0]).
-                src_text, tgt_text = self.prompt_features(ws[0])
-            layers = self.choose_layers()
-            # From the shared generator, not Python's RNG: every process mixes at the same layer.
-            inject = int(torch.randint(1, self.source.n_latent, (), generator=self.rng)) if len(ws) > 1 else None
-            with acc.autocast():
-                with torch.no_grad():
-                    src_img, _ = self.source(ws, input_is_latent=True, inject_index=inject)
-                    src_feat = self.image_features(src_img)
-                tgt_img, _ = self.generator(ws, input_is_latent=True, inject_index=inject)
-                tgt_feat = self.image_features(tgt_img)
-        loss = cfg.lambda_direction * self.loss_fn(src_feat.float(), tgt_feat.float(), src_text.float(), tgt_text.float())
+            loss, layers = self._loss()
         # Checked on the mean over processes so that all raise together (one alone would leave
         # the others waiting in the gradient all-reduce).
         value = mean_over_processes({"loss": float(loss.detach())}, acc)["loss"]
-        if not math.isfinite(value):
-            raise ValueError(f"GAN-IPL Stage 2 loss is {value} at iteration {self.step}; lower the learning rate or turn mixed precision off")
-        # inputs=: gradients only for G_t's chosen layers, never for CLIP (whatever its
-        # requires_grad), which the loss also passes through.
+        check_finite({"directional": value}, "GAN-IPL Stage 2", self.step)
+        # inputs=: gradients only for G_t's chosen layers, never for CLIP.
         trainable = [p for p in self.generator.parameters() if p.requires_grad]
         acc.backward(loss, inputs=trainable)
         average_gradients(trainable, acc)
@@ -498,143 +301,54 @@ class GANIPLTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)  # frozen-next-time layers must have no gradient
         ema_update(self.generator_ema, self.generator, cfg.ema_decay)
-        self.step += 1
         self.last_layers = list(layers)
-        record = {"step": self.step, "loss": value, "grad_norm": grad_norm}
-        self.history.append(record)
-        return {**record, "layers": list(layers)}
+        return {"loss": value, "grad_norm": grad_norm, "layers": list(layers)}
 
-    # -- checkpoints -------------------------------------------------------------------
+    # -- what the shared loop needs ------------------------------------------------------
 
-    def save_checkpoint(self) -> Optional[Path]:
-        """Write ``output_dir/checkpoints/checkpoint-<step>`` (main process; every process must
-        call this). Returns the folder on the main process, else None."""
-        if self.output_dir is None:
-            return None
+    def checkpoint_state(self) -> dict:
         acc = self.accelerator
-        acc.wait_for_everyone()
-        path = None
-        if acc.is_main_process:
-            state = {**self.run_config, "history": self.history}
-            if acc.scaler is not None:  # fp16: the loss scale is part of the training state
-                state["grad_scaler"] = acc.scaler.state_dict()
-            path = checkpointing.save_checkpoint(
-                self.output_dir / "checkpoints",
-                self.step,
-                models={"generator": acc.unwrap_model(self.generator), "generator_ema": acc.unwrap_model(self.generator_ema)},
-                optimizers={"generator": self.optimizer.optimizer},
-                config=state,
-                generators={"stage2": self.rng},
-                keep=self.config.checkpoints_total_limit,
-            )
-        # Nobody goes on (and e.g. resumes from "latest") before the folder is in place.
-        acc.wait_for_everyone()
-        return path
+        return {
+            "models": {"generator": acc.unwrap_model(self.generator), "generator_ema": acc.unwrap_model(self.generator_ema)},
+            "optimizers": {"generator": self.optimizer.optimizer},
+            "generators": {"stage2": self.rng},
+        }
 
-    def resume(self, checkpoint) -> int:
-        """Restore from ``"latest"`` (in ``output_dir/checkpoints``; none yet: a fresh start) or
-        a checkpoint folder, on every process; returns the step.
-
-        Raises ``FileNotFoundError`` for a named checkpoint that does not exist and
-        ``ValueError`` for one from a different architecture.
-        """
-        root = self.output_dir / "checkpoints" if self.output_dir is not None else Path(".")
-        path = checkpointing.resolve_checkpoint(root, checkpoint)
-        if path is None:
-            return self.step
-        step, state = checkpointing.load_checkpoint(
-            path,
-            models={"generator": self.generator, "generator_ema": self.generator_ema},
-            optimizers={"generator": self.optimizer.optimizer},
-            generators={"stage2": self.rng},
-        )
-        checkpointing.check_same_run(path, state, self.run_config)
-        if self.accelerator.scaler is not None and state.get("grad_scaler"):
-            self.accelerator.scaler.load_state_dict(state["grad_scaler"])
-        self.step = step
-        self.history = list(state.get("history", []))
-        return step
-
-    # -- samples -----------------------------------------------------------------------
+    def trained_model(self) -> StyleGAN2Generator:
+        return self.accelerator.unwrap_model(self.generator_ema).eval()
 
     @torch.no_grad()
-    def sample_grid(self, n: Optional[int] = None, seed: int = 0):
-        """Labelled PIL grid: source samples (top row) | adapted ``g_ema`` samples (bottom row); fixed
-        ``z`` (``seed``), truncation ``sample_truncation``, fixed noise maps."""
-        n = n or self.config.num_samples
+    def sample_grid(self, seed: int = 0):
+        """Labelled PIL grid: source samples (top row) | adapted ``g_ema`` samples (bottom row);
+        ``num_sample_images`` fixed ``z`` (``seed``), truncation ``sample_truncation``, fixed noise."""
+        n = self.config.num_sample_images
         z = torch.randn(n, self.source.style_dim, generator=torch.Generator().manual_seed(seed)).to(self.device)
-        centre = self.source.mean_latent()
-        kwargs = dict(truncation=self.config.sample_truncation, truncation_latent=centre, randomize_noise=False)
+        kwargs = dict(truncation=self.config.sample_truncation, truncation_latent=self.source.mean_latent(), randomize_noise=False)
         w = self.source.get_latent(z)
         top, _ = self.source([w], input_is_latent=True, **kwargs)
         bottom, _ = self.generator_ema([w], input_is_latent=True, **kwargs)
         return labelled_grid([top, bottom], ["source G_s(z)", f"g_ema, step {self.step}"])
 
-    def _write_samples(self):
-        if self.output_dir is None:
-            return
-        folder = self.output_dir / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        self.sample_grid().save(folder / f"iter_{self.step:06d}.png")
 
-    def _open_loss_log(self):
-        """``losses.csv`` rewritten from the (checkpointed) history: after a resume it holds
-        exactly the steps of the run being continued, not rows logged after its last checkpoint."""
-        if self.output_dir is None:
-            return None
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.output_dir / "losses.csv", "w")
-        log.write("step,loss,grad_norm\n")
-        for record in self.history:
-            log.write(f"{record['step']},{record['loss']:.6g},{record.get('grad_norm', float('nan')):.6g}\n")
-        return log
-
-    # -- loop --------------------------------------------------------------------------
-
-    def train(self, resume_from_checkpoint=None, progress: bool = True) -> StyleGAN2Generator:
-        """Run to ``config.iterations``; returns ``g_ema`` (the adapted generator, eval mode).
-
-        Every process must call this. Only the main process writes ``losses.csv``,
-        checkpoints and sample grids.
-        """
-        from tqdm.auto import tqdm
-
-        cfg, acc = self.config, self.accelerator
-        if resume_from_checkpoint is not None:
-            self.resume(resume_from_checkpoint)
-        elif self.output_dir is not None:
-            checkpointing.refuse_foreign_checkpoints(self.output_dir / "checkpoints")
-        log = self._open_loss_log() if acc.is_main_process else None
-        bar = tqdm(total=cfg.iterations, initial=self.step, disable=not (progress and acc.is_local_main_process), desc="GAN-IPL stage 2")
-        try:
-            while self.step < cfg.iterations:
-                out = self.train_step()
-                bar.update(1)
-                bar.set_postfix(loss=f"{out['loss']:.4f}")
-                if log is not None:
-                    log.write(f"{out['step']},{out['loss']:.6g},{out['grad_norm']:.6g}\n")
-                    log.flush()
-                if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0:
-                    self.save_checkpoint()
-                if cfg.sample_steps and self.step % cfg.sample_steps == 0 and acc.is_main_process:
-                    self._write_samples()
-        finally:
-            bar.close()
-            if log is not None:
-                log.close()
-        acc.wait_for_everyone()
-        return acc.unwrap_model(self.generator_ema).eval()
+def _accelerator(accelerator, device, config, source_generator):
+    """The given accelerator (checked against ``device``) or a new one."""
+    wanted = torch.device(device) if device is not None else None
+    if accelerator is not None and wanted is not None and (
+        wanted.type != accelerator.device.type or wanted.index not in (None, accelerator.device.index)
+    ):
+        raise UserError(f"device {str(device)!r} is not the accelerator's device {str(accelerator.device)!r}; pass one of the two")
+    return accelerator or make_accelerator(config.mixed_precision, device if device is not None else source_generator.device)
 
 
 # --------------------------------------------------------------------------------------
-# Stage 1 + Stage 2
+# Stage 1
 # --------------------------------------------------------------------------------------
 
 
 @dataclass
 class GANIPLResult:
     """What :func:`adapt_stylegan2` returns: the adapted ``g_ema``, Stage 1's prompt module
-    (``LatentMapper`` or ``SharedPromptContext``), the Stage 2 loss history, the run options,
+    (``LatentMapper`` or ``SharedPromptContext``), the Stage 2 history, the run options,
     and whether this is the main process (the one that writes files)."""
 
     generator: StyleGAN2Generator
@@ -663,26 +377,27 @@ def source_cache(source_generator: StyleGAN2Generator, image_features: ImageFeat
         ws.append(w)
         feats.append(image_features(image).float())
     device = source_generator.device
-    return gather_in_order(torch.cat(ws), order, num_images, accelerator).to(device), gather_in_order(torch.cat(feats), order, num_images, accelerator).to(device)
+    return (gather_in_order(torch.cat(ws), order, num_images, accelerator).to(device),
+            gather_in_order(torch.cat(feats), order, num_images, accelerator).to(device))
 
 
-STAGE1_DIR = "stage1"
 # Fresh latents Stage 1 never trains on, for its held-out prompt retrieval (batches of 32).
 HELDOUT_LATENTS = 256
 
 
-def run_stage1(source_generator, encoder, image_features, source, target, options: dict, num_images, seed, progress, accelerator=None):
+def run_stage1(source_generator, encoder, image_features, source, target, config: Stage1Config, seed, progress, accelerator=None):
     """Stage 1 (Eq. 6) for GAN-IPL; returns the ``PromptLearner``.
 
-    ``num_images=None``: fresh ``w`` every iteration, rendered by ``G_s`` and encoded (the
-    released code; the mapper then generalises to the fresh ``w`` of Stage 2). An int: a
-    fixed pool of that many samples, encoded once. ``HELDOUT_LATENTS`` further samples from
-    another stream of ``seed`` measure the held-out prompt retrieval.
+    ``config.stage1_num_images=None``: fresh ``w`` every iteration, rendered by ``G_s`` and
+    encoded (the released code; the mapper then generalises to the fresh ``w`` of Stage 2).
+    An int: a fixed pool of that many samples, encoded once. ``HELDOUT_LATENTS`` further
+    samples from another stream of ``seed`` measure the held-out prompt retrieval.
     """
     from ipl_diffusion.prompt_learning import learn_prompts
 
     heldout = source_cache(source_generator, image_features, HELDOUT_LATENTS, seed + 20_011, accelerator=accelerator)
-    if num_images is None:
+    common = dict(heldout=heldout, seed=seed, progress=progress)
+    if config.stage1_num_images is None:
         @torch.no_grad()
         def sample_latents(batch, rng):
             z = torch.randn(batch, source_generator.style_dim, generator=rng)
@@ -691,138 +406,111 @@ def run_stage1(source_generator, encoder, image_features, source, target, option
         def generate(w):
             return source_generator([w], input_is_latent=True, randomize_noise=False)[0]
 
-        return learn_prompts(encoder, None, source, target, generate=generate, sample_latents=sample_latents,
-                             heldout=heldout, seed=seed, progress=progress, **options)
-    latents, features = source_cache(source_generator, image_features, int(num_images), seed, accelerator=accelerator)
-    return learn_prompts(encoder, latents, source, target, image_features=features, heldout=heldout, seed=seed,
-                         progress=progress, **options)
+        return learn_prompts(encoder, None, source, target, config, generate=generate, sample_latents=sample_latents, **common)
+    latents, features = source_cache(source_generator, image_features, config.stage1_num_images, seed, accelerator=accelerator)
+    return learn_prompts(encoder, latents, source, target, config, image_features=features, **common)
 
 
-def _save_stage1(output_dir, key: dict, learner) -> None:
-    """Keep Stage 1's result beside the Stage 2 checkpoints (safetensors + JSON), so a resumed
-    run reuses it instead of training the mapper again."""
-    if output_dir is None:
-        return
-    folder = Path(output_dir) / STAGE1_DIR
-    learner.save_pretrained(folder)
-    tmp = folder / "options.json.tmp"
-    tmp.write_text(json.dumps(key, sort_keys=True, default=str))
-    os.replace(tmp, folder / "options.json")
+# --------------------------------------------------------------------------------------
+# Stage 1 + Stage 2
+# --------------------------------------------------------------------------------------
 
 
-def _load_stage1(output_dir, key: dict, encoder):
-    """The saved Stage 1 result when it was made with exactly these options, else None."""
-    from ipl_diffusion.prompt_learning import PromptLearner
-
-    if output_dir is None:
-        return None
-    folder = Path(output_dir) / STAGE1_DIR
-    options = folder / "options.json"
-    if not options.is_file() or json.loads(options.read_text()) != json.loads(json.dumps(key, sort_keys=True, default=str)):
-        return None
-    learner = PromptLearner.from_pretrained(str(folder), encoder)
-    learner.prompt_module.to(encoder.device)
-    return learner
-
-
-def adapt_stylegan2(
-    source_generator: StyleGAN2Generator,
-    clip_model,
-    tokenizer,
-    source: str,
-    target: str,
-    stage1: Optional[dict] = None,
-    stage2: Optional[GANStage2Config] = None,
-    feature_extractor=None,
-    output_dir=None,
-    resume_from_checkpoint=None,
-    progress: bool = True,
-    base_model: Optional[str] = None,
-    accelerator=None,
-) -> GANIPLResult:
-    """GAN-IPL end to end: Stage 1 (Eq. 6) on cached source samples, then Stage 2 (Eq. 7-9).
+def adapt_stylegan2(source_generator: StyleGAN2Generator, clip_model, tokenizer, source: str, target: str,
+                    stage1: Optional[Stage1Config] = None, stage2: Optional[GANStage2Config] = None, *,
+                    feature_extractor=None, prompt_learner=None, output_dir=None, resume_from_checkpoint=None,
+                    accelerator=None, progress: bool = True) -> GANIPLResult:
+    """GAN-IPL end to end: Stage 1 (Eq. 6, or ``prompt_learner`` when given), then Stage 2 (Eq. 7-9).
 
     Args:
         source_generator: the pretrained generator (moved to the accelerator's device and
             frozen in place, weights unchanged).
-        clip_model, tokenizer, feature_extractor: ``transformers`` CLIP parts (CLIP is frozen;
-            moved to the accelerator's device).
+        clip_model, tokenizer, feature_extractor: ``transformers`` CLIP parts (frozen).
         source, target: domain labels.
-        stage1: keyword arguments of :func:`ipl_diffusion.prompt_learning.learn_prompts`
-            (``scheme`` manual / learned / random / adaptive, ``lambda_domain``,
-            ``num_iterations``, ``batch_size``, ``learning_rate``, ``n_ctx``, ...) plus
-            ``num_images``: ``None`` (default) draws fresh source samples every iteration
-            (the released code); an int uses a fixed pool of that many.
-        stage2: :class:`GANStage2Config`.
-        output_dir: when given, ``stage1/`` (the prompt module), ``checkpoints/``,
-            ``samples/`` and ``losses.csv`` go there (main process only) and
-            ``resume_from_checkpoint="latest"`` continues an interrupted run bit for bit.
-        accelerator: an ``accelerate.Accelerator`` (default: :func:`make_accelerator` with
-            ``stage2.mixed_precision`` on the source generator's device).
+        stage1 / stage2: :class:`~ipl_diffusion.configs.Stage1Config` /
+            :class:`~ipl_diffusion.configs.GANStage2Config` (default: their defaults).
+        prompt_learner: a ready Stage-1 result (``text_features(w (B, style_dim), label) ->
+            (B, D)``): Stage 1 is skipped.
+        output_dir: ``stage1/``, ``checkpoints/``, ``samples/`` and ``losses.csv`` go there
+            (main process) and ``resume_from_checkpoint="latest"`` continues an interrupted run.
+        accelerator: an ``accelerate.Accelerator`` (default: :func:`make_accelerator`).
 
-    Multi-process (``accelerate launch``): the cache of source samples is rendered in shares
-    and gathered (:func:`source_cache`); Stage 1 itself then runs on every process with the
-    same seed and the same gathered cache, so all end with the same prompts without a
-    broadcast. Splitting Stage 1 is not worth it: it optimises a small mapper on cached
-    features (no generator in the loop), and its contrastive loss (Eq. 3-4) takes the
-    negatives from the whole batch, so shares would have to exchange features every step.
+    Multi-process (``accelerate launch``): the Stage-1 caches are rendered in shares and
+    gathered (:func:`source_cache`); Stage 1 itself runs on every process with the same seed,
+    so all end with the same prompts without a broadcast (it optimises a small mapper, and
+    its contrastive loss (Eq. 3-4) takes its negatives from the whole batch).
 
     Raises:
-        ValueError: bad labels or options, fp16 without a GPU, a non-finite loss.
+        UserError: bad labels or options, fp16 without a GPU; NonFiniteLossError: a NaN loss.
     """
     from transformers import CLIPImageProcessorPil
 
     from ipl_diffusion.clip_image import CLIPImageEncoder
     from ipl_diffusion.clip_text import CLIPPromptEncoder
 
-    stage1 = dict(stage1 or {})
-    stage2 = stage2 or GANStage2Config()
-    stage2.validate()
+    stage1, stage2 = stage1 or Stage1Config(), stage2 or GANStage2Config()
     if output_dir is not None:  # before Stage 1 writes anything
         checkpointing.check_before_run(Path(output_dir) / "checkpoints", resume_from_checkpoint)
-    num_images = stage1.pop("num_images", None)
     accelerator = accelerator or make_accelerator(stage2.mixed_precision, source_generator.device)
-    device = accelerator.device
-    check_weights_dtype({"generator": source_generator, "text_encoder": clip_model}, device)
-    source_generator.to(device)
-    clip_model.to(device)
+    check_weights_dtype({"generator": source_generator, "text_encoder": clip_model}, accelerator.device)
+    source_generator.to(accelerator.device)
+    clip_model.to(accelerator.device)
     processor = feature_extractor or CLIPImageProcessorPil()
     # The encoder's image processor serves Stage 1's fresh renders; image_features, Stage 2.
     encoder = CLIPPromptEncoder(clip_model, tokenizer, image_processor=processor)
     source, target = encoder.validate_label(source), encoder.validate_label(target)
     image_features = CLIPImageEncoder(clip_model, processor).encode_images
-
-    stage1_key = {"source": source, "target": target, "seed": stage2.seed, "num_images": num_images, **stage1}
-    learner = _load_stage1(output_dir, stage1_key, encoder) if resume_from_checkpoint is not None else None
-    if learner is None:
-        learner = run_stage1(source_generator, encoder, image_features, source, target, stage1, num_images,
-                             stage2.seed, progress and accelerator.is_local_main_process, accelerator)
-        if accelerator.is_main_process:
-            _save_stage1(output_dir, stage1_key, learner)
-
-    def prompt_features(w):
-        return learner.text_features(w, source), learner.text_features(w, target)
-
+    learner = prompt_learner or _stage1(source_generator, encoder, image_features, source, target, stage1, stage2,
+                                        output_dir, resume_from_checkpoint, progress, accelerator)
     with torch.no_grad():
         target_text = encoder.encode_text([target])[0]
+    heldout = HELDOUT_LATENTS if prompt_learner is None else 0
     run_config = {
-        "backend": "stylegan2",
-        "source": source,
-        "target": target,
-        "base_model": base_model,
-        "seed": stage2.seed,
+        "backend": "stylegan2", "source": source, "target": target, "seed": stage2.seed,
         "num_processes": accelerator.num_processes,
-        "stage1": {**stage1, "num_images": num_images, "heldout_images": HELDOUT_LATENTS,
-                   "heldout_retrieval": learner.heldout_retrieval, "retrieval_chance": 1 / 32},
-        "stage2": asdict(stage2),
+        "stage1": {**as_dict(stage1), **stage1_store.stage1_report(learner, stage1.stage1_num_images, heldout)},
+        "stage2": as_dict(stage2),
     }
     trainer = GANIPLTrainer(
-        source_generator, prompt_features, image_features, target_text, stage2, output_dir=output_dir,
-        accelerator=accelerator, run_config=run_config,
+        source_generator, lambda w: (learner.text_features(w, source), learner.text_features(w, target)),
+        image_features, target_text, stage2, output_dir=output_dir, accelerator=accelerator, run_config=run_config,
     )
     g_ema = trainer.train(resume_from_checkpoint=resume_from_checkpoint, progress=progress)
-    # The prompt module: a LatentMapper (adaptive / random) or the shared context (learned / manual).
     return GANIPLResult(
-        generator=g_ema.requires_grad_(False), mapper=learner.prompt_module, history=trainer.history,
+        generator=g_ema.requires_grad_(False), mapper=getattr(learner, "prompt_module", None), history=trainer.history,
         run_config=run_config, is_main_process=accelerator.is_main_process,
     )
+
+
+def _stage1(source_generator, encoder, image_features, source, target, stage1, stage2, output_dir, resume, progress, accelerator):
+    """The saved Stage-1 result of a resumed run with the same options, else a new one."""
+    key = {"source": source, "target": target, "seed": stage2.seed, "stage1": as_dict(stage1)}
+    learner = stage1_store.load_stage1(output_dir, key, encoder) if resume is not None else None
+    if learner is None:
+        learner = run_stage1(source_generator, encoder, image_features, source, target, stage1, stage2.seed,
+                             progress and accelerator.is_local_main_process, accelerator)
+        if accelerator.is_main_process:
+            stage1_store.save_stage1(output_dir, key, learner)
+    return learner
+
+
+def adapt_pipeline(pipe, target: str, source=None, *, prompt_learner=None, output_dir=None, resume_from_checkpoint=None,
+                   accelerator=None, progress: bool = True, **options):
+    """``StyleGANIPLPipeline.adapt``: resolve the options (the configs' defaults, then the
+    pipeline's recorded ``adapt_defaults``, then ``options``), run :func:`adapt_stylegan2`
+    on its source generator and return ``pipe.with_adaptation(result)``.
+
+    Raises:
+        UserError: an unknown option (with the nearest names), a label the pipeline's CLIP
+            does not know, or anything :func:`adapt_stylegan2` refuses.
+    """
+    stage1, stage2 = resolve_configs("stylegan2", pipe.config.get("adapt_defaults"), options)
+    source = source or pipe.config.source_label or "Photo"
+    pipe.check_known_domains(source, target)
+    with pipe.guard_output_dir(output_dir, resume_from_checkpoint):
+        result = adapt_stylegan2(
+            pipe.source_generator, pipe.text_encoder, pipe.tokenizer, source, target, stage1, stage2,
+            feature_extractor=pipe.feature_extractor, prompt_learner=prompt_learner, output_dir=output_dir,
+            resume_from_checkpoint=resume_from_checkpoint, accelerator=accelerator, progress=progress,
+        )
+    return pipe.with_adaptation(result, output_dir)

@@ -4,213 +4,86 @@ Stage 1 learns image-specific prompts with a latent mapper; Stage 2 fine-tunes t
 generator with the adaptive directional CLIP loss. With no --model it adapts the embedded
 Shapes models (shipped with the package, so it works offline), e.g. `ipl adapt --target sketch`.
 
-The run writes into --output (default ./ipl-<target>):
+Every option of the method is a field of ipl_diffusion.configs (Stage1Config,
+DiffAEStage2Config, GANStage2Config), under the same name here, in pipe.adapt(...), in
+run_config.json and in the checkpoints. An option not given takes the model's recommended
+value (model_index.json adapt_defaults), else the config's default.
+
+The run writes into --output_dir (default ./ipl-<target>):
   pipeline/          the adapted pipeline: use it with `ipl translate --model OUTPUT/pipeline`
                      or IPLPipeline.from_pretrained("OUTPUT/pipeline")
   before_after.png   rows: source images | source-model reconstructions | adapted images
   run_config.json    every resolved option of the run
-  losses.csv (or TensorBoard logs/), checkpoints/, cache.safetensors (for --resume-from-checkpoint)
+  losses.csv, stage1/, checkpoints/, cache.safetensors (for --resume_from_checkpoint)
 """
 
 import argparse
-import inspect
+import dataclasses
 import json
-import math
 from pathlib import Path
 
 DESCRIPTION = __doc__.split("\n\n", 1)[1]
 
 EPILOG = """examples:
-  ipl adapt --target sketch                       # Shapes default model, a few CPU minutes
-  ipl adapt --target neon --scheme manual         # the NADA baseline (fixed prompts)
-  ipl adapt --backend stylegan2 --target sketch   # GAN-IPL on the Shapes StyleGAN2 default
+  ipl adapt --target sketch                        # Shapes default model, a few CPU minutes
+  ipl adapt --target neon --scheme manual          # the NADA baseline (fixed prompts)
+  ipl adapt --backend stylegan2 --target sketch    # GAN-IPL on the Shapes StyleGAN2 default
   ipl adapt --model ./ffhq256-ipl --source Photo --target "Wall painting" \\
-            --images ./faces --iterations 300 --mixed-precision bf16
+            --images ./faces --iterations 300 --mixed_precision bf16
   ipl adapt --backend stylegan2 --model ./ffhq-sg2 --source Photo --target Sketch   # GAN-IPL
 """
 
 
-def positive_int(text):
-    """argparse type: an integer >= 1 (0 iterations would leave the generator unchanged)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
-    return value
+def _option_fields() -> dict:
+    """Every adaptation option once (``name -> dataclass field``), first declaration first."""
+    from ipl_diffusion.configs import adapt_option_classes
+
+    found = {}
+    for cls in adapt_option_classes():
+        for f in dataclasses.fields(cls):
+            found.setdefault(f.name, (cls, f))
+    return found
 
 
-def positive_float(text):
-    """argparse type: a finite number > 0 (a learning rate)."""
-    value = _finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0; got {text}")
-    return value
+def _group_dataclasses():
+    """One dataclass per ``--help`` group, each option in exactly one of them: Stage 1, both
+    Stage-2 backends, DiffAE only, StyleGAN2 only (generated from the configs' fields)."""
+    from typing import get_type_hints
 
+    from ipl_diffusion.configs import DiffAEStage2Config, GANStage2Config, Stage1Config, TrainingConfig
 
-def non_negative_float(text):
-    """argparse type: a finite number >= 0 (a loss weight)."""
-    value = _finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0; got {text}")
-    return value
-
-
-def _finite_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number; got {text}")
-    return value
+    groups = [(Stage1Config, "prompt learning (Stage 1)"), (TrainingConfig, "fine-tuning (Stage 2, both backends)"),
+              (DiffAEStage2Config, "fine-tuning (Stage 2, --backend diffae)"),
+              (GANStage2Config, "fine-tuning (Stage 2, --backend stylegan2)")]
+    seen, made = set(), []
+    for cls, title in groups:
+        hints = get_type_hints(cls)
+        own = [f for f in dataclasses.fields(cls) if f.name not in seen]
+        seen |= {f.name for f in own}
+        # --help shows each config default (which a model's adapt_defaults may replace).
+        spec = [(f.name, hints[f.name], dataclasses.field(
+            default=f.default, metadata={**f.metadata, "help": f"{f.metadata.get('help', '')} (default: {f.default})"}))
+            for f in own]
+        group = dataclasses.make_dataclass(cls.__name__ + "Options", spec)
+        group._argument_group_name = title
+        made.append(group)
+    return made
 
 
 def add_parser(subparsers):
+    from transformers import HfArgumentParser
+
+    from ipl_diffusion.configs import AdaptArguments
+
+    generated = HfArgumentParser([AdaptArguments, *_group_dataclasses()], add_help=False)
     parser = subparsers.add_parser(
-        "adapt",
-        help="adapt a generator to a text-described domain (IPL)",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "adapt", parents=[generated], help="adapt a generator to a text-described domain (IPL)",
+        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--target", required=True, help='target domain label, e.g. "sketch" or "Wall painting"')
-    parser.add_argument("--source", default=None, help="source domain label (default: the model's, else 'Photo')")
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="pipeline folder or Hub id of the source model (default: the embedded Shapes model of --backend)",
-    )
-    parser.add_argument("--backend", choices=("diffae", "stylegan2"), default="diffae", help="generator family")
-    parser.add_argument("--output", default=None, help="output folder (default: ./ipl-<target>)")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the result of an earlier run in --output (its pipeline/, grid and checkpoints); "
-        "without it such a folder is refused",
-    )
-    parser.add_argument(
-        "--images", default=None, help="folder of source-domain images; default: sample source latents"
-    )
-    parser.add_argument("--num-images", type=positive_int, default=None, help="how many source latents to sample")
-
-    ipl = parser.add_argument_group("prompt learning (Stage 1)")
-    ipl.add_argument(
-        "--scheme",
-        choices=("adaptive", "learned", "random", "manual"),
-        default="adaptive",
-        help="prompt scheme: adaptive = IPL, manual = NADA's fixed prompts, learned = one shared "
-        "learned prompt (CoOp), random = untrained mapper (default: adaptive)",
-    )
-    ipl.add_argument("--lambda", dest="lambda_domain", type=non_negative_float, default=None, help="weight of the domain loss (Eq. 6)")
-    ipl.add_argument("--stage1-iterations", type=positive_int, default=None, help="mapper training iterations")
-
-    train = parser.add_argument_group("generator fine-tuning (Stage 2)")
-    train.add_argument("--iterations", type=positive_int, default=None, help="fine-tuning iterations")
-    train.add_argument("--batch-size", type=positive_int, default=None, help="images per iteration")
-    train.add_argument("--lr", type=positive_float, default=None, help="learning rate")
-    train.add_argument("--t0", type=positive_int, default=None, help="DiffAE: timestep the images are inverted to (edit strength)")
-    train.add_argument("--inversion-steps", type=positive_int, default=None, help="DiffAE: DDIM steps of the inversion")
-    train.add_argument("--train-steps", type=positive_int, default=None, help="DiffAE: DDIM steps decoded while training")
-    train.add_argument("--sampling-steps", type=positive_int, default=None, help="DiffAE: DDIM steps decoded for outputs")
-    train.add_argument("--l1-weight", type=non_negative_float, default=None, help="weight of the L1 loss to the source image")
-    train.add_argument("--id-weight", type=non_negative_float, default=None, help="weight of the identity loss")
-    train.add_argument(
-        "--gradient-mode",
-        choices=("full_chain", "per_step"),
-        default=None,
-        help="DiffAE: back-propagate through all decoding steps, or DiffusionCLIP's "
-        "memory-efficient update after every step",
-    )
-    train.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
-    train.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="GPU only")
-    train.add_argument("--checkpointing-steps", type=positive_int, default=None, help="save a resumable checkpoint every N iterations")
-    train.add_argument(
-        "--resume-from-checkpoint", default=None, help="'latest' or a checkpoint folder in OUTPUT/checkpoints"
-    )
-    train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    train.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cuda if available)")
+    # "Not given" is None for every option of the method, so that a model's recommended value
+    # (adapt_defaults) is used for it; the configs hold the real defaults.
+    parser.set_defaults(**{name: None for name in _option_fields()})
     return parser
-
-
-# IPLPipeline.adapt defaults for the embedded Shapes DiffAE (32x32, 1.5 M-parameter UNet), sized
-# so that `ipl adapt --target sketch` runs in a few minutes on 2 CPU cores, and recorded in the
-# shipped folder (ipl_diffusion/shapes_models/diffae-ipl/model_index.json, a test keeps the two
-# equal). Stage 1 is the paper's (300 iterations of 32) on a pool of 2048 rendered photos, so
-# that the mapper generalises (held-out prompt retrieval 0.32, chance 0.03). The Stage-2
-# learning rate was chosen on the NADA baseline (manual prompts, "sketch", seed 0, 32 held-out
-# photos, `python benchmarks/main_job.py --backends diffae --targets sketch --extra --scheme
-# manual --lr LR`), never on IPL, after the first-step fix (ΔI from x0, gradient clipping):
-# the smallest lr at which NADA reaches >= 90% sketch. lr 5e-5 / 1e-4 only pale the
-# background (oracle 47% / 72% sketch, solid objects by eye); 1.5e-4 draws hollow outlines
-# (100%, shape kept 56%, colour kept 88%); 2e-4 turns most objects into rings (97%, 50%, 75%).
-# 64 Stage-2 photos instead of 16 gave twisted, solid shapes (91%, 66%, 100%), t0 400 solid
-# pinched shapes (81%), L1 weight 1.0 fewer outlines (53%).
-SHAPES_ADAPT_DEFAULTS = dict(
-    num_images=16,
-    stage1_num_images=2048,
-    stage1_iterations=300,
-    stage1_batch_size=32,
-    t0=500,
-    num_inversion_steps=20,
-    num_train_steps=4,
-    num_inference_steps=20,
-    learning_rate=1.5e-4,
-    iterations=30,
-    batch_size=4,
-    l1_loss_weight=0.5,
-)
-
-# StyleGANIPLPipeline.adapt defaults for the embedded Shapes StyleGAN2 (32x32, 0.4 M-parameter
-# generator), recorded in ipl_diffusion/shapes_models/stylegan2/model_index.json: IPL's recipe
-# (Stage 1: 300 iterations of 32 fresh samples; Stage 2: 300 iterations, Adam betas
-# (0, 0.99^0.8), EMA 0.99, NADA's adaptive layer choice) with batch 4. After 300 iterations the
-# evaluated g_ema holds 0.99^300 = 5% of the initial weights (it held 55% with the old 60
-# iterations). The lr was chosen on the NADA baseline ("sketch", seed 0, 32 held-out z,
-# `python benchmarks/main_job.py --backends stylegan2 --targets sketch --extra --scheme manual
-# --lr LR`), never on IPL, as the smallest lr at which NADA reaches >= 90% sketch: 0.0005 gives
-# 75% (shape kept 97%), 0.001 100% (56%), 0.002 100% (31%). By eye even 0.001 only whitens the
-# background and rim-lights the objects: this generator does not draw outlines.
-SHAPES_GAN_ADAPT_DEFAULTS = dict(
-    stage1_iterations=300,
-    stage1_batch_size=32,
-    iterations=300,
-    batch_size=4,
-    learning_rate=0.001,
-)
-
-# Options forwarded to ``adapt`` only when given, so each backend keeps its own defaults.
-_FORWARDED = (
-    "num_images",
-    "scheme",
-    "lambda_domain",
-    "stage1_iterations",
-    "iterations",
-    "batch_size",
-    "lr",
-    "t0",
-    "inversion_steps",
-    "train_steps",
-    "sampling_steps",
-    "l1_weight",
-    "id_weight",
-    "gradient_mode",
-    "checkpointing_steps",
-    "resume_from_checkpoint",
-    "mixed_precision",
-    "seed",
-)
-# CLI name -> keyword of IPLPipeline.adapt / StyleGANIPLPipeline.adapt
-_KEYWORDS = {
-    "lambda_domain": "lambda_domain",
-    "lr": "learning_rate",
-    "inversion_steps": "num_inversion_steps",
-    "train_steps": "num_train_steps",
-    "sampling_steps": "num_inference_steps",
-    "l1_weight": "l1_loss_weight",
-    "id_weight": "id_loss_weight",
-}
 
 
 def load_pipeline(backend, model, device=None):
@@ -249,43 +122,27 @@ def detect_backend(backend, model) -> str:
 def _check_backend(backend, folder):
     """A local pipeline folder of the other generator family gets a hint at --backend, rather
     than diffusers' list of expected components."""
+    from ipl_diffusion.errors import UserError
     from ipl_diffusion.pipelines.loading import pipeline_family  # light: json and pathlib only
 
     found = pipeline_family(folder)
     if found is not None and found[1] != backend:
-        raise ValueError(f"--model {folder} is {found[0]} folder; use --backend {found[1]}")
-
-def shapes_source_images(pipe, num_images, seed, stage1_num_images=None):
-    """The embedded Shapes DiffAE's inputs: rendered photos (its latent net, trained for
-    minutes, samples z_sem less faithfully than the renderer draws) -- the Stage-2 images, a
-    large Stage-1 pool (so that the mapper generalises) and 8 photos for the before/after
-    grid that neither stage sees. Three disjoint seed streams of the run's seed; a count left
-    None is the folder's recorded adapt_defaults."""
-    from ipl_diffusion.shapes import source_images
-
-    defaults = pipe.config.adapt_defaults or {}
-    size = pipe.image_size
-    return {
-        "images": source_images(num_images or defaults.get("num_images", 16), seed=seed, resolution=size),
-        "stage1_images": source_images(
-            stage1_num_images or defaults.get("stage1_num_images", 2048), seed=seed + 10_007, resolution=size
-        ),
-        "validation_images": source_images(8, seed=seed + 20_011, resolution=size),
-    }
-
+        raise UserError(f"--model {folder} is {found[0]} folder; use --backend {found[1]}")
 
 def run(args) -> int:
     from ipl_diffusion.outputs import check_writable, output_lock
 
-    output = Path(args.output or f"ipl-{'_'.join(args.target.split()).lower() or 'target'}")
+    output = Path(args.output_dir or f"ipl-{'_'.join(args.target.split()).lower() or 'target'}")
+    args.backend = detect_backend(args.backend, args.model)
     _check_inputs(args, output)
-    check_writable(output, "--output")  # before any model is loaded
+    check_writable(output, "--output_dir")  # before any model is loaded
     # One run per folder: a second `ipl adapt` into it is refused at once, before it reads or
     # writes anything there (its checkpoint rotation and losses.csv would clobber the first's).
-    with output_lock(output, "--output"):
+    with output_lock(output, "--output_dir"):
         _check_earlier_result(args, output)
         pipe = load_pipeline(args.backend, args.model, args.device)
-        adapted = pipe.adapt(args.target, **_adapt_kwargs(args, pipe, output))
+        adapted = pipe.adapt(args.target, args.source, **_data(args, pipe), output_dir=str(output),
+                             resume_from_checkpoint=args.resume_from_checkpoint, **given_options(args))
         grid = _save_outputs(adapted, output)
     _report_stage1(adapted.adaptation_config)
     print(f"adapted pipeline: {output / 'pipeline'}")
@@ -294,19 +151,46 @@ def run(args) -> int:
     return 0
 
 
+def given_options(args) -> dict:
+    """The options of the method the command line set (name -> value)."""
+    return {name: getattr(args, name) for name in _option_fields() if getattr(args, name, None) is not None}
+
+
+def _data(args, pipe) -> dict:
+    """The source images ``pipe.adapt`` gets: the user's folders, the Shapes renderer's photos
+    for the embedded DiffAE, or none (sampled by the pipeline)."""
+    if args.backend == "stylegan2":
+        return {}
+    if args.images is not None:
+        return {"images": args.images, **({"stage1_images": args.stage1_images} if args.stage1_images else {})}
+    if args.model is None:
+        from ipl_diffusion.configs import resolve_configs
+        from ipl_diffusion.shapes.adapt_defaults import shapes_source_images
+
+        stage1, stage2 = resolve_configs("diffae", pipe.config.get("adapt_defaults"), given_options(args))
+        return shapes_source_images(pipe, stage2.num_images, stage2.seed, stage1.stage1_num_images)
+    return {"stage1_images": args.stage1_images} if args.stage1_images else {}
+
+
 def _check_inputs(args, output):
     """Checks a user can fail, made before any model is loaded or encoded."""
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"--output {output} is an existing file; give a folder")
-    if args.num_images is not None and args.num_images < 2:
-        raise ValueError(f"--num-images must be >= 2 (the contrastive loss needs pairs), got {args.num_images}")
-    if args.images is not None and output.resolve() == Path(args.images).resolve():
-        # The run writes before_after.png, pipeline/ ... there, over the user's images.
-        raise ValueError(f"--output {output} is the --images folder; give a separate output folder")
-    if args.images is not None and not Path(args.images).is_file():
-        from ipl_diffusion.images import list_image_files
+    from ipl_diffusion.errors import UserError
 
-        list_image_files(args.images)  # a missing / empty folder fails now, before any model is built (C7)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output_dir {output} is an existing file; give a folder")
+    if args.backend == "stylegan2" and (args.images or args.stage1_images):
+        raise UserError("--images / --stage1_images are for --backend diffae; GAN-IPL samples its source latents")
+    for name in ("images", "stage1_images"):
+        folder = getattr(args, name)
+        if folder is None:
+            continue
+        if output.resolve() == Path(folder).resolve():
+            # The run writes before_after.png, pipeline/ ... there, over the user's images.
+            raise UserError(f"--output_dir {output} is the --{name} folder; give a separate output folder")
+        if not Path(folder).is_file():
+            from ipl_diffusion.images import list_image_files
+
+            list_image_files(folder)  # a missing / empty folder fails now, before any model is built
     if args.model is None:
         # The shipped Shapes models know only the Shapes domains: say which before any work is
         # done, and use the canonical names ("Pixel-Art" -> "pixel art").
@@ -315,6 +199,10 @@ def _check_inputs(args, output):
         args.target = check_domain(args.target)
         if args.source is not None:
             args.source = check_domain(args.source)
+    # Option values and names are checked now too, before the (slow) model load.
+    from ipl_diffusion.configs import resolve_configs
+
+    resolve_configs(args.backend, None, given_options(args))
 
 
 # What an earlier `ipl adapt` leaves in --output as its result.
@@ -339,31 +227,6 @@ def _check_earlier_result(args, output):
     # A misspelt checkpoint name, a damaged checkpoint or a fresh run over old checkpoints fails
     # now, before the model is loaded.
     check_before_run(output / "checkpoints", args.resume_from_checkpoint)
-
-
-def _adapt_kwargs(args, pipe, output) -> dict:
-    """The keywords of ``pipe.adapt`` that the command line sets."""
-    kwargs = {}
-    for name in _FORWARDED:
-        value = getattr(args, name)
-        if value is not None:
-            kwargs[_KEYWORDS.get(name, name)] = value
-    if args.gradient_checkpointing:
-        kwargs["gradient_checkpointing"] = True
-    if args.images is not None:
-        kwargs["images"] = args.images
-    elif args.model is None and args.backend == "diffae":
-        kwargs.update(shapes_source_images(pipe, args.num_images, args.seed))
-    if args.source is not None:
-        kwargs["source"] = args.source
-    kwargs["output_dir"] = str(output)
-    accepted = inspect.signature(pipe.adapt).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
-        ignored = sorted(k for k in kwargs if k not in accepted)
-        if ignored:
-            print(f"ipl adapt: note: the {args.backend} backend ignores {', '.join(ignored)}")
-        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-    return kwargs
 
 
 def _report_stage1(config):

@@ -13,7 +13,7 @@ names this run would write are refused before the model loads, unless `--overwri
 import argparse
 from pathlib import Path
 
-from ipl_diffusion.cli.adapt import positive_int
+from ipl_diffusion.cli.argtypes import positive_int
 
 DESCRIPTION = __doc__.split("\n\n", 1)[1]
 EPILOG = """examples:

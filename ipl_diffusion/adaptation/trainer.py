@@ -1,0 +1,225 @@
+"""The Stage-2 training loop both backends share: loop, checkpoints / resume, NaN handling, logs.
+
+A backend subclasses :class:`Trainer` and supplies only what differs:
+
+* :meth:`Trainer.iteration` -- one iteration (forward, the loss of Eq. 7-9, one update),
+  returning its logged values (floats: ``"loss"`` and ``"grad_norm"`` at least). It calls
+  :func:`~ipl_diffusion.errors.check_finite` on its loss terms *before* the update, so a NaN
+  never reaches the weights;
+* :meth:`Trainer.checkpoint_state` -- the models, optimizers and ``torch.Generator`` s that
+  make up the training state;
+* :meth:`Trainer.sample_grid` and :meth:`Trainer.trained_model`.
+
+Everything else is here, once:
+
+* checkpoints through :mod:`ipl_diffusion.checkpointing` (safetensors + JSON, atomic, with
+  digests; the loss history and the fp16 loss scale ride in the JSON), written by the main
+  process between two ``accelerator.wait_for_everyone()``; ``resume("latest")`` continues an
+  interrupted run bit for bit;
+* the log: one ``losses.csv`` (a ``step`` column, then one column per logged value), rebuilt
+  from the checkpointed history on resume so it holds each step once, plus accelerate's
+  TensorBoard tracker when ``tensorboard`` is installed (``logs/``);
+* a non-finite loss raises :class:`~ipl_diffusion.errors.NonFiniteLossError` on every stage
+  and backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+from pathlib import Path
+
+import torch
+
+from ipl_diffusion import checkpointing
+
+
+@contextlib.contextmanager
+def frozen(*modules):
+    """Temporarily ``requires_grad_(False)`` (gradients still flow *through* the modules)."""
+    saved = [(p, p.requires_grad) for m in modules if m is not None for p in m.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+class LossLog:
+    """``losses.csv`` (main process): a ``step`` column and one column per logged value,
+    started from ``history`` (the steps a resumed run keeps), plus accelerate's TensorBoard
+    tracker in ``logs/`` when ``tensorboard`` is installed."""
+
+    def __init__(self, output_dir: Path | None, history: list[dict], enabled: bool = True):
+        self._file = self._writer = self._tracker = None
+        self._columns = None
+        if output_dir is None or not enabled:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(output_dir / "losses.csv", "w", newline="")
+        for record in history:
+            self._write(record)
+        from accelerate.utils import is_tensorboard_available
+
+        if is_tensorboard_available():  # an optional extra
+            from accelerate.tracking import TensorBoardTracker
+
+            resumed_at = history[-1]["step"] if history else 0
+            # purge_step: events an interrupted run logged after its last checkpoint are dropped.
+            self._tracker = TensorBoardTracker("logs", output_dir, purge_step=resumed_at + 1)
+            self._tracker.start()
+
+    def _write(self, record: dict):
+        if self._columns is None:  # numbers only: e.g. the GAN's list of trained layers stays in the history
+            self._columns = [k for k, v in record.items() if isinstance(v, (int, float))]
+            self._writer = csv.DictWriter(self._file, self._columns, extrasaction="ignore")
+            self._writer.writeheader()
+        self._writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in record.items()})
+
+    def log(self, record: dict):
+        if self._file is None:
+            return
+        self._write(record)
+        self._file.flush()
+        if self._tracker is not None:
+            numbers = {f"stage2/{k}": record[k] for k in self._columns if k != "step"}
+            self._tracker.log(numbers, step=record["step"])
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
+        if self._tracker is not None:
+            self._tracker.finish()
+
+
+class Trainer:
+    """The Stage-2 loop (see the module docstring). Subclasses set ``config`` (a
+    :class:`~ipl_diffusion.configs.TrainingConfig`), ``accelerator``, ``output_dir`` and
+    ``run_config`` through :meth:`setup`, and implement the four backend methods."""
+
+    description = "Stage 2"
+
+    def setup(self, config, accelerator, output_dir, run_config: dict):
+        self.config = config
+        self.accelerator = accelerator
+        self.device = accelerator.device
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.run_config = run_config
+        self.step = 0
+        self.history: list[dict] = []
+
+    # -- what a backend supplies -----------------------------------------------------------
+    def iteration(self, *args) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def checkpoint_state(self) -> dict:  # pragma: no cover - abstract
+        """``{"models": {...}, "optimizers": {...}, "generators": {...}}`` (unwrapped)."""
+        raise NotImplementedError
+
+    def sample_grid(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def trained_model(self) -> torch.nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- checkpoints -------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        return self.output_dir / "checkpoints" if self.output_dir is not None else None
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoints/checkpoint-<step>`` (every process calls this; the main one
+        writes). Returns the folder on the main process, else None."""
+        if self.output_dir is None:
+            return None
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        path = None
+        if acc.is_main_process:
+            config = {**self.run_config, "history": self.history}
+            if acc.scaler is not None:  # fp16: the loss scale is part of the training state
+                config["grad_scaler"] = acc.scaler.state_dict()
+            state = self.checkpoint_state()
+            path = checkpointing.save_checkpoint(
+                self.checkpoint_dir, self.step, state["models"], state["optimizers"], config=config,
+                generators=state.get("generators"), keep=self.config.checkpoints_total_limit,
+            )
+        acc.wait_for_everyone()  # nobody resumes from "latest" before the folder is in place
+        return path
+
+    def resume(self, name) -> int:
+        """Restore ``name`` (``"latest"`` -- none yet: a fresh start -- or a checkpoint folder)
+        on every process; returns the step.
+
+        Raises:
+            UserError: a named checkpoint that does not exist, a damaged one, or one of
+                another run (other labels / scheme / architecture).
+        """
+        if name is None or (self.output_dir is None and str(name) == "latest"):
+            return self.step
+        path = checkpointing.resolve_checkpoint(self.checkpoint_dir or Path("."), name)
+        if path is None:
+            return self.step
+        state = self.checkpoint_state()
+        self.step, saved = checkpointing.load_checkpoint(
+            path, state["models"], state["optimizers"], generators=state.get("generators")
+        )
+        checkpointing.check_same_run(path, saved, self.run_config)
+        if self.accelerator.scaler is not None and saved.get("grad_scaler"):
+            self.accelerator.scaler.load_state_dict(saved["grad_scaler"])
+        self.history = list(saved.get("history", []))
+        return self.step
+
+    # -- the loop ------------------------------------------------------------------------
+    def train_step(self, *args) -> dict:
+        """One iteration (:meth:`iteration`, ``args`` passed on), then the step count and the
+        history advance; returns the record ``{"step": ..., **values}``.
+
+        Raises:
+            NonFiniteLossError: a loss term became NaN / inf (no update was made with it).
+        """
+        values = self.iteration(*args)
+        self.step += 1
+        record = {"step": self.step, **values}
+        self.history.append(record)
+        return record
+
+    def _write_samples(self):
+        folder = self.output_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.sample_grid().save(folder / f"step_{self.step:06d}.png")
+
+    def train(self, resume_from_checkpoint=None, progress: bool = True) -> torch.nn.Module:
+        """Run to ``config.iterations`` (every process calls this); returns
+        :meth:`trained_model`. Only the main process writes the log, checkpoints and grids.
+
+        Raises:
+            NonFiniteLossError: a loss term became NaN / inf (no update was made with it).
+        """
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.config, self.accelerator
+        if resume_from_checkpoint is None and self.output_dir is not None:
+            checkpointing.refuse_foreign_checkpoints(self.checkpoint_dir)
+        self.resume(resume_from_checkpoint)
+        log = LossLog(self.output_dir, self.history, enabled=acc.is_main_process)
+        bar = tqdm(total=cfg.iterations, initial=self.step, desc=self.description,
+                   disable=not (progress and acc.is_local_main_process))
+        try:
+            while self.step < cfg.iterations:
+                record = self.train_step()
+                log.log(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0:
+                    self.save_checkpoint()
+                if cfg.sample_steps and self.output_dir is not None and acc.is_main_process:
+                    if self.step % cfg.sample_steps == 0 or self.step == cfg.iterations:
+                        self._write_samples()
+        finally:
+            bar.close()
+            log.close()
+        acc.wait_for_everyone()
+        return self.trained_model()

@@ -1,0 +1,280 @@
+"""The options of an IPL run: one dataclass per stage, the single source of every option.
+
+Each field has one name, a default, a one-line help and a check. The same name is used by
+``pipe.adapt(**options)``, by the ``ipl adapt`` flags and by the training example (both are
+generated from these fields with transformers' ``HfArgumentParser``: ``--num_inversion_steps``
+or ``--num-inversion-steps``), in ``run_config.json`` and in every checkpoint.
+
+* :class:`Stage1Config` -- prompt learning (Eq. 6), both backends;
+* :class:`DiffAEStage2Config` -- Diff-IPL's generator fine-tuning (Eq. 7-9, DiffusionCLIP's
+  recipe);
+* :class:`GANStage2Config` -- GAN-IPL's generator fine-tuning (Eq. 7-9, StyleGAN-NADA's
+  layer freezing).
+
+Both Stage-2 configs share :class:`TrainingConfig` (optimiser, seed, checkpoints, grids).
+A model folder may record recommended values (``model_index.json`` ``adapt_defaults``);
+:func:`resolve_configs` layers them between the defaults here and the caller's options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field, fields
+from typing import Literal, Optional
+
+from ipl_diffusion.errors import UserError
+
+PROMPT_SCHEMES = ("manual", "learned", "random", "adaptive")
+LABEL_TEMPLATES = ("imagenet", "nada", "single")
+GRADIENT_MODES = ("full_chain", "per_step")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+# StyleGAN-NADA's fixed layer sets (``--phase``); None: every StyledConv, the constant and conv1.
+PHASES = (None, "texture", "shape", "no_fine", "shape_expanded", "all")
+
+
+def option(default, help: str, **metadata):
+    """A dataclass field with its ``--help`` line (read by ``HfArgumentParser``)."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+def _check(condition: bool, name: str, rule: str, value) -> None:
+    if not condition:
+        raise UserError(f"{name} must be {rule}; got {value!r}")
+
+
+def _positive_int(config, *names, allow_none=False, minimum=1):
+    for name in names:
+        value = getattr(config, name)
+        if value is None and allow_none:
+            continue
+        _check(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, name,
+               f"a whole number >= {minimum}" + (" or None" if allow_none else ""), value)
+
+
+def _finite(config, *names, positive=False, allow_none=False):
+    for name in names:
+        value = getattr(config, name)
+        if value is None and allow_none:
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (value > 0 if positive else value >= 0)
+        _check(ok, name, ("a finite number > 0" if positive else "a finite number >= 0") + (" or None" if allow_none else ""), value)
+
+
+def _choice(config, name, choices):
+    _check(getattr(config, name) in choices, name, f"one of {choices}", getattr(config, name))
+
+
+@dataclass
+class Stage1Config:
+    """Stage 1 (prompt learning, Eq. 6): paper / released-code defaults (300 iterations of 32,
+    m = 4 prompt vectors, λ = 1, Adam lr 0.05 for the mapper). Its seed is the run's
+    (``Stage2Config.seed``): one seed governs both stages."""
+
+    _argument_group_name = "prompt learning (Stage 1)"
+
+    scheme: Literal["adaptive", "learned", "random", "manual"] = option(
+        "adaptive", "prompt scheme: adaptive = IPL's latent mapper, manual = NADA's fixed direction, "
+        "learned = one shared learned prompt (CoOp), random = an untrained mapper")
+    lambda_domain: float = option(1.0, "λ of Eq. 6, the weight of the domain regulariser (Eq. 5)")
+    stage1_iterations: int = option(300, "Stage-1 optimiser steps (0: keep the initial prompts)")
+    stage1_batch_size: int = option(32, "latents per Stage-1 step (>= 2: the contrastive loss needs negatives)")
+    stage1_learning_rate: Optional[float] = option(None, "Stage-1 Adam lr (None: 0.05 for the mapper, 2e-3 for a shared context)")
+    n_ctx: int = option(4, "number m of prompt vectors")
+    context: Optional[str] = option(None, "a phrase: sets m to its token count; the learned scheme starts from its embeddings")
+    stage1_num_images: Optional[int] = option(
+        None, "Stage 1's pool: GAN, a fixed pool of this many samples (None: fresh samples every step, as "
+        "the released code); DiffAE, this many sampled source images when no stage1_images are given "
+        "(None: the Stage-2 images)")
+    label_templates: Literal["imagenet", "nada", "single"] = option(
+        "imagenet", "templates averaged into a label's CLIP feature (Eq. 5, and NADA's manual direction)")
+    lambda_source: float = option(0.0, "released code's source-label regulariser weight (--lambda_src)")
+    contrastive_form: Literal["infonce", "paper"] = option("infonce", "Eq. 4 as the released code (infonce) or as printed (paper)")
+    logit_scale: Optional[float] = option(None, "InfoNCE temperature multiplier (None: CLIP's own logit_scale.exp())")
+    heldout_every: int = option(50, "measure held-out prompt retrieval every N Stage-1 steps")
+    cache_image_features: bool = option(True, "encode a fixed pool's images once (False: re-render each step)")
+    encode_batch_size: int = option(32, "batch size of encoding the Stage-1 pool")
+
+    def __post_init__(self):
+        _choice(self, "scheme", PROMPT_SCHEMES)
+        _choice(self, "label_templates", LABEL_TEMPLATES)
+        _choice(self, "contrastive_form", ("infonce", "paper"))
+        _finite(self, "lambda_domain", "lambda_source")
+        _finite(self, "stage1_learning_rate", "logit_scale", positive=True, allow_none=True)
+        _positive_int(self, "stage1_iterations", minimum=0)
+        _positive_int(self, "stage1_batch_size", minimum=2)
+        _positive_int(self, "n_ctx", "heldout_every", "encode_batch_size")
+        _positive_int(self, "stage1_num_images", allow_none=True, minimum=2)
+
+
+@dataclass
+class TrainingConfig:
+    """What both Stage-2 trainers share: optimiser, seed, precision, checkpoints, grids."""
+
+    learning_rate: float = option(8e-6, "Stage-2 Adam learning rate")
+    iterations: int = option(300, "Stage-2 iterations (generator updates)")
+    batch_size: int = option(2, "images per Stage-2 iteration and process")
+    clip_loss_weight: float = option(1.0, "weight of the adaptive directional CLIP loss (Eq. 7-9)")
+    max_grad_norm: Optional[float] = option(1.0, "clip the gradient norm before each update (None: off)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "no, bf16 or fp16 (fp16 needs a GPU)")
+    seed: int = option(0, "the run's one seed (Stage 1, Stage 2, sampled sources)")
+    checkpointing_steps: Optional[int] = option(None, "save a resumable checkpoint every N iterations")
+    checkpoints_total_limit: Optional[int] = option(2, "checkpoints kept (None: all)")
+    sample_steps: Optional[int] = option(None, "write a sample grid every N iterations")
+    num_sample_images: int = option(8, "images in each sample grid")
+
+    def _check_training(self):
+        _finite(self, "learning_rate", positive=True)
+        _finite(self, "clip_loss_weight")
+        _finite(self, "max_grad_norm", positive=True, allow_none=True)
+        _positive_int(self, "iterations", minimum=0)
+        _positive_int(self, "batch_size", "num_sample_images")
+        _positive_int(self, "checkpointing_steps", "checkpoints_total_limit", "sample_steps", allow_none=True)
+        _choice(self, "mixed_precision", MIXED_PRECISION)
+        _check(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "a whole number", self.seed)
+
+
+@dataclass
+class DiffAEStage2Config(TrainingConfig):
+    """Diff-IPL's Stage 2. Defaults follow DiffusionCLIP's README example (``t0`` 400, 40
+    inversion / 6 training / 40 sampling steps, lr 8e-6, CLIP weight 3) and the IPL code
+    (batch 2); ``id_loss_weight`` uses DiffAE's ``z_sem`` as identity features."""
+
+    _argument_group_name = "Diff-IPL fine-tuning (Stage 2)"
+
+    num_images: int = option(32, "source images sampled when none are given")
+    t0: int = option(400, "timestep the sources are inverted to (edit strength; DiffusionCLIP: 201-601 of 1000)")
+    num_inversion_steps: int = option(40, "DDIM steps of the inversion to t0")
+    num_train_steps: int = option(6, "DDIM steps decoded while training")
+    num_inference_steps: int = option(40, "DDIM steps decoded for outputs")
+    clip_loss_weight: float = option(3.0, "weight of the adaptive directional CLIP loss (Eq. 7-9)")
+    l1_loss_weight: float = option(0.0, "weight of mean |adapted - source|")
+    id_loss_weight: float = option(0.0, "weight of 1 - cos of identity features (z_sem)")
+    gradient_mode: Literal["full_chain", "per_step"] = option(
+        "full_chain", "back-propagate through all decoding steps, or DiffusionCLIP's update after every step")
+    gradient_checkpointing: bool = option(False, "recompute UNet activations in the backward pass (less memory)")
+
+    def __post_init__(self):
+        self._check_training()
+        _choice(self, "gradient_mode", GRADIENT_MODES)
+        _finite(self, "l1_loss_weight", "id_loss_weight")
+        _positive_int(self, "num_images", minimum=2)
+        _positive_int(self, "t0", "num_inversion_steps", "num_train_steps", "num_inference_steps")
+        _positive_int(self, "iterations")
+
+
+@dataclass
+class GANStage2Config(TrainingConfig):
+    """GAN-IPL's Stage 2. Defaults: the IPL README / StyleGAN-NADA (300 iterations of 2, Adam
+    lr ``0.002 * 4/5`` with betas ``(0, 0.99 ** (4/5))``, EMA 0.99, adaptive layer choice)."""
+
+    _argument_group_name = "GAN-IPL fine-tuning (Stage 2)"
+
+    learning_rate: float = option(0.002 * 4 / 5, "Stage-2 Adam lr (upstream --lr 0.002 times 4/5)")
+    adam_beta2: float = option(0.99 ** (4 / 5), "Adam beta2 (beta1 is 0)")
+    ema_decay: float = option(0.99, "decay of g_ema, the generator that is sampled and saved")
+    mixing: float = option(0.0, "style-mixing probability")
+    phase: Optional[str] = option(None, "NADA's fixed layer set when auto_layer_iters is 0: texture, shape, no_fine, shape_expanded, all")
+    auto_layer_iters: int = option(1, "W+ probe steps of NADA's adaptive layer selection (0: the fixed phase set)")
+    auto_layer_k: Optional[int] = option(None, "W+ rows (layers) trained per iteration (None: int(2 n_latent / 3))")
+    auto_layer_batch: int = option(8, "latents of the layer-selection probe")
+    auto_layer_lr: float = option(0.01, "SGD lr of the layer-selection probe")
+    auto_layer_chunk: Optional[int] = option(None, "probes rendered at a time (None: all; same choice, less memory)")
+    train_to_rgb: bool = option(False, "also train the ToRGB layers of the chosen rows")
+    compat_layer_mapping: bool = option(False, "NADA's off-by-one row-to-layer mapping, for comparisons")
+    sample_truncation: float = option(0.7, "truncation psi of the sample grids (training uses psi = 1)")
+
+    def __post_init__(self):
+        self._check_training()
+        _check(self.phase in PHASES, "phase", f"one of {PHASES}", self.phase)
+        for name in ("ema_decay", "mixing"):
+            _check(0.0 <= getattr(self, name) <= 1.0, name, "in [0, 1]", getattr(self, name))
+        _finite(self, "auto_layer_lr", "adam_beta2", positive=True)
+        _positive_int(self, "auto_layer_iters", minimum=0)
+        _positive_int(self, "auto_layer_batch")
+        _positive_int(self, "auto_layer_k", "auto_layer_chunk", allow_none=True)
+
+    def validate(self):
+        """Check the options again (after fields were assigned); raises :class:`UserError`."""
+        self.__post_init__()
+
+
+STAGE2_CONFIGS = {"diffae": DiffAEStage2Config, "stylegan2": GANStage2Config}
+
+
+def field_names(cls) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def make_config(cls, *layers: dict):
+    """``cls`` built from its defaults updated by each of ``layers`` in turn (later wins).
+
+    Raises:
+        UserError: a name that is no field of ``cls`` (with the nearest names), or a value
+            out of range.
+    """
+    names = field_names(cls)
+    values = {}
+    for layer in layers:
+        for name, value in (layer or {}).items():
+            if name not in names:
+                close = difflib.get_close_matches(name, names, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise UserError(f"{cls.__name__} has no option {name!r}{hint}")
+            values[name] = value
+    return cls(**values)
+
+
+def resolve_configs(backend: str, recommended: dict | None, options: dict) -> tuple[Stage1Config, TrainingConfig]:
+    """``(Stage1Config, <backend>Stage2Config)`` from the defaults, then a model's recommended
+    values (``adapt_defaults``), then ``options`` (the caller's, each a field of one of the two).
+
+    Raises:
+        UserError: an option that is no field of either config (with the nearest names),
+            or a value out of range.
+    """
+    stage2_cls = STAGE2_CONFIGS[backend]
+    s1, s2 = set(field_names(Stage1Config)), set(field_names(stage2_cls))
+    unknown = [k for k in options if k not in s1 | s2]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(s1 | s2), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UserError(f"unknown adapt option {unknown[0]!r} for the {backend} backend{hint}")
+    unknown = [k for k in (recommended or {}) if k not in s1 | s2]
+    if unknown:  # a model folder's adapt_defaults with a misspelt or other-backend name
+        raise UserError(f"the model's adapt_defaults name {unknown[0]!r}, no option of the {backend} backend")
+    part = lambda values, names: {k: v for k, v in values.items() if k in names}  # noqa: E731
+    recommended = recommended or {}
+    return (make_config(Stage1Config, part(recommended, s1), part(options, s1)),
+            make_config(stage2_cls, part(recommended, s2), part(options, s2)))
+
+
+def as_dict(config) -> dict:
+    """The config as a JSON-able dict (``run_config.json``, checkpoints)."""
+    return dataclasses.asdict(config)
+
+
+@dataclass
+class AdaptArguments:
+    """What an adaptation run reads and writes (``ipl adapt``, ``examples/train_ipl_diffae.py``);
+    the method's options are the Stage-1 / Stage-2 configs."""
+
+    _argument_group_name = "model, data and output"
+
+    target: str = field(metadata={"help": 'target domain label, e.g. "sketch" or "Wall painting"'})
+    source: Optional[str] = option(None, "source domain label (default: the model's, else 'Photo')")
+    model: Optional[str] = option(None, "source pipeline folder or Hub id (default: the embedded Shapes model of --backend)")
+    backend: Literal["diffae", "stylegan2"] = option("diffae", "generator family (detected from a local --model folder)")
+    images: Optional[str] = option(None, "DiffAE: folder of source-domain images (default: sampled, or rendered for the Shapes model)")
+    stage1_images: Optional[str] = option(None, "DiffAE: folder of images for Stage 1's pool (default: as --images); give thousands")
+    output_dir: Optional[str] = option(None, "output folder (default: ./ipl-<target>)")
+    overwrite: bool = option(False, "replace the result of an earlier run in --output_dir (without it such a folder is refused)")
+    resume_from_checkpoint: Optional[str] = option(None, "'latest' or a checkpoint folder in OUTPUT/checkpoints")
+    device: Optional[str] = option(None, "torch device, e.g. cuda or cpu (default: cuda if available)")
+
+
+def adapt_option_classes() -> list:
+    """The dataclasses whose fields are adaptation options, in ``--help`` order."""
+    return [Stage1Config, TrainingConfig, DiffAEStage2Config, GANStage2Config]
