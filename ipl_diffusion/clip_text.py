@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ipl_diffusion.errors import UserError
 from .clip_image import CLIPImageEncoder
 from .clip_loading import DEFAULT_CLIP_ID, check_tokenizer, load_clip_component
 from .templates import get_templates
@@ -204,7 +205,7 @@ class CLIPPromptEncoder:
             ValueError: not a non-blank string.
         """
         if not isinstance(context, str) or not context.strip():
-            raise ValueError(f"The context phrase must be a non-empty string like 'a photo of a', got {context!r}.")
+            raise UserError(f"The context phrase must be a non-empty string like 'a photo of a', got {context!r}.")
         return " ".join(context.split())
 
     def validate_label(self, label, n_ctx=0):
@@ -223,19 +224,19 @@ class CLIPPromptEncoder:
                 token counts).
         """
         if not isinstance(label, str):
-            raise ValueError(f"The domain label must be a string, got {type(label).__name__}: {label!r}.")
+            raise UserError(f"The domain label must be a string, got {type(label).__name__}: {label!r}.")
         cleaned = " ".join(label.split())
         if not cleaned:
-            raise ValueError(f"The domain label is empty or blank ({label!r}); give a text such as 'Wall painting'.")
+            raise UserError(f"The domain label is empty or blank ({label!r}); give a text such as 'Wall painting'.")
         ids = self.token_ids(cleaned)
         if not ids:
-            raise ValueError(f"The domain label {label!r} produces no tokens.")
+            raise UserError(f"The domain label {label!r} produces no tokens.")
         special = {self.eos_token_id, self.bos_token_id}
         if special & set(ids):
-            raise ValueError(f"The domain label {label!r} contains CLIP's start/end-of-text tokens.")
+            raise UserError(f"The domain label {label!r} contains CLIP's start/end-of-text tokens.")
         total = len(ids) + int(n_ctx) + 2
         if total > self.max_length:
-            raise ValueError(
+            raise UserError(
                 f"The domain label {label!r} is too long: {len(ids)} label tokens + {int(n_ctx)} context slots + "
                 f"SOS/EOS = {total} tokens, but the CLIP text model takes at most {self.max_length}. Use a "
                 f"shorter label (at most {self.max_length - 2 - int(n_ctx)} tokens here)."
@@ -258,7 +259,7 @@ class CLIPPromptEncoder:
         else:
             n_ctx = int(context)
             if n_ctx < 0:
-                raise ValueError(f"n_ctx must be >= 0, got {context}.")
+                raise UserError(f"n_ctx must be >= 0, got {context}.")
             # Placeholders are overwritten before the encoder sees them; SOS is a safe id (never EOT).
             ctx_ids = [self.bos_token_id] * n_ctx
         label = self.validate_label(label, n_ctx=len(ctx_ids))

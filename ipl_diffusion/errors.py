@@ -6,12 +6,22 @@ checkpoint, images in the wrong range, a misspelt model-config key, ...). The ``
 line prints it as one line (``ipl <command>: error: <message>``) with exit status 2.
 
 It subclasses ``ValueError`` so that code written against the library's earlier, documented
-``ValueError`` keeps catching it.
+``ValueError`` keeps catching it. Its two subclasses below do the same for the library's
+earlier ``FileNotFoundError`` (a path the user gave does not exist) and ``FileExistsError`` (an
+output the user named already holds a result): they are both a ``UserError`` and the builtin.
 """
 
-__all__ = ["UserError"]
+__all__ = ["UserError", "UserFileExistsError", "UserFileNotFoundError"]
 
 
 class UserError(ValueError):
     """A problem with the caller's input or environment, described in one line (what was
     wrong, and what to do instead)."""
+
+
+class UserFileNotFoundError(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist (or is not what was asked for)."""
+
+
+class UserFileExistsError(UserError, FileExistsError):
+    """An output the user named already holds something this run would replace."""

@@ -18,6 +18,8 @@ import json
 import math
 from pathlib import Path
 
+from ipl_diffusion.errors import UserError
+
 DESCRIPTION = __doc__.split("\n\n", 1)[1]
 
 EPILOG = """examples:
@@ -253,7 +255,7 @@ def _check_backend(backend, folder):
 
     found = pipeline_family(folder)
     if found is not None and found[1] != backend:
-        raise ValueError(f"--model {folder} is {found[0]} folder; use --backend {found[1]}")
+        raise UserError(f"--model {folder} is {found[0]} folder; use --backend {found[1]}")
 
 def shapes_source_images(pipe, num_images, seed, stage1_num_images=None):
     """The embedded Shapes DiffAE's inputs: rendered photos (its latent net, trained for
@@ -297,12 +299,12 @@ def run(args) -> int:
 def _check_inputs(args, output):
     """Checks a user can fail, made before any model is loaded or encoded."""
     if output.exists() and not output.is_dir():
-        raise ValueError(f"--output {output} is an existing file; give a folder")
+        raise UserError(f"--output {output} is an existing file; give a folder")
     if args.num_images is not None and args.num_images < 2:
-        raise ValueError(f"--num-images must be >= 2 (the contrastive loss needs pairs), got {args.num_images}")
+        raise UserError(f"--num-images must be >= 2 (the contrastive loss needs pairs), got {args.num_images}")
     if args.images is not None and output.resolve() == Path(args.images).resolve():
         # The run writes before_after.png, pipeline/ ... there, over the user's images.
-        raise ValueError(f"--output {output} is the --images folder; give a separate output folder")
+        raise UserError(f"--output {output} is the --images folder; give a separate output folder")
     if args.images is not None and not Path(args.images).is_file():
         from ipl_diffusion.images import list_image_files
 

@@ -59,10 +59,11 @@ GRID_NAME = "samples_grid.png"
 
 
 def run(args) -> int:
+    from ipl_diffusion.errors import UserError
     from ipl_diffusion.outputs import check_writable, output_lock, refuse_earlier_result
 
     if args.num_images < 1:
-        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+        raise UserError(f"--num-images must be >= 1, got {args.num_images}")
     output = Path(args.output)
     names = [f"sample_{i:04d}.png" for i in range(args.num_images)] + [GRID_NAME]
     check_writable(output, "--output")  # all before the model loads

@@ -13,6 +13,7 @@ package ships small models trained on a synthetic world with known ground-truth 
 
 from pathlib import Path
 
+from ipl_diffusion.errors import UserError, UserFileNotFoundError
 from .renderer import (
     BACKGROUNDS,
     COLORS,
@@ -58,10 +59,10 @@ def default_model_path(backend="diffae"):
     """
     key = str(backend).strip().lower()
     if key not in _MODEL_FOLDERS:
-        raise ValueError(f"Unknown Shapes model {backend!r}; known: {', '.join(_MODEL_FOLDERS)}.")
+        raise UserError(f"Unknown Shapes model {backend!r}; known: {', '.join(_MODEL_FOLDERS)}.")
     path = MODELS_DIR / _MODEL_FOLDERS[key]
     if not path.is_dir() or not any(path.glob("*.json")):
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"The shipped Shapes model {key!r} is missing: expected a saved folder at {path}. "
             f"It is produced by {_TRAINING_SCRIPTS[key]}."
         )
@@ -95,10 +96,10 @@ def check_domain(label):
         ValueError: empty label or a label the Shapes CLIP was not trained on.
     """
     if label is None or not str(label).strip():
-        raise ValueError(f"Empty domain label; the Shapes CLIP knows: {', '.join(known_domains())}.")
+        raise UserError(f"Empty domain label; the Shapes CLIP knows: {', '.join(known_domains())}.")
     key = " ".join(str(label).strip().lower().replace("_", " ").replace("-", " ").split())
     if key not in STYLES:
-        raise ValueError(
+        raise UserError(
             f"The Shapes CLIP was not trained on the domain {label!r}; known domains: "
             f"{', '.join(known_domains())}. Use one of them, or pass a real CLIP model "
             "(e.g. openai/clip-vit-base-patch32) for open-vocabulary labels."
