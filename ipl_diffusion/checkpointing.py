@@ -22,6 +22,9 @@ damaged weights. Checkpoints written before digests were recorded load unchecked
 Models are passed *unwrapped* (``accelerator.unwrap_model(model)``) so the keys never carry
 a DDP ``module.`` prefix, and only the main process calls :func:`save_checkpoint`.
 
+:class:`ResumableRun` wraps both for a training loop: it resumes on construction and
+checkpoints with the step and the wall time spent so far.
+
 Atomicity: everything is written into a hidden temporary folder beside the target, flushed
 to disk, then moved into place with ``os.replace`` -- a run killed mid-write leaves either
 the previous checkpoints or a ``.tmp-*`` folder that :func:`list_checkpoints` ignores, never
@@ -36,6 +39,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Mapping
 
@@ -397,3 +401,80 @@ def refuse_foreign_checkpoints(output_dir: str | os.PathLike) -> None:
             f"{output_dir} already holds checkpoints of an earlier run ({found[-1].name}); resume it with "
             "resume_from_checkpoint='latest' (CLI: --resume-from-checkpoint latest) or choose a new output folder"
         )
+
+
+# ------------------------------------------------------------------- a resumable loop
+
+
+class ResumableRun:
+    """Step counter, wall clock and checkpoints of one training loop writing into ``folder``.
+
+    The one resume helper of the training scripts (``examples/shapes/train_*.py``). On
+    construction it resumes from ``resume_from_checkpoint`` -- ``"latest"`` (the newest
+    checkpoint in ``folder``, or a fresh start when there is none), a checkpoint folder or name,
+    or ``None`` / ``"none"`` for a fresh start: the models, optimizers and generators come back
+    in place (:func:`load_checkpoint`), and so do the step and the wall time already spent,
+    which every checkpoint carries as ``config["elapsed_seconds"]``.
+
+    Args:
+        folder: where ``checkpoint-<step>`` folders are written and looked for.
+        models / optimizers / generators: as :func:`save_checkpoint` takes them.
+        config: the run's options (JSON-serialisable), saved with every checkpoint.
+        resume_from_checkpoint: see above.
+        name: what is resumed, for the message printed on resume (e.g. ``"the gan phase"``:
+            ``resumed the gan phase from <checkpoint> at step <n>``).
+        keep: checkpoints kept in ``folder`` (the newest ones).
+
+    Attributes:
+        step: the number of steps done, counting resumed ones; the loop increments it.
+        resumed_from: the checkpoint folder resumed from, or ``None``.
+        saved_config: the resumed checkpoint's ``config`` (``None`` on a fresh start).
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        models: Mapping[str, torch.nn.Module],
+        optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
+        generators: Mapping[str, torch.Generator] | None = None,
+        config: Mapping | None = None,
+        resume_from_checkpoint: str | os.PathLike | None = "latest",
+        name: str | None = None,
+        keep: int = 2,
+    ):
+        self.folder, self.models, self.optimizers, self.generators = Path(folder), models, optimizers, generators
+        self.config, self.keep = dict(config or {}), keep
+        self.step, self.elapsed_before, self.saved_config = 0, 0.0, None
+        if resume_from_checkpoint is not None and str(resume_from_checkpoint) == "none":
+            resume_from_checkpoint = None
+        self.resumed_from = resolve_checkpoint(self.folder, resume_from_checkpoint)
+        if self.resumed_from is not None:
+            self.step, self.saved_config = load_checkpoint(self.resumed_from, models, optimizers, generators)
+            self.elapsed_before = float(self.saved_config.get("elapsed_seconds", 0.0))
+            print(f"resumed {name + ' ' if name else ''}from {self.resumed_from} at step {self.step}")
+        self.t0 = time.time()
+
+    @property
+    def resumed(self) -> bool:
+        return self.resumed_from is not None
+
+    def minutes(self) -> float:
+        """Wall minutes of this process (what a ``--max_minutes`` limit bounds)."""
+        return (time.time() - self.t0) / 60
+
+    def running(self, max_steps: int, max_minutes: float | None = None) -> bool:
+        """Whether the loop goes on: fewer than ``max_steps`` steps done, and this process has run
+        for less than ``max_minutes`` (None: no limit)."""
+        return self.step < max_steps and (max_minutes is None or self.minutes() < max_minutes)
+
+    def elapsed(self) -> float:
+        """Wall seconds of the run so far, over every process that resumed it."""
+        return self.elapsed_before + time.time() - self.t0
+
+    def save(self) -> float:
+        """Checkpoint at the current step (atomic; the newest ``keep`` are kept); returns
+        :meth:`elapsed` as saved in it."""
+        elapsed = self.elapsed()
+        config = dict(self.config, elapsed_seconds=elapsed)
+        save_checkpoint(self.folder, self.step, self.models, self.optimizers, config, self.generators, keep=self.keep)
+        return elapsed

@@ -43,18 +43,6 @@ def add_parser(subparsers):
     return parser
 
 
-def grid_of(images, columns=8):
-    from PIL import Image
-
-    columns = min(columns, len(images))
-    rows = -(-len(images) // columns)
-    width, height = images[0].size
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for i, image in enumerate(images):
-        grid.paste(image.convert("RGB"), ((i % columns) * width, (i // columns) * height))
-    return grid
-
-
 GRID_NAME = "samples_grid.png"
 
 
@@ -94,9 +82,10 @@ def _sample(args):
 
 def _write(images, output: Path, names):
     """Each file atomically: a crash never leaves a half-written sample."""
+    from ipl_diffusion.grids import image_grid
     from ipl_diffusion.outputs import atomic_save_image
 
     output.mkdir(parents=True, exist_ok=True)
     for image, name in zip(images, names):
         atomic_save_image(image, output / name)
-    atomic_save_image(grid_of(images), output / names[-1])
+    atomic_save_image(image_grid(images, columns=8), output / names[-1])  # 8 to a row, seamless, full size

@@ -79,18 +79,6 @@ def load_inputs(files, size):
     return names, (torch.stack(tensors) if tensors else None), skipped
 
 
-def side_by_side(inputs, outputs):
-    """One grid image: a row per pair, input | translation (PIL images of one size)."""
-    from PIL import Image
-
-    width, height = outputs[0].size
-    grid = Image.new("RGB", (2 * width, height * len(inputs)), "white")
-    for row, (before, after) in enumerate(zip(inputs, outputs)):
-        grid.paste(before.convert("RGB"), (0, row * height))
-        grid.paste(after.convert("RGB"), (width, row * height))
-    return grid
-
-
 def _save(image, target: Path) -> Path:
     """Save atomically (never a half-written file under a user's name); a format PIL reads
     but cannot write falls back to PNG."""
@@ -115,6 +103,7 @@ def _translate(args, source: Path, output: Path) -> int:
     import torch
 
     from ipl_diffusion.cli.adapt import detect_backend, load_pipeline
+    from ipl_diffusion.grids import labelled_grid
     from ipl_diffusion.images import to_pil
     from ipl_diffusion.outputs import atomic_save_image
 
@@ -159,7 +148,9 @@ def _translate(args, source: Path, output: Path) -> int:
             raise UserError(f"refusing to overwrite input {target}")
         _save(image, target)
     (output / GRID_NAME).parent.mkdir(exist_ok=True)
-    atomic_save_image(side_by_side(to_pil(images), results), output / GRID_NAME)
+    # A row per pair, input | translation, seamless at the model's resolution.
+    pairs = [[before, after] for before, after in zip(to_pil(images), results)]
+    atomic_save_image(labelled_grid(pairs, min_tile=0, margin=0), output / GRID_NAME)
     print(f"translated {len(results)} image(s) into {output} (grid: {output / GRID_NAME})")
     if skipped:
         print(f"skipped {len(skipped)} unreadable file(s): {', '.join(n for n, _ in skipped)}")
