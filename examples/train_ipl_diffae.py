@@ -123,7 +123,7 @@ def train(args):
     pipe = IPLPipeline.from_pretrained(str(model)).to(accelerator.device)
     pipe.set_progress_bar_config(disable=not accelerator.is_local_main_process)
     if args.enable_xformers_memory_efficient_attention:
-        # On machines where xformers cannot run the models warn once and keep SDPA (case C6).
+        # On machines where xformers cannot run the models warn once and keep SDPA.
         pipe.source_unet.enable_xformers_memory_efficient_attention()
         pipe.semantic_encoder.enable_xformers_memory_efficient_attention()
 

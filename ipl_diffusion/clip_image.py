@@ -149,7 +149,7 @@ class CLIPImageEncoder:
 
         Raises:
             FileNotFoundError: a component is missing (offline: immediately); the message says
-                which one and how to pass a local path (case C8).
+                which one and how to pass a local path.
         """
         from transformers import CLIPImageProcessorPil, CLIPModel
 

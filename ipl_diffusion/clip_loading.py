@@ -1,7 +1,7 @@
 """Loading CLIP components (model, tokenizer, image processor) from the Hub or a local folder.
 
 One concern only: turn the many ways a download can fail into one clear error that names the
-component and tells the user how to supply a local copy (regression case C8). Two pitfalls of
+component and tells the user how to supply a local copy. Two pitfalls of
 the pinned stack make this necessary:
 
 * ``huggingface_hub`` reads ``HF_HUB_OFFLINE`` once, at import. If the variable is set later

@@ -9,7 +9,7 @@ A prompt matrix ``M = [V]_1 .. [V]_m [Y]`` (Eq. 1) enters CLIP as the token-embe
 added on top as for ordinary tokens. The sequence then goes through CLIP's causal encoder, the
 final layer norm, is pooled at the EOT position and projected with ``text_projection``.
 
-transformers 5 notes (see ``diffusers-stack-probe.md`` §2): ``CLIPTextModel.forward`` rejects
+transformers 5 notes: ``CLIPTextModel.forward`` rejects
 ``inputs_embeds``, so we call its sub-modules ourselves: ``embeddings(inputs_embeds=...)`` →
 ``create_causal_mask`` → ``encoder(..., is_causal=True)`` (without the causal flag attention is
 silently bidirectional) → ``final_layer_norm`` → gather → ``text_projection``. On plain token
@@ -17,16 +17,18 @@ ids this is bit-identical to ``CLIPModel.get_text_features``.
 
 EOT pooling uses the **first position equal to the EOT id** (the tokenizer's ``eos_token_id``),
 never ``argmax(input_ids)``: a token added after EOT has a larger id and would win the argmax
-(case C2; OpenAI's original code and legacy HF configs with ``eos_token_id == 2`` do that).
+(OpenAI's original code and legacy HF configs with ``eos_token_id == 2`` do that;
+``tests/test_clip_text.py`` adds such a token).
 A row with no EOT is a ``ValueError``.
 
 Context lengths are counted in **BPE tokens**, not words: the released code splits
 ``ctx_init`` on spaces, so "an ukiyo-e painting of" (4 words, more tokens) leaves context
-tokens in the suffix (case C1).
+tokens in the suffix (``tests/tiny_clip.py`` builds a tokenizer where the two counts differ).
 
 *Anchor addition* (compat option, off by default): the released IPL code adds an ordinary,
 unnormalised, detached text embedding to the prompt features before normalising
-(``normalize(E_T(M) + E_T(anchor))``; ``upstream-ipl-nada-facts.md`` §1.4 item 7). In Stage 1
+(``normalize(E_T(M) + E_T(anchor))``; the code of
+https://github.com/Picsart-AI-Research/IPL-Zero-Shot-Generative-Model-Adaptation). In Stage 1
 the anchor text is ``"<context phrase> <label>."``; its Stage 2 passes the bare context phrase
 ``"a photo of a"`` for both domains. ``anchor_template`` reproduces either
 (``"{context} {label}."`` / ``"{context}"``). The paper (Eq. 3, 5, 8) has no anchor.
@@ -448,7 +450,7 @@ class CLIPPromptEncoder:
         Raises:
             FileNotFoundError: a component is missing; offline (``HF_HUB_OFFLINE=1``) this is
                 immediate, with no network wait. The message names the component and how to pass
-                a local folder (case C8).
+                a local folder.
         """
         from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 

@@ -16,7 +16,7 @@ Conventions
 * A *plan* is a list of ``(model_t, from_level, to_level)``: evaluate eps at ``model_t`` on ``x``
   at ``from_level`` and move ``x`` to ``to_level`` with :func:`ddim_step`. :func:`decode_plan`
   and :func:`inversion_plan` build them; the loops just run them, so the bookkeeping can be
-  tested on its own (case C5).
+  tested on its own (``tests/test_ddim.py``).
 
 DDIM update (eta = 0; Song et al. 2021, Eq. 12)::
 
@@ -39,7 +39,7 @@ Inversion (``x0 -> x_t``), two variants evaluating the network at the same times
 * ``variant="mirror"`` (default): step k moves ``t_{k-1} -> t_k`` (``-1 -> t_0`` first), i.e. it
   is the algebraic inverse of decoding step k given the same eps; ``x_T`` ends at the level the
   decoder starts from. This makes ``decode(invert(x0))`` exact whenever eps does not depend on
-  ``x`` (case C4) and first-order accurate otherwise. It matches diffusers'
+  ``x`` (``tests/test_ddim.py`` checks both) and first-order accurate otherwise. It matches diffusers'
   ``DDIMInverseScheduler`` bookkeeping but additionally applies the scheduler's x0 clipping with
   eps re-derived, as upstream does.
 * ``variant="diffae"``: upstream DiffAE's ``ddim_reverse_sample_loop`` step for step (upstream

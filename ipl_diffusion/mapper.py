@@ -1,8 +1,9 @@
 """The latent mapper ``F(w, θ)`` of IPL (Eq. 2): a latent code -> ``m`` image-specific prompt vectors.
 
 The paper calls ``F`` "a common four-layer fully-connected network" (§3.1). The released code
-(``mapper/latent_mappers.py``; ``upstream-ipl-nada-facts.md`` §1.3) makes that precise, and we
-follow it:
+(``mapper/latent_mappers.py`` of
+https://github.com/Picsart-AI-Research/IPL-Zero-Shot-Generative-Model-Adaptation) makes that precise,
+and we follow it:
 
 * ``PixelNorm`` on the input (``x / sqrt(mean(x²) + 1e-8)``), no other normalisation;
 * 4 *equalised-learning-rate* linear layers ``latent_dim → 512 → 512 → 512 → n_ctx·ctx_dim``

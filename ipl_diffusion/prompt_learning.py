@@ -277,7 +277,7 @@ def _write_history(history, path):
 
 
 def _resolve_n_ctx(encoder, n_ctx, context):
-    """Context slots are counted in BPE tokens (case C1): a phrase sets ``n_ctx`` to its token count."""
+    """Context slots are counted in BPE tokens, not words: a phrase sets ``n_ctx`` to its token count."""
     if context is not None:
         return encoder.count_tokens(encoder.validate_context(context))
     if int(n_ctx) < 1:

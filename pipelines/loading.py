@@ -2,7 +2,7 @@
 
 diffusers' ``DiffusionPipeline.from_pretrained`` reports a missing component sub-folder deep
 inside loading, and with ``HF_HUB_OFFLINE=1`` set after ``huggingface_hub`` was imported it
-still tries the network. Our pipelines check first and fail at once (cases C7, C8).
+still tries the network. Our pipelines check first and fail at once.
 
 A Hub id is fetched with ``huggingface_hub.snapshot_download`` and then loaded as a local
 folder: diffusers' own download step would treat the code files of

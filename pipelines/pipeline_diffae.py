@@ -142,7 +142,7 @@ class DiffAEPipelineOutput(BaseOutput):
 
 
 class XFormersFallbackPipelineMixin:
-    """``enable_xformers_memory_efficient_attention()`` that degrades gracefully (case C6).
+    """``enable_xformers_memory_efficient_attention()`` that degrades gracefully (warns once, keeps SDPA).
 
     diffusers' pipeline version walks into every component and raises where xformers cannot
     run (no package, no CUDA). Pipelines of DiffAE models instead warn once for the whole

@@ -454,7 +454,8 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
 
         Raises:
             ValueError: bad labels (empty, too long, unknown to a Shapes CLIP), bad options,
-                or a non-finite loss; FileNotFoundError: a missing / empty image folder.
+                or a non-finite Stage-2 loss; FileNotFoundError: a missing / empty image folder;
+                FloatingPointError: a non-finite Stage-1 loss (the message names the term).
             UserError (a ``ValueError``): half-precision weights on a CPU, an ``output_dir``
                 that is not writable or is in use by another run, a damaged checkpoint.
         """

@@ -430,7 +430,7 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, Diffusion
             seed) and the run's options in ``config.adaptation``. ``self`` is unchanged.
         Raises:
             ValueError: no CLIP components, bad labels or options, fp16 without a GPU, a
-                non-finite loss.
+                non-finite Stage-2 loss. FloatingPointError: a non-finite Stage-1 loss.
             UserError (a ``ValueError``): half-precision weights on a CPU, an ``output_dir``
                 that is not writable or is in use by another run, a damaged checkpoint.
         """

@@ -5,7 +5,7 @@ image ``x_i`` gets its own text direction ``ΔT_i = E_T([V_i] target) - E_T([V_i
 from the prompt vectors ``V_i`` that the latent mapper (Stage 1, Eq. 6) produced for it, and
 the generator is trained so that the CLIP image direction ``ΔI_i`` between the source and
 the adapted image follows ``ΔT_i``. The released code does this for StyleGAN2 only; on a
-diffusion model we follow DiffusionCLIP (Kim et al. 2022, facts §4):
+diffusion model we follow DiffusionCLIP (Kim et al. 2022, https://github.com/gwang-kim/DiffusionCLIP):
 
 1. the source images are encoded once -- ``z_sem`` by the semantic encoder, ``x_{t0}`` by
    deterministic DDIM inversion with the *source* UNet up to ``t0`` (not the full T: ``t0``
@@ -161,7 +161,7 @@ def check_t0(t0: int, scheduler) -> int:
 
 def invert_to_t0(unet, x0, z_sem, scheduler, t0, num_steps, progress_bar=None):
     """``x0 -> x_{t0}``: DiffusionCLIP's deterministic inversion (``num_steps - 1`` steps over
-    ``linspace(0, t0, num_steps)``, eps at the *source* timestep, no clipping) -- facts §4.3."""
+    ``linspace(0, t0, num_steps)``, eps at the *source* timestep, no clipping)."""
     return ddim.ddim_invert(
         unet, x0, z_sem, scheduler, num_steps, end_timestep=t0, variant="diffae", clip_sample=False,
         progress_bar=progress_bar,

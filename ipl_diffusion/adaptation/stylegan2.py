@@ -1,6 +1,6 @@
 """GAN-IPL: IPL's Stage 2 (Eq. 7-9) on StyleGAN2, with StyleGAN-NADA's layer freezing.
 
-Set-up (IPL ``train.py`` / NADA ``ZSSGAN.py``, facts §1.5-1.7): a frozen *source* generator
+Set-up (IPL's ``train.py`` / ``model/ZSSGAN.py``, from StyleGAN-NADA): a frozen *source* generator
 ``G_s`` and a trainable *target* generator ``G_t`` start from the same weights. Each
 iteration samples ``z``, maps it with the frozen mapping network to ``w`` (no truncation),
 asks the latent mapper for that ``w``'s source / target prompt features (Stage 1's product,
@@ -116,7 +116,7 @@ ImageFeatures = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass
 class GANStage2Config:
-    """Hyper-parameters of GAN-IPL's Stage 2 (defaults: IPL README / NADA, facts §1.2, §1.5).
+    """Hyper-parameters of GAN-IPL's Stage 2 (defaults: IPL's README and ``options/train_options.py``).
 
     iterations, batch_size: Stage 2 iterations, each on ``batch_size`` latents per process
         (IPL: 300, 2).
@@ -768,7 +768,8 @@ def adapt_stylegan2(
     negatives from the whole batch, so shares would have to exchange features every step.
 
     Raises:
-        ValueError: bad labels or options, fp16 without a GPU, a non-finite loss.
+        ValueError: bad labels or options, fp16 without a GPU, a non-finite Stage-2 loss.
+        FloatingPointError: a non-finite Stage-1 loss (prompt learning names the term).
     """
     from transformers import CLIPImageProcessorPil
 

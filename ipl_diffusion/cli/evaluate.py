@@ -179,7 +179,7 @@ def run(args) -> int:
                 raise UserError(f"--{flag} {target} is a folder; give a file name")
             check_writable(Path(target).resolve().parent, f"--{flag} {target}: its folder")
 
-    # 1. Every folder is listed and paired before any network is built (case C7).
+    # 1. Every folder is listed and paired before any network is built: a bad path fails in a second.
     adapted_files = _image_files(args.adapted, "--adapted")
     source_files = None
     if args.source:

@@ -3,7 +3,8 @@
 Every metric network (Inception-v3, HED, ArcFace IR-SE50, the LPIPS backbone and its linear
 layers) is given explicitly by the user. Nothing is downloaded behind their back: the
 reference implementations fetch weights from dead or rate-limited links at construction time
-(case C8), which is exactly what this module refuses to do.
+(and an offline machine then waits on the network), which is exactly what this module refuses
+to do.
 
 A *weights source* is one of
 
