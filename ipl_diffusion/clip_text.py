@@ -152,7 +152,7 @@ class CLIPPromptEncoder:
         vocab = self.text_model.embeddings.token_embedding.num_embeddings
         for name, value in (("eos", self.eos_token_id), ("bos", self.bos_token_id)):
             if not 0 <= value < vocab:
-                raise ValueError(
+                raise UserError(
                     f"The tokenizer's {name} id {value} is outside the text model's vocabulary ({vocab}); the "
                     "tokenizer and CLIP model do not belong together."
                 )

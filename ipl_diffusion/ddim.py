@@ -64,6 +64,8 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ipl_diffusion.errors import UserError
+
 __all__ = [
     "alpha_at",
     "ddim_step",
@@ -163,7 +165,7 @@ def diffae_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000) 
     for stride in range(1, num_train_timesteps):
         if len(range(0, num_train_timesteps, stride)) == num_inference_steps:
             return list(range(0, num_train_timesteps, stride))[::-1]
-    raise ValueError(
+    raise UserError(
         f"DiffAE's 'ddim{num_inference_steps}' spacing does not exist for {num_train_timesteps} training steps"
     )
 
@@ -186,16 +188,16 @@ def ddim_timesteps(
     """
     num_train = _num_train_timesteps(scheduler)
     if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive integer; got {num_inference_steps!r}")
+        raise UserError(f"num_inference_steps must be a positive integer; got {num_inference_steps!r}")
     if max_timestep is None:
         copy = type(scheduler).from_config(scheduler.config)
         copy.set_timesteps(int(num_inference_steps))
         grid = [int(t) for t in copy.timesteps]
     else:
         if not 0 <= int(max_timestep) < num_train:
-            raise ValueError(f"the intermediate timestep must lie in [0, {num_train - 1}]; got {max_timestep}")
+            raise UserError(f"the intermediate timestep must lie in [0, {num_train - 1}]; got {max_timestep}")
         if num_inference_steps > int(max_timestep) + 1:
-            raise ValueError(
+            raise UserError(
                 f"{num_inference_steps} steps do not fit below timestep {max_timestep}: "
                 f"use at most {int(max_timestep) + 1} steps"
             )
@@ -258,7 +260,7 @@ def prediction_type(scheduler) -> str:
     """
     kind = getattr(scheduler.config, "prediction_type", "epsilon") if scheduler is not None else "epsilon"
     if kind not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; the scheduler says {kind!r}")
+        raise UserError(f"prediction_type must be one of {PREDICTION_TYPES}; the scheduler says {kind!r}")
     return kind
 
 
