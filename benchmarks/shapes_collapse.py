@@ -64,6 +64,7 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
 from ipl_diffusion.shapes import COLORS, SHAPES, STYLES, ShapesRenderer, default_model_path  # noqa: E402
 from ipl_diffusion.shapes.oracle import label_entropy as entropy  # noqa: E402
 from ipl_diffusion.clip_text import CLIPPromptEncoder  # noqa: E402
+from ipl_diffusion.grids import labelled_grid  # noqa: E402
 from ipl_diffusion.metrics import FeatureDistance, clip_directional_similarity, clip_encoders  # noqa: E402
 from ipl_diffusion.metrics import mean_pairwise_distance as metrics_mean_pairwise_distance  # noqa: E402
 from ipl_diffusion.shapes.oracle import ShapesOracle  # noqa: E402
@@ -103,7 +104,7 @@ def parse_args(argv=None):
     p.add_argument("--stage1_images", type=int, default=None, help="diffae Stage-1 pool (default: the shipped stage1_num_images)")
     p.add_argument("--eval_images", type=int, default=32)
     # Every adaptation option below defaults to None: the shipped folder's recorded
-    # adapt_defaults, i.e. what `ipl adapt` runs (ipl_diffusion.shapes.adapt_defaults.SHAPES_*).
+    # adapt_defaults, i.e. what `ipl adapt` runs (ipl_diffusion.shapes.SHAPES_*).
     p.add_argument("--stage1_iterations", type=int, default=None)
     p.add_argument("--iterations", type=int, default=None, help="diffae Stage 2 iterations")
     p.add_argument("--batch_size", type=int, default=None)
@@ -201,9 +202,9 @@ def translate(pipe, images, args):
 
 def shapes_training_images(pipe, args, seed):
     """diffae: the Stage-2 photos and the Stage-1 pool ``ipl adapt`` renders for ``seed``
-    (ipl_diffusion.shapes.adapt_defaults.shapes_source_images), with --train_images / --stage1_images
+    (ipl_diffusion.shapes.shapes_source_images), with --train_images / --stage1_images
     overriding the shipped counts."""
-    from ipl_diffusion.shapes.adapt_defaults import shapes_source_images
+    from ipl_diffusion.shapes import shapes_source_images
 
     inputs = shapes_source_images(pipe, args.train_images, seed, args.stage1_images)
     return inputs["images"], inputs["stage1_images"]
@@ -350,15 +351,6 @@ def bar_plot(path, title, groups, labels, values, errors):
     img.save(path)
 
 
-def image_grid(rows, path, scale=3):
-    from PIL import Image
-
-    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)
-    array = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    image = Image.fromarray(array)
-    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
-
-
 # ------------------------------------------------------------------------------ main
 
 
@@ -461,7 +453,9 @@ def main(argv=None):
         for target, per_scheme in grids.items():
             rows = [arm.eval_x[:12]] + ([arm.source_images[:12]] if backend == "diffae" else [])
             rows += [per_scheme[s] for s in args.schemes if s in per_scheme]
-            image_grid(rows, out / "grids" / f"{backend}_{target.replace(' ', '_')}.png")
+            # seamless, tiles upscaled 3x (nearest)
+            grid = labelled_grid(rows, min_tile=3 * rows[0].shape[-1], margin=0)
+            grid.save(out / "grids" / f"{backend}_{target.replace(' ', '_')}.png")
         del arm
     handle.close()
 

@@ -11,7 +11,7 @@
   ``ipl adapt --backend stylegan2``.
 
 Both record the domains the Shapes CLIP knows (``adapt`` refuses other labels) and the
-CPU-sized ``adapt`` defaults of ``ipl_diffusion.shapes.adapt_defaults``. No weights are changed; the
+CPU-sized ``adapt`` defaults of :mod:`ipl_diffusion.shapes`. No weights are changed; the
 training run's ``training_record.json`` and ``samples.png`` are copied alongside.
 
     python examples/assemble_shapes_ipl.py                      # runs/shapes_diffae_out -> diffae-ipl/
@@ -22,8 +22,14 @@ import argparse
 import shutil
 from pathlib import Path
 
-from ipl_diffusion.shapes.adapt_defaults import SHAPES_ADAPT_DEFAULTS, SHAPES_GAN_ADAPT_DEFAULTS  # recorded in the folder
-from ipl_diffusion.shapes import MODELS_DIR, SOURCE_STYLE, default_model_path, known_domains
+from ipl_diffusion.shapes import (  # the SHAPES_* defaults are recorded in the folder
+    MODELS_DIR,
+    SHAPES_ADAPT_DEFAULTS,
+    SHAPES_GAN_ADAPT_DEFAULTS,
+    SOURCE_STYLE,
+    default_model_path,
+    known_domains,
+)
 
 TRAINED = {"diffae": "runs/shapes_diffae_out", "stylegan2": "runs/shapes_stylegan2_out"}
 SHIPPED = {"diffae": MODELS_DIR / "diffae-ipl", "stylegan2": MODELS_DIR / "stylegan2"}

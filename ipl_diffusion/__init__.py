@@ -1,8 +1,8 @@
 """ipl-diffusion: zero-shot generative model adaptation with Image-specific Prompt Learning.
 
 Public names are imported lazily so that ``import ipl_diffusion`` stays cheap and the
-pipelines (``ipl_diffusion.pipelines``, whose files the design card keeps in the repository's
-top-level ``pipelines/`` folder; ``ipl_diffusion/pipelines`` links to it) never form an
+pipelines (``ipl_diffusion.pipelines``, whose files live in the repository's top-level
+``pipelines/`` folder; ``ipl_diffusion/pipelines`` links to it) never form an
 import cycle.
 """
 

@@ -22,6 +22,9 @@ damaged weights. Checkpoints written before digests were recorded load unchecked
 Models are passed *unwrapped* (``accelerator.unwrap_model(model)``) so the keys never carry
 a DDP ``module.`` prefix, and only the main process calls :func:`save_checkpoint`.
 
+:class:`ResumableRun` wraps both for a training loop: it resumes on construction and
+checkpoints with the step and the wall time spent so far.
+
 Atomicity: everything is written into a hidden temporary folder beside the target, flushed
 to disk, then moved into place with ``os.replace`` -- a run killed mid-write leaves either
 the previous checkpoints or a ``.tmp-*`` folder that :func:`list_checkpoints` ignores, never
@@ -36,6 +39,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Mapping
 
@@ -44,7 +48,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ipl_diffusion.errors import UserError
+from ipl_diffusion.errors import UserError, UserFileNotFoundError
 from ipl_diffusion.outputs import atomic_folder
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -159,7 +163,7 @@ def _restore_rng(tensors: dict, meta: dict, generators: Mapping[str, torch.Gener
     for name, generator in (generators or {}).items():
         key = f"rng/generator/{name}"
         if key not in tensors:
-            raise KeyError(f"checkpoint has no state for generator {name!r}")
+            raise UserError(f"checkpoint has no state for generator {name!r}")
         generator.set_state(tensors[key])
 
 
@@ -216,7 +220,8 @@ def resolve_checkpoint(output_dir: str | os.PathLike, name: str | os.PathLike | 
 
     ``"latest"`` gives the newest complete checkpoint in ``output_dir`` or ``None`` when
     there is none (a fresh run). Anything else is a checkpoint folder, either a path or a
-    name inside ``output_dir``; a missing one raises ``FileNotFoundError``.
+    name inside ``output_dir``; a missing one raises ``UserFileNotFoundError`` (a
+    ``FileNotFoundError``) listing the available ones.
     """
     if name is None:
         return None
@@ -226,7 +231,7 @@ def resolve_checkpoint(output_dir: str | os.PathLike, name: str | os.PathLike | 
     for candidate in (Path(name), Path(output_dir) / str(name)):
         if (candidate / META_FILE).is_file() and (candidate / STATE_FILE).is_file():
             return candidate
-    raise FileNotFoundError(
+    raise UserFileNotFoundError(
         f"checkpoint {str(name)!r} not found (expected a folder with {STATE_FILE} and {META_FILE}, "
         f"or 'latest'); available: {[p.name for p in list_checkpoints(output_dir)] or 'none'}"
     )
@@ -297,23 +302,25 @@ def load_checkpoint(
 ) -> tuple[int, dict]:
     """Restore a checkpoint written by :func:`save_checkpoint`; returns ``(step, config)``.
 
-    Models are loaded strictly: a checkpoint from a different architecture raises
-    ``ValueError`` naming the missing / unexpected keys. A file that does not match the
+    Every refusal is a :class:`~ipl_diffusion.errors.UserError`: a folder that is not a
+    checkpoint (``UserFileNotFoundError``), an unreadable file, and (models are loaded
+    strictly) a checkpoint from a different architecture, named by its missing / unexpected
+    keys. A file that does not match the
     digest recorded at save time raises :class:`~ipl_diffusion.errors.UserError` naming it
     (:func:`verify_checkpoint`), before anything is restored. Tensors are moved to each
     module's / optimizer parameter's device by ``load_state_dict``.
     """
     path = Path(path)
     if not (path / META_FILE).is_file() or not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{path} is not a checkpoint folder (needs {STATE_FILE} and {META_FILE})")
+        raise UserFileNotFoundError(f"{path} is not a checkpoint folder (needs {STATE_FILE} and {META_FILE})")
     try:
         with open(path / META_FILE) as handle:
             meta = json.load(handle)
         if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"unsupported checkpoint format {meta.get('format_version')!r}")
+            raise ValueError(f"unsupported checkpoint format {meta.get('format_version')!r}")  # caught below
         tensors = load_file(str(path / STATE_FILE))
     except (ValueError, OSError, SafetensorError) as err:  # json's error is a ValueError
-        raise ValueError(
+        raise UserError(
             f"checkpoint {path} is unreadable ({err}); it was cut short or edited -- delete that folder "
             "to resume from the one before it"
         ) from None
@@ -322,16 +329,16 @@ def load_checkpoint(
         prefix = f"model/{name}/"
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         if not state:
-            raise ValueError(f"{path}: checkpoint has no weights for model {name!r}")
+            raise UserError(f"{path}: checkpoint has no weights for model {name!r}")
         result = module.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
-            raise ValueError(
+            raise UserError(
                 f"{path}: weights for {name!r} do not match the model: "
                 f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
             )
     for name, optimizer in (optimizers or {}).items():
         if name not in meta["optimizers"]:
-            raise ValueError(f"{path}: checkpoint has no state for optimizer {name!r}")
+            raise UserError(f"{path}: checkpoint has no state for optimizer {name!r}")
         optimizer.load_state_dict(_unflatten_optimizer(name, tensors, meta["optimizers"][name]))
     if restore_rng:
         _restore_rng(tensors, meta["rng"], generators)
@@ -348,7 +355,8 @@ def check_same_run(path: str | os.PathLike, saved: Mapping, current: Mapping) ->
     """Refuse to resume from a checkpoint written by a run with other settings.
 
     ``saved`` / ``current`` are the trainers' run configs (``source``, ``target``, ``stage1``,
-    ``stage2`` dicts). Raises ``ValueError`` naming the first option that differs.
+    ``stage2`` dicts). Raises :class:`~ipl_diffusion.errors.UserError` naming the first option
+    that differs.
     """
     for keys in _RUN_IDENTITY:
         old, new = saved, current
@@ -356,7 +364,7 @@ def check_same_run(path: str | os.PathLike, saved: Mapping, current: Mapping) ->
             old = old.get(key) if isinstance(old, Mapping) else None
             new = new.get(key) if isinstance(new, Mapping) else None
         if old is not None and new is not None and old != new:
-            raise ValueError(
+            raise UserError(
                 f"checkpoint {path} belongs to another run ({'.'.join(keys)} was {old!r} there, {new!r} now); "
                 "resume with the same options or write to a new output folder"
             )
@@ -367,7 +375,7 @@ def check_before_run(output_dir: str | os.PathLike, resume_from_checkpoint: str 
 
     A fresh run (``resume_from_checkpoint=None``) must not find an earlier run's checkpoints
     (:func:`refuse_foreign_checkpoints`); a resumed one must name a checkpoint that exists
-    (:func:`resolve_checkpoint`: ``FileNotFoundError`` listing the available ones) whose files
+    (:func:`resolve_checkpoint`: ``UserFileNotFoundError`` listing the available ones) whose files
     match their digests (:func:`verify_checkpoint`: ``UserError`` naming the file), so that a
     misspelt name or a damaged checkpoint fails in a second rather than after Stage 1 has
     rewritten its outputs.
@@ -385,11 +393,88 @@ def check_before_run(output_dir: str | os.PathLike, resume_from_checkpoint: str 
 
 
 def refuse_foreign_checkpoints(output_dir: str | os.PathLike) -> None:
-    """Before a fresh (not resumed) run: ``ValueError`` when ``output_dir`` already holds
+    """Before a fresh (not resumed) run: ``UserError`` when ``output_dir`` already holds
     checkpoints, which the new run's rotation would otherwise delete."""
     found = list_checkpoints(output_dir)
     if found:
-        raise ValueError(
+        raise UserError(
             f"{output_dir} already holds checkpoints of an earlier run ({found[-1].name}); resume it with "
             "resume_from_checkpoint='latest' (CLI: --resume-from-checkpoint latest) or choose a new output folder"
         )
+
+
+# ------------------------------------------------------------------- a resumable loop
+
+
+class ResumableRun:
+    """Step counter, wall clock and checkpoints of one training loop writing into ``folder``.
+
+    The one resume helper of the training scripts (``examples/shapes/train_*.py``). On
+    construction it resumes from ``resume_from_checkpoint`` -- ``"latest"`` (the newest
+    checkpoint in ``folder``, or a fresh start when there is none), a checkpoint folder or name,
+    or ``None`` / ``"none"`` for a fresh start: the models, optimizers and generators come back
+    in place (:func:`load_checkpoint`), and so do the step and the wall time already spent,
+    which every checkpoint carries as ``config["elapsed_seconds"]``.
+
+    Args:
+        folder: where ``checkpoint-<step>`` folders are written and looked for.
+        models / optimizers / generators: as :func:`save_checkpoint` takes them.
+        config: the run's options (JSON-serialisable), saved with every checkpoint.
+        resume_from_checkpoint: see above.
+        name: what is resumed, for the message printed on resume (e.g. ``"the gan phase"``:
+            ``resumed the gan phase from <checkpoint> at step <n>``).
+        keep: checkpoints kept in ``folder`` (the newest ones).
+
+    Attributes:
+        step: the number of steps done, counting resumed ones; the loop increments it.
+        resumed_from: the checkpoint folder resumed from, or ``None``.
+        saved_config: the resumed checkpoint's ``config`` (``None`` on a fresh start).
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        models: Mapping[str, torch.nn.Module],
+        optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
+        generators: Mapping[str, torch.Generator] | None = None,
+        config: Mapping | None = None,
+        resume_from_checkpoint: str | os.PathLike | None = "latest",
+        name: str | None = None,
+        keep: int = 2,
+    ):
+        self.folder, self.models, self.optimizers, self.generators = Path(folder), models, optimizers, generators
+        self.config, self.keep = dict(config or {}), keep
+        self.step, self.elapsed_before, self.saved_config = 0, 0.0, None
+        if resume_from_checkpoint is not None and str(resume_from_checkpoint) == "none":
+            resume_from_checkpoint = None
+        self.resumed_from = resolve_checkpoint(self.folder, resume_from_checkpoint)
+        if self.resumed_from is not None:
+            self.step, self.saved_config = load_checkpoint(self.resumed_from, models, optimizers, generators)
+            self.elapsed_before = float(self.saved_config.get("elapsed_seconds", 0.0))
+            print(f"resumed {name + ' ' if name else ''}from {self.resumed_from} at step {self.step}")
+        self.t0 = time.time()
+
+    @property
+    def resumed(self) -> bool:
+        return self.resumed_from is not None
+
+    def minutes(self) -> float:
+        """Wall minutes of this process (what a ``--max_minutes`` limit bounds)."""
+        return (time.time() - self.t0) / 60
+
+    def running(self, max_steps: int, max_minutes: float | None = None) -> bool:
+        """Whether the loop goes on: fewer than ``max_steps`` steps done, and this process has run
+        for less than ``max_minutes`` (None: no limit)."""
+        return self.step < max_steps and (max_minutes is None or self.minutes() < max_minutes)
+
+    def elapsed(self) -> float:
+        """Wall seconds of the run so far, over every process that resumed it."""
+        return self.elapsed_before + time.time() - self.t0
+
+    def save(self) -> float:
+        """Checkpoint at the current step (atomic; the newest ``keep`` are kept); returns
+        :meth:`elapsed` as saved in it."""
+        elapsed = self.elapsed()
+        config = dict(self.config, elapsed_seconds=elapsed)
+        save_checkpoint(self.folder, self.step, self.models, self.optimizers, config, self.generators, keep=self.keep)
+        return elapsed

@@ -13,6 +13,7 @@ from the vision model's config (``vision_config.image_size``), which is what the
 import torch
 import torch.nn.functional as F
 
+from ipl_diffusion.errors import UserError
 from .clip_loading import DEFAULT_CLIP_ID, load_clip_component
 
 # PIL resampling codes stored in image-processor configs -> torch interpolation modes.
@@ -43,14 +44,14 @@ def image_processor_settings(image_processor):
 
     mean, std = get("image_mean"), get("image_std")
     if mean is None or std is None:
-        raise ValueError(
+        raise UserError(
             "The image processor config has no image_mean/image_std; pass the CLIPImageProcessor that belongs "
             "to the CLIP model (e.g. CLIPImageProcessor.from_pretrained(<clip id or folder>)) or its config dict."
         )
     mean = tuple(float(v) for v in (mean if isinstance(mean, (list, tuple)) else [mean] * 3))
     std = tuple(float(v) for v in (std if isinstance(std, (list, tuple)) else [std] * 3))
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise ValueError(f"Expected 3 channel means and 3 positive stds, got image_mean={mean}, image_std={std}.")
+        raise UserError(f"Expected 3 channel means and 3 positive stds, got image_mean={mean}, image_std={std}.")
     resample = get("resample", 3)
     resample = int(getattr(resample, "value", resample)) if resample is not None else 3
     return mean, std, _PIL_RESAMPLE_TO_TORCH.get(resample, "bicubic")
@@ -149,7 +150,7 @@ class CLIPImageEncoder:
 
         Raises:
             FileNotFoundError: a component is missing (offline: immediately); the message says
-                which one and how to pass a local path (case C8).
+                which one and how to pass a local path.
         """
         from transformers import CLIPImageProcessorPil, CLIPModel
 

@@ -1,7 +1,7 @@
 """Loading CLIP components (model, tokenizer, image processor) from the Hub or a local folder.
 
 One concern only: turn the many ways a download can fail into one clear error that names the
-component and tells the user how to supply a local copy (regression case C8). Two pitfalls of
+component and tells the user how to supply a local copy. Two pitfalls of
 the pinned stack make this necessary:
 
 * ``huggingface_hub`` reads ``HF_HUB_OFFLINE`` once, at import. If the variable is set later
@@ -14,6 +14,8 @@ the pinned stack make this necessary:
 """
 
 import os
+
+from ipl_diffusion.errors import UserError, UserFileNotFoundError
 
 DEFAULT_CLIP_ID = "openai/clip-vit-base-patch32"  # the paper's ViT-B/32
 
@@ -43,7 +45,7 @@ def _how_to_fix(path_or_id, pass_as=None):
     )
 
 
-class CLIPNotFoundError(FileNotFoundError):
+class CLIPNotFoundError(UserFileNotFoundError):
     """A CLIP component that could not be loaded from ``path_or_id``.
 
     ``str(err)`` is ``reason`` plus how to fetch a local copy and pass it to the Python API;
@@ -99,7 +101,7 @@ def check_tokenizer(tokenizer, path_or_id, vocab_size=None):
 
     Raises:
         CLIPNotFoundError: (a ``FileNotFoundError``) the tokenizer holds no vocabulary (missing files).
-        ValueError: the tokenizer and the text model disagree on the vocabulary size.
+        UserError: (a ``ValueError``) the tokenizer and the text model disagree on the vocabulary size.
     """
     special = set(tokenizer.all_special_ids)
     probe = tokenizer("a photo", add_special_tokens=False).input_ids
@@ -110,7 +112,7 @@ def check_tokenizer(tokenizer, path_or_id, vocab_size=None):
             os.fspath(path_or_id),
         )
     if vocab_size is not None and len(tokenizer) > vocab_size:
-        raise ValueError(
+        raise UserError(
             f"The CLIP tokenizer from {os.fspath(path_or_id)!r} has {len(tokenizer)} tokens but the text model's "
             f"vocabulary has {vocab_size}; they do not belong together."
         )

@@ -9,7 +9,7 @@ A prompt matrix ``M = [V]_1 .. [V]_m [Y]`` (Eq. 1) enters CLIP as the token-embe
 added on top as for ordinary tokens. The sequence then goes through CLIP's causal encoder, the
 final layer norm, is pooled at the EOT position and projected with ``text_projection``.
 
-transformers 5 notes (see ``diffusers-stack-probe.md`` §2): ``CLIPTextModel.forward`` rejects
+transformers 5 notes: ``CLIPTextModel.forward`` rejects
 ``inputs_embeds``, so we call its sub-modules ourselves: ``embeddings(inputs_embeds=...)`` →
 ``create_causal_mask`` → ``encoder(..., is_causal=True)`` (without the causal flag attention is
 silently bidirectional) → ``final_layer_norm`` → gather → ``text_projection``. On plain token
@@ -17,16 +17,18 @@ ids this is bit-identical to ``CLIPModel.get_text_features``.
 
 EOT pooling uses the **first position equal to the EOT id** (the tokenizer's ``eos_token_id``),
 never ``argmax(input_ids)``: a token added after EOT has a larger id and would win the argmax
-(case C2; OpenAI's original code and legacy HF configs with ``eos_token_id == 2`` do that).
+(OpenAI's original code and legacy HF configs with ``eos_token_id == 2`` do that;
+``tests/test_clip_text.py`` adds such a token).
 A row with no EOT is a ``ValueError``.
 
 Context lengths are counted in **BPE tokens**, not words: the released code splits
 ``ctx_init`` on spaces, so "an ukiyo-e painting of" (4 words, more tokens) leaves context
-tokens in the suffix (case C1).
+tokens in the suffix (``tests/tiny_clip.py`` builds a tokenizer where the two counts differ).
 
 *Anchor addition* (compat option, off by default): the released IPL code adds an ordinary,
 unnormalised, detached text embedding to the prompt features before normalising
-(``normalize(E_T(M) + E_T(anchor))``; ``upstream-ipl-nada-facts.md`` §1.4 item 7). In Stage 1
+(``normalize(E_T(M) + E_T(anchor))``; the code of
+https://github.com/Picsart-AI-Research/IPL-Zero-Shot-Generative-Model-Adaptation). In Stage 1
 the anchor text is ``"<context phrase> <label>."``; its Stage 2 passes the bare context phrase
 ``"a photo of a"`` for both domains. ``anchor_template`` reproduces either
 (``"{context} {label}."`` / ``"{context}"``). The paper (Eq. 3, 5, 8) has no anchor.
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ipl_diffusion.errors import UserError
 from .clip_image import CLIPImageEncoder
 from .clip_loading import DEFAULT_CLIP_ID, check_tokenizer, load_clip_component
 from .templates import get_templates
@@ -149,7 +152,7 @@ class CLIPPromptEncoder:
         vocab = self.text_model.embeddings.token_embedding.num_embeddings
         for name, value in (("eos", self.eos_token_id), ("bos", self.bos_token_id)):
             if not 0 <= value < vocab:
-                raise ValueError(
+                raise UserError(
                     f"The tokenizer's {name} id {value} is outside the text model's vocabulary ({vocab}); the "
                     "tokenizer and CLIP model do not belong together."
                 )
@@ -204,7 +207,7 @@ class CLIPPromptEncoder:
             ValueError: not a non-blank string.
         """
         if not isinstance(context, str) or not context.strip():
-            raise ValueError(f"The context phrase must be a non-empty string like 'a photo of a', got {context!r}.")
+            raise UserError(f"The context phrase must be a non-empty string like 'a photo of a', got {context!r}.")
         return " ".join(context.split())
 
     def validate_label(self, label, n_ctx=0):
@@ -223,19 +226,19 @@ class CLIPPromptEncoder:
                 token counts).
         """
         if not isinstance(label, str):
-            raise ValueError(f"The domain label must be a string, got {type(label).__name__}: {label!r}.")
+            raise UserError(f"The domain label must be a string, got {type(label).__name__}: {label!r}.")
         cleaned = " ".join(label.split())
         if not cleaned:
-            raise ValueError(f"The domain label is empty or blank ({label!r}); give a text such as 'Wall painting'.")
+            raise UserError(f"The domain label is empty or blank ({label!r}); give a text such as 'Wall painting'.")
         ids = self.token_ids(cleaned)
         if not ids:
-            raise ValueError(f"The domain label {label!r} produces no tokens.")
+            raise UserError(f"The domain label {label!r} produces no tokens.")
         special = {self.eos_token_id, self.bos_token_id}
         if special & set(ids):
-            raise ValueError(f"The domain label {label!r} contains CLIP's start/end-of-text tokens.")
+            raise UserError(f"The domain label {label!r} contains CLIP's start/end-of-text tokens.")
         total = len(ids) + int(n_ctx) + 2
         if total > self.max_length:
-            raise ValueError(
+            raise UserError(
                 f"The domain label {label!r} is too long: {len(ids)} label tokens + {int(n_ctx)} context slots + "
                 f"SOS/EOS = {total} tokens, but the CLIP text model takes at most {self.max_length}. Use a "
                 f"shorter label (at most {self.max_length - 2 - int(n_ctx)} tokens here)."
@@ -258,7 +261,7 @@ class CLIPPromptEncoder:
         else:
             n_ctx = int(context)
             if n_ctx < 0:
-                raise ValueError(f"n_ctx must be >= 0, got {context}.")
+                raise UserError(f"n_ctx must be >= 0, got {context}.")
             # Placeholders are overwritten before the encoder sees them; SOS is a safe id (never EOT).
             ctx_ids = [self.bos_token_id] * n_ctx
         label = self.validate_label(label, n_ctx=len(ctx_ids))
@@ -447,7 +450,7 @@ class CLIPPromptEncoder:
         Raises:
             FileNotFoundError: a component is missing; offline (``HF_HUB_OFFLINE=1``) this is
                 immediate, with no network wait. The message names the component and how to pass
-                a local folder (case C8).
+                a local folder.
         """
         from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 

@@ -16,7 +16,7 @@ Conventions
 * A *plan* is a list of ``(model_t, from_level, to_level)``: evaluate eps at ``model_t`` on ``x``
   at ``from_level`` and move ``x`` to ``to_level`` with :func:`ddim_step`. :func:`decode_plan`
   and :func:`inversion_plan` build them; the loops just run them, so the bookkeeping can be
-  tested on its own (case C5).
+  tested on its own (``tests/test_ddim.py``).
 
 DDIM update (eta = 0; Song et al. 2021, Eq. 12)::
 
@@ -39,7 +39,7 @@ Inversion (``x0 -> x_t``), two variants evaluating the network at the same times
 * ``variant="mirror"`` (default): step k moves ``t_{k-1} -> t_k`` (``-1 -> t_0`` first), i.e. it
   is the algebraic inverse of decoding step k given the same eps; ``x_T`` ends at the level the
   decoder starts from. This makes ``decode(invert(x0))`` exact whenever eps does not depend on
-  ``x`` (case C4) and first-order accurate otherwise. It matches diffusers'
+  ``x`` (``tests/test_ddim.py`` checks both) and first-order accurate otherwise. It matches diffusers'
   ``DDIMInverseScheduler`` bookkeeping but additionally applies the scheduler's x0 clipping with
   eps re-derived, as upstream does.
 * ``variant="diffae"``: upstream DiffAE's ``ddim_reverse_sample_loop`` step for step (upstream
@@ -63,6 +63,8 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+
+from ipl_diffusion.errors import UserError
 
 __all__ = [
     "alpha_at",
@@ -167,7 +169,7 @@ def diffae_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000) 
     for stride in range(1, num_train_timesteps):
         if len(range(0, num_train_timesteps, stride)) == num_inference_steps:
             return list(range(0, num_train_timesteps, stride))[::-1]
-    raise ValueError(
+    raise UserError(
         f"DiffAE's 'ddim{num_inference_steps}' spacing does not exist for {num_train_timesteps} training steps"
     )
 
@@ -190,16 +192,16 @@ def ddim_timesteps(
     """
     num_train = _num_train_timesteps(scheduler)
     if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive integer; got {num_inference_steps!r}")
+        raise UserError(f"num_inference_steps must be a positive integer; got {num_inference_steps!r}")
     if max_timestep is None:
         copy = type(scheduler).from_config(scheduler.config)
         copy.set_timesteps(int(num_inference_steps))
         grid = [int(t) for t in copy.timesteps]
     else:
         if not 0 <= int(max_timestep) < num_train:
-            raise ValueError(f"the intermediate timestep must lie in [0, {num_train - 1}]; got {max_timestep}")
+            raise UserError(f"the intermediate timestep must lie in [0, {num_train - 1}]; got {max_timestep}")
         if num_inference_steps > int(max_timestep) + 1:
-            raise ValueError(
+            raise UserError(
                 f"{num_inference_steps} steps do not fit below timestep {max_timestep}: "
                 f"use at most {int(max_timestep) + 1} steps"
             )
@@ -262,7 +264,7 @@ def prediction_type(scheduler) -> str:
     """
     kind = getattr(scheduler.config, "prediction_type", "epsilon") if scheduler is not None else "epsilon"
     if kind not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; the scheduler says {kind!r}")
+        raise UserError(f"prediction_type must be one of {PREDICTION_TYPES}; the scheduler says {kind!r}")
     return kind
 
 

@@ -6,12 +6,14 @@ checkpoint, images in the wrong range, a misspelt model-config key, ...). The ``
 line prints it as one line (``ipl <command>: error: <message>``) with exit status 2.
 
 It subclasses ``ValueError`` so that code written against the library's earlier, documented
-``ValueError`` keeps catching it.
+``ValueError`` keeps catching it. Its two subclasses below do the same for the library's
+earlier ``FileNotFoundError`` (a path the user gave does not exist) and ``FileExistsError`` (an
+output the user named already holds a result): they are both a ``UserError`` and the builtin.
 """
 
 import math
 
-__all__ = ["UserError", "NonFiniteLossError", "check_finite"]
+__all__ = ["UserError", "UserFileExistsError", "UserFileNotFoundError", "NonFiniteLossError", "check_finite"]
 
 
 class UserError(ValueError):
@@ -35,3 +37,11 @@ def check_finite(terms: dict, stage: str, iteration: int) -> None:
                 f"{stage} loss term {name} is {value} at iteration {iteration}; "
                 "lower the learning rate or turn mixed precision off"
             )
+
+
+class UserFileNotFoundError(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist (or is not what was asked for)."""
+
+
+class UserFileExistsError(UserError, FileExistsError):
+    """An output the user named already holds something this run would replace."""

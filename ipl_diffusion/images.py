@@ -4,12 +4,12 @@ Every pipeline, CLI command and example turns files or PIL images into model inp
 :func:`load_image` / :func:`load_images`, and model output back into images with
 :func:`to_pil`. The steps, in order:
 
-1. **Open** with PIL. A missing file is a ``FileNotFoundError``; an unreadable, truncated or
-   corrupt file a ``ValueError`` naming it. Images larger than PIL's decompression-bomb limit
-   (``PIL.Image.MAX_IMAGE_PIXELS``, about 179 megapixels at 2x the default) are refused with a
-   ``ValueError``: we do not raise the limit for you, because such files are either attacks or
-   far larger than any model input; downscale them first (or raise the limit yourself if you
-   trust the file).
+1. **Open** with PIL. A missing file is a ``UserFileNotFoundError`` (a ``FileNotFoundError``);
+   an unreadable, truncated or corrupt file a ``UserError`` (a ``ValueError``) naming it. Images
+   larger than PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, about 179
+   megapixels at 2x the default) are refused with a ``UserError``: we do not raise the limit
+   for you, because such files are either attacks or far larger than any model input;
+   downscale them first (or raise the limit yourself if you trust the file).
 2. **EXIF orientation** is applied (``ImageOps.exif_transpose``), so phone photos come out upright.
 3. **Mode -> RGB**: transparent images (``RGBA``, ``LA``, ``PA``, palette images with a
    transparent colour) are composited on a white background (``background``); 16-bit
@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ipl_diffusion.errors import UserError, UserFileNotFoundError
+
 __all__ = ["IMAGE_EXTENSIONS", "check_image_tensor", "list_image_files", "load_image", "load_images", "to_pil", "to_rgb"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
@@ -46,31 +48,32 @@ def list_image_files(folder: Union[str, os.PathLike]) -> List[Path]:
     """Image files (by extension, case-insensitive) directly in ``folder``, sorted by name.
 
     Raises:
-        FileNotFoundError: ``folder`` does not exist, is not a folder, or holds no image files;
-            the message names the path and the extensions looked for (case C7).
+        UserFileNotFoundError: (a ``FileNotFoundError``) ``folder`` does not exist, is not a
+            folder, or holds no image files; the message names the path and the extensions
+            looked for.
     """
     path = Path(folder)
     expected = f"a folder of images ({', '.join(IMAGE_EXTENSIONS)})"
     if not path.exists():
-        raise FileNotFoundError(f"image folder '{path}' does not exist; expected {expected}")
+        raise UserFileNotFoundError(f"image folder '{path}' does not exist; expected {expected}")
     if not path.is_dir():
-        raise FileNotFoundError(f"'{path}' is not a folder; expected {expected}")
+        raise UserFileNotFoundError(f"'{path}' is not a folder; expected {expected}")
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
-        raise FileNotFoundError(f"no image files found in '{path}'; expected {expected}")
+        raise UserFileNotFoundError(f"no image files found in '{path}'; expected {expected}")
     return files
 
 
 def _open(path: Path) -> Image.Image:
     if not path.exists():
-        raise FileNotFoundError(f"image file '{path}' does not exist")
+        raise UserFileNotFoundError(f"image file '{path}' does not exist")
     if path.is_dir():
-        raise ValueError(f"'{path}' is a folder, not an image file (use load_images for folders)")
+        raise UserError(f"'{path}' is a folder, not an image file (use load_images for folders)")
     try:
         image = Image.open(path)
         image.load()  # decode now so truncated / corrupt data fails here, naming the file
     except Image.DecompressionBombError as err:
-        raise ValueError(
+        raise UserError(
             f"image '{path}' is too large to load safely ({err}). Downscale it first, or raise "
             "PIL.Image.MAX_IMAGE_PIXELS yourself if you trust the file."
         ) from err
@@ -78,7 +81,7 @@ def _open(path: Path) -> Image.Image:
         raise
     except Exception as err:  # PIL decoders raise many types (OSError, SyntaxError, struct.error, ...)
         reason = f"{err}" if isinstance(err, (UnidentifiedImageError, OSError)) else f"{type(err).__name__}: {err}"
-        raise ValueError(f"cannot read image '{path}': {reason}") from err
+        raise UserError(f"cannot read image '{path}': {reason}") from err
     return image
 
 
@@ -132,7 +135,7 @@ def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
 
 def _check_size(size) -> int:
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"size must be a positive integer (pixels); got {size!r}")
+        raise UserError(f"size must be a positive integer (pixels); got {size!r}")
     return int(size)
 
 
@@ -152,8 +155,8 @@ def load_image(
         ``float32`` tensor ``(3, size, size)`` in ``[-1, 1]``.
 
     Raises:
-        FileNotFoundError: the path does not exist.
-        ValueError: unreadable / corrupt / too large file (the message names it), a folder
+        UserFileNotFoundError: (a ``FileNotFoundError``) the path does not exist.
+        UserError: (a ``ValueError``) unreadable / corrupt / too large file (the message names it), a folder
             instead of a file, or a bad ``size``.
     """
     size = _check_size(size)
@@ -164,12 +167,12 @@ def load_image(
         name = str(image)
         pil = _open(Path(image))
     else:
-        raise ValueError(f"expected an image path or a PIL.Image; got {type(image).__name__}")
+        raise UserError(f"expected an image path or a PIL.Image; got {type(image).__name__}")
     pil = _upright(pil, name)
     try:
         pil = _resize_center_crop(to_rgb(pil, background), size)
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot convert image '{name}' ({pil.mode}, {pil.size}): {err}") from err
+        raise UserError(f"cannot convert image '{name}' ({pil.mode}, {pil.size}): {err}") from err
     array = np.asarray(pil, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
@@ -185,7 +188,7 @@ def load_images(
     Args:
         source: folder, image file, or sequence of paths / ``PIL.Image``.
         size: output side in pixels.
-        on_error: ``"raise"`` (default) stops at the first unreadable file with a ``ValueError``
+        on_error: ``"raise"`` (default) stops at the first unreadable file with a ``UserError``
             naming it; ``"skip"`` leaves unreadable files out and reports them in one
             ``UserWarning``.
         background: see :func:`load_image`.
@@ -195,12 +198,13 @@ def load_images(
         file name (``image_{i}`` for PIL inputs).
 
     Raises:
-        FileNotFoundError: missing or empty folder, or a missing file in the list (case C7).
-        ValueError: unreadable image with ``on_error="raise"``, no readable image at all, an
-            empty list, or a bad ``on_error``.
+        UserFileNotFoundError: (a ``FileNotFoundError``) missing or empty folder, or a missing
+            file in the list.
+        UserError: (a ``ValueError``) unreadable image with ``on_error="raise"``, no readable
+            image at all, an empty list, or a bad ``on_error``.
     """
     if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip'; got {on_error!r}")
+        raise UserError(f"on_error must be 'raise' or 'skip'; got {on_error!r}")
     size = _check_size(size)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -208,7 +212,7 @@ def load_images(
     else:
         items = list(source)
         if not items:
-            raise ValueError("load_images got an empty list of images")
+            raise UserError("load_images got an empty list of images")
     tensors, names, skipped = [], [], []
     for i, item in enumerate(items):
         name = Path(item).name if isinstance(item, (str, os.PathLike)) else f"image_{i}"
@@ -223,7 +227,7 @@ def load_images(
     if skipped:
         warnings.warn(f"skipped {len(skipped)} unreadable image(s):\n  " + "\n  ".join(skipped), UserWarning)
     if not tensors:
-        raise ValueError(f"none of the {len(items)} image(s) could be read: {'; '.join(skipped)}")
+        raise UserError(f"none of the {len(items)} image(s) could be read: {'; '.join(skipped)}")
     return torch.stack(tensors), names
 
 
@@ -234,19 +238,19 @@ def check_image_tensor(images: torch.Tensor) -> torch.Tensor:
         ``float32`` ``(B, 3, H, W)`` (a batch axis added to a single image), values unchanged.
 
     Raises:
-        ValueError: another shape, NaN / inf values, or values outside ``[-1, 1]`` (with
+        UserError: (a ``ValueError``) another shape, NaN / inf values, or values outside ``[-1, 1]`` (with
             1e-3 slack for rounding), e.g. ``[0, 255]`` images; the message says how to map them.
     """
     if images.ndim == 3:
         images = images[None]
     if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"image tensors must be (B, 3, H, W) in [-1, 1]; got {tuple(images.shape)}")
+        raise UserError(f"image tensors must be (B, 3, H, W) in [-1, 1]; got {tuple(images.shape)}")
     images = images.float()
     if not torch.isfinite(images).all():
-        raise ValueError("image tensors contain NaN or infinite values")
+        raise UserError("image tensors contain NaN or infinite values")
     low, high = images.min().item(), images.max().item()
     if low < -1.001 or high > 1.001:
-        raise ValueError(
+        raise UserError(
             f"image tensors must be in [-1, 1]; got values in [{low:.3g}, {high:.3g}] "
             "(map [0, 255] images with x / 127.5 - 1)"
         )

@@ -1,8 +1,9 @@
 """The latent mapper ``F(w, θ)`` of IPL (Eq. 2): a latent code -> ``m`` image-specific prompt vectors.
 
 The paper calls ``F`` "a common four-layer fully-connected network" (§3.1). The released code
-(``mapper/latent_mappers.py``; ``upstream-ipl-nada-facts.md`` §1.3) makes that precise, and we
-follow it:
+(``mapper/latent_mappers.py`` of
+https://github.com/Picsart-AI-Research/IPL-Zero-Shot-Generative-Model-Adaptation) makes that precise,
+and we follow it:
 
 * ``PixelNorm`` on the input (``x / sqrt(mean(x²) + 1e-8)``), no other normalisation;
 * 4 *equalised-learning-rate* linear layers ``latent_dim → 512 → 512 → 512 → n_ctx·ctx_dim``
@@ -31,7 +32,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ipl_diffusion.errors import UserError
 from ipl_diffusion.models.config_keys import StrictConfigMixin
+
 
 class PixelNorm(nn.Module):
     """``x / sqrt(mean(x², dim=1) + 1e-8)`` (StyleGAN's input normalisation), for ``(B, C)`` inputs."""
@@ -165,15 +168,15 @@ class LatentMapper(StrictConfigMixin, ModelMixin, ConfigMixin):
         """
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
-            raise ValueError(f"{path}: expected a dict checkpoint, got {type(state).__name__}.")
+            raise UserError(f"{path}: expected a dict checkpoint, got {type(state).__name__}.")
         state = state.get("m", state)
         state = {k[len("mapping."):] if k.startswith("mapping.mapping.") else k: v for k, v in state.items()}
         linear_ids = sorted({int(k.split(".")[1]) for k in state if k.startswith("mapping.") and k.endswith(".weight")})
         if not linear_ids:
-            raise ValueError(f"{path}: no 'mapping.mapping.<i>.weight' keys; not an IPL mapper checkpoint.")
+            raise UserError(f"{path}: no 'mapping.mapping.<i>.weight' keys; not an IPL mapper checkpoint.")
         first, last = state[f"mapping.{linear_ids[0]}.weight"], state[f"mapping.{linear_ids[-1]}.weight"]
         if last.shape[0] % n_ctx:
-            raise ValueError(f"{path}: output width {last.shape[0]} is not divisible by n_ctx={n_ctx}.")
+            raise UserError(f"{path}: output width {last.shape[0]} is not divisible by n_ctx={n_ctx}.")
         inferred = dict(
             latent_dim=first.shape[1], n_ctx=n_ctx, ctx_dim=last.shape[0] // n_ctx, num_layers=len(linear_ids),
             hidden_dim=first.shape[0],
@@ -182,7 +185,7 @@ class LatentMapper(StrictConfigMixin, ModelMixin, ConfigMixin):
         model = cls(**inferred)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{path}: state dict does not match LatentMapper(missing={missing}, unexpected={unexpected}).")
+            raise UserError(f"{path}: state dict does not match LatentMapper(missing={missing}, unexpected={unexpected}).")
         return model
 
 

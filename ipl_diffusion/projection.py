@@ -1,6 +1,6 @@
 """Real-image projection into a StyleGAN2 generator's W / W+ space, by optimisation.
 
-The paper translates real images with ReStyle + e4e (facts §1.10, §2.7); those encoder
+The paper translates real images with ReStyle + e4e (Alaluf et al. 2021, Tov et al. 2021); those encoder
 weights are not available offline, so this module finds the latent by gradient descent on
 the reconstruction, in the manner of rosinality's ``projector.py`` (Karras et al. 2020,
 appendix D): start at the mean ``w`` (or at an encoder's guess), Adam with a warm-up /

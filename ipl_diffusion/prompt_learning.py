@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from .clip_text import DEFAULT_CONTEXT
 from .configs import PROMPT_SCHEMES, Stage1Config
-from .errors import UserError, check_finite
+from .errors import UserError, UserFileNotFoundError, check_finite
 from .losses import contrastive_loss, domain_regularization_loss
 from .mapper import LatentMapper, SharedPromptContext
 from .outputs import atomic_write_text
@@ -239,7 +239,7 @@ class PromptLearner:
         """
         path = os.path.join(directory, _CONFIG_NAME)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: {directory!r} is not a saved PromptLearner folder.")
+            raise UserFileNotFoundError(f"{path} not found: {directory!r} is not a saved PromptLearner folder.")
         with open(path) as f:
             meta = json.load(f)
         classes = {"LatentMapper": LatentMapper, "SharedPromptContext": SharedPromptContext}
@@ -269,7 +269,7 @@ def _write_history(history, path):
 
 
 def _resolve_n_ctx(encoder, n_ctx, context):
-    """Context slots are counted in BPE tokens (case C1): a phrase sets ``n_ctx`` to its token count."""
+    """Context slots are counted in BPE tokens, not words: a phrase sets ``n_ctx`` to its token count."""
     if context is not None:
         return encoder.count_tokens(encoder.validate_context(context))
     if int(n_ctx) < 1:

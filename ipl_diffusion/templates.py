@@ -16,6 +16,8 @@ Shipped here:
 Every template has exactly one ``{}`` placeholder for the domain label.
 """
 
+from ipl_diffusion.errors import UserError
+
 IMAGENET_TEMPLATES = (
     "a bad photo of a {}.",
     "a photo of many {}.",
@@ -116,19 +118,19 @@ def get_templates(templates="imagenet"):
     format strings to a tuple of strings, each with exactly one ``{}``.
 
     Raises:
-        ValueError: unknown set name, empty sequence, or a template without exactly one ``{}``.
+        UserError: (a ``ValueError``) unknown set name, empty sequence, or a template without exactly one ``{}``.
     """
     if isinstance(templates, str):
         if templates not in TEMPLATE_SETS:
-            raise ValueError(
+            raise UserError(
                 f"Unknown template set {templates!r}; expected one of {sorted(TEMPLATE_SETS)} "
                 "or a sequence of format strings containing '{}'."
             )
         return TEMPLATE_SETS[templates]
     templates = tuple(templates)
     if not templates:
-        raise ValueError("The template sequence is empty.")
+        raise UserError("The template sequence is empty.")
     for template in templates:
         if not isinstance(template, str) or template.count("{}") != 1:
-            raise ValueError(f"Template {template!r} must be a string with exactly one '{{}}' placeholder.")
+            raise UserError(f"Template {template!r} must be a string with exactly one '{{}}' placeholder.")
     return templates

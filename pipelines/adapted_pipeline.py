@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 from diffusers.utils import hub_utils
+from ipl_diffusion.errors import UserError
 
 SAMPLE_GRID_NAME = "sample_grid.png"
 MODEL_CARD_NAME = "README.md"
@@ -33,7 +34,7 @@ class AdaptedPipelineMixin:
             return
         for label in labels:
             if label.strip().lower() not in {d.lower() for d in known}:
-                raise ValueError(
+                raise UserError(
                     f"this pipeline's CLIP was trained only on the domains {', '.join(known)}; "
                     f"{label!r} is not one of them. Use one of them, or build the pipeline on an "
                     "open-vocabulary CLIP: from_components(<generator>, text_encoder=\"openai/clip-vit-base-patch32\")"
@@ -109,7 +110,7 @@ class AdaptedPipelineMixin:
             return array
         if output_type == "pil":
             return self.numpy_to_pil(array)
-        raise ValueError(f"output_type must be 'pil', 'np' or 'pt'; got {output_type!r}")
+        raise UserError(f"output_type must be 'pil', 'np' or 'pt'; got {output_type!r}")
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """diffusers' ``save_pretrained`` (in the layout of :mod:`ipl_diffusion.pipelines.hub_layout`), plus

@@ -2,7 +2,7 @@
 
 diffusers' ``DiffusionPipeline.from_pretrained`` reports a missing component sub-folder deep
 inside loading, and with ``HF_HUB_OFFLINE=1`` set after ``huggingface_hub`` was imported it
-still tries the network. Our pipelines check first and fail at once (cases C7, C8).
+still tries the network. Our pipelines check first and fail at once.
 
 A Hub id is fetched with ``huggingface_hub.snapshot_download`` and then loaded as a local
 folder: diffusers' own download step would treat the code files of
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ipl_diffusion.clip_loading import hub_offline
+from ipl_diffusion.errors import UserError, UserFileNotFoundError
 
 
 # model_index.json "_class_name" of our pipelines -> the generator family (``ipl --backend``)
@@ -50,18 +51,24 @@ def check_pipeline_folder(path: str, components: Iterable[str], overrides: dict,
     lists (except those passed as objects in ``overrides``).
 
     Raises:
-        FileNotFoundError: no ``model_index.json``, or component folders missing (named).
-        ValueError: with ``backend`` (``"diffae"`` / ``"stylegan2"``) given, the folder holds a
+        UserFileNotFoundError: (a ``FileNotFoundError``) no ``model_index.json``, or component
+            folders missing (named).
+        UserError: ``model_index.json`` is not JSON; or, with ``backend`` (``"diffae"`` / ``"stylegan2"``) given, the folder holds a
             pipeline of the other generator family; the message names the class that loads it.
     """
     index = Path(path) / "model_index.json"
     if not index.is_file():
-        raise FileNotFoundError(f"{path} is not a pipeline folder: model_index.json is missing")
-    entries = json.loads(index.read_text())
+        raise UserFileNotFoundError(f"{path} is not a pipeline folder: model_index.json is missing")
+    try:
+        entries = json.loads(index.read_text())
+    except ValueError as err:  # json's error; a truncated copy or a file that was never a pipeline index
+        raise UserError(f"{index} is not valid JSON ({err}); copy the folder written by save_pretrained again") from None
+    if not isinstance(entries, dict):
+        raise UserError(f"{index} does not hold a JSON object; it is not a pipeline index")
     found = pipeline_family(path) if backend is not None else None
     if found is not None and found[1] != backend:
         described, family = found
-        raise ValueError(
+        raise UserError(
             f"{path} holds {described} (a {family} generator); load it with "
             f"{LOADER_OF_BACKEND[family]}.from_pretrained (ipl --backend {family})"
         )
@@ -74,7 +81,7 @@ def check_pipeline_folder(path: str, components: Iterable[str], overrides: dict,
         and not (Path(path) / name).is_dir()
     ]
     if missing:
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"{path}: component folder(s) {', '.join(missing)} missing (listed in model_index.json); "
             "copy them in, or pass the component objects to from_pretrained"
         )
@@ -82,8 +89,8 @@ def check_pipeline_folder(path: str, components: Iterable[str], overrides: dict,
 
 def load_pipeline(load: Callable, path: str, components: Iterable[str], kwargs: dict, backend: str | None = None):
     """``load(folder, **kwargs)`` (a ``DiffusionPipeline.from_pretrained``) for a local folder or
-    the snapshot of a Hub id, turning what can go wrong into ``FileNotFoundError`` naming what
-    is missing.
+    the snapshot of a Hub id, turning what can go wrong into a ``UserError`` naming what is
+    missing (``UserFileNotFoundError``, a ``FileNotFoundError``, for a missing folder or file).
 
     A Hub id is resolved from the local cache only when ``HF_HUB_OFFLINE=1`` (read at call
     time), so an uncached id fails immediately instead of waiting on the network.
@@ -101,13 +108,13 @@ def hub_snapshot(repo_id: str, kwargs: dict) -> str:
     ``force_download``) from ``kwargs``.
 
     Raises:
-        FileNotFoundError: ``repo_id`` is not a Hub id (a missing local folder), or it is
+        UserFileNotFoundError: (a ``FileNotFoundError``) ``repo_id`` is not a Hub id (a missing local folder), or it is
             neither cached nor downloadable.
     """
     if repo_id.startswith(("/", ".", "~")) or repo_id.count("/") > 1 or "\\" in repo_id:
         # A Hub id is "name" or "owner/name"; anything else was meant as a local folder, and
         # asking the Hub about it would only answer with its repo-id naming rules.
-        raise FileNotFoundError(f"pipeline folder {repo_id!r} does not exist")
+        raise UserFileNotFoundError(f"pipeline folder {repo_id!r} does not exist")
     from huggingface_hub import snapshot_download
 
     options = {key: kwargs.pop(key) for key in ("cache_dir", "revision", "token", "force_download") if key in kwargs}
@@ -115,7 +122,7 @@ def hub_snapshot(repo_id: str, kwargs: dict) -> str:
     try:
         return snapshot_download(repo_id, local_files_only=offline, **options)
     except (OSError, ValueError) as err:  # huggingface_hub's not-found / HTTP / offline errors
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"cannot load pipeline {repo_id!r}: it is not a local folder and its model_index.json and "
             "component weights are not in the Hub cache"
             + (" (HF_HUB_OFFLINE=1 forbids downloading)" if offline else f" and could not be downloaded ({err})")

@@ -53,6 +53,7 @@ from ipl_diffusion.images import check_image_tensor, load_images, to_pil
 from ipl_diffusion.models.diffae_blocks import warn_xformers_fallback, xformers_unavailable_reason
 from ipl_diffusion.pipelines.hub_layout import RemoteCodeLayoutMixin
 from ipl_diffusion.pipelines.loading import hub_snapshot
+from ipl_diffusion.errors import UserError, UserFileNotFoundError
 
 __all__ = ["DiffAEPipeline", "DiffAEPipelineOutput", "default_latent_scheduler", "diffae_scheduler"]
 
@@ -155,7 +156,7 @@ class DiffAEPipelineOutput(BaseOutput):
 
 
 class XFormersFallbackPipelineMixin:
-    """``enable_xformers_memory_efficient_attention()`` that degrades gracefully (case C6).
+    """``enable_xformers_memory_efficient_attention()`` that degrades gracefully (warns once, keeps SDPA).
 
     diffusers' pipeline version walks into every component and raises where xformers cannot
     run (no package, no CUDA). Pipelines of DiffAE models instead warn once for the whole
@@ -207,7 +208,7 @@ class DiffAEPipeline(RemoteCodeLayoutMixin, XFormersFallbackPipelineMixin, Diffu
         if not os.path.isdir(path):
             path = hub_snapshot(path, kwargs)
         if not os.path.isfile(os.path.join(path, "model_index.json")):
-            raise FileNotFoundError(f"'{path}' is not a DiffAE pipeline folder: model_index.json is missing")
+            raise UserFileNotFoundError(f"'{path}' is not a DiffAE pipeline folder: model_index.json is missing")
         return super().from_pretrained(path, **kwargs)
 
     # ------------------------------------------------------------------ helpers
@@ -236,7 +237,7 @@ class DiffAEPipeline(RemoteCodeLayoutMixin, XFormersFallbackPipelineMixin, Diffu
     def postprocess(images: torch.Tensor, output_type: str = "pil"):
         """``(B, 3, H, W)`` in ``[-1, 1]`` -> ``output_type`` (``"pil"``, ``"np"``, ``"pt"``, ``"latent"``)."""
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
+            raise UserError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
         if output_type == "latent":
             return images
         if output_type == "pil":
@@ -248,7 +249,7 @@ class DiffAEPipeline(RemoteCodeLayoutMixin, XFormersFallbackPipelineMixin, Diffu
     def _generator(generator: Generator, seed: Optional[int]) -> Generator:
         if seed is not None:
             if generator is not None:
-                raise ValueError("pass either generator or seed, not both")
+                raise UserError("pass either generator or seed, not both")
             return torch.Generator().manual_seed(int(seed))
         return generator
 
@@ -331,7 +332,7 @@ class DiffAEPipeline(RemoteCodeLayoutMixin, XFormersFallbackPipelineMixin, Diffu
                 (:meth:`check_codes`); ValueError: a bad ``output_type``.
         """
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
+            raise UserError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
         if x_T is None:
             x_T = self._noise(z_sem.shape[0], generator)
         z_sem, x_T = self.check_codes(z_sem, x_T, gaussian=start_timestep is None)
@@ -356,7 +357,7 @@ class DiffAEPipeline(RemoteCodeLayoutMixin, XFormersFallbackPipelineMixin, Diffu
             ValueError: the pipeline has no ``latent_net``.
         """
         if self.latent_net is None:
-            raise ValueError(
+            raise UserError(
                 "this DiffAE pipeline has no latent_net, so it cannot sample z_sem; convert the "
                 "*_autoenc_latent checkpoint, or pass images / z_sem instead"
             )
@@ -403,19 +404,19 @@ class DiffAEPipeline(RemoteCodeLayoutMixin, XFormersFallbackPipelineMixin, Diffu
             FileNotFoundError: missing / empty image folder.
         """
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
+            raise UserError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
         generator = self._generator(generator, seed)
         given_x_T = x_T is not None
         if images is not None:
             if z_sem is not None:
-                raise ValueError("pass images or z_sem, not both")
+                raise UserError("pass images or z_sem, not both")
             if invert and x_T is None:
                 z_sem, x_T = self.encode(images, num_inversion_steps)
             else:
                 z_sem = self.encode_z_sem(images)
         elif z_sem is None:
             if int(batch_size) < 1:
-                raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+                raise UserError(f"batch_size must be >= 1; got {batch_size}")
             z_sem = self.sample_z_sem(int(batch_size), generator, latent_num_inference_steps)
         if x_T is None:
             x_T = self._noise(z_sem.shape[0], generator)

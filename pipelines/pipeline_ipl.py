@@ -191,7 +191,7 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
             if feature_extractor is None and (Path(folder) / "preprocessor_config.json").is_file():
                 feature_extractor = load_clip_component(CLIPImageProcessorPil, folder, "CLIP image processor")
         if tokenizer is None:
-            raise ValueError("from_components needs a tokenizer (or a CLIP folder holding one as text_encoder)")
+            raise UserError("from_components needs a tokenizer (or a CLIP folder holding one as text_encoder)")
         parts = diffae.components
         unet = parts.get("unet") or parts.get("source_unet")
         return cls(

@@ -50,7 +50,7 @@ import ipl_diffusion.models.stylegan2  # noqa: F401
 from ipl_diffusion.adaptation import stylegan2 as gan_ipl
 from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
 from ipl_diffusion.outputs import atomic_save_image
-from ipl_diffusion.errors import UserError
+from ipl_diffusion.errors import UserError, UserFileNotFoundError
 from ipl_diffusion.pipelines.adapted_pipeline import SAMPLE_GRID_NAME, AdaptedPipelineMixin
 from ipl_diffusion.pipelines.hub_layout import RemoteCodeLayoutMixin
 from ipl_diffusion.pipelines.loading import load_pipeline
@@ -163,7 +163,7 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, Diffusion
         if isinstance(generator, (str, os.PathLike)):
             base_model = base_model or str(generator)
             if not Path(generator).exists():
-                raise FileNotFoundError(f"generator {str(generator)!r} does not exist (expected a StyleGAN2Generator folder or a rosinality .pt)")
+                raise UserFileNotFoundError(f"generator {str(generator)!r} does not exist (expected a StyleGAN2Generator folder or a rosinality .pt)")
             if Path(generator).is_file():
                 from ipl_diffusion.conversion.stylegan2 import generator_from_checkpoint
 
@@ -248,10 +248,10 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, Diffusion
         model = self.source_generator if source else self.adapted_generator
         if latents is None:
             if num_images < 1:
-                raise ValueError(f"num_images must be >= 1, got {num_images}")
+                raise UserError(f"num_images must be >= 1, got {num_images}")
             latents = torch.randn((num_images, model.style_dim), generator=generator)
         elif not torch.isfinite(latents).all():
-            raise ValueError("latents contain NaN or inf; pass finite z of shape (N, style_dim)")
+            raise UserError("latents contain NaN or inf; pass finite z of shape (N, style_dim)")
         latents = latents.to(self.device, model.dtype)
         # Map with the *source* mapping network: NADA/IPL never train it (unless phase="all"),
         # and the source and adapted samples of one z must share their w.

@@ -184,3 +184,35 @@ def test_tensor_digest_names_the_changed_file(tmp_path):
     changed = {**tensors, "a": tensors["a"].clone().index_fill_(1, torch.tensor([2]), 7.0)}
     with pytest.raises(UserError, match=r"cache.safetensors does not match the sha256 digest"):
         ckpt.verify_tensors(tmp_path / "cache.safetensors", changed, {"sha256": digest})
+
+
+def _run_loop(folder, stop_at, resume="latest", seed=0):
+    """A training script's loop on :class:`ResumableRun`: runs until ``stop_at`` steps, then
+    checkpoints, as the Shapes training scripts do."""
+    model, optimizer = _model_and_optimizer(seed)
+    data = torch.Generator().manual_seed(7)
+    run = ckpt.ResumableRun(folder, {"net": model}, {"adam": optimizer}, {"data": data}, {"lr": 1e-2}, resume, name="the test")
+    while run.running(stop_at):
+        _train(model, optimizer, 1, data)
+        run.step += 1
+    return run, model, run.save()
+
+
+def test_resumable_run_continues_a_killed_loop_to_the_same_weights(tmp_path, capsys):
+    torch.manual_seed(1)
+    _, whole, _ = _run_loop(tmp_path / "whole", 4)
+    torch.manual_seed(1)
+    first, _, first_elapsed = _run_loop(tmp_path / "split", 2)
+    assert not first.resumed and first.step == 2
+    torch.manual_seed(999)  # another process, other RNG state: the checkpoint brings it back
+    second, split, elapsed = _run_loop(tmp_path / "split", 4, seed=5)
+    assert second.resumed_from == tmp_path / "split" / "checkpoint-2" and second.step == 4
+    assert "resumed the test from" in capsys.readouterr().out and second.saved_config["lr"] == 1e-2
+    assert elapsed >= first_elapsed == second.elapsed_before  # wall time carried over
+    for key, value in whole.state_dict().items():
+        assert torch.equal(value, split.state_dict()[key]), key
+    config = json.loads((tmp_path / "split" / "checkpoint-4" / ckpt.META_FILE).read_text())["config"]
+    assert config["lr"] == 1e-2 and config["elapsed_seconds"] == elapsed
+    # "none" (the scripts' flag value) starts afresh, and a bound on wall minutes stops the loop
+    fresh, _, _ = _run_loop(tmp_path / "split", 0, resume="none")
+    assert not fresh.resumed and fresh.step == 0 and not fresh.running(10, max_minutes=0)

@@ -1,4 +1,5 @@
-"""CLIP text/image encoding with learned prompt vectors (Eq. 1-2) and cases C1, C2, C3, C8, C9."""
+"""CLIP text/image encoding with learned prompt vectors (Eq. 1-2): context counted in BPE tokens,
+EOT pooling, learned vectors entering CLIP, offline loading errors, devices."""
 
 import os
 import socket
@@ -45,8 +46,8 @@ def test_clip_is_frozen_and_in_eval(encoder):
     assert not encoder.clip_model.training
 
 
-# ---------------------------------------------------------------- C1: context counted in BPE tokens
-def test_c1_context_slots_are_bpe_tokens(encoder):
+# ---------------------------------------------------------------- context counted in BPE tokens
+def test_context_slots_are_bpe_tokens(encoder):
     phrase = "an ukiyo-e painting of"
     tokens = encoder.tokenizer.tokenize(phrase)
     assert len(phrase.split()) == 4 and len(tokens) > 4  # words != tokens (the reference used words)
@@ -64,7 +65,7 @@ def test_c1_context_slots_are_bpe_tokens(encoder):
     assert encoder.context_embeddings(phrase).shape == (len(tokens), encoder.hidden_size)
 
 
-def test_c1_prompt_from_phrase_equals_plain_text(encoder):
+def test_prompt_from_phrase_equals_plain_text(encoder):
     phrase = "an ukiyo-e painting of"
     vectors = encoder.context_embeddings(phrase)
     with torch.no_grad():
@@ -73,8 +74,8 @@ def test_c1_prompt_from_phrase_equals_plain_text(encoder):
     torch.testing.assert_close(from_vectors, plain, rtol=0, atol=1e-6)
 
 
-# ---------------------------------------------------------------- C2: EOT pooling
-def test_c2_pools_at_first_eot_not_argmax():
+# ---------------------------------------------------------------- EOT pooling
+def test_pools_at_first_eot_not_argmax():
     enc = build_encoder(extra_tokens=["<ukiyoe>"])
     extra = enc.tokenizer.convert_tokens_to_ids("<ukiyoe>")
     assert extra > enc.eos_token_id  # the added token's id beats EOT in an argmax
@@ -97,7 +98,7 @@ def test_c2_pools_at_first_eot_not_argmax():
     torch.testing.assert_close(from_vectors, plain, rtol=0, atol=1e-6)
 
 
-def test_c2_row_without_eot_is_an_error(encoder):
+def test_row_without_eot_is_an_error(encoder):
     ids = torch.tensor([[encoder.bos_token_id, 5, 6, encoder.eos_token_id], [encoder.bos_token_id, 5, 6, 7]])
     with pytest.raises(ValueError, match=r"Rows \[1\].*end-of-text"):
         first_eos_positions(ids, encoder.eos_token_id)
@@ -107,8 +108,8 @@ def test_c2_row_without_eot_is_an_error(encoder):
     assert first_eos_positions(torch.tensor([[1, eot, eot, 3], [eot, 2, 2, eot]]), eot).tolist() == [1, 0]
 
 
-# ---------------------------------------------------------------- C3: learned vectors enter CLIP
-def test_c3_no_override_equals_stock_get_text_features(encoder):
+# ---------------------------------------------------------------- learned vectors enter CLIP
+def test_no_override_equals_stock_get_text_features(encoder):
     vectors = encoder.context_embeddings("a photo of a").expand(2, -1, -1)
     with torch.no_grad():
         ours = encoder.encode_prompt_vectors(vectors, "dog")
@@ -117,7 +118,7 @@ def test_c3_no_override_equals_stock_get_text_features(encoder):
     torch.testing.assert_close(ours, stock.expand(2, -1), rtol=0, atol=1e-6)
 
 
-def test_c3_vectors_change_output_and_receive_gradients(encoder):
+def test_vectors_change_output_and_receive_gradients(encoder):
     base = encoder.context_embeddings("a photo of a")
     vectors = torch.stack([base, base + 0.5 * torch.randn(base.shape, generator=torch.Generator().manual_seed(0))])
     vectors.requires_grad_(True)
@@ -128,7 +129,7 @@ def test_c3_vectors_change_output_and_receive_gradients(encoder):
     assert all(p.grad is None for p in encoder.clip_model.parameters())  # CLIP itself gets nothing
 
 
-def test_c3_positional_embeddings_are_added_to_learned_vectors(encoder):
+def test_positional_embeddings_are_added_to_learned_vectors(encoder):
     captured = {}
     handle = encoder.text_model.embeddings.register_forward_hook(lambda m, a, out: captured.setdefault("out", out))
     try:
@@ -291,7 +292,7 @@ def test_encode_images_without_processor_is_a_clear_error(encoder):
         enc.encode_images(torch.zeros(1, 3, 32, 32))
 
 
-# ---------------------------------------------------------------- loading (C8) and devices (C9)
+# ---------------------------------------------------------------- loading (offline, no network wait) and devices
 def _save_components(folder, model, tokenizer, processor=None):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -313,7 +314,7 @@ def test_from_pretrained_round_trip_through_a_local_folder(tmp_path, encoder):
 
 @pytest.fixture
 def no_network(monkeypatch):
-    """Record (and refuse) every attempt to open a connection (case C8: no socket wait)."""
+    """Record (and refuse) every attempt to open a connection (offline loading must not wait on a socket)."""
     attempts = []
 
     def refuse(*args, **kwargs):
@@ -326,7 +327,7 @@ def no_network(monkeypatch):
     return attempts
 
 
-def test_c8_offline_missing_id_fails_fast_and_clearly(monkeypatch, no_network):
+def test_offline_missing_id_fails_fast_and_clearly(monkeypatch, no_network):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError) as info:
         CLIPPromptEncoder.from_pretrained("nobody/clip-that-is-not-cached")
@@ -336,7 +337,7 @@ def test_c8_offline_missing_id_fails_fast_and_clearly(monkeypatch, no_network):
     assert no_network == []  # no connection was even attempted
 
 
-def test_c8_offline_detected_even_if_set_after_import(monkeypatch, no_network):
+def test_offline_detected_even_if_set_after_import(monkeypatch, no_network):
     # huggingface_hub reads HF_HUB_OFFLINE at import; we must read it at call time.
     import huggingface_hub.constants
 
@@ -347,19 +348,19 @@ def test_c8_offline_detected_even_if_set_after_import(monkeypatch, no_network):
     assert no_network == []
 
 
-def test_c8_local_folder_without_tokenizer_names_the_component(tmp_path, encoder, no_network):
+def test_local_folder_without_tokenizer_names_the_component(tmp_path, encoder, no_network):
     encoder.clip_model.save_pretrained(tmp_path)  # model only
     with pytest.raises(FileNotFoundError, match="CLIP tokenizer"):
         CLIPPromptEncoder.from_pretrained(tmp_path)
 
 
-def test_c8_local_folder_without_image_processor_names_the_component(tmp_path, encoder, no_network):
+def test_local_folder_without_image_processor_names_the_component(tmp_path, encoder, no_network):
     _save_components(tmp_path, encoder.clip_model, encoder.tokenizer)
     with pytest.raises(FileNotFoundError, match="CLIP image processor"):
         CLIPPromptEncoder.from_pretrained(tmp_path)
 
 
-def test_c8_mismatched_tokenizer_and_model(tmp_path):
+def test_mismatched_tokenizer_and_model(tmp_path):
     model, _ = build_clip()
     big = build_tokenizer(extra_tokens=[f"<t{i}>" for i in range(50)])
     _save_components(tmp_path, model, big, build_image_processor())
@@ -367,12 +368,12 @@ def test_c8_mismatched_tokenizer_and_model(tmp_path):
         CLIPPromptEncoder.from_pretrained(tmp_path)
 
 
-def test_c9_device_comes_from_the_model(encoder):
+def test_device_comes_from_the_model(encoder):
     assert encoder.device == torch.device("cpu")
     assert encoder.encode_text(["dog"]).device == encoder.device
 
 
-def test_c9_no_hard_coded_cuda_in_core_modules():
+def test_no_hard_coded_cuda_in_core_modules():
     root = Path(__file__).resolve().parents[1] / "ipl_diffusion"
     for name in ("clip_text.py", "clip_image.py", "clip_loading.py", "mapper.py", "losses.py", "prompt_learning.py"):
         source = (root / name).read_text()

@@ -1,5 +1,6 @@
-"""Deterministic DDIM decode / inversion (ipl_diffusion.ddim): cases C4 and C5, parity with
-diffusers' DDIMScheduler.step and with a re-statement of upstream DiffAE's reverse loop."""
+"""Deterministic DDIM decode / inversion (ipl_diffusion.ddim): exact round trips, timestep
+bookkeeping, parity with diffusers' DDIMScheduler.step and with a re-statement of upstream
+DiffAE's reverse loop."""
 
 import numpy as np
 import pytest
@@ -41,7 +42,7 @@ class ConstantEps(torch.nn.Module):
 
 
 class ScaledEps(torch.nn.Module):
-    """eps(x, t) = 0.1 x (case C4)."""
+    """eps(x, t) = 0.1 x: an eps that depends on x, so a round trip is only approximate."""
 
     def forward(self, x, t, z_sem=None):
         return 0.1 * x
@@ -62,10 +63,10 @@ def x0():
     return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
 
 
-# --- C4: the round trip is exact only when eps ignores x ------------------------------------
+# --- the round trip is exact only when eps ignores x ----------------------------------------
 
 
-def test_c4_round_trip_exact_when_eps_ignores_x(x0):
+def test_round_trip_exact_when_eps_ignores_x(x0):
     eps = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
     model, sched = ConstantEps(eps), scheduler()
     for steps in (5, 50):
@@ -78,7 +79,7 @@ def test_c4_round_trip_exact_when_eps_ignores_x(x0):
     assert (ddim_decode(model, x_t, None, sched, 5, start_timestep=800) - x0).abs().max() > 1e-3
 
 
-def test_c4_round_trip_error_falls_with_steps_for_x_dependent_eps(x0):
+def test_round_trip_error_falls_with_steps_for_x_dependent_eps(x0):
     sched = scheduler()
     errors = []
     for steps in (5, 10, 50):
@@ -102,12 +103,12 @@ def test_round_trip_to_intermediate_timestep(x0):
     assert (ddim_decode(model, x_t, None, sched, 10, start_timestep=400) - x0).abs().max() < 1e-5
 
 
-# --- C5: timestep bookkeeping ----------------------------------------------------------------
+# --- timestep bookkeeping --------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("offset", [0, 1])
-def test_c5_inversion_mirrors_decoding(spacing, offset, x0):
+def test_inversion_mirrors_decoding(spacing, offset, x0):
     sched = scheduler(timestep_spacing=spacing, steps_offset=offset)
     grid = ddim_timesteps(sched, 50)
     assert len(grid) == 50 and all(0 <= t <= 999 for t in grid)
@@ -136,7 +137,7 @@ def test_c5_inversion_mirrors_decoding(spacing, offset, x0):
         assert torch.allclose(back, x0, atol=1e-8)
 
 
-def test_c5_out_of_range_grid_is_rejected():
+def test_out_of_range_grid_is_rejected():
     with pytest.raises(ValueError, match=r"\[0, 999\]"):
         ddim_timesteps(scheduler(steps_offset=1), 1000)
     with pytest.raises(ValueError, match="positive integer"):

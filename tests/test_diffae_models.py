@@ -1,5 +1,5 @@
 """DiffAE models (ipl_diffusion.models): upstream parameter counts, conditioning, save/load,
-attention processors (case C6), gradient checkpointing, dtype and size errors."""
+attention processors (xformers fallback), gradient checkpointing, dtype and size errors."""
 
 import warnings
 
@@ -93,7 +93,7 @@ def test_attention_processors_agree():
         encoder.set_attn_processor({"only.one": AttnProcessor()})
 
 
-def test_c6_xformers_unavailable_warns_once_and_falls_back_to_sdpa(monkeypatch):
+def test_xformers_unavailable_warns_once_and_falls_back_to_sdpa(monkeypatch):
     import ipl_diffusion.models.diffae_blocks as blocks
 
     monkeypatch.setattr(blocks, "xformers_unavailable_reason", lambda: "no GPU here")
@@ -112,7 +112,7 @@ def test_c6_xformers_unavailable_warns_once_and_falls_back_to_sdpa(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the real CPU-only behaviour")
-def test_c6_real_cpu_machine_does_not_raise():
+def test_real_cpu_machine_does_not_raise():
     encoder = tiny_encoder()
     with pytest.warns(UserWarning, match="xformers"):
         encoder.enable_xformers_memory_efficient_attention()

@@ -31,3 +31,23 @@ def test_bad_grids_are_refused():
         labelled_grid([torch.zeros(1, 3, 4, 4)], ["a", "b"])
     with pytest.raises(ValueError, match="one size"):
         labelled_grid([torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 8, 8)])
+
+
+def test_image_grid_is_seamless_at_the_images_size_and_wraps_rows():
+    """``ipl sample``'s grid: ``columns`` images to a row, touching, at their own size, the last
+    row's empty cells white; PIL images and tensors give the same pixels."""
+    from PIL import Image
+
+    from ipl_diffusion.grids import image_grid
+
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 256, (5, 6, 4, 3), dtype=np.uint8)  # 5 images, 6 high, 4 wide
+    grid = np.asarray(image_grid([Image.fromarray(t) for t in tiles], columns=3))
+    assert grid.shape == (2 * 6, 3 * 4, 3)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, 3)
+        np.testing.assert_array_equal(grid[r * 6 : (r + 1) * 6, c * 4 : (c + 1) * 4], tile)
+    assert (grid[6:, 2 * 4 :] == 255).all()  # the sixth cell is empty
+    as_tensor = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 127.5 - 1
+    np.testing.assert_array_equal(np.asarray(image_grid(as_tensor, columns=3)), grid)
+    assert np.asarray(image_grid(as_tensor, columns=8)).shape == (6, 5 * 4, 3)  # one row when it fits

@@ -1,4 +1,4 @@
-"""The one image preprocessing path (ipl_diffusion.images): odd modes, sizes, files, case C7."""
+"""The one image preprocessing path (ipl_diffusion.images): odd modes, sizes, files, missing folders."""
 
 import numpy as np
 import pytest
@@ -116,7 +116,7 @@ def test_decompression_bomb_gives_clear_error(tmp_path, monkeypatch):
         load_image(path, 4)
 
 
-def test_c7_missing_or_empty_folder(tmp_path):
+def test_missing_or_empty_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="does-not-exist.*expected a folder of images"):
         load_images(tmp_path / "does-not-exist", 4)
     empty = tmp_path / "empty"

@@ -1,4 +1,4 @@
-"""CLIP metrics by hand and on the tiny CLIP; weight resolution errors (case C8)."""
+"""CLIP metrics by hand and on the tiny CLIP; weight resolution errors (offline, no download)."""
 
 import time
 

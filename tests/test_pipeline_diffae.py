@@ -1,5 +1,5 @@
 """DiffAEPipeline: encode / decode / sample / reconstruct, output types, seeds, save/load
-(also in a fresh process), push_to_hub (stubbed), cases C6, C7, C8."""
+(also in a fresh process), push_to_hub (stubbed), xformers fallback, missing folders, offline Hub ids."""
 
 import json
 import os
@@ -101,7 +101,7 @@ def test_images_from_files_of_any_mode_and_size(pipe, tmp_path):
         pipe.encode(tmp_path, num_inference_steps=2)
 
 
-def test_c7_missing_folder_fails_before_any_model_call(pipe, tmp_path):
+def test_missing_folder_fails_before_any_model_call(pipe, tmp_path):
     calls = []
     pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
     pipe.semantic_encoder.register_forward_pre_hook(lambda *a: calls.append(1))
@@ -163,7 +163,7 @@ def test_optional_latent_net_saved_as_none(pipe, tmp_path):
     assert DiffAEPipeline.from_pretrained(tmp_path).latent_net is None
 
 
-def test_c8_offline_unknown_hub_id_fails_fast(monkeypatch):
+def test_offline_unknown_hub_id_fails_fast(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="not in the Hub cache"):
         DiffAEPipeline.from_pretrained("someone/not-a-cached-diffae")
@@ -198,7 +198,7 @@ def test_push_to_hub_uploads_the_saved_folder(pipe, monkeypatch):
     assert "pipeline_diffae.py" in calls["files"] and "diffae_unet.py" in calls["unet_files"]
 
 
-def test_c6_pipeline_xformers_fallback_warns_once(pipe, monkeypatch):
+def test_pipeline_xformers_fallback_warns_once(pipe, monkeypatch):
     import ipl_diffusion.pipelines.pipeline_diffae as module
 
     monkeypatch.setattr(module, "xformers_unavailable_reason", lambda: "no CUDA device")

@@ -139,7 +139,7 @@ def test_missing_component_and_offline_hub_id(source_pipe, tmp_path, monkeypatch
     started = time.perf_counter()
     with pytest.raises(FileNotFoundError, match="nobody/no-such-ipl-model.*local folder"):
         IPLPipeline.from_pretrained("nobody/no-such-ipl-model")
-    assert time.perf_counter() - started < 10  # no network wait (case C8)
+    assert time.perf_counter() - started < 10  # no network wait
 
 
 def test_adapt_errors_before_work(source_pipe, tmp_path):
@@ -242,8 +242,8 @@ def test_from_components_assembles_a_source_pipeline(source_pipe, tmp_path):
         IPLPipeline.from_components(diffae, source_pipe.text_encoder)
 
 
-def test_c6_xformers_where_it_cannot_run_warns_once_and_keeps_outputs(monkeypatch):
-    """Case C6 on the whole IPL pipeline: the CLIP text encoder and every DiffAE model are
+def test_xformers_where_it_cannot_run_warns_once_and_keeps_outputs(monkeypatch):
+    """The xformers fallback on the whole IPL pipeline: the CLIP text encoder and every DiffAE model are
     components, yet enabling xformers gives one warning, SDPA everywhere and equal outputs."""
     import warnings
 

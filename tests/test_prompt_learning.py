@@ -148,7 +148,7 @@ def test_learned_scheme_trains_one_shared_context(encoder, pool, features):
 
 
 def test_context_phrase_sets_n_ctx_in_bpe_tokens(encoder, pool):
-    phrase = "an ukiyo-e painting of"  # 4 words, more BPE tokens (case C1)
+    phrase = "an ukiyo-e painting of"  # 4 words, more BPE tokens
     learner = learn_prompts(encoder, pool, SOURCE, TARGET, scheme="random", context=phrase, **FAST)
     assert learner.n_ctx == encoder.count_tokens(phrase) > 4
     assert learner.prompt_vectors(pool[:2]).shape == (2, learner.n_ctx, encoder.hidden_size)

@@ -175,11 +175,11 @@ def test_a_pipeline_class_refuses_the_other_familys_folder_and_names_its_loader(
 
 
 def test_shipped_adapt_defaults_are_the_documented_ones():
-    """The folders' recorded adapt_defaults are the CLI's SHAPES_* constants, whose comment
-    says how each value was chosen (one source of truth for `ipl adapt`'s defaults)."""
+    """The folders' recorded adapt_defaults are ipl_diffusion.shapes' SHAPES_* constants, whose
+    comment says how each value was chosen (one source of truth for `ipl adapt`'s defaults)."""
     import json
 
-    from ipl_diffusion.shapes.adapt_defaults import SHAPES_ADAPT_DEFAULTS, SHAPES_GAN_ADAPT_DEFAULTS
+    from ipl_diffusion.shapes import SHAPES_ADAPT_DEFAULTS, SHAPES_GAN_ADAPT_DEFAULTS
 
     for backend, expected in (("diffae", SHAPES_ADAPT_DEFAULTS), ("stylegan2", SHAPES_GAN_ADAPT_DEFAULTS)):
         index = json.loads((default_model_path(backend) / "model_index.json").read_text())

@@ -17,6 +17,8 @@ TINY = [
     "--mapping_codes", "300", "--mapping_kimg", "2",
 ]
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny latency-bound models (conftest.py)
+
 
 @pytest.fixture(scope="module")
 def script():
@@ -26,7 +28,6 @@ def script():
 @pytest.fixture(scope="module")
 def run(script, tmp_path_factory):
     """A GAN run, then autoencoder and mapping phases warm-started from its g_ema."""
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("shapes_stylegan2")
     script.main(TINY + ["--max_steps", "2", "--work_dir", str(root / "gan"), "--output_dir", str(root / "gan_out")])
     common = TINY + ["--work_dir", str(root / "ae"), "--output_dir", str(root / "ae_out")]

@@ -15,6 +15,8 @@ TINY = [
     "--eval_steps", "3", "--checkpointing_steps", "100", "--oracle", "no-oracle",
 ]
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny latency-bound models (conftest.py)
+
 
 @pytest.fixture(scope="module")
 def script():
@@ -24,7 +26,6 @@ def script():
 @pytest.fixture(scope="module")
 def trained(script, tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes_diffae")
-    torch.set_num_threads(1)
     script.main(TINY + ["--max_steps", "3", "--latent_steps", "3", "--work_dir", str(root / "work"), "--output_dir", str(root / "out")])
     return root / "out"
 

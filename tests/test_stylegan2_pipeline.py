@@ -165,7 +165,7 @@ def test_from_components_reads_rosinality_pt(tmp_path, tiny_clip):
         assert loaded.generator is None and loaded.source_generator.config.size == 32
     with pytest.raises(FileNotFoundError, match="does not exist"):
         StyleGANIPLPipeline.from_components(tmp_path / "missing", *tiny_clip)
-    # offline and no local CLIP: a clear error naming the CLIP component (case C8)
+    # offline and no local CLIP: a clear error naming the CLIP component
     with pytest.raises(FileNotFoundError, match="CLIP model"):
         StyleGANIPLPipeline.from_pretrained(tmp_path / "converted")
 

@@ -77,8 +77,11 @@ def test_interrupted_run_resumes_to_identical_weights(model_dir, tmp_path):
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(model_dir, tmp_path):
     # The L1 term (weight 1) is far from rounding noise at step 1: |reconstruction - source|.
+    # It is the only term (CLIP weight 0): at step 1 the adapted and source images are equal up
+    # to rounding, so the CLIP direction's gradient is rounding noise that differs between the
+    # runs, while the L1 gradient is the same function of the same batch in both.
     common = ["--model", str(model_dir), *TINY_ARGS, "--iterations", "1",
-              "--l1_loss_weight", "1"]
+              "--l1_loss_weight", "1", "--clip_loss_weight", "0"]
     run_script([*common, "--output_dir", str(tmp_path / "one"), "--batch_size", "2"])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
     result = run_script([*common, "--output_dir", str(tmp_path / "two"), "--batch_size", "1"], launcher=torchrun)
@@ -86,11 +89,16 @@ def test_two_processes_match_one_process_with_the_same_global_batch(model_dir, t
     assert json.loads((tmp_path / "two" / "run_config.json").read_text())["num_processes"] == 2
     # Sharding: the two halves of the global batch give the same (logged, all-reduced) loss. The
     # L1 term is compared: it is the mean over the two halves, equal to the one-process value to
-    # the CSV's 6 digits, where a sum over the processes would double it. (Not the total: at step 1
-    # the adapted and source images are equal up to rounding, so the CLIP direction is rounding
-    # noise -- 3.0 in one run, 2.916 in the other on this machine.)
+    # the CSV's 6 digits, where a sum over the processes would double it.
     assert losses(tmp_path / "two", "l1") == pytest.approx(losses(tmp_path / "one", "l1"), rel=1e-5)
     assert losses(tmp_path / "one", "l1")[0] > 0.01  # far above rounding noise
+    # Gradient averaging, measured on the gradient itself: the trainer logs the UNet's gradient
+    # norm after the all-reduce and before clipping. Each process's gradient is that of the mean
+    # L1 over its half, so their mean is the one-process gradient on the whole batch; a summing
+    # all-reduce would log twice the norm. (The weights below cannot show this: Adam's first
+    # step is +-lr per element whatever the gradient's scale.)
+    assert losses(tmp_path / "one", "grad_norm")[0] > 1e-3  # a gradient to compare, not zero
+    assert losses(tmp_path / "two", "grad_norm") == pytest.approx(losses(tmp_path / "one", "grad_norm"), rel=1e-4)
     # Gradient averaging: the same update up to float noise. (Adam turns gradients that are
     # ~0 up to rounding into +-lr steps of random sign, so compare the bulk, not every element.)
     one, two = unet_weights(tmp_path / "one"), unet_weights(tmp_path / "two")

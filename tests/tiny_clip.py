@@ -11,7 +11,7 @@ from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 # Merges that turn a few common words into single tokens, so tests can tell
-# "words" from "BPE tokens" (case C1). Order matters: BPE applies them in rank order.
+# "words" from "BPE tokens". Order matters: BPE applies them in rank order.
 _WORDS = ("photo", "painting", "sketch", "of", "an", "a", "the", "wall", "dog", "cat")
 
 
@@ -30,7 +30,7 @@ def build_tokenizer(extra_tokens=()):
     """An offline ``CLIPTokenizer``: byte alphabet + ``</w>`` forms + word merges + SOT/EOT.
 
     ``extra_tokens`` are added *after* EOT with ``add_tokens``, so their ids exceed the EOT
-    id (the situation of case C2).
+    id (the case where pooling at argmax(input_ids) would pick the wrong token).
     """
     alphabet = sorted(ByteLevel.alphabet())
     vocab = {}

@@ -30,14 +30,13 @@ import json
 import math
 import random
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-from ipl_diffusion.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
+from ipl_diffusion.checkpointing import ResumableRun
 from ipl_diffusion.outputs import output_lock
 from ipl_diffusion.shapes.renderer import STYLES, ShapesRenderer, sample_factors
 from ipl_diffusion.shapes.vocab import build_tokenizer, sample_captions, zero_shot_texts
@@ -168,12 +167,8 @@ def train(args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     data_gen = torch.Generator().manual_seed(args.seed + 1)
 
-    start_step, elapsed_before = 0, 0.0
-    resume = resolve_checkpoint(work, args.resume_from_checkpoint)
-    if resume is not None:
-        start_step, saved = load_checkpoint(resume, {"clip": model}, {"adamw": optimizer}, {"data": data_gen})
-        elapsed_before = float(saved.get("elapsed_seconds", 0.0))
-        print(f"resumed from {resume} at step {start_step}")
+    config = {k: v for k, v in vars(args).items()}
+    run = ResumableRun(work, {"clip": model}, {"adamw": optimizer}, {"data": data_gen}, config, args.resume_from_checkpoint)
 
     def lr_at(step):
         if step < args.warmup_steps:
@@ -181,16 +176,12 @@ def train(args):
         progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
         return args.learning_rate * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    config = {k: v for k, v in vars(args).items()}
     n_params = sum(p.numel() for p in model.parameters())
     print(f"Shapes CLIP: {n_params / 1e6:.2f} M parameters, vocab {len(tokenizer)}")
-    t0 = time.time()
     log = open(work / "log.jsonl", "a")
-    step = start_step
     model.train()
-    while step < args.max_steps:
-        if args.max_minutes is not None and time.time() - t0 > args.max_minutes * 60:
-            break
+    while run.running(args.max_steps, args.max_minutes):
+        step = run.step
         # Python's RNG drives caption choice; seeding it from the step keeps resumed runs identical.
         rng = random.Random(args.seed * 1_000_003 + step)
         factors = sample_factors(args.batch_size, generator=data_gen)
@@ -207,9 +198,9 @@ def train(args):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        step += 1
+        step = run.step = step + 1
         if step % 20 == 0:
-            record = dict(step=step, loss=loss.item(), lr=lr_at(step), minutes=(time.time() - t0) / 60)
+            record = dict(step=step, loss=loss.item(), lr=lr_at(step), minutes=run.minutes())
             log.write(json.dumps(record) + "\n")
             log.flush()
             print(record, flush=True)
@@ -218,11 +209,9 @@ def train(args):
             print({"step": step, "zero_shot": acc}, flush=True)
             log.write(json.dumps({"step": step, "zero_shot": acc}) + "\n")
         if step % args.checkpointing_steps == 0:
-            elapsed = elapsed_before + time.time() - t0
-            save_checkpoint(work, step, {"clip": model}, {"adamw": optimizer}, dict(config, elapsed_seconds=elapsed), {"data": data_gen}, keep=2)
+            run.save()
 
-    elapsed = elapsed_before + time.time() - t0
-    save_checkpoint(work, step, {"clip": model}, {"adamw": optimizer}, dict(config, elapsed_seconds=elapsed), {"data": data_gen}, keep=2)
+    elapsed, step = run.save(), run.step
     # Fresh images never seen in training (a seed range training never draws from).
     accuracy = zero_shot_accuracy(model, tokenizer, renderer, args.eval_images, seed=987_654_321)
     print("final zero-shot accuracy:", accuracy)

@@ -54,16 +54,15 @@ import copy
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from PIL import Image
 
-from ipl_diffusion.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
+from ipl_diffusion.checkpointing import ResumableRun, load_checkpoint, resolve_checkpoint
 from ipl_diffusion.ddim import ddim_decode, ddim_invert
+from ipl_diffusion.grids import labelled_grid
 from ipl_diffusion.models import DiffAEUNetModel, LatentNetModel, SemanticEncoder
 from ipl_diffusion.outputs import output_lock
 from ipl_diffusion.shapes.renderer import SOURCE_STYLE, ShapesRenderer, sample_factors
@@ -154,13 +153,6 @@ def ema_update(ema_model, model, decay):
     torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - decay)
 
 
-def to_pil_grid(rows):
-    """rows: list of (N, 3, H, W) tensors in [-1, 1] -> one PIL image, one row per tensor."""
-    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)
-    array = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(array)
-
-
 def warm_start(folder, models):
     """Copy a trained DiffAEPipeline folder's encoder and UNet into the models and their EMAs.
 
@@ -185,31 +177,19 @@ def train_autoencoder(args, encoder, unet, ema_encoder, ema_unet, work, renderer
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
     data_gen = torch.Generator().manual_seed(args.seed + 1)
     models = {"encoder": encoder, "unet": unet, "ema_encoder": ema_encoder, "ema_unet": ema_unet}
-    step, elapsed_before = 0, 0.0
-    resume = None if args.resume_from_checkpoint == "none" else resolve_checkpoint(work, args.resume_from_checkpoint)
-    if resume is not None:
-        step, saved = load_checkpoint(resume, models, {"adam": optimizer}, {"data": data_gen})
-        trained_as = saved.get("prediction_type", "epsilon")  # checkpoints from before the option: eps
+    run = ResumableRun(work, models, {"adam": optimizer}, {"data": data_gen}, vars(args), args.resume_from_checkpoint,
+                       name="autoencoder")
+    if run.resumed:
+        trained_as = run.saved_config.get("prediction_type", "epsilon")  # checkpoints from before the option: eps
         if trained_as != args.prediction_type:
-            raise ValueError(f"{resume} was trained with --prediction_type {trained_as}; resume it with that, or start a new --work_dir")
-        elapsed_before = float(saved.get("elapsed_seconds", 0.0))
-        print(f"resumed autoencoder from {resume} at step {step}")
+            raise ValueError(f"{run.resumed_from} was trained with --prediction_type {trained_as}; resume it with that, or start a new --work_dir")
     elif args.init_from:
         warm_start(args.init_from, models)
-    t0 = time.time()
     encoder.train()
     unet.train()
-
-    def save():
-        elapsed = elapsed_before + time.time() - t0
-        config = dict(vars(args), elapsed_seconds=elapsed)
-        save_checkpoint(work, step, models, {"adam": optimizer}, config, {"data": data_gen}, keep=2)
-        return elapsed
-
     last_loss = float("nan")
-    while step < args.max_steps:
-        if args.max_minutes is not None and time.time() - t0 > args.max_minutes * 60:
-            break
+    while run.running(args.max_steps, args.max_minutes):
+        step = run.step
         factors = sample_factors(args.batch_size, generator=data_gen, style=SOURCE_STYLE)
         x0 = renderer.render(factors, generator=data_gen)
         noise = torch.randn(x0.shape, generator=data_gen)
@@ -223,17 +203,17 @@ def train_autoencoder(args, encoder, unet, ema_encoder, ema_unet, work, renderer
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        step += 1
+        step = run.step = step + 1
         # EMA warm-up (as in diffusers' EMAModel): short runs must not average in random init.
         decay = min(args.ema_decay, (1 + step) / (10 + step))
         ema_update(ema_encoder, encoder, decay)
         ema_update(ema_unet, unet, decay)
         last_loss = loss.item()
         if step % 25 == 0:
-            print(dict(phase="autoencoder", step=step, loss=round(last_loss, 5), minutes=round((time.time() - t0) / 60, 2)), flush=True)
+            print(dict(phase="autoencoder", step=step, loss=round(last_loss, 5), minutes=round(run.minutes(), 2)), flush=True)
         if step % args.checkpointing_steps == 0:
-            save()
-    return step, save(), last_loss
+            run.save()
+    return run.step, run.save(), last_loss
 
 
 def train_latent(args, ema_encoder, latent_net, work, renderer):
@@ -250,18 +230,11 @@ def train_latent(args, ema_encoder, latent_net, work, renderer):
     optimizer = torch.optim.AdamW(latent_net.parameters(), lr=1e-3, weight_decay=0.01)
     betas = torch.full((1000,), 0.008)
     alphas_cumprod = torch.cumprod(1 - betas, 0)
-    step, elapsed_before = 0, 0.0
-    latent_work = work / "latent"
-    resume = None if args.resume_from_checkpoint == "none" else resolve_checkpoint(latent_work, args.resume_from_checkpoint)
-    if resume is not None:
-        step, saved = load_checkpoint(resume, {"latent_net": latent_net}, {"adamw": optimizer}, {"data": gen})
-        elapsed_before = float(saved.get("elapsed_seconds", 0.0))
-        print(f"resumed latent DDIM from {resume} at step {step}")
-    t0 = time.time()
+    run = ResumableRun(work / "latent", {"latent_net": latent_net}, {"adamw": optimizer}, {"data": gen}, vars(args),
+                       args.resume_from_checkpoint, name="latent DDIM")
     latent_net.train()
-    while step < args.latent_steps:
-        if args.latent_minutes is not None and time.time() - t0 > args.latent_minutes * 60:
-            break
+    while run.running(args.latent_steps, args.latent_minutes):
+        step = run.step
         idx = torch.randint(0, z.shape[0], (args.latent_batch_size,), generator=gen)
         z0 = z[idx]
         noise = torch.randn(z0.shape, generator=gen)
@@ -275,15 +248,14 @@ def train_latent(args, ema_encoder, latent_net, work, renderer):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        step += 1
+        step = run.step = step + 1
         if step % 100 == 0:
-            print(dict(phase="latent", step=step, loss=round(loss.item(), 5), minutes=round((time.time() - t0) / 60, 2)), flush=True)
+            print(dict(phase="latent", step=step, loss=round(loss.item(), 5), minutes=round(run.minutes(), 2)), flush=True)
         if step % 500 == 0:
-            save_checkpoint(latent_work, step, {"latent_net": latent_net}, {"adamw": optimizer}, dict(vars(args), elapsed_seconds=elapsed_before + time.time() - t0), {"data": gen}, keep=2)
-    elapsed = elapsed_before + time.time() - t0
-    save_checkpoint(latent_work, step, {"latent_net": latent_net}, {"adamw": optimizer}, dict(vars(args), elapsed_seconds=elapsed), {"data": gen}, keep=2)
+            run.save()
+    elapsed = run.save()
     latent_net.eval()
-    return step, elapsed, loss.item() if step else float("nan")
+    return run.step, elapsed, loss.item() if run.step else float("nan")
 
 
 @torch.no_grad()
@@ -343,7 +315,7 @@ def evaluate(args, encoder, unet, latent_net, renderer, out_dir):
     rows = [x0[:16], recon[:16], semantic[:16]]
     if samples is not None:
         rows += [samples[:16], samples[16:32]]
-    to_pil_grid(rows).resize((16 * 64, len(rows) * 64), Image.NEAREST).save(out_dir / "samples.png")
+    labelled_grid(rows, min_tile=64, margin=0).save(out_dir / "samples.png")  # tiles upscaled (nearest) to 64 px
     return metrics
 
 

@@ -17,13 +17,12 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ipl_diffusion.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
+from ipl_diffusion.checkpointing import ResumableRun
 from ipl_diffusion.outputs import output_lock
 from ipl_diffusion.shapes.oracle import ShapesOracle, oracle_loss
 from ipl_diffusion.shapes.renderer import STYLES, ShapesRenderer, sample_factors
@@ -91,25 +90,11 @@ def train(args):
     oracle = ShapesOracle(resolution=args.resolution)
     optimizer = torch.optim.AdamW(oracle.parameters(), lr=args.learning_rate, weight_decay=1e-4)
     data_gen = torch.Generator().manual_seed(args.seed + 1)
-    start_step, elapsed_before = 0, 0.0
-    resume = resolve_checkpoint(work, args.resume_from_checkpoint)
-    if resume is not None:
-        start_step, saved = load_checkpoint(resume, {"oracle": oracle}, {"adamw": optimizer}, {"data": data_gen})
-        elapsed_before = float(saved.get("elapsed_seconds", 0.0))
-        print(f"resumed from {resume} at step {start_step}")
     config = dict(vars(args))
-    t0 = time.time()
-    step = start_step
+    run = ResumableRun(work, {"oracle": oracle}, {"adamw": optimizer}, {"data": data_gen}, config, args.resume_from_checkpoint)
     oracle.train()
-
-    def save():
-        elapsed = elapsed_before + time.time() - t0
-        save_checkpoint(work, step, {"oracle": oracle}, {"adamw": optimizer}, dict(config, elapsed_seconds=elapsed), {"data": data_gen}, keep=2)
-        return elapsed
-
-    while step < args.max_steps:
-        if args.max_minutes is not None and time.time() - t0 > args.max_minutes * 60:
-            break
+    while run.running(args.max_steps, args.max_minutes):
+        step = run.step
         factors = sample_factors(args.batch_size, generator=data_gen)
         images = corrupt(renderer.render(factors, generator=data_gen), data_gen)
         lr = args.learning_rate * 0.5 * (1 + math.cos(math.pi * step / args.max_steps))
@@ -121,12 +106,12 @@ def train(args):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        step += 1
+        step = run.step = step + 1
         if step % 50 == 0:
-            print(dict(step=step, loss=round(loss.item(), 4), lr=lr, minutes=round((time.time() - t0) / 60, 2)), flush=True)
+            print(dict(step=step, loss=round(loss.item(), 4), lr=lr, minutes=round(run.minutes(), 2)), flush=True)
         if step % args.checkpointing_steps == 0:
-            save()
-    elapsed = save()
+            run.save()
+    elapsed, step = run.save(), run.step
     metrics = evaluate(oracle, renderer, args.eval_images, seed=123_456_789)
     print("final evaluation on fresh images:", metrics)
     out = Path(args.output_dir)

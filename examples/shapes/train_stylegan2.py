@@ -55,16 +55,14 @@ import copy
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
-from ipl_diffusion.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
-from ipl_diffusion.cli.argtypes import positive_int
+from ipl_diffusion.checkpointing import ResumableRun, load_checkpoint, resolve_checkpoint
+from ipl_diffusion.grids import labelled_grid
 from ipl_diffusion.models.semantic_encoder import SemanticEncoder
 from ipl_diffusion.models.stylegan2 import EqualLinear, StyleGAN2Discriminator, StyleGAN2Generator
 from ipl_diffusion.outputs import output_lock
@@ -106,10 +104,14 @@ def parse_args(argv=None):
     p.add_argument("--init_from", default=None, help="a trained generator folder (save_pretrained) to start the autoencoder or gan phase from")
     p.add_argument("--encoder_channels", type=int, default=32, help="base width of the autoencoder phase's encoder")
     p.add_argument("--edge_weight", type=float, default=1.0, help="weight of the autoencoder phase's gradient difference loss")
-    p.add_argument("--mapping_codes", type=positive_int, default=32768, help="photos encoded once as the mapping phase's real codes")
+    p.add_argument("--mapping_codes", type=int, default=32768, help="photos encoded once as the mapping phase's real codes")
     p.add_argument("--mapping_kimg", type=float, default=15000.0, help="thousands of latent codes the mapping phase trains on")
-    p.add_argument("--mapping_batch_size", type=positive_int, default=256, help="latent codes per mapping-phase step")
-    return p.parse_args(argv)
+    p.add_argument("--mapping_batch_size", type=int, default=256, help="latent codes per mapping-phase step")
+    args = p.parse_args(argv)
+    for name in ("mapping_codes", "mapping_batch_size"):  # 0 would leave the mapping phase nothing to train on
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1; got {getattr(args, name)}")
+    return args
 
 
 def mixed_latents(batch, style_dim, prob, generator):
@@ -117,14 +119,6 @@ def mixed_latents(batch, style_dim, prob, generator):
     if torch.rand((), generator=generator) < prob:
         return [torch.randn(batch, style_dim, generator=generator) for _ in range(2)]
     return [torch.randn(batch, style_dim, generator=generator)]
-
-
-@torch.no_grad()
-def to_pil_grid(rows):
-    """rows: list of (N, 3, H, W) tensors in [-1, 1] -> one PIL image (2x nearest), a row per tensor."""
-    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)
-    image = Image.fromarray(((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
-    return image.resize((image.width * 2, image.height * 2), Image.NEAREST)
 
 
 @torch.no_grad()
@@ -155,38 +149,17 @@ def oracle_report(g_ema, oracle_dir, n=256, seed=123):
     )
 
 
-class PhaseRun:
-    """Step counter, wall clock and checkpoints of one phase in ``work``.
+def grid(rows):
+    """rows: list of (N, 3, H, W) tensors in [-1, 1] -> one PIL image (2x nearest), a row per tensor."""
+    return labelled_grid(rows, min_tile=2 * rows[0].shape[-1], margin=0)
 
-    Resumes from ``--resume_from_checkpoint`` (``latest`` by default; ``none`` starts afresh):
-    models, optimisers and the data RNG come back, and the wall time already spent is carried
-    in the checkpoint. ``save()`` writes an atomic checkpoint (the newest two are kept).
-    """
 
-    def __init__(self, args, work, models, optimizers, data_gen, name):
-        self.args, self.work, self.models, self.optimizers, self.data_gen = args, work, models, optimizers, data_gen
-        self.step, self.elapsed_before = 0, 0.0
-        resume = None if args.resume_from_checkpoint == "none" else resolve_checkpoint(work, args.resume_from_checkpoint)
-        self.resumed = resume is not None
-        if resume is not None:
-            self.step, saved = load_checkpoint(resume, models, optimizers, {"data": data_gen})
-            self.elapsed_before = float(saved.get("elapsed_seconds", 0.0))
-            print(f"resumed the {name} phase from {resume} at step {self.step}")
-        self.t0 = time.time()
-
-    def minutes(self):
-        """Wall minutes of this process (``--max_minutes`` bounds it)."""
-        return (time.time() - self.t0) / 60
-
-    def running(self, max_steps):
-        return self.step < max_steps and (self.args.max_minutes is None or self.minutes() < self.args.max_minutes)
-
-    def save(self):
-        """Checkpoint at the current step; returns the phase's wall seconds over all runs."""
-        elapsed = self.elapsed_before + time.time() - self.t0
-        config = dict(vars(self.args), elapsed_seconds=elapsed)
-        save_checkpoint(self.work, self.step, self.models, self.optimizers, config, {"data": self.data_gen}, keep=2)
-        return elapsed
+def phase_run(args, work, models, optimizers, data_gen, name):
+    """The phase's :class:`~ipl_diffusion.checkpointing.ResumableRun` in ``work``: resumed from
+    ``--resume_from_checkpoint`` (``latest`` by default; ``none`` starts afresh) with its
+    models, optimisers, data RNG and wall time; ``save()`` keeps the newest two checkpoints."""
+    return ResumableRun(work, models, optimizers, {"data": data_gen}, vars(args), args.resume_from_checkpoint,
+                        name=f"the {name} phase", keep=2)
 
 
 def build_generator(args):
@@ -258,10 +231,10 @@ def train_autoencoder(args, renderer):
         betas=(0.0, 0.99),
     )
     data_gen = torch.Generator().manual_seed(args.seed + 1)
-    run = PhaseRun(args, work, {"generator": generator, "encoder": encoder}, {"adam": optimizer}, data_gen, "autoencoder")
+    run = phase_run(args, work, {"generator": generator, "encoder": encoder}, {"adam": optimizer}, data_gen, "autoencoder")
     if not run.resumed and args.init_from:
         init_generator(generator, args.init_from)
-    while run.running(args.max_steps):
+    while run.running(args.max_steps, args.max_minutes):
         real = renderer.render(sample_factors(args.batch_size, generator=data_gen, style=SOURCE_STYLE), generator=data_gen)
         loss = reconstruction_loss(generator(encoder(real), input_is_latent=True)[0], real, args.edge_weight)
         if not torch.isfinite(loss):
@@ -279,7 +252,7 @@ def train_autoencoder(args, renderer):
     real = renderer.render(sample_factors(16, generator=test_gen, style=SOURCE_STYLE), generator=test_gen)
     with torch.no_grad():
         recon = generator(encoder(real), input_is_latent=True)[0].clamp(-1, 1)
-    to_pil_grid([real, recon]).save(work / "reconstructions.png")
+    grid([real, recon]).save(work / "reconstructions.png")
     record = dict(phase="autoencoder", steps=run.step, wall_seconds=elapsed, test_mse=F.mse_loss(recon, real).item(), init_from=args.init_from)
     if args.init_from and (Path(args.init_from) / "training_record.json").is_file():
         record["warm_start"] = json.loads((Path(args.init_from) / "training_record.json").read_text())
@@ -300,7 +273,7 @@ def write_generator(args, g_ema, facts):
     with torch.no_grad():
         g = torch.Generator().manual_seed(7)
         samples = g_ema([torch.randn(32, args.style_dim, generator=g)], randomize_noise=False)[0].clamp(-1, 1)
-    to_pil_grid([samples[:16], samples[16:]]).save(out / "samples.png")
+    grid([samples[:16], samples[16:]]).save(out / "samples.png")
     record = dict(
         task="shapes_stylegan2",
         phase=args.phase,
@@ -353,14 +326,14 @@ def train_mapping(args, renderer):
     g_optim = torch.optim.Adam(mapping.parameters(), lr=args.learning_rate / generator.config.lr_mlp, betas=(0.0, 0.99))
     d_optim = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, betas=(0.0, 0.99))
     data_gen = torch.Generator().manual_seed(args.seed + 5)
-    run = PhaseRun(args, work, {"mapping": mapping, "critic": critic}, {"g_optim": g_optim, "d_optim": d_optim}, data_gen, "mapping")
+    run = phase_run(args, work, {"mapping": mapping, "critic": critic}, {"g_optim": g_optim, "d_optim": d_optim}, data_gen, "mapping")
     batch = args.mapping_batch_size
     total_steps = int(args.mapping_kimg * 1000 // batch)
 
     def critic_of(w):
         return critic((w - mean) / std)
 
-    while run.running(total_steps):
+    while run.running(total_steps, args.max_minutes):
         real = bank[torch.randint(0, bank.shape[0], (batch,), generator=data_gen)].requires_grad_(True)
         fake = mapping(torch.randn(batch, args.style_dim, generator=data_gen))
         real_logits = critic_of(real)
@@ -416,12 +389,12 @@ def train(args):
     d_optim = torch.optim.Adam(discriminator.parameters(), lr=args.learning_rate * ratio, betas=(0.0, 0.99**ratio))
     data_gen = torch.Generator().manual_seed(args.seed + 1)
     models = {"generator": generator, "discriminator": discriminator, "g_ema": g_ema}
-    run = PhaseRun(args, work, models, {"g_optim": g_optim, "d_optim": d_optim}, data_gen, "gan")
+    run = phase_run(args, work, models, {"g_optim": g_optim, "d_optim": d_optim}, data_gen, "gan")
     if not run.resumed and args.init_from:
         init_generator(generator, args.init_from)
         g_ema.load_state_dict(generator.state_dict())
     ema_decay = 0.5 ** (args.batch_size / (args.ema_kimg * 1000))
-    while run.running(args.max_steps):
+    while run.running(args.max_steps, args.max_minutes):
         real = renderer.render(sample_factors(args.batch_size, generator=data_gen, style=SOURCE_STYLE), generator=data_gen)
         # Discriminator: softplus(D(fake)) + softplus(-D(real)), the non-saturating logistic loss.
         with torch.no_grad():

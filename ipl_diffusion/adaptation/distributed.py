@@ -24,6 +24,7 @@ import math
 import warnings
 
 import torch
+from ipl_diffusion.errors import UserError
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -49,18 +50,18 @@ def make_accelerator(mixed_precision: str = "no", device=None):
     from accelerate import Accelerator
 
     if mixed_precision not in MIXED_PRECISION:
-        raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
+        raise UserError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
     # cpu=True also when there is no GPU: only then does accelerate treat a torchrun /
     # `accelerate launch` multi-process CPU job as MULTI_CPU (gloo) instead of N lone processes.
     cpu = (device is not None and torch.device(device).type == "cpu") or not torch.cuda.is_available()
     if mixed_precision == "fp16" and cpu:
-        raise ValueError("mixed_precision='fp16' needs a CUDA GPU; on a CPU use 'no' (or 'bf16', slower)")
+        raise UserError("mixed_precision='fp16' needs a CUDA GPU; on a CPU use 'no' (or 'bf16', slower)")
     if mixed_precision == "bf16" and cpu:
         warnings.warn("mixed_precision='bf16' on a CPU runs several times slower than fp32", stacklevel=2)
     try:
         return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     except ValueError as err:
-        raise ValueError(
+        raise UserError(
             f"this process already set up Accelerate with other options ({err}); restart Python to change "
             "mixed precision"
         ) from None

@@ -1,6 +1,6 @@
 """GAN-IPL: IPL's Stage 2 (Eq. 7-9) on StyleGAN2, with StyleGAN-NADA's layer freezing.
 
-Set-up (IPL ``train.py`` / NADA ``ZSSGAN.py``, facts §1.5-1.7): a frozen *source* generator
+Set-up (IPL's ``train.py`` / ``model/ZSSGAN.py``, from StyleGAN-NADA): a frozen *source* generator
 ``G_s`` and a trainable *target* generator ``G_t`` start from the same weights. Each
 iteration samples ``z``, maps it with the frozen mapping network to ``w`` (no truncation),
 asks the latent mapper for that ``w``'s source / target prompt features (Stage 1's product,

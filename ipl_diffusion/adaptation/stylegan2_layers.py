@@ -12,6 +12,7 @@ import torch
 
 from ipl_diffusion.configs import PHASES
 from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
+from ipl_diffusion.errors import UserError
 
 
 
@@ -28,7 +29,7 @@ def nada_training_layers(generator: StyleGAN2Generator, phase: Optional[str] = N
     + ``convs[0:2]``; ``"no_fine"`` -> + ``convs[:10]``; ``"shape_expanded"`` -> + ``convs[0:3]``.
     """
     if phase not in PHASES:
-        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        raise UserError(f"phase must be one of {PHASES}, got {phase!r}")
     if phase == "all":
         return [name for name, _ in generator.named_children()]
     n = len(generator.convs)

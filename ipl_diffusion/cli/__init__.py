@@ -2,9 +2,11 @@
 
 Each sub-command lives in its own module of this package and exposes
 ``add_parser(subparsers)`` (registers its ``argparse`` parser) and ``run(args) -> int``.
-``main`` only builds the parser and dispatches, and turns the errors a user can fix
-(bad paths, bad labels, bad images, missing weights) into one line on stderr instead of a
-traceback. Set ``IPL_TRACEBACK=1`` to see the traceback anyway.
+``main`` only builds the parser and dispatches. It turns the errors a user can fix (bad
+paths, bad labels, bad images, missing weights: every :class:`ipl_diffusion.errors.UserError`)
+into one line on stderr; anything else is a bug in this package and keeps its traceback, so a
+``ValueError`` or ``KeyError`` from deep inside is never mistaken for a user's mistake. Set
+``IPL_TRACEBACK=1`` to see the traceback of a ``UserError`` too.
 """
 
 import argparse
@@ -16,21 +18,6 @@ from ipl_diffusion.errors import UserError
 
 # Order is the order shown by ``ipl --help``.
 SUBCOMMANDS = ("adapt", "translate", "sample", "convert", "push", "evaluate", "demo")
-
-# Errors that describe a problem with the user's input or environment. Anything else is a
-# bug and keeps its traceback.
-# FloatingPointError: a NaN/inf loss term stops training with a message naming the term.
-USER_ERRORS = (
-    UserError,  # ipl_diffusion.errors: the library's refusals (a ValueError, listed for the reader)
-    ValueError,
-    FileNotFoundError,
-    FileExistsError,
-    NotADirectoryError,
-    PermissionError,
-    KeyError,
-    OSError,
-    FloatingPointError,
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,11 +47,11 @@ def check_device(device):
     try:
         kind = torch.device(device).type
     except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+        raise UserError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+        raise UserError(f"--device {device}: MPS is not available on this machine; use --device cpu")
 
 
 def main(argv=None) -> int:
@@ -76,11 +63,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"ipl {args.command}: interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as err:
+    except UserError as err:  # only the library's refusals; every other exception is a bug
         if os.environ.get("IPL_TRACEBACK"):
             raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"ipl {args.command}: error: {message}", file=sys.stderr)
+        print(f"ipl {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -22,6 +22,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from ipl_diffusion.errors import UserError
+
 DESCRIPTION = __doc__.split("\n\n", 1)[1]
 
 EPILOG = """examples:
@@ -165,7 +167,7 @@ def _data(args, pipe) -> dict:
         return {"images": args.images, **({"stage1_images": args.stage1_images} if args.stage1_images else {})}
     if args.model is None:
         from ipl_diffusion.configs import resolve_configs
-        from ipl_diffusion.shapes.adapt_defaults import shapes_source_images
+        from ipl_diffusion.shapes import shapes_source_images
 
         stage1, stage2 = resolve_configs("diffae", pipe.config.get("adapt_defaults"), given_options(args))
         return shapes_source_images(pipe, stage2.num_images, stage2.seed, stage1.stage1_num_images)

@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ipl_diffusion.errors import UserError
+
 DESCRIPTION = __doc__.split("\n\n", 1)[1]
 EPILOG = """examples:
   ipl demo                                  # http://127.0.0.1:7860, the embedded Shapes models
@@ -71,7 +73,7 @@ class DemoSession:
 
     def pipeline(self, backend):
         if backend not in self.backends:
-            raise ValueError(f"this demo serves {', '.join(self.backends)}, not {backend}")
+            raise UserError(f"this demo serves {', '.join(self.backends)}, not {backend}")
         if backend not in self._pipelines:
             from ipl_diffusion.cli.adapt import load_pipeline
 
@@ -114,7 +116,7 @@ class DemoSession:
         pipe = self.pipeline(backend)
         if backend == "diffae":
             if len(images) < 2:
-                raise ValueError("give at least 2 source images (upload them or press Sample)")
+                raise UserError("give at least 2 source images (upload them or press Sample)")
             x = pipe.preprocess(images)
             adapted = pipe.adapt(target, images=x, progress=True, **options)
             return adapted, images, adapted(x).images
@@ -178,7 +180,7 @@ def build_app(session):
         options = dict(iterations=int(iterations), stage1_iterations=int(stage1), seed=int(seed))
         try:
             adapted, before, after = session.adapt(backend, target, _gallery_images(sources), sampled_seed, options)
-        except (ValueError, FileNotFoundError) as err:
+        except UserError as err:  # a refusal the user can act on; anything else is a bug, with its traceback
             raise gr.Error(str(err)) from err
         return strip(before), strip(after), pipeline_zip(adapted, target), run_summary(adapted)
 
@@ -239,7 +241,7 @@ def run(args) -> int:
     try:
         import gradio  # noqa: F401
     except ImportError:
-        raise ValueError('ipl demo needs Gradio: pip install "ipl-diffusion[demo]" (or pip install gradio)') from None
+        raise UserError('ipl demo needs Gradio: pip install "ipl-diffusion[demo]" (or pip install gradio)') from None
     session = DemoSession(args.model, args.backend, args.device)
     print(f"ipl demo: serving on http://{args.host}:{args.port} (Ctrl+C stops)")
     launch(build_app(session), args.host, args.port, block=True)

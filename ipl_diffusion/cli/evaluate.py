@@ -16,6 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ipl_diffusion.errors import UserError, UserFileNotFoundError
 from ipl_diffusion.outputs import atomic_write_text, check_writable
 
 DESCRIPTION = __doc__.split("\n\n", 1)[1]
@@ -88,21 +89,21 @@ def pair_by_name(source_files, adapted_files):
     """Match files by stem; returns ``(source_paths, adapted_paths, names)`` in adapted order.
 
     Raises:
-        ValueError: a stem appears twice in one folder, or names present in only one folder
+        UserError: a stem appears twice in one folder, or names present in only one folder
             (the message lists some of each).
     """
     def by_stem(files, flag):
         table = {}
         for f in files:
             if f.stem in table:
-                raise ValueError(f"{flag}: '{table[f.stem].name}' and '{f.name}' have the same name; pairing is by name")
+                raise UserError(f"{flag}: '{table[f.stem].name}' and '{f.name}' have the same name; pairing is by name")
             table[f.stem] = f
         return table
 
     src, dst = by_stem(source_files, "--source"), by_stem(adapted_files, "--adapted")
     only_src, only_dst = sorted(set(src) - set(dst)), sorted(set(dst) - set(src))
     if only_src or only_dst:
-        raise ValueError(
+        raise UserError(
             "--source and --adapted must hold the same file names (pairs share a name): "
             f"{len(only_dst)} adapted without a source {only_dst[:5]}, {len(only_src)} sources without an adapted "
             f"image {only_src[:5]}"
@@ -124,7 +125,7 @@ def _image_files(spec, flag):
             try:
                 files += list_image_files(path)
             except FileNotFoundError as err:
-                raise FileNotFoundError(f"{flag}: {err}") from None
+                raise UserFileNotFoundError(f"{flag}: {err}") from None
     return files
 
 
@@ -159,7 +160,6 @@ def write_csv(path, rows):
 def run(args) -> int:
     import torch
 
-    from ipl_diffusion.errors import UserError
     from ipl_diffusion.images import load_images
     from ipl_diffusion.metrics.suite import METRICS, EvaluationInputs, MetricNetworks, evaluate
 
@@ -167,19 +167,19 @@ def run(args) -> int:
     if metrics != "auto":
         unknown = [m for m in metrics if m not in METRICS]
         if unknown or not metrics:
-            raise ValueError(f"--metrics: unknown {unknown}; choose from auto or {', '.join(METRICS)}")
+            raise UserError(f"--metrics: unknown {unknown}; choose from auto or {', '.join(METRICS)}")
     if args.splits < 1 or args.batch_size < 1 or args.size < 1:
-        raise ValueError("--splits, --batch-size and --size must be positive")
+        raise UserError("--splits, --batch-size and --size must be positive")
     for flag in ("json", "csv"):
         target = getattr(args, flag)
         if target and not Path(target).resolve().parent.is_dir():
-            raise FileNotFoundError(f"--{flag}: the folder of {target} does not exist")
+            raise UserFileNotFoundError(f"--{flag}: the folder of {target} does not exist")
         if target:  # before any network is built or image decoded
             if Path(target).is_dir():
                 raise UserError(f"--{flag} {target} is a folder; give a file name")
             check_writable(Path(target).resolve().parent, f"--{flag} {target}: its folder")
 
-    # 1. Every folder is listed and paired before any network is built (case C7).
+    # 1. Every folder is listed and paired before any network is built: a bad path fails in a second.
     adapted_files = _image_files(args.adapted, "--adapted")
     source_files = None
     if args.source:
@@ -204,7 +204,7 @@ def run(args) -> int:
             clip_templates=args.clip_templates,
         )
     except CLIPNotFoundError as err:  # its advice names the Python API; here the flag is the way
-        raise FileNotFoundError(f"--clip-model: {err.with_advice('`--clip-model ./clip`')}") from err
+        raise UserFileNotFoundError(f"--clip-model: {err.with_advice('`--clip-model ./clip`')}") from err
 
     # 3. Images, through the one preprocessing path.
     def load(files):

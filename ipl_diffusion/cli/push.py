@@ -42,8 +42,10 @@ def add_parser(subparsers):
 def run(args) -> int:
     from pathlib import Path
 
+    from ipl_diffusion.errors import UserFileNotFoundError
+
     if not Path(args.model).is_dir():
-        raise FileNotFoundError(f"--model {args.model} is not a pipeline folder")
+        raise UserFileNotFoundError(f"--model {args.model} is not a pipeline folder")
     from ipl_diffusion.cli.adapt import detect_backend
 
     if detect_backend(args.backend, args.model) == "stylegan2":

@@ -43,26 +43,15 @@ def add_parser(subparsers):
     return parser
 
 
-def grid_of(images, columns=8):
-    from PIL import Image
-
-    columns = min(columns, len(images))
-    rows = -(-len(images) // columns)
-    width, height = images[0].size
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for i, image in enumerate(images):
-        grid.paste(image.convert("RGB"), ((i % columns) * width, (i // columns) * height))
-    return grid
-
-
 GRID_NAME = "samples_grid.png"
 
 
 def run(args) -> int:
+    from ipl_diffusion.errors import UserError
     from ipl_diffusion.outputs import check_writable, output_lock, refuse_earlier_result
 
     if args.num_images < 1:
-        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+        raise UserError(f"--num-images must be >= 1, got {args.num_images}")
     output = Path(args.output)
     names = [f"sample_{i:04d}.png" for i in range(args.num_images)] + [GRID_NAME]
     check_writable(output, "--output")  # all before the model loads
@@ -93,9 +82,10 @@ def _sample(args):
 
 def _write(images, output: Path, names):
     """Each file atomically: a crash never leaves a half-written sample."""
+    from ipl_diffusion.grids import image_grid
     from ipl_diffusion.outputs import atomic_save_image
 
     output.mkdir(parents=True, exist_ok=True)
     for image, name in zip(images, names):
         atomic_save_image(image, output / name)
-    atomic_save_image(grid_of(images), output / names[-1])
+    atomic_save_image(image_grid(images, columns=8), output / names[-1])  # 8 to a row, seamless, full size

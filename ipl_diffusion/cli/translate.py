@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from ipl_diffusion.cli.argtypes import positive_int
+from ipl_diffusion.errors import UserError, UserFileExistsError, UserFileNotFoundError
 
 DESCRIPTION = __doc__.split("\n\n", 1)[1]
 EPILOG = """examples:
@@ -53,7 +54,7 @@ def add_parser(subparsers):
 def list_inputs(path: Path) -> list[Path]:
     """Image files of `path` (a folder, non-recursive, sorted by name) or `[path]`."""
     if not path.exists():
-        raise FileNotFoundError(f"--input {path} does not exist; expected a folder of images or an image file")
+        raise UserFileNotFoundError(f"--input {path} does not exist; expected a folder of images or an image file")
     if path.is_file():
         return [path]
     from ipl_diffusion.images import list_image_files
@@ -76,18 +77,6 @@ def load_inputs(files, size):
         except (ValueError, OSError) as err:
             skipped.append((file.name, str(err).splitlines()[0]))
     return names, (torch.stack(tensors) if tensors else None), skipped
-
-
-def side_by_side(inputs, outputs):
-    """One grid image: a row per pair, input | translation (PIL images of one size)."""
-    from PIL import Image
-
-    width, height = outputs[0].size
-    grid = Image.new("RGB", (2 * width, height * len(inputs)), "white")
-    for row, (before, after) in enumerate(zip(inputs, outputs)):
-        grid.paste(before.convert("RGB"), (0, row * height))
-        grid.paste(after.convert("RGB"), (width, row * height))
-    return grid
 
 
 def _save(image, target: Path) -> Path:
@@ -114,18 +103,19 @@ def _translate(args, source: Path, output: Path) -> int:
     import torch
 
     from ipl_diffusion.cli.adapt import detect_backend, load_pipeline
+    from ipl_diffusion.grids import labelled_grid
     from ipl_diffusion.images import to_pil
     from ipl_diffusion.outputs import atomic_save_image
 
     files = list_inputs(source)
     input_dir = source if source.is_dir() else source.parent
     if output.resolve() == input_dir.resolve():
-        raise ValueError(f"--output {output} is the input folder; choose another folder so inputs are kept")
+        raise UserError(f"--output {output} is the input folder; choose another folder so inputs are kept")
     if not args.overwrite:
         taken = sorted(f.name for f in files if (output / f.name).exists())
         if taken:
             shown = ", ".join(taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
-            raise FileExistsError(
+            raise UserFileExistsError(
                 f"--output {output} already holds {shown}, which this run would write; "
                 "choose another folder or pass --overwrite"
             )
@@ -136,7 +126,7 @@ def _translate(args, source: Path, output: Path) -> int:
     for name, reason in skipped:
         print(f"skipped {name}: {reason}")
     if images is None:
-        raise ValueError(f"none of the {len(files)} image file(s) in {source} could be read")
+        raise UserError(f"none of the {len(files)} image file(s) in {source} could be read")
 
     output.mkdir(parents=True, exist_ok=True)
     kwargs = {}
@@ -155,10 +145,12 @@ def _translate(args, source: Path, output: Path) -> int:
     for name, image in zip(names, results):
         target = output / name
         if target.resolve() in inputs:
-            raise ValueError(f"refusing to overwrite input {target}")
+            raise UserError(f"refusing to overwrite input {target}")
         _save(image, target)
     (output / GRID_NAME).parent.mkdir(exist_ok=True)
-    atomic_save_image(side_by_side(to_pil(images), results), output / GRID_NAME)
+    # A row per pair, input | translation, seamless at the model's resolution.
+    pairs = [[before, after] for before, after in zip(to_pil(images), results)]
+    atomic_save_image(labelled_grid(pairs, min_tile=0, margin=0), output / GRID_NAME)
     print(f"translated {len(results)} image(s) into {output} (grid: {output / GRID_NAME})")
     if skipped:
         print(f"skipped {len(skipped)} unreadable file(s): {', '.join(n for n, _ in skipped)}")

@@ -56,6 +56,7 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
+from ipl_diffusion.errors import UserError, UserFileExistsError, UserFileNotFoundError
 from ipl_diffusion.models import DiffAEUNetModel, LatentNetModel, SemanticEncoder
 
 __all__ = [
@@ -130,7 +131,7 @@ def load_upstream_checkpoint(path: Union[str, os.PathLike]) -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"DiffAE checkpoint '{path}' does not exist (expected an upstream last.ckpt)")
+        raise UserFileNotFoundError(f"DiffAE checkpoint '{path}' does not exist (expected an upstream last.ckpt)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -138,10 +139,10 @@ def load_upstream_checkpoint(path: Union[str, os.PathLike]) -> dict:
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception as err:  # not a zip-format torch file
-        raise ValueError(f"'{path}' is not a readable PyTorch checkpoint: {err}") from err
+        raise UserError(f"'{path}' is not a readable PyTorch checkpoint: {err}") from err
     refused = [g for g in unsafe if not g.startswith(STUBBABLE_PREFIXES)]
     if refused:
-        raise ValueError(
+        raise UserError(
             f"'{path}' references {', '.join(sorted(refused))}, which is neither tensor data nor "
             "Lightning bookkeeping; refusing to unpickle it (weights_only=True). If you trust the file, "
             "re-save its 'state_dict' with safetensors and convert that."
@@ -151,9 +152,9 @@ def load_upstream_checkpoint(path: Union[str, os.PathLike]) -> dict:
         with torch.serialization.safe_globals(stubs):
             checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise ValueError(f"cannot read '{path}' safely: {err}") from err
+        raise UserError(f"cannot read '{path}' safely: {err}") from err
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"'{path}' holds a {type(checkpoint).__name__}, not a checkpoint dict")
+        raise UserError(f"'{path}' holds a {type(checkpoint).__name__}, not a checkpoint dict")
     return checkpoint
 
 
@@ -184,7 +185,7 @@ def _resblock(prefix: str, rest: str, tensor: torch.Tensor, out: dict, key: str)
         if rest.startswith(upstream + "."):
             out[f"{prefix}.{ours}.{rest[len(upstream) + 1:]}"] = tensor
             return
-    raise ValueError(f"unexpected resblock key '{key}'")
+    raise UserError(f"unexpected resblock key '{key}'")
 
 
 def _layer_entry(prefix: str, rest: str, tensor, num_heads: int, out: dict, key: str, position_names) -> None:
@@ -196,7 +197,7 @@ def _layer_entry(prefix: str, rest: str, tensor, num_heads: int, out: dict, key:
         return
     name = position_names(int(j))
     if name is None:
-        raise ValueError(f"unexpected key '{key}'")
+        raise UserError(f"unexpected key '{key}'")
     _resblock(f"{prefix}.{name}", sub, tensor, out, key)
 
 
@@ -216,7 +217,7 @@ def _convert_trunk(state: Dict[str, torch.Tensor], num_heads: int, encoder: bool
             elif j in (0, 2):
                 _resblock(f"mid_block.resnet_{1 if j == 0 else 2}", sub, tensor, out, key)
             else:
-                raise ValueError(f"unexpected key '{key}'")
+                raise UserError(f"unexpected key '{key}'")
         elif not encoder and (m := re.match(r"output_blocks\.(\d+)\.(.*)$", key)):
             k = int(m.group(1))
             _layer_entry(f"up_blocks.{k}", m.group(2), tensor, num_heads, out, key, lambda j: "resnet" if j == 0 else "resample")
@@ -228,10 +229,10 @@ def _convert_trunk(state: Dict[str, torch.Tensor], num_heads: int, encoder: bool
             index, _, tail = key[len("time_embed.time_embed."):].partition(".")
             names = {"0": "linear_1", "2": "linear_2"}
             if index not in names:
-                raise ValueError(f"unexpected key '{key}'")
+                raise UserError(f"unexpected key '{key}'")
             out[f"time_embedding.{names[index]}.{tail}"] = tensor
         else:
-            raise ValueError(f"unexpected {'encoder' if encoder else 'UNet'} key '{key}'")
+            raise UserError(f"unexpected {'encoder' if encoder else 'UNet'} key '{key}'")
     return out
 
 
@@ -257,9 +258,9 @@ def convert_latent_net_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, t
         elif m := re.match(r"layers\.(\d+)\.cond_layers\.1\.(weight|bias)$", key):
             twin = state.get(f"layers.{m.group(1)}.linear_emb.{m.group(2)}")
             if twin is None or not torch.equal(twin, tensor):
-                raise ValueError(f"'{key}' should be the same tensor as its linear_emb twin, and is not")
+                raise UserError(f"'{key}' should be the same tensor as its linear_emb twin, and is not")
         else:
-            raise ValueError(f"unexpected latent_net key '{key}'")
+            raise UserError(f"unexpected latent_net key '{key}'")
     return out
 
 
@@ -280,7 +281,7 @@ def infer_unet_config(state: Dict[str, torch.Tensor], hparams: Optional[dict] = 
         embed = state["time_embed.time_embed.0.weight"].shape[0]
         z_channels = state["output_blocks.0.0.cond_emb_layers.1.weight"].shape[1]
     except KeyError as err:
-        raise ValueError(f"not an upstream DiffAE autoencoder state dict: missing {err}") from err
+        raise UserError(f"not an upstream DiffAE autoencoder state dict: missing {err}") from err
     outputs = _indices(state, r"output_blocks\.(\d+)\.")
     ups = [k for k in outputs if _has(state, f"output_blocks.{k}.1.in_layers") or _has(state, f"output_blocks.{k}.2.in_layers")]
     per_level = ups[0] + 1 if ups else len(outputs)
@@ -291,7 +292,7 @@ def infer_unet_config(state: Dict[str, torch.Tensor], hparams: Optional[dict] = 
         k = (levels - 1 - level) * per_level
         width = state[f"output_blocks.{k}.0.in_layers.2.weight"].shape[0]
         if width % base:
-            raise ValueError(f"level {level} width {width} is not a multiple of the base width {base}")
+            raise UserError(f"level {level} width {width} is not a multiple of the base width {base}")
         mult.append(width // base)
         if _has(state, f"output_blocks.{k}.1.qkv"):
             attention.append(image_size // 2**level)
@@ -345,14 +346,14 @@ def infer_encoder_config(state: Dict[str, torch.Tensor], hparams: Optional[dict]
     if "net_enc_num_res_blocks" in hparams:
         res_blocks = int(hparams["net_enc_num_res_blocks"])
         if not _encoder_layout_fits(state, blocks, res_blocks):
-            raise ValueError(f"the encoder's {blocks} blocks do not fit net_enc_num_res_blocks={res_blocks}")
+            raise UserError(f"the encoder's {blocks} blocks do not fit net_enc_num_res_blocks={res_blocks}")
     else:
         fits = [n for n in range(1, blocks) if _encoder_layout_fits(state, blocks, n)]
         if not fits:
-            raise ValueError(f"cannot infer the encoder's layout from its {blocks} blocks")
+            raise UserError(f"cannot infer the encoder's layout from its {blocks} blocks")
         res_blocks = fits[0] if len(fits) == 1 else (2 if 2 in fits else None)
         if res_blocks is None:
-            raise ValueError(
+            raise UserError(
                 f"the encoder's {blocks} blocks fit {fits} resnets per level; "
                 "give hyper_parameters['net_enc_num_res_blocks']"
             )
@@ -404,7 +405,7 @@ def _strict_load(model, state: Dict[str, torch.Tensor], what: str) -> None:
     if result.unexpected_keys:
         problems.append(f"unexpected {result.unexpected_keys[:8]}")
     if problems:
-        raise ValueError(f"the {what} weights do not match the inferred architecture: {'; '.join(problems)}")
+        raise UserError(f"the {what} weights do not match the inferred architecture: {'; '.join(problems)}")
 
 
 def _load(model_cls, config: dict, state: Dict[str, torch.Tensor], what: str):
@@ -412,7 +413,7 @@ def _load(model_cls, config: dict, state: Dict[str, torch.Tensor], what: str):
     try:
         _strict_load(model, state, what)
     except RuntimeError as err:  # size mismatch
-        raise ValueError(f"the {what} weights do not match the inferred architecture: {err}") from err
+        raise UserError(f"the {what} weights do not match the inferred architecture: {err}") from err
     return model.eval()
 
 
@@ -446,9 +447,9 @@ def diffae_models_from_state_dict(
         elif key == "x_T" or key.startswith(("model.", "ema_model.")):
             continue  # logging noise buffer; the other copy of the weights
         else:
-            raise ValueError(f"unexpected top-level key '{key}' in the DiffAE state dict")
+            raise UserError(f"unexpected top-level key '{key}' in the DiffAE state dict")
     if not unet:
-        raise ValueError(f"no '{prefix}*' weights in the state dict; is this an upstream DiffAE checkpoint?")
+        raise UserError(f"no '{prefix}*' weights in the state dict; is this an upstream DiffAE checkpoint?")
     heads = int(hparams.get("net_beatgans_attn_head", 1))
     models = {
         "unet": _load(DiffAEUNetModel, infer_unet_config(unet, hparams), convert_unet_state_dict(unet, heads), "UNet"),
@@ -458,12 +459,12 @@ def diffae_models_from_state_dict(
         "latent_net": None,
     }
     if models["semantic_encoder"] is None:
-        raise ValueError("the checkpoint has no semantic encoder weights ('encoder.*'); not a DiffAE autoencoder")
+        raise UserError("the checkpoint has no semantic encoder weights ('encoder.*'); not a DiffAE autoencoder")
     if latent:
         converted = convert_latent_net_state_dict(latent)
         if stats:
             if set(stats) != {"conds_mean", "conds_std"}:
-                raise ValueError(f"need both conds_mean and conds_std; got {sorted(stats)}")
+                raise UserError(f"need both conds_mean and conds_std; got {sorted(stats)}")
             converted["conds_mean"] = stats["conds_mean"].reshape(-1)
             converted["conds_std"] = stats["conds_std"].reshape(-1)
         else:
@@ -507,12 +508,12 @@ def convert_diffae_checkpoint(
 
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder '{output_dir}' is not empty; pass overwrite=True (--overwrite)")
+        raise UserFileExistsError(f"output folder '{output_dir}' is not empty; pass overwrite=True (--overwrite)")
     check_writable(output_dir, "output folder")  # before a checkpoint of gigabytes is read
     checkpoint = load_upstream_checkpoint(checkpoint_path)
     state_dict = checkpoint.get("state_dict", checkpoint)
     if not all(torch.is_tensor(v) for v in state_dict.values()):
-        raise ValueError(f"'{checkpoint_path}': 'state_dict' holds non-tensor values")
+        raise UserError(f"'{checkpoint_path}': 'state_dict' holds non-tensor values")
     raw_hparams = checkpoint.get("hyper_parameters")
     # Plain values only: anything unpickled as an inert stub (numpy scalars, enums) is unusable.
     plain = (int, float, str, bool, list, tuple, dict, type(None))
@@ -520,7 +521,7 @@ def convert_diffae_checkpoint(
     if image_size is not None:
         hparams["img_size"] = int(image_size)
     if hparams.get("beta_scheduler", "linear") != "linear":
-        raise ValueError(f"only DiffAE's linear beta schedule is supported; got {hparams['beta_scheduler']!r}")
+        raise UserError(f"only DiffAE's linear beta schedule is supported; got {hparams['beta_scheduler']!r}")
     models = diffae_models_from_state_dict(state_dict, hparams, prefix)
     scheduler = diffae_scheduler()
     if int(hparams.get("T", 1000)) != scheduler.config.num_train_timesteps:

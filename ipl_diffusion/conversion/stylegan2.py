@@ -28,6 +28,7 @@ from typing import Optional, Union
 
 import torch
 
+from ipl_diffusion.errors import UserError, UserFileExistsError, UserFileNotFoundError
 from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
 
 # The only non-tensor class rosinality checkpoints carry.
@@ -51,26 +52,26 @@ def load_rosinality_checkpoint(path: Union[str, os.PathLike], map_location="cpu"
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"StyleGAN2 checkpoint {path} does not exist (expected a rosinality .pt file)")
+        raise UserFileNotFoundError(f"StyleGAN2 checkpoint {path} does not exist (expected a rosinality .pt file)")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()
         detail = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
-        raise ValueError(
+        raise UserError(
             f"refusing to load {path}: it contains Python objects other than tensors and "
             f"argparse.Namespace, which could run code when unpickled ({detail}). Convert it "
             f"in a trusted environment to a plain {{'g_ema': state_dict}} file first."
         ) from None
     except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"{path} is not a readable torch checkpoint: {err}") from None
+        raise UserError(f"{path} is not a readable torch checkpoint: {err}") from None
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: expected a dict checkpoint with a 'g_ema' entry, found {type(checkpoint).__name__}")
+        raise UserError(f"{path}: expected a dict checkpoint with a 'g_ema' entry, found {type(checkpoint).__name__}")
     if "g_ema" not in checkpoint:
         if "input.input" in checkpoint and "conv1.conv.weight" in checkpoint:
             return {"g_ema": checkpoint}
-        raise ValueError(f"{path}: no 'g_ema' generator in the checkpoint (keys: {sorted(checkpoint)[:10]})")
+        raise UserError(f"{path}: no 'g_ema' generator in the checkpoint (keys: {sorted(checkpoint)[:10]})")
     return checkpoint
 
 
@@ -133,7 +134,7 @@ def convert_stylegan2_checkpoint(
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{output_dir} exists and is not an empty folder; choose another output or pass overwrite=True (--overwrite)")
+        raise UserFileExistsError(f"{output_dir} exists and is not an empty folder; choose another output or pass overwrite=True (--overwrite)")
     from ipl_diffusion.outputs import check_writable
 
     check_writable(output_dir, "output folder")  # before the checkpoint is read

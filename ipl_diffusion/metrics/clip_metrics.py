@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ipl_diffusion.errors import UserError
+
 ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -45,10 +47,10 @@ def directional_similarity_from_features(source_image_features: torch.Tensor, ad
         ValueError: unpaired features, or identical source and target text (no direction).
     """
     if source_image_features.shape != adapted_image_features.shape:
-        raise ValueError("source and adapted image features must be paired (same shape)")
+        raise UserError("source and adapted image features must be paired (same shape)")
     text_direction = target_text_features.double().flatten() - source_text_features.double().flatten()
     if text_direction.norm() == 0:
-        raise ValueError("the source and target labels give the same text embedding: no direction to compare with")
+        raise UserError("the source and target labels give the same text embedding: no direction to compare with")
     image_direction = (F.normalize(adapted_image_features.double(), dim=-1)
                        - F.normalize(source_image_features.double(), dim=-1))
     # An unchanged image has no direction; F.normalize maps it to 0, i.e. similarity 0.
@@ -65,7 +67,7 @@ def clip_directional_similarity(source_images: torch.Tensor, adapted_images: tor
                                 image_encoder: ImageEncoder, batch_size: int = 32) -> torch.Tensor:
     """Per-pair CLIP directional similarity ``(N,)`` float64 for images ``(N, 3, H, W)`` in ``[-1, 1]``."""
     if source_images.shape[0] != adapted_images.shape[0]:
-        raise ValueError(
+        raise UserError(
             f"CLIP directional similarity needs paired images, got {source_images.shape[0]} and {adapted_images.shape[0]}"
         )
     return directional_similarity_from_features(

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ipl_diffusion.errors import UserError
 from .lpips import normalize_channels
 
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -78,7 +79,7 @@ def mean_pairwise_distance(images: torch.Tensor, distance: Distance, max_pairs: 
         ValueError: fewer than 2 images.
     """
     if images.shape[0] < 2:
-        raise ValueError(f"pairwise diversity needs at least 2 images, got {images.shape[0]}")
+        raise UserError(f"pairwise diversity needs at least 2 images, got {images.shape[0]}")
     pairs = _all_pairs(images.shape[0], max_pairs, torch.Generator().manual_seed(seed))
     return float(_distances(images, images, pairs, distance, batch_size).mean())
 
@@ -91,9 +92,9 @@ def assign_to_clusters(images: torch.Tensor, centers: torch.Tensor, distance: Di
         images: ``(N, 3, H, W)``; centers: ``(M, 3, H, W)``, same size, both in ``[-1, 1]``.
     """
     if centers.shape[0] < 1:
-        raise ValueError("intra-cluster distance needs at least one cluster centre")
+        raise UserError("intra-cluster distance needs at least one cluster centre")
     if images.shape[1:] != centers.shape[1:]:
-        raise ValueError(f"images {tuple(images.shape[1:])} and centres {tuple(centers.shape[1:])} differ in size")
+        raise UserError(f"images {tuple(images.shape[1:])} and centres {tuple(centers.shape[1:])} differ in size")
     pairs = [(i, m) for i in range(images.shape[0]) for m in range(centers.shape[0])]
     d = _distances(images, centers, pairs, distance, batch_size).view(images.shape[0], centers.shape[0])
     return d.argmin(dim=1)
@@ -124,7 +125,7 @@ def intra_cluster_distance(images: torch.Tensor, centers: torch.Tensor, distance
         per_cluster.append(float(_distances(images, images, pairs, distance, batch_size).mean()))
     valid = [v for v in per_cluster if v is not None]
     if not valid:
-        raise ValueError(
+        raise UserError(
             f"intra-cluster distance: no cluster got 2 or more of the {images.shape[0]} images (sizes {sizes}); "
             "generate more images or use fewer centres"
         )

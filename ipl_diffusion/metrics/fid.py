@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ipl_diffusion.errors import UserError
 from .inception import InceptionV3
 
 
@@ -67,7 +68,7 @@ def fid(real_images: torch.Tensor, fake_images: torch.Tensor, features: nn.Modul
         ValueError: fewer than 2 images in either set.
     """
     if real_images.shape[0] < 2 or fake_images.shape[0] < 2:
-        raise ValueError(
+        raise UserError(
             f"FID needs at least 2 images per set, got {real_images.shape[0]} real and {fake_images.shape[0]} generated"
         )
     FrechetInceptionDistance, _ = _torchmetrics_image()
@@ -91,7 +92,7 @@ def kid(real_images: torch.Tensor, fake_images: torch.Tensor, features: nn.Modul
     """
     n = min(real_images.shape[0], fake_images.shape[0])
     if n < 2:
-        raise ValueError(f"KID needs at least 2 images per set, got {real_images.shape[0]} and {fake_images.shape[0]}")
+        raise UserError(f"KID needs at least 2 images per set, got {real_images.shape[0]} and {fake_images.shape[0]}")
     _, KernelInceptionDistance = _torchmetrics_image()
     import warnings
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ipl_diffusion.errors import UserError
 from .arcface import IRSE50
 
 
@@ -48,7 +49,7 @@ def identity_similarity(source_images: torch.Tensor, adapted_images: torch.Tenso
         ValueError: the sets are not paired one to one (different counts).
     """
     if source_images.shape[0] != adapted_images.shape[0]:
-        raise ValueError(f"ID needs paired images, got {source_images.shape[0]} source and {adapted_images.shape[0]} adapted")
+        raise UserError(f"ID needs paired images, got {source_images.shape[0]} source and {adapted_images.shape[0]} adapted")
     param = next(features.parameters(), None) if isinstance(features, nn.Module) else None
     device = param.device if param is not None else torch.device("cpu")
     sims = []

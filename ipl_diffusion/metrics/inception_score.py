@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ipl_diffusion.errors import UserError
 from .inception import InceptionV3
 from .inputs import as_rgb
 
@@ -55,7 +56,7 @@ def inception_score_from_probs(probs: torch.Tensor, splits: int = 5) -> tuple[fl
         raise ValueError(f"probs must be (N, C), got shape {tuple(probs.shape)}")
     n = probs.shape[0]
     if splits < 1 or n < splits:
-        raise ValueError(f"Inception Score needs at least `splits`={splits} images, got {n}")
+        raise UserError(f"Inception Score needs at least `splits`={splits} images, got {n}")
     probs = probs.double()
     size = n // splits
     scores = []
@@ -97,5 +98,5 @@ def inception_score(images: torch.Tensor, inception: InceptionV3, splits: int = 
     """
     images = as_rgb(images, "Inception Score images")  # grey (N, 1, H, W) as grey files load
     if images.shape[0] < splits:
-        raise ValueError(f"Inception Score needs at least `splits`={splits} images, got {images.shape[0]}")
+        raise UserError(f"Inception Score needs at least `splits`={splits} images, got {images.shape[0]}")
     return inception_score_from_probs(inception_probs(images, inception, batch_size, resize_to), splits)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ipl_diffusion.errors import UserError
 from .inputs import as_rgb, check_signed_range
 from .weights import NetworkSpec, load_into, load_state_dict, resolve_weights
 
@@ -94,7 +95,7 @@ class LPIPS(nn.Module):
         super().__init__()
         self.check_range = check_range
         if net not in _CHANNELS:
-            raise ValueError(f"LPIPS net must be 'alex' or 'vgg', got {net!r}")
+            raise UserError(f"LPIPS net must be 'alex' or 'vgg', got {net!r}")
         self.net = net
         self.features = _alexnet_features() if net == "alex" else _vgg16_features()
         for k, channels in enumerate(_CHANNELS[net]):
@@ -138,7 +139,7 @@ class LPIPS(nn.Module):
         if lin_weights is None:
             lin_weights = _torchmetrics_lin_file(model.net)
             if lin_weights is None:
-                raise ValueError(LIN_SPECS[model.net].missing_message(metric))
+                raise UserError(LIN_SPECS[model.net].missing_message(metric))
         lin_path = resolve_weights(lin_weights, LIN_SPECS[model.net], metric)
         lins = {k: v for k, v in load_state_dict(lin_path).items() if k.startswith("lin")}
         lin_module = nn.ModuleDict({f"lin{k}": getattr(model, f"lin{k}") for k in range(5)})

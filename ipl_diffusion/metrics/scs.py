@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ipl_diffusion.errors import UserError
 from .hed import HED
 
 
@@ -22,7 +23,7 @@ def edge_similarity(edges_source: torch.Tensor, edges_adapted: torch.Tensor) -> 
     Two all-zero maps (no edges at all) count as identical (similarity 1).
     """
     if edges_source.shape != edges_adapted.shape:
-        raise ValueError(f"edge maps differ in shape: {tuple(edges_source.shape)} vs {tuple(edges_adapted.shape)}")
+        raise UserError(f"edge maps differ in shape: {tuple(edges_source.shape)} vs {tuple(edges_adapted.shape)}")
     s, t = edges_source.double().flatten(1), edges_adapted.double().flatten(1)
     numerator, denominator = 2 * (s * t).sum(1), (s * s + t * t).sum(1)
     return torch.where(denominator > 0, numerator / denominator.clamp_min(1e-300), torch.ones_like(numerator))
@@ -42,7 +43,7 @@ def structural_consistency(source_images: torch.Tensor, adapted_images: torch.Te
         ValueError: the two sets differ in shape (pairs must match image for image).
     """
     if source_images.shape != adapted_images.shape or source_images.ndim != 4:
-        raise ValueError(
+        raise UserError(
             f"SCS needs paired images of one shape (N, 3, H, W), got {tuple(source_images.shape)} "
             f"and {tuple(adapted_images.shape)}"
         )

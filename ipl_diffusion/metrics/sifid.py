@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ipl_diffusion.errors import UserError
 from .inception import InceptionV3
 from .inputs import as_rgb
 
@@ -43,7 +44,7 @@ def location_statistics(feature_map: torch.Tensor) -> tuple[torch.Tensor, torch.
         raise ValueError(f"feature_map must be (C, H, W), got shape {tuple(feature_map.shape)}")
     rows = feature_map.double().flatten(1).T  # (H*W, C): one sample per position
     if rows.shape[0] < 2:
-        raise ValueError("SIFID needs a feature map with at least 2 positions (image too small)")
+        raise UserError("SIFID needs a feature map with at least 2 positions (image too small)")
     return rows.mean(dim=0), torch.cov(rows.T)
 
 
@@ -62,12 +63,12 @@ def sifid(reference: torch.Tensor, images: torch.Tensor, inception: InceptionV3,
         ``(N,)`` float64 SIFID values; Table 1 reports their mean.
     """
     if dims not in (64, 192):
-        raise ValueError(f"SIFID dims must be 64 or 192 (SinGAN's blocks 0 and 1), got {dims}")
+        raise UserError(f"SIFID dims must be 64 or 192 (SinGAN's blocks 0 and 1), got {dims}")
     features = inception.block0 if dims == 64 else inception.block1
     # Grey tensors become RGB the way grey files do when loaded (PIL's L -> RGB).
     reference, images = as_rgb(reference, "SIFID reference"), as_rgb(images, "SIFID images")
     if reference.shape[0] != 1:
-        raise ValueError("reference must be one (3, H, W) image and images (N, 3, H, W)")
+        raise UserError("reference must be one (3, H, W) image and images (N, 3, H, W)")
     device = next(inception.parameters()).device
     mu_r, sigma_r = location_statistics(features(reference.to(device, torch.float32))[0])
     values = []

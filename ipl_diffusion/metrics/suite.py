@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from ipl_diffusion.errors import UserError
 from .clip_metrics import clip_directional_similarity, clip_score
 from .diversity import FeatureDistance, intra_cluster_distance, mean_pairwise_distance
 from .fid import PoolFeatures, fid, kid
@@ -69,9 +70,9 @@ class MetricNetworks:
             ValueError: an unknown network choice, or a CLIP-based choice without ``clip``.
         """
         if identity_network not in ("arcface", "clip"):
-            raise ValueError(f"identity_network must be 'arcface' or 'clip', got {identity_network!r}")
+            raise UserError(f"identity_network must be 'arcface' or 'clip', got {identity_network!r}")
         if diversity_network not in ("lpips", "clip"):
-            raise ValueError(f"diversity_network must be 'lpips' or 'clip', got {diversity_network!r}")
+            raise UserError(f"diversity_network must be 'lpips' or 'clip', got {diversity_network!r}")
         device = torch.device(device or "cpu")
         nets = cls(clip_templates=clip_templates)
         if inception_weights is not None:
@@ -92,12 +93,12 @@ class MetricNetworks:
             nets.clip = clip
         if identity_network == "clip":
             if nets.clip is None:
-                raise ValueError("identity_network='clip' needs a CLIP model (clip=PATH or --clip-model PATH)")
+                raise UserError("identity_network='clip' needs a CLIP model (clip=PATH or --clip-model PATH)")
             nets.identity_features = nets.clip.encode_images
             nets.identity_name = "CLIP image features (substitute for a domain recogniser)"
         if diversity_network == "clip":
             if nets.clip is None:
-                raise ValueError("diversity_network='clip' needs a CLIP model (clip=PATH or --clip-model PATH)")
+                raise UserError("diversity_network='clip' needs a CLIP model (clip=PATH or --clip-model PATH)")
             nets.diversity_distance = FeatureDistance(nets.clip.encode_images)
             nets.diversity_name = "CLIP image-feature distance (not LPIPS)"
         elif lpips_backbone_weights is not None:
@@ -184,14 +185,14 @@ def run_metric(metric: str, inputs: EvaluationInputs, nets: MetricNetworks, spli
             samples for the metric.
     """
     if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+        raise UserError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     reason = missing_requirements(metric, inputs, nets, splits)
     if reason:
-        raise ValueError(f"{metric}: {reason}")
+        raise UserError(f"{metric}: {reason}")
     adapted, n = inputs.adapted, inputs.adapted.shape[0]
     if metric == "is":
         if n < splits:
-            raise ValueError(f"is: needs at least --splits={splits} adapted images, got {n}")
+            raise UserError(f"is: needs at least --splits={splits} adapted images, got {n}")
         mean, std = inception_score(adapted, nets.inception, splits=splits, batch_size=batch_size)
         note = f"{splits} splits, std over splits"
         if input_size(adapted) is not None:
@@ -233,7 +234,7 @@ def run_metric(metric: str, inputs: EvaluationInputs, nets: MetricNetworks, spli
                      f"'{inputs.source_label}' -> '{inputs.target_label}'")], {"clip_direction": values}
     if metric == "pairwise_lpips":
         if n < 2:
-            raise ValueError(f"pairwise_lpips: needs at least 2 adapted images, got {n}")
+            raise UserError(f"pairwise_lpips: needs at least 2 adapted images, got {n}")
         value = mean_pairwise_distance(adapted, nets.diversity_distance, max_pairs=max_pairs, batch_size=batch_size)
         return [_row("pairwise_lpips", value, None, n, f"mean over pairs; {nets.diversity_name}")], {}
     centers = inputs.cluster_centers if inputs.cluster_centers is not None else inputs.references
@@ -263,15 +264,15 @@ def evaluate(inputs: EvaluationInputs, nets: MetricNetworks, metrics="auto", **k
             else:
                 chosen.append(metric)
         if not chosen:
-            raise ValueError("nothing to evaluate: " + "; ".join(f"{m} {r}" for m, r in skipped.items()))
+            raise UserError("nothing to evaluate: " + "; ".join(f"{m} {r}" for m, r in skipped.items()))
     else:
         chosen = list(metrics)
         unknown = [m for m in chosen if m not in METRICS]
         if unknown:
-            raise ValueError(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
+            raise UserError(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
         problems = [f"{m} {r}" for m in chosen if (r := missing_requirements(m, inputs, nets, splits))]
         if problems:
-            raise ValueError("; ".join(problems))
+            raise UserError("; ".join(problems))
     rows, per_image = [], {}
     for metric in chosen:
         metric_rows, metric_per_image = run_metric(metric, inputs, nets, **kwargs)

@@ -3,7 +3,8 @@
 Every metric network (Inception-v3, HED, ArcFace IR-SE50, the LPIPS backbone and its linear
 layers) is given explicitly by the user. Nothing is downloaded behind their back: the
 reference implementations fetch weights from dead or rate-limited links at construction time
-(case C8), which is exactly what this module refuses to do.
+(and an offline machine then waits on the network), which is exactly what this module refuses
+to do.
 
 A *weights source* is one of
 
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ipl_diffusion.errors import UserError, UserFileNotFoundError
 
 _TORCH_PICKLE_SUFFIXES = (".pt", ".pth", ".pytorch", ".ckpt", ".bin")
 _WEIGHT_SUFFIXES = _TORCH_PICKLE_SUFFIXES + (".safetensors",)
@@ -63,7 +66,7 @@ def resolve_weights(source: str | os.PathLike | None, spec: NetworkSpec, metric:
             the local cache while offline / cannot be fetched.
     """
     if source is None or str(source).strip() == "":
-        raise ValueError(spec.missing_message(metric))
+        raise UserError(spec.missing_message(metric))
     path = Path(os.path.expanduser(str(source)))
     if path.is_file():
         return path
@@ -71,7 +74,7 @@ def resolve_weights(source: str | os.PathLike | None, spec: NetworkSpec, metric:
         candidate = path / spec.default_filename
         if candidate.is_file():
             return candidate
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"{metric}: the folder {str(path)!r} given for the {spec.name} weights has no "
             f"'{spec.default_filename}'. Pass the weights file itself ({spec.how_to_supply})."
         )
@@ -83,7 +86,7 @@ def resolve_weights(source: str | os.PathLike | None, spec: NetworkSpec, metric:
         and (len(parts) >= 3 or (len(parts) == 2 and Path(parts[1]).suffix not in _WEIGHT_SUFFIXES))
     )
     if not looks_like_hub_id:
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"{metric}: the {spec.name} weights file {str(source)!r} does not exist ({spec.how_to_supply})."
         )
     repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or spec.default_filename
@@ -96,7 +99,7 @@ def resolve_weights(source: str | os.PathLike | None, spec: NetworkSpec, metric:
         return Path(hf_hub_download(repo_id, filename, local_files_only=offline))
     except Exception as err:  # hub errors have many types; the user needs one clear message
         mode = "offline (HF_HUB_OFFLINE=1), and it is not in the local cache" if offline else str(err)
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"{metric}: {str(source)!r} is not a local file, and the {spec.name} weights '{filename}' could not "
             f"be taken from the Hub repo {repo_id!r}: {mode}. Pass a local file instead ({spec.how_to_supply})."
         ) from err
@@ -113,11 +116,11 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:
         kind = "an upstream torch file" if path.suffix in _TORCH_PICKLE_SUFFIXES else "a weights file"
-        raise ValueError(f"{str(path)!r} could not be read as {kind} with weights_only=True: {err}") from err
+        raise UserError(f"{str(path)!r} could not be read as {kind} with weights_only=True: {err}") from err
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{str(path)!r} does not hold a plain state dict of tensors.")
+        raise UserError(f"{str(path)!r} does not hold a plain state dict of tensors.")
     return state
 
 
@@ -129,11 +132,11 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], spec: Net
     missing = sorted(k for k in expected - given if not k.endswith("num_batches_tracked"))
     unexpected = sorted(given - expected)
     if missing or unexpected:
-        raise ValueError(
+        raise UserError(
             f"{source!r} is not in the {spec.name} layout ('{spec.default_filename}'): "
             f"{len(missing)} missing keys {missing[:4]}, {len(unexpected)} unexpected keys {unexpected[:4]}."
         )
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"{source!r} does not match the {spec.name} architecture: {err}") from err
+        raise UserError(f"{source!r} does not match the {spec.name} architecture: {err}") from err

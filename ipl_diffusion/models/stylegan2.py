@@ -40,6 +40,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ipl_diffusion.errors import UserError
 from .config_keys import StrictConfigMixin
 
 SQRT_2 = math.sqrt(2.0)
@@ -546,7 +547,7 @@ class StyleGAN2Generator(StrictConfigMixin, ModelMixin, ConfigMixin):
         """
         for key in ("input.input", "conv1.conv.modulation.weight", "to_rgb1.conv.weight"):
             if key not in state_dict:
-                raise ValueError(
+                raise UserError(
                     f"not a rosinality StyleGAN2 generator state dict: key {key!r} is missing "
                     f"(found e.g. {sorted(state_dict)[:5]}); pass checkpoint['g_ema']"
                 )
@@ -593,7 +594,7 @@ class StyleGAN2Generator(StrictConfigMixin, ModelMixin, ConfigMixin):
                 ):
                     inferred[name] = value  # indistinguishable at this size: honour the request
                     continue
-                raise ValueError(
+                raise UserError(
                     f"checkpoint and requested config disagree on {name}: the checkpoint has "
                     f"{name}={inferred[name]} (from {evidence[name]}) but {name}={value} was requested"
                 )
@@ -617,7 +618,7 @@ class StyleGAN2Generator(StrictConfigMixin, ModelMixin, ConfigMixin):
                 parts.append(f"unexpected keys {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
             if wrong:
                 parts.append(f"shape mismatches {wrong[:4]}{' ...' if len(wrong) > 4 else ''}")
-            raise ValueError(f"state dict does not match a {self.size}px StyleGAN2 generator {dict(self.config)}: " + "; ".join(parts))
+            raise UserError(f"state dict does not match a {self.size}px StyleGAN2 generator {dict(self.config)}: " + "; ".join(parts))
         self.load_state_dict(state_dict, strict=True)
         return self
 

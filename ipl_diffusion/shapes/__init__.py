@@ -13,6 +13,7 @@ package ships small models trained on a synthetic world with known ground-truth 
 
 from pathlib import Path
 
+from ipl_diffusion.errors import UserError, UserFileNotFoundError
 from .renderer import (
     BACKGROUNDS,
     COLORS,
@@ -34,6 +35,52 @@ _MODEL_FOLDERS = {
     "clip": "clip",
     "oracle": "oracle",
 }
+
+# IPLPipeline.adapt defaults for the embedded Shapes DiffAE (32x32, 1.5 M-parameter UNet), sized
+# so that `ipl adapt --target sketch` runs in a few minutes on 2 CPU cores, and recorded in the
+# shipped folder (ipl_diffusion/shapes_models/diffae-ipl/model_index.json, a test keeps the two
+# equal). Stage 1 is the paper's (300 iterations of 32) on a pool of 2048 rendered photos, so
+# that the mapper generalises (held-out prompt retrieval 0.32, chance 0.03). The Stage-2
+# learning rate was chosen on the NADA baseline (manual prompts, "sketch", seed 0, 32 held-out
+# photos, `python benchmarks/main_job.py --backends diffae --targets sketch --extra --scheme
+# manual --lr LR`), never on IPL, after the first-step fix (ΔI from x0, gradient clipping):
+# the smallest lr at which NADA reaches >= 90% sketch. lr 5e-5 / 1e-4 only pale the
+# background (oracle 47% / 72% sketch, solid objects by eye); 1.5e-4 draws hollow outlines
+# (100%, shape kept 56%, colour kept 88%); 2e-4 turns most objects into rings (97%, 50%, 75%).
+# 64 Stage-2 photos instead of 16 gave twisted, solid shapes (91%, 66%, 100%), t0 400 solid
+# pinched shapes (81%), L1 weight 1.0 fewer outlines (53%).
+SHAPES_ADAPT_DEFAULTS = dict(
+    num_images=16,
+    stage1_num_images=2048,
+    stage1_iterations=300,
+    stage1_batch_size=32,
+    t0=500,
+    num_inversion_steps=20,
+    num_train_steps=4,
+    num_inference_steps=20,
+    learning_rate=1.5e-4,
+    iterations=30,
+    batch_size=4,
+    l1_loss_weight=0.5,
+)
+
+# StyleGANIPLPipeline.adapt defaults for the embedded Shapes StyleGAN2 (32x32, 0.4 M-parameter
+# generator), recorded in ipl_diffusion/shapes_models/stylegan2/model_index.json: IPL's recipe
+# (Stage 1: 300 iterations of 32 fresh samples; Stage 2: 300 iterations, Adam betas
+# (0, 0.99^0.8), EMA 0.99, NADA's adaptive layer choice) with batch 4. After 300 iterations the
+# evaluated g_ema holds 0.99^300 = 5% of the initial weights (it held 55% with the old 60
+# iterations). The lr was chosen on the NADA baseline ("sketch", seed 0, 32 held-out z,
+# `python benchmarks/main_job.py --backends stylegan2 --targets sketch --extra --scheme manual
+# --lr LR`), never on IPL, as the smallest lr at which NADA reaches >= 90% sketch: 0.0005 gives
+# 75% (shape kept 97%), 0.001 100% (56%), 0.002 100% (31%). By eye even 0.001 only whitens the
+# background and rim-lights the objects: this generator does not draw outlines.
+SHAPES_GAN_ADAPT_DEFAULTS = dict(
+    stage1_iterations=300,
+    stage1_batch_size=32,
+    iterations=300,
+    batch_size=4,
+    learning_rate=0.001,
+)
 
 _TRAINING_SCRIPTS = {
     "clip": "examples/shapes/train_clip.py",
@@ -58,10 +105,10 @@ def default_model_path(backend="diffae"):
     """
     key = str(backend).strip().lower()
     if key not in _MODEL_FOLDERS:
-        raise ValueError(f"Unknown Shapes model {backend!r}; known: {', '.join(_MODEL_FOLDERS)}.")
+        raise UserError(f"Unknown Shapes model {backend!r}; known: {', '.join(_MODEL_FOLDERS)}.")
     path = MODELS_DIR / _MODEL_FOLDERS[key]
     if not path.is_dir() or not any(path.glob("*.json")):
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"The shipped Shapes model {key!r} is missing: expected a saved folder at {path}. "
             f"It is produced by {_TRAINING_SCRIPTS[key]}."
         )
@@ -95,15 +142,32 @@ def check_domain(label):
         ValueError: empty label or a label the Shapes CLIP was not trained on.
     """
     if label is None or not str(label).strip():
-        raise ValueError(f"Empty domain label; the Shapes CLIP knows: {', '.join(known_domains())}.")
+        raise UserError(f"Empty domain label; the Shapes CLIP knows: {', '.join(known_domains())}.")
     key = " ".join(str(label).strip().lower().replace("_", " ").replace("-", " ").split())
     if key not in STYLES:
-        raise ValueError(
+        raise UserError(
             f"The Shapes CLIP was not trained on the domain {label!r}; known domains: "
             f"{', '.join(known_domains())}. Use one of them, or pass a real CLIP model "
             "(e.g. openai/clip-vit-base-patch32) for open-vocabulary labels."
         )
     return key
+
+
+def shapes_source_images(pipe, num_images, seed, stage1_num_images=None):
+    """The embedded Shapes DiffAE's inputs: rendered photos (its latent net, trained for
+    minutes, samples z_sem less faithfully than the renderer draws) -- the Stage-2 images, a
+    large Stage-1 pool (so that the mapper generalises) and 8 photos for the before/after
+    grid that neither stage sees. Three disjoint seed streams of the run's seed; a count left
+    None is the folder's recorded adapt_defaults."""
+    defaults = pipe.config.get("adapt_defaults") or {}
+    size = pipe.image_size
+    return {
+        "images": source_images(num_images or defaults.get("num_images", 16), seed=seed, resolution=size),
+        "stage1_images": source_images(
+            stage1_num_images or defaults.get("stage1_num_images", 2048), seed=seed + 10_007, resolution=size
+        ),
+        "validation_images": source_images(8, seed=seed + 20_011, resolution=size),
+    }
 
 
 __all__ = [
@@ -112,6 +176,8 @@ __all__ = [
     "MODELS_DIR",
     "SHAPES",
     "SOURCE_STYLE",
+    "SHAPES_ADAPT_DEFAULTS",
+    "SHAPES_GAN_ADAPT_DEFAULTS",
     "STYLES",
     "ShapeFactors",
     "ShapesRenderer",
@@ -120,5 +186,6 @@ __all__ = [
     "known_domains",
     "render",
     "sample_factors",
+    "shapes_source_images",
     "source_images",
 ]

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ipl_diffusion.errors import UserError
+
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 COLORS = ("red", "green", "blue", "yellow", "purple", "cyan")
 STYLES = ("photo", "sketch", "neon", "pixel art", "mosaic")
@@ -117,7 +119,7 @@ def style_index(style):
     """Index of ``style`` in :data:`STYLES`; ``ValueError`` listing the known styles otherwise."""
     key = str(style).strip().lower().replace("_", " ").replace("-", " ")
     if key not in STYLES:
-        raise ValueError(f"Unknown Shapes style {style!r}; known styles: {', '.join(STYLES)}.")
+        raise UserError(f"Unknown Shapes style {style!r}; known styles: {', '.join(STYLES)}.")
     return STYLES.index(key)
 
 
@@ -138,7 +140,7 @@ def _resolve(values, names, label, batch_size, generator):
                 elif v in names:
                     out.append(names.index(v))
                 else:
-                    raise ValueError(f"Unknown Shapes {label} {v!r}; known: {', '.join(names)}.")
+                    raise UserError(f"Unknown Shapes {label} {v!r}; known: {', '.join(names)}.")
             else:
                 out.append(int(v))
         out = torch.tensor(out, dtype=torch.int64)
