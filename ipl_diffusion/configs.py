@@ -124,6 +124,16 @@ class TrainingConfig:
     checkpoints_total_limit: Optional[int] = option(2, "checkpoints kept (None: all)")
     sample_steps: Optional[int] = option(None, "write a sample grid every N iterations")
     num_sample_images: int = option(8, "images in each sample grid")
+    # Automatic step choice (ipl_diffusion.adaptation.step_choice); off by default.
+    candidate_steps: Optional[int] = option(
+        None, "step choice: keep a candidate every N iterations and at the last, score each on held-out sources "
+        "and return the chosen one (None: off, the last step)")
+    keep_candidates: bool = option(False, "step choice: keep every candidate's weights in OUTPUT/candidates/step-N")
+    num_candidate_images: int = option(
+        16, "step choice: held-out sources scored per candidate (StyleGAN2: fixed z; the Shapes DiffAE: rendered "
+        "photos; other DiffAE runs score their validation images)")
+    min_preservation: float = option(0.8, "step choice: least fraction of the sources' CLIP preservation a candidate keeps")
+    min_diversity: float = option(0.8, "step choice: least fraction of the sources' CLIP diversity a candidate keeps")
 
     def _check_training(self):
         _finite(self, "learning_rate", positive=True)
@@ -134,6 +144,12 @@ class TrainingConfig:
         _positive_int(self, "checkpointing_steps", "checkpoints_total_limit", "sample_steps", allow_none=True)
         _choice(self, "mixed_precision", MIXED_PRECISION)
         _check(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "a whole number", self.seed)
+        self._check_step_choice()
+
+    def _check_step_choice(self):
+        _positive_int(self, "candidate_steps", allow_none=True)
+        _positive_int(self, "num_candidate_images", minimum=2)
+        _finite(self, "min_preservation", "min_diversity")
 
 
 @dataclass
@@ -273,6 +289,9 @@ class AdaptArguments:
     overwrite: bool = option(False, "replace the result of an earlier run in --output_dir (without it such a folder is refused)")
     resume_from_checkpoint: Optional[str] = option(None, "'latest' or a checkpoint folder in OUTPUT/checkpoints")
     device: Optional[str] = option(None, "torch device, e.g. cuda or cpu (default: cuda if available)")
+    validation_images: Optional[str] = option(
+        None, "DiffAE: folder of held-out source images the run does not train on: before_after.png shows them and "
+        "--candidate_steps scores on them (default: rendered for the Shapes model, else sampled)")
 
 
 def adapt_option_classes() -> list:

@@ -191,7 +191,9 @@ def adapt_diffae(models, images: torch.Tensor, source: str, target: str, stage1:
         stage1_images: ``(M, 3, H, W)``, Stage 1's pool (default ``images``); a fifth of it
             (at most 256) is held out to measure how the prompts carry over to unseen images.
         validation_images: what the returned ``sample_grid`` shows (default: the first
-            ``images``), e.g. photos the run never trained on.
+            ``images``), e.g. photos the run never trained on; with ``stage2.candidate_steps``
+            (the automatic step choice, :mod:`~ipl_diffusion.adaptation.step_choice`) the
+            held-out photos every candidate is scored on (required then, >= 2).
         prompt_learner: a ready Stage-1 result (anything with ``text_features(z_sem (B, 512),
             label) -> (B, D)``): Stage 1 is skipped.
         output_dir: ``run_config.json``, ``cache.safetensors``, ``stage1/``, checkpoints,
@@ -210,6 +212,9 @@ def adapt_diffae(models, images: torch.Tensor, source: str, target: str, stage1:
     check_weights_dtype({"semantic_encoder": models.semantic_encoder, "source_unet": models.source_unet,
                          "text_encoder": models.text_encoder}, accelerator.device)
     _check_images(images=images, stage1_images=stage1_images, validation_images=validation_images)
+    if stage2.candidate_steps and (validation_images is None or validation_images.shape[0] < 2):
+        raise UserError("the step choice (candidate_steps) scores held-out photos the run does not train on: "
+                        "pass >= 2 validation_images (ipl adapt --validation_images FOLDER)")
     ddim.check_t0(stage2.t0, models.scheduler)
     encoder = CLIPPromptEncoder(models.text_encoder, models.tokenizer)
     source, target = (encoder.validate_label(x, n_ctx=stage1.n_ctx) for x in (source, target))
@@ -235,19 +240,26 @@ def adapt_diffae(models, images: torch.Tensor, source: str, target: str, stage1:
             identity_features=models.semantic_encoder if stage2.id_loss_weight > 0 else None,
             accelerator=accelerator, output_dir=out, run_config=run_config,
         )
+        shown = _encoded_validation(models, validation_images, stage2)
+        if stage2.candidate_steps:
+            labels = [encoder.label_features(x, templates=stage1.label_templates) for x in (source, target)]
+            trainer.enable_step_choice(image_features, *labels, heldout=shown)
         unet = trainer.train(resume_from_checkpoint=resume_from_checkpoint, progress=progress)
-        grid = _before_after(models, trainer, unet, validation_images, stage2) if accelerator.is_main_process else None
+        if "step_choice" in run_config and out is not None and accelerator.is_main_process:
+            (out / "run_config.json").write_text(json.dumps(run_config, indent=2))  # now with the choice
+        grid = trainer.sample_grid(unet, items=shown) if accelerator.is_main_process else None
     return DiffIPLResult(unet=unet, mapper=getattr(learner, "prompt_module", None), sample_grid=grid,
                          history=trainer.history, run_config=run_config,
                          source_text_features=src_text.cpu(), target_text_features=tgt_text.cpu())
 
 
-def _before_after(models, trainer, unet, validation_images, stage2):
-    shown = None
-    if validation_images is not None:
-        shown = encode_sources(models.semantic_encoder, models.source_unet, models.scheduler, validation_images,
-                               stage2.t0, stage2.num_inversion_steps, progress=False)
-    return trainer.sample_grid(unet, items=shown)
+def _encoded_validation(models, validation_images, stage2):
+    """The held-out photos encoded (:func:`encode_sources`; every process, so the step choice
+    scores alike everywhere), or None: what the before/after grid shows and the step choice scores."""
+    if validation_images is None:
+        return None
+    return encode_sources(models.semantic_encoder, models.source_unet, models.scheduler, validation_images,
+                          stage2.t0, stage2.num_inversion_steps, progress=False)
 
 
 # ------------------------------------------------------------------ from the pipeline
@@ -267,8 +279,10 @@ def adapt_pipeline(pipe, target: str, source=None, images=None, stage1_images=No
                    prompt_learner=None, output_dir=None, resume_from_checkpoint=None, accelerator=None,
                    progress: bool = True, **options):
     """``IPLPipeline.adapt``: resolve the options (the configs' defaults, then the pipeline's
-    recorded ``adapt_defaults``, then ``options``), sample the sources the caller did not give,
-    run :func:`adapt_diffae` and return ``pipe.with_adaptation(result)``.
+    recorded ``adapt_defaults``, then ``options``), sample the sources the caller did not give
+    (with ``candidate_steps`` and no ``images``, also ``num_candidate_images`` held-out ones for
+    the step choice, from another seed stream), run :func:`adapt_diffae` and return
+    ``pipe.with_adaptation(result)``.
 
     Raises:
         UserError: an unknown option (with the nearest names), a label the pipeline's CLIP
@@ -287,6 +301,8 @@ def adapt_pipeline(pipe, target: str, source=None, images=None, stage1_images=No
         if stage1_images is not None or stage1.stage1_num_images is not None:
             pool = _source_images(pipe, stage1_images, stage1.stage1_num_images, stage2, stage2.seed, offset=10_007)
         shown = pipe.preprocess(validation_images) if validation_images is not None else None
+        if shown is None and images is None and stage2.candidate_steps:  # sampled sources: sample held-out ones too
+            shown = _source_images(pipe, None, stage2.num_candidate_images, stage2, stage2.seed, offset=20_011)
         result = adapt_diffae(pipe, x0, source, target, stage1, stage2, stage1_images=pool, validation_images=shown,
                               prompt_learner=prompt_learner, output_dir=output_dir,
                               resume_from_checkpoint=resume_from_checkpoint, accelerator=accelerator, progress=progress)

@@ -241,6 +241,31 @@ class DiffAEStage2Trainer(Trainer):
     def trained_model(self):
         return self.accelerator.unwrap_model(self.unet).eval()
 
+    def enable_step_choice(self, image_features, source_text, target_text, heldout: dict | None = None) -> None:
+        """:meth:`Trainer.enable_step_choice` with the held-out photos the candidates are scored on.
+
+        Args:
+            heldout: :func:`~ipl_diffusion.adaptation.diffae.encode_sources` of K >= 2 photos
+                the run does not train on (``x0``, ``z_sem``, ``x_t0``).
+
+        Raises:
+            UserError: no held-out photos, or fewer than 2.
+        """
+        if heldout is None or heldout["x0"].shape[0] < 2:
+            raise UserError("the step choice (candidate_steps) needs >= 2 held-out photos the run does not train on: "
+                            "pass validation_images (ipl adapt --validation_images FOLDER)")
+        self.heldout = {k: v.to(self.device) for k, v in heldout.items()}
+        super().enable_step_choice(image_features, source_text, target_text)
+
+    @torch.no_grad()
+    def candidate_images(self, chunk: int = 8):
+        """The held-out photos ``x0`` and the current UNet's decoding of their ``x_{t0}``
+        (``num_inference_steps`` DDIM steps, as ``IPLPipeline`` translates), ``(K,3,H,W)`` float32."""
+        h, steps = self.heldout, self.config.num_inference_steps
+        adapted = [ddim.decode_from_t0(self.unet, h["x_t0"][i : i + chunk], h["z_sem"][i : i + chunk], self.scheduler,
+                                       self.t0, steps).float() for i in range(0, h["x0"].shape[0], chunk)]
+        return h["x0"].float(), torch.cat(adapted)
+
     @torch.no_grad()
     def sample_grid(self, unet=None, items: dict | None = None):
         """Labelled PIL grid, one column per image; rows: source | DDIM round trip | adapted.

@@ -117,6 +117,9 @@ from ipl_diffusion.grids import labelled_grid
 from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
 
 
+# The step choice's held-out z come from seed + this (Stage 1's held-out latents: seed + 20_011).
+HELDOUT_Z_OFFSET = 40_009
+
 # (w (B, style_dim)) -> (source prompt features (B, D), target prompt features (B, D))
 PromptFeatures = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 # images (B, 3, H, W) in [-1, 1] -> raw CLIP image features (B, D), differentiable
@@ -318,6 +321,20 @@ class GANIPLTrainer(Trainer):
         return self.accelerator.unwrap_model(self.generator_ema).eval()
 
     @torch.no_grad()
+    def candidate_images(self):
+        """``(G_s(w), g_ema(w))`` of ``num_candidate_images`` fixed held-out ``z`` (a seed stream
+        of the run's seed that training never draws from), truncation ``sample_truncation`` with
+        fixed noise as the sample grids; ``(K,3,H,W)`` float32 in ``[-1, 1]``."""
+        cfg = self.config
+        rng = torch.Generator().manual_seed(cfg.seed + HELDOUT_Z_OFFSET)
+        z = torch.randn(cfg.num_candidate_images, self.source.style_dim, generator=rng).to(self.device)
+        kwargs = dict(truncation=cfg.sample_truncation, truncation_latent=self.source.mean_latent(), randomize_noise=False)
+        w = self.source.get_latent(z)
+        source, _ = self.source([w], input_is_latent=True, **kwargs)
+        adapted, _ = self.generator_ema([w], input_is_latent=True, **kwargs)
+        return source.float(), adapted.float()
+
+    @torch.no_grad()
     def sample_grid(self, seed: int = 0):
         """Labelled PIL grid: source samples (top row) | adapted ``g_ema`` samples (bottom row);
         ``num_sample_images`` fixed ``z`` (``seed``), truncation ``sample_truncation``, fixed noise."""
@@ -475,6 +492,9 @@ def adapt_stylegan2(source_generator: StyleGAN2Generator, clip_model, tokenizer,
         source_generator, lambda w: (learner.text_features(w, source), learner.text_features(w, target)),
         image_features, target_text, stage2, output_dir=output_dir, accelerator=accelerator, run_config=run_config,
     )
+    if stage2.candidate_steps:  # the automatic step choice scores along the labels' direction
+        labels = [encoder.label_features(x, templates=stage1.label_templates) for x in (source, target)]
+        trainer.enable_step_choice(image_features, *labels)
     g_ema = trainer.train(resume_from_checkpoint=resume_from_checkpoint, progress=progress)
     return GANIPLResult(
         generator=g_ema.requires_grad_(False), mapper=getattr(learner, "prompt_module", None), history=trainer.history,

@@ -8,7 +8,10 @@ A backend subclasses :class:`Trainer` and supplies only what differs:
   never reaches the weights;
 * :meth:`Trainer.checkpoint_state` -- the models, optimizers and ``torch.Generator`` s that
   make up the training state;
-* :meth:`Trainer.sample_grid` and :meth:`Trainer.trained_model`.
+* :meth:`Trainer.sample_grid` and :meth:`Trainer.trained_model`;
+* :meth:`Trainer.candidate_images` -- the held-out sources and the current model's images of
+  them, for the automatic step choice (``config.candidate_steps``,
+  :mod:`ipl_diffusion.adaptation.step_choice`).
 
 Everything else is here, once:
 
@@ -20,7 +23,10 @@ Everything else is here, once:
   from the checkpointed history on resume so it holds each step once, plus accelerate's
   TensorBoard tracker when ``tensorboard`` is installed (``logs/``);
 * a non-finite loss raises :class:`~ipl_diffusion.errors.NonFiniteLossError` on every stage
-  and backend.
+  and backend;
+* the automatic step choice: with ``candidate_steps`` set (and :meth:`Trainer.enable_step_choice`
+  called), a candidate is scored every N iterations and at the last, the candidate list rides in
+  the checkpoints, and :meth:`Trainer.train` returns the chosen candidate's weights.
 """
 
 from __future__ import annotations
@@ -109,6 +115,7 @@ class Trainer:
         self.run_config = run_config
         self.step = 0
         self.history: list[dict] = []
+        self.step_choice = None  # a StepChoice once enable_step_choice is called
 
     # -- what a backend supplies -----------------------------------------------------------
     def iteration(self, *args) -> dict:  # pragma: no cover - abstract
@@ -122,6 +129,11 @@ class Trainer:
         raise NotImplementedError
 
     def trained_model(self) -> torch.nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def candidate_images(self) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
+        """``(source, adapted)``: ``(K, 3, H, W)`` float32 in ``[-1, 1]``, K >= 2, the held-out
+        sources and :meth:`trained_model`'s images of them now (no gradient, no RNG consumed)."""
         raise NotImplementedError
 
     # -- checkpoints -------------------------------------------------------------------
@@ -138,7 +150,7 @@ class Trainer:
         acc.wait_for_everyone()
         path = None
         if acc.is_main_process:
-            config = {**self.run_config, "history": self.history}
+            config = {**self.run_config, "history": self.history, **self._step_choice_state()}
             if acc.scaler is not None:  # fp16: the loss scale is part of the training state
                 config["grad_scaler"] = acc.scaler.state_dict()
             state = self.checkpoint_state()
@@ -170,6 +182,8 @@ class Trainer:
         if self.accelerator.scaler is not None and saved.get("grad_scaler"):
             self.accelerator.scaler.load_state_dict(saved["grad_scaler"])
         self.history = list(saved.get("history", []))
+        if self.step_choice is not None:  # a resumed run continues the candidate list
+            self.step_choice.restore(saved, self.step)
         return self.step
 
     # -- the loop ------------------------------------------------------------------------
@@ -203,6 +217,7 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         if resume_from_checkpoint is None and self.output_dir is not None:
             checkpointing.refuse_foreign_checkpoints(self.checkpoint_dir)
+        self._check_step_choice()
         self.resume(resume_from_checkpoint)
         log = LossLog(self.output_dir, self.history, enabled=acc.is_main_process)
         bar = tqdm(total=cfg.iterations, initial=self.step, desc=self.description,
@@ -210,6 +225,7 @@ class Trainer:
         try:
             while self.step < cfg.iterations:
                 record = self.train_step()
+                self._keep_candidate()  # before the checkpoint of this step, which records it
                 log.log(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -222,4 +238,39 @@ class Trainer:
             bar.close()
             log.close()
         acc.wait_for_everyone()
-        return self.trained_model()
+        return self._chosen_model()
+
+    # -- automatic step choice ---------------------------------------------------------
+    def enable_step_choice(self, image_features, source_text: torch.Tensor, target_text: torch.Tensor) -> None:
+        """Score candidates during :meth:`train` (when ``config.candidate_steps`` is set).
+
+        Args:
+            image_features: ``(K,3,H,W) in [-1,1] -> (K, D)`` raw CLIP image features.
+            source_text, target_text: ``(D,)`` template-averaged label features (the direction).
+        """
+        from ipl_diffusion.adaptation.step_choice import StepChoice
+
+        self.step_choice = StepChoice(image_features, source_text, target_text, self.config, self.output_dir,
+                                      is_main_process=self.accelerator.is_main_process)
+
+    def _step_choice_state(self) -> dict:
+        return self.step_choice.state() if self.step_choice is not None else {}
+
+    def _check_step_choice(self) -> None:
+        if self.step_choice is None and self.config.candidate_steps:
+            from ipl_diffusion.errors import UserError
+
+            raise UserError("candidate_steps needs held-out sources and label features: call enable_step_choice first")
+
+    def _keep_candidate(self) -> None:
+        if self.step_choice is not None and self.step_choice.due(self.step):
+            source, adapted = self.candidate_images()
+            self.step_choice.add(self.step, source, adapted, self.trained_model())
+
+    def _chosen_model(self) -> torch.nn.Module:
+        """:meth:`trained_model`, holding the chosen candidate's weights when candidates were
+        kept (the choice is recorded in ``run_config["step_choice"]``)."""
+        model = self.trained_model()
+        if self.step_choice is not None and self.step_choice.candidates:
+            self.run_config["step_choice"] = self.step_choice.finish(model, self.accelerator)
+        return model

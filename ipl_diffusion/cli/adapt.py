@@ -14,6 +14,8 @@ The run writes into --output_dir (default ./ipl-<target>):
                      or IPLPipeline.from_pretrained("OUTPUT/pipeline")
   before_after.png   rows: source images | source-model reconstructions | adapted images
   run_config.json    every resolved option of the run
+  step_choice.json/.csv/.png   with --candidate_steps N: every candidate's held-out scores and the
+                     chosen step (candidates/ with --keep_candidates)
   losses.csv, stage1/, checkpoints/, cache.safetensors (for --resume_from_checkpoint)
 """
 
@@ -163,15 +165,18 @@ def _data(args, pipe) -> dict:
     for the embedded DiffAE, or none (sampled by the pipeline)."""
     if args.backend == "stylegan2":
         return {}
+    held_out = {"validation_images": args.validation_images} if args.validation_images else {}
     if args.images is not None:
-        return {"images": args.images, **({"stage1_images": args.stage1_images} if args.stage1_images else {})}
+        return {"images": args.images, **({"stage1_images": args.stage1_images} if args.stage1_images else {}), **held_out}
     if args.model is None:
         from ipl_diffusion.configs import resolve_configs
         from ipl_diffusion.shapes import shapes_source_images
 
         stage1, stage2 = resolve_configs("diffae", pipe.config.get("adapt_defaults"), given_options(args))
-        return shapes_source_images(pipe, stage2.num_images, stage2.seed, stage1.stage1_num_images)
-    return {"stage1_images": args.stage1_images} if args.stage1_images else {}
+        # The step choice scores num_candidate_images held-out photos; the grid shows 8 of them.
+        count = stage2.num_candidate_images if stage2.candidate_steps else 8
+        return {**shapes_source_images(pipe, stage2.num_images, stage2.seed, stage1.stage1_num_images, count), **held_out}
+    return {**({"stage1_images": args.stage1_images} if args.stage1_images else {}), **held_out}
 
 
 def _check_inputs(args, output):
@@ -182,7 +187,9 @@ def _check_inputs(args, output):
         raise UserError(f"--output_dir {output} is an existing file; give a folder")
     if args.backend == "stylegan2" and (args.images or args.stage1_images):
         raise UserError("--images / --stage1_images are for --backend diffae; GAN-IPL samples its source latents")
-    for name in ("images", "stage1_images"):
+    if args.backend == "stylegan2" and args.validation_images:
+        raise UserError("--validation_images is for --backend diffae; GAN-IPL scores fixed held-out z")
+    for name in ("images", "stage1_images", "validation_images"):
         folder = getattr(args, name)
         if folder is None:
             continue

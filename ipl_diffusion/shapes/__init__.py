@@ -153,12 +153,13 @@ def check_domain(label):
     return key
 
 
-def shapes_source_images(pipe, num_images, seed, stage1_num_images=None):
+def shapes_source_images(pipe, num_images, seed, stage1_num_images=None, num_validation_images=8):
     """The embedded Shapes DiffAE's inputs: rendered photos (its latent net, trained for
     minutes, samples z_sem less faithfully than the renderer draws) -- the Stage-2 images, a
-    large Stage-1 pool (so that the mapper generalises) and 8 photos for the before/after
-    grid that neither stage sees. Three disjoint seed streams of the run's seed; a count left
-    None is the folder's recorded adapt_defaults."""
+    large Stage-1 pool (so that the mapper generalises) and ``num_validation_images`` photos
+    that neither stage sees (the before/after grid shows 8; the step choice scores them all).
+    Three disjoint seed streams of the run's seed; a count left None is the folder's recorded
+    adapt_defaults."""
     defaults = pipe.config.get("adapt_defaults") or {}
     size = pipe.image_size
     return {
@@ -166,7 +167,7 @@ def shapes_source_images(pipe, num_images, seed, stage1_num_images=None):
         "stage1_images": source_images(
             stage1_num_images or defaults.get("stage1_num_images", 2048), seed=seed + 10_007, resolution=size
         ),
-        "validation_images": source_images(8, seed=seed + 20_011, resolution=size),
+        "validation_images": source_images(num_validation_images, seed=seed + 20_011, resolution=size),
     }
 
 
