@@ -132,8 +132,10 @@ class TrainingConfig:
     num_candidate_images: int = option(
         16, "step choice: held-out sources scored per candidate (StyleGAN2: fixed z; the Shapes DiffAE: rendered "
         "photos; other DiffAE runs score their validation images)")
-    min_preservation: float = option(0.8, "step choice: least fraction of the sources' CLIP preservation a candidate keeps")
-    min_diversity: float = option(0.8, "step choice: least fraction of the sources' CLIP diversity a candidate keeps")
+    min_preservation: float = option(0.5, "step choice: least fraction of the sources' CLIP preservation a candidate keeps")
+    min_diversity: float = option(0.5, "step choice: least fraction of the sources' CLIP diversity a candidate keeps")
+    direction_tolerance: float = option(
+        0.05, "step choice: candidates within this fraction of the best CLIP direction reached the target; the earliest wins")
 
     def _check_training(self):
         _finite(self, "learning_rate", positive=True)
@@ -149,7 +151,7 @@ class TrainingConfig:
     def _check_step_choice(self):
         _positive_int(self, "candidate_steps", allow_none=True)
         _positive_int(self, "num_candidate_images", minimum=2)
-        _finite(self, "min_preservation", "min_diversity")
+        _finite(self, "min_preservation", "min_diversity", "direction_tolerance")
 
 
 @dataclass

@@ -19,41 +19,66 @@ from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
 from tiny_ipl import SIZE, build_tiny_ipl_pipeline
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny latency-bound models (conftest.py)
+REAL_SCORE = sc.score_candidate
 
 
 # ------------------------------------------------------------------ scores and rule
 
 
-def independent_choice(candidates, min_preservation, min_diversity):
-    """The documented rule, written another way: sort by (-direction, step) over the eligible
-    ones, else by (-preservation_ratio, step) over all."""
-    ok = [c for c in candidates if c["preservation_ratio"] >= min_preservation and c["diversity_ratio"] >= min_diversity]
+def independent_choice(candidates, min_preservation, min_diversity, tolerance):
+    """The documented rule, written another way: walk the eligible candidates in step order
+    and return the first whose direction is within ``tolerance`` of the best; with none
+    eligible, sort all by (-preservation_ratio, step)."""
+    ok = sorted((c for c in candidates if c["preservation_ratio"] >= min_preservation
+                 and c["diversity_ratio"] >= min_diversity), key=lambda c: c["step"])
     if ok:
-        return sorted(ok, key=lambda c: (-c["direction"], c["step"]))[0]["step"]
+        best = sorted(c["direction"] for c in ok)[-1]
+        for c in ok:
+            if c["direction"] >= best - tolerance * abs(best):
+                return c["step"]
     return sorted(candidates, key=lambda c: (-c["preservation_ratio"], c["step"]))[0]["step"]
 
 
 def test_selection_rule_matches_an_independent_computation():
     gen = torch.Generator().manual_seed(0)
-    for trial in range(200):
+    for trial in range(300):
         n = int(torch.randint(1, 8, (), generator=gen))
         values = torch.rand(n, 3, generator=gen).round(decimals=1)  # ties happen
-        candidates = [{"step": 10 * (i + 1), "direction": float(v[0]), "preservation_ratio": float(v[1]) * 1.2,
+        candidates = [{"step": 10 * (i + 1), "direction": float(v[0]) * 2 - 0.5, "preservation_ratio": float(v[1]) * 1.2,
                        "diversity_ratio": float(v[2]) * 1.2} for i, v in enumerate(values)]
         order = torch.randperm(n, generator=gen).tolist()  # the list's order must not matter
         shuffled = [candidates[i] for i in order]
-        assert sc.choose_step(shuffled, 0.8, 0.5) == independent_choice(candidates, 0.8, 0.5), candidates
+        for tolerance in (0.0, 0.05, 0.3):
+            expected = independent_choice(candidates, 0.5, 0.4, tolerance)
+            assert sc.choose_step(shuffled, 0.5, 0.4, tolerance) == expected, candidates
+            # the weights kept while the run goes on include every step that can still win
+            assert expected in sc.possible_steps(shuffled, 0.5, 0.4, tolerance)
+
+
+def test_possible_steps_hold_the_final_choice_whatever_comes_later():
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(200):
+        values = torch.rand(6, 3, generator=gen).round(decimals=1)
+        candidates = [{"step": i + 1, "direction": float(v[0]), "preservation_ratio": float(v[1]),
+                       "diversity_ratio": float(v[2])} for i, v in enumerate(values)]
+        final = sc.choose_step(candidates, 0.5, 0.3, 0.1)
+        kept = set()
+        for k in range(1, 7):  # online: what add() keeps in memory after each candidate
+            kept = (kept | {k}) & sc.possible_steps(candidates[:k], 0.5, 0.3, 0.1)
+        assert final in kept, candidates
 
 
 def test_selection_rule_examples():
-    c = [{"step": 10, "direction": 0.1, "preservation_ratio": 0.95, "diversity_ratio": 1.0},
-         {"step": 20, "direction": 0.3, "preservation_ratio": 0.85, "diversity_ratio": 0.9},
-         {"step": 30, "direction": 0.5, "preservation_ratio": 0.40, "diversity_ratio": 0.9}]  # overshot
-    assert sc.choose_step(c, 0.8, 0.8) == 20
-    assert sc.choose_step(c, 0.3, 0.8) == 30  # nothing overshot: the last, furthest step
-    assert sc.choose_step(c, 0.99, 0.8) == 10  # nothing qualifies: the best preservation
+    c = [{"step": 10, "direction": 0.50, "preservation_ratio": 0.95, "diversity_ratio": 1.0},
+         {"step": 20, "direction": 0.78, "preservation_ratio": 0.85, "diversity_ratio": 0.9},
+         {"step": 30, "direction": 0.80, "preservation_ratio": 0.80, "diversity_ratio": 0.9},
+         {"step": 40, "direction": 0.90, "preservation_ratio": 0.40, "diversity_ratio": 0.9}]  # content lost
+    assert sc.choose_step(c, 0.5, 0.5, 0.05) == 20  # on the plateau first (0.78 >= 0.95 * 0.80)
+    assert sc.choose_step(c, 0.5, 0.5, 0.0) == 30  # no tolerance: the best direction
+    assert sc.choose_step(c, 0.3, 0.5, 0.05) == 40  # content guard off: still improving at the end
+    assert sc.choose_step(c, 0.99, 0.5, 0.05) == 10  # nothing qualifies: the best preservation
     with pytest.raises(ValueError):
-        sc.choose_step([], 0.8, 0.8)
+        sc.choose_step([], 0.5, 0.5, 0.05)
 
 
 def test_scores_of_unchanged_collapsed_and_moved_images():
@@ -158,24 +183,40 @@ def test_off_by_default_and_refused_without_held_out_sources(pipe, caches):
         needs.enable_step_choice(None, torch.zeros(4), torch.ones(4), heldout=None)
 
 
+def scripted_directions(monkeypatch, directions):
+    """Candidates score ``directions`` in the order they are scored (content kept: ratios 1),
+    the measured direction kept as ``measured``, so a test decides which step the rule picks."""
+    it = iter(directions)
+
+    def scripted(*args):
+        measured = REAL_SCORE(*args)
+        return {**measured, "measured": measured["direction"], "direction": next(it),
+                "preservation_ratio": 1.0, "diversity_ratio": 1.0}
+
+    monkeypatch.setattr(sc, "score_candidate", scripted)
+
+
 @pytest.mark.parametrize("output", [False, True])
 def test_returned_model_holds_the_chosen_candidates_weights(pipe, caches, tmp_path, monkeypatch, output):
-    monkeypatch.setattr(sc, "choose_step", lambda candidates, *_: min(c["step"] for c in candidates))  # step 2
+    scripted_directions(monkeypatch, [1.0, 0.5, 0.2])  # steps 2, 4, 5: the rule picks step 2
     trainer = diffae_trainer(pipe, caches, tmp_path if output else None)
     seen = weights_after_each_step(trainer, monkeypatch)
     unet = trainer.train(progress=False)
     assert trainer.run_config["step_choice"]["chosen_step"] == 2
     assert_same_weights(unet, seen[2])
     assert any(not torch.equal(v, seen[5][k]) for k, v in unet.state_dict().items())  # not the last step's
+    if not output:
+        assert set(trainer.step_choice._kept) == {2}  # in memory: only what can still be chosen
 
 
 def test_resume_continues_the_candidate_list(pipe, caches, tmp_path, monkeypatch):
     # The pick is the candidate of step 2, scored before the kill: it comes back from disk.
-    monkeypatch.setattr(sc, "choose_step", lambda candidates, *_: min(c["step"] for c in candidates))
+    scripted_directions(monkeypatch, [1.0, 0.5, 0.2])
     straight = diffae_trainer(pipe, caches, tmp_path / "a", checkpointing_steps=3)
     seen = weights_after_each_step(straight, monkeypatch)
     straight.train(progress=False)
 
+    scripted_directions(monkeypatch, [1.0, 0.5])
     killed = diffae_trainer(pipe, caches, tmp_path / "b", checkpointing_steps=3)
     real_step = killed.train_step
 
@@ -187,10 +228,11 @@ def test_resume_continues_the_candidate_list(pipe, caches, tmp_path, monkeypatch
     monkeypatch.setattr(killed, "train_step", dies_at_iteration_5)
     with pytest.raises(KeyboardInterrupt):
         killed.train(progress=False)
+    scripted_directions(monkeypatch, [0.5, 0.2])  # the resumed run scores steps 4 and 5
     resumed = diffae_trainer(pipe, caches, tmp_path / "b", checkpointing_steps=3)
     unet = resumed.train(resume_from_checkpoint="latest", progress=False)
     assert [c["step"] for c in resumed.step_choice.candidates] == [2, 4, 5]
-    assert resumed.step_choice.candidates == straight.step_choice.candidates
+    assert resumed.step_choice.candidates == straight.step_choice.candidates  # measured scores included
     assert resumed.run_config["step_choice"]["chosen_step"] == 2
     assert_same_weights(unet, seen[2])
 
@@ -212,7 +254,7 @@ def test_gan_candidates_and_the_returned_g_ema(tiny_clip, tmp_path, monkeypatch)
     trainer = gan.GANIPLTrainer(generator, lambda w: (src.expand(w.shape[0], -1), tgt.expand(w.shape[0], -1)),
                                 image_features, tgt, config, output_dir=tmp_path)
     trainer.enable_step_choice(image_features, src, tgt)
-    monkeypatch.setattr(sc, "choose_step", lambda candidates, *_: min(c["step"] for c in candidates))
+    scripted_directions(monkeypatch, [1.0, 0.5])  # steps 2, 3: the rule picks step 2
     seen = weights_after_each_step(trainer, monkeypatch)
     g_ema = trainer.train(progress=False)
     assert [c["step"] for c in trainer.step_choice.candidates] == [2, 3]
