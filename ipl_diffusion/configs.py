@@ -292,8 +292,9 @@ class AdaptArguments:
     resume_from_checkpoint: Optional[str] = option(None, "'latest' or a checkpoint folder in OUTPUT/checkpoints")
     device: Optional[str] = option(None, "torch device, e.g. cuda or cpu (default: cuda if available)")
     validation_images: Optional[str] = option(
-        None, "DiffAE: folder of held-out source images the run does not train on: before_after.png shows them and "
-        "--candidate_steps scores on them (default: rendered for the Shapes model, else sampled)")
+        None, "DiffAE: folder of held-out source images the run does not train on, shown in before_after.png and scored "
+        "by --candidate_steps (rendered for the Shapes model; with --candidate_steps, sampled when the sources are and "
+        "required with --images)")
 
 
 def adapt_option_classes() -> list:

@@ -74,6 +74,10 @@ because it pickles the optimizer and RNG states. Stage 1's result is kept in
 ``output_dir/stage1`` and reused on resume. Sample grids (source row | adapted row, fixed
 ``z``, truncation 0.7, fixed noise) go to ``output_dir/samples/``.
 
+Automatic step choice (``candidate_steps``, :mod:`ipl_diffusion.adaptation.step_choice`):
+candidates are ``g_ema`` snapshots, scored on ``num_candidate_images`` fixed held-out ``z``
+(:meth:`GANIPLTrainer.candidate_images`) along the labels' template-averaged text direction.
+
 :func:`adapt_stylegan2` runs both stages: Stage 1 (Eq. 6, :mod:`ipl_diffusion.prompt_learning`)
 on a cache of source samples -- ``w`` from the mapping network as the mapper input (Eq. 2) and
 the CLIP features of ``G_s(w)`` computed once -- then Stage 2 with this module's trainer.
