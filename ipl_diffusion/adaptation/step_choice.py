@@ -293,9 +293,11 @@ class StepChoice:
         """
         pick = self.chosen_step()
         if accelerator is not None:
-            accelerator.wait_for_everyone()  # a resumed run reads the main process's folder
+            accelerator.wait_for_everyone()  # the main process has written the last candidate
         weights = self._kept[pick] if self.output_dir is None else self._load(pick)
         model.load_state_dict(weights)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()  # every process has read the weights before the folder goes
         summary = {"rule": RULE, "candidate_steps": self.config.candidate_steps,
                    **dict(zip(("min_preservation", "min_diversity", "direction_tolerance"), self._rule())),
                    "chosen_step": pick, "last_step": max(c["step"] for c in self.candidates),
@@ -303,8 +305,6 @@ class StepChoice:
         if self.writes:
             self._write_reports(summary)
             self._prune()
-        if accelerator is not None:
-            accelerator.wait_for_everyone()
         return summary
 
     def _load(self, step: int) -> dict:
