@@ -56,6 +56,12 @@ def test_selection_rule_matches_an_independent_computation():
 
 
 def test_possible_steps_hold_the_final_choice_whatever_comes_later():
+    # Step 1 is the pick after step 2 (0.80 >= 0.85 - 0.085); step 3 raises the bar past it and
+    # step 2, not the pick before, becomes the pick: its weights must still be there.
+    c = [{"step": s, "direction": d, "preservation_ratio": 1.0, "diversity_ratio": 1.0}
+         for s, d in ((1, 0.80), (2, 0.85), (3, 0.93))]
+    assert sc.choose_step(c[:2], 0.5, 0.5, 0.1) == 1 and sc.choose_step(c, 0.5, 0.5, 0.1) == 2
+    assert sc.possible_steps(c[:2], 0.5, 0.5, 0.1) == {1, 2}
     gen = torch.Generator().manual_seed(1)
     for trial in range(200):
         values = torch.rand(6, 3, generator=gen).round(decimals=1)
@@ -266,12 +272,14 @@ def test_gan_candidates_and_the_returned_g_ema(tiny_clip, tmp_path, monkeypatch)
 # ------------------------------------------------------------------ through pipe.adapt
 
 
-def test_adapt_records_the_choice_and_needs_held_out_photos(pipe, tmp_path):
+def test_adapt_records_the_choice_and_needs_held_out_photos(pipe, tmp_path, monkeypatch):
     from tiny_ipl import FAST
 
     images = torch.rand(4, 3, SIZE, SIZE) * 2 - 1
-    with pytest.raises(UserError, match="validation_images"):
-        pipe.adapt("sketch", images=images, candidate_steps=1, num_images=4, **FAST)
+    with monkeypatch.context() as patch:  # refused before the sources are encoded or Stage 1 runs
+        patch.setattr(diffae, "_encoded_sources", lambda *a, **k: pytest.fail("encoded before the refusal"))
+        with pytest.raises(UserError, match="validation_images"):
+            pipe.adapt("sketch", images=images, candidate_steps=1, num_images=4, **FAST)
     adapted = pipe.adapt("sketch", images=images, validation_images=torch.rand(3, 3, SIZE, SIZE) * 2 - 1,
                          candidate_steps=1, num_images=4, output_dir=str(tmp_path), **FAST)
     choice = adapted.adaptation_config["step_choice"]
