@@ -61,6 +61,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ipl_diffusion.errors import UserError
 from ipl_diffusion.metrics.clip_metrics import directional_similarity_from_features
 
 CANDIDATES_DIR = "candidates"
@@ -77,10 +78,10 @@ def preservation(adapted: torch.Tensor, source: torch.Tensor) -> float:
     """Mean ``cos(a_i, s_i) - mean_{j != i} cos(a_i, s_j)`` of paired ``(K, D)`` features, K >= 2.
 
     Raises:
-        ValueError: unpaired features or fewer than 2 pairs (no other source to compare with).
+        UserError: unpaired features or fewer than 2 pairs (no other source to compare with).
     """
     if adapted.shape != source.shape or adapted.shape[0] < 2:
-        raise ValueError(f"preservation needs >= 2 paired features; got {tuple(adapted.shape)} and {tuple(source.shape)}")
+        raise UserError(f"preservation needs >= 2 paired features; got {tuple(adapted.shape)} and {tuple(source.shape)}")
     sim = F.normalize(adapted.double(), dim=-1) @ F.normalize(source.double(), dim=-1).T
     k = sim.shape[0]
     own = sim.diagonal()
@@ -110,7 +111,7 @@ def score_candidate(source_features: torch.Tensor, adapted_features: torch.Tenso
         (floats; the ratios divide by the unchanged sources' own preservation / diversity).
 
     Raises:
-        ValueError: unpaired features, K < 2, or identical label features.
+        UserError: unpaired features, K < 2, or identical label features.
     """
     direction = directional_similarity_from_features(source_features, adapted_features, source_text, target_text)
     kept, varied = preservation(adapted_features, source_features), diversity(adapted_features)
@@ -136,10 +137,10 @@ def choose_step(candidates: list[dict], min_preservation: float, min_diversity: 
     chosen ``step``.
 
     Raises:
-        ValueError: no candidates.
+        UserError: no candidates.
     """
     if not candidates:
-        raise ValueError("no candidates to choose from")
+        raise UserError("no candidates to choose from")
     eligible = _eligible(candidates, min_preservation, min_diversity)
     if eligible:
         return min(c["step"] for c in _reached(eligible, direction_tolerance))
@@ -310,8 +311,6 @@ class StepChoice:
     def _load(self, step: int) -> dict:
         from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
         from safetensors.torch import load_file
-
-        from ipl_diffusion.errors import UserError
 
         path = self.folder(step) / SAFETENSORS_WEIGHTS_NAME if self.output_dir is not None else None
         if path is None or not path.is_file():

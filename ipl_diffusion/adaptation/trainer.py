@@ -207,10 +207,12 @@ class Trainer:
 
     def train(self, resume_from_checkpoint=None, progress: bool = True) -> torch.nn.Module:
         """Run to ``config.iterations`` (every process calls this); returns
-        :meth:`trained_model`. Only the main process writes the log, checkpoints and grids.
+        :meth:`trained_model`, with the chosen candidate's weights when ``config.candidate_steps``
+        is set. Only the main process writes the log, checkpoints, grids and step-choice reports.
 
         Raises:
             NonFiniteLossError: a loss term became NaN / inf (no update was made with it).
+            UserError: ``candidate_steps`` without :meth:`enable_step_choice`.
         """
         from tqdm.auto import tqdm
 
