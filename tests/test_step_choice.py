@@ -285,3 +285,16 @@ def test_adapt_records_the_choice_and_needs_held_out_photos(pipe, tmp_path, monk
     choice = adapted.adaptation_config["step_choice"]
     assert [c["step"] for c in choice["candidates"]] == [1, 2] and choice["chosen_step"] in (1, 2)
     assert json.loads((tmp_path / "run_config.json").read_text())["step_choice"] == choice
+
+
+def test_ipl_adapt_prints_the_choice(tmp_path, capsys):
+    from ipl_diffusion.cli.adapt import _report_step_choice
+
+    _report_step_choice({}, tmp_path)
+    assert capsys.readouterr().out == ""
+    choice = {"chosen_step": 15, "last_step": 30, "candidates": [
+        {"step": 15, "direction": 0.784, "preservation_ratio": 0.689, "diversity_ratio": 0.988},
+        {"step": 30, "direction": 0.807, "preservation_ratio": 0.695, "diversity_ratio": 0.880}]}
+    _report_step_choice({"step_choice": choice}, tmp_path)
+    out = capsys.readouterr().out
+    assert "step choice: step 15 of 30 (CLIP direction 0.78, preservation 0.69 and diversity 0.99" in out

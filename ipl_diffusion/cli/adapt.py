@@ -149,6 +149,7 @@ def run(args) -> int:
                              resume_from_checkpoint=args.resume_from_checkpoint, **given_options(args))
         grid = _save_outputs(adapted, output)
     _report_stage1(adapted.adaptation_config)
+    _report_step_choice(adapted.adaptation_config, output)
     print(f"adapted pipeline: {output / 'pipeline'}")
     if grid is not None:
         print(f"before/after grid: {output / 'before_after.png'}")
@@ -246,6 +247,17 @@ def _report_stage1(config):
             f"Stage 1: held-out prompt retrieval {stage1['heldout_retrieval']:.2f} "
             f"(chance {stage1['retrieval_chance']:.2f}, {stage1['heldout_images']} held-out images)"
         )
+
+
+def _report_step_choice(config, output):
+    """One line on the automatic step choice (--candidate_steps): the chosen step and its scores."""
+    choice = (config or {}).get("step_choice")
+    if not choice:
+        return
+    chosen = next(c for c in choice["candidates"] if c["step"] == choice["chosen_step"])
+    print(f"step choice: step {chosen['step']} of {choice['last_step']} (CLIP direction {chosen['direction']:.2f}, "
+          f"preservation {chosen['preservation_ratio']:.2f} and diversity {chosen['diversity_ratio']:.2f} of the "
+          f"sources'); scores in {output / 'step_choice.csv'}, plot {output / 'step_choice.png'}")
 
 
 def _save_outputs(adapted, output):
