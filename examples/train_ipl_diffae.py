@@ -106,7 +106,8 @@ def train(run, stage1, stage2, hub):
     # (checkpointed, resumable, sharded over processes).
     options = {**dataclasses.asdict(stage1), **dataclasses.asdict(stage2)}
     adapted = pipe.adapt(
-        run.target, run.source, images=run.images, stage1_images=run.stage1_images, accelerator=accelerator,
+        run.target, run.source, images=run.images, stage1_images=run.stage1_images, target_images=run.target_images,
+        accelerator=accelerator,
         output_dir=run.output_dir, resume_from_checkpoint=run.resume_from_checkpoint, **options,
     )
 

@@ -96,6 +96,10 @@ class Stage1Config:
     heldout_every: int = option(50, "measure held-out prompt retrieval every N Stage-1 steps")
     cache_image_features: bool = option(True, "encode a fixed pool's images once (False: re-render each step)")
     encode_batch_size: int = option(32, "batch size of encoding the Stage-1 pool")
+    # Image-defined targets (target_images=; ipl_diffusion.adaptation.image_target).
+    img2img_batch: int = option(
+        16, "target_images, StyleGAN2: source samples whose mean CLIP feature starts the image direction "
+        "(NADA --img2img_batch); DiffAE uses its Stage-2 source images")
 
     def __post_init__(self):
         _choice(self, "scheme", PROMPT_SCHEMES)
@@ -105,7 +109,7 @@ class Stage1Config:
         _finite(self, "stage1_learning_rate", "logit_scale", positive=True, allow_none=True)
         _positive_int(self, "stage1_iterations", minimum=0)
         _positive_int(self, "stage1_batch_size", minimum=2)
-        _positive_int(self, "n_ctx", "heldout_every", "encode_batch_size")
+        _positive_int(self, "n_ctx", "heldout_every", "encode_batch_size", "img2img_batch")
         _positive_int(self, "stage1_num_images", allow_none=True, minimum=2)
 
 
@@ -263,7 +267,8 @@ class AdaptArguments:
 
     _argument_group_name = "model, data and output"
 
-    target: str = field(metadata={"help": 'target domain label, e.g. "sketch" or "Wall painting"'})
+    target: Optional[str] = option(
+        None, 'target domain label, e.g. "sketch" or "Wall painting" (optional with --target_images)')
     source: Optional[str] = option(None, "source domain label (default: the model's, else 'Photo')")
     model: Optional[str] = option(None, "source pipeline folder or Hub id (default: the embedded Shapes model of --backend)")
     backend: Literal["diffae", "stylegan2"] = option("diffae", "generator family (detected from a local --model folder)")
@@ -273,6 +278,10 @@ class AdaptArguments:
     overwrite: bool = option(False, "replace the result of an earlier run in --output_dir (without it such a folder is refused)")
     resume_from_checkpoint: Optional[str] = option(None, "'latest' or a checkpoint folder in OUTPUT/checkpoints")
     device: Optional[str] = option(None, "torch device, e.g. cuda or cpu (default: cuda if available)")
+    # Image-defined targets (ipl_diffusion.adaptation.image_target).
+    target_images: Optional[str] = option(
+        None, "folder of a few target-style images: their CLIP features define the target direction "
+        "(NADA --style_img_dir), with or without --target")
 
 
 def adapt_option_classes() -> list:

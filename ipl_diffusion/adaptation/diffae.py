@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ipl_diffusion import checkpointing, ddim
+from ipl_diffusion.adaptation import image_target
 from ipl_diffusion.adaptation import stage1 as stage1_store
 from ipl_diffusion.adaptation.diffae_trainer import DiffAEStage2Trainer
 from ipl_diffusion.adaptation.distributed import check_weights_dtype, gather_in_order, make_accelerator, shard_indices
@@ -118,30 +119,38 @@ def encode_pool(semantic_encoder, image_features, images: torch.Tensor, device, 
 # ------------------------------------------------------------------------- Stage 1
 
 
-def run_stage1(encoder, z_sem, image_features, source, target, config: Stage1Config, seed: int, progress=True):
+def run_stage1(encoder, z_sem, image_features, source, target, config: Stage1Config, seed: int, progress=True,
+               anchor=None):
     """IPL Stage 1 on a pool of cached features; returns the ``PromptLearner``.
 
     ``z_sem (N, 512)`` is the mapper input (Eq. 2), ``image_features (N, D)`` the CLIP
     features of the same images. The last :func:`~ipl_diffusion.adaptation.stage1.heldout_size`
     of them are held out for the prompt-retrieval diagnostic (``learner.heldout_retrieval``).
+    ``anchor``: Eq. 5's target feature ``(D,)`` in place of the label's (an image target).
     """
     from ipl_diffusion.prompt_learning import learn_prompts
 
     k = stage1_store.heldout_size(z_sem.shape[0])
     train = slice(0, z_sem.shape[0] - k)
     return learn_prompts(encoder, z_sem[train], source, target, config, image_features=image_features[train],
-                         heldout=(z_sem[-k:], image_features[-k:]) if k else None, seed=seed, progress=progress)
+                         heldout=(z_sem[-k:], image_features[-k:]) if k else None, seed=seed, progress=progress,
+                         target_label_features=anchor)
 
 
-def _stage1(models, encoder, image_features, stage1_images, source, target, stage1, stage2, out, resume, accelerator, progress):
+def _stage1(models, encoder, image_features, stage1_images, source, target, stage1, stage2, out, resume, accelerator,
+            progress, anchor=None):
     """Stage 1's ``PromptLearner``: the saved one of a resumed run with the same options,
-    else trained now (every process, same seed: the same prompts without a broadcast)."""
+    else trained now (every process, same seed: the same prompts without a broadcast).
+    ``anchor``: an image target's Eq. 5 anchor ``(D,)`` (:mod:`.image_target`)."""
     key = {"source": source, "target": target, "seed": stage2.seed, "stage1": as_dict(stage1),
            "stage1_images": checkpointing.tensors_sha256({"x": stage1_images.float()})}
+    if anchor is not None:
+        key["anchor"] = checkpointing.tensors_sha256({"anchor": anchor.float().cpu()})
     learner = stage1_store.load_stage1(out, key, encoder) if resume is not None else None
     if learner is None:
         pool = encode_pool(models.semantic_encoder, image_features, stage1_images, accelerator.device)
-        learner = run_stage1(encoder, *pool, source, target, stage1, stage2.seed, progress and accelerator.is_local_main_process)
+        learner = run_stage1(encoder, *pool, source, target, stage1, stage2.seed, progress and accelerator.is_local_main_process,
+                             anchor=anchor)
         if accelerator.is_main_process:
             stage1_store.save_stage1(out, key, learner)
     return learner
@@ -176,18 +185,22 @@ def _run_config(models, images, source, target, stage1, stage2, accelerator) -> 
             "num_processes": accelerator.num_processes, "stage1": as_dict(stage1), "stage2": as_dict(stage2)}
 
 
-def adapt_diffae(models, images: torch.Tensor, source: str, target: str, stage1: Stage1Config | None = None,
+def adapt_diffae(models, images: torch.Tensor, source: str, target: str | None, stage1: Stage1Config | None = None,
                  stage2: DiffAEStage2Config | None = None, *, stage1_images=None, validation_images=None,
-                 prompt_learner=None, output_dir=None, resume_from_checkpoint=None, accelerator=None,
-                 progress: bool = True) -> DiffIPLResult:
+                 target_images=None, prompt_learner=None, output_dir=None, resume_from_checkpoint=None,
+                 accelerator=None, progress: bool = True) -> DiffIPLResult:
     """Diff-IPL on source ``images (N, 3, H, W)`` in ``[-1, 1]``.
 
     Args:
         models: the source ``IPLPipeline`` (or any object with its ``semantic_encoder``,
             ``source_unet``, ``scheduler``, ``text_encoder`` (a ``CLIPModel``), ``tokenizer``,
             ``feature_extractor`` and ``config.base_model``); never modified.
-        source / target: domain labels (checked: empty / too long raise ``UserError``).
+        source / target: domain labels (checked: empty / too long raise ``UserError``);
+            ``target`` may be ``None`` when ``target_images`` define the target.
         stage1 / stage2: the options (default: the configs' defaults).
+        target_images: ``(K, 3, H, W)`` in ``[-1, 1]``, style images defining the target
+            (:mod:`ipl_diffusion.adaptation.image_target`: Eq. 5's anchor and Stage 2's
+            directions; the reference source images are ``images``).
         stage1_images: ``(M, 3, H, W)``, Stage 1's pool (default ``images``); a fifth of it
             (at most 256) is held out to measure how the prompts carry over to unseen images.
         validation_images: what the returned ``sample_grid`` shows (default: the first
@@ -209,9 +222,11 @@ def adapt_diffae(models, images: torch.Tensor, source: str, target: str, stage1:
     accelerator = accelerator or make_accelerator(stage2.mixed_precision, next(models.source_unet.parameters()).device)
     check_weights_dtype({"semantic_encoder": models.semantic_encoder, "source_unet": models.source_unet,
                          "text_encoder": models.text_encoder}, accelerator.device)
-    _check_images(images=images, stage1_images=stage1_images, validation_images=validation_images)
+    _check_images(images=images, stage1_images=stage1_images, validation_images=validation_images,
+                  target_images=target_images)
     ddim.check_t0(stage2.t0, models.scheduler)
     encoder = CLIPPromptEncoder(models.text_encoder, models.tokenizer)
+    target, label_given = image_target.resolve_label(target, target_images is not None)
     source, target = (encoder.validate_label(x, n_ctx=stage1.n_ctx) for x in (source, target))
     out = Path(output_dir) if output_dir is not None else None
     if out is not None:  # before the cache / Stage 1 are written
@@ -222,12 +237,20 @@ def adapt_diffae(models, images: torch.Tensor, source: str, target: str, stage1:
     run_config = _run_config(models, images, source, target, stage1, stage2, accelerator)
     with frozen(models.semantic_encoder, models.source_unet, models.text_encoder):
         cache = _encoded_sources(models, images, stage2, out, resume_from_checkpoint, accelerator, progress)
+        goal, anchor = None, None
+        if target_images is not None:  # the Stage-2 source images are the image direction's start
+            goal, anchor = image_target.setup(encoder, image_features, target_images,
+                                              image_target.unit_features(image_features, cache["x0"]), source, target,
+                                              label_given, stage1.label_templates)
+            run_config["target_images"] = goal.report(label_given)
         pool = images if stage1_images is None else stage1_images
         learner = prompt_learner or _stage1(models, encoder, image_features, pool, source, target, stage1, stage2,
-                                            out, resume_from_checkpoint, accelerator, progress)
+                                            out, resume_from_checkpoint, accelerator, progress, anchor)
         k = stage1_store.heldout_size(pool.shape[0]) if prompt_learner is None else 0
         run_config["stage1"].update(stage1_store.stage1_report(learner, pool.shape[0] - k, k))
         src_text, tgt_text = stage1_store.prompt_text_features(learner, cache["z_sem"].to(accelerator.device), source, target)
+        if goal is not None:  # ΔT_i^img = d + (u_i - ū), ū over these images
+            src_text, tgt_text = image_target.stage2_features(learner, goal, src_text, tgt_text)
         if out is not None and accelerator.is_main_process:
             (out / "run_config.json").write_text(json.dumps(run_config, indent=2))
         trainer = DiffAEStage2Trainer(
@@ -263,11 +286,12 @@ def _source_images(pipe, images, count, stage2, seed, offset=0):
                        output_type="latent", source=True).images
 
 
-def adapt_pipeline(pipe, target: str, source=None, images=None, stage1_images=None, validation_images=None, *,
-                   prompt_learner=None, output_dir=None, resume_from_checkpoint=None, accelerator=None,
-                   progress: bool = True, **options):
+def adapt_pipeline(pipe, target: str | None, source=None, images=None, stage1_images=None, validation_images=None, *,
+                   target_images=None, prompt_learner=None, output_dir=None, resume_from_checkpoint=None,
+                   accelerator=None, progress: bool = True, **options):
     """``IPLPipeline.adapt``: resolve the options (the configs' defaults, then the pipeline's
     recorded ``adapt_defaults``, then ``options``), sample the sources the caller did not give,
+    load the ``target_images`` (:func:`~ipl_diffusion.adaptation.image_target.load_target_images`),
     run :func:`adapt_diffae` and return ``pipe.with_adaptation(result)``.
 
     Raises:
@@ -278,7 +302,9 @@ def adapt_pipeline(pipe, target: str, source=None, images=None, stage1_images=No
         raise UserError("adapt needs the CLIP text_encoder and tokenizer components; this pipeline has none")
     stage1, stage2 = resolve_configs("diffae", pipe.config.get("adapt_defaults"), options)
     source = source or pipe.config.source_label or "Photo"
-    pipe.check_known_domains(source, target)
+    pipe.check_known_domains(source, *([target] if target is not None else []))
+    style = None if target_images is None else image_target.load_target_images(
+        target_images, int(pipe.text_encoder.config.vision_config.image_size))
     check_weights_dtype({"semantic_encoder": pipe.semantic_encoder, "source_unet": pipe.source_unet,
                          "text_encoder": pipe.text_encoder}, accelerator.device if accelerator is not None else pipe.device)
     with pipe.guard_output_dir(output_dir, resume_from_checkpoint):  # before the (slow) sampling / encoding
@@ -288,6 +314,6 @@ def adapt_pipeline(pipe, target: str, source=None, images=None, stage1_images=No
             pool = _source_images(pipe, stage1_images, stage1.stage1_num_images, stage2, stage2.seed, offset=10_007)
         shown = pipe.preprocess(validation_images) if validation_images is not None else None
         result = adapt_diffae(pipe, x0, source, target, stage1, stage2, stage1_images=pool, validation_images=shown,
-                              prompt_learner=prompt_learner, output_dir=output_dir,
+                              target_images=style, prompt_learner=prompt_learner, output_dir=output_dir,
                               resume_from_checkpoint=resume_from_checkpoint, accelerator=accelerator, progress=progress)
     return pipe.with_adaptation(result)
