@@ -233,3 +233,13 @@ def test_cli_target_images_flag(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["adapt", "--target_images", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "run")]) != 0
     assert "no image files found" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_checkpoint_of_other_target_images(tmp_path):
+    """A Stage-2 checkpoint written for other style images does not continue this run."""
+    from ipl_diffusion.checkpointing import check_same_run
+
+    saved = {"source": "photo", "target": "style", "target_images": {"sha256": "a" * 64}}
+    check_same_run(tmp_path, saved, dict(saved))
+    with pytest.raises(UserError, match="target_images.sha256"):
+        check_same_run(tmp_path, saved, {**saved, "target_images": {"sha256": "b" * 64}})

@@ -82,7 +82,7 @@ def add_parser(subparsers):
 
     generated = HfArgumentParser([AdaptArguments, *_group_dataclasses()], add_help=False)
     parser = subparsers.add_parser(
-        "adapt", parents=[generated], help="adapt a generator to a text-described domain (IPL)",
+        "adapt", parents=[generated], help="adapt a generator to a domain described by text or a few images (IPL)",
         description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     # "Not given" is None for every option of the method, so that a model's recommended value
