@@ -169,7 +169,8 @@ def test_gan_image_target_with_and_without_label(tiny_clip):
 
 def test_gan_manual_scheme_follows_nadas_img2img_direction(tiny_clip, monkeypatch):
     """GAN, manual scheme: every Stage-2 row's direction is d, computed from img2img_batch
-    source samples of G_s (independently re-rendered here)."""
+    source samples of G_s (independently re-rendered here); the layer choice's global target
+    is the style images' mean feature."""
     from test_stylegan2_pipeline import tiny_generator
 
     from ipl_diffusion.adaptation import stylegan2 as gan
@@ -179,7 +180,7 @@ def test_gan_manual_scheme_follows_nadas_img2img_direction(tiny_clip, monkeypatc
     original = gan.GANIPLTrainer.__init__
 
     def spy(self, source_generator, prompt_features, *args, **kwargs):
-        seen["features"] = prompt_features
+        seen["features"], seen["layer_target"] = prompt_features, args[1]
         original(self, source_generator, prompt_features, *args, **kwargs)
 
     monkeypatch.setattr(gan.GANIPLTrainer, "__init__", spy)
@@ -199,6 +200,9 @@ def test_gan_manual_scheme_follows_nadas_img2img_direction(tiny_clip, monkeypatc
     src, tgt = seen["features"](w)
     got = F.normalize(F.normalize(tgt, dim=-1) - F.normalize(src, dim=-1), dim=-1)
     assert torch.allclose(got, d.expand(3, -1), atol=1e-5)
+    # NADA's layer choice moves W+ towards the style images' mean unit feature, not a label's text
+    style_mean = _clip_unit_features(clip, CLIPImageProcessor(), style).mean(0)
+    assert torch.allclose(seen["layer_target"].float(), style_mean, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["empty folder", "unreadable file", "nan tensor", "no label no images", "bad type"])
