@@ -35,7 +35,8 @@ from ipl_diffusion.errors import UserError
 class DiffIPLResult:
     """What :func:`adapt_diffae` returns: the adapted UNet, Stage 1's prompt module, the
     before/after grid (PIL, main process), the Stage-2 history, the run's options and the
-    ``(N, D)`` source / target prompt features of the Stage-2 images."""
+    ``(N, D)`` source / target prompt features of the Stage-2 images (with ``target_images``,
+    the ``-/+ ΔT_i^img / 2`` pairs Stage 2 used, :mod:`ipl_diffusion.adaptation.image_target`)."""
 
     unet: torch.nn.Module
     mapper: torch.nn.Module | None

@@ -208,9 +208,9 @@ def resolve_label(target_label, has_images: bool) -> tuple[str, bool]:
     neutral word when style images define the target.
 
     Raises:
-        UserError: neither a label nor style images.
+        UserError: neither a label (``None``) nor style images.
     """
-    if target_label is not None and str(target_label).strip():
+    if target_label is not None:  # a blank one is refused by validate_label, naming it
         return target_label, True
     if not has_images:
         raise UserError("give a target label, target_images (a few style images), or both")
