@@ -416,16 +416,16 @@ def run_stage1(source_generator, encoder, image_features, source, target, config
 # --------------------------------------------------------------------------------------
 
 
-def adapt_stylegan2(source_generator: StyleGAN2Generator, clip_model, tokenizer, source: str, target: str,
-                    stage1: Optional[Stage1Config] = None, stage2: Optional[GANStage2Config] = None, *,
-                    feature_extractor=None, prompt_learner=None, output_dir=None, resume_from_checkpoint=None,
-                    accelerator=None, progress: bool = True) -> GANIPLResult:
+def adapt_stylegan2(models, source: str, target: str, stage1: Optional[Stage1Config] = None,
+                    stage2: Optional[GANStage2Config] = None, *, prompt_learner=None, output_dir=None,
+                    resume_from_checkpoint=None, accelerator=None, progress: bool = True) -> GANIPLResult:
     """GAN-IPL end to end: Stage 1 (Eq. 6, or ``prompt_learner`` when given), then Stage 2 (Eq. 7-9).
 
     Args:
-        source_generator: the pretrained generator (moved to the accelerator's device and
-            frozen in place, weights unchanged).
-        clip_model, tokenizer, feature_extractor: ``transformers`` CLIP parts (frozen).
+        models: the source ``StyleGANIPLPipeline`` (or any object with its ``source_generator``,
+            a :class:`StyleGAN2Generator` moved to the accelerator's device and frozen in place,
+            and the ``transformers`` CLIP parts ``text_encoder``, ``tokenizer`` and
+            ``feature_extractor``, frozen).
         source, target: domain labels.
         stage1 / stage2: :class:`~ipl_diffusion.configs.Stage1Config` /
             :class:`~ipl_diffusion.configs.GANStage2Config` (default: their defaults).
@@ -449,13 +449,14 @@ def adapt_stylegan2(source_generator: StyleGAN2Generator, clip_model, tokenizer,
     from ipl_diffusion.clip_text import CLIPPromptEncoder
 
     stage1, stage2 = stage1 or Stage1Config(), stage2 or GANStage2Config()
+    source_generator, clip_model, tokenizer = models.source_generator, models.text_encoder, models.tokenizer
     if output_dir is not None:  # before Stage 1 writes anything
         checkpointing.check_before_run(Path(output_dir) / "checkpoints", resume_from_checkpoint)
     accelerator = accelerator or make_accelerator(stage2.mixed_precision, source_generator.device)
     check_weights_dtype({"generator": source_generator, "text_encoder": clip_model}, accelerator.device)
     source_generator.to(accelerator.device)
     clip_model.to(accelerator.device)
-    processor = feature_extractor or CLIPImageProcessorPil()
+    processor = models.feature_extractor or CLIPImageProcessorPil()
     # The encoder's image processor serves Stage 1's fresh renders; image_features, Stage 2.
     encoder = CLIPPromptEncoder(clip_model, tokenizer, image_processor=processor)
     source, target = encoder.validate_label(source), encoder.validate_label(target)
@@ -509,8 +510,7 @@ def adapt_pipeline(pipe, target: str, source=None, *, prompt_learner=None, outpu
     pipe.check_known_domains(source, target)
     with pipe.guard_output_dir(output_dir, resume_from_checkpoint):
         result = adapt_stylegan2(
-            pipe.source_generator, pipe.text_encoder, pipe.tokenizer, source, target, stage1, stage2,
-            feature_extractor=pipe.feature_extractor, prompt_learner=prompt_learner, output_dir=output_dir,
+            pipe, source, target, stage1, stage2, prompt_learner=prompt_learner, output_dir=output_dir,
             resume_from_checkpoint=resume_from_checkpoint, accelerator=accelerator, progress=progress,
         )
     return pipe.with_adaptation(result, output_dir)
