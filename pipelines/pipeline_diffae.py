@@ -33,7 +33,6 @@ a fresh process.
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Union
@@ -52,12 +51,13 @@ from ipl_diffusion import ddim
 from ipl_diffusion.images import OUTPUT_TYPES, postprocess_images, prepare_images
 from ipl_diffusion.models.diffae_blocks import warn_xformers_fallback, xformers_unavailable_reason
 from ipl_diffusion.pipelines.hub_layout import RemoteCodeLayoutMixin
-from ipl_diffusion.pipelines.loading import hub_snapshot
-from ipl_diffusion.errors import UserError, UserFileNotFoundError
+from ipl_diffusion.pipelines.loading import load_pipeline
+from ipl_diffusion.errors import UserError
 
 __all__ = ["DiffAEPipeline", "DiffAEPipelineOutput", "default_latent_scheduler", "diffae_scheduler"]
 
 Generator = Optional[Union[torch.Generator, List[torch.Generator]]]
+_COMPONENTS = ("semantic_encoder", "unet", "scheduler", "latent_net", "latent_scheduler")
 
 
 def diffae_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
@@ -199,16 +199,15 @@ class DiffAEPipeline(RemoteCodeLayoutMixin, XFormersFallbackPipelineMixin, Diffu
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Load a folder written by :meth:`save_pretrained` (or ``ipl convert diffae``) or a Hub id.
 
+        The one loading path of the project's pipelines
+        (:func:`ipl_diffusion.pipelines.loading.load_pipeline`).
+
         Raises:
-            FileNotFoundError: a folder without ``model_index.json``, or a Hub id that is not in the
-                local cache while ``HF_HUB_OFFLINE=1`` (no network wait).
+            UserFileNotFoundError: (a ``FileNotFoundError``) a folder without ``model_index.json``
+                or a component's sub-folder (named), or a Hub id that is not in the local cache
+                while ``HF_HUB_OFFLINE=1`` (no network wait).
         """
-        path = str(pretrained_model_name_or_path)
-        if not os.path.isdir(path):
-            path = hub_snapshot(path, kwargs)
-        if not os.path.isfile(os.path.join(path, "model_index.json")):
-            raise UserFileNotFoundError(f"'{path}' is not a DiffAE pipeline folder: model_index.json is missing")
-        return super().from_pretrained(path, **kwargs)
+        return load_pipeline(super().from_pretrained, str(pretrained_model_name_or_path), _COMPONENTS, kwargs)
 
     # ------------------------------------------------------------------ helpers
     @property
