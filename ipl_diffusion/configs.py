@@ -128,6 +128,22 @@ class TrainingConfig:
     checkpoints_total_limit: Optional[int] = option(2, "checkpoints kept (None: all)")
     sample_steps: Optional[int] = option(None, "write a sample grid every N iterations")
     num_sample_images: int = option(8, "images in each sample grid")
+    low_memory: bool = option(False, "the low-memory preset: checkpointed gradients (DiffAE) or chunked layer "
+                              "probes (StyleGAN2), and bf16 on a CUDA GPU, for options left at their defaults")
+
+    def _apply_low_memory(self, preset: dict):
+        """``low_memory``: each preset option that is still at its default takes the preset's
+        value (an option set explicitly, even to its default value, is not told apart)."""
+        if not self.low_memory:
+            return
+        import torch  # here, not at import time: `ipl --help` stays light
+
+        if torch.cuda.is_available():
+            preset = {**preset, "mixed_precision": "bf16"}
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, value in preset.items():
+            if getattr(self, name) == defaults[name]:
+                setattr(self, name, value)
 
     def _check_training(self):
         _finite(self, "learning_rate", positive=True)
@@ -161,6 +177,9 @@ class DiffAEStage2Config(TrainingConfig):
     gradient_checkpointing: bool = option(False, "recompute UNet activations in the backward pass (less memory)")
 
     def __post_init__(self):
+        # Checkpointed full-chain gradients: the same update as the plain full chain, with the
+        # saved activations of the 6-step chain cut to 0.14x (benchmarks/stage2_memory.py).
+        self._apply_low_memory({"gradient_checkpointing": True})
         self._check_training()
         _choice(self, "gradient_mode", GRADIENT_MODES)
         _finite(self, "l1_loss_weight", "id_loss_weight")
@@ -191,6 +210,9 @@ class GANStage2Config(TrainingConfig):
     sample_truncation: float = option(0.7, "truncation psi of the sample grids (training uses psi = 1)")
 
     def __post_init__(self):
+        # NADA's adaptive layer choice with its W+ probes rendered two at a time: the same
+        # layers are chosen, with a lower peak (benchmarks/stylegan_step.py, auto-k-chunk2).
+        self._apply_low_memory({"auto_layer_chunk": 2})
         self._check_training()
         _check(self.phase in PHASES, "phase", f"one of {PHASES}", self.phase)
         for name in ("ema_decay", "mixing"):

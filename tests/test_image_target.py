@@ -189,8 +189,10 @@ def test_gan_manual_scheme_follows_nadas_img2img_direction(tiny_clip, monkeypatc
     from ipl_diffusion.configs import resolve_configs
 
     stage1, stage2 = resolve_configs("stylegan2", None, {**options, "scheme": "manual"})
-    gan.adapt_stylegan2(generator, clip, tokenizer, "photo", None, stage1, stage2, feature_extractor=CLIPImageProcessor(),
-                        target_images=style, progress=False)
+    from ipl_diffusion.pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
+
+    models = StyleGANIPLPipeline.from_components(generator, clip, tokenizer, CLIPImageProcessor(), source_label="photo")
+    gan.adapt_stylegan2(models, "photo", None, stage1, stage2, target_images=style, progress=False)
     z = torch.randn(4, generator.style_dim, generator=torch.Generator().manual_seed(stage2.seed + 30_011))
     with torch.no_grad():
         sources = generator([generator.get_latent(z)], input_is_latent=True, randomize_noise=False)[0]

@@ -419,16 +419,16 @@ def run_stage1(source_generator, encoder, image_features, source, target, config
 # --------------------------------------------------------------------------------------
 
 
-def adapt_stylegan2(source_generator: StyleGAN2Generator, clip_model, tokenizer, source: str, target: Optional[str],
-                    stage1: Optional[Stage1Config] = None, stage2: Optional[GANStage2Config] = None, *,
-                    feature_extractor=None, target_images=None, prompt_learner=None, output_dir=None,
+def adapt_stylegan2(models, source: str, target: Optional[str], stage1: Optional[Stage1Config] = None,
+                    stage2: Optional[GANStage2Config] = None, *, target_images=None, prompt_learner=None, output_dir=None,
                     resume_from_checkpoint=None, accelerator=None, progress: bool = True) -> GANIPLResult:
     """GAN-IPL end to end: Stage 1 (Eq. 6, or ``prompt_learner`` when given), then Stage 2 (Eq. 7-9).
 
     Args:
-        source_generator: the pretrained generator (moved to the accelerator's device and
-            frozen in place, weights unchanged).
-        clip_model, tokenizer, feature_extractor: ``transformers`` CLIP parts (frozen).
+        models: the source ``StyleGANIPLPipeline`` (or any object with its ``source_generator``,
+            a :class:`StyleGAN2Generator` moved to the accelerator's device and frozen in place,
+            and the ``transformers`` CLIP parts ``text_encoder``, ``tokenizer`` and
+            ``feature_extractor``, frozen).
         source, target: domain labels (``target`` may be ``None`` with ``target_images``).
         target_images: ``(K, 3, H, W)`` in ``[-1, 1]``, style images defining the target
             (:mod:`ipl_diffusion.adaptation.image_target`: Eq. 5's anchor, Stage 2's directions
@@ -456,13 +456,14 @@ def adapt_stylegan2(source_generator: StyleGAN2Generator, clip_model, tokenizer,
     from ipl_diffusion.clip_text import CLIPPromptEncoder
 
     stage1, stage2 = stage1 or Stage1Config(), stage2 or GANStage2Config()
+    source_generator, clip_model, tokenizer = models.source_generator, models.text_encoder, models.tokenizer
     if output_dir is not None:  # before Stage 1 writes anything
         checkpointing.check_before_run(Path(output_dir) / "checkpoints", resume_from_checkpoint)
     accelerator = accelerator or make_accelerator(stage2.mixed_precision, source_generator.device)
     check_weights_dtype({"generator": source_generator, "text_encoder": clip_model}, accelerator.device)
     source_generator.to(accelerator.device)
     clip_model.to(accelerator.device)
-    processor = feature_extractor or CLIPImageProcessorPil()
+    processor = models.feature_extractor or CLIPImageProcessorPil()
     # The encoder's image processor serves Stage 1's fresh renders; image_features, Stage 2.
     encoder = CLIPPromptEncoder(clip_model, tokenizer, image_processor=processor)
     target, label_given = image_target.resolve_label(target, target_images is not None)
@@ -543,8 +544,7 @@ def adapt_pipeline(pipe, target: Optional[str], source=None, *, target_images=No
         target_images, int(pipe.text_encoder.config.vision_config.image_size))
     with pipe.guard_output_dir(output_dir, resume_from_checkpoint):
         result = adapt_stylegan2(
-            pipe.source_generator, pipe.text_encoder, pipe.tokenizer, source, target, stage1, stage2,
-            feature_extractor=pipe.feature_extractor, target_images=style, prompt_learner=prompt_learner, output_dir=output_dir,
+            pipe, source, target, stage1, stage2, target_images=style, prompt_learner=prompt_learner, output_dir=output_dir,
             resume_from_checkpoint=resume_from_checkpoint, accelerator=accelerator, progress=progress,
         )
     return pipe.with_adaptation(result, output_dir)

@@ -19,6 +19,8 @@ Everything else is here, once:
 * the log: one ``losses.csv`` (a ``step`` column, then one column per logged value), rebuilt
   from the checkpointed history on resume so it holds each step once, plus accelerate's
   TensorBoard tracker when ``tensorboard`` is installed (``logs/``);
+* the run's peak memory (:mod:`ipl_diffusion.adaptation.memory`) goes into
+  ``run_config["memory"]``;
 * a non-finite loss raises :class:`~ipl_diffusion.errors.NonFiniteLossError` on every stage
   and backend.
 """
@@ -32,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ipl_diffusion import checkpointing
+from ipl_diffusion.adaptation.memory import PeakMemory
 
 
 @contextlib.contextmanager
@@ -205,11 +208,13 @@ class Trainer:
             checkpointing.refuse_foreign_checkpoints(self.checkpoint_dir)
         self.resume(resume_from_checkpoint)
         log = LossLog(self.output_dir, self.history, enabled=acc.is_main_process)
+        memory = PeakMemory(self.device)
         bar = tqdm(total=cfg.iterations, initial=self.step, desc=self.description,
                    disable=not (progress and acc.is_local_main_process))
         try:
             while self.step < cfg.iterations:
-                record = self.train_step()
+                with memory.iteration():
+                    record = self.train_step()
                 log.log(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -222,4 +227,5 @@ class Trainer:
             bar.close()
             log.close()
         acc.wait_for_everyone()
+        self.run_config["memory"] = memory.report()
         return self.trained_model()
