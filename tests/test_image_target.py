@@ -249,3 +249,29 @@ def test_resume_refuses_a_checkpoint_of_other_target_images(tmp_path):
     check_same_run(tmp_path, saved, dict(saved))
     with pytest.raises(UserError, match="target_images.sha256"):
         check_same_run(tmp_path, saved, {**saved, "target_images": {"sha256": "b" * 64}})
+
+
+def test_cli_adapt_with_target_images_only(tmp_path):
+    """``ipl adapt --target_images DIR`` (no --target) on a saved tiny StyleGAN2 pipeline: the
+    adapted pipeline's label is the neutral word and run_config.json records the images."""
+    import json
+
+    from test_stylegan2_pipeline import tiny_generator
+    from tiny_clip import build_clip
+
+    from ipl_diffusion.cli import main
+    from ipl_diffusion.pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
+
+    clip, tokenizer = build_clip(max_position_embeddings=32)
+    tokenizer.model_max_length = 32
+    StyleGANIPLPipeline.from_components(tiny_generator(), clip, tokenizer, CLIPImageProcessor(),
+                                        source_label="photo").save_pretrained(tmp_path / "source")
+    folder = _write_folder(tmp_path / "style", _style_images(3, 32))
+    argv = ["adapt", "--backend", "stylegan2", "--model", str(tmp_path / "source"), "--target_images", str(folder), "--output_dir",
+            str(tmp_path / "run"), "--stage1_num_images", "4", "--stage1-iterations", "1", "--iterations", "2",
+            "--batch-size", "2", "--img2img_batch", "4", "--label_templates", "single", "--device", "cpu"]
+    assert main(argv) == 0
+    adapted = StyleGANIPLPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    assert adapted.config.target_label == "style" and adapted.generator is not None
+    recorded = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert recorded["target_images"]["count"] == 3 and recorded["stage1"]["img2img_batch"] == 4

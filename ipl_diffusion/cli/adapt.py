@@ -146,8 +146,8 @@ def run(args) -> int:
     with output_lock(output, "--output_dir"):
         _check_earlier_result(args, output)
         pipe = load_pipeline(args.backend, args.model, args.device)
-        adapted = pipe.adapt(args.target, args.source, **_data(args, pipe), target_images=args.target_images,
-                             output_dir=str(output),
+        style = {"target_images": args.target_images} if args.target_images is not None else {}
+        adapted = pipe.adapt(args.target, args.source, **_data(args, pipe), **style, output_dir=str(output),
                              resume_from_checkpoint=args.resume_from_checkpoint, **given_options(args))
         grid = _save_outputs(adapted, output)
     _report_stage1(adapted.adaptation_config)
