@@ -47,6 +47,14 @@ label, the label is the token (and, as in NADA, it plays no part in ``d``).
 **Layer choice (GAN).** NADA's adaptive layer selection scores W+ rows by a global loss
 towards the *text* label even with style images; here, with an image target, the target of
 that global loss is the style images' mean unit feature (image to image, as ``d``).
+
+**Other differences from NADA.** Style files are loaded by :func:`ipl_diffusion.images.load_images`
+at CLIP's input size (shorter side resized bilinearly, centre crop) and encoded with the
+differentiable CLIP preprocessing of every other feature here, where NADA used CLIP's PIL
+preprocessing (bicubic); NADA's ``img2img_batch`` samples used random noise maps, ours fixed
+ones (``source_cache``), so that a run is a function of its seed. The paper's equations are
+in Guo et al., CVPR 2023; NADA's in ``rinongal/StyleGAN-nada`` (``ZSSGAN/criteria/clip_loss.py``,
+``ZSSGAN/model/ZSSGAN.py`` ``set_img2img_direction``).
 """
 
 from __future__ import annotations
