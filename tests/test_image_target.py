@@ -128,11 +128,12 @@ def test_diffae_image_target_without_label_and_manual_is_nadas_direction(tmp_pat
     assert adapted.config.target_label == image_target.NEUTRAL_TARGET_LABEL == cfg["target"]
     assert cfg["target_images"]["count"] == 3 and cfg["target_images"]["label_given"] is False
     assert adapted.unet is not None
-    from ipl_diffusion.adaptation.diffae import adapt_diffae
+    from ipl_diffusion.adaptation.diffae import DiffIPLImages, adapt_diffae
 
     style = torch.stack([torch.from_numpy(np.asarray(Image.open(p), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
                          for p in sorted(folder.iterdir())])
-    result = adapt_diffae(pipe, sources, "photo", "sketch", *_configs(scheme="manual"), target_images=style, progress=False)
+    result = adapt_diffae(pipe, DiffIPLImages(sources, target_images=style), "photo", "sketch", *_configs(scheme="manual"),
+                          progress=False)
     processor = pipe.feature_extractor
     d = (_clip_unit_features(pipe.text_encoder, processor, style).mean(0)
          - _clip_unit_features(pipe.text_encoder, processor, sources).mean(0))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -186,26 +187,44 @@ def _run_config(models, images, source, target, stage1, stage2, accelerator) -> 
             "num_processes": accelerator.num_processes, "stage1": as_dict(stage1), "stage2": as_dict(stage2)}
 
 
-def adapt_diffae(models, images: torch.Tensor, source: str, target: str | None, stage1: Stage1Config | None = None,
-                 stage2: DiffAEStage2Config | None = None, *, stage1_images=None, validation_images=None,
-                 target_images=None, prompt_learner=None, output_dir=None, resume_from_checkpoint=None,
-                 accelerator=None, progress: bool = True) -> DiffIPLResult:
-    """Diff-IPL on source ``images (N, 3, H, W)`` in ``[-1, 1]``.
+@dataclass
+class DiffIPLImages:
+    """The images of one Diff-IPL run, each ``(N, 3, H, W)`` float in ``[-1, 1]``.
+
+    ``images``: Stage 2's sources (and, with ``target_images``, the image direction's start);
+    ``stage1_images``: Stage 1's pool (default ``images``; a fifth of it, at most 256, is held out
+    to measure how the prompts carry over to unseen images); ``validation_images``: what the
+    returned ``sample_grid`` shows (default: the first ``images``), e.g. photos the run never
+    trained on; ``target_images``: style images defining the target
+    (:mod:`ipl_diffusion.adaptation.image_target`).
+    """
+
+    images: torch.Tensor
+    stage1_images: torch.Tensor | None = None
+    validation_images: torch.Tensor | None = None
+    target_images: torch.Tensor | None = None
+
+    def __post_init__(self):
+        _check_images(images=self.images, stage1_images=self.stage1_images,
+                      validation_images=self.validation_images, target_images=self.target_images)
+
+    @property
+    def pool(self) -> torch.Tensor:
+        return self.images if self.stage1_images is None else self.stage1_images
+
+
+def adapt_diffae(models, data: DiffIPLImages, source: str, target: str | None, stage1: Stage1Config | None = None,
+                 stage2: DiffAEStage2Config | None = None, *, prompt_learner=None, output_dir=None,
+                 resume_from_checkpoint=None, accelerator=None, progress: bool = True) -> DiffIPLResult:
+    """Diff-IPL on the source images of ``data`` (:class:`DiffIPLImages`).
 
     Args:
         models: the source ``IPLPipeline`` (or any object with its ``semantic_encoder``,
             ``source_unet``, ``scheduler``, ``text_encoder`` (a ``CLIPModel``), ``tokenizer``,
             ``feature_extractor`` and ``config.base_model``); never modified.
         source / target: domain labels (checked: empty / too long raise ``UserError``);
-            ``target`` may be ``None`` when ``target_images`` define the target.
+            ``target`` may be ``None`` when ``data.target_images`` define the target.
         stage1 / stage2: the options (default: the configs' defaults).
-        target_images: ``(K, 3, H, W)`` in ``[-1, 1]``, style images defining the target
-            (:mod:`ipl_diffusion.adaptation.image_target`: Eq. 5's anchor and Stage 2's
-            directions; the reference source images are ``images``).
-        stage1_images: ``(M, 3, H, W)``, Stage 1's pool (default ``images``); a fifth of it
-            (at most 256) is held out to measure how the prompts carry over to unseen images.
-        validation_images: what the returned ``sample_grid`` shows (default: the first
-            ``images``), e.g. photos the run never trained on.
         prompt_learner: a ready Stage-1 result (anything with ``text_features(z_sem (B, 512),
             label) -> (B, D)``): Stage 1 is skipped.
         output_dir: ``run_config.json``, ``cache.safetensors``, ``stage1/``, checkpoints,
@@ -223,47 +242,69 @@ def adapt_diffae(models, images: torch.Tensor, source: str, target: str | None, 
     accelerator = accelerator or make_accelerator(stage2.mixed_precision, next(models.source_unet.parameters()).device)
     check_weights_dtype({"semantic_encoder": models.semantic_encoder, "source_unet": models.source_unet,
                          "text_encoder": models.text_encoder}, accelerator.device)
-    _check_images(images=images, stage1_images=stage1_images, validation_images=validation_images,
-                  target_images=target_images)
     ddim.check_t0(stage2.t0, models.scheduler)
     encoder = CLIPPromptEncoder(models.text_encoder, models.tokenizer)
-    target, label_given = image_target.resolve_label(target, target_images is not None)
+    target, label_given = image_target.resolve_label(target, data.target_images is not None)
     source, target = (encoder.validate_label(x, n_ctx=stage1.n_ctx) for x in (source, target))
     out = Path(output_dir) if output_dir is not None else None
     if out is not None:  # before the cache / Stage 1 are written
         checkpointing.check_before_run(out / "checkpoints", resume_from_checkpoint)
     for module in (models.semantic_encoder, models.source_unet, models.text_encoder):
         module.to(accelerator.device).eval()
-    image_features = clip_image_features(models.text_encoder, models.feature_extractor)
-    run_config = _run_config(models, images, source, target, stage1, stage2, accelerator)
+    run = _Run(models, encoder, clip_image_features(models.text_encoder, models.feature_extractor), stage1, stage2,
+               out, resume_from_checkpoint, accelerator, progress)
+    run_config = _run_config(models, data.images, source, target, stage1, stage2, accelerator)
     with frozen(models.semantic_encoder, models.source_unet, models.text_encoder):
-        cache = _encoded_sources(models, images, stage2, out, resume_from_checkpoint, accelerator, progress)
-        goal, anchor = None, None
-        if target_images is not None:  # the Stage-2 source images are the image direction's start
-            goal, anchor = image_target.setup(encoder, image_features, target_images,
-                                              image_target.unit_features(image_features, cache["x0"]), source, target,
-                                              label_given, stage1.label_templates)
-            run_config["target_images"] = goal.report(label_given)
-        pool = images if stage1_images is None else stage1_images
-        learner = prompt_learner or _stage1(models, encoder, image_features, pool, source, target, stage1, stage2,
-                                            out, resume_from_checkpoint, accelerator, progress, anchor)
-        k = stage1_store.heldout_size(pool.shape[0]) if prompt_learner is None else 0
-        run_config["stage1"].update(stage1_store.stage1_report(learner, pool.shape[0] - k, k))
-        src_text, tgt_text = stage1_store.prompt_text_features(learner, cache["z_sem"].to(accelerator.device), source, target)
-        if goal is not None:  # ΔT_i^img = d + (u_i - ū), ū over these images
-            src_text, tgt_text = image_target.stage2_features(learner, goal, src_text, tgt_text)
+        cache = _encoded_sources(models, data.images, stage2, out, resume_from_checkpoint, accelerator, progress)
+        learner, src_text, tgt_text = _prompt_features(run, data, cache, source, target, label_given,
+                                                       prompt_learner, run_config)
         if out is not None and accelerator.is_main_process:
             (out / "run_config.json").write_text(json.dumps(run_config, indent=2))
         trainer = DiffAEStage2Trainer(
-            models.source_unet, models.scheduler, cache, src_text, tgt_text, image_features, stage2,
+            models.source_unet, models.scheduler, cache, src_text, tgt_text, run.image_features, stage2,
             identity_features=models.semantic_encoder if stage2.id_loss_weight > 0 else None,
             accelerator=accelerator, output_dir=out, run_config=run_config,
         )
         unet = trainer.train(resume_from_checkpoint=resume_from_checkpoint, progress=progress)
-        grid = _before_after(models, trainer, unet, validation_images, stage2) if accelerator.is_main_process else None
+        grid = _before_after(models, trainer, unet, data.validation_images, stage2) if accelerator.is_main_process else None
     return DiffIPLResult(unet=unet, mapper=getattr(learner, "prompt_module", None), sample_grid=grid,
                          history=trainer.history, run_config=run_config,
                          source_text_features=src_text.cpu(), target_text_features=tgt_text.cpu())
+
+
+@dataclass
+class _Run:
+    """What the steps of one :func:`adapt_diffae` call share."""
+
+    models: object
+    encoder: object
+    image_features: Callable
+    stage1: Stage1Config
+    stage2: DiffAEStage2Config
+    out: Path | None
+    resume: object
+    accelerator: object
+    progress: bool
+
+
+def _prompt_features(run, data, cache, source, target, label_given, prompt_learner, run_config):
+    """Stage 1 (or the given ``prompt_learner``) and the per-image source / target prompt
+    features of the Stage-2 images, ``(learner, (N, D), (N, D))``; with target images, ΔT_i
+    becomes ``d + (u_i - ū)`` (:mod:`ipl_diffusion.adaptation.image_target`)."""
+    goal = anchor = None
+    if data.target_images is not None:  # the Stage-2 source images are the image direction's start
+        goal, anchor = image_target.setup(run.encoder, run.image_features, data.target_images,
+                                          image_target.unit_features(run.image_features, cache["x0"]), source, target,
+                                          label_given, run.stage1.label_templates)
+        run_config["target_images"] = goal.report(label_given)
+    learner = prompt_learner or _stage1(run.models, run.encoder, run.image_features, data.pool, source, target,
+                                        run.stage1, run.stage2, run.out, run.resume, run.accelerator, run.progress, anchor)
+    k = stage1_store.heldout_size(data.pool.shape[0]) if prompt_learner is None else 0
+    run_config["stage1"].update(stage1_store.stage1_report(learner, data.pool.shape[0] - k, k))
+    src_text, tgt_text = stage1_store.prompt_text_features(learner, cache["z_sem"].to(run.accelerator.device), source, target)
+    if goal is not None:
+        src_text, tgt_text = image_target.stage2_features(learner, goal, src_text, tgt_text)
+    return learner, src_text, tgt_text
 
 
 def _before_after(models, trainer, unet, validation_images, stage2):
@@ -314,7 +355,7 @@ def adapt_pipeline(pipe, target: str | None, source=None, images=None, stage1_im
         if stage1_images is not None or stage1.stage1_num_images is not None:
             pool = _source_images(pipe, stage1_images, stage1.stage1_num_images, stage2, stage2.seed, offset=10_007)
         shown = pipe.preprocess(validation_images) if validation_images is not None else None
-        result = adapt_diffae(pipe, x0, source, target, stage1, stage2, stage1_images=pool, validation_images=shown,
-                              target_images=style, prompt_learner=prompt_learner, output_dir=output_dir,
+        data = DiffIPLImages(x0, stage1_images=pool, validation_images=shown, target_images=style)
+        result = adapt_diffae(pipe, data, source, target, stage1, stage2, prompt_learner=prompt_learner, output_dir=output_dir,
                               resume_from_checkpoint=resume_from_checkpoint, accelerator=accelerator, progress=progress)
     return pipe.with_adaptation(result)
