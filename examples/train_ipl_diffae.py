@@ -69,7 +69,7 @@ def parse_args(argv=None):
     """``(AdaptArguments, Stage1Config, DiffAEStage2Config, HubArguments)`` from the command line."""
     parser = HfArgumentParser((AdaptArguments, Stage1Config, DiffAEStage2Config, HubArguments))
     run, stage1, stage2, hub = parser.parse_args_into_dataclasses(args=argv)
-    if run.backend != "diffae":
+    if run.backend not in (None, "diffae"):
         parser.error("this script adapts a DiffAE (IPLPipeline); for StyleGAN2 use `ipl adapt --backend stylegan2`")
     if run.output_dir is None:
         parser.error("--output_dir is required")

@@ -293,7 +293,8 @@ class AdaptArguments:
         None, 'target domain label, e.g. "sketch" or "Wall painting" (optional with --target_images)')
     source: Optional[str] = option(None, "source domain label (default: the model's, else 'Photo')")
     model: Optional[str] = option(None, "source pipeline folder or Hub id (default: the embedded Shapes model of --backend)")
-    backend: Literal["diffae", "stylegan2"] = option("diffae", "generator family (detected from a local --model folder)")
+    backend: Optional[Literal["diffae", "stylegan2"]] = option(
+        None, "generator family (default: read from a local --model folder, else diffae)")
     images: Optional[str] = option(None, "DiffAE: folder of source-domain images (default: sampled, or rendered for the Shapes model)")
     stage1_images: Optional[str] = option(None, "DiffAE: folder of images for Stage 1's pool (default: as --images); give thousands")
     output_dir: Optional[str] = option(None, "output folder (default: ./ipl-<target>)")

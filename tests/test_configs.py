@@ -179,3 +179,20 @@ def test_no_module_below_the_pipelines_imports_them_or_the_cli():
                 found += [f"{path.relative_to(REPO)}: {n}" for n in names
                           if any(n == top or n.startswith(top + ".") for top in UPPER_LAYERS)]
     assert not found, found
+
+
+def test_ipl_adapt_reads_the_backend_from_the_model_folder(monkeypatch, tmp_path):
+    import ipl_diffusion.cli.adapt as adapt_cli
+    from ipl_diffusion.cli import main
+    from ipl_diffusion.shapes import default_model_path
+
+    class Stop(Exception):
+        pass
+
+    def load(backend, model, device=None):
+        raise Stop(backend)
+
+    monkeypatch.setattr(adapt_cli, "load_pipeline", load)
+    with pytest.raises(Stop, match="stylegan2"):
+        main(["adapt", "--model", str(default_model_path("stylegan2")), "--target", "sketch",
+              "--output_dir", str(tmp_path / "o")])
