@@ -20,10 +20,16 @@ kept and the wall-clock seconds of ``ipl adapt`` (load + both stages + saving), 
 (``grids/``) -- look at those: the oracle can be fooled (a pale background alone reads as
 "sketch" to it). The runs themselves go to a temporary ``--work_dir`` (removed afterwards).
 
+An image-defined target (``--style_images N``): ``N`` images of the target style are rendered
+(seed 4242, never the held-out seed) into ``DIR`` and the run is ``ipl adapt --target_images DIR
+[--target T]`` (``--no_label`` leaves ``--target`` out, so the style images alone define the
+target); the scoring is the same. Their grid goes to ``grids/<run>_style_images.png``.
+
 Usage::
 
     python benchmarks/main_job.py                         # both backends, every target, seed 0
     python benchmarks/main_job.py --backends diffae --targets sketch --seeds 0 1 2
+    python benchmarks/main_job.py --targets sketch --style_images 4 --no_label --output_dir benchmarks/results/image_target
 """
 
 import argparse
@@ -45,6 +51,7 @@ from ipl_diffusion.shapes.oracle import ShapesOracle  # noqa: E402
 
 TARGETS = ("sketch", "neon", "pixel art", "mosaic")
 EVAL_SEED = 31337
+STYLE_SEED = 4242  # the rendered style images of an image-defined target
 
 
 def parse_args(argv=None):
@@ -55,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--eval_images", type=int, default=32)
     p.add_argument("--output_dir", default="benchmarks/results/main_job", help="results.json, table.md and grids/")
     p.add_argument("--work_dir", default=None, help="where the `ipl adapt` runs go (default: a temporary folder, removed)")
+    p.add_argument("--style_images", type=int, default=0, help="render N target-style images and pass --target_images")
+    p.add_argument("--no_label", action="store_true", help="with --style_images: no --target (images alone)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further `ipl adapt` options (not the shipped settings)")
     return p.parse_args(argv)
 
@@ -101,10 +110,23 @@ def evaluate(oracle, backend, pipe, target, count):
     return metrics, grid
 
 
-def run_one(backend, target, seed, folder, extra):
+def style_folder(target, count, folder):
+    """``count`` rendered images of the ``target`` style (32 px PNG files) in ``folder``;
+    returns them as ``(count, 3, 32, 32)`` in ``[-1, 1]``."""
+    from ipl_diffusion.images import to_pil
+
+    images, _ = ShapesRenderer(32).sample(count, seed=STYLE_SEED, style=target)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(to_pil(images)):
+        image.save(folder / f"{target.replace(' ', '_')}_{i}.png")
+    return images
+
+
+def run_one(backend, target, seed, folder, extra, target_images=None, label=True):
     from ipl_diffusion.cli import main as ipl
 
-    argv = ["adapt", "--backend", backend, "--target", target, "--output_dir", str(folder), "--seed", str(seed), *extra]
+    goal = (["--target", target] if label else []) + (["--target_images", str(target_images)] if target_images else [])
+    argv = ["adapt", "--backend", backend, *goal, "--output_dir", str(folder), "--seed", str(seed), *extra]
     started = time.perf_counter()
     code = ipl(argv)
     seconds = time.perf_counter() - started
@@ -123,12 +145,13 @@ def load(backend, folder):
     return pipe
 
 
-def previous_results(path, extra):
+def previous_results(path, extra, image_target):
     """Rows of an earlier run into the same folder with the same options, else none."""
     if not path.is_file():
         return []
     record = json.loads(path.read_text())
-    return record["results"] if record.get("extra") == extra else []
+    same = record.get("extra") == extra and record.get("image_target") == image_target
+    return record["results"] if same else []
 
 
 def table(results):
@@ -156,7 +179,8 @@ def main(argv=None):
     (out / "grids").mkdir(parents=True, exist_ok=True)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="ipl-main-job-"))
     oracle = ShapesOracle.from_pretrained(str(default_model_path("oracle"))).eval()
-    results = previous_results(out / "results.json", args.extra)
+    image_target = {"style_images": args.style_images, "label": not args.no_label} if args.style_images else None
+    results = previous_results(out / "results.json", args.extra, image_target)
     done = {(r["backend"], r["target"], r["seed"]) for r in results}
     for backend in args.backends:
         for target in args.targets:
@@ -164,14 +188,20 @@ def main(argv=None):
                 if (backend, target, seed) in done:  # an interrupted measurement resumes
                     continue
                 name = f"{backend}_{target.replace(' ', '_')}_seed{seed}"
-                seconds = run_one(backend, target, seed, work / name, args.extra)
+                style = None
+                if args.style_images:
+                    name += f"_images{args.style_images}" + ("_nolabel" if args.no_label else "")
+                    style = work / f"{name}_style"
+                    shown = style_folder(target, args.style_images, style)
+                    labelled_grid([shown], [f"target images: {target}"]).save(out / "grids" / f"{name}_style_images.png")
+                seconds = run_one(backend, target, seed, work / name, args.extra, style, not args.no_label)
                 with torch.no_grad():
                     metrics, grid = evaluate(oracle, backend, load(backend, work / name / "pipeline"), target, args.eval_images)
                 grid.save(out / "grids" / f"{name}.png")
                 row = {"backend": backend, "target": target, "seed": seed, "seconds": seconds, **metrics}
                 results.append(row)
                 print(json.dumps(row), flush=True)
-                record = {"extra": args.extra, "torch_threads": torch.get_num_threads(), "results": results}
+                record = {"extra": args.extra, "image_target": image_target, "torch_threads": torch.get_num_threads(), "results": results}
                 (out / "results.json").write_text(json.dumps(record, indent=1))
     (out / "table.md").write_text(table(results) + "\n")
     if args.work_dir is None:

@@ -238,7 +238,7 @@ def adapt_and_evaluate(backend, pipe, target, scheme, seed, lam, args, train_x, 
     images and ``eval_factors`` the source images' factors."""
     t = time.time()
     if backend == "stylegan2":
-        options = dict(num_images=args.gan_stage1_images, stage1_iterations=args.stage1_iterations,
+        options = dict(stage1_num_images=args.gan_stage1_images, stage1_iterations=args.stage1_iterations,
                        iterations=args.gan_iterations, batch_size=args.gan_batch_size,
                        learning_rate=args.gan_learning_rate)
         adapted = pipe.adapt(target, scheme=scheme, lambda_domain=lam, seed=seed, progress=False,

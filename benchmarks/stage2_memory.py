@@ -34,6 +34,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel  # noqa: E402
 
 from ipl_diffusion.adaptation.diffae_trainer import DiffAEStage2Trainer  # noqa: E402
 from ipl_diffusion.clip_image import clip_image_features  # noqa: E402
+from ipl_diffusion.adaptation.memory import SavedTensorMeter  # noqa: E402
 from ipl_diffusion.configs import DiffAEStage2Config  # noqa: E402
 from ipl_diffusion.adaptation.distributed import make_accelerator  # noqa: E402
 from ipl_diffusion.models import DiffAEUNetModel  # noqa: E402
@@ -61,7 +62,7 @@ def small_clip(image_size=32, width=32, layers=2, patch_size=8):
 
 
 def build_trainer(config_name, mode, gradient_checkpointing, device, batch_size=2, num_images=4, train_steps=6,
-                  mixed_precision="no", clip=None, accelerator=None, attention=None):
+                  mixed_precision="no", clip=None, accelerator=None, attention=None, low_memory=False):
     """A ready ``DiffAEStage2Trainer`` on random models and random cached inversions."""
     size, unet_kwargs = CONFIGS[config_name]
     torch.manual_seed(0)
@@ -77,47 +78,13 @@ def build_trainer(config_name, mode, gradient_checkpointing, device, batch_size=
         "x0": torch.rand(num_images, 3, size, size) * 2 - 1,
         "z_sem": torch.randn(num_images, z_dim),
         "x_t0": torch.randn(num_images, 3, size, size),
-        "x_rec": torch.rand(num_images, 3, size, size) * 2 - 1,
     }
     cfg = DiffAEStage2Config(t0=400, num_train_steps=train_steps, iterations=1, batch_size=batch_size, gradient_mode=mode,
                        gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
-                       learning_rate=1e-5)
+                       learning_rate=1e-5, low_memory=low_memory)
     scheduler = DDIMScheduler(beta_schedule="linear", clip_sample=True, set_alpha_to_one=True)
     return DiffAEStage2Trainer(unet, scheduler, cache, torch.randn(num_images, d), torch.randn(num_images, d), features, cfg,
                          accelerator=accelerator or make_accelerator(mixed_precision, device))
-
-
-class SavedTensorMeter:
-    """Peak bytes of autograd-saved tensors alive at the same time (CPU memory proxy)."""
-
-    def __init__(self):
-        self.live = self.peak = 0
-
-    def _pack(self, tensor):
-        meter, nbytes = self, tensor.numel() * tensor.element_size()
-
-        class Handle:
-            def __init__(self):
-                self.tensor = tensor
-                meter.live += nbytes
-                meter.peak = max(meter.peak, meter.live)
-
-            def __del__(self):
-                meter.live -= nbytes
-
-        return Handle()
-
-    @staticmethod
-    def _unpack(handle):
-        return handle.tensor
-
-    def __enter__(self):
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._ctx.__exit__(*exc)
 
 
 def measure(trainer, repeats, warmup=1):
@@ -149,7 +116,9 @@ def measure(trainer, repeats, warmup=1):
     return times[len(times) // 2], meter.peak, "saved activations"
 
 
-MODES = (("full_chain", False), ("per_step", False), ("full_chain", True))
+# (label, gradient_mode, gradient checkpointing, the low_memory preset of DiffAEStage2Config)
+MODES = (("full_chain", "full_chain", False, False), ("per_step", "per_step", False, False),
+         ("full_chain+gc", "full_chain", True, False), ("low_memory", "full_chain", False, True))
 
 
 def main(argv=None):
@@ -165,11 +134,12 @@ def main(argv=None):
     device = torch.device(args.device)
     accelerator = make_accelerator("no", device)
     rows = []
-    for mode, gc in MODES:
+    for label, mode, gc, low_memory in MODES:
+        # The preset's bf16 (on a GPU) is not applied here: one process keeps one Accelerator.
         trainer = build_trainer(name, mode, gc, device, batch_size=args.batch_size, train_steps=args.train_steps,
-                                accelerator=accelerator)
+                                accelerator=accelerator, low_memory=low_memory)
         seconds, peak, kind = measure(trainer, args.repeats)
-        rows.append((mode + ("+gc" if gc else ""), seconds, peak))
+        rows.append((label, seconds, peak))
         del trainer
     base_t, base_m = rows[0][1], rows[0][2]
     print(f"Stage 2 on DiffAE config '{name}', {args.train_steps} DDIM training steps, batch {args.batch_size}, "

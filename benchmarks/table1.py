@@ -151,12 +151,28 @@ def evaluate_method(adapted_images, source_images, nets, identity, references, n
     return row
 
 
+@dataclass
+class Protocol:
+    """How every setting is sampled and scored: ``num_samples`` images per method from fixed
+    ``z`` (``seed``) at truncation ``truncation``, resized to ``eval_size``; ``num_pairs``
+    source/adapted pairs for SCS and ID; ``splits`` for IS; ``sifid_dims`` Inception features."""
+
+    num_samples: int = 1000
+    num_pairs: int = 500
+    splits: int = 5
+    eval_size: int = 256
+    truncation: float = 0.7
+    seed: int = 0
+    batch_size: int = 16
+    sifid_dims: int = 64
+
+
 def run_table1(source_pipelines, nets, settings=TABLE1, methods=("NADA", "IPL"), identity_by_dataset=None,
-               references=None, num_samples=1000, num_pairs=500, splits=5, eval_size=256, truncation=0.7, seed=0,
-               batch_size=16, adapt_kwargs=None, output_dir=None, sifid_dims=64, log=print):
+               references=None, protocol=None, adapt_kwargs=None, output_dir=None, log=print):
     """Adapt and score every setting whose dataset has a source pipeline.
 
     Args:
+        protocol: :class:`Protocol` (default: the paper's sizes).
         source_pipelines: ``{"FFHQ": StyleGANIPLPipeline, "AFHQ": ...}`` (source pipelines with CLIP).
         nets: :class:`MetricNetworks` (``inception`` for IS/SIFID, ``hed`` for SCS).
         identity_by_dataset: ``{"FFHQ": ArcFaceFeatures(...), "AFHQ": None}``; ``None`` -> "n/a".
@@ -166,6 +182,7 @@ def run_table1(source_pipelines, nets, settings=TABLE1, methods=("NADA", "IPL"),
     Returns:
         ``[{"setting": Setting, "ours": {method: row}}]`` in table order.
     """
+    p = protocol or Protocol()
     identity_by_dataset = identity_by_dataset or {}
     references = references or {}
     results = []
@@ -173,25 +190,25 @@ def run_table1(source_pipelines, nets, settings=TABLE1, methods=("NADA", "IPL"),
         pipe = source_pipelines.get(setting.dataset)
         if pipe is None:
             continue
-        generator = torch.Generator().manual_seed(seed)
-        z = torch.randn((num_samples, pipe.source_generator.style_dim), generator=generator)
-        source_images = sample_for_evaluation(pipe, z, True, truncation, eval_size, batch_size)
+        generator = torch.Generator().manual_seed(p.seed)
+        z = torch.randn((p.num_samples, pipe.source_generator.style_dim), generator=generator)
+        source_images = sample_for_evaluation(pipe, z, True, p.truncation, p.eval_size, p.batch_size)
         refs = None
         if setting.slug in references:
-            refs = load_images(references[setting.slug], eval_size)[0]
+            refs = load_images(references[setting.slug], p.eval_size)[0]
         row = {"setting": setting, "ours": {}}
         for method in methods:
             log(f"[{setting.dataset}] {setting.name}: adapting with {method}")
             adapted = pipe.adapt(setting.target.lower(), source=setting.source.lower(), scheme=METHODS[method],
-                                 seed=seed, **(adapt_kwargs or {}))
-            adapted_images = sample_for_evaluation(adapted, z, False, truncation, eval_size, batch_size)
+                                 seed=p.seed, **(adapt_kwargs or {}))
+            adapted_images = sample_for_evaluation(adapted, z, False, p.truncation, p.eval_size, p.batch_size)
             if output_dir is not None:
                 base = Path(output_dir) / setting.dataset.lower() / setting.slug
                 save_images(base / "source", source_images)
                 save_images(base / method.lower(), adapted_images)
             row["ours"][method] = evaluate_method(adapted_images, source_images, nets,
-                                                  identity_by_dataset.get(setting.dataset), refs, num_pairs, splits,
-                                                  batch_size, sifid_dims)
+                                                  identity_by_dataset.get(setting.dataset), refs, p.num_pairs, p.splits,
+                                                  p.batch_size, p.sifid_dims)
         results.append(row)
     return results
 
@@ -297,9 +314,10 @@ def main(argv=None):
             "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]})
         identity["AFHQ"] = encoder.encode_images
     results = run_table1(
-        pipelines, nets, settings, methods, identity, references, num_samples=args.num_samples,
-        num_pairs=args.num_pairs, splits=args.splits, eval_size=args.eval_size, truncation=args.truncation,
-        seed=args.seed, batch_size=args.batch_size, output_dir=args.output_dir, sifid_dims=args.sifid_dims,
+        pipelines, nets, settings, methods, identity, references, output_dir=args.output_dir,
+        protocol=Protocol(num_samples=args.num_samples, num_pairs=args.num_pairs, splits=args.splits,
+                          eval_size=args.eval_size, truncation=args.truncation, seed=args.seed,
+                          batch_size=args.batch_size, sifid_dims=args.sifid_dims),
         adapt_kwargs=dict(lambda_domain=args.lambda_domain, iterations=args.iterations,
                           stage1_iterations=args.stage1_iterations),
     )

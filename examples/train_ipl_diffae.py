@@ -69,7 +69,7 @@ def parse_args(argv=None):
     """``(AdaptArguments, Stage1Config, DiffAEStage2Config, HubArguments)`` from the command line."""
     parser = HfArgumentParser((AdaptArguments, Stage1Config, DiffAEStage2Config, HubArguments))
     run, stage1, stage2, hub = parser.parse_args_into_dataclasses(args=argv)
-    if run.backend != "diffae":
+    if run.backend not in (None, "diffae"):
         parser.error("this script adapts a DiffAE (IPLPipeline); for StyleGAN2 use `ipl adapt --backend stylegan2`")
     if run.output_dir is None:
         parser.error("--output_dir is required")
@@ -106,7 +106,7 @@ def train(run, stage1, stage2, hub):
     # (checkpointed, resumable, sharded over processes).
     options = {**dataclasses.asdict(stage1), **dataclasses.asdict(stage2)}
     adapted = pipe.adapt(
-        run.target, run.source, images=run.images, stage1_images=run.stage1_images,
+        run.target, run.source, images=run.images, stage1_images=run.stage1_images, target_images=run.target_images,
         validation_images=run.validation_images, accelerator=accelerator,
         output_dir=run.output_dir, resume_from_checkpoint=run.resume_from_checkpoint, **options,
     )

@@ -348,7 +348,8 @@ def load_checkpoint(
 # Options that must match for a checkpoint to continue a run; the number of iterations and
 # the checkpoint / sample intervals may change (e.g. to extend a finished run).
 _RUN_IDENTITY = (("source",), ("target",), ("stage1", "scheme"), ("stage1", "lambda_domain"),
-                 ("stage2", "learning_rate"), ("stage2", "batch_size"), ("stage2", "seed"))
+                 ("stage2", "learning_rate"), ("stage2", "batch_size"), ("stage2", "seed"),
+                 ("target_images", "sha256"))  # an image-defined target's style images
 
 
 def check_same_run(path: str | os.PathLike, saved: Mapping, current: Mapping) -> None:

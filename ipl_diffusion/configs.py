@@ -96,6 +96,10 @@ class Stage1Config:
     heldout_every: int = option(50, "measure held-out prompt retrieval every N Stage-1 steps")
     cache_image_features: bool = option(True, "encode a fixed pool's images once (False: re-render each step)")
     encode_batch_size: int = option(32, "batch size of encoding the Stage-1 pool")
+    # Image-defined targets (target_images=; ipl_diffusion.adaptation.image_target).
+    img2img_batch: int = option(
+        16, "target_images, StyleGAN2: source samples whose mean CLIP feature starts the image direction "
+        "(NADA --img2img_batch); DiffAE uses its Stage-2 source images")
 
     def __post_init__(self):
         _choice(self, "scheme", PROMPT_SCHEMES)
@@ -105,7 +109,7 @@ class Stage1Config:
         _finite(self, "stage1_learning_rate", "logit_scale", positive=True, allow_none=True)
         _positive_int(self, "stage1_iterations", minimum=0)
         _positive_int(self, "stage1_batch_size", minimum=2)
-        _positive_int(self, "n_ctx", "heldout_every", "encode_batch_size")
+        _positive_int(self, "n_ctx", "heldout_every", "encode_batch_size", "img2img_batch")
         _positive_int(self, "stage1_num_images", allow_none=True, minimum=2)
 
 
@@ -124,6 +128,8 @@ class TrainingConfig:
     checkpoints_total_limit: Optional[int] = option(2, "checkpoints kept (None: all)")
     sample_steps: Optional[int] = option(None, "write a sample grid every N iterations")
     num_sample_images: int = option(8, "images in each sample grid")
+    low_memory: bool = option(False, "the low-memory preset: checkpointed gradients (DiffAE) or chunked layer "
+                              "probes (StyleGAN2), and bf16 on a CUDA GPU, for options left at their defaults")
     # Automatic step choice (ipl_diffusion.adaptation.step_choice); off by default.
     candidate_steps: Optional[int] = option(
         None, "step choice: keep a candidate every N iterations and at the last, score each on held-out sources "
@@ -136,6 +142,20 @@ class TrainingConfig:
     min_diversity: float = option(0.5, "step choice: least fraction of the sources' CLIP diversity a candidate keeps")
     direction_tolerance: float = option(
         0.05, "step choice: candidates within this fraction of the best CLIP direction reached the target; the earliest wins")
+
+    def _apply_low_memory(self, preset: dict):
+        """``low_memory``: each preset option that is still at its default takes the preset's
+        value (an option set explicitly, even to its default value, is not told apart)."""
+        if not self.low_memory:
+            return
+        import torch  # here, not at import time: `ipl --help` stays light
+
+        if torch.cuda.is_available():
+            preset = {**preset, "mixed_precision": "bf16"}
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, value in preset.items():
+            if getattr(self, name) == defaults[name]:
+                setattr(self, name, value)
 
     def _check_training(self):
         _finite(self, "learning_rate", positive=True)
@@ -175,6 +195,9 @@ class DiffAEStage2Config(TrainingConfig):
     gradient_checkpointing: bool = option(False, "recompute UNet activations in the backward pass (less memory)")
 
     def __post_init__(self):
+        # Checkpointed full-chain gradients: the same update as the plain full chain, with the
+        # saved activations of the 6-step chain cut to 0.14x (benchmarks/stage2_memory.py).
+        self._apply_low_memory({"gradient_checkpointing": True})
         self._check_training()
         _choice(self, "gradient_mode", GRADIENT_MODES)
         _finite(self, "l1_loss_weight", "id_loss_weight")
@@ -205,6 +228,9 @@ class GANStage2Config(TrainingConfig):
     sample_truncation: float = option(0.7, "truncation psi of the sample grids (training uses psi = 1)")
 
     def __post_init__(self):
+        # NADA's adaptive layer choice with its W+ probes rendered two at a time: the same
+        # layers are chosen, with a lower peak (benchmarks/stylegan_step.py, auto-k-chunk2).
+        self._apply_low_memory({"auto_layer_chunk": 2})
         self._check_training()
         _check(self.phase in PHASES, "phase", f"one of {PHASES}", self.phase)
         for name in ("ema_decay", "mixing"):
@@ -281,10 +307,12 @@ class AdaptArguments:
 
     _argument_group_name = "model, data and output"
 
-    target: str = field(metadata={"help": 'target domain label, e.g. "sketch" or "Wall painting"'})
+    target: Optional[str] = option(
+        None, 'target domain label, e.g. "sketch" or "Wall painting" (optional with --target_images)')
     source: Optional[str] = option(None, "source domain label (default: the model's, else 'Photo')")
     model: Optional[str] = option(None, "source pipeline folder or Hub id (default: the embedded Shapes model of --backend)")
-    backend: Literal["diffae", "stylegan2"] = option("diffae", "generator family (detected from a local --model folder)")
+    backend: Optional[Literal["diffae", "stylegan2"]] = option(
+        None, "generator family (default: read from a local --model folder, else diffae)")
     images: Optional[str] = option(None, "DiffAE: folder of source-domain images (default: sampled, or rendered for the Shapes model)")
     stage1_images: Optional[str] = option(None, "DiffAE: folder of images for Stage 1's pool (default: as --images); give thousands")
     output_dir: Optional[str] = option(None, "output folder (default: ./ipl-<target>)")
@@ -295,6 +323,10 @@ class AdaptArguments:
         None, "DiffAE: folder of held-out source images the run does not train on, shown in before_after.png and scored "
         "by --candidate_steps (rendered for the Shapes model; with --candidate_steps, sampled when the sources are and "
         "required with --images)")
+    # Image-defined targets (ipl_diffusion.adaptation.image_target).
+    target_images: Optional[str] = option(
+        None, "folder of a few target-style images: their CLIP features define the target direction "
+        "(NADA --style_img_dir), with or without --target")
 
 
 def adapt_option_classes() -> list:

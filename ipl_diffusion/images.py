@@ -269,3 +269,42 @@ def to_pil(images: torch.Tensor) -> List[Image.Image]:
     array = images.detach().float().cpu().nan_to_num(-1.0).clamp(-1, 1).add(1).mul(127.5).round()
     array = array.to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in array]
+
+
+# What a pipeline call returns (diffusers' names; "latent": the raw (B, 3, H, W) in [-1, 1]).
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def prepare_images(images, size: int, device) -> torch.Tensor:
+    """The pipelines' one input path: a folder, a path, a PIL image, a list of paths / PIL
+    images (any mode and size, through :func:`load_images`), or a ``(B, 3, H, W)`` /
+    ``(3, H, W)`` tensor already in ``[-1, 1]`` (checked by :func:`check_image_tensor`) ->
+    ``(B, 3, size, size)`` float32 in ``[-1, 1]`` on ``device``.
+
+    Raises:
+        UserError: a tensor with NaN / inf or outside ``[-1, 1]``, an unreadable image;
+        UserFileNotFoundError: a missing or empty folder.
+    """
+    if torch.is_tensor(images):  # NaN or [0, 255] tensors would translate into garbage silently
+        return check_image_tensor(images).to(device, torch.float32)
+    if not isinstance(images, (list, tuple, str, os.PathLike)):
+        images = [images]
+    return load_images(images, size)[0].to(device, torch.float32)
+
+
+def postprocess_images(images: torch.Tensor, output_type: str = "pil"):
+    """The pipelines' one output path: ``(B, 3, H, W)`` in ``[-1, 1]`` -> ``"pil"`` (list of
+    RGB images), ``"np"`` (``(B, H, W, 3)`` float32 in ``[0, 1]``), ``"pt"`` (``(B, 3, H, W)`` in
+    ``[0, 1]``) through diffusers' ``VaeImageProcessor.postprocess``, or ``"latent"`` (unchanged).
+
+    Raises:
+        UserError: an unknown ``output_type``.
+    """
+    if output_type not in OUTPUT_TYPES:
+        raise UserError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
+    if output_type == "latent":
+        return images
+    from diffusers.image_processor import VaeImageProcessor
+
+    images = images.detach().float().cpu().nan_to_num(-1.0).clamp(-1, 1)
+    return VaeImageProcessor(do_resize=False).postprocess(images, output_type=output_type)

@@ -383,6 +383,7 @@ def learn_prompts(
     prompt_module=None,
     seed=0,
     progress=True,
+    target_label_features=None,
     **options,
 ):
     """Stage 1 (Eq. 6): learn prompt vectors for ``source_label -> target_label``.
@@ -408,6 +409,9 @@ def learn_prompts(
         seed: seeds mapper init and latent / batch sampling through a private
             ``torch.Generator`` (global RNG untouched); same seed + inputs -> same result.
         progress: show a tqdm bar.
+        target_label_features: ``(D,)`` Eq. 5's anchor in place of ``target_label``'s template
+            average, e.g. an image target's
+            (:func:`ipl_diffusion.adaptation.image_target.domain_anchor`); ``None``: the label's.
 
     Returns:
         :class:`PromptLearner`.
@@ -439,7 +443,8 @@ def learn_prompts(
     if cfg.scheme in ("learned", "adaptive") and cfg.stage1_iterations > 0:
         pool_features = _pool_features(encoder, latents, image_features, generate, cfg.cache_image_features,
                                        cfg.encode_batch_size)
-        _train(learner, latents, pool_features, generate, sample_latents, heldout, rng, cfg, progress)
+        _train(learner, latents, pool_features, generate, sample_latents, heldout, rng, cfg, progress,
+               target_label_features)
     prompt_module.requires_grad_(False).eval()
     if heldout is not None:
         learner.heldout_retrieval = prompt_retrieval(learner, *heldout)
@@ -470,7 +475,7 @@ def _next_batch(latents, pool_features, generate, sample_latents, batch, rng, de
     return w, feats
 
 
-def _train(learner, latents, pool_features, generate, sample_latents, heldout, rng, cfg, progress):
+def _train(learner, latents, pool_features, generate, sample_latents, heldout, rng, cfg, progress, anchor=None):
     """The Stage-1 optimisation loop (Eq. 6) of a ``learned`` / ``adaptive`` learner, in place."""
     encoder, module = learner.encoder, learner.prompt_module
     num_iterations = cfg.stage1_iterations
@@ -485,7 +490,8 @@ def _train(learner, latents, pool_features, generate, sample_latents, heldout, r
     if logit_scale is None:
         logit_scale = float(encoder.clip_model.logit_scale.detach().exp())
     with torch.no_grad():
-        target_label_features = encoder.label_features(learner.target_label, templates=cfg.label_templates)
+        target_label_features = (encoder.label_features(learner.target_label, templates=cfg.label_templates)
+                                 if anchor is None else anchor.detach().float().to(encoder.device))
         source_label_features = (
             encoder.label_features(learner.source_label, templates=cfg.label_templates) if cfg.lambda_source else None
         )

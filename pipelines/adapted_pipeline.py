@@ -4,7 +4,6 @@ Hub pushes of that folder (whose code files let plain diffusers load it, see
 :mod:`ipl_diffusion.pipelines.hub_layout`)."""
 
 import contextlib
-import os
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -12,6 +11,7 @@ from typing import Optional
 import torch
 from diffusers.utils import hub_utils
 from ipl_diffusion.errors import UserError
+from ipl_diffusion.images import postprocess_images, prepare_images
 
 SAMPLE_GRID_NAME = "sample_grid.png"
 MODEL_CARD_NAME = "README.md"
@@ -80,37 +80,15 @@ class AdaptedPipelineMixin:
                 self.sample_grid = image.convert("RGB")
 
     def preprocess(self, images) -> torch.Tensor:
-        """Images -> ``(B, 3, S, S)`` float32 in ``[-1, 1]`` on the pipeline's device.
+        """Images -> ``(B, 3, S, S)`` float32 in ``[-1, 1]`` on the pipeline's device
+        (:func:`ipl_diffusion.images.prepare_images`, the project's one input path)."""
+        return prepare_images(images, self.image_size, self.device)
 
-        Accepts a folder, a file path, a PIL image, a list of paths / PIL images (any mode
-        and size: RGBA, grayscale, 16-bit, non-square), or a tensor already in that layout.
-        Conversion is :func:`ipl_diffusion.images.load_images` (the project's one path).
-
-        Raises:
-            ValueError: a tensor not shaped ``(B, 3, H, W)``, with NaN / inf or values outside
-                ``[-1, 1]`` (:func:`ipl_diffusion.images.check_image_tensor`), or an unreadable image;
-            FileNotFoundError: a missing or empty folder.
-        """
-        from ipl_diffusion.images import check_image_tensor, load_images
-
-        if torch.is_tensor(images):  # NaN or [0, 255] tensors would translate into garbage silently
-            return check_image_tensor(images).to(self.device, torch.float32)
-
-        if not isinstance(images, (list, tuple, str, os.PathLike)):
-            images = [images]
-        return load_images(images, self.image_size)[0].to(self.device, torch.float32)
-
-    def postprocess(self, images: torch.Tensor, output_type: str = "pil"):
-        """``(B,3,H,W)`` in ``[-1, 1]`` -> ``"pt"`` tensor / ``"np"`` array in ``[0, 1]`` or PIL list."""
-        images = ((images.detach().float().clamp(-1, 1) + 1) / 2).cpu()
-        if output_type == "pt":
-            return images
-        array = images.permute(0, 2, 3, 1).numpy()
-        if output_type == "np":
-            return array
-        if output_type == "pil":
-            return self.numpy_to_pil(array)
-        raise UserError(f"output_type must be 'pil', 'np' or 'pt'; got {output_type!r}")
+    @staticmethod
+    def postprocess(images: torch.Tensor, output_type: str = "pil"):
+        """``(B, 3, H, W)`` in ``[-1, 1]`` -> ``output_type``
+        (:func:`ipl_diffusion.images.postprocess_images`, diffusers' ``VaeImageProcessor``)."""
+        return postprocess_images(images, output_type)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """diffusers' ``save_pretrained`` (in the layout of :mod:`ipl_diffusion.pipelines.hub_layout`), plus

@@ -33,7 +33,6 @@ a fresh process.
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Union
@@ -49,16 +48,16 @@ from diffusers.utils.torch_utils import randn_tensor
 # Imported for their side effect too: from_pretrained needs these modules in sys.modules.
 import ipl_diffusion.models  # noqa: F401
 from ipl_diffusion import ddim
-from ipl_diffusion.images import check_image_tensor, load_images, to_pil
+from ipl_diffusion.images import OUTPUT_TYPES, postprocess_images, prepare_images
 from ipl_diffusion.models.diffae_blocks import warn_xformers_fallback, xformers_unavailable_reason
 from ipl_diffusion.pipelines.hub_layout import RemoteCodeLayoutMixin
-from ipl_diffusion.pipelines.loading import hub_snapshot
-from ipl_diffusion.errors import UserError, UserFileNotFoundError
+from ipl_diffusion.pipelines.loading import load_pipeline
+from ipl_diffusion.errors import UserError
 
 __all__ = ["DiffAEPipeline", "DiffAEPipelineOutput", "default_latent_scheduler", "diffae_scheduler"]
 
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 Generator = Optional[Union[torch.Generator, List[torch.Generator]]]
+_COMPONENTS = ("semantic_encoder", "unet", "scheduler", "latent_net", "latent_scheduler")
 
 
 def diffae_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
@@ -200,16 +199,15 @@ class DiffAEPipeline(RemoteCodeLayoutMixin, XFormersFallbackPipelineMixin, Diffu
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Load a folder written by :meth:`save_pretrained` (or ``ipl convert diffae``) or a Hub id.
 
+        The one loading path of the project's pipelines
+        (:func:`ipl_diffusion.pipelines.loading.load_pipeline`).
+
         Raises:
-            FileNotFoundError: a folder without ``model_index.json``, or a Hub id that is not in the
-                local cache while ``HF_HUB_OFFLINE=1`` (no network wait).
+            UserFileNotFoundError: (a ``FileNotFoundError``) a folder without ``model_index.json``
+                or a component's sub-folder (named), or a Hub id that is not in the local cache
+                while ``HF_HUB_OFFLINE=1`` (no network wait).
         """
-        path = str(pretrained_model_name_or_path)
-        if not os.path.isdir(path):
-            path = hub_snapshot(path, kwargs)
-        if not os.path.isfile(os.path.join(path, "model_index.json")):
-            raise UserFileNotFoundError(f"'{path}' is not a DiffAE pipeline folder: model_index.json is missing")
-        return super().from_pretrained(path, **kwargs)
+        return load_pipeline(super().from_pretrained, str(pretrained_model_name_or_path), _COMPONENTS, kwargs)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -217,33 +215,16 @@ class DiffAEPipeline(RemoteCodeLayoutMixin, XFormersFallbackPipelineMixin, Diffu
         return int(self.unet.config.sample_size)
 
     def preprocess(self, images, size: Optional[int] = None) -> torch.Tensor:
-        """Images -> ``(B, 3, H, W)`` float32 in ``[-1, 1]`` on the pipeline's device.
-
-        The DDIM chain stays in float32 whatever the models' dtype (they cast their inputs).
-
-        Tensors are checked (finite, in ``[-1, 1]``) and taken as they are (``(3, H, W)`` gets a
-        batch axis); anything else goes
-        through :func:`ipl_diffusion.images.load_images` at ``size`` (default: the UNet's sample size).
-        """
-        if torch.is_tensor(images):
-            images = check_image_tensor(images)
-        else:
-            if isinstance(images, PIL.Image.Image):
-                images = [images]
-            images = load_images(images, size or self.image_size)[0]
-        return images.to(device=self.device, dtype=torch.float32)
+        """Images -> ``(B, 3, H, W)`` float32 in ``[-1, 1]`` on the pipeline's device, at ``size``
+        (default: the UNet's sample size); :func:`ipl_diffusion.images.prepare_images`. The DDIM
+        chain stays in float32 whatever the models' dtype (they cast their inputs)."""
+        return prepare_images(images, size or self.image_size, self.device)
 
     @staticmethod
     def postprocess(images: torch.Tensor, output_type: str = "pil"):
-        """``(B, 3, H, W)`` in ``[-1, 1]`` -> ``output_type`` (``"pil"``, ``"np"``, ``"pt"``, ``"latent"``)."""
-        if output_type not in OUTPUT_TYPES:
-            raise UserError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
-        if output_type == "latent":
-            return images
-        if output_type == "pil":
-            return to_pil(images)
-        images = ((images.detach().float().clamp(-1, 1) + 1) / 2).cpu()
-        return images if output_type == "pt" else images.permute(0, 2, 3, 1).numpy()
+        """``(B, 3, H, W)`` in ``[-1, 1]`` -> ``output_type`` (``"pil"``, ``"np"``, ``"pt"``,
+        ``"latent"``); :func:`ipl_diffusion.images.postprocess_images`."""
+        return postprocess_images(images, output_type)
 
     @staticmethod
     def _generator(generator: Generator, seed: Optional[int]) -> Generator:

@@ -354,14 +354,15 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
     # ------------------------------------------------------------------------ adaptation
-    def adapt(self, target: str, source: Optional[str] = None, images=None, stage1_images=None, validation_images=None, *,
-              prompt_learner=None, output_dir: Optional[str] = None, resume_from_checkpoint: Optional[str] = None,
+    def adapt(self, target: Optional[str] = None, source: Optional[str] = None, images=None, stage1_images=None,
+              validation_images=None, *, target_images=None, prompt_learner=None, output_dir: Optional[str] = None, resume_from_checkpoint: Optional[str] = None,
               accelerator=None, progress: bool = True, **options) -> "IPLPipeline":
         """Adapt the source DiffAE to ``target`` (IPL Stage 1 + Diff-IPL Stage 2).
 
         Args:
             target / source: domain labels ("Wall painting" / "Photo"; ``source`` defaults to
-                the pipeline's ``source_label``).
+                the pipeline's ``source_label``); ``target`` may be ``None`` when
+                ``target_images`` are given (the prompts then use the neutral word "style").
             images: source-domain images (folder, paths, PIL list or a ``(N, 3, H, W)`` tensor
                 in ``[-1, 1]``); when ``None``, ``num_images`` are sampled with the latent net
                 and the source UNet.
@@ -371,6 +372,10 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
                 well the prompts carry over to images Stage 1 held out).
             validation_images: what the returned ``sample_grid`` shows (default: the first
                 training images), e.g. photos the run never trained on.
+            target_images: a few target-style images (folder, paths, PIL list or a
+                ``(N, 3, H, W)`` tensor in ``[-1, 1]``): their CLIP features define the target
+                (StyleGAN-NADA's ``--style_img_dir``; how they combine with IPL's per-image
+                prompts: :mod:`ipl_diffusion.adaptation.image_target`).
             prompt_learner: a ready Stage-1 result (``text_features(z_sem, label)``): Stage 1 is skipped.
             output_dir: when given, the cache, ``stage1/``, checkpoints, grids and
                 ``losses.csv`` are written there and ``resume_from_checkpoint="latest"``
@@ -396,7 +401,8 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
                 damaged checkpoint; NonFiniteLossError (a ``UserError``): a NaN / inf loss.
         """
         return diff_ipl.adapt_pipeline(
-            self, target, source, images, stage1_images, validation_images, prompt_learner=prompt_learner,
+            self, target, source, images, stage1_images, validation_images, target_images=target_images,
+            prompt_learner=prompt_learner,
             output_dir=output_dir, resume_from_checkpoint=resume_from_checkpoint, accelerator=accelerator,
             progress=progress, **options,
         )

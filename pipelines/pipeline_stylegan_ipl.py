@@ -322,7 +322,8 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, Diffusion
         return (result, w_plus) if return_latents else result
 
     # ------------------------------------------------------------------------ adaptation
-    def adapt(self, target: str, source: Optional[str] = None, *, prompt_learner=None, output_dir: Optional[str] = None,
+    def adapt(self, target: Optional[str] = None, source: Optional[str] = None, *, target_images=None, prompt_learner=None,
+              output_dir: Optional[str] = None,
               resume_from_checkpoint: Optional[str] = None, accelerator=None, progress: bool = True,
               **options) -> "StyleGANIPLPipeline":
         """Adapt the source generator to ``target`` (IPL Stage 1 + GAN-IPL Stage 2).
@@ -334,7 +335,12 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, Diffusion
 
         Args:
             target / source: domain labels ("Wall painting" / "Photo"; ``source`` defaults to
-                the pipeline's ``source_label``).
+                the pipeline's ``source_label``); ``target`` may be ``None`` when
+                ``target_images`` are given (the prompts then use the neutral word "style").
+            target_images: a few target-style images (folder, paths, PIL list or a
+                ``(N, 3, H, W)`` tensor in ``[-1, 1]``): their CLIP features define the target
+                (StyleGAN-NADA's ``--style_img_dir``; how they combine with IPL's per-image
+                prompts: :mod:`ipl_diffusion.adaptation.image_target`).
             prompt_learner: a ready Stage-1 result (``text_features(w, label)``): Stage 1 is skipped.
             output_dir: when given, ``stage1/``, ``checkpoints/``, ``samples/``, ``losses.csv``
                 and the final ``sample_grid.png`` go there (main process only) and
@@ -360,7 +366,8 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, Diffusion
         """
         if self.text_encoder is None or self.tokenizer is None:
             raise UserError("adapt needs the CLIP text_encoder and tokenizer components; this pipeline has none")
-        return gan_ipl.adapt_pipeline(self, target, source, prompt_learner=prompt_learner, output_dir=output_dir,
+        return gan_ipl.adapt_pipeline(self, target, source, target_images=target_images, prompt_learner=prompt_learner,
+                                      output_dir=output_dir,
                                       resume_from_checkpoint=resume_from_checkpoint, accelerator=accelerator,
                                       progress=progress, **options)
 

@@ -194,7 +194,7 @@ def test_stylegan2_default_is_the_embedded_shapes_gan(tmp_path):
     from ipl_diffusion.pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
 
     out = tmp_path / "gan-sketch"
-    args = ["--stage1-iterations", "2", "--iterations", "2", "--batch-size", "2", "--num-images", "4", "--device", "cpu"]
+    args = ["--stage1-iterations", "2", "--iterations", "2", "--batch-size", "2", "--stage1_num_images", "4", "--device", "cpu"]
     assert main(["adapt", "--backend", "stylegan2", "--target", "sketch", "--output_dir", str(out), *args]) == 0
     adapted = StyleGANIPLPipeline.from_pretrained(str(out / "pipeline"))
     assert adapted.is_adapted and adapted.config.target_label == "sketch"

@@ -11,7 +11,7 @@ from PIL import Image
 
 from repo_scripts import load_script
 
-FAST = dict(num_images=8, stage1_iterations=2, stage1_batch_size=4, iterations=2, auto_layer_batch=2, num_samples=3,
+FAST = dict(stage1_num_images=8, stage1_iterations=2, stage1_batch_size=4, iterations=2, auto_layer_batch=2, num_sample_images=3,
             label_templates="single", progress=False)
 
 
@@ -63,7 +63,7 @@ def test_protocol_end_to_end_on_tiny_models(tiny_clip, tmp_path):
     references = table1.load_references(tmp_path / "refs", settings)
     results = table1.run_table1(
         {"FFHQ": pipe}, nets, settings, identity_by_dataset={"FFHQ": identity}, references=references,
-        num_samples=4, num_pairs=3, splits=2, eval_size=80, batch_size=4, adapt_kwargs=FAST,
+        protocol=table1.Protocol(num_samples=4, num_pairs=3, splits=2, eval_size=80, batch_size=4), adapt_kwargs=FAST,
         output_dir=tmp_path / "out", log=lambda *a: None,
     )
     ours = results[0]["ours"]

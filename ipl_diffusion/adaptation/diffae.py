@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
 
 from ipl_diffusion import checkpointing, ddim
+from ipl_diffusion.adaptation import image_target
 from ipl_diffusion.adaptation import stage1 as stage1_store
 from ipl_diffusion.adaptation.diffae_trainer import DiffAEStage2Trainer
 from ipl_diffusion.adaptation.distributed import check_weights_dtype, gather_in_order, make_accelerator, shard_indices
@@ -34,7 +36,8 @@ from ipl_diffusion.errors import UserError
 class DiffIPLResult:
     """What :func:`adapt_diffae` returns: the adapted UNet, Stage 1's prompt module, the
     before/after grid (PIL, main process), the Stage-2 history, the run's options and the
-    ``(N, D)`` source / target prompt features of the Stage-2 images."""
+    ``(N, D)`` source / target prompt features of the Stage-2 images (with ``target_images``,
+    the ``-/+ ΔT_i^img / 2`` pairs Stage 2 used, :mod:`ipl_diffusion.adaptation.image_target`)."""
 
     unet: torch.nn.Module
     mapper: torch.nn.Module | None
@@ -118,30 +121,38 @@ def encode_pool(semantic_encoder, image_features, images: torch.Tensor, device, 
 # ------------------------------------------------------------------------- Stage 1
 
 
-def run_stage1(encoder, z_sem, image_features, source, target, config: Stage1Config, seed: int, progress=True):
+def run_stage1(encoder, z_sem, image_features, source, target, config: Stage1Config, seed: int, progress=True,
+               anchor=None):
     """IPL Stage 1 on a pool of cached features; returns the ``PromptLearner``.
 
     ``z_sem (N, 512)`` is the mapper input (Eq. 2), ``image_features (N, D)`` the CLIP
     features of the same images. The last :func:`~ipl_diffusion.adaptation.stage1.heldout_size`
     of them are held out for the prompt-retrieval diagnostic (``learner.heldout_retrieval``).
+    ``anchor``: Eq. 5's target feature ``(D,)`` in place of the label's (an image target).
     """
     from ipl_diffusion.prompt_learning import learn_prompts
 
     k = stage1_store.heldout_size(z_sem.shape[0])
     train = slice(0, z_sem.shape[0] - k)
     return learn_prompts(encoder, z_sem[train], source, target, config, image_features=image_features[train],
-                         heldout=(z_sem[-k:], image_features[-k:]) if k else None, seed=seed, progress=progress)
+                         heldout=(z_sem[-k:], image_features[-k:]) if k else None, seed=seed, progress=progress,
+                         target_label_features=anchor)
 
 
-def _stage1(models, encoder, image_features, stage1_images, source, target, stage1, stage2, out, resume, accelerator, progress):
+def _stage1(models, encoder, image_features, stage1_images, source, target, stage1, stage2, out, resume, accelerator,
+            progress, anchor=None):
     """Stage 1's ``PromptLearner``: the saved one of a resumed run with the same options,
-    else trained now (every process, same seed: the same prompts without a broadcast)."""
+    else trained now (every process, same seed: the same prompts without a broadcast).
+    ``anchor``: an image target's Eq. 5 anchor ``(D,)`` (:mod:`.image_target`)."""
     key = {"source": source, "target": target, "seed": stage2.seed, "stage1": as_dict(stage1),
            "stage1_images": checkpointing.tensors_sha256({"x": stage1_images.float()})}
+    if anchor is not None:
+        key["anchor"] = checkpointing.tensors_sha256({"anchor": anchor.float().cpu()})
     learner = stage1_store.load_stage1(out, key, encoder) if resume is not None else None
     if learner is None:
         pool = encode_pool(models.semantic_encoder, image_features, stage1_images, accelerator.device)
-        learner = run_stage1(encoder, *pool, source, target, stage1, stage2.seed, progress and accelerator.is_local_main_process)
+        learner = run_stage1(encoder, *pool, source, target, stage1, stage2.seed, progress and accelerator.is_local_main_process,
+                             anchor=anchor)
         if accelerator.is_main_process:
             stage1_store.save_stage1(out, key, learner)
     return learner
@@ -176,24 +187,45 @@ def _run_config(models, images, source, target, stage1, stage2, accelerator) -> 
             "num_processes": accelerator.num_processes, "stage1": as_dict(stage1), "stage2": as_dict(stage2)}
 
 
-def adapt_diffae(models, images: torch.Tensor, source: str, target: str, stage1: Stage1Config | None = None,
-                 stage2: DiffAEStage2Config | None = None, *, stage1_images=None, validation_images=None,
-                 prompt_learner=None, output_dir=None, resume_from_checkpoint=None, accelerator=None,
-                 progress: bool = True) -> DiffIPLResult:
-    """Diff-IPL on source ``images (N, 3, H, W)`` in ``[-1, 1]``.
+@dataclass
+class DiffIPLImages:
+    """The images of one Diff-IPL run, each ``(N, 3, H, W)`` float in ``[-1, 1]``.
+
+    ``images``: Stage 2's sources (and, with ``target_images``, the image direction's start);
+    ``stage1_images``: Stage 1's pool (default ``images``; a fifth of it, at most 256, is held out
+    to measure how the prompts carry over to unseen images); ``validation_images``: what the
+    returned ``sample_grid`` shows (default: the first ``images``), e.g. photos the run never
+    trained on, and, with ``candidate_steps`` (:mod:`~ipl_diffusion.adaptation.step_choice`),
+    the held-out photos every candidate is scored on (required then, >= 2); ``target_images``:
+    style images defining the target (:mod:`ipl_diffusion.adaptation.image_target`).
+    """
+
+    images: torch.Tensor
+    stage1_images: torch.Tensor | None = None
+    validation_images: torch.Tensor | None = None
+    target_images: torch.Tensor | None = None
+
+    def __post_init__(self):
+        _check_images(images=self.images, stage1_images=self.stage1_images,
+                      validation_images=self.validation_images, target_images=self.target_images)
+
+    @property
+    def pool(self) -> torch.Tensor:
+        return self.images if self.stage1_images is None else self.stage1_images
+
+
+def adapt_diffae(models, data: DiffIPLImages, source: str, target: str | None, stage1: Stage1Config | None = None,
+                 stage2: DiffAEStage2Config | None = None, *, prompt_learner=None, output_dir=None,
+                 resume_from_checkpoint=None, accelerator=None, progress: bool = True) -> DiffIPLResult:
+    """Diff-IPL on the source images of ``data`` (:class:`DiffIPLImages`).
 
     Args:
         models: the source ``IPLPipeline`` (or any object with its ``semantic_encoder``,
             ``source_unet``, ``scheduler``, ``text_encoder`` (a ``CLIPModel``), ``tokenizer``,
             ``feature_extractor`` and ``config.base_model``); never modified.
-        source / target: domain labels (checked: empty / too long raise ``UserError``).
+        source / target: domain labels (checked: empty / too long raise ``UserError``);
+            ``target`` may be ``None`` when ``data.target_images`` define the target.
         stage1 / stage2: the options (default: the configs' defaults).
-        stage1_images: ``(M, 3, H, W)``, Stage 1's pool (default ``images``); a fifth of it
-            (at most 256) is held out to measure how the prompts carry over to unseen images.
-        validation_images: what the returned ``sample_grid`` shows (default: the first
-            ``images``), e.g. photos the run never trained on; with ``stage2.candidate_steps``
-            (the automatic step choice, :mod:`~ipl_diffusion.adaptation.step_choice`) the
-            held-out photos every candidate is scored on (required then, >= 2).
         prompt_learner: a ready Stage-1 result (anything with ``text_features(z_sem (B, 512),
             label) -> (B, D)``): Stage 1 is skipped.
         output_dir: ``run_config.json``, ``cache.safetensors``, ``stage1/``, checkpoints,
@@ -211,39 +243,35 @@ def adapt_diffae(models, images: torch.Tensor, source: str, target: str, stage1:
     accelerator = accelerator or make_accelerator(stage2.mixed_precision, next(models.source_unet.parameters()).device)
     check_weights_dtype({"semantic_encoder": models.semantic_encoder, "source_unet": models.source_unet,
                          "text_encoder": models.text_encoder}, accelerator.device)
-    _check_images(images=images, stage1_images=stage1_images, validation_images=validation_images)
-    if stage2.candidate_steps and (validation_images is None or validation_images.shape[0] < 2):
-        raise UserError("the step choice (candidate_steps) scores held-out photos the run does not train on: "
-                        "pass >= 2 validation_images (ipl adapt --validation_images FOLDER)")
+    if stage2.candidate_steps:  # before any encoding or Stage 1
+        _check_step_choice(data, target)
     ddim.check_t0(stage2.t0, models.scheduler)
     encoder = CLIPPromptEncoder(models.text_encoder, models.tokenizer)
+    target, label_given = image_target.resolve_label(target, data.target_images is not None)
     source, target = (encoder.validate_label(x, n_ctx=stage1.n_ctx) for x in (source, target))
     out = Path(output_dir) if output_dir is not None else None
     if out is not None:  # before the cache / Stage 1 are written
         checkpointing.check_before_run(out / "checkpoints", resume_from_checkpoint)
     for module in (models.semantic_encoder, models.source_unet, models.text_encoder):
         module.to(accelerator.device).eval()
-    image_features = clip_image_features(models.text_encoder, models.feature_extractor)
-    run_config = _run_config(models, images, source, target, stage1, stage2, accelerator)
+    run = _Run(models, encoder, clip_image_features(models.text_encoder, models.feature_extractor), stage1, stage2,
+               out, resume_from_checkpoint, accelerator, progress)
+    run_config = _run_config(models, data.images, source, target, stage1, stage2, accelerator)
     with frozen(models.semantic_encoder, models.source_unet, models.text_encoder):
-        cache = _encoded_sources(models, images, stage2, out, resume_from_checkpoint, accelerator, progress)
-        pool = images if stage1_images is None else stage1_images
-        learner = prompt_learner or _stage1(models, encoder, image_features, pool, source, target, stage1, stage2,
-                                            out, resume_from_checkpoint, accelerator, progress)
-        k = stage1_store.heldout_size(pool.shape[0]) if prompt_learner is None else 0
-        run_config["stage1"].update(stage1_store.stage1_report(learner, pool.shape[0] - k, k))
-        src_text, tgt_text = stage1_store.prompt_text_features(learner, cache["z_sem"].to(accelerator.device), source, target)
+        cache = _encoded_sources(models, data.images, stage2, out, resume_from_checkpoint, accelerator, progress)
+        learner, src_text, tgt_text = _prompt_features(run, data, cache, source, target, label_given,
+                                                       prompt_learner, run_config)
         if out is not None and accelerator.is_main_process:
             (out / "run_config.json").write_text(json.dumps(run_config, indent=2))
         trainer = DiffAEStage2Trainer(
-            models.source_unet, models.scheduler, cache, src_text, tgt_text, image_features, stage2,
+            models.source_unet, models.scheduler, cache, src_text, tgt_text, run.image_features, stage2,
             identity_features=models.semantic_encoder if stage2.id_loss_weight > 0 else None,
             accelerator=accelerator, output_dir=out, run_config=run_config,
         )
-        shown = _encoded_validation(models, validation_images, stage2)
+        shown = _encoded_validation(models, data.validation_images, stage2)
         if stage2.candidate_steps:
             labels = [encoder.label_features(x, templates=stage1.label_templates) for x in (source, target)]
-            trainer.enable_step_choice(image_features, *labels, heldout=shown)
+            trainer.enable_step_choice(run.image_features, *labels, heldout=shown)
         unet = trainer.train(resume_from_checkpoint=resume_from_checkpoint, progress=progress)
         if "step_choice" in run_config and out is not None and accelerator.is_main_process:
             (out / "run_config.json").write_text(json.dumps(run_config, indent=2))  # now with the choice
@@ -253,6 +281,17 @@ def adapt_diffae(models, images: torch.Tensor, source: str, target: str, stage1:
                          source_text_features=src_text.cpu(), target_text_features=tgt_text.cpu())
 
 
+def _check_step_choice(data: DiffIPLImages, target) -> None:
+    """The step choice (``candidate_steps``) scores held-out photos along the target label's
+    CLIP direction: both must be there. Raises :class:`UserError`."""
+    if data.validation_images is None or data.validation_images.shape[0] < 2:
+        raise UserError("the step choice (candidate_steps) scores held-out photos the run does not train on: "
+                        "pass >= 2 validation_images (ipl adapt --validation_images FOLDER)")
+    if target is None:
+        raise UserError("the step choice (candidate_steps) scores along the target label's CLIP direction: "
+                        "give a target label with the target_images")
+
+
 def _encoded_validation(models, validation_images, stage2):
     """The held-out photos encoded (:func:`encode_sources`; every process, so the step choice
     scores alike everywhere), or None: what the before/after grid shows and the step choice scores."""
@@ -260,6 +299,41 @@ def _encoded_validation(models, validation_images, stage2):
         return None
     return encode_sources(models.semantic_encoder, models.source_unet, models.scheduler, validation_images,
                           stage2.t0, stage2.num_inversion_steps, progress=False)
+
+
+@dataclass
+class _Run:
+    """What the steps of one :func:`adapt_diffae` call share."""
+
+    models: object
+    encoder: object
+    image_features: Callable
+    stage1: Stage1Config
+    stage2: DiffAEStage2Config
+    out: Path | None
+    resume: object
+    accelerator: object
+    progress: bool
+
+
+def _prompt_features(run, data, cache, source, target, label_given, prompt_learner, run_config):
+    """Stage 1 (or the given ``prompt_learner``) and the per-image source / target prompt
+    features of the Stage-2 images, ``(learner, (N, D), (N, D))``; with target images, ΔT_i
+    becomes ``d + (u_i - ū)`` (:mod:`ipl_diffusion.adaptation.image_target`)."""
+    goal = anchor = None
+    if data.target_images is not None:  # the Stage-2 source images are the image direction's start
+        goal, anchor = image_target.setup(run.encoder, run.image_features, data.target_images,
+                                          image_target.unit_features(run.image_features, cache["x0"]), source, target,
+                                          label_given, run.stage1.label_templates)
+        run_config["target_images"] = goal.report(label_given)
+    learner = prompt_learner or _stage1(run.models, run.encoder, run.image_features, data.pool, source, target,
+                                        run.stage1, run.stage2, run.out, run.resume, run.accelerator, run.progress, anchor)
+    k = stage1_store.heldout_size(data.pool.shape[0]) if prompt_learner is None else 0
+    run_config["stage1"].update(stage1_store.stage1_report(learner, data.pool.shape[0] - k, k))
+    src_text, tgt_text = stage1_store.prompt_text_features(learner, cache["z_sem"].to(run.accelerator.device), source, target)
+    if goal is not None:
+        src_text, tgt_text = image_target.stage2_features(learner, goal, src_text, tgt_text)
+    return learner, src_text, tgt_text
 
 
 # ------------------------------------------------------------------ from the pipeline
@@ -275,14 +349,15 @@ def _source_images(pipe, images, count, stage2, seed, offset=0):
                        output_type="latent", source=True).images
 
 
-def adapt_pipeline(pipe, target: str, source=None, images=None, stage1_images=None, validation_images=None, *,
-                   prompt_learner=None, output_dir=None, resume_from_checkpoint=None, accelerator=None,
-                   progress: bool = True, **options):
+def adapt_pipeline(pipe, target: str | None, source=None, images=None, stage1_images=None, validation_images=None, *,
+                   target_images=None, prompt_learner=None, output_dir=None, resume_from_checkpoint=None,
+                   accelerator=None, progress: bool = True, **options):
     """``IPLPipeline.adapt``: resolve the options (the configs' defaults, then the pipeline's
     recorded ``adapt_defaults``, then ``options``), sample the sources the caller did not give
     (with ``candidate_steps`` and no ``images``, also ``num_candidate_images`` held-out ones for
-    the step choice, from another seed stream), run :func:`adapt_diffae` and return
-    ``pipe.with_adaptation(result)``.
+    the step choice, from another seed stream), load the ``target_images``
+    (:func:`~ipl_diffusion.adaptation.image_target.load_target_images`), run :func:`adapt_diffae`
+    and return ``pipe.with_adaptation(result)``.
 
     Raises:
         UserError: an unknown option (with the nearest names), a label the pipeline's CLIP
@@ -292,7 +367,9 @@ def adapt_pipeline(pipe, target: str, source=None, images=None, stage1_images=No
         raise UserError("adapt needs the CLIP text_encoder and tokenizer components; this pipeline has none")
     stage1, stage2 = resolve_configs("diffae", pipe.config.get("adapt_defaults"), options)
     source = source or pipe.config.source_label or "Photo"
-    pipe.check_known_domains(source, target)
+    pipe.check_known_domains(source, *([target] if target is not None else []))
+    style = None if target_images is None else image_target.load_target_images(
+        target_images, int(pipe.text_encoder.config.vision_config.image_size))
     check_weights_dtype({"semantic_encoder": pipe.semantic_encoder, "source_unet": pipe.source_unet,
                          "text_encoder": pipe.text_encoder}, accelerator.device if accelerator is not None else pipe.device)
     with pipe.guard_output_dir(output_dir, resume_from_checkpoint):  # before the (slow) sampling / encoding
@@ -303,7 +380,7 @@ def adapt_pipeline(pipe, target: str, source=None, images=None, stage1_images=No
         shown = pipe.preprocess(validation_images) if validation_images is not None else None
         if shown is None and images is None and stage2.candidate_steps:  # sampled sources: sample held-out ones too
             shown = _source_images(pipe, None, stage2.num_candidate_images, stage2, stage2.seed, offset=20_011)
-        result = adapt_diffae(pipe, x0, source, target, stage1, stage2, stage1_images=pool, validation_images=shown,
-                              prompt_learner=prompt_learner, output_dir=output_dir,
+        data = DiffIPLImages(x0, stage1_images=pool, validation_images=shown, target_images=style)
+        result = adapt_diffae(pipe, data, source, target, stage1, stage2, prompt_learner=prompt_learner, output_dir=output_dir,
                               resume_from_checkpoint=resume_from_checkpoint, accelerator=accelerator, progress=progress)
     return pipe.with_adaptation(result)

@@ -96,6 +96,7 @@ import torch
 import torch.nn.functional as F
 
 from ipl_diffusion import checkpointing
+from ipl_diffusion.adaptation import image_target
 from ipl_diffusion.adaptation import stage1 as stage1_store
 from ipl_diffusion.adaptation.distributed import (
     average_gradients,
@@ -406,18 +407,20 @@ def source_cache(source_generator: StyleGAN2Generator, image_features: ImageFeat
 HELDOUT_LATENTS = 256
 
 
-def run_stage1(source_generator, encoder, image_features, source, target, config: Stage1Config, seed, progress, accelerator=None):
+def run_stage1(source_generator, encoder, image_features, source, target, config: Stage1Config, seed, progress, accelerator=None,
+               anchor=None):
     """Stage 1 (Eq. 6) for GAN-IPL; returns the ``PromptLearner``.
 
     ``config.stage1_num_images=None``: fresh ``w`` every iteration, rendered by ``G_s`` and
     encoded (the released code; the mapper then generalises to the fresh ``w`` of Stage 2).
     An int: a fixed pool of that many samples, encoded once. ``HELDOUT_LATENTS`` further
-    samples from another stream of ``seed`` measure the held-out prompt retrieval.
+    samples from another stream of ``seed`` measure the held-out prompt retrieval. ``anchor``:
+    Eq. 5's target feature ``(D,)`` in place of the label's (an image target).
     """
     from ipl_diffusion.prompt_learning import learn_prompts
 
     heldout = source_cache(source_generator, image_features, HELDOUT_LATENTS, seed + 20_011, accelerator=accelerator)
-    common = dict(heldout=heldout, seed=seed, progress=progress)
+    common = dict(heldout=heldout, seed=seed, progress=progress, target_label_features=anchor)
     if config.stage1_num_images is None:
         @torch.no_grad()
         def sample_latents(batch, rng):
@@ -437,17 +440,21 @@ def run_stage1(source_generator, encoder, image_features, source, target, config
 # --------------------------------------------------------------------------------------
 
 
-def adapt_stylegan2(source_generator: StyleGAN2Generator, clip_model, tokenizer, source: str, target: str,
-                    stage1: Optional[Stage1Config] = None, stage2: Optional[GANStage2Config] = None, *,
-                    feature_extractor=None, prompt_learner=None, output_dir=None, resume_from_checkpoint=None,
-                    accelerator=None, progress: bool = True) -> GANIPLResult:
+def adapt_stylegan2(models, source: str, target: Optional[str], stage1: Optional[Stage1Config] = None,
+                    stage2: Optional[GANStage2Config] = None, *, target_images=None, prompt_learner=None, output_dir=None,
+                    resume_from_checkpoint=None, accelerator=None, progress: bool = True) -> GANIPLResult:
     """GAN-IPL end to end: Stage 1 (Eq. 6, or ``prompt_learner`` when given), then Stage 2 (Eq. 7-9).
 
     Args:
-        source_generator: the pretrained generator (moved to the accelerator's device and
-            frozen in place, weights unchanged).
-        clip_model, tokenizer, feature_extractor: ``transformers`` CLIP parts (frozen).
-        source, target: domain labels.
+        models: the source ``StyleGANIPLPipeline`` (or any object with its ``source_generator``,
+            a :class:`StyleGAN2Generator` moved to the accelerator's device and frozen in place,
+            and the ``transformers`` CLIP parts ``text_encoder``, ``tokenizer`` and
+            ``feature_extractor``, frozen).
+        source, target: domain labels (``target`` may be ``None`` with ``target_images``).
+        target_images: ``(K, 3, H, W)`` in ``[-1, 1]``, style images defining the target
+            (:mod:`ipl_diffusion.adaptation.image_target`: Eq. 5's anchor, Stage 2's directions
+            and the layer choice's global target; ``stage1.img2img_batch`` source samples of
+            another stream of the seed start the image direction).
         stage1 / stage2: :class:`~ipl_diffusion.configs.Stage1Config` /
             :class:`~ipl_diffusion.configs.GANStage2Config` (default: their defaults).
         prompt_learner: a ready Stage-1 result (``text_features(w (B, style_dim), label) ->
@@ -470,30 +477,41 @@ def adapt_stylegan2(source_generator: StyleGAN2Generator, clip_model, tokenizer,
     from ipl_diffusion.clip_text import CLIPPromptEncoder
 
     stage1, stage2 = stage1 or Stage1Config(), stage2 or GANStage2Config()
+    source_generator, clip_model, tokenizer = models.source_generator, models.text_encoder, models.tokenizer
     if output_dir is not None:  # before Stage 1 writes anything
         checkpointing.check_before_run(Path(output_dir) / "checkpoints", resume_from_checkpoint)
     accelerator = accelerator or make_accelerator(stage2.mixed_precision, source_generator.device)
     check_weights_dtype({"generator": source_generator, "text_encoder": clip_model}, accelerator.device)
     source_generator.to(accelerator.device)
     clip_model.to(accelerator.device)
-    processor = feature_extractor or CLIPImageProcessorPil()
+    processor = models.feature_extractor or CLIPImageProcessorPil()
     # The encoder's image processor serves Stage 1's fresh renders; image_features, Stage 2.
     encoder = CLIPPromptEncoder(clip_model, tokenizer, image_processor=processor)
+    target, label_given = image_target.resolve_label(target, target_images is not None)
+    if stage2.candidate_steps and not label_given:  # before Stage 1
+        raise UserError("the step choice (candidate_steps) scores along the target label's CLIP direction: "
+                        "give a target label with the target_images")
     source, target = encoder.validate_label(source), encoder.validate_label(target)
     image_features = CLIPImageEncoder(clip_model, processor).encode_images
+    goal = anchor = None
+    if target_images is not None:
+        reference = source_cache(source_generator, image_features, stage1.img2img_batch, stage2.seed + 30_011, accelerator=accelerator)
+        goal, anchor = image_target.setup(encoder, image_features, target_images, reference[1], source, target,
+                                          label_given, stage1.label_templates)
     learner = prompt_learner or _stage1(source_generator, encoder, image_features, source, target, stage1, stage2,
-                                        output_dir, resume_from_checkpoint, progress, accelerator)
+                                        output_dir, resume_from_checkpoint, progress, accelerator, anchor)
     with torch.no_grad():
-        target_text = encoder.encode_text([target])[0]
+        target_text = encoder.encode_text([target])[0] if goal is None else goal.style_mean
     heldout = HELDOUT_LATENTS if prompt_learner is None else 0
     run_config = {
         "backend": "stylegan2", "source": source, "target": target, "seed": stage2.seed,
         "num_processes": accelerator.num_processes,
         "stage1": {**as_dict(stage1), **stage1_store.stage1_report(learner, stage1.stage1_num_images, heldout)},
         "stage2": as_dict(stage2),
+        **({"target_images": goal.report(label_given)} if goal is not None else {}),
     }
     trainer = GANIPLTrainer(
-        source_generator, lambda w: (learner.text_features(w, source), learner.text_features(w, target)),
+        source_generator, _prompt_features(learner, source, target, goal, reference[0] if goal is not None else None),
         image_features, target_text, stage2, output_dir=output_dir, accelerator=accelerator, run_config=run_config,
     )
     if stage2.candidate_steps:  # the automatic step choice scores along the labels' direction
@@ -506,20 +524,38 @@ def adapt_stylegan2(source_generator: StyleGAN2Generator, clip_model, tokenizer,
     )
 
 
-def _stage1(source_generator, encoder, image_features, source, target, stage1, stage2, output_dir, resume, progress, accelerator):
+def _prompt_features(learner, source: str, target: str, goal=None, reference_w=None) -> PromptFeatures:
+    """Stage 2's ``w -> (source, target)`` prompt features: Stage 1's (Eq. 8), or with an image
+    target the ``-/+ ΔT_i^img / 2`` pairs (:mod:`.image_target`; ``ū`` over ``reference_w``)."""
+    if goal is None:
+        return lambda w: (learner.text_features(w, source), learner.text_features(w, target))
+    with torch.no_grad():
+        reference = (learner.text_features(reference_w, source), learner.text_features(reference_w, target))
+
+    def features(w):
+        return image_target.stage2_features(learner, goal, learner.text_features(w, source),
+                                            learner.text_features(w, target), reference)
+
+    return features
+
+
+def _stage1(source_generator, encoder, image_features, source, target, stage1, stage2, output_dir, resume, progress, accelerator,
+            anchor=None):
     """The saved Stage-1 result of a resumed run with the same options, else a new one."""
     key = {"source": source, "target": target, "seed": stage2.seed, "stage1": as_dict(stage1)}
+    if anchor is not None:  # an image target's Eq. 5 anchor
+        key["anchor"] = checkpointing.tensors_sha256({"anchor": anchor.float().cpu()})
     learner = stage1_store.load_stage1(output_dir, key, encoder) if resume is not None else None
     if learner is None:
         learner = run_stage1(source_generator, encoder, image_features, source, target, stage1, stage2.seed,
-                             progress and accelerator.is_local_main_process, accelerator)
+                             progress and accelerator.is_local_main_process, accelerator, anchor)
         if accelerator.is_main_process:
             stage1_store.save_stage1(output_dir, key, learner)
     return learner
 
 
-def adapt_pipeline(pipe, target: str, source=None, *, prompt_learner=None, output_dir=None, resume_from_checkpoint=None,
-                   accelerator=None, progress: bool = True, **options):
+def adapt_pipeline(pipe, target: Optional[str], source=None, *, target_images=None, prompt_learner=None, output_dir=None,
+                   resume_from_checkpoint=None, accelerator=None, progress: bool = True, **options):
     """``StyleGANIPLPipeline.adapt``: resolve the options (the configs' defaults, then the
     pipeline's recorded ``adapt_defaults``, then ``options``), run :func:`adapt_stylegan2`
     on its source generator and return ``pipe.with_adaptation(result)``.
@@ -530,11 +566,12 @@ def adapt_pipeline(pipe, target: str, source=None, *, prompt_learner=None, outpu
     """
     stage1, stage2 = resolve_configs("stylegan2", pipe.config.get("adapt_defaults"), options)
     source = source or pipe.config.source_label or "Photo"
-    pipe.check_known_domains(source, target)
+    pipe.check_known_domains(source, *([target] if target is not None else []))
+    style = None if target_images is None else image_target.load_target_images(
+        target_images, int(pipe.text_encoder.config.vision_config.image_size))
     with pipe.guard_output_dir(output_dir, resume_from_checkpoint):
         result = adapt_stylegan2(
-            pipe.source_generator, pipe.text_encoder, pipe.tokenizer, source, target, stage1, stage2,
-            feature_extractor=pipe.feature_extractor, prompt_learner=prompt_learner, output_dir=output_dir,
+            pipe, source, target, stage1, stage2, target_images=style, prompt_learner=prompt_learner, output_dir=output_dir,
             resume_from_checkpoint=resume_from_checkpoint, accelerator=accelerator, progress=progress,
         )
     return pipe.with_adaptation(result, output_dir)

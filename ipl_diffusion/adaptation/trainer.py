@@ -22,6 +22,8 @@ Everything else is here, once:
 * the log: one ``losses.csv`` (a ``step`` column, then one column per logged value), rebuilt
   from the checkpointed history on resume so it holds each step once, plus accelerate's
   TensorBoard tracker when ``tensorboard`` is installed (``logs/``);
+* the run's peak memory (:mod:`ipl_diffusion.adaptation.memory`) goes into
+  ``run_config["memory"]``;
 * a non-finite loss raises :class:`~ipl_diffusion.errors.NonFiniteLossError` on every stage
   and backend;
 * the automatic step choice: with ``candidate_steps`` set (and :meth:`Trainer.enable_step_choice`
@@ -38,6 +40,7 @@ from pathlib import Path
 import torch
 
 from ipl_diffusion import checkpointing
+from ipl_diffusion.adaptation.memory import PeakMemory
 
 
 @contextlib.contextmanager
@@ -222,11 +225,13 @@ class Trainer:
         self._check_step_choice()
         self.resume(resume_from_checkpoint)
         log = LossLog(self.output_dir, self.history, enabled=acc.is_main_process)
+        memory = PeakMemory(self.device)
         bar = tqdm(total=cfg.iterations, initial=self.step, desc=self.description,
                    disable=not (progress and acc.is_local_main_process))
         try:
             while self.step < cfg.iterations:
-                record = self.train_step()
+                with memory.iteration():
+                    record = self.train_step()
                 self._keep_candidate()  # before the checkpoint of this step, which records it
                 log.log(record)
                 bar.update(1)
@@ -240,6 +245,7 @@ class Trainer:
             bar.close()
             log.close()
         acc.wait_for_everyone()
+        self.run_config["memory"] = memory.report()
         return self._chosen_model()
 
     # -- automatic step choice ---------------------------------------------------------

@@ -1,8 +1,10 @@
-"""``ipl adapt``: adapt a source generator to a domain described by text (IPL Stage 1 + 2).
+"""``ipl adapt``: adapt a source generator to a domain described by text or images (IPL Stage 1 + 2).
 
 Stage 1 learns image-specific prompts with a latent mapper; Stage 2 fine-tunes the
 generator with the adaptive directional CLIP loss. With no --model it adapts the embedded
 Shapes models (shipped with the package, so it works offline), e.g. `ipl adapt --target sketch`.
+--target_images FOLDER (a few style images, with or without --target) defines the target by
+the images' CLIP features, as StyleGAN-NADA's --style_img_dir (ipl_diffusion.adaptation.image_target).
 
 Every option of the method is a field of ipl_diffusion.configs (Stage1Config,
 DiffAEStage2Config, GANStage2Config), under the same name here, in pipe.adapt(...), in
@@ -32,6 +34,7 @@ EPILOG = """examples:
   ipl adapt --target sketch                        # Shapes default model, a few CPU minutes
   ipl adapt --target neon --scheme manual          # the NADA baseline (fixed prompts)
   ipl adapt --backend stylegan2 --target sketch    # GAN-IPL on the Shapes StyleGAN2 default
+  ipl adapt --target_images ./style                # the target defined by a few style images only
   ipl adapt --model ./ffhq256-ipl --source Photo --target "Wall painting" \\
             --images ./faces --iterations 300 --mixed_precision bf16
   ipl adapt --backend stylegan2 --model ./ffhq-sg2 --source Photo --target Sketch   # GAN-IPL
@@ -81,7 +84,7 @@ def add_parser(subparsers):
 
     generated = HfArgumentParser([AdaptArguments, *_group_dataclasses()], add_help=False)
     parser = subparsers.add_parser(
-        "adapt", parents=[generated], help="adapt a generator to a text-described domain (IPL)",
+        "adapt", parents=[generated], help="adapt a generator to a domain described by text or a few images (IPL)",
         description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     # "Not given" is None for every option of the method, so that a model's recommended value
@@ -136,7 +139,7 @@ def _check_backend(backend, folder):
 def run(args) -> int:
     from ipl_diffusion.outputs import check_writable, output_lock
 
-    output = Path(args.output_dir or f"ipl-{'_'.join(args.target.split()).lower() or 'target'}")
+    output = Path(args.output_dir or f"ipl-{'_'.join((args.target or 'image-target').split()).lower() or 'target'}")
     args.backend = detect_backend(args.backend, args.model)
     _check_inputs(args, output)
     check_writable(output, "--output_dir")  # before any model is loaded
@@ -145,7 +148,8 @@ def run(args) -> int:
     with output_lock(output, "--output_dir"):
         _check_earlier_result(args, output)
         pipe = load_pipeline(args.backend, args.model, args.device)
-        adapted = pipe.adapt(args.target, args.source, **_data(args, pipe), output_dir=str(output),
+        style = {"target_images": args.target_images} if args.target_images is not None else {}
+        adapted = pipe.adapt(args.target, args.source, **_data(args, pipe), **style, output_dir=str(output),
                              resume_from_checkpoint=args.resume_from_checkpoint, **given_options(args))
         grid = _save_outputs(adapted, output)
     _report_stage1(adapted.adaptation_config)
@@ -188,9 +192,11 @@ def _check_inputs(args, output):
         raise UserError(f"--output_dir {output} is an existing file; give a folder")
     if args.backend == "stylegan2" and (args.images or args.stage1_images):
         raise UserError("--images / --stage1_images are for --backend diffae; GAN-IPL samples its source latents")
+    if not (args.target or "").strip() and args.target_images is None:
+        raise UserError("give --target LABEL, --target_images FOLDER (a few style images), or both")
     if args.backend == "stylegan2" and args.validation_images:
         raise UserError("--validation_images is for --backend diffae; GAN-IPL scores fixed held-out z")
-    for name in ("images", "stage1_images", "validation_images"):
+    for name in ("images", "stage1_images", "target_images", "validation_images"):
         folder = getattr(args, name)
         if folder is None:
             continue
@@ -206,7 +212,8 @@ def _check_inputs(args, output):
         # done, and use the canonical names ("Pixel-Art" -> "pixel art").
         from ipl_diffusion.shapes import check_domain
 
-        args.target = check_domain(args.target)
+        if args.target is not None:
+            args.target = check_domain(args.target)
         if args.source is not None:
             args.source = check_domain(args.source)
     # Option values and names are checked now too, before the (slow) model load.
