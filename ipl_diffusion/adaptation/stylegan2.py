@@ -493,11 +493,8 @@ def adapt_stylegan2(models, source: str, target: Optional[str], stage1: Optional
                         "give a target label with the target_images")
     source, target = encoder.validate_label(source), encoder.validate_label(target)
     image_features = CLIPImageEncoder(clip_model, processor).encode_images
-    goal = anchor = None
-    if target_images is not None:
-        reference = source_cache(source_generator, image_features, stage1.img2img_batch, stage2.seed + 30_011, accelerator=accelerator)
-        goal, anchor = image_target.setup(encoder, image_features, target_images, reference[1], source, target,
-                                          label_given, stage1.label_templates)
+    goal, anchor, reference_w = _image_goal(source_generator, encoder, image_features, target_images, source, target,
+                                            label_given, stage1, stage2, accelerator)
     learner = prompt_learner or _stage1(source_generator, encoder, image_features, source, target, stage1, stage2,
                                         output_dir, resume_from_checkpoint, progress, accelerator, anchor)
     with torch.no_grad():
@@ -511,7 +508,7 @@ def adapt_stylegan2(models, source: str, target: Optional[str], stage1: Optional
         **({"target_images": goal.report(label_given)} if goal is not None else {}),
     }
     trainer = GANIPLTrainer(
-        source_generator, _prompt_features(learner, source, target, goal, reference[0] if goal is not None else None),
+        source_generator, _prompt_features(learner, source, target, goal, reference_w),
         image_features, target_text, stage2, output_dir=output_dir, accelerator=accelerator, run_config=run_config,
     )
     if stage2.candidate_steps:  # the automatic step choice scores along the labels' direction
@@ -522,6 +519,18 @@ def adapt_stylegan2(models, source: str, target: Optional[str], stage1: Optional
         generator=g_ema.requires_grad_(False), mapper=getattr(learner, "prompt_module", None), history=trainer.history,
         run_config=run_config, is_main_process=accelerator.is_main_process,
     )
+
+
+def _image_goal(source_generator, encoder, image_features, target_images, source, target, label_given, stage1, stage2,
+                accelerator):
+    """``(goal, Eq. 5 anchor, reference w)`` of an image target (:mod:`.image_target`; the
+    reference is ``img2img_batch`` source samples from their own seed stream), else Nones."""
+    if target_images is None:
+        return None, None, None
+    reference = source_cache(source_generator, image_features, stage1.img2img_batch, stage2.seed + 30_011, accelerator=accelerator)
+    goal, anchor = image_target.setup(encoder, image_features, target_images, reference[1], source, target,
+                                      label_given, stage1.label_templates)
+    return goal, anchor, reference[0]
 
 
 def _prompt_features(learner, source: str, target: str, goal=None, reference_w=None) -> PromptFeatures:
