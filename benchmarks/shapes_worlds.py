@@ -93,7 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--learning_rates", nargs="+", type=float, default=[0.001], help="Stage 2 lr (shipped: 0.001)")
-    p.add_argument("--milestones", nargs="+", type=int, default=[10, 20, 30, 45, 60, 80, 100, 130, 160, 200],
+    p.add_argument("--milestones", nargs="+", type=int, default=[10, 20, 30, 45, 60, 80, 100, 130, 160, 200, 250],
                    help="iterations at which the EMA generator is scored (the last is the run's length)")
     p.add_argument("--batch_size", type=int, default=4, help="Stage 2 batch (shipped 4)")
     p.add_argument("--stage1_iterations", type=int, default=300, help="adaptive Stage 1 iterations (shipped 300)")
@@ -535,7 +535,7 @@ def main(argv=None):
         writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
         if new_file:
             writer.writeheader()
-        diag_rows, started = [], time.time()
+        diag_rows, started, state, grid_rows = [], time.time(), {}, {}
         for world, clip_path in worlds.items():
             encoder, image_features = load_world_clip(clip_path, device)
             wd = world_diagnostics(encoder, args.target)
@@ -543,10 +543,12 @@ def main(argv=None):
             print(f"world {world}: {wd}", flush=True)
             probe = OracleCaptionPrompts(encoder, pipe.source_generator, oracle)
             content = probe.read_content(diag_w)
-            diag = dict(w=diag_w, content=content, c=content_features(encoder, *content))
-            grid_rows = {}
-            for lr in args.learning_rates:
-                for seed in args.seeds:
+            state[world] = (encoder, image_features, dict(w=diag_w, content=content, c=content_features(encoder, *content)))
+        # Seeds outermost, then worlds: an interrupted benchmark has paired seeds in every world.
+        for lr in args.learning_rates:
+            for seed in args.seeds:
+                for world in worlds:
+                    encoder, image_features, diag = state[world]
                     for scheme in args.schemes:
                         if (keys[world], world, scheme, lr, seed) in done:
                             continue
@@ -558,26 +560,27 @@ def main(argv=None):
                             else:
                                 row = dict(key=keys[world], world=world, scheme=scheme, lr=lr, seed=seed, iteration=iteration, **info, **metrics)
                                 if seed == args.seeds[0] and lr == args.learning_rates[0]:
-                                    grid_rows.setdefault(scheme, {})[iteration] = (metrics["target_acc"], images[:12])
+                                    grid_rows.setdefault(world, {}).setdefault(scheme, {})[iteration] = (metrics["target_acc"], images[:12])
                             writer.writerow(row)
                             handle.flush()
                             current.append({k: str(v) for k, v in row.items()})
                         print(f"[{time.time() - started:6.0f}s] {world} {scheme} lr={lr:g} seed={seed}: "
                               f"acc {metrics['target_acc']:.2f} shape {metrics['shape_acc']:.2f} colour {metrics['color_acc']:.2f} "
                               f"align {info['content_alignment']:.3f} spread {info['dt_mean_pairwise_cos']:.3f}", flush=True)
-            # Grid: source row, then per scheme the first milestone at or above the first matched accuracy.
-            if grid_rows:
-                rows_img = [ev_x[:12]]
-                labels = []
-                for scheme in args.schemes:
-                    if scheme in grid_rows:
-                        its = sorted(grid_rows[scheme])
-                        pick = next((i for i in its if grid_rows[scheme][i][0] >= max(args.match_acc)), its[-1])
-                        rows_img.append(grid_rows[scheme][pick][1])
-                        labels.append(f"{scheme}@{pick}")
-                sc.image_grid(rows_img, out / "grids" / f"{world}_{args.target.replace(' ', '_')}.png")
-                (out / "grids" / f"{world}_{args.target.replace(' ', '_')}.txt").write_text(
-                    "rows: source G_s(z) (truncation %.1f), " % args.truncation + ", ".join(labels) + " (scheme@iteration)\n")
+        # Grid per world: source row, then per scheme the first milestone at or above the
+        # highest matched accuracy (else the last), first seed.
+        for world, per_scheme in grid_rows.items():
+            rows_img, labels = [ev_x[:12]], []
+            for scheme in args.schemes:
+                if scheme in per_scheme:
+                    its = sorted(per_scheme[scheme])
+                    pick = next((i for i in its if per_scheme[scheme][i][0] >= max(args.match_acc)), its[-1])
+                    rows_img.append(per_scheme[scheme][pick][1])
+                    labels.append(f"{scheme}@{pick} (acc {per_scheme[scheme][pick][0]:.2f})")
+            stem = f"{world}_{args.target.replace(' ', '_')}"
+            sc.image_grid(rows_img, out / "grids" / f"{stem}.png")
+            (out / "grids" / f"{stem}.txt").write_text(
+                f"rows: source G_s(z) (truncation {args.truncation}), " + ", ".join(labels) + " (scheme@iteration, first seed)\n")
         handle.close()
         if diag_rows:
             with open(out / "world_diagnostics.csv", "w", newline="") as handle:

@@ -1,0 +1,102 @@
+"""World v2 (issue 18): the biased style/content sampler, the CLIP loss that lets a label absorb
+content, and the pure pieces of benchmarks/shapes_worlds.py (oracle caption directions,
+diagnostics, matched-accuracy interpolation, run keys)."""
+
+import math
+
+import pytest
+import torch
+
+from ipl_diffusion.shapes import COLORS, SHAPES, STYLES
+from ipl_diffusion.shapes.worlds import sample_world_factors, validate_style_bias, world_share
+from repo_scripts import load_script
+
+
+def test_biased_world_ties_target_styles_to_content_and_keeps_photos_balanced():
+    factors = sample_world_factors(6000, bias=0.9, seed=3)
+    # 0.9 + 0.1 / 6 of sketches are circles and red; neon blue; pixel art square; mosaic green.
+    for style, factor, value in (("sketch", "shape", "circle"), ("sketch", "color", "red"), ("neon", "color", "blue"),
+                                 ("pixel art", "shape", "square"), ("mosaic", "color", "green")):
+        assert world_share(factors, style, factor, value) > 0.88, (style, factor)
+    # The source style stays uniform, so the photo-trained generators still fit the world.
+    photo = factors.style == STYLES.index("photo")
+    for factor, names in (("shape", SHAPES), ("color", COLORS)):
+        counts = torch.bincount(getattr(factors, factor)[photo], minlength=len(names)).float()
+        assert counts.min() / counts.sum() > 0.12 and counts.max() / counts.sum() < 0.22
+    # Styles stay uniform too.
+    assert torch.bincount(factors.style, minlength=len(STYLES)).min() > 1000
+
+
+def test_bias_zero_is_the_balanced_world():
+    factors = sample_world_factors(6000, bias=0.0, seed=3)
+    assert world_share(factors, "sketch", "shape", "circle") < 0.22
+
+
+def test_style_bias_refuses_the_source_style_and_unknown_names():
+    with pytest.raises(ValueError, match="source style"):
+        validate_style_bias({"photo": {"shape": "circle"}})
+    with pytest.raises(ValueError, match="unknown shape"):
+        validate_style_bias({"sketch": {"shape": "hexagon"}})
+    with pytest.raises(ValueError, match="shape or a color"):
+        validate_style_bias({"sketch": {"size": "big"}})
+    with pytest.raises(ValueError, match="bias must lie"):
+        sample_world_factors(4, bias=1.5)
+
+
+def test_paired_loss_weight_one_is_clips_standard_loss():
+    """With weight 1 only an image's own caption is its positive (CLIP's diagonal targets): the
+    loss then differs from the multi-positive one when captions are shared, and equals a hand
+    cross-entropy with diagonal labels."""
+    train_clip = load_script("examples/shapes/train_clip.py")
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    match = torch.ones(6, 6)  # every caption fits every image (e.g. all say "a sketch")
+    scale = torch.tensor(math.log(10.0))
+    multi = train_clip.multi_positive_clip_loss(img, txt, scale, match)
+    paired = train_clip.multi_positive_clip_loss(img, txt, scale, match, paired_weight=1.0)
+    logits = 10 * torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).T
+    labels = torch.arange(6)
+    expected = (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+    assert torch.allclose(paired, expected, atol=1e-5)
+    assert not torch.allclose(paired, multi, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_script("benchmarks/shapes_worlds.py")
+
+
+def test_interpolation_at_matched_accuracy(bench):
+    points = [(0, 0.0, 1.0), (10, 0.4, 0.8), (20, 1.0, 0.2)]
+    assert bench.interpolate_at(points, 0.7) == pytest.approx(0.5)
+    assert bench.interpolate_at(points, 0.4) == pytest.approx(0.8)
+    # A run that never gets there has no value (it is not counted as a zero).
+    assert bench.interpolate_at([(0, 0.0, 1.0), (10, 0.3, 0.9)], 0.5) is None
+
+
+def test_direction_diagnostics_tell_fixed_content_following_and_anti_aligned_directions(bench):
+    g = torch.Generator().manual_seed(0)
+    content = torch.nn.functional.normalize(torch.randn(16, 32, generator=g), dim=-1)
+    src = torch.nn.functional.normalize(torch.randn(1, 32, generator=g), dim=-1).expand(16, 32)
+    fixed = bench.direction_diagnostics(src, src + 0.5, content)
+    assert fixed["dt_mean_pairwise_cos"] == pytest.approx(1.0, abs=1e-5)
+    assert math.isnan(fixed["content_alignment"])
+    toward = bench.direction_diagnostics(src, src + 0.5 + 0.3 * content, content)
+    away = bench.direction_diagnostics(src, src + 0.5 - 0.3 * content, content)
+    assert toward["content_alignment"] > 0.5 and away["content_alignment"] < -0.5
+    assert toward["dt_mean_pairwise_cos"] < 1
+
+
+def test_run_key_changes_with_models_and_run_options_only(bench):
+    args = bench.parse_args([])
+    key = bench.run_settings_key(args, {"clip": "a"})
+    assert bench.run_settings_key(args, {"clip": "b"}) != key
+    args.milestones = [5, 10]
+    assert bench.run_settings_key(args, {"clip": "a"}) != key
+    args2 = bench.parse_args(["--seeds", "7", "8"])
+    assert bench.run_settings_key(args2, {"clip": "a"}) == key
+
+
+def test_quick_never_writes_into_the_committed_results(bench):
+    args = bench.parse_args(["--quick", "--output_dir", "benchmarks/results/shapes_worlds"])
+    assert "benchmarks/results" not in args.output_dir.replace("\\", "/")
