@@ -103,6 +103,8 @@ def parse_args(argv=None):
     p.add_argument("--diag_latents", type=int, default=256)
     p.add_argument("--truncation", type=float, default=0.7)
     p.add_argument("--match_acc", nargs="+", type=float, default=[0.5, 0.8])
+    p.add_argument("--images_dir", default=str(REPO / "runs" / "shapes_worlds_images"),
+                   help="every milestone's evaluated images (uint8 safetensors; not committed), for re-scoring with another oracle")
     p.add_argument("--tables_only", action="store_true", help="regenerate tables / plots from runs.csv, run nothing")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 seed, tiny budgets, output under runs/")
     args = p.parse_args(argv)
@@ -114,6 +116,7 @@ def parse_args(argv=None):
         args.stage1_iterations, args.eval_images, args.diag_latents = 5, 8, 16
         # --quick never writes into a committed results folder.
         args.output_dir = str(REPO / "runs" / "shapes_worlds_quick")
+        args.images_dir = str(REPO / "runs" / "shapes_worlds_quick" / "images")
     args.milestones = sorted(set(args.milestones))
     return args
 
@@ -552,18 +555,25 @@ def main(argv=None):
                     for scheme in args.schemes:
                         if (keys[world], world, scheme, lr, seed) in done:
                             continue
-                        info = {}
+                        info, saved = {}, {}
                         for iteration, metrics, images in run_one(pipe, encoder, image_features, oracle, scheme, seed, lr, args, ev, diag):
                             if iteration == 0:
                                 info = metrics
                                 row = dict(key=keys[world], world=world, scheme=scheme, lr=lr, seed=seed, iteration=0, **info)
                             else:
                                 row = dict(key=keys[world], world=world, scheme=scheme, lr=lr, seed=seed, iteration=iteration, **info, **metrics)
+                                saved[f"iteration_{iteration}"] = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
                                 if seed == args.seeds[0] and lr == args.learning_rates[0]:
                                     grid_rows.setdefault(world, {}).setdefault(scheme, {})[iteration] = (metrics["target_acc"], images[:12])
                             writer.writerow(row)
                             handle.flush()
                             current.append({k: str(v) for k, v in row.items()})
+                        if saved:
+                            from safetensors.torch import save_file
+
+                            folder = Path(args.images_dir) / keys[world]
+                            folder.mkdir(parents=True, exist_ok=True)
+                            save_file(saved, str(folder / f"{world}_{scheme}_lr{lr:g}_seed{seed}.safetensors"))
                         print(f"[{time.time() - started:6.0f}s] {world} {scheme} lr={lr:g} seed={seed}: "
                               f"acc {metrics['target_acc']:.2f} shape {metrics['shape_acc']:.2f} colour {metrics['color_acc']:.2f} "
                               f"align {info['content_alignment']:.3f} spread {info['dt_mean_pairwise_cos']:.3f}", flush=True)
