@@ -100,3 +100,35 @@ def test_run_key_changes_with_models_and_run_options_only(bench):
 def test_quick_never_writes_into_the_committed_results(bench):
     args = bench.parse_args(["--quick", "--output_dir", "benchmarks/results/shapes_worlds"])
     assert "benchmarks/results" not in args.output_dir.replace("\\", "/")
+
+
+def test_object_on_another_styles_background():
+    """Issue 18 item 6: a photo object on sketch paper keeps the photo render inside the object
+    and is the empty sketch paper far from it."""
+    from ipl_diffusion.shapes import ShapesRenderer, sample_factors
+
+    renderer = ShapesRenderer(32)
+    factors = sample_factors(6, seed=2, style="photo", shape="square")
+    factors.position[:] = 0.5
+    factors.size[:] = 0.2
+    photo = renderer.render(factors, torch.Generator().manual_seed(0))
+    swapped = renderer.render_on_background(factors, "sketch", torch.Generator().manual_seed(0))
+    paper = renderer.render(factors.with_style("sketch"), torch.Generator().manual_seed(0))
+    assert torch.allclose(swapped[:, :, 14:18, 14:18], photo[:, :, 14:18, 14:18], atol=1e-3)  # the object
+    # Corners: sketch paper (near white), not the photo's tinted, shaded background.
+    assert torch.allclose(swapped[:, :, :3, :3], paper[:, :, :3, :3], atol=0.05)
+    assert (swapped[:, :, :3, :3] - photo[:, :, :3, :3]).abs().mean() > 0.1
+
+
+def test_oracle_training_images_swap_backgrounds_but_not_labels():
+    from ipl_diffusion.shapes import ShapesRenderer, sample_factors
+
+    train_oracle = load_script("examples/shapes/train_oracle.py")
+    renderer = ShapesRenderer(32)
+    factors = sample_factors(8, seed=1)
+    plain = train_oracle.training_images(renderer, factors, torch.Generator().manual_seed(0), 0.0)
+    swapped = train_oracle.training_images(renderer, factors, torch.Generator().manual_seed(0), 1.0)
+    assert torch.equal(plain, renderer.render(factors, torch.Generator().manual_seed(0)))
+    # Every image's background changed (its corner), the factors (labels) were not touched.
+    assert ((swapped[:, :, :2, :2] - plain[:, :, :2, :2]).abs().flatten(1).mean(1) > 0.02).all()
+    assert torch.equal(factors.style, sample_factors(8, seed=1).style)
