@@ -105,6 +105,9 @@ def parse_args(argv=None):
     p.add_argument("--match_acc", nargs="+", type=float, default=[0.5, 0.8])
     p.add_argument("--images_dir", default=str(REPO / "runs" / "shapes_worlds_images"),
                    help="every milestone's evaluated images (uint8 safetensors; not committed), for re-scoring with another oracle")
+    p.add_argument("--rescore_from", default=None,
+                   help="an earlier output folder: score its saved images (--images_dir) with --oracle instead of "
+                   "adapting again (same runs, another evaluation oracle; its rows get their own key)")
     p.add_argument("--tables_only", action="store_true", help="regenerate tables / plots from runs.csv, run nothing")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 seed, tiny budgets, output under runs/")
     args = p.parse_args(argv)
@@ -496,7 +499,20 @@ def main(argv=None):
     pipe, gan_path = sc.load_source_pipeline("stylegan2", args.gan_model, device)
     digests = {"gan": folder_digest(Path(gan_path) / "source_generator"), "oracle": folder_digest(oracle_path)}
     world_digest = {name: folder_digest(path) for name, path in worlds.items()}
-    keys = {name: run_settings_key(args, dict(digests, clip=world_digest[name])) for name in worlds}
+    rescore = None
+    if args.rescore_from:
+        old = Path(args.rescore_from)
+        if old.resolve() == out.resolve():
+            raise ValueError("--rescore_from must be another folder than --output_dir (its config.json names the runs to re-score)")
+        rescore = dict(config=json.loads((old / "config.json").read_text()))
+        with open(old / "runs.csv") as handle:
+            rescore["rows"] = list(csv.DictReader(handle))
+    keys = {}
+    for name in worlds:
+        models = dict(digests, clip=world_digest[name])
+        if rescore is not None:  # the images were made by the old runs; only the scoring is new
+            models["rescored_from"] = rescore["config"]["run_keys"][name]
+        keys[name] = run_settings_key(args, models)
 
     runs_path = out / "runs.csv"
     rows = []
@@ -532,7 +548,35 @@ def main(argv=None):
                   source_metrics=source_metrics)
     (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
 
-    if not args.tables_only:
+    if rescore is not None and not args.tables_only:
+        from safetensors.torch import load_file
+
+        new_file = not runs_path.is_file()
+        with open(runs_path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
+            if new_file:
+                writer.writeheader()
+            for world in worlds:
+                old_key = rescore["config"]["run_keys"][world]
+                starts = [r for r in rescore["rows"] if r["key"] == old_key and int(r["iteration"]) == 0]
+                for start in starts:
+                    scheme, lr, seed = start["scheme"], float(start["lr"]), int(start["seed"])
+                    path = Path(args.images_dir) / old_key / f"{world}_{scheme}_lr{lr:g}_seed{seed}.safetensors"
+                    if (keys[world], world, scheme, lr, seed) in done or not path.is_file():
+                        continue
+                    saved = load_file(str(path))
+                    info = {k: start[k] for k in FIELDS if k.startswith(("stage1_", "dt_", "content_"))}
+                    rows_out = [dict(key=keys[world], world=world, scheme=scheme, lr=lr, seed=seed, iteration=0, **info)]
+                    for name, images in sorted(saved.items(), key=lambda item: int(item[0].split("_")[1])):
+                        images = images.float() / 127.5 - 1
+                        metrics = sc.evaluate_images(oracle, images, ev["factors"], STYLES.index(args.target), images.shape[-1], ev["spread"])
+                        rows_out.append(dict(key=keys[world], world=world, scheme=scheme, lr=lr, seed=seed,
+                                             iteration=int(name.split("_")[1]), **info, **metrics))
+                    for row in rows_out:
+                        writer.writerow(row)
+                        current.append({k: str(v) for k, v in row.items()})
+            print(f"re-scored {sum(1 for r in current if int(r['iteration']) == 0)} runs with {oracle_path}")
+    elif not args.tables_only:
         new_file = not runs_path.is_file()
         handle = open(runs_path, "a", newline="")
         writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
