@@ -65,6 +65,7 @@ for path in (REPO, REPO / "benchmarks"):
 
 from ipl_diffusion.shapes import COLORS, SHAPES, STYLES, default_model_path  # noqa: E402
 from ipl_diffusion.shapes.vocab import CAPTION_TEMPLATES  # noqa: E402
+from ipl_diffusion.shapes.worlds import DEFAULT_STYLE_BIAS  # noqa: E402
 
 import shapes_collapse as sc  # noqa: E402  (the oracle metrics and the grid, shared)
 
@@ -77,8 +78,14 @@ CURVE_METRICS = (
     ("shape_entropy", "shape entropy", 1),
     ("color_entropy", "colour entropy", 1),
     ("feature_spread", "feature spread", 1),
+    ("drift_to_bias_shape", "→ biased shape (lower is better)", -1),
+    ("drift_to_bias_color", "→ biased colour (lower is better)", -1),
 )
 GATE_METRICS = ("shape_acc", "color_acc", "shape_entropy", "color_entropy")
+# Directed drift (reported, not part of the gate): the share of images that did not show the
+# biased world's content for the target (DEFAULT_STYLE_BIAS) and now do. A label that carries
+# content should pull NADA's images there.
+DRIFT_METRICS = (("drift_to_bias_shape", "→ biased shape"), ("drift_to_bias_color", "→ biased colour"))
 FULL_CAPTIONS = CAPTION_TEMPLATES[("style", "color", "shape")]
 
 
@@ -273,6 +280,22 @@ def world_diagnostics(encoder, target, source="photo"):
     )
 
 
+def score(oracle, images, ev, target):
+    """The shapes_collapse oracle metrics plus the directed drift towards the biased content."""
+    metrics = sc.evaluate_images(oracle, images, ev["factors"], STYLES.index(target), images.shape[-1], ev["spread"])
+    pred = oracle.predict(images)
+    bias = DEFAULT_STYLE_BIAS.get(target, {})
+    for factor, names in (("shape", SHAPES), ("color", COLORS)):
+        key = f"drift_to_bias_{factor}"
+        if factor not in bias:
+            metrics[key] = float("nan")
+            continue
+        value = names.index(bias[factor])
+        before = getattr(ev["factors"], factor) != value
+        metrics[key] = float((pred[factor][before] == value).float().mean()) if before.any() else float("nan")
+    return metrics
+
+
 # ------------------------------------------------------------------------------ one run
 
 
@@ -333,7 +356,7 @@ def run_one(pipe, encoder, image_features, oracle, scheme, seed, lr, args, ev, d
         trainer.train_step()
         if trainer.step in args.milestones:
             images = render(trainer.generator_ema, ev["w"], ev["mean_w"], args.truncation)
-            metrics = sc.evaluate_images(oracle, images, ev["factors"], STYLES.index(target), images.shape[-1], ev["spread"])
+            metrics = score(oracle, images, ev, target)
             metrics["stage2_seconds"] = time.time() - t1
             yield trainer.step, metrics, images
 
@@ -376,8 +399,12 @@ def analyse(rows, args, source_metrics, out):
         members.sort(key=lambda r: int(r["iteration"]))
         for acc in args.match_acc:
             for key, _, _ in CURVE_METRICS:
-                pts = [(0, 0.0, source_metrics[key])] + [(int(m["iteration"]), float(m["target_acc"]), float(m[key])) for m in members]
-                value = interpolate_at(pts, acc)
+                if any(m.get(key) in (None, "") for m in members):  # rows from before the metric existed
+                    value = None
+                else:
+                    pts = [(0, source_metrics["target_acc"], source_metrics[key])]
+                    pts += [(int(m["iteration"]), float(m["target_acc"]), float(m[key])) for m in members]
+                    value = interpolate_at(pts, acc)
                 matched.setdefault((world, scheme, lr, acc), {}).setdefault(key, {})[seed] = value
     lines, table = [], []
     worlds = sorted({k[0] for k in matched}, key=lambda w: (w != "control", w))
@@ -477,7 +504,7 @@ def curve_plots(rows, args, out):
 
 
 FIELDS = ["key", "world", "scheme", "lr", "seed", "iteration", "target_acc", "shape_acc", "color_acc", "position_err_px",
-          "size_err_px", "shape_entropy", "color_entropy", "feature_spread", "raw_feature_spread",
+          "size_err_px", "shape_entropy", "color_entropy", "feature_spread", "raw_feature_spread", "drift_to_bias_shape", "drift_to_bias_color",
           "stage1_heldout_retrieval", "dt_mean_pairwise_cos", "dt_residual_norm", "content_alignment",
           "stage1_seconds", "stage2_seconds"]
 
@@ -537,7 +564,7 @@ def main(argv=None):
 
     ev = dict(w=ev_w, mean_w=mean_w, factors=SimpleNamespace(shape=read["shape"], color=read["color"], position=read["position"], size=read["size"]))
     ev["spread"] = sc.mean_pairwise_distance(read["features"])
-    source_metrics = sc.evaluate_images(oracle, ev_x, ev["factors"], STYLES.index(args.target), ev_x.shape[-1], ev["spread"])
+    source_metrics = score(oracle, ev_x, ev, args.target)
     # Diagnostics latents: untruncated w (what Stage 1 / 2 train on), another stream.
     zd = torch.randn(args.diag_latents, pipe.source_generator.style_dim, generator=torch.Generator().manual_seed(4242))
     with torch.no_grad():
@@ -569,7 +596,7 @@ def main(argv=None):
                     rows_out = [dict(key=keys[world], world=world, scheme=scheme, lr=lr, seed=seed, iteration=0, **info)]
                     for name, images in sorted(saved.items(), key=lambda item: int(item[0].split("_")[1])):
                         images = images.float() / 127.5 - 1
-                        metrics = sc.evaluate_images(oracle, images, ev["factors"], STYLES.index(args.target), images.shape[-1], ev["spread"])
+                        metrics = score(oracle, images, ev, args.target)
                         rows_out.append(dict(key=keys[world], world=world, scheme=scheme, lr=lr, seed=seed,
                                              iteration=int(name.split("_")[1]), **info, **metrics))
                     for row in rows_out:
