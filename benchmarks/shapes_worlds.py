@@ -124,9 +124,11 @@ def parse_args(argv=None):
         args.seeds = args.seeds[:1]
         args.milestones = [2, 4]
         args.stage1_iterations, args.eval_images, args.diag_latents = 5, 8, 16
-        # --quick never writes into a committed results folder.
-        args.output_dir = str(REPO / "runs" / "shapes_worlds_quick")
-        args.images_dir = str(REPO / "runs" / "shapes_worlds_quick" / "images")
+        # --quick never writes into the committed results folder: there it goes under runs/.
+        results = (REPO / "benchmarks" / "results").resolve()
+        if Path(args.output_dir).resolve().is_relative_to(results):
+            args.output_dir = str(REPO / "runs" / "shapes_worlds_quick")
+        args.images_dir = str(Path(args.output_dir) / "images")
     args.milestones = sorted(set(args.milestones))
     return args
 

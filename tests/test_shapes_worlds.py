@@ -132,3 +132,22 @@ def test_oracle_training_images_swap_backgrounds_but_not_labels():
     # Every image's background changed (its corner), the factors (labels) were not touched.
     assert ((swapped[:, :, :2, :2] - plain[:, :, :2, :2]).abs().flatten(1).mean(1) > 0.02).all()
     assert torch.equal(factors.style, sample_factors(8, seed=1).style)
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs_every_scheme_and_resumes(bench, tmp_path):
+    """Smoke test of the GAN gate on the shipped models: manual, oracle and adaptive runs,
+    diagnostics and tables; a re-run adapts nothing (runs.csv is keyed and resumed)."""
+    import csv
+
+    bench.main(["--quick", "--output_dir", str(tmp_path)])
+    text = (tmp_path / "matched.md").read_text()
+    for name in ("manual (NADA)", "oracle (true captions)", "adaptive (IPL)", "content alignment", "oracle - manual"):
+        assert name in text
+    with open(tmp_path / "runs.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["scheme"] for r in rows} == {"manual", "oracle", "adaptive"}
+    assert (tmp_path / "grids" / "control_sketch.png").is_file()
+    bench.main(["--quick", "--output_dir", str(tmp_path)])
+    with open(tmp_path / "runs.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == len(rows)
