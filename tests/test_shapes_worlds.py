@@ -151,3 +151,21 @@ def test_quick_benchmark_runs_every_scheme_and_resumes(bench, tmp_path):
     bench.main(["--quick", "--output_dir", str(tmp_path)])
     with open(tmp_path / "runs.csv") as handle:
         assert len(list(csv.DictReader(handle))) == len(rows)
+
+
+def test_style_only_captions_name_only_the_style_of_target_style_images():
+    import random
+
+    from ipl_diffusion.shapes import sample_factors
+    from ipl_diffusion.shapes.vocab import sample_captions
+
+    train_clip = load_script("examples/shapes/train_clip.py")
+    factors = sample_factors(200, seed=0)
+    captions, mentioned = sample_captions(factors, random.Random(0))
+    new_captions, new_mentioned = train_clip.style_only_captions(factors, captions, mentioned, random.Random(1), 1.0)
+    for i in range(len(factors)):
+        if STYLES[int(factors.style[i])] == "photo":
+            assert new_captions[i] == captions[i]  # the source style's captions are untouched
+        else:
+            assert new_mentioned[i] == {"style": int(factors.style[i])}
+            assert STYLES[int(factors.style[i])] in new_captions[i]

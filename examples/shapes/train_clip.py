@@ -40,7 +40,7 @@ from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 from ipl_diffusion.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
 from ipl_diffusion.outputs import output_lock
 from ipl_diffusion.shapes.renderer import STYLES, ShapesRenderer, sample_factors
-from ipl_diffusion.shapes.vocab import build_tokenizer, sample_captions, zero_shot_texts
+from ipl_diffusion.shapes.vocab import build_tokenizer, caption_for, sample_captions, zero_shot_texts
 from ipl_diffusion.shapes.worlds import DEFAULT_STYLE_BIAS, sample_world_factors
 
 
@@ -76,6 +76,12 @@ def parse_args(argv=None):
         "(the rest: the multi-positive loss). Web-scale CLIP trains this way; it is what lets a style-only "
         "caption ('a sketch') absorb the content its images usually show, which the exact multi-positive "
         "targets never reward (issue 18: a bias alone left the label directions compositional)",
+    )
+    p.add_argument(
+        "--style_only_prob", type=float, default=0.0,
+        help="probability that a target-style image's caption names only its style ('a sketch', 'a rendering "
+        "of a sketch.'), as web captions leave the usual content unsaid; with --bias and --paired_loss_weight "
+        "the style-only texts (NADA's template-averaged label features among them) absorb the usual content",
     )
     p.add_argument(
         "--init_from", default=None,
@@ -146,6 +152,18 @@ def multi_positive_clip_loss(image_features, text_features, logit_scale, match, 
     loss_i = -(per_image * logits.log_softmax(1)).sum(1).mean()
     loss_t = -(per_text * logits.log_softmax(0)).sum(0).mean()
     return (loss_i + loss_t) / 2
+
+
+def style_only_captions(factors, captions, mentioned, rng, prob):
+    """Replace, with probability ``prob``, the caption of each non-source-style image by one
+    that names only its style (half of them CLIP ImageNet templates, which NADA averages)."""
+    captions, mentioned = list(captions), list(mentioned)
+    for i in range(len(factors)):
+        style = int(factors.style[i])
+        if STYLES[style] != "photo" and rng.random() < prob:
+            captions[i] = caption_for(style=STYLES[style], rng=rng, imagenet_template_prob=0.5)
+            mentioned[i] = {"style": style}
+    return captions, mentioned
 
 
 @torch.no_grad()
@@ -232,6 +250,8 @@ def train(args):
             factors = sample_factors(args.batch_size, generator=data_gen)
         images = renderer.render(factors, generator=data_gen)
         captions, mentioned = sample_captions(factors, rng)
+        if args.style_only_prob > 0:
+            captions, mentioned = style_only_captions(factors, captions, mentioned, rng, args.style_only_prob)
         tokens = tokenizer(captions, padding=True, return_tensors="pt")
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
@@ -281,7 +301,7 @@ def train(args):
         torch_threads=torch.get_num_threads(),
         zero_shot_accuracy=accuracy,
         zero_shot_prompts={f: zero_shot_texts(f) for f in ("style", "color", "shape")},
-        world=dict(bias=args.bias, paired_loss_weight=args.paired_loss_weight, style_bias=DEFAULT_STYLE_BIAS if args.bias > 0 else None, init_from=args.init_from),
+        world=dict(bias=args.bias, paired_loss_weight=args.paired_loss_weight, style_only_prob=args.style_only_prob, style_bias=DEFAULT_STYLE_BIAS if args.bias > 0 else None, init_from=args.init_from),
         eval_images=args.eval_images,
     )
     (out_dir / "training_record.json").write_text(json.dumps(record, indent=1))
