@@ -469,6 +469,33 @@ def analyse(rows, args, source_metrics, out):
     return text
 
 
+def write_curves(rows, args, out):
+    """``curves.csv`` / ``curves.md``: per world, scheme, lr and milestone, the mean over seeds
+    of target accuracy and every curve metric (the curves the matched values are read from)."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["world"], r["scheme"], float(r["lr"]), int(r["iteration"])), []).append(r)
+    records = []
+    for (world, scheme, lr, iteration), members in sorted(groups.items(), key=lambda kv: (kv[0][0] != "control", kv[0])):
+        record = dict(world=world, scheme=scheme, lr=lr, iteration=iteration, seeds=len(members))
+        for key in ["target_acc"] + [k for k, _, _ in CURVE_METRICS]:
+            values = [float(m[key]) for m in members if m.get(key) not in (None, "") and float(m[key]) == float(m[key])]
+            record[key] = sum(values) / len(values) if values else float("nan")
+        records.append(record)
+    if not records:
+        return
+    with open(out / "curves.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    lines = ["| world | scheme | lr | iteration | seeds | target acc | " + " | ".join(l for _, l, _ in CURVE_METRICS) + " |",
+             "|" + "---|" * (6 + len(CURVE_METRICS))]
+    for r in records:
+        lines.append(f"| {r['world']} | {SCHEME_NAMES[r['scheme']]} | {r['lr']:g} | {r['iteration']} | {r['seeds']} | {r['target_acc']:.3f} | "
+                     + " | ".join(f"{r[k]:.3f}" for k, _, _ in CURVE_METRICS) + " |")
+    (out / "curves.md").write_text("### Curves (mean over seeds per milestone)\n\n" + "\n".join(lines) + "\n")
+
+
 def curve_plots(rows, args, out):
     """Target accuracy (x) vs each preservation metric (y), mean over seeds per milestone."""
     try:
@@ -575,7 +602,8 @@ def main(argv=None):
     config = dict(vars(args), gan_model=str(gan_path), oracle_path=str(oracle_path), model_digests=digests,
                   world_digests=world_digest, run_keys=keys, torch=torch.__version__, torch_threads=torch.get_num_threads(),
                   source_metrics=source_metrics)
-    (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    if not args.tables_only:  # the tables are re-derived; the record of how the runs were made stays
+        (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
 
     if rescore is not None and not args.tables_only:
         from safetensors.torch import load_file
@@ -686,6 +714,7 @@ def main(argv=None):
             diag_summary.append(f"| {world} | {SCHEME_NAMES[scheme]} | " + " | ".join(cells) + " |")
     text = analyse(curves_rows, args, source_metrics, out) + "\n".join(diag_summary) + "\n"
     (out / "matched.md").write_text(text)
+    write_curves(curves_rows, args, out)
     curve_plots(curves_rows, args, out)
     print(text)
     print(f"results in {out}")
