@@ -169,3 +169,9 @@ def test_style_only_captions_name_only_the_style_of_target_style_images():
         else:
             assert new_mentioned[i] == {"style": int(factors.style[i])}
             assert STYLES[int(factors.style[i])] in new_captions[i]
+
+
+def test_shapes_collapse_quick_never_writes_into_the_committed_results():
+    collapse = load_script("benchmarks/shapes_collapse.py")
+    assert "benchmarks/results" not in collapse.parse_args(["--quick"]).output_dir.replace("\\", "/")
+    assert collapse.parse_args(["--quick", "--output_dir", "/tmp/x"]).output_dir == "/tmp/x"
