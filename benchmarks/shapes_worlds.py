@@ -82,6 +82,7 @@ CURVE_METRICS = (
     ("drift_to_bias_color", "→ biased colour (lower is better)", -1),
 )
 GATE_METRICS = ("shape_acc", "color_acc", "shape_entropy", "color_entropy")
+MIN_GATE_SEEDS = 5
 # Directed drift (reported, not part of the gate): the share of images that did not show the
 # biased world's content for the target (DEFAULT_STYLE_BIAS) and now do. A label that carries
 # content should pull NADA's images there.
@@ -455,6 +456,10 @@ def analyse(rows, args, source_metrics, out):
                     # metric with the interval above 0, and significantly worse on none.
                     worse = any(record.get(k + "_n", 0) >= 2 and record[k] + record[k + "_ci95"] < 0 for k in GATE_METRICS)
                     verdict = "PASS" if any(passes) and not worse else "fail"
+                    # Issue 18 asks for at least 5 seeds: fewer seeds reaching the matched
+                    # accuracy cannot decide, whichever way their interval falls.
+                    if min(record.get(k + "_n", 0) for k in GATE_METRICS) < MIN_GATE_SEEDS:
+                        verdict = f"undecided (< {MIN_GATE_SEEDS} seeds reach it)"
                     record["gate"] = verdict if scheme == "oracle" else ""
                     gates.append(record)
                     lines.append(f"| {world} | {lr:g} | {acc:g} | {record['comparison']} | " + " | ".join(cells) + f" | {record['gate'] or '–'} |")

@@ -175,3 +175,33 @@ def test_shapes_collapse_quick_never_writes_into_the_committed_results():
     collapse = load_script("benchmarks/shapes_collapse.py")
     assert "benchmarks/results" not in collapse.parse_args(["--quick"]).output_dir.replace("\\", "/")
     assert collapse.parse_args(["--quick", "--output_dir", "/tmp/x"]).output_dir == "/tmp/x"
+
+
+def _curve_rows(scheme, seed, shape_at_end):
+    """Two milestones: accuracy 0.5 then 1.0; shape kept falls from 1 to ``shape_at_end``."""
+    rows = []
+    for iteration, acc, shape in ((10, 0.5, 1.0), (20, 1.0, shape_at_end)):
+        row = dict(world="w", scheme=scheme, lr="0.001", seed=str(seed), iteration=str(iteration), target_acc=str(acc))
+        for key, _, _ in load_script("benchmarks/shapes_worlds.py").CURVE_METRICS:
+            row[key] = "1.0"
+        row["shape_acc"] = str(shape)
+        rows.append(row)
+    return rows
+
+
+def test_gate_passes_only_with_five_seeds_and_a_positive_interval(bench, tmp_path):
+    args = bench.parse_args(["--match_acc", "0.75", "--schemes", "manual", "oracle"])
+    source = {k: 1.0 for k, _, _ in bench.CURVE_METRICS}
+    source["target_acc"] = 0.0
+
+    def verdict(seeds):
+        rows = []
+        for seed in range(seeds):
+            rows += _curve_rows("manual", seed, 0.5 + 0.01 * seed) + _curve_rows("oracle", seed, 0.7 + 0.01 * seed)
+        bench.analyse(rows, args, source, tmp_path)
+        line = [l for l in (tmp_path / "matched.md").read_text().splitlines() if "oracle - manual" in l][0]
+        return line.rsplit("|", 2)[-2].strip()
+
+    # Oracle keeps 0.1 more shape at accuracy 0.75 in every seed.
+    assert verdict(5) == "PASS"
+    assert verdict(2).startswith("undecided")
