@@ -205,3 +205,34 @@ def test_gate_passes_only_with_five_seeds_and_a_positive_interval(bench, tmp_pat
     # Oracle keeps 0.1 more shape at accuracy 0.75 in every seed.
     assert verdict(5) == "PASS"
     assert verdict(2).startswith("undecided")
+
+
+def test_train_clip_biased_world_options_end_to_end(tmp_path):
+    """A tiny biased-world CLIP trains, records its world, and fine-tunes from its own folder."""
+    import json
+
+    train_clip = load_script("examples/shapes/train_clip.py")
+    common = ["--width", "32", "--layers", "1", "--patch_size", "8", "--projection_dim", "16", "--batch_size", "16",
+              "--max_steps", "2", "--eval_images", "40", "--eval_steps", "100", "--checkpointing_steps", "100"]
+    first = tmp_path / "first"
+    train_clip.main(common + ["--work_dir", str(tmp_path / "w1"), "--output_dir", str(first),
+                              "--bias", "0.9", "--paired_loss_weight", "1", "--style_only_prob", "0.5"])
+    record = json.loads((first / "training_record.json").read_text())
+    assert record["world"]["bias"] == 0.9 and record["world"]["style_bias"]["sketch"]["shape"] == "circle"
+    assert set(record["zero_shot_accuracy"]["shape_per_style"]) == set(STYLES)
+    second = tmp_path / "second"
+    train_clip.main(common + ["--work_dir", str(tmp_path / "w2"), "--output_dir", str(second), "--init_from", str(first),
+                              "--width", "64"])  # the size options are ignored with --init_from ...
+    record = json.loads((second / "training_record.json").read_text())
+    assert record["config"]["width"] == 32 and record["world"]["init_from"] == str(first)  # ... and recorded as trained
+
+
+def test_train_oracle_with_background_swaps_records_the_swap_matrix(tmp_path):
+    import json
+
+    train_oracle = load_script("examples/shapes/train_oracle.py")
+    out = tmp_path / "oracle"
+    train_oracle.main(["--work_dir", str(tmp_path / "w"), "--output_dir", str(out), "--batch_size", "8", "--max_steps", "1",
+                       "--eval_images", "20", "--background_swap_prob", "0.5"])
+    matrix = json.loads((out / "training_record.json").read_text())["evaluation"]["background_swap_style_accuracy"]
+    assert set(matrix) == set(STYLES) and all(set(row) == set(STYLES) for row in matrix.values())
