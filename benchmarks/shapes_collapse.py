@@ -123,6 +123,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
     if args.quick:
+        # --quick never writes into the committed results folder (issue 18): there it goes under runs/.
+        if Path(args.output_dir).resolve().is_relative_to((REPO / "benchmarks" / "results").resolve()):
+            args.output_dir = str(REPO / "runs" / "shapes_collapse_quick")
         args.targets = args.targets[:1]
         args.seeds = args.seeds[:1]
         args.lambdas = [0.0, 10.0]

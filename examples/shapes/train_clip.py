@@ -39,7 +39,8 @@ from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 from ipl_diffusion.checkpointing import ResumableRun
 from ipl_diffusion.outputs import output_lock
 from ipl_diffusion.shapes.renderer import STYLES, ShapesRenderer, sample_factors
-from ipl_diffusion.shapes.vocab import build_tokenizer, sample_captions, zero_shot_texts
+from ipl_diffusion.shapes.vocab import build_tokenizer, caption_for, sample_captions, zero_shot_texts
+from ipl_diffusion.shapes.worlds import DEFAULT_STYLE_BIAS, sample_world_factors
 
 
 def parse_args(argv=None):
@@ -62,6 +63,30 @@ def parse_args(argv=None):
     p.add_argument("--eval_images", type=int, default=1000)
     p.add_argument("--resume_from_checkpoint", default="latest")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--bias", type=float, default=0.0,
+        help="world v2 (issue 18): probability that a target style's image shows that style's content "
+        "(ipl_diffusion.shapes.worlds.DEFAULT_STYLE_BIAS: most sketches red circles, most neon blue...); "
+        "photos stay balanced; 0 = the balanced control world",
+    )
+    p.add_argument(
+        "--paired_loss_weight", type=float, default=0.0,
+        help="weight in [0, 1] of CLIP's standard loss, in which only an image's own caption is its positive "
+        "(the rest: the multi-positive loss). Web-scale CLIP trains this way; it is what lets a style-only "
+        "caption ('a sketch') absorb the content its images usually show, which the exact multi-positive "
+        "targets never reward (issue 18: a bias alone left the label directions compositional)",
+    )
+    p.add_argument(
+        "--style_only_prob", type=float, default=0.0,
+        help="probability that a target-style image's caption names only its style ('a sketch', 'a rendering "
+        "of a sketch.'), as web captions leave the usual content unsaid; with --bias and --paired_loss_weight "
+        "the style-only texts (NADA's template-averaged label features among them) absorb the usual content",
+    )
+    p.add_argument(
+        "--init_from", default=None,
+        help="a CLIP folder to fine-tune instead of a fresh model (same tokenizer); "
+        "much cheaper than training from scratch on a CPU",
+    )
     return p.parse_args(argv)
 
 
@@ -114,15 +139,30 @@ def match_matrix(factors, mentioned):
     return m
 
 
-def multi_positive_clip_loss(image_features, text_features, logit_scale, match):
+def multi_positive_clip_loss(image_features, text_features, logit_scale, match, paired_weight=0.0):
+    """Symmetric CLIP cross-entropy; targets spread over ``match``'s positives, blended with
+    weight ``paired_weight`` with the standard diagonal targets (image i <-> caption i)."""
     img = F.normalize(image_features, dim=-1)
     txt = F.normalize(text_features, dim=-1)
     logits = logit_scale.exp().clamp(max=100) * img @ txt.t()
-    per_image = match / match.sum(1, keepdim=True)
-    per_text = match / match.sum(0, keepdim=True)
+    eye = torch.eye(match.shape[0], match.shape[1], dtype=match.dtype, device=match.device)
+    per_image = (1 - paired_weight) * match / match.sum(1, keepdim=True) + paired_weight * eye
+    per_text = (1 - paired_weight) * match / match.sum(0, keepdim=True) + paired_weight * eye
     loss_i = -(per_image * logits.log_softmax(1)).sum(1).mean()
     loss_t = -(per_text * logits.log_softmax(0)).sum(0).mean()
     return (loss_i + loss_t) / 2
+
+
+def style_only_captions(factors, captions, mentioned, rng, prob):
+    """Replace, with probability ``prob``, the caption of each non-source-style image by one
+    that names only its style (half of them CLIP ImageNet templates, which NADA averages)."""
+    captions, mentioned = list(captions), list(mentioned)
+    for i in range(len(factors)):
+        style = int(factors.style[i])
+        if STYLES[style] != "photo" and rng.random() < prob:
+            captions[i] = caption_for(style=STYLES[style], rng=rng, imagenet_template_prob=0.5)
+            mentioned[i] = {"style": style}
+    return captions, mentioned
 
 
 @torch.no_grad()
@@ -140,11 +180,14 @@ def zero_shot_accuracy(model, tokenizer, renderer, n_images, seed):
         text = F.normalize(model.get_text_features(**tokens).pooler_output, dim=-1)
         predicted = (feats @ text.t()).argmax(1)
         result[factor] = (predicted == getattr(factors, factor)).float().mean().item()
+        # Per style: a biased world must still read a sketch's shape and colour when they are
+        # not the ones sketches usually have (the images here are balanced).
+        per_style = {}
+        for s, name in enumerate(STYLES):
+            mask = factors.style == s
+            per_style[name] = (predicted[mask] == getattr(factors, factor)[mask]).float().mean().item()
+        result[f"{factor}_per_style"] = per_style
         if factor == "style":
-            per_style = {}
-            for s, name in enumerate(STYLES):
-                mask = factors.style == s
-                per_style[name] = (predicted[mask] == s).float().mean().item()
             result["style_per_class"] = per_style
     model.train()
     return result
@@ -163,7 +206,15 @@ def train(args):
     torch.manual_seed(args.seed)
     tokenizer = build_tokenizer()
     renderer = ShapesRenderer(args.resolution)
-    model = build_model(args, tokenizer)
+    if args.init_from:
+        model = CLIPModel.from_pretrained(args.init_from)
+        if model.config.text_config.vocab_size != len(tokenizer) or model.config.vision_config.image_size != args.resolution:
+            raise ValueError(f"--init_from {args.init_from}: its vocabulary / resolution do not match the Shapes tokenizer / --resolution")
+        # The record must describe the model actually trained, not the unused size options.
+        vision = model.config.vision_config
+        args.width, args.layers, args.patch_size, args.projection_dim = vision.hidden_size, vision.num_hidden_layers, vision.patch_size, model.config.projection_dim
+    else:
+        model = build_model(args, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     data_gen = torch.Generator().manual_seed(args.seed + 1)
 
@@ -184,14 +235,21 @@ def train(args):
         step = run.step
         # Python's RNG drives caption choice; seeding it from the step keeps resumed runs identical.
         rng = random.Random(args.seed * 1_000_003 + step)
-        factors = sample_factors(args.batch_size, generator=data_gen)
+        if args.bias > 0:
+            factors = sample_world_factors(args.batch_size, bias=args.bias, generator=data_gen)
+        else:  # the balanced world draws exactly what it always did, so old runs resume identically
+            factors = sample_factors(args.batch_size, generator=data_gen)
         images = renderer.render(factors, generator=data_gen)
         captions, mentioned = sample_captions(factors, rng)
+        if args.style_only_prob > 0:
+            captions, mentioned = style_only_captions(factors, captions, mentioned, rng, args.style_only_prob)
         tokens = tokenizer(captions, padding=True, return_tensors="pt")
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         out = model(pixel_values=images, **tokens)
-        loss = multi_positive_clip_loss(out.image_embeds, out.text_embeds, model.logit_scale, match_matrix(factors, mentioned))
+        loss = multi_positive_clip_loss(
+            out.image_embeds, out.text_embeds, model.logit_scale, match_matrix(factors, mentioned), args.paired_loss_weight
+        )
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite CLIP loss at step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -232,6 +290,7 @@ def train(args):
         torch_threads=torch.get_num_threads(),
         zero_shot_accuracy=accuracy,
         zero_shot_prompts={f: zero_shot_texts(f) for f in ("style", "color", "shape")},
+        world=dict(bias=args.bias, paired_loss_weight=args.paired_loss_weight, style_only_prob=args.style_only_prob, style_bias=DEFAULT_STYLE_BIAS if args.bias > 0 else None, init_from=args.init_from),
         eval_images=args.eval_images,
     )
     (out_dir / "training_record.json").write_text(json.dumps(record, indent=1))

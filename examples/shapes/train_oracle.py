@@ -41,6 +41,13 @@ def parse_args(argv=None):
     p.add_argument("--eval_images", type=int, default=2000)
     p.add_argument("--resume_from_checkpoint", default="latest")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--background_swap_prob", type=float, default=0.0,
+        help="probability that a training image's object is drawn on another style's background "
+        "(ShapesRenderer.render_on_background) with the object's style as the label, so that a background "
+        "change alone does not change the style reading (issue 18); 0 = the shipped oracle's training",
+    )
+    p.add_argument("--init_from", default=None, help="an oracle folder to fine-tune instead of a fresh network")
     return p.parse_args(argv)
 
 
@@ -55,6 +62,37 @@ def corrupt(images, generator):
     gain = 1 + 0.15 * (torch.rand(b, 1, 1, 1, generator=generator) - 0.5)
     bias = 0.1 * (torch.rand(b, 1, 1, 1, generator=generator) - 0.5)
     return (images * gain + bias).clamp(-1, 1)
+
+
+def training_images(renderer, factors, generator, swap_prob):
+    """Renders of ``factors``; with probability ``swap_prob`` per image the object sits on the
+    background of another (uniformly chosen) style. The label stays the object's style."""
+    images = renderer.render(factors, generator=generator)
+    if swap_prob <= 0:
+        return images
+    n = len(factors)
+    swap = torch.rand(n, generator=generator) < swap_prob
+    other = (factors.style + torch.randint(1, len(STYLES), (n,), generator=generator)) % len(STYLES)
+    if swap.any():
+        images[swap] = renderer.render_on_background(factors[swap], other[swap], generator)
+    return images
+
+
+@torch.no_grad()
+def background_swap_accuracy(oracle, renderer, n_images, seed):
+    """Style accuracy with every (object style, background style) pair, on fresh images:
+    ``{object_style: {background_style: accuracy}}``; the diagonal is the plain render."""
+    oracle.eval()
+    result = {}
+    for s, name in enumerate(STYLES):
+        images_g = torch.Generator().manual_seed(seed + s)
+        factors = sample_factors(n_images, style=name, generator=images_g)
+        result[name] = {}
+        for b, background in enumerate(STYLES):
+            images = renderer.render_on_background(factors, background, torch.Generator().manual_seed(seed + 100 + b))
+            result[name][background] = (oracle.predict(images)["style"] == s).float().mean().item()
+    oracle.train()
+    return result
 
 
 @torch.no_grad()
@@ -87,7 +125,7 @@ def train(args):
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     renderer = ShapesRenderer(args.resolution)
-    oracle = ShapesOracle(resolution=args.resolution)
+    oracle = ShapesOracle.from_pretrained(args.init_from) if args.init_from else ShapesOracle(resolution=args.resolution)
     optimizer = torch.optim.AdamW(oracle.parameters(), lr=args.learning_rate, weight_decay=1e-4)
     data_gen = torch.Generator().manual_seed(args.seed + 1)
     config = dict(vars(args))
@@ -96,7 +134,10 @@ def train(args):
     while run.running(args.max_steps, args.max_minutes):
         step = run.step
         factors = sample_factors(args.batch_size, generator=data_gen)
-        images = corrupt(renderer.render(factors, generator=data_gen), data_gen)
+        if args.background_swap_prob > 0:
+            images = corrupt(training_images(renderer, factors, data_gen, args.background_swap_prob), data_gen)
+        else:  # exactly the shipped oracle's data stream
+            images = corrupt(renderer.render(factors, generator=data_gen), data_gen)
         lr = args.learning_rate * 0.5 * (1 + math.cos(math.pi * step / args.max_steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -113,6 +154,7 @@ def train(args):
             run.save()
     elapsed, step = run.save(), run.step
     metrics = evaluate(oracle, renderer, args.eval_images, seed=123_456_789)
+    metrics["background_swap_style_accuracy"] = background_swap_accuracy(oracle, renderer, 200, seed=55_555)
     print("final evaluation on fresh images:", metrics)
     out = Path(args.output_dir)
     oracle.eval()

@@ -313,6 +313,38 @@ class ShapesRenderer:
                 out[mask] = fn(sub, color[mask], background[mask], factors[mask], sub_noise)
         return (out.clamp(0, 1) * 2 - 1).contiguous()
 
+    @torch.no_grad()
+    def render_on_background(self, factors, background_style, generator):
+        """The objects of ``factors`` in their own style, on another style's background.
+
+        Issue 18: an oracle trained only on whole renders can call a shaded photo object on a
+        pale background a "sketch" (the background is the easiest cue). Training and testing
+        it on such swaps makes it judge the object. ``background_style``: a style name or an
+        index / ``(B,)`` int64 tensor of style indices. The object keeps its own style within a
+        margin that holds its strokes, glow or outline (pixel art's outline, sketch's stroke,
+        neon's inner glow); outside it every pixel is the background style's render of the
+        same background factor with no object. Returns ``float32 (B, 3, H, W)`` in ``[-1, 1]``.
+        """
+        n, h = len(factors), self.resolution
+        if isinstance(background_style, (str, int)):
+            background_style = torch.full((n,), style_index(background_style) if isinstance(background_style, str) else int(background_style))
+        objects = self.render(factors, generator)
+        empty = factors.as_dict()
+        empty["style"] = background_style.to(torch.int64)
+        # Far outside the frame: the style's background alone (no object, glow or shadow).
+        empty["position"] = torch.full_like(factors.position, -10.0)
+        backgrounds = self.render(ShapeFactors(**empty), generator)
+        scale = factors.size.view(n, 1, 1)
+        px = (self._xs.unsqueeze(0) - factors.position[:, 0].view(n, 1, 1)) / scale
+        py = (self._ys.unsqueeze(0) - factors.position[:, 1].view(n, 1, 1)) / scale
+        dist = _signed_distance(factors.shape.view(n, 1, 1), px, py) * scale * h
+        # Object margin per object style, in pixels: photo (its shadow belongs to the
+        # background), sketch stroke, neon glow, pixel-art outline block, mosaic tile.
+        margins = torch.tensor([0.0, 0.045 * h + 0.5, 0.10 * h, 1.5 * max(1, h // 16), 0.75 * _tile(h)])
+        margin = margins[factors.style].view(n, 1, 1)
+        mask = torch.sigmoid(-(dist - margin) / 0.45).unsqueeze(1)
+        return (objects * mask + backgrounds * (1 - mask)).contiguous()
+
     # -- styles -----------------------------------------------------------------------------
 
     def _gradient_background(self, background, noise, strength):
