@@ -50,7 +50,6 @@ import argparse
 import csv
 import hashlib
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -63,6 +62,8 @@ for path in (REPO, REPO / "benchmarks"):
     if str(path) not in sys.path:  # run from a checkout without installing
         sys.path.insert(0, str(path))
 
+from ipl_diffusion.configs import GANStage2Config, Stage1Config  # noqa: E402
+from ipl_diffusion.grids import labelled_grid  # noqa: E402
 from ipl_diffusion.shapes import COLORS, SHAPES, STYLES, default_model_path  # noqa: E402
 from ipl_diffusion.shapes.vocab import CAPTION_TEMPLATES  # noqa: E402
 from ipl_diffusion.shapes.worlds import DEFAULT_STYLE_BIAS  # noqa: E402
@@ -339,9 +340,9 @@ def run_one(pipe, encoder, image_features, oracle, scheme, seed, lr, args, ev, d
         tgt_d = learner.text_features(diag["w"], target, diag["content"])
         info["stage1_heldout_retrieval"] = float("nan")
     else:
-        options = dict(scheme=scheme, lambda_domain=args.lambda_domain, num_iterations=args.stage1_iterations,
-                       batch_size=args.stage1_batch_size, n_ctx=4, label_templates="imagenet")
-        learner = gan_ipl.run_stage1(source_generator, encoder, image_features, "photo", target, options, None, seed, False)
+        options = Stage1Config(scheme=scheme, lambda_domain=args.lambda_domain, stage1_iterations=args.stage1_iterations,
+                               stage1_batch_size=args.stage1_batch_size, n_ctx=4, label_templates="imagenet")
+        learner = gan_ipl.run_stage1(source_generator, encoder, image_features, "photo", target, options, seed, False)
         prompt_features = lambda w: (learner.text_features(w, "photo"), learner.text_features(w, target))  # noqa: E731
         with torch.no_grad():
             src_d, tgt_d = prompt_features(diag["w"])
@@ -350,7 +351,7 @@ def run_one(pipe, encoder, image_features, oracle, scheme, seed, lr, args, ev, d
     info["stage1_seconds"] = time.time() - t0
     yield 0, info, None
 
-    config = gan_ipl.GANStage2Config(iterations=args.milestones[-1], batch_size=args.batch_size, learning_rate=lr, seed=seed)
+    config = GANStage2Config(iterations=args.milestones[-1], batch_size=args.batch_size, learning_rate=lr, seed=seed)
     with torch.no_grad():
         target_text = encoder.encode_text([target])[0]
     trainer = gan_ipl.GANIPLTrainer(source_generator, prompt_features, image_features, target_text, config)
@@ -694,7 +695,7 @@ def main(argv=None):
                     rows_img.append(per_scheme[scheme][pick][1])
                     labels.append(f"{scheme}@{pick} (acc {per_scheme[scheme][pick][0]:.2f})")
             stem = f"{world}_{args.target.replace(' ', '_')}"
-            sc.image_grid(rows_img, out / "grids" / f"{stem}.png")
+            labelled_grid(rows_img, ["source G_s(z)", *labels]).save(out / "grids" / f"{stem}.png")
             (out / "grids" / f"{stem}.txt").write_text(
                 f"rows: source G_s(z) (truncation {args.truncation}), " + ", ".join(labels) + " (scheme@iteration, first seed)\n")
         handle.close()
