@@ -235,11 +235,12 @@ def lpips_diversity(oracle, images):
     return metrics_mean_pairwise_distance(images, distance)
 
 
-def adapt_and_evaluate(backend, pipe, target, scheme, seed, lam, args, train_x, eval_input, eval_x, eval_factors, oracle, reference_spread, clip):
-    """One adaptation run; ``eval_input`` is what the adapted model turns into the evaluated
-    images (held-out photos for diffae, fixed ``z`` for stylegan2), ``eval_x`` their source
-    images and ``eval_factors`` the source images' factors."""
+def adapt_and_evaluate(backend, arm, target, scheme, seed, lam, args, oracle, clip):
+    """One adaptation run of ``arm.pipe`` (:func:`prepare_backend`); ``arm.eval_input`` is what
+    the adapted model turns into the evaluated images (held-out photos for diffae, fixed ``z``
+    for stylegan2), ``arm.eval_x`` their source images and ``arm.eval_factors`` their factors."""
     t = time.time()
+    pipe, eval_input, eval_x = arm.pipe, arm.eval_input, arm.eval_x
     if backend == "stylegan2":
         options = dict(stage1_num_images=args.gan_stage1_images, stage1_iterations=args.stage1_iterations,
                        iterations=args.gan_iterations, batch_size=args.gan_batch_size,
@@ -257,7 +258,7 @@ def adapt_and_evaluate(backend, pipe, target, scheme, seed, lam, args, train_x, 
                              progress=False, **{k: v for k, v in options.items() if v is not None})
         adapted.set_progress_bar_config(disable=True)
         images = translate(adapted, eval_input, args)
-    metrics = evaluate_images(oracle, images, eval_factors, STYLES.index(target), eval_x.shape[-1], reference_spread)
+    metrics = evaluate_images(oracle, images, arm.eval_factors, STYLES.index(target), eval_x.shape[-1], arm.reference_spread)
     metrics["clip_direction"] = clip_direction(clip, eval_x, images, target)
     metrics["lpips_diversity"] = lpips_diversity(oracle, images)
     metrics["seconds"] = time.time() - t
@@ -397,6 +398,71 @@ def prepare_backend(backend, args, device, oracle, clip):
     )
 
 
+def load_runs(runs_path):
+    """The runs an earlier (interrupted) invocation finished: ``{run_key: row}``."""
+    done = {}
+    if runs_path.is_file():
+        with open(runs_path) as handle:
+            reader = csv.DictReader(handle)
+            if "backend" not in (reader.fieldnames or []):
+                raise ValueError(f"{runs_path} was written by an older version of this benchmark (no backend column); move it away")
+            for row in reader:
+                done[run_key(row["backend"], row["target"], row["scheme"], int(row["seed"]), float(row["lambda"]))] = row
+    return done
+
+
+def run_backend(backend, arm, args, oracle, clip, done, writer, handle, started, out):
+    """Every scheme x seed (and the λ sweep) of one backend not yet in ``done``; appends them to
+    ``runs.csv`` as they finish and saves one grid per target (first seed)."""
+    plan = [(t, s, seed, args.lambda_domain) for t in args.targets for s in args.schemes for seed in args.seeds]
+    plan += [(args.targets[0], "adaptive", seed, float(lam)) for lam in args.lambdas for seed in args.seeds]
+    seen, grids = set(), {}
+    for target, scheme, seed, lam in plan:
+        key = run_key(backend, target, scheme, seed, lam)
+        if key in seen or key in done:
+            seen.add(key)
+            continue
+        seen.add(key)
+        metrics, images = adapt_and_evaluate(backend, arm, target, scheme, seed, lam, args, oracle, clip)
+        row = dict(backend=backend, target=target, scheme=scheme, seed=seed, **{"lambda": lam}, **metrics)
+        writer.writerow(row)
+        handle.flush()
+        done[key] = row
+        print(f"[{time.time() - started:7.0f}s] {key}: " + ", ".join(f"{m}={row[m]:.3f}" for m, _, _ in METRICS), flush=True)
+        if seed == args.seeds[0] and lam == args.lambda_domain:
+            grids.setdefault(target, {})[scheme] = images[:12]
+    # Grid rows: the source images, the unadapted model's output (diffae), one row per scheme.
+    for target, per_scheme in grids.items():
+        rows = [arm.eval_x[:12]] + ([arm.source_images[:12]] if backend == "diffae" else [])
+        rows += [per_scheme[s] for s in args.schemes if s in per_scheme]
+        # seamless, tiles upscaled 3x (nearest)
+        grid = labelled_grid(rows, min_tile=3 * rows[0].shape[-1], margin=0)
+        grid.save(out / "grids" / f"{backend}_{target.replace(' ', '_')}.png")
+
+
+def write_plots(out, args, table_rows, sweep):
+    """Per backend and metric: targets on the x axis, schemes as bars; and the λ sweep."""
+    for backend in args.backends:
+        backend_rows = [r for r in table_rows if r["backend"] == backend]
+        targets = [t for t in args.targets if any(r["target"] == t for r in backend_rows)]
+        for key, label, _ in METRICS[:2] + METRICS[5:]:
+            values, errors = [], []
+            for t in targets:
+                match = {s: [r for r in backend_rows if r["target"] == t and r["scheme"] == s] for s in args.schemes}
+                values.append([m[0].get(key, 0.0) if m else 0.0 for m in match.values()])
+                errors.append([m[0].get(key + "_ci95", 0.0) if m else 0.0 for m in match.values()])
+            if targets:
+                bar_plot(out / "plots" / f"{backend}_{key}.png", f"{label} ({backend})", targets, [SCHEME_NAMES[s] for s in args.schemes], values, errors)
+        backend_sweep = [r for r in sweep if r["backend"] == backend]
+        if backend_sweep:
+            lams = sorted({r["lambda"] for r in backend_sweep})
+            stats = [[summarise([float(r[key]) for r in backend_sweep if r["lambda"] == lam])
+                      for key in ("target_acc", "shape_acc", "feature_spread")] for lam in lams]
+            values = [[mean for mean, _ in row] for row in stats]
+            errors = [[half for _, half in row] for row in stats]
+            bar_plot(out / "plots" / f"{backend}_lambda_sweep.png", f"λ sweep ({backend}, {args.targets[0]})", [f"λ={v:g}" for v in lams], ["target acc", "shape kept", "spread"], values, errors)
+
+
 def main(argv=None):
     args = parse_args(argv)
     for target in args.targets:
@@ -411,54 +477,19 @@ def main(argv=None):
     clip = clip_encoders(CLIPPromptEncoder.from_pretrained(str(default_model_path("clip"))))
 
     runs_path = out / "runs.csv"
-    done = {}
-    if runs_path.is_file():
-        with open(runs_path) as handle:
-            reader = csv.DictReader(handle)
-            if "backend" not in (reader.fieldnames or []):
-                raise ValueError(f"{runs_path} was written by an older version of this benchmark (no backend column); move it away")
-            for row in reader:
-                done[run_key(row["backend"], row["target"], row["scheme"], int(row["seed"]), float(row["lambda"]))] = row
+    done = load_runs(runs_path)
     fields = ["backend", "target", "scheme", "seed", "lambda"] + [m[0] for m in METRICS] + ["raw_feature_spread", "seconds"]
     new_file = not runs_path.is_file()
     handle = open(runs_path, "a", newline="")
     writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
     if new_file:
         writer.writeheader()
-
     started, source_rows, model_paths = time.time(), [], {}
     for backend in args.backends:
         arm = prepare_backend(backend, args, device, oracle, clip)
         source_rows.append(arm.source_row)
         model_paths[backend] = arm.model_path
-        plan = [(t, s, seed, args.lambda_domain) for t in args.targets for s in args.schemes for seed in args.seeds]
-        plan += [(args.targets[0], "adaptive", seed, float(lam)) for lam in args.lambdas for seed in args.seeds]
-        seen, grids = set(), {}
-        for target, scheme, seed, lam in plan:
-            key = run_key(backend, target, scheme, seed, lam)
-            if key in seen:
-                continue
-            seen.add(key)
-            if key in done:
-                continue
-            metrics, images = adapt_and_evaluate(
-                backend, arm.pipe, target, scheme, seed, lam, args, arm.train_x, arm.eval_input, arm.eval_x,
-                arm.eval_factors, oracle, arm.reference_spread, clip,
-            )
-            row = dict(backend=backend, target=target, scheme=scheme, seed=seed, **{"lambda": lam}, **metrics)
-            writer.writerow(row)
-            handle.flush()
-            done[key] = row
-            print(f"[{time.time() - started:7.0f}s] {key}: " + ", ".join(f"{m}={row[m]:.3f}" for m, _, _ in METRICS), flush=True)
-            if seed == args.seeds[0] and lam == args.lambda_domain:
-                grids.setdefault(target, {})[scheme] = images[:12]
-        # Grid rows: the source images, the unadapted model's output (diffae), one row per scheme.
-        for target, per_scheme in grids.items():
-            rows = [arm.eval_x[:12]] + ([arm.source_images[:12]] if backend == "diffae" else [])
-            rows += [per_scheme[s] for s in args.schemes if s in per_scheme]
-            # seamless, tiles upscaled 3x (nearest)
-            grid = labelled_grid(rows, min_tile=3 * rows[0].shape[-1], margin=0)
-            grid.save(out / "grids" / f"{backend}_{target.replace(' ', '_')}.png")
+        run_backend(backend, arm, args, oracle, clip, done, writer, handle, started, out)
         del arm
     handle.close()
 
@@ -479,36 +510,7 @@ def main(argv=None):
     (out / "config.json").write_text(json.dumps(config, indent=1))
     print(text)
     print(sweep_text)
-
-    # Plots: per backend and metric, targets on the x axis, schemes as bars.
-    for backend in args.backends:
-        backend_rows = [r for r in table_rows if r["backend"] == backend]
-        targets = [t for t in args.targets if any(r["target"] == t for r in backend_rows)]
-        for key, label, _ in METRICS[:2] + METRICS[5:]:
-            values, errors = [], []
-            for t in targets:
-                vs, es = [], []
-                for s in args.schemes:
-                    match = [r for r in backend_rows if r["target"] == t and r["scheme"] == s]
-                    vs.append(match[0].get(key, 0.0) if match else 0.0)
-                    es.append(match[0].get(key + "_ci95", 0.0) if match else 0.0)
-                values.append(vs)
-                errors.append(es)
-            if targets:
-                bar_plot(out / "plots" / f"{backend}_{key}.png", f"{label} ({backend})", targets, [SCHEME_NAMES[s] for s in args.schemes], values, errors)
-        backend_sweep = [r for r in sweep if r["backend"] == backend]
-        if backend_sweep:
-            lams = sorted({r["lambda"] for r in backend_sweep})
-            values, errors = [], []
-            for lam in lams:
-                vs, es = [], []
-                for key in ("target_acc", "shape_acc", "feature_spread"):
-                    mean, half = summarise([float(r[key]) for r in backend_sweep if r["lambda"] == lam])
-                    vs.append(mean)
-                    es.append(half)
-                values.append(vs)
-                errors.append(es)
-            bar_plot(out / "plots" / f"{backend}_lambda_sweep.png", f"λ sweep ({backend}, {args.targets[0]})", [f"λ={v:g}" for v in lams], ["target acc", "shape kept", "spread"], values, errors)
+    write_plots(out, args, table_rows, sweep)
     print(f"results in {out}")
 
 
