@@ -52,6 +52,7 @@ import hashlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -391,14 +392,23 @@ def summarise(values):
     return mean, half, len(values)
 
 
-def analyse(rows, args, source_metrics, out):
-    """Tables of values at matched target accuracy and the gate, from runs.csv rows."""
+def write_csv(path, records):
+    """Write ``records`` (dicts with the same keys) to ``path`` as CSV with a header."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def matched_values(rows, args, source_metrics):
+    """``{(world, scheme, lr, acc): {metric: {seed: value}}}``: each run's curve read at each
+    ``--match_acc`` (None where the run never reaches it or predates the metric)."""
     curves = {}
     for r in rows:
         if int(r["iteration"]) == 0:
             continue
         curves.setdefault((r["world"], r["scheme"], float(r["lr"]), int(r["seed"])), []).append(r)
-    matched = {}  # (world, scheme, lr, acc) -> {metric: {seed: value}}
+    matched = {}
     for (world, scheme, lr, seed), members in curves.items():
         members.sort(key=lambda r: int(r["iteration"]))
         for acc in args.match_acc:
@@ -410,11 +420,14 @@ def analyse(rows, args, source_metrics, out):
                     pts += [(int(m["iteration"]), float(m["target_acc"]), float(m[key])) for m in members]
                     value = interpolate_at(pts, acc)
                 matched.setdefault((world, scheme, lr, acc), {}).setdefault(key, {})[seed] = value
-    lines, table = [], []
-    worlds = sorted({k[0] for k in matched}, key=lambda w: (w != "control", w))
-    lrs = sorted({k[2] for k in matched})
+    return matched
+
+
+def matched_table(matched, worlds, lrs, args):
+    """Markdown lines and ``matched.csv`` records of the values at matched target accuracy."""
     header = "| world | lr | target acc | scheme | seeds reaching | " + " | ".join(label for _, label, _ in CURVE_METRICS) + " |"
-    lines += ["### Values at matched target accuracy (mean ± 95% t-interval over seeds)", "", header, "|" + "---|" * (5 + len(CURVE_METRICS))]
+    lines = ["### Values at matched target accuracy (mean ± 95% t-interval over seeds)", "", header, "|" + "---|" * (5 + len(CURVE_METRICS))]
+    table = []
     for world in worlds:
         for lr in lrs:
             for acc in args.match_acc:
@@ -432,9 +445,42 @@ def analyse(rows, args, source_metrics, out):
                     record["seeds_reaching"] = f"{reached}/{len(per[CURVE_METRICS[0][0]])}"
                     table.append(record)
                     lines.append(f"| {world} | {lr:g} | {acc:g} | {SCHEME_NAMES[scheme]} | {record['seeds_reaching']} | " + " | ".join(cells) + " |")
-    lines += ["", "### Paired differences at matched target accuracy (seed by seed; 95% t-interval)", "",
-              "| world | lr | target acc | comparison | " + " | ".join(label for _, label, _ in CURVE_METRICS) + " | gate |",
-              "|" + "---|" * (5 + len(CURVE_METRICS))]
+    return lines, table
+
+
+def compare_to_manual(base, other, record):
+    """Fill ``record`` with the seed-paired differences other - manual per metric; returns the
+    table cells and, per gate metric with >= 2 pairs, whether its interval is above 0."""
+    cells, passes = [], []
+    for key, _, _ in CURVE_METRICS:
+        diffs = [other[key][s] - base[key][s] for s in base[key]
+                 if s in other[key] and base[key][s] is not None and other[key][s] is not None]
+        mean, half, n = summarise(diffs)
+        record[key], record[key + "_ci95"], record[key + "_n"] = mean, half, n
+        if n >= 2 and key in GATE_METRICS:
+            passes.append(mean - half > 0)
+        cells.append("–" if n == 0 else f"{mean:+.3f} ± {half:.3f} (n={n})")
+    return cells, passes
+
+
+def gate_verdict(record, passes):
+    """PASS, fail or undecided for one comparison's paired differences."""
+    # The gate (oracle only): better on at least one preservation / diversity
+    # metric with the interval above 0, and significantly worse on none.
+    worse = any(record.get(k + "_n", 0) >= 2 and record[k] + record[k + "_ci95"] < 0 for k in GATE_METRICS)
+    verdict = "PASS" if any(passes) and not worse else "fail"
+    # Issue 18 asks for at least 5 seeds: fewer seeds reaching the matched
+    # accuracy cannot decide, whichever way their interval falls.
+    if min(record.get(k + "_n", 0) for k in GATE_METRICS) < MIN_GATE_SEEDS:
+        verdict = f"undecided (< {MIN_GATE_SEEDS} seeds reach it)"
+    return verdict
+
+
+def paired_differences(matched, worlds, lrs, args):
+    """Markdown lines and ``differences.csv`` records of oracle / adaptive minus manual, with the gate."""
+    lines = ["", "### Paired differences at matched target accuracy (seed by seed; 95% t-interval)", "",
+             "| world | lr | target acc | comparison | " + " | ".join(label for _, label, _ in CURVE_METRICS) + " | gate |",
+             "|" + "---|" * (5 + len(CURVE_METRICS))]
     gates = []
     for world in worlds:
         for lr in lrs:
@@ -444,34 +490,27 @@ def analyse(rows, args, source_metrics, out):
                     other = matched.get((world, scheme, lr, acc))
                     if not base or not other:
                         continue
-                    cells, passes, record = [], [], dict(world=world, lr=lr, match_acc=acc, comparison=f"{scheme} - manual")
-                    for key, _, _ in CURVE_METRICS:
-                        diffs = [other[key][s] - base[key][s] for s in base[key]
-                                 if s in other[key] and base[key][s] is not None and other[key][s] is not None]
-                        mean, half, n = summarise(diffs)
-                        record[key], record[key + "_ci95"], record[key + "_n"] = mean, half, n
-                        if n >= 2 and key in GATE_METRICS:
-                            passes.append(mean - half > 0)
-                        cells.append("–" if n == 0 else f"{mean:+.3f} ± {half:.3f} (n={n})")
-                    # The gate (oracle only): better on at least one preservation / diversity
-                    # metric with the interval above 0, and significantly worse on none.
-                    worse = any(record.get(k + "_n", 0) >= 2 and record[k] + record[k + "_ci95"] < 0 for k in GATE_METRICS)
-                    verdict = "PASS" if any(passes) and not worse else "fail"
-                    # Issue 18 asks for at least 5 seeds: fewer seeds reaching the matched
-                    # accuracy cannot decide, whichever way their interval falls.
-                    if min(record.get(k + "_n", 0) for k in GATE_METRICS) < MIN_GATE_SEEDS:
-                        verdict = f"undecided (< {MIN_GATE_SEEDS} seeds reach it)"
+                    record = dict(world=world, lr=lr, match_acc=acc, comparison=f"{scheme} - manual")
+                    cells, passes = compare_to_manual(base, other, record)
+                    verdict = gate_verdict(record, passes)
                     record["gate"] = verdict if scheme == "oracle" else ""
                     gates.append(record)
                     lines.append(f"| {world} | {lr:g} | {acc:g} | {record['comparison']} | " + " | ".join(cells) + f" | {record['gate'] or '–'} |")
-    text = "\n".join(lines) + "\n"
+    return lines, gates
+
+
+def analyse(rows, args, source_metrics, out):
+    """Tables of values at matched target accuracy and the gate, from runs.csv rows."""
+    matched = matched_values(rows, args, source_metrics)
+    worlds = sorted({k[0] for k in matched}, key=lambda w: (w != "control", w))
+    lrs = sorted({k[2] for k in matched})
+    lines, table = matched_table(matched, worlds, lrs, args)
+    difference_lines, gates = paired_differences(matched, worlds, lrs, args)
+    text = "\n".join(lines + difference_lines) + "\n"
     (out / "matched.md").write_text(text)
     for name, recs in (("matched.csv", table), ("differences.csv", gates)):
         if recs:
-            with open(out / name, "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(recs[0]))
-                writer.writeheader()
-                writer.writerows(recs)
+            write_csv(out / name, recs)
     return text
 
 
@@ -544,39 +583,79 @@ FIELDS = ["key", "world", "scheme", "lr", "seed", "iteration", "target_acc", "sh
           "stage1_seconds", "stage2_seconds"]
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    worlds = parse_worlds(args.worlds)
-    if args.target not in STYLES[1:]:
-        raise ValueError(f"unknown target {args.target!r}; choose from {', '.join(STYLES[1:])}")
-    out = Path(args.output_dir)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
-    (out / "grids").mkdir(parents=True, exist_ok=True)
-    device = "cpu"
+@dataclass
+class Models:
+    """The models every world shares, and the digests of their files."""
+
+    oracle: object
+    oracle_path: Path
+    pipe: object
+    gan_path: object
+    digests: dict
+    world_digests: dict
+
+
+class RunsWriter:
+    """``runs.csv`` opened for appending (header written when new); every row also joins ``current``."""
+
+    def __init__(self, path, current):
+        new_file = not path.is_file()
+        self.handle = open(path, "a", newline="")
+        self.writer = csv.DictWriter(self.handle, fieldnames=FIELDS, extrasaction="ignore")
+        if new_file:
+            self.writer.writeheader()
+        self.current = current
+
+    def write(self, row, flush=False):
+        """Append one row to runs.csv and, as strings like those read back, to ``current``."""
+        self.writer.writerow(row)
+        if flush:
+            self.handle.flush()
+        self.current.append({k: str(v) for k, v in row.items()})
+
+    def close(self):
+        """Close runs.csv."""
+        self.handle.close()
+
+
+def load_models(args, worlds, device):
+    """Load the evaluation oracle and the source GAN; digest them and every world's CLIP."""
     from ipl_diffusion.shapes.oracle import ShapesOracle
 
     oracle_path = Path(args.oracle or default_model_path("oracle"))
     oracle = ShapesOracle.from_pretrained(str(oracle_path)).eval()
     pipe, gan_path = sc.load_source_pipeline("stylegan2", args.gan_model, device)
     digests = {"gan": folder_digest(Path(gan_path) / "source_generator"), "oracle": folder_digest(oracle_path)}
-    world_digest = {name: folder_digest(path) for name, path in worlds.items()}
-    rescore = None
-    if args.rescore_from:
-        old = Path(args.rescore_from)
-        if old.resolve() == out.resolve():
-            raise ValueError("--rescore_from must be another folder than --output_dir (its config.json names the runs to re-score)")
-        rescore = dict(config=json.loads((old / "config.json").read_text()))
-        with open(old / "runs.csv") as handle:
-            rescore["rows"] = list(csv.DictReader(handle))
+    world_digests = {name: folder_digest(path) for name, path in worlds.items()}
+    return Models(oracle, oracle_path, pipe, gan_path, digests, world_digests)
+
+
+def load_rescore_source(args, out):
+    """``--rescore_from``'s config and runs.csv rows, or None without the option."""
+    if not args.rescore_from:
+        return None
+    old = Path(args.rescore_from)
+    if old.resolve() == out.resolve():
+        raise ValueError("--rescore_from must be another folder than --output_dir (its config.json names the runs to re-score)")
+    rescore = dict(config=json.loads((old / "config.json").read_text()))
+    with open(old / "runs.csv") as handle:
+        rescore["rows"] = list(csv.DictReader(handle))
+    return rescore
+
+
+def world_run_keys(args, worlds, models, rescore):
+    """Per world, the key that marks its rows of runs.csv (see ``run_settings_key``)."""
     keys = {}
     for name in worlds:
-        models = dict(digests, clip=world_digest[name])
+        digests = dict(models.digests, clip=models.world_digests[name])
         if rescore is not None:  # the images were made by the old runs; only the scoring is new
-            models["rescored_from"] = rescore["config"]["run_keys"][name]
-        keys[name] = run_settings_key(args, models)
+            digests["rescored_from"] = rescore["config"]["run_keys"][name]
+        keys[name] = run_settings_key(args, digests)
+    return keys
 
-    runs_path = out / "runs.csv"
+
+def read_current_runs(runs_path, keys, last_milestone):
+    """The rows of runs.csv made with the current keys, and the runs among them already finished."""
     rows = []
     if runs_path.is_file():
         with open(runs_path) as handle:
@@ -585,129 +664,162 @@ def main(argv=None):
     current = [r for r in rows if r["key"] in valid_keys]
     if len(current) < len(rows):
         print(f"{len(rows) - len(current)} rows of runs.csv were made with other models or settings: ignored")
-    done = {(r["key"], r["world"], r["scheme"], float(r["lr"]), int(r["seed"])) for r in current if int(r["iteration"]) == args.milestones[-1]}
+    done = {(r["key"], r["world"], r["scheme"], float(r["lr"]), int(r["seed"])) for r in current if int(r["iteration"]) == last_milestone}
+    return current, done
 
-    # The evaluation set: fixed z of a stream no run trains on, and the source generator's
-    # images of them, read by the oracle (a generated image has no renderer ground truth).
+
+def evaluation_set(pipe, oracle, args):
+    """The fixed evaluation set: source images ``ev_x``, the ``ev`` dict runs are scored against, and the source's metrics."""
+    from types import SimpleNamespace
+
+    # Fixed z of a stream no run trains on, and the source generator's images of them, read
+    # by the oracle (a generated image has no renderer ground truth).
     z = torch.randn(args.eval_images, pipe.source_generator.style_dim, generator=torch.Generator().manual_seed(31337))
     mean_w = pipe.mean_latent()
     with torch.no_grad():
         ev_w = pipe.source_generator.get_latent(z)
     ev_x = render(pipe.source_generator, ev_w, mean_w, args.truncation)
     read = oracle.predict(ev_x)
-    from types import SimpleNamespace
-
     ev = dict(w=ev_w, mean_w=mean_w, factors=SimpleNamespace(shape=read["shape"], color=read["color"], position=read["position"], size=read["size"]))
     ev["spread"] = sc.mean_pairwise_distance(read["features"])
-    source_metrics = score(oracle, ev_x, ev, args.target)
-    # Diagnostics latents: untruncated w (what Stage 1 / 2 train on), another stream.
-    zd = torch.randn(args.diag_latents, pipe.source_generator.style_dim, generator=torch.Generator().manual_seed(4242))
+    return ev_x, ev, score(oracle, ev_x, ev, args.target)
+
+
+def diagnostics_latents(pipe, n):
+    """``n`` untruncated w (what Stage 1 / 2 train on) of another stream, for the direction diagnostics."""
+    zd = torch.randn(n, pipe.source_generator.style_dim, generator=torch.Generator().manual_seed(4242))
     with torch.no_grad():
-        diag_w = pipe.source_generator.get_latent(zd)
+        return pipe.source_generator.get_latent(zd)
 
-    config = dict(vars(args), gan_model=str(gan_path), oracle_path=str(oracle_path), model_digests=digests,
-                  world_digests=world_digest, run_keys=keys, torch=torch.__version__, torch_threads=torch.get_num_threads(),
+
+def write_config(args, out, models, keys, source_metrics):
+    """``config.json``: every option, the model paths and digests, the run keys and the source's metrics."""
+    config = dict(vars(args), gan_model=str(models.gan_path), oracle_path=str(models.oracle_path), model_digests=models.digests,
+                  world_digests=models.world_digests, run_keys=keys, torch=torch.__version__, torch_threads=torch.get_num_threads(),
                   source_metrics=source_metrics)
-    if not args.tables_only:  # the tables are re-derived; the record of how the runs were made stays
-        (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
 
-    if rescore is not None and not args.tables_only:
-        from safetensors.torch import load_file
 
-        new_file = not runs_path.is_file()
-        with open(runs_path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
-            if new_file:
-                writer.writeheader()
+def run_images_name(world, scheme, lr, seed):
+    """File name of one run's saved milestone images (under ``--images_dir``/KEY)."""
+    return f"{world}_{scheme}_lr{lr:g}_seed{seed}.safetensors"
+
+
+def rescore_run(path, start, ident, oracle, ev, target):
+    """runs.csv rows of one earlier run re-scored from its saved images: its iteration-0 row, then one per milestone."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    info = {k: start[k] for k in FIELDS if k.startswith(("stage1_", "dt_", "content_"))}
+    rows = [dict(ident, iteration=0, **info)]
+    for name, images in sorted(saved.items(), key=lambda item: int(item[0].split("_")[1])):
+        images = images.float() / 127.5 - 1
+        metrics = score(oracle, images, ev, target)
+        rows.append(dict(ident, iteration=int(name.split("_")[1]), **info, **metrics))
+    return rows
+
+
+def rescore_runs(args, worlds, keys, done, rescore, oracle, ev, writer):
+    """Score the images saved by ``--rescore_from``'s runs with this oracle; append their rows."""
+    for world in worlds:
+        old_key = rescore["config"]["run_keys"][world]
+        starts = [r for r in rescore["rows"] if r["key"] == old_key and int(r["iteration"]) == 0]
+        for start in starts:
+            scheme, lr, seed = start["scheme"], float(start["lr"]), int(start["seed"])
+            path = Path(args.images_dir) / old_key / run_images_name(world, scheme, lr, seed)
+            if (keys[world], world, scheme, lr, seed) in done or not path.is_file():
+                continue
+            ident = dict(key=keys[world], world=world, scheme=scheme, lr=lr, seed=seed)
+            for row in rescore_run(path, start, ident, oracle, ev, args.target):
+                writer.write(row)
+
+
+def prepare_worlds(worlds, args, pipe, oracle, diag_w, device):
+    """Load every world's CLIP; returns per world ``(encoder, image_features, diag)`` and its text-only diagnostics rows."""
+    state, diag_rows = {}, []
+    for world, clip_path in worlds.items():
+        encoder, image_features = load_world_clip(clip_path, device)
+        wd = world_diagnostics(encoder, args.target)
+        diag_rows.append(dict(world=world, clip=str(clip_path), **wd))
+        print(f"world {world}: {wd}", flush=True)
+        probe = OracleCaptionPrompts(encoder, pipe.source_generator, oracle)
+        content = probe.read_content(diag_w)
+        state[world] = (encoder, image_features, dict(w=diag_w, content=content, c=content_features(encoder, *content)))
+    return state, diag_rows
+
+
+def record_run(writer, pipe, oracle, world_state, ident, args, ev):
+    """One run, its rows written as its milestones are scored.
+
+    Returns the run-level diagnostics, the last metrics, the uint8 images per milestone
+    (for ``--images_dir``) and ``{iteration: (target_acc, first 12 images)}`` for the grids.
+    """
+    encoder, image_features, diag = world_state
+    info, metrics, saved, grid = {}, None, {}, {}
+    for iteration, metrics, images in run_one(pipe, encoder, image_features, oracle, ident["scheme"], ident["seed"], ident["lr"], args, ev, diag):
+        if iteration == 0:
+            info = metrics
+            row = dict(ident, iteration=0, **info)
+        else:
+            row = dict(ident, iteration=iteration, **info, **metrics)
+            saved[f"iteration_{iteration}"] = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+            grid[iteration] = (metrics["target_acc"], images[:12])
+        writer.write(row, flush=True)
+    return info, metrics, saved, grid
+
+
+def save_run_images(saved, folder, name):
+    """Save one run's milestone images (uint8 safetensors) as ``folder/name``."""
+    if not saved:
+        return
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(saved, str(folder / name))
+
+
+def run_all(args, worlds, state, keys, done, writer, pipe, oracle, ev, started):
+    """Every run not yet done (progress timed from ``started``); returns the first seed's grid images per world and scheme."""
+    grid_rows = {}
+    # Seeds outermost, then worlds: an interrupted benchmark has paired seeds in every world.
+    for lr in args.learning_rates:
+        for seed in args.seeds:
             for world in worlds:
-                old_key = rescore["config"]["run_keys"][world]
-                starts = [r for r in rescore["rows"] if r["key"] == old_key and int(r["iteration"]) == 0]
-                for start in starts:
-                    scheme, lr, seed = start["scheme"], float(start["lr"]), int(start["seed"])
-                    path = Path(args.images_dir) / old_key / f"{world}_{scheme}_lr{lr:g}_seed{seed}.safetensors"
-                    if (keys[world], world, scheme, lr, seed) in done or not path.is_file():
+                for scheme in args.schemes:
+                    if (keys[world], world, scheme, lr, seed) in done:
                         continue
-                    saved = load_file(str(path))
-                    info = {k: start[k] for k in FIELDS if k.startswith(("stage1_", "dt_", "content_"))}
-                    rows_out = [dict(key=keys[world], world=world, scheme=scheme, lr=lr, seed=seed, iteration=0, **info)]
-                    for name, images in sorted(saved.items(), key=lambda item: int(item[0].split("_")[1])):
-                        images = images.float() / 127.5 - 1
-                        metrics = score(oracle, images, ev, args.target)
-                        rows_out.append(dict(key=keys[world], world=world, scheme=scheme, lr=lr, seed=seed,
-                                             iteration=int(name.split("_")[1]), **info, **metrics))
-                    for row in rows_out:
-                        writer.writerow(row)
-                        current.append({k: str(v) for k, v in row.items()})
-            print(f"re-scored {sum(1 for r in current if int(r['iteration']) == 0)} runs with {oracle_path}")
-    elif not args.tables_only:
-        new_file = not runs_path.is_file()
-        handle = open(runs_path, "a", newline="")
-        writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
-        if new_file:
-            writer.writeheader()
-        diag_rows, started, state, grid_rows = [], time.time(), {}, {}
-        for world, clip_path in worlds.items():
-            encoder, image_features = load_world_clip(clip_path, device)
-            wd = world_diagnostics(encoder, args.target)
-            diag_rows.append(dict(world=world, clip=str(clip_path), **wd))
-            print(f"world {world}: {wd}", flush=True)
-            probe = OracleCaptionPrompts(encoder, pipe.source_generator, oracle)
-            content = probe.read_content(diag_w)
-            state[world] = (encoder, image_features, dict(w=diag_w, content=content, c=content_features(encoder, *content)))
-        # Seeds outermost, then worlds: an interrupted benchmark has paired seeds in every world.
-        for lr in args.learning_rates:
-            for seed in args.seeds:
-                for world in worlds:
-                    encoder, image_features, diag = state[world]
-                    for scheme in args.schemes:
-                        if (keys[world], world, scheme, lr, seed) in done:
-                            continue
-                        info, saved = {}, {}
-                        for iteration, metrics, images in run_one(pipe, encoder, image_features, oracle, scheme, seed, lr, args, ev, diag):
-                            if iteration == 0:
-                                info = metrics
-                                row = dict(key=keys[world], world=world, scheme=scheme, lr=lr, seed=seed, iteration=0, **info)
-                            else:
-                                row = dict(key=keys[world], world=world, scheme=scheme, lr=lr, seed=seed, iteration=iteration, **info, **metrics)
-                                saved[f"iteration_{iteration}"] = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-                                if seed == args.seeds[0] and lr == args.learning_rates[0]:
-                                    grid_rows.setdefault(world, {}).setdefault(scheme, {})[iteration] = (metrics["target_acc"], images[:12])
-                            writer.writerow(row)
-                            handle.flush()
-                            current.append({k: str(v) for k, v in row.items()})
-                        if saved:
-                            from safetensors.torch import save_file
+                    ident = dict(key=keys[world], world=world, scheme=scheme, lr=lr, seed=seed)
+                    info, metrics, saved, grid = record_run(writer, pipe, oracle, state[world], ident, args, ev)
+                    if grid and seed == args.seeds[0] and lr == args.learning_rates[0]:
+                        grid_rows.setdefault(world, {}).setdefault(scheme, {}).update(grid)
+                    save_run_images(saved, Path(args.images_dir) / keys[world], run_images_name(world, scheme, lr, seed))
+                    print(f"[{time.time() - started:6.0f}s] {world} {scheme} lr={lr:g} seed={seed}: "
+                          f"acc {metrics['target_acc']:.2f} shape {metrics['shape_acc']:.2f} colour {metrics['color_acc']:.2f} "
+                          f"align {info['content_alignment']:.3f} spread {info['dt_mean_pairwise_cos']:.3f}", flush=True)
+    return grid_rows
 
-                            folder = Path(args.images_dir) / keys[world]
-                            folder.mkdir(parents=True, exist_ok=True)
-                            save_file(saved, str(folder / f"{world}_{scheme}_lr{lr:g}_seed{seed}.safetensors"))
-                        print(f"[{time.time() - started:6.0f}s] {world} {scheme} lr={lr:g} seed={seed}: "
-                              f"acc {metrics['target_acc']:.2f} shape {metrics['shape_acc']:.2f} colour {metrics['color_acc']:.2f} "
-                              f"align {info['content_alignment']:.3f} spread {info['dt_mean_pairwise_cos']:.3f}", flush=True)
-        # Grid per world: source row, then per scheme the first milestone at or above the
-        # highest matched accuracy (else the last), first seed.
-        for world, per_scheme in grid_rows.items():
-            rows_img, labels = [ev_x[:12]], []
-            for scheme in args.schemes:
-                if scheme in per_scheme:
-                    its = sorted(per_scheme[scheme])
-                    pick = next((i for i in its if per_scheme[scheme][i][0] >= max(args.match_acc)), its[-1])
-                    rows_img.append(per_scheme[scheme][pick][1])
-                    labels.append(f"{scheme}@{pick} (acc {per_scheme[scheme][pick][0]:.2f})")
-            stem = f"{world}_{args.target.replace(' ', '_')}"
-            labelled_grid(rows_img, ["source G_s(z)", *labels]).save(out / "grids" / f"{stem}.png")
-            (out / "grids" / f"{stem}.txt").write_text(
-                f"rows: source G_s(z) (truncation {args.truncation}), " + ", ".join(labels) + " (scheme@iteration, first seed)\n")
-        handle.close()
-        if diag_rows:
-            with open(out / "world_diagnostics.csv", "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(diag_rows[0]))
-                writer.writeheader()
-                writer.writerows(diag_rows)
 
-    curves_rows = [r for r in current if int(r["iteration"]) > 0]
-    diag_summary = ["", "### Direction diagnostics (256 held-out w; mean ± 95% interval over seeds)", "",
-                    "| world | scheme | Stage-1 held-out retrieval | ΔT_i mean pairwise cos | ΔT residual / mean | content alignment |", "|---|---|---|---|---|---|"]
+def write_grids(grid_rows, ev_x, args, out):
+    """Grid per world: the source row, then per scheme the first milestone at or above the
+    highest matched accuracy (else the last), first seed."""
+    for world, per_scheme in grid_rows.items():
+        rows_img, labels = [ev_x[:12]], []
+        for scheme in args.schemes:
+            if scheme in per_scheme:
+                its = sorted(per_scheme[scheme])
+                pick = next((i for i in its if per_scheme[scheme][i][0] >= max(args.match_acc)), its[-1])
+                rows_img.append(per_scheme[scheme][pick][1])
+                labels.append(f"{scheme}@{pick} (acc {per_scheme[scheme][pick][0]:.2f})")
+        stem = f"{world}_{args.target.replace(' ', '_')}"
+        labelled_grid(rows_img, ["source G_s(z)", *labels]).save(out / "grids" / f"{stem}.png")
+        (out / "grids" / f"{stem}.txt").write_text(
+            f"rows: source G_s(z) (truncation {args.truncation}), " + ", ".join(labels) + " (scheme@iteration, first seed)\n")
+
+
+def direction_diagnostics_lines(current, worlds, args):
+    """Markdown lines of the per-run direction diagnostics, mean ± 95% interval over seeds."""
+    lines = ["", "### Direction diagnostics (256 held-out w; mean ± 95% interval over seeds)", "",
+             "| world | scheme | Stage-1 held-out retrieval | ΔT_i mean pairwise cos | ΔT residual / mean | content alignment |", "|---|---|---|---|---|---|"]
     for world in worlds:
         for scheme in args.schemes:
             sel = [r for r in current if r["world"] == world and r["scheme"] == scheme and int(r["iteration"]) == 0]
@@ -717,13 +829,63 @@ def main(argv=None):
             for k in ("stage1_heldout_retrieval", "dt_mean_pairwise_cos", "dt_residual_norm", "content_alignment"):
                 mean, half, n = summarise([float(r[k]) for r in sel])
                 cells.append("–" if n == 0 else f"{mean:.3f} ± {half:.3f}")
-            diag_summary.append(f"| {world} | {SCHEME_NAMES[scheme]} | " + " | ".join(cells) + " |")
+            lines.append(f"| {world} | {SCHEME_NAMES[scheme]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_tables(current, worlds, args, source_metrics, out):
+    """matched.md (with the direction diagnostics), the curves and the plots, from the runs' rows."""
+    curves_rows = [r for r in current if int(r["iteration"]) > 0]
+    diag_summary = direction_diagnostics_lines(current, worlds, args)
     text = analyse(curves_rows, args, source_metrics, out) + "\n".join(diag_summary) + "\n"
     (out / "matched.md").write_text(text)
     write_curves(curves_rows, args, out)
     curve_plots(curves_rows, args, out)
     print(text)
     print(f"results in {out}")
+
+
+def main(argv=None):
+    """Run (or re-score) every missing run, then write the tables, curves, plots and grids."""
+    args = parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    worlds = parse_worlds(args.worlds)
+    if args.target not in STYLES[1:]:
+        raise ValueError(f"unknown target {args.target!r}; choose from {', '.join(STYLES[1:])}")
+    out = Path(args.output_dir)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    (out / "grids").mkdir(parents=True, exist_ok=True)
+    device = "cpu"
+    models = load_models(args, worlds, device)
+    rescore = load_rescore_source(args, out)
+    keys = world_run_keys(args, worlds, models, rescore)
+    runs_path = out / "runs.csv"
+    current, done = read_current_runs(runs_path, keys, args.milestones[-1])
+    ev_x, ev, source_metrics = evaluation_set(models.pipe, models.oracle, args)
+    diag_w = diagnostics_latents(models.pipe, args.diag_latents)
+    if not args.tables_only:  # the tables are re-derived; the record of how the runs were made stays
+        write_config(args, out, models, keys, source_metrics)
+
+    if rescore is not None and not args.tables_only:
+        writer = RunsWriter(runs_path, current)
+        try:
+            rescore_runs(args, worlds, keys, done, rescore, models.oracle, ev, writer)
+            print(f"re-scored {sum(1 for r in current if int(r['iteration']) == 0)} runs with {models.oracle_path}")
+        finally:
+            writer.close()
+    elif not args.tables_only:
+        writer = RunsWriter(runs_path, current)
+        try:
+            started = time.time()
+            state, diag_rows = prepare_worlds(worlds, args, models.pipe, models.oracle, diag_w, device)
+            grid_rows = run_all(args, worlds, state, keys, done, writer, models.pipe, models.oracle, ev, started)
+            write_grids(grid_rows, ev_x, args, out)
+        finally:
+            writer.close()
+        if diag_rows:
+            write_csv(out / "world_diagnostics.csv", diag_rows)
+
+    write_tables(current, worlds, args, source_metrics, out)
 
 
 if __name__ == "__main__":

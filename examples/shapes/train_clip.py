@@ -200,87 +200,101 @@ def main(argv=None):
         return train(args)
 
 
-def train(args):
-    work = Path(args.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    tokenizer = build_tokenizer()
-    renderer = ShapesRenderer(args.resolution)
-    if args.init_from:
-        model = CLIPModel.from_pretrained(args.init_from)
-        if model.config.text_config.vocab_size != len(tokenizer) or model.config.vision_config.image_size != args.resolution:
-            raise ValueError(f"--init_from {args.init_from}: its vocabulary / resolution do not match the Shapes tokenizer / --resolution")
-        # The record must describe the model actually trained, not the unused size options.
-        vision = model.config.vision_config
-        args.width, args.layers, args.patch_size, args.projection_dim = vision.hidden_size, vision.num_hidden_layers, vision.patch_size, model.config.projection_dim
-    else:
-        model = build_model(args, tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    data_gen = torch.Generator().manual_seed(args.seed + 1)
+def load_or_build_model(args, tokenizer):
+    """The CLIP to train: ``--init_from``'s (its sizes copied into ``args``) or a fresh one."""
+    if not args.init_from:
+        return build_model(args, tokenizer)
+    model = CLIPModel.from_pretrained(args.init_from)
+    if model.config.text_config.vocab_size != len(tokenizer) or model.config.vision_config.image_size != args.resolution:
+        raise ValueError(f"--init_from {args.init_from}: its vocabulary / resolution do not match the Shapes tokenizer / --resolution")
+    # The record must describe the model actually trained, not the unused size options.
+    vision = model.config.vision_config
+    args.width, args.layers, args.patch_size, args.projection_dim = vision.hidden_size, vision.num_hidden_layers, vision.patch_size, model.config.projection_dim
+    return model
 
-    config = {k: v for k, v in vars(args).items()}
-    run = ResumableRun(work, {"clip": model}, {"adamw": optimizer}, {"data": data_gen}, config, args.resume_from_checkpoint)
 
-    def lr_at(step):
-        if step < args.warmup_steps:
-            return args.learning_rate * (step + 1) / args.warmup_steps
-        progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
-        return args.learning_rate * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+def learning_rate_at(step, args):
+    """Linear warmup over ``--warmup_steps``, then cosine decay to 5% of the peak at ``--max_steps``."""
+    if step < args.warmup_steps:
+        return args.learning_rate * (step + 1) / args.warmup_steps
+    progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
+    return args.learning_rate * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"Shapes CLIP: {n_params / 1e6:.2f} M parameters, vocab {len(tokenizer)}")
-    log = open(work / "log.jsonl", "a")
+
+def sample_batch(args, renderer, data_gen, rng):
+    """One fresh batch: ``(factors, images, captions, mentioned)`` of the configured world."""
+    if args.bias > 0:
+        factors = sample_world_factors(args.batch_size, bias=args.bias, generator=data_gen)
+    else:  # the balanced world draws exactly what it always did, so old runs resume identically
+        factors = sample_factors(args.batch_size, generator=data_gen)
+    images = renderer.render(factors, generator=data_gen)
+    captions, mentioned = sample_captions(factors, rng)
+    if args.style_only_prob > 0:
+        captions, mentioned = style_only_captions(factors, captions, mentioned, rng, args.style_only_prob)
+    return factors, images, captions, mentioned
+
+
+def optimisation_step(model, tokenizer, optimizer, batch, lr, paired_weight, step):
+    """One AdamW step (gradients clipped to norm 1) on one batch at learning rate ``lr``; returns the loss."""
+    factors, images, captions, mentioned = batch
+    tokens = tokenizer(captions, padding=True, return_tensors="pt")
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    out = model(pixel_values=images, **tokens)
+    loss = multi_positive_clip_loss(
+        out.image_embeds, out.text_embeds, model.logit_scale, match_matrix(factors, mentioned), paired_weight
+    )
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite CLIP loss at step {step}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss
+
+
+def log_progress(model, tokenizer, renderer, args, log, run, step, loss):
+    """Periodic bookkeeping after ``step``: loss log, zero-shot check and checkpoint."""
+    if step % 20 == 0:
+        record = dict(step=step, loss=loss.item(), lr=learning_rate_at(step, args), minutes=run.minutes())
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        print(record, flush=True)
+    if step % args.eval_steps == 0:
+        acc = zero_shot_accuracy(model, tokenizer, renderer, 500, seed=10_000_000 + step)
+        print({"step": step, "zero_shot": acc}, flush=True)
+        log.write(json.dumps({"step": step, "zero_shot": acc}) + "\n")
+    if step % args.checkpointing_steps == 0:
+        run.save()
+
+
+def training_loop(run, model, tokenizer, renderer, optimizer, data_gen, args, log):
+    """Train until ``--max_steps`` or ``--max_minutes``, on freshly rendered batches."""
     model.train()
     while run.running(args.max_steps, args.max_minutes):
         step = run.step
         # Python's RNG drives caption choice; seeding it from the step keeps resumed runs identical.
         rng = random.Random(args.seed * 1_000_003 + step)
-        if args.bias > 0:
-            factors = sample_world_factors(args.batch_size, bias=args.bias, generator=data_gen)
-        else:  # the balanced world draws exactly what it always did, so old runs resume identically
-            factors = sample_factors(args.batch_size, generator=data_gen)
-        images = renderer.render(factors, generator=data_gen)
-        captions, mentioned = sample_captions(factors, rng)
-        if args.style_only_prob > 0:
-            captions, mentioned = style_only_captions(factors, captions, mentioned, rng, args.style_only_prob)
-        tokens = tokenizer(captions, padding=True, return_tensors="pt")
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
-        out = model(pixel_values=images, **tokens)
-        loss = multi_positive_clip_loss(
-            out.image_embeds, out.text_embeds, model.logit_scale, match_matrix(factors, mentioned), args.paired_loss_weight
-        )
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite CLIP loss at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        batch = sample_batch(args, renderer, data_gen, rng)
+        loss = optimisation_step(model, tokenizer, optimizer, batch, learning_rate_at(step, args), args.paired_loss_weight, step)
         step = run.step = step + 1
-        if step % 20 == 0:
-            record = dict(step=step, loss=loss.item(), lr=lr_at(step), minutes=run.minutes())
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            print(record, flush=True)
-        if step % args.eval_steps == 0:
-            acc = zero_shot_accuracy(model, tokenizer, renderer, 500, seed=10_000_000 + step)
-            print({"step": step, "zero_shot": acc}, flush=True)
-            log.write(json.dumps({"step": step, "zero_shot": acc}) + "\n")
-        if step % args.checkpointing_steps == 0:
-            run.save()
+        log_progress(model, tokenizer, renderer, args, log, run, step, loss)
 
-    elapsed, step = run.save(), run.step
-    # Fresh images never seen in training (a seed range training never draws from).
-    accuracy = zero_shot_accuracy(model, tokenizer, renderer, args.eval_images, seed=987_654_321)
-    print("final zero-shot accuracy:", accuracy)
 
+def save_model_folder(model, tokenizer, args):
+    """Write the trained CLIP folder (model, tokenizer, image processor) to ``--output_dir``."""
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     image_processor(args.resolution).save_pretrained(out_dir)
-    record = dict(
+    return out_dir
+
+
+def training_record(args, config, n_params, step, elapsed, accuracy):
+    """The ``training_record.json`` contents: command, config, world options and final accuracy."""
+    return dict(
         task="shapes_clip",
         command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         config=config,
@@ -293,6 +307,34 @@ def train(args):
         world=dict(bias=args.bias, paired_loss_weight=args.paired_loss_weight, style_only_prob=args.style_only_prob, style_bias=DEFAULT_STYLE_BIAS if args.bias > 0 else None, init_from=args.init_from),
         eval_images=args.eval_images,
     )
+
+
+def train(args):
+    """Train (or resume) the Shapes CLIP in ``--work_dir``; save it and its record to ``--output_dir``."""
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    tokenizer = build_tokenizer()
+    renderer = ShapesRenderer(args.resolution)
+    model = load_or_build_model(args, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    data_gen = torch.Generator().manual_seed(args.seed + 1)
+
+    config = {k: v for k, v in vars(args).items()}
+    run = ResumableRun(work, {"clip": model}, {"adamw": optimizer}, {"data": data_gen}, config, args.resume_from_checkpoint)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"Shapes CLIP: {n_params / 1e6:.2f} M parameters, vocab {len(tokenizer)}")
+    with open(work / "log.jsonl", "a") as log:
+        training_loop(run, model, tokenizer, renderer, optimizer, data_gen, args, log)
+
+    elapsed, step = run.save(), run.step
+    # Fresh images never seen in training (a seed range training never draws from).
+    accuracy = zero_shot_accuracy(model, tokenizer, renderer, args.eval_images, seed=987_654_321)
+    print("final zero-shot accuracy:", accuracy)
+
+    out_dir = save_model_folder(model, tokenizer, args)
+    record = training_record(args, config, n_params, step, elapsed, accuracy)
     (out_dir / "training_record.json").write_text(json.dumps(record, indent=1))
     (work / "training_record.json").write_text(json.dumps(record, indent=1))
     print(f"saved to {out_dir}")
