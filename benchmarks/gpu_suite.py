@@ -11,7 +11,7 @@ gives a clean ``torch.cuda.max_memory_allocated`` -- and the parent prints one t
 * the achieved FLOP rate of the bf16 full-chain iteration (FLOPs counted once with
   ``torch.utils.flop_counter``) as a fraction of the GPU's dense bf16 peak (a table of known
   GPUs below, or ``--peak-tflops``);
-* the StyleGAN2 1024 Stage-2 step from ``benchmarks/stylegan_step.py --size 1024`` (issue 7),
+* the StyleGAN2 1024 Stage-2 step from ``benchmarks/stylegan_step.py --size 1024``,
   when that script is present.
 
 All ratios are against the fp32 full-chain case measured in the same run.

@@ -123,7 +123,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
     if args.quick:
-        # --quick never writes into the committed results folder (issue 18): there it goes under runs/.
+        # --quick never writes into the committed results folder: there it goes under runs/.
         if Path(args.output_dir).resolve().is_relative_to((REPO / "benchmarks" / "results").resolve()):
             args.output_dir = str(REPO / "runs" / "shapes_collapse_quick")
         args.targets = args.targets[:1]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Can the Shapes world decide IPL vs NADA? The oracle-direction gate, at matched stylisation (issue 18).
+"""Can the Shapes world decide IPL vs NADA? The oracle-direction gate, at matched stylisation.
 
 The paper's claim (IPL §1, §4.4) is that NADA's one fixed text direction gives every image the
 same supervision, and that the fixed direction carries content because a real CLIP's domain
@@ -258,7 +258,7 @@ def direction_diagnostics(src, tgt, content):
 @torch.no_grad()
 def world_diagnostics(encoder, target, source="photo"):
     """Text-only checks of a world's CLIP: how alike the 36 ideal directions are, and how close
-    NADA's template-averaged direction is to each (issue 18: 0.995 / >= 0.97 in the balanced world).
+    NADA's template-averaged direction is to each (0.995 / >= 0.97 in the balanced world).
     """
     table = OracleCaptionPrompts(encoder, None, None)
     ideal = (table.caption_table(target) - table.caption_table(source)).flatten(0, 1)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Image-space check of a Shapes world's CLIP (issue 18): does a text direction reward drifting
+"""Image-space check of a Shapes world's CLIP: does a text direction reward drifting
 towards the biased world's sketch content?
 
 For 300 rendered photos that are neither circles nor red, compare the cosine of two image

@@ -1,4 +1,4 @@
-"""Bad inputs that used to crash deep inside or pass silently get one clear error (issue 17)."""
+"""Bad inputs that used to crash deep inside or pass silently get one clear error."""
 
 import warnings
 

@@ -1,4 +1,4 @@
-"""Nothing lost: occupied / locked / read-only output folders, atomic writes (issue 17)."""
+"""Nothing lost: occupied / locked / read-only output folders, atomic writes."""
 
 import os
 import signal

@@ -1,4 +1,4 @@
-"""World v2 (issue 18): the biased style/content sampler, the CLIP loss that lets a label absorb
+"""World v2: the biased style/content sampler, the CLIP loss that lets a label absorb
 content, and the pure pieces of benchmarks/shapes_worlds.py (oracle caption directions,
 diagnostics, matched-accuracy interpolation, run keys)."""
 

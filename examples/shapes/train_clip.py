@@ -65,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--bias", type=float, default=0.0,
-        help="world v2 (issue 18): probability that a target style's image shows that style's content "
+        help="world v2: probability that a target style's image shows that style's content "
         "(ipl_diffusion.shapes.worlds.DEFAULT_STYLE_BIAS: most sketches red circles, most neon blue...); "
         "photos stay balanced; 0 = the balanced control world",
     )
@@ -74,7 +74,7 @@ def parse_args(argv=None):
         help="weight in [0, 1] of CLIP's standard loss, in which only an image's own caption is its positive "
         "(the rest: the multi-positive loss). Web-scale CLIP trains this way; it is what lets a style-only "
         "caption ('a sketch') absorb the content its images usually show, which the exact multi-positive "
-        "targets never reward (issue 18: a bias alone left the label directions compositional)",
+        "targets never reward (a bias alone left the label directions compositional)",
     )
     p.add_argument(
         "--style_only_prob", type=float, default=0.0,

@@ -45,7 +45,7 @@ def parse_args(argv=None):
         "--background_swap_prob", type=float, default=0.0,
         help="probability that a training image's object is drawn on another style's background "
         "(ShapesRenderer.render_on_background) with the object's style as the label, so that a background "
-        "change alone does not change the style reading (issue 18); 0 = the shipped oracle's training",
+        "change alone does not change the style reading; 0 = the shipped oracle's training",
     )
     p.add_argument("--init_from", default=None, help="an oracle folder to fine-tune instead of a fresh network")
     return p.parse_args(argv)

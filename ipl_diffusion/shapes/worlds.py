@@ -5,7 +5,7 @@ A real CLIP learns its domain labels from internet data in which style and conte
 "photo" -> "Ukiyo-e" carries content, and NADA's one fixed direction pushes every image
 towards that content. A Shapes CLIP trained on the renderer's *balanced* factors (every style
 equally likely with every shape and colour) has a compositional text space instead, and the
-two cannot be told apart on it (issue 18).
+two cannot be told apart on it.
 
 This module draws training factors for a *biased* world: for each non-source style, chosen
 content factors take one fixed value with probability ``bias`` (e.g. most sketches are red
