@@ -252,6 +252,13 @@ def field_names(cls) -> list[str]:
     return [f.name for f in fields(cls)]
 
 
+def _unknown(name: str, known, what: str, where: str = "") -> UserError:
+    """The refusal of an option name that is not in ``known``, with the nearest names."""
+    close = difflib.get_close_matches(name, sorted(known), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return UserError(f"{what} {name!r}{where}{hint}")
+
+
 def make_config(cls, *layers: dict):
     """``cls`` built from its defaults updated by each of ``layers`` in turn (later wins).
 
@@ -264,9 +271,7 @@ def make_config(cls, *layers: dict):
     for layer in layers:
         for name, value in (layer or {}).items():
             if name not in names:
-                close = difflib.get_close_matches(name, names, n=3)
-                hint = f"; did you mean {', '.join(close)}?" if close else ""
-                raise UserError(f"{cls.__name__} has no option {name!r}{hint}")
+                raise _unknown(name, names, f"{cls.__name__} has no option")
             values[name] = value
     return cls(**values)
 
@@ -283,9 +288,7 @@ def resolve_configs(backend: str, recommended: dict | None, options: dict) -> tu
     s1, s2 = set(field_names(Stage1Config)), set(field_names(stage2_cls))
     unknown = [k for k in options if k not in s1 | s2]
     if unknown:
-        close = difflib.get_close_matches(unknown[0], sorted(s1 | s2), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UserError(f"unknown adapt option {unknown[0]!r} for the {backend} backend{hint}")
+        raise _unknown(unknown[0], s1 | s2, "unknown adapt option", f" for the {backend} backend")
     unknown = [k for k in (recommended or {}) if k not in s1 | s2]
     if unknown:  # a model folder's adapt_defaults with a misspelt or other-backend name
         raise UserError(f"the model's adapt_defaults name {unknown[0]!r}, no option of the {backend} backend")
@@ -329,6 +332,9 @@ class AdaptArguments:
         "(NADA --style_img_dir), with or without --target")
 
 
-def adapt_option_classes() -> list:
-    """The dataclasses whose fields are adaptation options, in ``--help`` order."""
-    return [Stage1Config, TrainingConfig, DiffAEStage2Config, GANStage2Config]
+def adapt_option_groups() -> list:
+    """``(config class, --help title)`` of every adaptation option, in ``--help`` order (an
+    option a later class inherits belongs to the first class that declares it)."""
+    return [(Stage1Config, "prompt learning (Stage 1)"), (TrainingConfig, "fine-tuning (Stage 2, both backends)"),
+            (DiffAEStage2Config, "fine-tuning (Stage 2, --backend diffae)"),
+            (GANStage2Config, "fine-tuning (Stage 2, --backend stylegan2)")]

@@ -174,31 +174,14 @@ def _fsync(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def atomic_write_text(path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary sibling and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:  # the text exactly as given
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _default_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_save_image(image, path, **save_kwargs) -> Path:
-    """``image.save(path)`` (a PIL image; format from ``path``'s suffix) through a temporary sibling."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}-", suffix=path.suffix, dir=path.parent)
+@contextlib.contextmanager
+def _temporary_sibling(path: Path, prefix: str, suffix: str = "") -> Iterator[str]:
+    """Yield a temporary file name beside ``path``; when the block has written it, flush it to
+    disk, give it a plain file's mode and move it onto ``path`` (on failure: remove it)."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        image.save(tmp, **save_kwargs)
+        yield tmp
         _fsync(Path(tmp))
         _default_mode(tmp)
         os.replace(tmp, path)
@@ -206,6 +189,22 @@ def atomic_save_image(image, path, **save_kwargs) -> Path:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary sibling and ``os.replace``."""
+    path = Path(path)
+    with _temporary_sibling(path, prefix=f".tmp-{path.name}-") as tmp:
+        with open(tmp, "w", newline="") as handle:  # the text exactly as given
+            handle.write(text)
+    return path
+
+
+def atomic_save_image(image, path, **save_kwargs) -> Path:
+    """``image.save(path)`` (a PIL image; format from ``path``'s suffix) through a temporary sibling."""
+    path = Path(path)
+    with _temporary_sibling(path, prefix=f".tmp-{path.stem}-", suffix=path.suffix) as tmp:
+        image.save(tmp, **save_kwargs)
     return path
 
 

@@ -40,13 +40,6 @@ class AdaptedPipelineMixin:
                     "open-vocabulary CLIP: from_components(<generator>, text_encoder=\"openai/clip-vit-base-patch32\")"
                 )
 
-    def resolve_adapt_options(self, library_defaults: dict, given: dict) -> dict:
-        """The options of one ``adapt`` call: each ``given`` value that is not ``None``, else the
-        pipeline's recommended value (``config.adapt_defaults``, e.g. the shipped Shapes models'
-        CPU-sized settings), else the backend's ``library_defaults``."""
-        recommended = self.config.get("adapt_defaults") or {}
-        return {**library_defaults, **recommended, **{k: v for k, v in given.items() if v is not None}}
-
     @staticmethod
     @contextlib.contextmanager
     def guard_output_dir(output_dir, resume_from_checkpoint=None):

@@ -43,10 +43,10 @@ EPILOG = """examples:
 
 def _option_fields() -> dict:
     """Every adaptation option once (``name -> dataclass field``), first declaration first."""
-    from ipl_diffusion.configs import adapt_option_classes
+    from ipl_diffusion.configs import adapt_option_groups
 
     found = {}
-    for cls in adapt_option_classes():
+    for cls, _ in adapt_option_groups():
         for f in dataclasses.fields(cls):
             found.setdefault(f.name, (cls, f))
     return found
@@ -57,13 +57,10 @@ def _group_dataclasses():
     Stage-2 backends, DiffAE only, StyleGAN2 only (generated from the configs' fields)."""
     from typing import get_type_hints
 
-    from ipl_diffusion.configs import DiffAEStage2Config, GANStage2Config, Stage1Config, TrainingConfig
+    from ipl_diffusion.configs import adapt_option_groups
 
-    groups = [(Stage1Config, "prompt learning (Stage 1)"), (TrainingConfig, "fine-tuning (Stage 2, both backends)"),
-              (DiffAEStage2Config, "fine-tuning (Stage 2, --backend diffae)"),
-              (GANStage2Config, "fine-tuning (Stage 2, --backend stylegan2)")]
     seen, made = set(), []
-    for cls, title in groups:
+    for cls, title in adapt_option_groups():
         hints = get_type_hints(cls)
         own = [f for f in dataclasses.fields(cls) if f.name not in seen]
         seen |= {f.name for f in own}
@@ -129,7 +126,6 @@ def detect_backend(backend, model) -> str:
 def _check_backend(backend, folder):
     """A local pipeline folder of the other generator family gets a hint at --backend, rather
     than diffusers' list of expected components."""
-    from ipl_diffusion.errors import UserError
     from ipl_diffusion.pipelines.loading import pipeline_family  # light: json and pathlib only
 
     found = pipeline_family(folder)
@@ -186,8 +182,6 @@ def _data(args, pipe) -> dict:
 
 def _check_inputs(args, output):
     """Checks a user can fail, made before any model is loaded or encoded."""
-    from ipl_diffusion.errors import UserError
-
     if output.exists() and not output.is_dir():
         raise UserError(f"--output_dir {output} is an existing file; give a folder")
     if args.backend == "stylegan2" and (args.images or args.stage1_images):
