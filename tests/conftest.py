@@ -54,3 +54,14 @@ def read_only_dir(tmp_path):
         yield folder
         return
     pytest.skip("no read-only folder available")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The tiny Diff-IPL source pipeline (tests/tiny_ipl.py), saved once per module with
+    ``save_pretrained`` so that tests load it through the real loading path."""
+    from tiny_ipl import build_tiny_ipl_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny") / "source"
+    build_tiny_ipl_pipeline().save_pretrained(folder)
+    return folder

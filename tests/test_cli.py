@@ -12,27 +12,15 @@ import torch
 from PIL import Image
 
 from ipl_diffusion.cli import main
-from tiny_ipl import SIZE, build_tiny_ipl_pipeline
+from tiny_ipl import FAST_CLI_ARGS, SIZE
 
 REPO = Path(__file__).resolve().parents[1]
-FAST_ARGS = [
-    "--stage1-iterations", "2", "--iterations", "1", "--batch-size", "2", "--t0", "200",
-    "--num_inversion_steps", "3", "--num_train_steps", "2", "--num_inference_steps", "3", "--num_images", "4",
-    "--learning_rate", "1e-3", "--device", "cpu",
-]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny") / "source"
-    build_tiny_ipl_pipeline().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
 def adapted_dir(model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "sketch"
-    assert main(["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out), *FAST_ARGS]) == 0
+    assert main(["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out), *FAST_CLI_ARGS]) == 0
     return out
 
 
@@ -89,7 +77,7 @@ def test_commands_print_no_torchvision_warning(model_dir, tiny_clip, tmp_path):
     (tmp_path / "images").mkdir()
     Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "images" / "a.png")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    argv = [str(model_dir), str(tmp_path / "clip"), str(tmp_path / "run"), str(tmp_path / "images"), *FAST_ARGS]
+    argv = [str(model_dir), str(tmp_path / "clip"), str(tmp_path / "run"), str(tmp_path / "images"), *FAST_CLI_ARGS]
     result = subprocess.run([sys.executable, "-c", NO_WARNING_SCRIPT, *argv], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "torchvision" not in result.stderr, result.stderr[-3000:]
@@ -182,7 +170,7 @@ def test_push_is_stubbed_and_uploads_the_card(adapted_dir, monkeypatch, capsys):
 def test_default_model_is_the_embedded_shapes_model(tmp_path):
     """`ipl adapt --target sketch` with no --model: the README's main-job command."""
     out = tmp_path / "sketch"
-    assert main(["adapt", "--target", "sketch", "--output_dir", str(out), *FAST_ARGS]) == 0
+    assert main(["adapt", "--target", "sketch", "--output_dir", str(out), *FAST_CLI_ARGS]) == 0
     assert (out / "pipeline" / "model_index.json").is_file() and (out / "before_after.png").is_file()
     config = json.loads((out / "run_config.json").read_text())
     assert config["target"] == "sketch" and config["stage1"]["scheme"] == "adaptive"
@@ -259,7 +247,7 @@ def test_adapt_option_values_are_refused_before_any_work(option, value, message,
 
 def test_misspelt_resume_fails_before_stage1_writes(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out), *FAST_ARGS]
+    args = ["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out), *FAST_CLI_ARGS]
     assert main([*args, "--resume-from-checkpoint", "checkpoint-99"]) == 2
     assert "checkpoint 'checkpoint-99' not found" in capsys.readouterr().err
     assert not (out / "stage1").exists() and not (out / "cache.safetensors").exists()

@@ -13,21 +13,9 @@ import pytest
 from ipl_diffusion.cli import main
 from ipl_diffusion.errors import UserError
 from ipl_diffusion.outputs import LOCK_NAME, atomic_folder, atomic_save_image, check_writable, output_lock
-from tiny_ipl import build_tiny_ipl_pipeline
+from tiny_ipl import FAST_CLI_ARGS, build_tiny_ipl_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
-FAST_ARGS = [
-    "--stage1-iterations", "2", "--iterations", "1", "--batch-size", "2", "--t0", "200",
-    "--num_inversion_steps", "3", "--num_train_steps", "2", "--num_inference_steps", "3", "--num_images", "4",
-    "--learning_rate", "1e-3", "--device", "cpu",
-]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny") / "source"
-    build_tiny_ipl_pipeline().save_pretrained(folder)
-    return folder
 
 
 def snapshot(folder):
@@ -56,13 +44,13 @@ def one_line_error(capsys, command="adapt"):
 def test_adapt_refuses_an_output_that_holds_an_earlier_result(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     before = earlier_result(out)
-    assert main(["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out), *FAST_ARGS]) == 2
+    assert main(["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out), *FAST_CLI_ARGS]) == 2
     err = one_line_error(capsys)
     assert "already holds the result of an earlier run (pipeline, before_after.png)" in err and "--overwrite" in err
     assert snapshot(out) == before  # byte-identical, nothing added (no lock file left either)
     # "--resume-from-checkpoint latest" with no checkpoint is a fresh run: refused the same way
     args = ["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out),
-            "--resume-from-checkpoint", "latest", *FAST_ARGS]
+            "--resume-from-checkpoint", "latest", *FAST_CLI_ARGS]
     assert main(args) == 2 and "earlier run" in one_line_error(capsys)
     assert snapshot(out) == before
 
@@ -73,7 +61,7 @@ def test_adapt_overwrite_replaces_the_earlier_result(model_dir, tmp_path):
     earlier_result(out)
     (out / "checkpoints" / "checkpoint-7").mkdir(parents=True)  # the earlier run's, stand-in
     assert main(["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out), "--overwrite",
-                 *FAST_ARGS]) == 0
+                 *FAST_CLI_ARGS]) == 0
     assert (out / "pipeline" / "unet").is_dir() and (out / "before_after.png").read_bytes() != b"first grid"
     assert not (out / "checkpoints" / "checkpoint-7").exists()
     assert not (out / LOCK_NAME).exists() and not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
@@ -106,7 +94,7 @@ def test_a_second_run_into_a_locked_folder_is_refused_at_once(model_dir, tmp_pat
     holder = hold_lock(out)
     try:
         before = snapshot(out)
-        assert main(["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out), *FAST_ARGS]) == 2
+        assert main(["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out), *FAST_CLI_ARGS]) == 2
         err = one_line_error(capsys)
         assert f"is in use by another run (pid {holder.pid} on" in err
         assert snapshot(out) == before  # the first run's folder is untouched (its lock too)
@@ -143,7 +131,7 @@ def test_read_only_output_is_refused_before_any_work(model_dir, read_only_dir, t
 
     monkeypatch.setattr(adapt_cli, "load_pipeline", no_model)
     for out in (read_only_dir, read_only_dir / "new-run"):
-        assert main(["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out), *FAST_ARGS]) == 2
+        assert main(["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out), *FAST_CLI_ARGS]) == 2
         assert "is not writable" in one_line_error(capsys)
     with pytest.raises(UserError, match="output_dir .* is not writable"):
         build_tiny_ipl_pipeline().adapt("sketch", num_images=2, output_dir=str(read_only_dir / "run"))
@@ -202,7 +190,7 @@ def test_no_warning_for_a_clean_lock(tmp_path):
 @pytest.mark.slow
 def test_resume_from_a_bit_flipped_checkpoint_is_one_line_error(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out), *FAST_ARGS,
+    args = ["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out), *FAST_CLI_ARGS,
             "--checkpointing-steps", "1"]
     assert main(args) == 0
     state = out / "checkpoints" / "checkpoint-1" / "state.safetensors"

@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiny_ipl import build_tiny_ipl_pipeline
 from repo_scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,13 +20,6 @@ TINY_ARGS = [
     "--t0", "200", "--num_inversion_steps", "3", "--num_train_steps", "2", "--num_inference_steps", "3",
     "--learning_rate", "1e-3", "--seed", "5",
 ]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny") / "source"
-    build_tiny_ipl_pipeline().save_pretrained(folder)
-    return folder
 
 
 def unet_weights(output_dir):

@@ -63,3 +63,11 @@ FAST = dict(
     learning_rate=1e-3,
     progress=False,
 )
+
+
+# `ipl adapt` / training-script flags that make a run on this pipeline take about a second.
+FAST_CLI_ARGS = [
+    "--stage1-iterations", "2", "--iterations", "1", "--batch-size", "2", "--t0", "200",
+    "--num_inversion_steps", "3", "--num_train_steps", "2", "--num_inference_steps", "3", "--num_images", "4",
+    "--learning_rate", "1e-3", "--device", "cpu",
+]
