@@ -288,7 +288,9 @@ def resolve_configs(backend: str, recommended: dict | None, options: dict) -> tu
     s1, s2 = set(field_names(Stage1Config)), set(field_names(stage2_cls))
     unknown = [k for k in options if k not in s1 | s2]
     if unknown:
-        raise _unknown(unknown[0], s1 | s2, "unknown adapt option", f" for the {backend} backend")
+        other = next((b for b, cls in STAGE2_CONFIGS.items() if unknown[0] in field_names(cls)), None)
+        where = f" for the {backend} backend" + (f" (it is an option of --backend {other})" if other else "")
+        raise _unknown(unknown[0], s1 | s2, "unknown adapt option", where)
     unknown = [k for k in (recommended or {}) if k not in s1 | s2]
     if unknown:  # a model folder's adapt_defaults with a misspelt or other-backend name
         raise UserError(f"the model's adapt_defaults name {unknown[0]!r}, no option of the {backend} backend")

@@ -93,7 +93,7 @@ def test_a_misspelt_option_names_the_nearest_ones():
     pipe = build_tiny_ipl_pipeline()
     with pytest.raises(UserError, match="unknown adapt option 'learnig_rate'.*did you mean learning_rate"):
         pipe.adapt("sketch", learnig_rate=1e-3)
-    with pytest.raises(UserError, match="unknown adapt option 't0' for the stylegan2 backend"):
+    with pytest.raises(UserError, match=r"unknown adapt option 't0' for the stylegan2 backend \(it is an option of --backend diffae\)"):
         resolve_configs("stylegan2", None, {"t0": 300})
     with pytest.raises(UserError, match="adapt_defaults name 'itrations'"):
         resolve_configs("diffae", {"itrations": 3}, {})

@@ -232,7 +232,7 @@ def _check_earlier_result(args, output):
         args.resume_from_checkpoint != "latest" or list_checkpoints(output / "checkpoints")
     )
     if not (args.overwrite or resuming):
-        refuse_earlier_result(output, RESULT_NAMES, "--output")
+        refuse_earlier_result(output, RESULT_NAMES, "--output_dir")
     if args.overwrite and args.resume_from_checkpoint is None and (output / "checkpoints").is_dir():
         shutil.rmtree(output / "checkpoints")
     # A misspelt checkpoint name, a damaged checkpoint or a fresh run over old checkpoints fails
