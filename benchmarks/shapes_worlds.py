@@ -71,19 +71,22 @@ from ipl_diffusion.shapes.worlds import DEFAULT_STYLE_BIAS  # noqa: E402
 
 import shapes_collapse as sc  # noqa: E402  (the oracle metrics and the grid, shared)
 
-SCHEMES = ("manual", "oracle", "adaptive")
-SCHEME_NAMES = {"manual": "manual (NADA)", "oracle": "oracle (true captions)", "adaptive": "adaptive (IPL)"}
+SCHEMES = ("manual", "oracle", "adaptive", "learned", "random")
+SCHEME_NAMES = {"manual": "manual (NADA)", "oracle": "oracle (true captions)", "adaptive": "adaptive (IPL)",
+                "learned": "learned (one learned prompt)", "random": "random prompts"}
 # What the comparison reads at matched target accuracy: (key, label, which way is better).
 CURVE_METRICS = (
     ("shape_acc", "shape kept", 1),
     ("color_acc", "colour kept", 1),
+    ("shape_prob_kept", "p(shape kept)", 1),
+    ("color_prob_kept", "p(colour kept)", 1),
     ("shape_entropy", "shape entropy", 1),
     ("color_entropy", "colour entropy", 1),
     ("feature_spread", "feature spread", 1),
     ("drift_to_bias_shape", "→ biased shape (lower is better)", -1),
     ("drift_to_bias_color", "→ biased colour (lower is better)", -1),
 )
-GATE_METRICS = ("shape_acc", "color_acc", "shape_entropy", "color_entropy")
+GATE_METRICS = ("shape_acc", "color_acc", "shape_prob_kept", "color_prob_kept", "shape_entropy", "color_entropy")
 MIN_GATE_SEEDS = 5
 # Directed drift (reported, not part of the gate): the share of images that did not show the
 # biased world's content for the target (DEFAULT_STYLE_BIAS) and now do. A label that carries
@@ -289,6 +292,12 @@ def score(oracle, images, ev, target):
     """The shapes_collapse oracle metrics plus the directed drift towards the biased content."""
     metrics = sc.evaluate_images(oracle, images, ev["factors"], STYLES.index(target), images.shape[-1], ev["spread"])
     pred = oracle.predict(images)
+    # The oracle's probability of each source image's own shape / colour: "kept" without the
+    # argmax, so a partial drift (a square rounding off, blue turning purple) counts before
+    # it flips the label; the accuracies above only see the flips.
+    for factor in ("shape", "color"):
+        probs, source = pred[f"{factor}_probs"].float().cpu(), getattr(ev["factors"], factor).cpu()
+        metrics[f"{factor}_prob_kept"] = float(probs.gather(1, source.view(-1, 1)).mean())
     bias = DEFAULT_STYLE_BIAS.get(target, {})
     for factor, names in (("shape", SHAPES), ("color", COLORS)):
         key = f"drift_to_bias_{factor}"
@@ -486,7 +495,7 @@ def paired_differences(matched, worlds, lrs, args):
         for lr in lrs:
             for acc in args.match_acc:
                 base = matched.get((world, "manual", lr, acc))
-                for scheme in ("oracle", "adaptive"):
+                for scheme in SCHEMES[1:]:
                     other = matched.get((world, scheme, lr, acc))
                     if not base or not other:
                         continue
@@ -578,7 +587,7 @@ def curve_plots(rows, args, out):
 
 
 FIELDS = ["key", "world", "scheme", "lr", "seed", "iteration", "target_acc", "shape_acc", "color_acc", "position_err_px",
-          "size_err_px", "shape_entropy", "color_entropy", "feature_spread", "raw_feature_spread", "drift_to_bias_shape", "drift_to_bias_color",
+          "size_err_px", "shape_entropy", "color_entropy", "feature_spread", "raw_feature_spread", "shape_prob_kept", "color_prob_kept", "drift_to_bias_shape", "drift_to_bias_color",
           "stage1_heldout_retrieval", "dt_mean_pairwise_cos", "dt_residual_norm", "content_alignment",
           "stage1_seconds", "stage2_seconds"]
 
@@ -595,10 +604,29 @@ class Models:
     world_digests: dict
 
 
+def upgrade_header(path):
+    """Rewrite an older runs.csv under today's FIELDS (a metric it predates stays empty), so
+    appended rows line up with the header; atomic, the old file is replaced only when complete."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames == FIELDS:
+            return
+        rows = list(reader)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
 class RunsWriter:
     """``runs.csv`` opened for appending (header written when new); every row also joins ``current``."""
 
     def __init__(self, path, current):
+        upgrade_header(path)
         new_file = not path.is_file()
         self.handle = open(path, "a", newline="")
         self.writer = csv.DictWriter(self.handle, fieldnames=FIELDS, extrasaction="ignore")

@@ -146,11 +146,53 @@ def test_quick_benchmark_runs_every_scheme_and_resumes(bench, tmp_path):
         assert name in text
     with open(tmp_path / "runs.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert {r["scheme"] for r in rows} == {"manual", "oracle", "adaptive"}
+    assert {r["scheme"] for r in rows} == set(bench.SCHEMES)
+    assert {"learned - manual", "random - manual"} <= {line.split(" | ")[3] for line in text.splitlines() if " - manual" in line}
     assert (tmp_path / "grids" / "control_sketch.png").is_file()
     bench.main(["--quick", "--output_dir", str(tmp_path)])
     with open(tmp_path / "runs.csv") as handle:
         assert len(list(csv.DictReader(handle))) == len(rows)
+
+
+def test_probability_kept_reads_the_oracle_probability_of_each_source_value(bench):
+    from types import SimpleNamespace
+
+    from ipl_diffusion.shapes import ShapesRenderer, default_model_path
+    from ipl_diffusion.shapes.oracle import ShapesOracle
+
+    oracle = ShapesOracle.from_pretrained(str(default_model_path("oracle"))).eval()
+    images, factors = ShapesRenderer(32).sample(24, seed=3, style="photo")
+    with torch.no_grad():
+        logits = oracle(images)
+    # Half the "source" values are wrong on purpose: what is kept is the source's value, not
+    # whatever the oracle is most sure of.
+    claimed = {"shape": factors.shape.clone(), "color": factors.color.clone()}
+    claimed["shape"][:12] = (claimed["shape"][:12] + 1) % len(SHAPES)
+    claimed["color"][:12] = (claimed["color"][:12] + 1) % len(COLORS)
+    ev = dict(factors=SimpleNamespace(position=factors.position, size=factors.size, **claimed), spread=None)
+    metrics = bench.score(oracle, images, ev, "sketch")
+    for factor in ("shape", "color"):
+        # independent: softmax of the raw logits, picked at each image's claimed source value
+        expected = logits[factor].softmax(1)[torch.arange(24), claimed[factor]].mean()
+        assert metrics[f"{factor}_prob_kept"] == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_an_older_runs_csv_is_rewritten_under_the_new_header_before_appending(bench, tmp_path):
+    import csv
+
+    path = tmp_path / "runs.csv"
+    old_fields = [f for f in bench.FIELDS if not f.endswith("_prob_kept")]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=old_fields)
+        writer.writeheader()
+        writer.writerow({f: "1" for f in old_fields})
+    writer = bench.RunsWriter(path, [])
+    writer.write({f: "2" for f in bench.FIELDS})
+    writer.close()
+    with open(path) as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows[0]["shape_prob_kept"] == "" and rows[0]["target_acc"] == "1"
+    assert rows[1]["shape_prob_kept"] == "2" and rows[1]["target_acc"] == "2"
 
 
 def test_style_only_captions_name_only_the_style_of_target_style_images():
