@@ -97,10 +97,11 @@ def load_pipeline(load: Callable, path: str, components: Iterable[str], kwargs: 
 
     A shipped Shapes folder (inside ``ipl_diffusion.shapes.MODELS_DIR``) stores no CLIP of its
     own: the components it leaves out, and the caller does not pass, come from the package's
-    one copy (:func:`ipl_diffusion.shapes.shipped_clip_components`). Any other folder missing
-    them fails the check below.
+    one copy (:func:`ipl_diffusion.shapes.shipped_clip_components`; a ``UserFileNotFoundError``
+    when the package lacks it). Any other folder missing them fails the folder check.
     """
-    from ipl_diffusion.shapes import shipped_clip_components  # here: the CLI imports this module for pipeline_family without torch
+    # Imported here: the CLI imports this module for pipeline_family, before torch is loaded.
+    from ipl_diffusion.shapes import shipped_clip_components
 
     if not os.path.isdir(path):
         path = hub_snapshot(path, kwargs)
