@@ -14,6 +14,11 @@ Both record the domains the Shapes CLIP knows (``adapt`` refuses other labels) a
 CPU-sized ``adapt`` defaults of :mod:`ipl_diffusion.shapes`. No weights are changed; the
 training run's ``training_record.json`` and ``samples.png`` are copied alongside.
 
+A folder written inside ``ipl_diffusion/shapes_models`` (the default ``--output``) with the
+shipped CLIP (the default ``--clip``) leaves the CLIP components out
+(``ipl_diffusion.shapes.CLIP_COMPONENTS``): the package stores the CLIP once, in ``clip/``, and
+the pipelines' ``from_pretrained`` fills it in. Any other output folder is complete and self-contained.
+
     python examples/assemble_shapes_ipl.py                      # runs/shapes_diffae_out -> diffae-ipl/
     python examples/assemble_shapes_ipl.py --backend stylegan2  # runs/shapes_stylegan2_out -> stylegan2/
 """
@@ -23,11 +28,13 @@ import shutil
 from pathlib import Path
 
 from ipl_diffusion.shapes import (  # the SHAPES_* defaults are recorded in the folder
+    CLIP_COMPONENTS,
     MODELS_DIR,
     SHAPES_ADAPT_DEFAULTS,
     SHAPES_GAN_ADAPT_DEFAULTS,
     SOURCE_STYLE,
     default_model_path,
+    is_shipped,
     known_domains,
 )
 
@@ -57,6 +64,11 @@ def assemble(backend, trained, clip, output):
     tmp = output.with_name(output.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
+    # The package's one CLIP copy is clip/, and loading a shipped folder fills these in from it;
+    # a folder built with another CLIP keeps its own (it would otherwise load the wrong one).
+    if is_shipped(output) and Path(clip).resolve() == default_model_path("clip").resolve():
+        for name in CLIP_COMPONENTS:
+            shutil.rmtree(tmp / name, ignore_errors=True)
     for name in RECORDS:
         if (Path(trained) / name).is_file():
             shutil.copy2(Path(trained) / name, tmp / name)

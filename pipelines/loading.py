@@ -94,9 +94,18 @@ def load_pipeline(load: Callable, path: str, components: Iterable[str], kwargs: 
 
     A Hub id is resolved from the local cache only when ``HF_HUB_OFFLINE=1`` (read at call
     time), so an uncached id fails immediately instead of waiting on the network.
+
+    A shipped Shapes folder (inside ``ipl_diffusion.shapes.MODELS_DIR``) stores no CLIP of its
+    own: the components it leaves out, and the caller does not pass, come from the package's
+    one copy (:func:`ipl_diffusion.shapes.shipped_clip_components`; a ``UserFileNotFoundError``
+    when the package lacks it). Any other folder missing them fails the folder check.
     """
+    # Imported here: the CLI imports this module for pipeline_family, before torch is loaded.
+    from ipl_diffusion.shapes import shipped_clip_components
+
     if not os.path.isdir(path):
         path = hub_snapshot(path, kwargs)
+    kwargs.update(shipped_clip_components(path, [name for name in components if name not in kwargs]))
     check_pipeline_folder(path, components, kwargs, backend)
     return load(path, **kwargs)
 

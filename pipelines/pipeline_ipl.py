@@ -137,10 +137,15 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Load a folder written by :meth:`save_pretrained` or a Hub id.
 
+        The shipped Shapes folder (``ipl_diffusion.shapes.default_model_path()``) holds no CLIP:
+        its ``text_encoder`` / ``tokenizer`` / ``feature_extractor`` come from the package's
+        ``clip/`` unless passed (:func:`ipl_diffusion.pipelines.loading.load_pipeline`).
+
         Raises:
             FileNotFoundError: the folder lacks ``model_index.json`` or a component's
                 sub-folder (named in the message), or a Hub id is neither cached nor
-                downloadable (e.g. ``HF_HUB_OFFLINE=1``) -- fails at once, no network wait.
+                downloadable (e.g. ``HF_HUB_OFFLINE=1``) -- fails at once, no network wait; or
+                the package's Shapes ``clip/`` folder is missing (a shipped folder).
             ValueError: the folder holds a pipeline of the other generator family (the
                 message names the class that loads it).
         """

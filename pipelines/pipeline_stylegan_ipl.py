@@ -128,9 +128,14 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, Diffusion
         *source* pipeline with :meth:`from_components`, taking CLIP from ``text_encoder=``
         (object or folder; default ``openai/clip-vit-base-patch32`` from the Hub cache).
 
+        The shipped Shapes folder (``default_model_path("stylegan2")``) holds no CLIP: its
+        ``text_encoder`` / ``tokenizer`` / ``feature_extractor`` come from the package's
+        ``clip/`` unless passed (:func:`ipl_diffusion.pipelines.loading.load_pipeline`).
+
         Raises:
             FileNotFoundError: no ``model_index.json``, a listed component folder is missing,
-                or a Hub id / CLIP model that is not available (offline: at once).
+                or a Hub id / CLIP model that is not available (offline: at once), or the
+                package's Shapes ``clip/`` folder is missing (a shipped folder).
             ValueError: the folder holds a pipeline of the other generator family (the
                 message names the class that loads it).
         """

@@ -6,13 +6,15 @@ are sanity checks of the shipped weights, not the full evaluations recorded in e
 ``training_record.json``.
 """
 
+import hashlib
 import json
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ipl_diffusion.shapes import MODELS_DIR, STYLES, ShapesRenderer, default_model_path
+from ipl_diffusion.shapes import CLIP_COMPONENTS, MODELS_DIR, STYLES, ShapesRenderer, default_model_path
 
 FRESH_SEED = 55_555  # never drawn by the training scripts' evaluation seeds
 
@@ -22,10 +24,66 @@ def test_default_model_path_errors():
         default_model_path("vae")
 
 
-def test_shipped_weights_fit_the_size_budget():
+def test_shipped_weights_store_the_clip_once_and_fit_the_size_budget():
+    weights = {}
+    for path in sorted(MODELS_DIR.rglob("*.safetensors")):
+        weights.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), []).append(str(path.relative_to(MODELS_DIR)))
+    assert [paths for paths in weights.values() if len(paths) > 1] == [], "weights stored more than once"
+    copies = [str(p.relative_to(MODELS_DIR)) for backend in ("diffae", "stylegan2")
+              for p in (default_model_path(backend) / name for name in CLIP_COMPONENTS) if p.exists()]
+    assert copies == [], "the shipped pipelines take their CLIP from clip/"
     total = sum(p.stat().st_size for p in MODELS_DIR.rglob("*") if p.is_file())
-    assert total <= 40 * 1024 * 1024, f"shapes_models is {total / 2**20:.1f} MiB > 40 MiB"
+    assert total <= 24 * 1024 * 1024, f"shapes_models is {total / 2**20:.1f} MiB > 24 MiB"  # 21.0 MiB shipped
     assert not list(MODELS_DIR.rglob("*.bin")) and not list(MODELS_DIR.rglob("*.pt")), "ship safetensors only"
+
+
+def _pipeline_class(backend):
+    from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline
+    from ipl_diffusion.pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
+
+    return IPLPipeline if backend == "diffae" else StyleGANIPLPipeline
+
+
+def _assert_is_the_shapes_clip(model):
+    from safetensors.torch import load_file
+
+    shipped = load_file(default_model_path("clip") / "model.safetensors")
+    state = model.state_dict()
+    assert shipped and all(torch.equal(state[key], value) for key, value in shipped.items())
+
+
+@pytest.mark.parametrize("backend", ["diffae", "stylegan2"])
+def test_shipped_pipeline_loads_the_one_shapes_clip_and_saves_it_whole(backend, tmp_path, monkeypatch):
+    """The shipped folders hold no CLIP; from_pretrained fills it in from clip/, and
+    save_pretrained writes a complete folder that loads anywhere."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cls = _pipeline_class(backend)
+    pipe = cls.from_pretrained(default_model_path(backend))
+    _assert_is_the_shapes_clip(pipe.text_encoder)
+    assert pipe.tokenizer("a sketch of a red ring").input_ids[-1] == pipe.tokenizer.eos_token_id
+    assert pipe.feature_extractor.crop_size["height"] == 32
+
+    pipe.save_pretrained(tmp_path / "copy")
+    assert all((tmp_path / "copy" / name).is_dir() for name in CLIP_COMPONENTS)
+    _assert_is_the_shapes_clip(cls.from_pretrained(tmp_path / "copy").text_encoder)
+
+
+def test_text_encoder_passed_to_a_shipped_folder_wins():
+    from transformers import CLIPModel
+
+    own = CLIPModel.from_pretrained(default_model_path("clip"))
+    pipe = _pipeline_class("stylegan2").from_pretrained(default_model_path("stylegan2"), text_encoder=own)
+    assert pipe.text_encoder is own and pipe.tokenizer is not None  # the rest still comes from clip/
+
+
+@pytest.mark.parametrize("backend", ["diffae", "stylegan2"])
+def test_a_copied_shipped_folder_without_its_clip_names_the_missing_folders(backend, tmp_path):
+    """Only the package's own folders take the CLIP from clip/; a copy elsewhere must be complete."""
+    from ipl_diffusion.errors import UserFileNotFoundError
+
+    shutil.copytree(default_model_path(backend), tmp_path / backend)
+    with pytest.raises(UserFileNotFoundError, match=r"component folder\(s\) text_encoder, tokenizer, feature_extractor missing"):
+        _pipeline_class(backend).from_pretrained(tmp_path / backend)
 
 
 def test_shapes_clip_loads_and_classifies_fresh_images():
@@ -184,3 +242,25 @@ def test_shipped_adapt_defaults_are_the_documented_ones():
     for backend, expected in (("diffae", SHAPES_ADAPT_DEFAULTS), ("stylegan2", SHAPES_GAN_ADAPT_DEFAULTS)):
         index = json.loads((default_model_path(backend) / "model_index.json").read_text())
         assert index["adapt_defaults"] == expected, backend
+
+
+def test_assembling_a_shipped_folder_leaves_the_clip_to_clip_folder(tmp_path, monkeypatch):
+    """examples/assemble_shapes_ipl.py writes the shipped layout into shapes_models (here a
+    stand-in MODELS_DIR holding the real clip/) and a complete folder anywhere else."""
+    import ipl_diffusion.shapes as shapes
+    from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
+    from repo_scripts import load_script
+
+    script = load_script("examples/assemble_shapes_ipl.py")
+    StyleGAN2Generator.from_pretrained(default_model_path("stylegan2") / "source_generator").save_pretrained(tmp_path / "g_ema")
+    clip = default_model_path("clip")
+    models = tmp_path / "shapes_models"
+    models.mkdir()
+    (models / "clip").symlink_to(clip)
+    monkeypatch.setattr(shapes, "MODELS_DIR", models.resolve())
+
+    shipped = script.assemble("stylegan2", tmp_path / "g_ema", models / "clip", models / "stylegan2")
+    assert not any((shipped / name).exists() for name in CLIP_COMPONENTS)
+    _assert_is_the_shapes_clip(_pipeline_class("stylegan2").from_pretrained(shipped).text_encoder)
+    elsewhere = script.assemble("stylegan2", tmp_path / "g_ema", clip, tmp_path / "elsewhere")
+    assert all((elsewhere / name).is_dir() for name in CLIP_COMPONENTS)

@@ -9,8 +9,11 @@ package ships small models trained on a synthetic world with known ground-truth 
 * :mod:`.oracle` -- a classifier/regressor of the factors, used only for evaluation.
 * ``ipl_diffusion/shapes_models/`` -- the shipped weights (``clip/``, ``oracle/`` and the two
   source pipelines ``diffae-ipl/`` and ``stylegan2/``), located by :func:`default_model_path`.
+  The CLIP is stored once, in ``clip/``: the pipelines' loaders fill it in
+  (:func:`shipped_clip_components`).
 """
 
+import json
 from pathlib import Path
 
 from ipl_diffusion.errors import UserError, UserFileNotFoundError
@@ -35,6 +38,10 @@ _MODEL_FOLDERS = {
     "clip": "clip",
     "oracle": "oracle",
 }
+
+# The components of the shipped pipelines that are the Shapes CLIP. Their folders leave them out
+# (the package would otherwise hold the 7 MB CLIP three times); loading fills them in from clip/.
+CLIP_COMPONENTS = ("text_encoder", "tokenizer", "feature_extractor")
 
 # IPLPipeline.adapt defaults for the embedded Shapes DiffAE (32x32, 1.5 M-parameter UNet), sized
 # so that `ipl adapt --target sketch` runs in a few minutes on 2 CPU cores, and recorded in the
@@ -115,6 +122,47 @@ def default_model_path(backend="diffae"):
     return path
 
 
+def is_shipped(folder) -> bool:
+    """Whether ``folder`` (after resolving links) is inside :data:`MODELS_DIR`, the package's
+    Shapes models."""
+    return Path(folder).resolve().is_relative_to(MODELS_DIR)
+
+
+def shipped_clip_components(folder, names=CLIP_COMPONENTS) -> dict:
+    """The CLIP components a shipped Shapes pipeline folder leaves out, loaded from the one copy
+    in ``default_model_path("clip")``: ``{component name: object}``, ready to pass to
+    ``from_pretrained``.
+
+    Only components among ``names`` (leave out those the caller passes itself) that the folder's
+    ``model_index.json`` lists with a class and whose sub-folder is missing; each is loaded with
+    the transformers class named there (``CLIPModel``, ``CLIPTokenizer``, the image processor).
+    Any other folder (not :func:`is_shipped`, or without a readable index) gets ``{}``, so its
+    loader reports the missing sub-folders as usual.
+
+    Raises:
+        FileNotFoundError: the shipped CLIP folder is missing (:func:`default_model_path`).
+    """
+    folder = Path(folder)
+    if not is_shipped(folder) or not (folder / "model_index.json").is_file():
+        return {}
+    try:
+        entries = json.loads((folder / "model_index.json").read_text())
+    except ValueError:  # the loader's folder check names the broken index
+        return {}
+    classes = {
+        name: entries[name][-1]
+        for name in CLIP_COMPONENTS
+        if name in names and isinstance(entries, dict) and isinstance(entries.get(name), list)
+        and entries[name][-1] and not (folder / name).is_dir()
+    }
+    if not classes:
+        return {}
+    import transformers  # only here: the rest of ipl_diffusion.shapes does not need it
+
+    clip = default_model_path("clip")
+    return {name: getattr(transformers, class_name).from_pretrained(clip) for name, class_name in classes.items()}
+
+
 def source_images(num_images, seed=0, resolution=32):
     """Rendered source-domain ("photo") images for adapting a Shapes model.
 
@@ -182,11 +230,14 @@ __all__ = [
     "STYLES",
     "ShapeFactors",
     "ShapesRenderer",
+    "CLIP_COMPONENTS",
     "check_domain",
     "default_model_path",
+    "is_shipped",
     "known_domains",
     "render",
     "sample_factors",
     "shapes_source_images",
+    "shipped_clip_components",
     "source_images",
 ]
