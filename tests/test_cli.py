@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,26 @@ def test_help_texts():
                             cwd=REPO, timeout=120)
     for command in ("adapt", "translate", "sample", "convert", "push"):
         assert command in result.stdout
+
+
+def adapt_help(capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["adapt", "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_boolean_options_are_plain_switches_in_help_and_still_take_a_value(capsys):
+    from ipl_diffusion.cli import build_parser
+
+    text = adapt_help(capsys)
+    assert "[--overwrite]" in text and "\n  --overwrite  " in text and "[--low_memory]" in text
+    assert re.search(r"--\w+ \[[A-Z0-9_]+\]", text) is None, re.search(r"--\w+ \[[A-Z0-9_]+\]", text)
+    parser = build_parser()
+    parser.format_help()  # the switches take their value again once the help is written
+    assert parser.parse_args(["adapt", "--overwrite"]).overwrite is True
+    assert parser.parse_args(["adapt", "--overwrite", "false"]).overwrite is False
+    assert parser.parse_args(["adapt", "--cache_image_features", "no"]).cache_image_features is False
 
 
 NO_WARNING_SCRIPT = """
