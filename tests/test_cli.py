@@ -283,3 +283,26 @@ def test_a_folder_of_the_other_backend_names_the_right_one(model_dir, tmp_path, 
     assert main(["sample", "--backend", "stylegan2", "--model", str(model_dir), "--output", str(tmp_path / "s")]) == 2
     assert "is an IPLPipeline folder; use --backend diffae" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_max_grad_norm_none_turns_clipping_off_through_the_cli(tmp_path, monkeypatch, capsys):
+    """`--max_grad_norm none` reaches pipe.adapt as None (TrainingConfig: None = no clipping);
+    options not given are not passed at all, so a model's adapt_defaults still apply."""
+    import ipl_diffusion.cli.adapt as adapt
+
+    calls = []
+
+    class Recorder:
+        config = {}
+
+        def adapt(self, target, source, **kwargs):
+            calls.append(kwargs)
+            raise adapt.UserError("stopped after pipe.adapt was called")
+
+    monkeypatch.setattr(adapt, "load_pipeline", lambda *a, **k: Recorder())
+    args = ["adapt", "--model", str(tmp_path / "any-model"), "--target", "sketch", "--output_dir", str(tmp_path / "o")]
+    assert main([*args, "--max_grad_norm", "none"]) == 2
+    assert main(args) == 2
+    assert "stopped after pipe.adapt" in capsys.readouterr().err
+    assert "max_grad_norm" in calls[0] and calls[0]["max_grad_norm"] is None
+    assert "max_grad_norm" not in calls[1]

@@ -9,7 +9,8 @@ the images' CLIP features, as StyleGAN-NADA's --style_img_dir (ipl_diffusion.ada
 Every option of the method is a field of ipl_diffusion.configs (Stage1Config,
 DiffAEStage2Config, GANStage2Config), under the same name here, in pipe.adapt(...), in
 run_config.json and in the checkpoints. An option not given takes the model's recommended
-value (model_index.json adapt_defaults), else the config's default.
+value (model_index.json adapt_defaults), else the config's default. A number option whose help
+gives None a meaning also takes `none`, e.g. --max_grad_norm none (no gradient clipping).
 
 The run writes into --output_dir (default ./ipl-<target>):
   pipeline/          the adapted pipeline: use it with `ipl translate --model OUTPUT/pipeline`
@@ -39,6 +40,17 @@ EPILOG = """examples:
             --images ./faces --iterations 300 --mixed_precision bf16
   ipl adapt --backend stylegan2 --model ./ffhq-sg2 --source Photo --target Sketch   # GAN-IPL
 """
+
+
+class _NotGiven:
+    """The parsed value of an option the command line did not set: None cannot say it, since
+    None is a value some options are given (``--max_grad_norm none``: no clipping)."""
+
+    def __repr__(self):
+        return "<not given>"
+
+
+NOT_GIVEN = _NotGiven()
 
 
 def _option_fields() -> dict:
@@ -84,10 +96,32 @@ def add_parser(subparsers):
         "adapt", parents=[generated], help="adapt a generator to a domain described by text or a few images (IPL)",
         description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    # "Not given" is None for every option of the method, so that a model's recommended value
+    # "Not given" is NOT_GIVEN for every option of the method, so that a model's recommended value
     # (adapt_defaults) is used for it; the configs hold the real defaults.
-    parser.set_defaults(**{name: None for name in _option_fields()})
+    parser.set_defaults(**{name: NOT_GIVEN for name in _option_fields()})
+    for action in parser._actions:
+        if action.dest in _nullable_numbers():
+            action.type = _none_or(action.type)
     return parser
+
+
+def _nullable_numbers() -> set:
+    """The options whose field is ``Optional[int]`` / ``Optional[float]``, where None means
+    something (``max_grad_norm``: no clipping; ``checkpoints_total_limit``: keep all).
+    HfArgumentParser types them as the bare number, which cannot say None."""
+    from typing import Optional, get_type_hints
+
+    return {name for name, (cls, _) in _option_fields().items()
+            if get_type_hints(cls)[name] in (Optional[int], Optional[float])}
+
+
+def _none_or(kind):
+    """argparse type: ``none`` (any case) -> None, any other text -> ``kind(text)``."""
+    def parse(text):
+        return None if text.strip().lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its refusal: "invalid float value: 'x'"
+    return parse
 
 
 def load_pipeline(backend, model, device=None):
@@ -157,8 +191,8 @@ def run(args) -> int:
 
 
 def given_options(args) -> dict:
-    """The options of the method the command line set (name -> value)."""
-    return {name: getattr(args, name) for name in _option_fields() if getattr(args, name, None) is not None}
+    """The options of the method the command line set (name -> value, None included)."""
+    return {name: getattr(args, name) for name in _option_fields() if getattr(args, name, NOT_GIVEN) is not NOT_GIVEN}
 
 
 def _data(args, pipe) -> dict:
