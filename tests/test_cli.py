@@ -306,3 +306,31 @@ def test_max_grad_norm_none_turns_clipping_off_through_the_cli(tmp_path, monkeyp
     assert "stopped after pipe.adapt" in capsys.readouterr().err
     assert "max_grad_norm" in calls[0] and calls[0]["max_grad_norm"] is None
     assert "max_grad_norm" not in calls[1]
+
+
+def test_an_empty_target_images_folder_is_refused_naming_the_option(tmp_path, capsys):
+    empty = tmp_path / "style"
+    empty.mkdir()
+    assert main(["adapt", "--target_images", str(empty), "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"no image files found in '{empty}' (given as --target_images)" in err, err
+
+
+@pytest.mark.parametrize("option, damage", [("--images", "not an image"), ("--target_images", "truncated JPEG")])
+def test_a_bad_image_is_refused_naming_it_before_the_model_loads(option, damage, photos, tmp_path, monkeypatch, capsys):
+    import ipl_diffusion.cli.adapt as adapt
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the images were checked")
+
+    monkeypatch.setattr(adapt, "load_pipeline", no_model)
+    if damage == "truncated JPEG":  # PIL's verify alone does not read JPEG data
+        (photos / "broken.png").unlink()
+        data = (photos / "wide.jpg").read_bytes()
+        (photos / "wide.jpg").write_bytes(data[: len(data) // 2])
+    argv = ["adapt", "--model", str(tmp_path / "model"), "--target", "sketch", option, str(photos),
+            "--output_dir", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    bad = photos / ("broken.png" if damage == "not an image" else "wide.jpg")
+    assert err.startswith(f"ipl adapt: error: {option}: cannot read image '{bad}'") and err.count("\n") == 1, err

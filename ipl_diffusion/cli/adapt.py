@@ -231,10 +231,7 @@ def _check_inputs(args, output):
         if output.resolve() == Path(folder).resolve():
             # The run writes before_after.png, pipeline/ ... there, over the user's images.
             raise UserError(f"--output_dir {output} is the --{name} folder; give a separate output folder")
-        if not Path(folder).is_file():
-            from ipl_diffusion.images import list_image_files
-
-            list_image_files(folder)  # a missing / empty folder fails now, before any model is built
+        _check_image_files(name, folder)
     if args.model is None:
         # The shipped Shapes models know only the Shapes domains: say which before any work is
         # done, and use the canonical names ("Pixel-Art" -> "pixel art").
@@ -248,6 +245,20 @@ def _check_inputs(args, output):
     from ipl_diffusion.configs import resolve_configs
 
     resolve_configs(args.backend, None, given_options(args))
+
+
+def _check_image_files(name, folder):
+    """Refuse now, naming --<name> and the file, a missing or empty folder and any image the run
+    would refuse after loading the model (unreadable, corrupt, a mode that cannot become RGB):
+    each file is opened and verified, its pixels are not kept (they are read at their size later)."""
+    from ipl_diffusion.images import check_image_file, list_image_files
+
+    files = [Path(folder)] if Path(folder).is_file() else list_image_files(folder, option=f"--{name}")
+    for file in files:
+        try:
+            check_image_file(file)
+        except UserError as err:
+            raise type(err)(f"--{name}: {err}") from err
 
 
 # What an earlier `ipl adapt` leaves in --output as its result.
