@@ -213,7 +213,11 @@ def test_stylegan2_default_is_the_embedded_shapes_gan(tmp_path):
 def test_shapes_defaults_refuse_unknown_labels_before_loading(tmp_path, capsys):
     for backend in ("diffae", "stylegan2"):
         assert main(["adapt", "--backend", backend, "--target", "Wall painting", "--output_dir", str(tmp_path / backend)]) == 2
-        assert "known domains: photo, sketch" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "known domains: photo, sketch" in err
+        # what works for other labels, as ipl adapt (no CLIP flag) and the Python API spell it
+        assert "ipl adapt --model <pipeline folder or Hub id whose text_encoder is a real CLIP>" in err
+        assert 'StyleGANIPLPipeline.from_components(<generator>, text_encoder="openai/clip-vit-base-patch32")' in err
         assert not (tmp_path / backend).exists()
 
 
