@@ -338,3 +338,36 @@ def test_a_bad_image_is_refused_naming_it_before_the_model_loads(option, damage,
     err = capsys.readouterr().err
     bad = photos / ("broken.png" if damage == "not an image" else "wide.jpg")
     assert err.startswith(f"ipl adapt: error: {option}: cannot read image '{bad}'") and err.count("\n") == 1, err
+
+
+def test_adapt_help_names_the_rows_the_before_after_grids_draw(monkeypatch, capsys):
+    """The row labels the DiffAE trainer and the StyleGAN2 pipeline draw into before_after.png
+    (caught at labelled_grid) are the rows `ipl adapt --help` lists, the target as TARGET."""
+    from types import SimpleNamespace
+
+    import ipl_diffusion.grids
+    from ipl_diffusion import ddim
+    from ipl_diffusion.adaptation.diffae_trainer import DiffAEStage2Trainer
+    from ipl_diffusion.pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
+
+    drawn = []
+    monkeypatch.setattr(ipl_diffusion.grids, "labelled_grid", lambda rows, labels, *args, **kwargs: drawn.append(labels))
+    monkeypatch.setattr(ddim, "decode_from_t0", lambda unet, x_t0, *args: x_t0)
+    images = {name: torch.zeros(2, 3, 4, 4) for name in ("x0", "x_t0", "z_sem")}
+    trainer = SimpleNamespace(unet=None, cache={}, device="cpu", source_unet=None, scheduler=None, t0=1,
+                              config=SimpleNamespace(num_sample_images=2, num_inference_steps=1),
+                              run_config={"target": "sketch"})
+    DiffAEStage2Trainer.sample_grid(trainer, items=images)  # held-out images, as ipl adapt shows them
+
+    class Generator:  # StyleGANIPLPipeline.make_sample_grid's use of the pipeline
+        source_generator = SimpleNamespace(style_dim=4)
+        config = SimpleNamespace(target_label="sketch")
+
+        def __call__(self, latents, **kwargs):
+            return SimpleNamespace(images=torch.zeros(latents.shape[0], 3, 4, 4))
+
+    StyleGANIPLPipeline.make_sample_grid(Generator(), num_images=2)
+    text = adapt_help(capsys)
+    for labels in drawn:
+        assert " | ".join(labels).replace("sketch", "TARGET") in text, (labels, text)
+    assert len(drawn) == 2 and len(drawn[0]) == 3 and len(drawn[1]) == 2

@@ -15,7 +15,7 @@ gives None a meaning also takes `none`, e.g. --max_grad_norm none (no gradient c
 The run writes into --output_dir (default ./ipl-<target>):
   pipeline/          the adapted pipeline: use it with `ipl translate --model OUTPUT/pipeline`
                      or IPLPipeline.from_pretrained("OUTPUT/pipeline")
-  before_after.png   rows: source images | source-model reconstructions | adapted images
+  before_after.png   {before_after_rows}
   run_config.json    every resolved option of the run
   step_choice.json/.csv/.png   with --candidate_steps N: every candidate's held-out scores and the
                      chosen step (candidates/ with --keep_candidates)
@@ -27,9 +27,19 @@ import dataclasses
 import json
 from pathlib import Path
 
+from ipl_diffusion import before_after
 from ipl_diffusion.errors import UserError
 
-DESCRIPTION = __doc__.split("\n\n", 1)[1]
+
+def _before_after_help() -> str:
+    """before_after.png's rows as the trainers label them (ipl_diffusion.before_after)."""
+    indent = "\n" + " " * 21
+    return (f"labelled rows, diffae: {before_after.rows_help('diffae')}{indent}(first row "
+            f"{before_after.TRAINING_SOURCE_ROW!r}: the training images, when no held-out ones are given);"
+            f"{indent}stylegan2: {before_after.rows_help('stylegan2')}, on the same z")
+
+
+DESCRIPTION = __doc__.split("\n\n", 1)[1].replace("{before_after_rows}", _before_after_help())
 
 EPILOG = """examples:
   ipl adapt --target sketch                        # Shapes default model, a few CPU minutes
@@ -186,7 +196,7 @@ def run(args) -> int:
     _report_step_choice(adapted.adaptation_config, output)
     print(f"adapted pipeline: {output / 'pipeline'}")
     if grid is not None:
-        print(f"before/after grid: {output / 'before_after.png'}")
+        print(f"before/after grid: {output / before_after.FILE_NAME}")
     return 0
 
 
@@ -262,7 +272,7 @@ def _check_image_files(name, folder):
 
 
 # What an earlier `ipl adapt` leaves in --output as its result.
-RESULT_NAMES = ("pipeline", "before_after.png")
+RESULT_NAMES = ("pipeline", before_after.FILE_NAME)
 
 
 def _check_earlier_result(args, output):
@@ -316,7 +326,7 @@ def _save_outputs(adapted, output):
         adapted.save_pretrained(folder)
     grid = getattr(adapted, "sample_grid", None)
     if grid is not None:
-        atomic_save_image(grid, output / "before_after.png")
+        atomic_save_image(grid, output / before_after.FILE_NAME)
     config = getattr(adapted, "adaptation_config", None)
     if config:
         atomic_write_text(output / "run_config.json", json.dumps(config, indent=2, sort_keys=True))
