@@ -109,8 +109,9 @@ def add_parser(subparsers):
     # "Not given" is NOT_GIVEN for every option of the method, so that a model's recommended value
     # (adapt_defaults) is used for it; the configs hold the real defaults.
     parser.set_defaults(**{name: NOT_GIVEN for name in _option_fields()})
+    nullable = _nullable_numbers()
     for action in parser._actions:
-        if action.dest in _nullable_numbers():
+        if action.dest in nullable:
             action.type = _none_or(action.type)
     return parser
 
