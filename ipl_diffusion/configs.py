@@ -121,7 +121,8 @@ class TrainingConfig:
     iterations: int = option(300, "Stage-2 iterations (generator updates)")
     batch_size: int = option(2, "images per Stage-2 iteration and process")
     clip_loss_weight: float = option(1.0, "weight of the adaptive directional CLIP loss (Eq. 7-9)")
-    max_grad_norm: Optional[float] = option(1.0, "clip the gradient norm before each update (None: off)")
+    max_grad_norm: Optional[float] = option(
+        1.0, "clip the gradient norm to this before each update (None: off; on the command line --max_grad_norm none)")
     mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "no, bf16 or fp16 (fp16 needs a GPU)")
     seed: int = option(0, "the run's one seed (Stage 1, Stage 2, sampled sources)")
     checkpointing_steps: Optional[int] = option(None, "save a resumable checkpoint every N iterations")

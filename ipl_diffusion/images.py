@@ -37,41 +37,54 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ipl_diffusion.errors import UserError, UserFileNotFoundError
 
-__all__ = ["IMAGE_EXTENSIONS", "check_image_tensor", "list_image_files", "load_image", "load_images", "to_pil", "to_rgb"]
+__all__ = ["IMAGE_EXTENSIONS", "check_image_file", "check_image_tensor", "list_image_files", "load_image", "load_images", "to_pil", "to_rgb"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 
 ImageInput = Union[str, os.PathLike, Image.Image]
 
 
-def list_image_files(folder: Union[str, os.PathLike]) -> List[Path]:
+def list_image_files(folder: Union[str, os.PathLike], option: str | None = None) -> List[Path]:
     """Image files (by extension, case-insensitive) directly in ``folder``, sorted by name.
+
+    ``option``: how the caller's user gave the folder (``"--target_images"``, ``"target_images="``),
+    named in the refusals, since a run can take several image folders.
 
     Raises:
         UserFileNotFoundError: (a ``FileNotFoundError``) ``folder`` does not exist, is not a
-            folder, or holds no image files; the message names the path and the extensions
-            looked for.
+            folder, or holds no image files; the message names the path, ``option`` and the
+            extensions looked for.
     """
     path = Path(folder)
+    given = f" (given as {option})" if option else ""
     expected = f"a folder of images ({', '.join(IMAGE_EXTENSIONS)})"
     if not path.exists():
-        raise UserFileNotFoundError(f"image folder '{path}' does not exist; expected {expected}")
+        raise UserFileNotFoundError(f"image folder '{path}'{given} does not exist; expected {expected}")
     if not path.is_dir():
-        raise UserFileNotFoundError(f"'{path}' is not a folder; expected {expected}")
+        raise UserFileNotFoundError(f"'{path}'{given} is not a folder; expected {expected}")
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
-        raise UserFileNotFoundError(f"no image files found in '{path}'; expected {expected}")
+        raise UserFileNotFoundError(f"no image files found in '{path}'{given}; expected {expected}")
     return files
 
 
-def _open(path: Path) -> Image.Image:
+def _open(path: Path, decode: bool = True) -> Image.Image:
+    """``path`` opened with PIL and decoded (``decode=False``: only verified, see
+    :func:`check_image_file`); every failure a ``UserError`` naming the file."""
     if not path.exists():
         raise UserFileNotFoundError(f"image file '{path}' does not exist")
     if path.is_dir():
         raise UserError(f"'{path}' is a folder, not an image file (use load_images for folders)")
     try:
-        image = Image.open(path)
-        image.load()  # decode now so truncated / corrupt data fails here, naming the file
+        image = Image.open(path)  # reads the header; refuses a decompression bomb by its size
+        if decode:
+            image.load()  # decode now so truncated / corrupt data fails here, naming the file
+        elif image.format in ("JPEG", "MPO"):
+            # PIL's verify reads no JPEG data; a 1/8-scale draft decode reads all of it, cheaply.
+            image.draft(image.mode, (1, 1))
+            image.load()
+        else:
+            image.verify()  # the file's structure (e.g. PNG chunk checksums), no pixels kept
     except Image.DecompressionBombError as err:
         raise UserError(
             f"image '{path}' is too large to load safely ({err}). Downscale it first, or raise "
@@ -115,6 +128,34 @@ def to_rgb(image: Image.Image, background: Tuple[int, int, int] = (255, 255, 255
         canvas = Image.new("RGBA", rgba.size, tuple(background) + (255,))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _check_mode(mode: str, name: str) -> None:
+    """Refuse a mode :func:`to_rgb` cannot convert, by converting a 1x1 image of it (no pixels
+    of the file needed)."""
+    try:
+        to_rgb(Image.new(mode, (1, 1)))
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot convert image '{name}' ({mode}) to RGB: {err}") from err
+
+
+def check_image_file(path: Union[str, os.PathLike]) -> None:
+    """Refuse now a file :func:`load_image` would refuse later, without decoding its pixels: the
+    same opening (missing file, a folder, not an image, a decompression bomb) and mode check,
+    with PIL's ``verify`` of the file's structure in place of decoding (JPEG, which ``verify``
+    does not read: decoded at 1/8 scale, so truncated data is found). For a check of many files
+    before a slow step (``ipl adapt`` checks its image folders before loading the model); damage
+    ``verify`` cannot see in other formats is still refused by the load, naming the file.
+
+    Raises:
+        UserFileNotFoundError: (a ``FileNotFoundError``) the file does not exist.
+        UserError: (a ``ValueError``) unreadable / corrupt / too large file, a folder, or a
+            mode that cannot become RGB; the message names the file.
+    """
+    path = Path(path)
+    image = _open(path, decode=False)
+    image.close()
+    _check_mode(image.mode, str(path))
 
 
 def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:

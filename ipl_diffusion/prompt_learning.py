@@ -20,7 +20,7 @@ adaptive   the IPL latent mapper ``F(w)`` (Eq. 2)           Eq. 6
 ========== ================================================ ==========================
 
 The generator and CLIP are frozen. The released code re-generates and re-encodes ``G_s(w)``
-every iteration from *fresh* latents (``sample_latents=``, what GAN-IPL does here too). With a
+every iteration from *fresh* latents (``latents=`` a sampler, what GAN-IPL does here too). With a
 fixed pool, ``E_I(G_s(w))`` is computed **once** (batched, under ``no_grad``) and cached
 (``benchmarks/stage1_cache.py`` measures the speed-up); the pool must be large (thousands),
 because a mapper trained on a few dozen latents memorises them and its prompts do not carry
@@ -334,18 +334,19 @@ def _build_prompt_module(scheme, encoder, prompt_module, context, m, latent_dim,
     return prompt_module.to(encoder.device)
 
 
-def _check_pool(latents, sample_latents):
-    """``(latents on no device yet, latent_dim)``; a fresh-latent run draws one sample to learn the width."""
-    if sample_latents is not None:
-        if latents is not None:
-            raise UserError("Pass either a latent pool or sample_latents (fresh latents every iteration), not both.")
-        probe = sample_latents(2, torch.Generator().manual_seed(0))
-        return None, int(probe.shape[-1])
+def _check_pool(latents):
+    """``(pool on no device yet, sampler, latent_dim)`` of ``learn_prompts``' ``latents``: a
+    ``(N, latent_dim)`` pool (sampler None) or a sampler of fresh latents (pool None), which
+    draws one sample to learn the width."""
+    if callable(latents):
+        probe = latents(2, torch.Generator().manual_seed(0))
+        return None, latents, int(probe.shape[-1])
     if not torch.is_tensor(latents) or latents.ndim != 2 or latents.shape[0] < 1:
-        raise UserError(f"latents must be a (N, latent_dim) tensor, got {getattr(latents, 'shape', latents)}.")
+        raise UserError(f"latents must be a (N, latent_dim) tensor or a sampler (b, torch.Generator) -> "
+                        f"(b, latent_dim), got {getattr(latents, 'shape', latents)}.")
     if not torch.isfinite(latents).all():
         raise UserError("The latent pool contains NaN/inf values.")
-    return latents, int(latents.shape[1])
+    return latents, None, int(latents.shape[1])
 
 
 def _pool_features(encoder, latents, image_features, generate, cache, encode_batch_size):
@@ -378,7 +379,6 @@ def learn_prompts(
     *,
     image_features=None,
     generate=None,
-    sample_latents=None,
     heldout=None,
     prompt_module=None,
     seed=0,
@@ -391,17 +391,16 @@ def learn_prompts(
     Args:
         encoder: ``CLIPPromptEncoder`` (frozen CLIP; needs an image processor when ``generate`` is used).
         latents: ``(N, latent_dim)`` pool of source latents (StyleGAN ``w`` / DiffAE ``z_sem``),
-            or ``None`` with ``sample_latents``.
+            or a sampler, a callable ``(b, torch.Generator) -> (b, latent_dim)`` that draws
+            *fresh* latents every iteration (with ``generate``), as the released code does; a
+            mapper trained on a small fixed pool memorises it and does not generalise to the
+            fresh latents Stage 2 feeds it.
         source_label, target_label: ``Y_s``, ``Y_t`` (e.g. ``"photo"``, ``"wall painting"``).
         config: :class:`~ipl_diffusion.configs.Stage1Config` (scheme, λ, iterations, batch,
             lr, m, templates, ...); ``options`` override its fields by name.
         image_features: ``(N, D)`` precomputed raw ``E_I(G_s(latents))``; or
         generate: callable ``(b, latent_dim) -> (b, 3, H, W)`` images in ``[-1, 1]`` (frozen ``G_s``).
             Exactly one of the two (neither is needed for ``manual``/``random``).
-        sample_latents: callable ``(b, torch.Generator) -> (b, latent_dim)``: draw *fresh*
-            latents every iteration (with ``generate``), as the released code does; a mapper
-            trained on a small fixed pool memorises it and does not generalise to the fresh
-            latents Stage 2 feeds it.
         heldout: ``(latents (M, latent_dim), image_features (M, D))`` never trained on; their
             :func:`prompt_retrieval` is measured every ``heldout_every`` iterations and at the
             end (progress bar, ``history``, ``learner.heldout_retrieval``).
@@ -426,7 +425,7 @@ def learn_prompts(
 
     cfg = make_config(Stage1Config, dataclasses.asdict(config) if config is not None else {}, options)
     rng = torch.Generator(device="cpu").manual_seed(int(seed))
-    latents, latent_dim = _check_pool(latents, sample_latents)
+    latents, sample_latents, latent_dim = _check_pool(latents)
     if latents is not None:
         latents = latents.detach().to(device=encoder.device, dtype=torch.float32)
     context = cfg.context

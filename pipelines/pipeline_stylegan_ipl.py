@@ -270,13 +270,13 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, Diffusion
     def make_sample_grid(self, num_images: int = 8, seed: int = 31337, truncation: float = 0.7):
         """Labelled PIL grid: source samples (top row) | adapted samples (bottom row) of the
         same ``z`` (``seed``: a stream that training never draws from)."""
+        from ipl_diffusion.before_after import row_labels
         from ipl_diffusion.grids import labelled_grid
 
         z = torch.randn((num_images, self.source_generator.style_dim), generator=torch.Generator().manual_seed(seed))
         top = self(latents=z, truncation=truncation, source=True, output_type="pt").images
         bottom = self(latents=z, truncation=truncation, output_type="pt").images
-        target = self.config.target_label or "adapted"
-        labels = ["source G_s(z)", f"adapted g_ema ({target})"]
+        labels = row_labels("stylegan2", self.config.target_label or "adapted")
         return labelled_grid([top * 2 - 1, bottom * 2 - 1], labels, [str(i) for i in range(num_images)])
 
     # ---------------------------------------------------------------------- translation

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,26 @@ def test_help_texts():
                             cwd=REPO, timeout=120)
     for command in ("adapt", "translate", "sample", "convert", "push"):
         assert command in result.stdout
+
+
+def adapt_help(capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["adapt", "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_boolean_options_are_plain_switches_in_help_and_still_take_a_value(capsys):
+    from ipl_diffusion.cli import build_parser
+
+    text = adapt_help(capsys)
+    assert "[--overwrite]" in text and "\n  --overwrite  " in text and "[--low_memory]" in text
+    assert re.search(r"--\w+ \[[A-Z0-9_]+\]", text) is None, re.search(r"--\w+ \[[A-Z0-9_]+\]", text)
+    parser = build_parser()
+    parser.format_help()  # the switches take their value again once the help is written
+    assert parser.parse_args(["adapt", "--overwrite"]).overwrite is True
+    assert parser.parse_args(["adapt", "--overwrite", "false"]).overwrite is False
+    assert parser.parse_args(["adapt", "--cache_image_features", "no"]).cache_image_features is False
 
 
 NO_WARNING_SCRIPT = """
@@ -192,7 +213,11 @@ def test_stylegan2_default_is_the_embedded_shapes_gan(tmp_path):
 def test_shapes_defaults_refuse_unknown_labels_before_loading(tmp_path, capsys):
     for backend in ("diffae", "stylegan2"):
         assert main(["adapt", "--backend", backend, "--target", "Wall painting", "--output_dir", str(tmp_path / backend)]) == 2
-        assert "known domains: photo, sketch" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "known domains: photo, sketch" in err
+        # what works for other labels, as ipl adapt (no CLIP flag) and the Python API spell it
+        assert "ipl adapt --model <pipeline folder or Hub id whose text_encoder is a real CLIP>" in err
+        assert 'StyleGANIPLPipeline.from_components(<generator>, text_encoder="openai/clip-vit-base-patch32")' in err
         assert not (tmp_path / backend).exists()
 
 
@@ -262,3 +287,87 @@ def test_a_folder_of_the_other_backend_names_the_right_one(model_dir, tmp_path, 
     assert main(["sample", "--backend", "stylegan2", "--model", str(model_dir), "--output", str(tmp_path / "s")]) == 2
     assert "is an IPLPipeline folder; use --backend diffae" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_max_grad_norm_none_turns_clipping_off_through_the_cli(tmp_path, monkeypatch, capsys):
+    """`--max_grad_norm none` reaches pipe.adapt as None (TrainingConfig: None = no clipping);
+    options not given are not passed at all, so a model's adapt_defaults still apply."""
+    import ipl_diffusion.cli.adapt as adapt
+
+    calls = []
+
+    class Recorder:
+        config = {}
+
+        def adapt(self, target, source, **kwargs):
+            calls.append(kwargs)
+            raise adapt.UserError("stopped after pipe.adapt was called")
+
+    monkeypatch.setattr(adapt, "load_pipeline", lambda *a, **k: Recorder())
+    args = ["adapt", "--model", str(tmp_path / "any-model"), "--target", "sketch", "--output_dir", str(tmp_path / "o")]
+    assert main([*args, "--max_grad_norm", "none"]) == 2
+    assert main(args) == 2
+    assert "stopped after pipe.adapt" in capsys.readouterr().err
+    assert "max_grad_norm" in calls[0] and calls[0]["max_grad_norm"] is None
+    assert "max_grad_norm" not in calls[1]
+
+
+def test_an_empty_target_images_folder_is_refused_naming_the_option(tmp_path, capsys):
+    empty = tmp_path / "style"
+    empty.mkdir()
+    assert main(["adapt", "--target_images", str(empty), "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"no image files found in '{empty}' (given as --target_images)" in err, err
+
+
+@pytest.mark.parametrize("option, damage", [("--images", "not an image"), ("--target_images", "truncated JPEG")])
+def test_a_bad_image_is_refused_naming_it_before_the_model_loads(option, damage, photos, tmp_path, monkeypatch, capsys):
+    import ipl_diffusion.cli.adapt as adapt
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the images were checked")
+
+    monkeypatch.setattr(adapt, "load_pipeline", no_model)
+    if damage == "truncated JPEG":  # PIL's verify alone does not read JPEG data
+        (photos / "broken.png").unlink()
+        data = (photos / "wide.jpg").read_bytes()
+        (photos / "wide.jpg").write_bytes(data[: len(data) // 2])
+    argv = ["adapt", "--model", str(tmp_path / "model"), "--target", "sketch", option, str(photos),
+            "--output_dir", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    bad = photos / ("broken.png" if damage == "not an image" else "wide.jpg")
+    assert err.startswith(f"ipl adapt: error: {option}: cannot read image '{bad}'") and err.count("\n") == 1, err
+
+
+def test_adapt_help_names_the_rows_the_before_after_grids_draw(monkeypatch, capsys):
+    """The row labels the DiffAE trainer and the StyleGAN2 pipeline draw into before_after.png
+    (caught at labelled_grid) are the rows `ipl adapt --help` lists, the target as TARGET."""
+    from types import SimpleNamespace
+
+    import ipl_diffusion.grids
+    from ipl_diffusion import ddim
+    from ipl_diffusion.adaptation.diffae_trainer import DiffAEStage2Trainer
+    from ipl_diffusion.pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
+
+    drawn = []
+    monkeypatch.setattr(ipl_diffusion.grids, "labelled_grid", lambda rows, labels, *args, **kwargs: drawn.append(labels))
+    monkeypatch.setattr(ddim, "decode_from_t0", lambda unet, x_t0, *args: x_t0)
+    images = {name: torch.zeros(2, 3, 4, 4) for name in ("x0", "x_t0", "z_sem")}
+    trainer = SimpleNamespace(unet=None, cache={}, device="cpu", source_unet=None, scheduler=None, t0=1,
+                              config=SimpleNamespace(num_sample_images=2, num_inference_steps=1),
+                              run_config={"target": "sketch"})
+    DiffAEStage2Trainer.sample_grid(trainer, items=images)  # held-out images, as ipl adapt shows them
+
+    class Generator:  # StyleGANIPLPipeline.make_sample_grid's use of the pipeline
+        source_generator = SimpleNamespace(style_dim=4)
+        config = SimpleNamespace(target_label="sketch")
+
+        def __call__(self, latents, **kwargs):
+            return SimpleNamespace(images=torch.zeros(latents.shape[0], 3, 4, 4))
+
+    StyleGANIPLPipeline.make_sample_grid(Generator(), num_images=2)
+    text = adapt_help(capsys)
+    for labels in drawn:
+        assert " | ".join(labels).replace("sketch", "TARGET") in text, (labels, text)
+    assert len(drawn) == 2 and len(drawn[0]) == 3 and len(drawn[1]) == 2

@@ -60,3 +60,33 @@ def test_file_errors_are_user_errors_and_keep_their_builtin_type():
     assert isinstance(missing, UserError) and isinstance(missing, FileNotFoundError)
     assert isinstance(taken, UserError) and isinstance(taken, FileExistsError)
     assert str(missing) == "no such folder" and isinstance(UserError("x"), ValueError)
+
+
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (["adapt", "--learnin_rate", "1e-3", "--target", "sketch"],
+         "ipl adapt: error: unrecognized option --learnin_rate (did you mean --learning_rate or --stage1_learning_rate?)"),
+        (["translate", "--model", "m", "--input", "i", "--output", "o", "--batch_siz=2"],
+         "ipl translate: error: unrecognized option --batch_siz (did you mean --batch-size?)"),
+        (["convert", "diffae", "--checkpoint", "c", "--output", "o", "--wieghts", "raw", "--zzz"],
+         "ipl convert diffae: error: unrecognized options --wieghts (did you mean --weights?), --zzz"),
+        (["sample", "--output", "o", "--qqqqqq"], "ipl sample: error: unrecognized option --qqqqqq; see ipl sample --help"),
+    ],
+)
+def test_a_misspelt_flag_is_one_line_naming_the_nearest_valid_ones(argv, line, capsys):
+    from ipl_diffusion.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2  # as argparse
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_other_parse_errors_stay_argparses(capsys):
+    from ipl_diffusion.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--output", "o", "stray"])  # a stray value, no flag
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == ["usage: ipl [-h] COMMAND ...", "ipl: error: unrecognized arguments: stray"]

@@ -2,6 +2,8 @@
 direction, Eq. 5's anchor, Stage 2's per-image directions, both backends with and without a
 label, and the refusals of bad style images."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -276,3 +278,11 @@ def test_cli_adapt_with_target_images_only(tmp_path):
     assert adapted.config.target_label == "style" and adapted.generator is not None
     recorded = json.loads((tmp_path / "run" / "run_config.json").read_text())
     assert recorded["target_images"]["count"] == 3 and recorded["stage1"]["img2img_batch"] == 4
+
+
+def test_an_empty_target_images_folder_is_refused_naming_the_argument(tmp_path):
+    from ipl_diffusion.adaptation.image_target import load_target_images
+
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"no image files found in '{tmp_path}' (given as target_images=)")):
+        load_target_images(tmp_path, 32)

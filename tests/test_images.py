@@ -151,3 +151,24 @@ def test_list_of_pil_and_to_pil_round_trip():
     assert np.array_equal(np.asarray(back[0]), np.asarray(src))
     assert to_pil(images[0])[0].size == (8, 8)
     assert np.asarray(to_pil(torch.full((3, 2, 2), float("nan")))[0]).max() == 0
+
+
+def test_check_image_file_refuses_what_load_image_refuses_without_decoding(tmp_path):
+    from ipl_diffusion.images import check_image_file
+
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(tmp_path / "ok.jpg")
+    Image.new("I;16", (8, 8)).save(tmp_path / "deep.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image at all")
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "truncated.png")
+    (tmp_path / "truncated.png").write_bytes((tmp_path / "truncated.png").read_bytes()[:60])
+    data = (tmp_path / "ok.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])  # PIL's verify skips JPEG data
+    for good in ("ok.jpg", "deep.png"):
+        check_image_file(tmp_path / good)
+        load_image(tmp_path / good, 4)
+    for bad in ("broken.png", "truncated.png", "truncated.jpg"):
+        for check in (check_image_file, lambda path: load_image(path, 4)):
+            with pytest.raises(ValueError, match=bad):
+                check(tmp_path / bad)
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        check_image_file(tmp_path / "nope.png")

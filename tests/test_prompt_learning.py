@@ -216,3 +216,20 @@ def test_prompt_learner_save_and_load(tmp_path, encoder, pool, features):
         torch.testing.assert_close(loaded.text_features(pool[:4], TARGET), learner.text_features(pool[:4], TARGET))
     with pytest.raises(FileNotFoundError, match="prompt_learner.json"):
         PromptLearner.from_pretrained(tmp_path / "nothing", encoder)
+
+
+def test_learn_prompts_has_at_most_12_parameters_and_takes_a_latent_sampler(encoder):
+    """The project's limit for a public function; fresh latents come as ``latents`` itself (a
+    sampler ``(b, generator) -> (b, latent_dim)``), drawn once per iteration."""
+    import inspect
+
+    named = [p for p in inspect.signature(learn_prompts).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    assert len(named) <= 12, [p.name for p in named]
+    drawn = []
+
+    def sampler(batch, rng):
+        drawn.append(batch)
+        return torch.randn(batch, 16, generator=rng)
+
+    learner = learn_prompts(encoder, sampler, SOURCE, TARGET, generate=TinyGenerator(), stage1_iterations=2, **FAST)
+    assert len(learner.history) == 2 and drawn == [2, 8, 8]  # the width probe, then one batch per iteration

@@ -268,12 +268,14 @@ class DiffAEStage2Trainer(Trainer):
 
     @torch.no_grad()
     def sample_grid(self, unet=None, items: dict | None = None):
-        """Labelled PIL grid, one column per image; rows: source | DDIM round trip | adapted.
+        """Labelled PIL grid, one column per image; rows (:mod:`ipl_diffusion.before_after`):
+        source | DDIM round trip | adapted.
 
         ``items``: ``{"x0", "z_sem", "x_t0"}`` of the images to show (e.g. held-out photos
         encoded by ``encode_sources``); default: the first training images. Both rows decode
         ``x_{t0}`` in ``num_inference_steps`` steps, with the source and the adapted UNet.
         """
+        from ipl_diffusion.before_after import row_labels
         from ipl_diffusion.grids import labelled_grid
 
         unet = unet or self.unet
@@ -283,6 +285,5 @@ class DiffAEStage2Trainer(Trainer):
         steps = self.config.num_inference_steps
         recon = ddim.decode_from_t0(self.source_unet, x_t0, z_sem, self.scheduler, self.t0, steps)
         adapted = ddim.decode_from_t0(unet, x_t0, z_sem, self.scheduler, self.t0, steps)
-        shown = "source" if items is self.cache else "held-out source"
-        labels = [shown, "DDIM round trip", f"adapted ({self.run_config.get('target', 'target')})"]
+        labels = row_labels("diffae", self.run_config.get("target", "target"), held_out=items is not self.cache)
         return labelled_grid([items["x0"][:k], recon, adapted], labels, [str(i) for i in range(k)])

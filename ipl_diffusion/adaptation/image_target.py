@@ -109,11 +109,12 @@ def load_target_images(target_images, size: int) -> torch.Tensor:
         size: side files and PIL images are loaded at (CLIP's input size).
 
     Raises:
-        UserFileNotFoundError: a missing folder or file, a folder without image files.
+        UserFileNotFoundError: a missing folder or file, a folder without image files (the
+            message names ``target_images=`` and the folder).
         UserError: an unreadable file (named), an empty list, a tensor of another shape, with
             NaN / inf, or outside ``[-1, 1]``.
     """
-    from ipl_diffusion.images import check_image_tensor, load_images
+    from ipl_diffusion.images import check_image_tensor, list_image_files, load_images
 
     if torch.is_tensor(target_images):
         try:
@@ -123,6 +124,9 @@ def load_target_images(target_images, size: int) -> torch.Tensor:
         if images.shape[0] < 1:
             raise UserError("target_images: the tensor holds no image")
         return images
+    if isinstance(target_images, (str, os.PathLike)) and not os.path.isfile(target_images):
+        # Listed here so that a missing or empty folder is refused naming target_images=.
+        target_images = list_image_files(target_images, option="target_images=")
     if not isinstance(target_images, (str, os.PathLike, list, tuple)):
         raise UserError(f"target_images must be a folder, paths, PIL images or a (N, 3, H, W) tensor; "
                         f"got {type(target_images).__name__}")

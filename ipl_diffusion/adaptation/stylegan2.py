@@ -430,7 +430,7 @@ def run_stage1(source_generator, encoder, image_features, source, target, config
         def generate(w):
             return source_generator([w], input_is_latent=True, randomize_noise=False)[0]
 
-        return learn_prompts(encoder, None, source, target, config, generate=generate, sample_latents=sample_latents, **common)
+        return learn_prompts(encoder, sample_latents, source, target, config, generate=generate, **common)
     latents, features = source_cache(source_generator, image_features, config.stage1_num_images, seed, accelerator=accelerator)
     return learn_prompts(encoder, latents, source, target, config, image_features=features, **common)
 

@@ -6,7 +6,9 @@ Each sub-command lives in its own module of this package and exposes
 paths, bad labels, bad images, missing weights: every :class:`ipl_diffusion.errors.UserError`)
 into one line on stderr; anything else is a bug in this package and keeps its traceback, so a
 ``ValueError`` or ``KeyError`` from deep inside is never mistaken for a user's mistake. Set
-``IPL_TRACEBACK=1`` to see the traceback of a ``UserError`` too.
+``IPL_TRACEBACK=1`` to see the traceback of a ``UserError`` too. Every parser is an
+:class:`~ipl_diffusion.cli.parser.IplArgumentParser`: an unknown flag is one line naming the
+nearest valid ones, and boolean options show as plain switches in ``--help``.
 """
 
 import argparse
@@ -14,6 +16,7 @@ import importlib
 import os
 import sys
 
+from ipl_diffusion.cli.parser import IplArgumentParser
 from ipl_diffusion.errors import UserError
 
 # Order is the order shown by ``ipl --help``.
@@ -21,7 +24,8 @@ SUBCOMMANDS = ("adapt", "translate", "sample", "convert", "push", "evaluate", "d
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    # Sub-parsers are made with the class of their parent, so every command gets IplArgumentParser.
+    parser = IplArgumentParser(
         prog="ipl",
         description="Zero-shot generative model adaptation with Image-specific Prompt Learning (IPL).",
     )

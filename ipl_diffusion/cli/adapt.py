@@ -9,12 +9,13 @@ the images' CLIP features, as StyleGAN-NADA's --style_img_dir (ipl_diffusion.ada
 Every option of the method is a field of ipl_diffusion.configs (Stage1Config,
 DiffAEStage2Config, GANStage2Config), under the same name here, in pipe.adapt(...), in
 run_config.json and in the checkpoints. An option not given takes the model's recommended
-value (model_index.json adapt_defaults), else the config's default.
+value (model_index.json adapt_defaults), else the config's default. A number option whose help
+gives None a meaning also takes `none`, e.g. --max_grad_norm none (no gradient clipping).
 
 The run writes into --output_dir (default ./ipl-<target>):
   pipeline/          the adapted pipeline: use it with `ipl translate --model OUTPUT/pipeline`
                      or IPLPipeline.from_pretrained("OUTPUT/pipeline")
-  before_after.png   rows: source images | source-model reconstructions | adapted images
+  before_after.png   {before_after_rows}
   run_config.json    every resolved option of the run
   step_choice.json/.csv/.png   with --candidate_steps N: every candidate's held-out scores and the
                      chosen step (candidates/ with --keep_candidates)
@@ -26,9 +27,19 @@ import dataclasses
 import json
 from pathlib import Path
 
+from ipl_diffusion import before_after
 from ipl_diffusion.errors import UserError
 
-DESCRIPTION = __doc__.split("\n\n", 1)[1]
+
+def _before_after_help() -> str:
+    """before_after.png's rows as the trainers label them (ipl_diffusion.before_after)."""
+    indent = "\n" + " " * 21
+    return (f"labelled rows, diffae: {before_after.rows_help('diffae')}{indent}(first row "
+            f"{before_after.TRAINING_SOURCE_ROW!r}: the training images, when no held-out ones are given);"
+            f"{indent}stylegan2: {before_after.rows_help('stylegan2')}, on the same z")
+
+
+DESCRIPTION = __doc__.split("\n\n", 1)[1].replace("{before_after_rows}", _before_after_help())
 
 EPILOG = """examples:
   ipl adapt --target sketch                        # Shapes default model, a few CPU minutes
@@ -39,6 +50,17 @@ EPILOG = """examples:
             --images ./faces --iterations 300 --mixed_precision bf16
   ipl adapt --backend stylegan2 --model ./ffhq-sg2 --source Photo --target Sketch   # GAN-IPL
 """
+
+
+class _NotGiven:
+    """The parsed value of an option the command line did not set: None cannot say it, since
+    None is a value some options are given (``--max_grad_norm none``: no clipping)."""
+
+    def __repr__(self):
+        return "<not given>"
+
+
+NOT_GIVEN = _NotGiven()
 
 
 def _option_fields() -> dict:
@@ -84,10 +106,33 @@ def add_parser(subparsers):
         "adapt", parents=[generated], help="adapt a generator to a domain described by text or a few images (IPL)",
         description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    # "Not given" is None for every option of the method, so that a model's recommended value
+    # "Not given" is NOT_GIVEN for every option of the method, so that a model's recommended value
     # (adapt_defaults) is used for it; the configs hold the real defaults.
-    parser.set_defaults(**{name: None for name in _option_fields()})
+    parser.set_defaults(**{name: NOT_GIVEN for name in _option_fields()})
+    nullable = _nullable_numbers()
+    for action in parser._actions:
+        if action.dest in nullable:
+            action.type = _none_or(action.type)
     return parser
+
+
+def _nullable_numbers() -> set:
+    """The options whose field is ``Optional[int]`` / ``Optional[float]``, where None means
+    something (``max_grad_norm``: no clipping; ``checkpoints_total_limit``: keep all).
+    HfArgumentParser types them as the bare number, which cannot say None."""
+    from typing import Optional, get_type_hints
+
+    return {name for name, (cls, _) in _option_fields().items()
+            if get_type_hints(cls)[name] in (Optional[int], Optional[float])}
+
+
+def _none_or(kind):
+    """argparse type: ``none`` (any case) -> None, any other text -> ``kind(text)``."""
+    def parse(text):
+        return None if text.strip().lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its refusal: "invalid float value: 'x'"
+    return parse
 
 
 def load_pipeline(backend, model, device=None):
@@ -152,13 +197,13 @@ def run(args) -> int:
     _report_step_choice(adapted.adaptation_config, output)
     print(f"adapted pipeline: {output / 'pipeline'}")
     if grid is not None:
-        print(f"before/after grid: {output / 'before_after.png'}")
+        print(f"before/after grid: {output / before_after.FILE_NAME}")
     return 0
 
 
 def given_options(args) -> dict:
-    """The options of the method the command line set (name -> value)."""
-    return {name: getattr(args, name) for name in _option_fields() if getattr(args, name, None) is not None}
+    """The options of the method the command line set (name -> value, None included)."""
+    return {name: getattr(args, name) for name in _option_fields() if getattr(args, name, NOT_GIVEN) is not NOT_GIVEN}
 
 
 def _data(args, pipe) -> dict:
@@ -197,10 +242,7 @@ def _check_inputs(args, output):
         if output.resolve() == Path(folder).resolve():
             # The run writes before_after.png, pipeline/ ... there, over the user's images.
             raise UserError(f"--output_dir {output} is the --{name} folder; give a separate output folder")
-        if not Path(folder).is_file():
-            from ipl_diffusion.images import list_image_files
-
-            list_image_files(folder)  # a missing / empty folder fails now, before any model is built
+        _check_image_files(name, folder)
     if args.model is None:
         # The shipped Shapes models know only the Shapes domains: say which before any work is
         # done, and use the canonical names ("Pixel-Art" -> "pixel art").
@@ -216,8 +258,22 @@ def _check_inputs(args, output):
     resolve_configs(args.backend, None, given_options(args))
 
 
+def _check_image_files(name, folder):
+    """Refuse now, naming --<name> and the file, a missing or empty folder and any image the run
+    would refuse after loading the model (unreadable, corrupt, a mode that cannot become RGB):
+    each file is opened and verified, its pixels are not kept (they are read at their size later)."""
+    from ipl_diffusion.images import check_image_file, list_image_files
+
+    files = [Path(folder)] if Path(folder).is_file() else list_image_files(folder, option=f"--{name}")
+    for file in files:
+        try:
+            check_image_file(file)
+        except UserError as err:
+            raise type(err)(f"--{name}: {err}") from err
+
+
 # What an earlier `ipl adapt` leaves in --output as its result.
-RESULT_NAMES = ("pipeline", "before_after.png")
+RESULT_NAMES = ("pipeline", before_after.FILE_NAME)
 
 
 def _check_earlier_result(args, output):
@@ -271,7 +327,7 @@ def _save_outputs(adapted, output):
         adapted.save_pretrained(folder)
     grid = getattr(adapted, "sample_grid", None)
     if grid is not None:
-        atomic_save_image(grid, output / "before_after.png")
+        atomic_save_image(grid, output / before_after.FILE_NAME)
     config = getattr(adapted, "adaptation_config", None)
     if config:
         atomic_write_text(output / "run_config.json", json.dumps(config, indent=2, sort_keys=True))

@@ -59,7 +59,7 @@ def list_inputs(path: Path) -> list[Path]:
         return [path]
     from ipl_diffusion.images import list_image_files
 
-    return list_image_files(path)
+    return list_image_files(path, option="--input")
 
 
 def load_inputs(files, size):

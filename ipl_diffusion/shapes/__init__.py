@@ -195,8 +195,10 @@ def check_domain(label):
     if key not in STYLES:
         raise UserError(
             f"The Shapes CLIP was not trained on the domain {label!r}; known domains: "
-            f"{', '.join(known_domains())}. Use one of them, or pass a real CLIP model "
-            "(e.g. openai/clip-vit-base-patch32) for open-vocabulary labels."
+            f"{', '.join(known_domains())}. Other labels need a real (open-vocabulary) CLIP, which comes with a "
+            "real model: ipl adapt --model <pipeline folder or Hub id whose text_encoder is a real CLIP>, or in "
+            "Python IPLPipeline / StyleGANIPLPipeline.from_components(<generator>, "
+            "text_encoder=\"openai/clip-vit-base-patch32\")."
         )
     return key
 
