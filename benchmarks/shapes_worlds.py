@@ -11,8 +11,9 @@ CLIP: the shipped balanced one as the control, or one trained with
 * ``manual`` -- NADA's template-averaged fixed direction (``ipl_diffusion.prompt_learning``);
 * ``oracle`` -- benchmark-only: ΔT_i from each image's *true* caption, "a {style} of a
   {colour} {shape}" for source and target style (averaged over the vocabulary's four full
-  caption templates, as NADA averages templates), the factors read from ``G_s(w)`` by the
-  evaluation oracle (a generated image has no renderer ground truth). Not a library scheme;
+  caption templates, as NADA averages templates); on the GAN the factors are read from
+  ``G_s(w)`` by the evaluation oracle (a generated image has no renderer ground truth), on
+  the DiffAE they are the rendered photos' true ones. Not a library scheme;
 * ``adaptive`` -- IPL's Stage 1 mapper (Eq. 6), as ``ipl adapt`` runs it.
 
 **The gate.** A world can decide the question only if the oracle's per-image directions beat
@@ -20,13 +21,25 @@ NADA's fixed one on factor preservation / diversity at matched target accuracy, 
 intervals (paired over seeds) that exclude 0. A world that fails the gate is not evidence
 about IPL either way.
 
-**Matched stylisation.** Every run is one GAN-IPL Stage 2 (``GANIPLTrainer``, the shipped
-settings unless overridden) whose EMA generator is scored at several iterations
+**Matched stylisation.** Every run is one Stage 2 scored at several iterations
 (``--milestones``; Adam at a constant lr, so the prefix of a run *is* a shorter run). Each
 seed's curve (target accuracy vs shape kept, colour kept, entropies, ...) is interpolated at
 ``--match_acc`` target accuracies, and schemes are compared there, seed by seed.
 
-**Diagnostics** (per world, scheme and seed, on 256 held-out ``w``): Stage-1 held-out
+**Backends** (``--backend``, part of the run key; each has its own default ``--milestones``,
+``--learning_rates`` and ``--output_dir``):
+
+* ``stylegan2`` (default) -- the shipped Shapes StyleGAN2, ``GANIPLTrainer`` with the shipped
+  settings unless overridden; its EMA generator is scored on 32 fixed ``z`` (truncation
+  0.7), the factors of ``G_s(z)`` read by the oracle (``StyleGAN2Backend``);
+* ``diffae`` -- the shipped Shapes ``IPLPipeline`` adapted as ``ipl adapt`` does
+  (``DiffAEStage2Trainer``, the folder's ``adapt_defaults``): rendered photos with true
+  factors for training, for the oracle scheme's captions and for evaluation (held-out photos,
+  DDIM-inverted once, decoded by the trained UNet at each milestone;
+  ``shapes_worlds_diffae.py``).
+
+**Diagnostics** (per world, scheme and seed; GAN: 256 held-out ``w``, their content read by
+the oracle; DiffAE: the evaluation photos' ``z_sem`` and true content): Stage-1 held-out
 retrieval (adaptive), the spread of the ΔT_i (mean pairwise cosine), and the content alignment
 mean_i cos(ΔT_i - mean ΔT, c_i - mean c) with c_i the true content caption's features
 ("a {colour} {shape}"). Per world (text only): the mean cosine between the ideal directions of
@@ -43,6 +56,7 @@ Usage::
 
     python benchmarks/shapes_worlds.py --worlds control=ipl_diffusion/shapes_models/clip biased=PATH
     python benchmarks/shapes_worlds.py --quick        # smoke test, < 5 min, writes under runs/
+    python benchmarks/shapes_worlds.py --backend diffae --worlds control=ipl_diffusion/shapes_models/clip biased=PATH
     python benchmarks/shapes_worlds.py --tables_only  # tables and plots from runs.csv
 """
 
@@ -65,7 +79,8 @@ for path in (REPO, REPO / "benchmarks"):
 
 from ipl_diffusion.configs import GANStage2Config, Stage1Config  # noqa: E402
 from ipl_diffusion.grids import labelled_grid  # noqa: E402
-from ipl_diffusion.shapes import COLORS, SHAPES, STYLES, default_model_path  # noqa: E402
+from ipl_diffusion.shapes import (COLORS, SHAPES, SHAPES_ADAPT_DEFAULTS, SHAPES_GAN_ADAPT_DEFAULTS, STYLES,  # noqa: E402
+                                  default_model_path)
 from ipl_diffusion.shapes.vocab import CAPTION_TEMPLATES  # noqa: E402
 from ipl_diffusion.shapes.worlds import DEFAULT_STYLE_BIAS  # noqa: E402
 
@@ -93,28 +108,50 @@ MIN_GATE_SEEDS = 5
 # content should pull NADA's images there.
 DRIFT_METRICS = (("drift_to_bias_shape", "→ biased shape"), ("drift_to_bias_color", "→ biased colour"))
 FULL_CAPTIONS = CAPTION_TEMPLATES[("style", "color", "shape")]
+# Per backend, what --milestones / --learning_rates / --output_dir default to (the shipped
+# Stage 2: GAN 0.001, scored up to 250 of its 300 iterations; DiffAE 1.5e-4 for 30
+# iterations, scored every 5), what --quick sets, and the options that join the run key
+# (none for the GAN, so that the keys of its runs made before the DiffAE backend stay valid).
+BACKEND_DEFAULTS = {
+    "stylegan2": dict(milestones=[10, 20, 30, 45, 60, 80, 100, 130, 160, 200, 250],
+                      learning_rates=[SHAPES_GAN_ADAPT_DEFAULTS["learning_rate"]],
+                      output_dir="benchmarks/results/shapes_worlds", quick=dict(milestones=[2, 4]), key_options=()),
+    "diffae": dict(milestones=list(range(5, SHAPES_ADAPT_DEFAULTS["iterations"] + 1, 5)),
+                   learning_rates=[SHAPES_ADAPT_DEFAULTS["learning_rate"]],
+                   output_dir="benchmarks/results/shapes_worlds_diffae",
+                   quick=dict(milestones=[1, 2], train_images=4, stage1_images=64),
+                   key_options=("backend", "train_images", "stage1_images")),
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backend", default="stylegan2", choices=sorted(BACKEND_DEFAULTS),
+                   help="the generator adapted: the shipped Shapes StyleGAN2 or DiffAE (IPLPipeline)")
     p.add_argument("--worlds", nargs="+", default=None,
                    help="NAME=CLIP_FOLDER pairs (default: control = the shipped Shapes CLIP)")
-    p.add_argument("--gan_model", default=None, help="source StyleGANIPLPipeline folder (default: the shipped Shapes GAN)")
+    p.add_argument("--gan_model", default=None, help="stylegan2: source StyleGANIPLPipeline folder (default: the shipped Shapes GAN)")
+    p.add_argument("--diffae_model", default=None, help="diffae: source IPLPipeline folder (default: the shipped Shapes DiffAE)")
     p.add_argument("--oracle", default=None, help="evaluation oracle folder (default: the shipped one); the same in every world")
-    p.add_argument("--output_dir", default="benchmarks/results/shapes_worlds")
+    p.add_argument("--output_dir", default=None, help="default: benchmarks/results/shapes_worlds (stylegan2), "
+                   "benchmarks/results/shapes_worlds_diffae (diffae)")
     p.add_argument("--target", default="sketch")
     p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    p.add_argument("--learning_rates", nargs="+", type=float, default=[0.001], help="Stage 2 lr (shipped: 0.001)")
-    p.add_argument("--milestones", nargs="+", type=int, default=[10, 20, 30, 45, 60, 80, 100, 130, 160, 200, 250],
-                   help="iterations at which the EMA generator is scored (the last is the run's length)")
+    p.add_argument("--learning_rates", nargs="+", type=float, default=None,
+                   help="Stage 2 lr (default: the shipped one, stylegan2 0.001, diffae 1.5e-4)")
+    p.add_argument("--milestones", nargs="+", type=int, default=None,
+                   help="iterations at which the adapted generator is scored (the last is the run's length; "
+                   "default stylegan2 10 20 ... 250, diffae 5 10 ... 30)")
     p.add_argument("--batch_size", type=int, default=4, help="Stage 2 batch (shipped 4)")
     p.add_argument("--stage1_iterations", type=int, default=300, help="adaptive Stage 1 iterations (shipped 300)")
     p.add_argument("--stage1_batch_size", type=int, default=32)
     p.add_argument("--lambda_domain", type=float, default=1.0)
+    p.add_argument("--train_images", type=int, default=None, help="diffae: Stage-2 photos per seed (default: the shipped 16)")
+    p.add_argument("--stage1_images", type=int, default=None, help="diffae: Stage-1 pool of photos per seed (default: the shipped 2048)")
     p.add_argument("--eval_images", type=int, default=32)
-    p.add_argument("--diag_latents", type=int, default=256)
-    p.add_argument("--truncation", type=float, default=0.7)
+    p.add_argument("--diag_latents", type=int, default=256, help="stylegan2: held-out w of the direction diagnostics")
+    p.add_argument("--truncation", type=float, default=0.7, help="stylegan2: truncation of the evaluated images")
     p.add_argument("--match_acc", nargs="+", type=float, default=[0.5, 0.8])
     p.add_argument("--images_dir", default=str(REPO / "runs" / "shapes_worlds_images"),
                    help="every milestone's evaluated images (uint8 safetensors; not committed), for re-scoring with another oracle")
@@ -124,19 +161,29 @@ def parse_args(argv=None):
     p.add_argument("--tables_only", action="store_true", help="regenerate tables / plots from runs.csv, run nothing")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 seed, tiny budgets, output under runs/")
     args = p.parse_args(argv)
+    defaults = BACKEND_DEFAULTS[args.backend]
+    for name in ("milestones", "learning_rates", "output_dir"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
     if args.worlds is None:
         args.worlds = [f"control={default_model_path('clip')}"]
     if args.quick:
-        args.seeds = args.seeds[:1]
-        args.milestones = [2, 4]
-        args.stage1_iterations, args.eval_images, args.diag_latents = 5, 8, 16
-        # --quick never writes into the committed results folder: there it goes under runs/.
-        results = (REPO / "benchmarks" / "results").resolve()
-        if Path(args.output_dir).resolve().is_relative_to(results):
-            args.output_dir = str(REPO / "runs" / "shapes_worlds_quick")
-        args.images_dir = str(Path(args.output_dir) / "images")
+        apply_quick(args, defaults)
     args.milestones = sorted(set(args.milestones))
     return args
+
+
+def apply_quick(args, defaults):
+    """--quick: one seed, tiny budgets (diffae: 4 photos, a pool of 64), output under runs/."""
+    args.seeds = args.seeds[:1]
+    args.stage1_iterations, args.eval_images, args.diag_latents = 5, 8, 16
+    for name, value in defaults["quick"].items():
+        setattr(args, name, value)
+    # --quick never writes into the committed results folder: there it goes under runs/.
+    results = (REPO / "benchmarks" / "results").resolve()
+    if Path(args.output_dir).resolve().is_relative_to(results):
+        args.output_dir = str(REPO / "runs" / f"{Path(defaults['output_dir']).name}_quick")
+    args.images_dir = str(Path(args.rescore_from or args.output_dir) / "images")  # re-scoring reads the old run's
 
 
 def parse_worlds(items):
@@ -177,11 +224,11 @@ def run_settings_key(args, digests):
 
     ``--seeds``, ``--worlds`` names, ``--schemes``, ``--match_acc`` and the output folder only
     choose *which* runs / tables are made, so they are not part of it; the world's CLIP file is
-    (``digests``), per run.
+    (``digests``), per run. A backend's ``key_options`` join it (``BACKEND_DEFAULTS``).
     """
     settings = {k: getattr(args, k) for k in (
         "target", "milestones", "batch_size", "stage1_iterations", "stage1_batch_size", "lambda_domain",
-        "eval_images", "diag_latents", "truncation")}
+        "eval_images", "diag_latents", "truncation") + BACKEND_DEFAULTS[args.backend]["key_options"]}
     blob = json.dumps({"settings": settings, "models": digests}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -192,15 +239,16 @@ def run_settings_key(args, digests):
 class OracleCaptionPrompts:
     """Benchmark-only prompt scheme: each image's *true* caption features.
 
-    ``text_features(w (B, style_dim), label) -> (B, D)``: reads shape and colour of
-    ``G_s(w)`` (fixed noise) with the evaluation oracle and returns the mean of the unit CLIP
-    text features of the full captions "a {label} of a {colour} {shape}" (the vocabulary's
-    templates), the same form as NADA's template-averaged label features. Features of the
-    6 x 6 contents are computed once per label.
+    ``text_features(latents (B, ...), label, content=None) -> (B, D)``: the mean of the unit
+    CLIP text features of the full captions "a {label} of a {colour} {shape}" (the
+    vocabulary's templates), the same form as NADA's template-averaged label features, for
+    ``content = (shape (B,), colour (B,))`` indices; without it, ``read_content(latents)``
+    gives them (the GAN: shape and colour of ``G_s(w)`` read by the evaluation oracle). Features
+    of the 6 x 6 contents are computed once per label.
     """
 
-    def __init__(self, encoder, source_generator, oracle):
-        self.encoder, self.source_generator, self.oracle = encoder, source_generator, oracle
+    def __init__(self, encoder, read_content=None):
+        self.encoder, self.read_content = encoder, read_content
         self._table = {}
 
     def caption_table(self, label):
@@ -216,15 +264,9 @@ class OracleCaptionPrompts:
         return self._table[label]
 
     @torch.no_grad()
-    def read_content(self, w):
-        images, _ = self.source_generator([w], input_is_latent=True, randomize_noise=False)
-        pred = self.oracle.predict(images)
-        return pred["shape"].cpu(), pred["color"].cpu()
-
-    @torch.no_grad()
-    def text_features(self, w, label, content=None):
-        shape, color = content if content is not None else self.read_content(w)
-        return self.caption_table(label)[shape, color].to(w.device)
+    def text_features(self, latents, label, content=None):
+        shape, color = content if content is not None else self.read_content(latents)
+        return self.caption_table(label)[shape, color].to(latents.device)
 
 
 def content_features(encoder, shape, color):
@@ -263,7 +305,7 @@ def world_diagnostics(encoder, target, source="photo"):
     """Text-only checks of a world's CLIP: how alike the 36 ideal directions are, and how close
     NADA's template-averaged direction is to each (0.995 / >= 0.97 in the balanced world).
     """
-    table = OracleCaptionPrompts(encoder, None, None)
+    table = OracleCaptionPrompts(encoder)
     ideal = (table.caption_table(target) - table.caption_table(source)).flatten(0, 1)
     unit = F.normalize(ideal, dim=-1)
     n = len(unit)
@@ -334,43 +376,132 @@ def render(generator, w, mean_w, truncation):
     return images.float().clamp(-1, 1).cpu()
 
 
-def run_one(pipe, encoder, image_features, oracle, scheme, seed, lr, args, ev, diag):
-    """One Stage 1 + Stage 2 run; yields ``(iteration, metrics, images)`` at each milestone
-    after the run-level diagnostics (``iteration`` 0, images None)."""
-    from ipl_diffusion.adaptation import stylegan2 as gan_ipl
+class StyleGAN2Backend:
+    """The GAN (``--backend stylegan2``): the Shapes ``StyleGANIPLPipeline`` (``--gan_model``)
+    adapted by ``GANIPLTrainer``, its EMA generator scored on ``G_s`` of fixed ``z``.
 
-    source_generator = pipe.source_generator
-    target = args.target
+    What a backend supplies to the shared benchmark (``DiffAEBackend`` the same): the loaded
+    ``pipe`` / ``path``, ``model_digests``, ``content_reader`` (the oracle scheme's content of a
+    training latent, None when it is given), ``evaluation_set``, ``diagnostics_set``, the
+    grid / table labels, ``stage1``, ``stage2_prompts``, ``trainer`` and ``render``.
+    """
+
+    name = "stylegan2"
+
+    def __init__(self, args, device):
+        self.pipe, self.path = sc.load_source_pipeline("stylegan2", args.gan_model, device)
+        self.generator = self.pipe.source_generator
+
+    def model_digests(self, digest):
+        """``{name: digest}`` of the model files that define a run (``digest``: a folder's sha256)."""
+        return {"gan": digest(Path(self.path) / "source_generator")}
+
+    def content_reader(self, oracle):
+        """``w -> (shape, colour)`` of ``G_s(w)`` (fixed noise) read by ``oracle``: a generated
+        image has no renderer ground truth."""
+        @torch.no_grad()
+        def read(w):
+            images, _ = self.generator([w], input_is_latent=True, randomize_noise=False)
+            pred = oracle.predict(images)
+            return pred["shape"].cpu(), pred["color"].cpu()
+        return read
+
+    def evaluation_set(self, oracle, args):
+        """Source images ``ev_x`` and the ``ev`` dict runs are scored against (``factors``, ``spread``)."""
+        from types import SimpleNamespace
+
+        # Fixed z of a stream no run trains on, and the source generator's images of them, read
+        # by the oracle (a generated image has no renderer ground truth).
+        z = torch.randn(args.eval_images, self.generator.style_dim, generator=torch.Generator().manual_seed(31337))
+        mean_w = self.pipe.mean_latent()
+        with torch.no_grad():
+            ev_w = self.generator.get_latent(z)
+        ev_x = render(self.generator, ev_w, mean_w, args.truncation)
+        read = oracle.predict(ev_x)
+        factors = SimpleNamespace(shape=read["shape"], color=read["color"], position=read["position"], size=read["size"])
+        return ev_x, dict(w=ev_w, mean_w=mean_w, factors=factors, spread=sc.mean_pairwise_distance(read["features"]))
+
+    def diagnostics_set(self, oracle, args, ev):
+        """``--diag_latents`` untruncated w (what Stage 1 / 2 train on) of another stream and their content."""
+        zd = torch.randn(args.diag_latents, self.generator.style_dim, generator=torch.Generator().manual_seed(4242))
+        with torch.no_grad():
+            w = self.generator.get_latent(zd)
+        return dict(w=w, content=self.content_reader(oracle)(w))
+
+    def source_label(self, args):
+        return "source G_s(z)", f"source G_s(z) (truncation {args.truncation})"
+
+    def diagnostics_label(self, args):
+        return f"{args.diag_latents} held-out w"
+
+    def stage1(self, encoder, image_features, options, seed, args):
+        from ipl_diffusion.adaptation import stylegan2 as gan_ipl
+
+        return gan_ipl.run_stage1(self.generator, encoder, image_features, "photo", args.target, options, seed, False)
+
+    def stage2_prompts(self, learner, scheme, seed, args):
+        """What ``GANIPLTrainer`` reads the directions from: ``w -> (source (B, D), target (B, D))``."""
+        return lambda w: (learner.text_features(w, "photo"), learner.text_features(w, args.target))
+
+    def trainer(self, prompts, encoder, image_features, seed, lr, args):
+        from ipl_diffusion.adaptation import stylegan2 as gan_ipl
+
+        config = GANStage2Config(iterations=args.milestones[-1], batch_size=args.batch_size, learning_rate=lr, seed=seed)
+        with torch.no_grad():
+            target_text = encoder.encode_text([args.target])[0]
+        return gan_ipl.GANIPLTrainer(self.generator, prompts, image_features, target_text, config)
+
+    def render(self, trainer, ev, args):
+        """The EMA generator's images of the evaluation set now."""
+        return render(trainer.generator_ema, ev["w"], ev["mean_w"], args.truncation)
+
+
+def make_backend(args, device):
+    """The ``--backend``'s loaded source model (``StyleGAN2Backend`` / ``shapes_worlds_diffae.DiffAEBackend``)."""
+    if args.backend == "diffae":
+        from shapes_worlds_diffae import DiffAEBackend
+
+        return DiffAEBackend(args, device)
+    return StyleGAN2Backend(args, device)
+
+
+def stage1_run(backend, encoder, image_features, oracle, scheme, seed, args, diag):
+    """One run's prompts (the oracle's true captions, or ``backend.stage1``) and their diagnostics
+    on the held-out ``diag`` set: ``(learner, info)``, info being iteration 0's row values."""
     t0 = time.time()
-    info = {}
     if scheme == "oracle":
-        learner = OracleCaptionPrompts(encoder, source_generator, oracle)
-        prompt_features = lambda w: (learner.text_features(w, "photo"), learner.text_features(w, target))  # noqa: E731
+        learner = OracleCaptionPrompts(encoder, backend.content_reader(oracle))
         src_d = learner.text_features(diag["w"], "photo", diag["content"])
-        tgt_d = learner.text_features(diag["w"], target, diag["content"])
-        info["stage1_heldout_retrieval"] = float("nan")
+        tgt_d = learner.text_features(diag["w"], args.target, diag["content"])
+        retrieval = None
     else:
         options = Stage1Config(scheme=scheme, lambda_domain=args.lambda_domain, stage1_iterations=args.stage1_iterations,
                                stage1_batch_size=args.stage1_batch_size, n_ctx=4, label_templates="imagenet")
-        learner = gan_ipl.run_stage1(source_generator, encoder, image_features, "photo", target, options, seed, False)
-        prompt_features = lambda w: (learner.text_features(w, "photo"), learner.text_features(w, target))  # noqa: E731
+        learner = backend.stage1(encoder, image_features, options, seed, args)
         with torch.no_grad():
-            src_d, tgt_d = prompt_features(diag["w"])
-        info["stage1_heldout_retrieval"] = float(learner.heldout_retrieval) if learner.heldout_retrieval is not None else float("nan")
+            src_d, tgt_d = learner.text_features(diag["w"], "photo"), learner.text_features(diag["w"], args.target)
+        retrieval = learner.heldout_retrieval
+    info = dict(stage1_heldout_retrieval=float(retrieval) if retrieval is not None else float("nan"))
     info.update(direction_diagnostics(src_d, tgt_d, diag["c"]))
     info["stage1_seconds"] = time.time() - t0
+    return learner, info
+
+
+def run_one(backend, world_state, oracle, scheme, seed, lr, args, ev):
+    """One Stage 1 + Stage 2 run; yields ``(iteration, metrics, images)`` at each milestone
+    after the run-level diagnostics (``iteration`` 0, images None)."""
+    encoder, image_features, diag = world_state
+    learner, info = stage1_run(backend, encoder, image_features, oracle, scheme, seed, args, diag)
     yield 0, info, None
 
-    config = GANStage2Config(iterations=args.milestones[-1], batch_size=args.batch_size, learning_rate=lr, seed=seed)
-    with torch.no_grad():
-        target_text = encoder.encode_text([target])[0]
-    trainer = gan_ipl.GANIPLTrainer(source_generator, prompt_features, image_features, target_text, config)
+    prompts = backend.stage2_prompts(learner, scheme, seed, args)
+    trainer = backend.trainer(prompts, encoder, image_features, seed, lr, args)
     t1 = time.time()
-    while trainer.step < config.iterations:
+    while trainer.step < args.milestones[-1]:
         trainer.train_step()
         if trainer.step in args.milestones:
-            images = render(trainer.generator_ema, ev["w"], ev["mean_w"], args.truncation)
-            metrics = score(oracle, images, ev, target)
+            images = backend.render(trainer, ev, args)
+            metrics = score(oracle, images, ev, args.target)
             metrics["stage2_seconds"] = time.time() - t1
             yield trainer.step, metrics, images
 
@@ -598,8 +729,7 @@ class Models:
 
     oracle: object
     oracle_path: Path
-    pipe: object
-    gan_path: object
+    backend: object
     digests: dict
     world_digests: dict
 
@@ -647,15 +777,15 @@ class RunsWriter:
 
 
 def load_models(args, worlds, device):
-    """Load the evaluation oracle and the source GAN; digest them and every world's CLIP."""
+    """Load the evaluation oracle and the backend's source model; digest them and every world's CLIP."""
     from ipl_diffusion.shapes.oracle import ShapesOracle
 
     oracle_path = Path(args.oracle or default_model_path("oracle"))
     oracle = ShapesOracle.from_pretrained(str(oracle_path)).eval()
-    pipe, gan_path = sc.load_source_pipeline("stylegan2", args.gan_model, device)
-    digests = {"gan": folder_digest(Path(gan_path) / "source_generator"), "oracle": folder_digest(oracle_path)}
+    backend = make_backend(args, device)
+    digests = dict(backend.model_digests(folder_digest), oracle=folder_digest(oracle_path))
     world_digests = {name: folder_digest(path) for name, path in worlds.items()}
-    return Models(oracle, oracle_path, pipe, gan_path, digests, world_digests)
+    return Models(oracle, oracle_path, backend, digests, world_digests)
 
 
 def load_rescore_source(args, out):
@@ -696,33 +826,29 @@ def read_current_runs(runs_path, keys, last_milestone):
     return current, done
 
 
-def evaluation_set(pipe, oracle, args):
-    """The fixed evaluation set: source images ``ev_x``, the ``ev`` dict runs are scored against, and the source's metrics."""
-    from types import SimpleNamespace
-
-    # Fixed z of a stream no run trains on, and the source generator's images of them, read
-    # by the oracle (a generated image has no renderer ground truth).
-    z = torch.randn(args.eval_images, pipe.source_generator.style_dim, generator=torch.Generator().manual_seed(31337))
-    mean_w = pipe.mean_latent()
-    with torch.no_grad():
-        ev_w = pipe.source_generator.get_latent(z)
-    ev_x = render(pipe.source_generator, ev_w, mean_w, args.truncation)
-    read = oracle.predict(ev_x)
-    ev = dict(w=ev_w, mean_w=mean_w, factors=SimpleNamespace(shape=read["shape"], color=read["color"], position=read["position"], size=read["size"]))
-    ev["spread"] = sc.mean_pairwise_distance(read["features"])
-    return ev_x, ev, score(oracle, ev_x, ev, args.target)
+def evaluation_set(backend, oracle, args):
+    """The fixed evaluation set: the unadapted model's images ``ev_x`` (iteration 0 of every
+    curve), the ``ev`` dict runs are scored against, and the metrics of ``ev_x`` (with
+    ``photos``: those of the source photos too, under ``"photos"``)."""
+    ev_x, ev = backend.evaluation_set(oracle, args)
+    source_metrics = score(oracle, ev_x, ev, args.target)
+    if "photos" in ev:
+        source_metrics["photos"] = score(oracle, ev["photos"], ev, args.target)
+    return ev_x, ev, source_metrics
 
 
-def diagnostics_latents(pipe, n):
-    """``n`` untruncated w (what Stage 1 / 2 train on) of another stream, for the direction diagnostics."""
-    zd = torch.randn(n, pipe.source_generator.style_dim, generator=torch.Generator().manual_seed(4242))
-    with torch.no_grad():
-        return pipe.source_generator.get_latent(zd)
+def check_output_backend(out, args):
+    """Refuse an output folder whose ``config.json`` (and so its tables) is another backend's."""
+    path = out / "config.json"
+    if path.is_file():
+        made_with = json.loads(path.read_text()).get("backend", "stylegan2")  # older configs: the GAN's
+        if made_with != args.backend:
+            raise ValueError(f"{out} holds --backend {made_with} results; give --backend {args.backend} another --output_dir")
 
 
 def write_config(args, out, models, keys, source_metrics):
     """``config.json``: every option, the model paths and digests, the run keys and the source's metrics."""
-    config = dict(vars(args), gan_model=str(models.gan_path), oracle_path=str(models.oracle_path), model_digests=models.digests,
+    config = dict(vars(args), source_model=str(models.backend.path), oracle_path=str(models.oracle_path), model_digests=models.digests,
                   world_digests=models.world_digests, run_keys=keys, torch=torch.__version__, torch_threads=torch.get_num_threads(),
                   source_metrics=source_metrics)
     (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
@@ -762,21 +888,21 @@ def rescore_runs(args, worlds, keys, done, rescore, oracle, ev, writer):
                 writer.write(row)
 
 
-def prepare_worlds(worlds, args, pipe, oracle, diag_w, device):
-    """Load every world's CLIP; returns per world ``(encoder, image_features, diag)`` and its text-only diagnostics rows."""
+def prepare_worlds(worlds, args, diag, device):
+    """Load every world's CLIP; returns per world ``(encoder, image_features, diag)`` (``diag``:
+    the backend's ``diagnostics_set`` with the content captions' features ``c`` in this world)
+    and its text-only diagnostics rows."""
     state, diag_rows = {}, []
     for world, clip_path in worlds.items():
         encoder, image_features = load_world_clip(clip_path, device)
         wd = world_diagnostics(encoder, args.target)
         diag_rows.append(dict(world=world, clip=str(clip_path), **wd))
         print(f"world {world}: {wd}", flush=True)
-        probe = OracleCaptionPrompts(encoder, pipe.source_generator, oracle)
-        content = probe.read_content(diag_w)
-        state[world] = (encoder, image_features, dict(w=diag_w, content=content, c=content_features(encoder, *content)))
+        state[world] = (encoder, image_features, dict(diag, c=content_features(encoder, *diag["content"])))
     return state, diag_rows
 
 
-def record_run(writer, pipe, oracle, world_state, ident, args, ev):
+def record_run(writer, backend, oracle, world_state, ident, args, ev):
     """One run, its rows written as its milestones are scored.
 
     Returns the run-level diagnostics, the last metrics, the uint8 images per milestone
@@ -784,7 +910,7 @@ def record_run(writer, pipe, oracle, world_state, ident, args, ev):
     """
     encoder, image_features, diag = world_state
     info, metrics, saved, grid = {}, None, {}, {}
-    for iteration, metrics, images in run_one(pipe, encoder, image_features, oracle, ident["scheme"], ident["seed"], ident["lr"], args, ev, diag):
+    for iteration, metrics, images in run_one(backend, world_state, oracle, ident["scheme"], ident["seed"], ident["lr"], args, ev):
         if iteration == 0:
             info = metrics
             row = dict(ident, iteration=0, **info)
@@ -806,7 +932,7 @@ def save_run_images(saved, folder, name):
     save_file(saved, str(folder / name))
 
 
-def run_all(args, worlds, state, keys, done, writer, pipe, oracle, ev, started):
+def run_all(args, worlds, state, keys, done, writer, backend, oracle, ev, started):
     """Every run not yet done (progress timed from ``started``); returns the first seed's grid images per world and scheme."""
     grid_rows = {}
     # Seeds outermost, then worlds: an interrupted benchmark has paired seeds in every world.
@@ -817,7 +943,7 @@ def run_all(args, worlds, state, keys, done, writer, pipe, oracle, ev, started):
                     if (keys[world], world, scheme, lr, seed) in done:
                         continue
                     ident = dict(key=keys[world], world=world, scheme=scheme, lr=lr, seed=seed)
-                    info, metrics, saved, grid = record_run(writer, pipe, oracle, state[world], ident, args, ev)
+                    info, metrics, saved, grid = record_run(writer, backend, oracle, state[world], ident, args, ev)
                     if grid and seed == args.seeds[0] and lr == args.learning_rates[0]:
                         grid_rows.setdefault(world, {}).setdefault(scheme, {}).update(grid)
                     save_run_images(saved, Path(args.images_dir) / keys[world], run_images_name(world, scheme, lr, seed))
@@ -827,9 +953,10 @@ def run_all(args, worlds, state, keys, done, writer, pipe, oracle, ev, started):
     return grid_rows
 
 
-def write_grids(grid_rows, ev_x, args, out):
+def write_grids(grid_rows, ev_x, source_label, args, out):
     """Grid per world: the source row, then per scheme the first milestone at or above the
-    highest matched accuracy (else the last), first seed."""
+    highest matched accuracy (else the last), first seed. ``source_label``: ``(row label,
+    its description)``."""
     for world, per_scheme in grid_rows.items():
         rows_img, labels = [ev_x[:12]], []
         for scheme in args.schemes:
@@ -839,14 +966,14 @@ def write_grids(grid_rows, ev_x, args, out):
                 rows_img.append(per_scheme[scheme][pick][1])
                 labels.append(f"{scheme}@{pick} (acc {per_scheme[scheme][pick][0]:.2f})")
         stem = f"{world}_{args.target.replace(' ', '_')}"
-        labelled_grid(rows_img, ["source G_s(z)", *labels]).save(out / "grids" / f"{stem}.png")
+        labelled_grid(rows_img, [source_label[0], *labels]).save(out / "grids" / f"{stem}.png")
         (out / "grids" / f"{stem}.txt").write_text(
-            f"rows: source G_s(z) (truncation {args.truncation}), " + ", ".join(labels) + " (scheme@iteration, first seed)\n")
+            f"rows: {source_label[1]}, " + ", ".join(labels) + " (scheme@iteration, first seed)\n")
 
 
-def direction_diagnostics_lines(current, worlds, args):
+def direction_diagnostics_lines(current, worlds, args, diag_label):
     """Markdown lines of the per-run direction diagnostics, mean ± 95% interval over seeds."""
-    lines = ["", "### Direction diagnostics (256 held-out w; mean ± 95% interval over seeds)", "",
+    lines = ["", f"### Direction diagnostics ({diag_label}; mean ± 95% interval over seeds)", "",
              "| world | scheme | Stage-1 held-out retrieval | ΔT_i mean pairwise cos | ΔT residual / mean | content alignment |", "|---|---|---|---|---|---|"]
     for world in worlds:
         for scheme in args.schemes:
@@ -861,16 +988,32 @@ def direction_diagnostics_lines(current, worlds, args):
     return lines
 
 
-def write_tables(current, worlds, args, source_metrics, out):
+def write_tables(current, worlds, args, source_metrics, diag_label, out):
     """matched.md (with the direction diagnostics), the curves and the plots, from the runs' rows."""
     curves_rows = [r for r in current if int(r["iteration"]) > 0]
-    diag_summary = direction_diagnostics_lines(current, worlds, args)
+    diag_summary = direction_diagnostics_lines(current, worlds, args, diag_label)
     text = analyse(curves_rows, args, source_metrics, out) + "\n".join(diag_summary) + "\n"
     (out / "matched.md").write_text(text)
     write_curves(curves_rows, args, out)
     curve_plots(curves_rows, args, out)
     print(text)
     print(f"results in {out}")
+
+
+def adapt_all(args, worlds, models, keys, done, runs_path, current, ev_x, ev, device, out):
+    """Run every missing run (appending to runs.csv), then write the grids and world diagnostics."""
+    backend = models.backend
+    diag = backend.diagnostics_set(models.oracle, args, ev)
+    writer = RunsWriter(runs_path, current)
+    try:
+        started = time.time()
+        state, diag_rows = prepare_worlds(worlds, args, diag, device)
+        grid_rows = run_all(args, worlds, state, keys, done, writer, backend, models.oracle, ev, started)
+        write_grids(grid_rows, ev_x, backend.source_label(args), args, out)
+    finally:
+        writer.close()
+    if diag_rows:
+        write_csv(out / "world_diagnostics.csv", diag_rows)
 
 
 def main(argv=None):
@@ -881,6 +1024,7 @@ def main(argv=None):
     if args.target not in STYLES[1:]:
         raise ValueError(f"unknown target {args.target!r}; choose from {', '.join(STYLES[1:])}")
     out = Path(args.output_dir)
+    check_output_backend(out, args)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     (out / "grids").mkdir(parents=True, exist_ok=True)
     device = "cpu"
@@ -889,8 +1033,7 @@ def main(argv=None):
     keys = world_run_keys(args, worlds, models, rescore)
     runs_path = out / "runs.csv"
     current, done = read_current_runs(runs_path, keys, args.milestones[-1])
-    ev_x, ev, source_metrics = evaluation_set(models.pipe, models.oracle, args)
-    diag_w = diagnostics_latents(models.pipe, args.diag_latents)
+    ev_x, ev, source_metrics = evaluation_set(models.backend, models.oracle, args)
     if not args.tables_only:  # the tables are re-derived; the record of how the runs were made stays
         write_config(args, out, models, keys, source_metrics)
 
@@ -902,18 +1045,9 @@ def main(argv=None):
         finally:
             writer.close()
     elif not args.tables_only:
-        writer = RunsWriter(runs_path, current)
-        try:
-            started = time.time()
-            state, diag_rows = prepare_worlds(worlds, args, models.pipe, models.oracle, diag_w, device)
-            grid_rows = run_all(args, worlds, state, keys, done, writer, models.pipe, models.oracle, ev, started)
-            write_grids(grid_rows, ev_x, args, out)
-        finally:
-            writer.close()
-        if diag_rows:
-            write_csv(out / "world_diagnostics.csv", diag_rows)
+        adapt_all(args, worlds, models, keys, done, runs_path, current, ev_x, ev, device, out)
 
-    write_tables(current, worlds, args, source_metrics, out)
+    write_tables(current, worlds, args, source_metrics, models.backend.diagnostics_label(args), out)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def main(paths):
         with torch.no_grad():
             e0, e1, e2 = [F.normalize(image_features(x), dim=-1) for x in (photos, sketches, biased_sketches)]
             nada = F.normalize(encoder.label_features("sketch") - encoder.label_features("photo"), dim=-1)
-            table = sw.OracleCaptionPrompts(encoder, None, None)
+            table = sw.OracleCaptionPrompts(encoder)
             oracle = F.normalize(table.caption_table("sketch")[factors.shape, factors.color]
                                  - table.caption_table("photo")[factors.shape, factors.color], dim=-1)
         d_keep, d_bias = F.normalize(e1 - e0, dim=-1), F.normalize(e2 - e0, dim=-1)

@@ -154,6 +154,83 @@ def test_quick_benchmark_runs_every_scheme_and_resumes(bench, tmp_path):
         assert len(list(csv.DictReader(handle))) == len(rows)
 
 
+@pytest.mark.slow
+def test_quick_diffae_benchmark_runs_every_scheme_and_resumes(bench, tmp_path):
+    """The DiffAE gate's smoke test: every scheme adapts the shipped Shapes DiffAE, the tables
+    and the grid are written, and a re-run adapts nothing."""
+    import csv
+    import json
+
+    bench.main(["--quick", "--backend", "diffae", "--output_dir", str(tmp_path)])
+    text = (tmp_path / "matched.md").read_text()
+    for name in ("manual (NADA)", "oracle (true captions)", "adaptive (IPL)", "oracle - manual", "evaluation photos' z_sem"):
+        assert name in text
+    with open(tmp_path / "runs.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["scheme"] for r in rows} == set(bench.SCHEMES)
+    assert {int(r["iteration"]) for r in rows} == {0, 1, 2}  # --quick's milestones
+    assert all(r["target_acc"] != "" for r in rows if int(r["iteration"]) > 0)
+    assert (tmp_path / "grids" / "control_sketch.png").is_file()
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["backend"] == "diffae" and "diffae_source_unet" in config["model_digests"]
+    bench.main(["--quick", "--backend", "diffae", "--output_dir", str(tmp_path)])
+    with open(tmp_path / "runs.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == len(rows)
+
+
+def test_diffae_oracle_directions_are_the_true_captions_of_each_training_photo(bench):
+    """The DiffAE trainer of the oracle scheme is given, per training photo, the caption-table
+    direction of the photo's true (renderer) content: computed here from the captions."""
+    import torch.nn.functional as F
+
+    from ipl_diffusion.shapes import ShapesRenderer, default_model_path
+
+    args = bench.parse_args(["--backend", "diffae", "--train_images", "6", "--stage1_images", "16", "--milestones", "1"])
+    backend = bench.make_backend(args, "cpu")
+    encoder, image_features = bench.load_world_clip(default_model_path("clip"), "cpu")
+    learner = bench.OracleCaptionPrompts(encoder, backend.content_reader(None))  # as the oracle scheme builds it
+    prompts = backend.stage2_prompts(learner, "oracle", 3, args)
+    trainer = backend.trainer(prompts, encoder, image_features, 3, 1e-4, args)
+    _, factors = ShapesRenderer(32).sample(6, seed=3, style="photo")  # the seed's training photos
+    content = list(zip(factors.shape.tolist(), factors.color.tolist()))
+    i, j = 0, next(k for k in range(1, 6) if content[k] != content[0])
+
+    def caption_features(style, shape, color):
+        texts = [t.format(style=style, color=COLORS[color], shape=SHAPES[shape]) for t in bench.FULL_CAPTIONS]
+        with torch.no_grad():
+            return F.normalize(encoder.encode_text(texts).float(), dim=-1).mean(0)
+
+    for k in (i, j):
+        expected = caption_features("sketch", *content[k]) - caption_features("photo", *content[k])
+        assert torch.allclose(trainer.tgt_text[k] - trainer.src_text[k], expected, atol=1e-5), content[k]
+    assert not torch.allclose(trainer.tgt_text[i] - trainer.src_text[i], trainer.tgt_text[j] - trainer.src_text[j], atol=1e-4)
+
+
+def test_the_committed_gan_results_keep_their_run_keys(bench):
+    """Adding the DiffAE backend left the GAN's run key as it was: the committed GAN results'
+    rows are still the current ones (not ignored as another key's)."""
+    import json
+
+    from repo_scripts import REPO
+
+    config = json.loads((REPO / "benchmarks/results/shapes_worlds/config.json").read_text())
+    args = bench.parse_args([])
+    for name in ("target", "milestones", "batch_size", "stage1_iterations", "stage1_batch_size", "lambda_domain",
+                 "eval_images", "diag_latents", "truncation"):
+        setattr(args, name, config[name])
+    for world, key in config["run_keys"].items():
+        assert bench.run_settings_key(args, dict(config["model_digests"], clip=config["world_digests"][world])) == key
+    assert bench.run_settings_key(bench.parse_args(["--backend", "diffae"]), {"clip": "a"}) != bench.run_settings_key(
+        bench.parse_args([]), {"clip": "a"})
+
+
+def test_an_output_folder_of_one_backend_is_refused_to_the_other(bench, tmp_path):
+    (tmp_path / "config.json").write_text('{"target": "sketch"}')  # an older GAN config: no backend recorded
+    bench.check_output_backend(tmp_path, bench.parse_args([]))
+    with pytest.raises(ValueError, match="--backend stylegan2 results"):
+        bench.check_output_backend(tmp_path, bench.parse_args(["--backend", "diffae"]))
+
+
 def test_probability_kept_reads_the_oracle_probability_of_each_source_value(bench):
     from types import SimpleNamespace
 
