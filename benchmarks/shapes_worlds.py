@@ -89,6 +89,46 @@ import shapes_collapse as sc  # noqa: E402  (the oracle metrics and the grid, sh
 SCHEMES = ("manual", "oracle", "adaptive", "learned", "random")
 SCHEME_NAMES = {"manual": "manual (NADA)", "oracle": "oracle (true captions)", "adaptive": "adaptive (IPL)",
                 "learned": "learned (one learned prompt)", "random": "random prompts"}
+# "adaptive@LAMBDA" is IPL with Eq. 5's domain-regularisation weight lambda instead of
+# --lambda_domain (the lambda sweep of the paper's Fig. 7), compared with NADA like any scheme.
+SWEEPABLE = ("adaptive",)
+
+
+def split_scheme(name):
+    """``"adaptive@0.5"`` -> ``("adaptive", 0.5)``; a plain scheme name -> ``(name, None)``."""
+    base, sep, value = name.partition("@")
+    return base, (float(value) if sep else None)
+
+
+def check_scheme(name):
+    """argparse type of ``--schemes``: a scheme of SCHEMES, or ``adaptive@LAMBDA`` (LAMBDA >= 0)."""
+    base, sep, value = name.partition("@")
+    if base not in SCHEMES:
+        raise argparse.ArgumentTypeError(f"unknown scheme {name!r}; known: {', '.join(SCHEMES)} (and adaptive@LAMBDA)")
+    if sep:
+        if base not in SWEEPABLE:
+            raise argparse.ArgumentTypeError(f"{name!r}: only {', '.join(SWEEPABLE)} takes @LAMBDA (Eq. 5's weight)")
+        try:
+            ok = float(value) >= 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{name!r}: LAMBDA must be a number >= 0")
+    return name
+
+
+def scheme_label(name):
+    """Table label of a scheme, with its lambda for a sweep point."""
+    base, lam = split_scheme(name)
+    return SCHEME_NAMES[base] + ("" if lam is None else f", λ = {lam:g}")
+
+
+def schemes_in(names):
+    """The distinct schemes among ``names`` in table order (SCHEMES, then lambda)."""
+    order = {s: i for i, s in enumerate(SCHEMES)}
+    return sorted(set(names), key=lambda s: (order[split_scheme(s)[0]], split_scheme(s)[1] or -1.0))
+
+
 # What the comparison reads at matched target accuracy: (key, label, which way is better).
 CURVE_METRICS = (
     ("shape_acc", "shape kept", 1),
@@ -136,7 +176,8 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", default=None, help="default: benchmarks/results/shapes_worlds (stylegan2), "
                    "benchmarks/results/shapes_worlds_diffae (diffae)")
     p.add_argument("--target", default="sketch")
-    p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
+    p.add_argument("--schemes", nargs="+", default=list(SCHEMES), type=check_scheme, metavar="SCHEME",
+                   help=f"among {', '.join(SCHEMES)}; adaptive@LAMBDA runs IPL with Eq. 5's weight LAMBDA (Fig. 7's sweep)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--learning_rates", nargs="+", type=float, default=None,
                    help="Stage 2 lr (default: the shipped one, stylegan2 0.001, diffae 1.5e-4)")
@@ -475,7 +516,9 @@ def stage1_run(backend, encoder, image_features, oracle, scheme, seed, args, dia
         tgt_d = learner.text_features(diag["w"], args.target, diag["content"])
         retrieval = None
     else:
-        options = Stage1Config(scheme=scheme, lambda_domain=args.lambda_domain, stage1_iterations=args.stage1_iterations,
+        base, lam = split_scheme(scheme)
+        options = Stage1Config(scheme=base, lambda_domain=args.lambda_domain if lam is None else lam,
+                               stage1_iterations=args.stage1_iterations,
                                stage1_batch_size=args.stage1_batch_size, n_ctx=4, label_templates="imagenet")
         learner = backend.stage1(encoder, image_features, options, seed, args)
         with torch.no_grad():
@@ -571,7 +614,7 @@ def matched_table(matched, worlds, lrs, args):
     for world in worlds:
         for lr in lrs:
             for acc in args.match_acc:
-                for scheme in args.schemes:
+                for scheme in schemes_in(k[1] for k in matched):
                     per = matched.get((world, scheme, lr, acc))
                     if not per:
                         continue
@@ -584,7 +627,7 @@ def matched_table(matched, worlds, lrs, args):
                         cells.append("–" if n == 0 else f"{mean:.3f} ± {half:.3f}")
                     record["seeds_reaching"] = f"{reached}/{len(per[CURVE_METRICS[0][0]])}"
                     table.append(record)
-                    lines.append(f"| {world} | {lr:g} | {acc:g} | {SCHEME_NAMES[scheme]} | {record['seeds_reaching']} | " + " | ".join(cells) + " |")
+                    lines.append(f"| {world} | {lr:g} | {acc:g} | {scheme_label(scheme)} | {record['seeds_reaching']} | " + " | ".join(cells) + " |")
     return lines, table
 
 
@@ -626,7 +669,7 @@ def paired_differences(matched, worlds, lrs, args):
         for lr in lrs:
             for acc in args.match_acc:
                 base = matched.get((world, "manual", lr, acc))
-                for scheme in SCHEMES[1:]:
+                for scheme in [s for s in schemes_in(k[1] for k in matched) if s != "manual"]:
                     other = matched.get((world, scheme, lr, acc))
                     if not base or not other:
                         continue
@@ -676,7 +719,7 @@ def write_curves(rows, args, out):
     lines = ["| world | scheme | lr | iteration | seeds | target acc | " + " | ".join(l for _, l, _ in CURVE_METRICS) + " |",
              "|" + "---|" * (6 + len(CURVE_METRICS))]
     for r in records:
-        lines.append(f"| {r['world']} | {SCHEME_NAMES[r['scheme']]} | {r['lr']:g} | {r['iteration']} | {r['seeds']} | {r['target_acc']:.3f} | "
+        lines.append(f"| {r['world']} | {scheme_label(r['scheme'])} | {r['lr']:g} | {r['iteration']} | {r['seeds']} | {r['target_acc']:.3f} | "
                      + " | ".join(f"{r[k]:.3f}" for k, _, _ in CURVE_METRICS) + " |")
     (out / "curves.md").write_text("### Curves (mean over seeds per milestone)\n\n" + "\n".join(lines) + "\n")
 
@@ -694,7 +737,7 @@ def curve_plots(rows, args, out):
     for key, label, _ in CURVE_METRICS:
         fig, axes = plt.subplots(1, len(worlds), figsize=(4 * len(worlds), 3.2), squeeze=False)
         for ax, world in zip(axes[0], worlds):
-            for scheme in args.schemes:
+            for scheme in schemes_in(r["scheme"] for r in rows):
                 for lr in sorted({float(r["lr"]) for r in rows}):
                     pts = {}
                     for r in rows:
@@ -705,7 +748,7 @@ def curve_plots(rows, args, out):
                     its = sorted(pts)
                     xs = [sum(a for a, _ in pts[i]) / len(pts[i]) for i in its]
                     ys = [sum(v for _, v in pts[i]) / len(pts[i]) for i in its]
-                    ax.plot(xs, ys, marker="o", ms=3, label=f"{SCHEME_NAMES[scheme]} lr {lr:g}")
+                    ax.plot(xs, ys, marker="o", ms=3, label=f"{scheme_label(scheme)} lr {lr:g}")
             ax.set_title(f"{world}: {label}")
             ax.set_xlabel(f"target acc ({args.target})")
             ax.legend(fontsize=6)
@@ -959,7 +1002,7 @@ def write_grids(grid_rows, ev_x, source_label, args, out):
     its description)``."""
     for world, per_scheme in grid_rows.items():
         rows_img, labels = [ev_x[:12]], []
-        for scheme in args.schemes:
+        for scheme in schemes_in(per_scheme):
             if scheme in per_scheme:
                 its = sorted(per_scheme[scheme])
                 pick = next((i for i in its if per_scheme[scheme][i][0] >= max(args.match_acc)), its[-1])
@@ -976,7 +1019,7 @@ def direction_diagnostics_lines(current, worlds, args, diag_label):
     lines = ["", f"### Direction diagnostics ({diag_label}; mean ± 95% interval over seeds)", "",
              "| world | scheme | Stage-1 held-out retrieval | ΔT_i mean pairwise cos | ΔT residual / mean | content alignment |", "|---|---|---|---|---|---|"]
     for world in worlds:
-        for scheme in args.schemes:
+        for scheme in schemes_in(r["scheme"] for r in current):
             sel = [r for r in current if r["world"] == world and r["scheme"] == scheme and int(r["iteration"]) == 0]
             if not sel:
                 continue
@@ -984,7 +1027,7 @@ def direction_diagnostics_lines(current, worlds, args, diag_label):
             for k in ("stage1_heldout_retrieval", "dt_mean_pairwise_cos", "dt_residual_norm", "content_alignment"):
                 mean, half, n = summarise([float(r[k]) for r in sel])
                 cells.append("–" if n == 0 else f"{mean:.3f} ± {half:.3f}")
-            lines.append(f"| {world} | {SCHEME_NAMES[scheme]} | " + " | ".join(cells) + " |")
+            lines.append(f"| {world} | {scheme_label(scheme)} | " + " | ".join(cells) + " |")
     return lines
 
 

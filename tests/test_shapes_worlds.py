@@ -326,6 +326,37 @@ def test_gate_passes_only_with_five_seeds_and_a_positive_interval(bench, tmp_pat
     assert verdict(2).startswith("undecided")
 
 
+def test_lambda_sweep_points_are_schemes_run_with_their_lambda_and_tabled_against_nada(bench, tmp_path):
+    from types import SimpleNamespace
+
+    args = bench.parse_args(["--match_acc", "0.75", "--schemes", "manual", "adaptive", "adaptive@0", "adaptive@2.5"])
+    for bad in (["--schemes", "manual@1"], ["--schemes", "adaptive@x"], ["--schemes", "adaptive@-1"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+    seen = []
+
+    class Learner:
+        heldout_retrieval = 0.5
+
+        def text_features(self, w, label):
+            return torch.randn(len(w), 8)
+
+    backend = SimpleNamespace(stage1=lambda encoder, features, options, seed, args: seen.append(options) or Learner())
+    diag = dict(w=torch.zeros(4, 2), c=torch.randn(4, 8))
+    for scheme in ("adaptive", "adaptive@0", "adaptive@2.5"):
+        bench.stage1_run(backend, None, None, None, scheme, 0, args, diag)
+    assert [(o.scheme, o.lambda_domain) for o in seen] == [("adaptive", args.lambda_domain), ("adaptive", 0.0), ("adaptive", 2.5)]
+
+    source = {k: 1.0 for k, _, _ in bench.CURVE_METRICS}
+    source["target_acc"] = 0.0
+    rows = []
+    for seed in range(5):
+        rows += _curve_rows("manual", seed, 0.5) + _curve_rows("adaptive@2.5", seed, 0.6)
+    text = bench.analyse(rows, args, source, tmp_path)
+    assert "adaptive (IPL), λ = 2.5" in text
+    assert any(line.startswith("| w | 0.001 | 0.75 | adaptive@2.5 - manual | +0.050") for line in text.splitlines())
+
+
 def test_train_clip_biased_world_options_end_to_end(tmp_path):
     """A tiny biased-world CLIP trains, records its world, and fine-tunes from its own folder."""
     import json
