@@ -89,7 +89,7 @@ import shapes_collapse as sc  # noqa: E402  (the oracle metrics and the grid, sh
 SCHEMES = ("manual", "oracle", "adaptive", "learned", "random")
 SCHEME_NAMES = {"manual": "manual (NADA)", "oracle": "oracle (true captions)", "adaptive": "adaptive (IPL)",
                 "learned": "learned (one learned prompt)", "random": "random prompts"}
-# "adaptive@LAMBDA" is IPL with Eq. 5's domain-regularisation weight lambda instead of
+# "adaptive@LAMBDA" is IPL with Eq. 6's weight lambda of the domain loss (Eq. 5) instead of
 # --lambda_domain (the lambda sweep of the paper's Fig. 7), compared with NADA like any scheme.
 SWEEPABLE = ("adaptive",)
 
@@ -107,7 +107,7 @@ def check_scheme(name):
         raise argparse.ArgumentTypeError(f"unknown scheme {name!r}; known: {', '.join(SCHEMES)} (and adaptive@LAMBDA)")
     if sep:
         if base not in SWEEPABLE:
-            raise argparse.ArgumentTypeError(f"{name!r}: only {', '.join(SWEEPABLE)} takes @LAMBDA (Eq. 5's weight)")
+            raise argparse.ArgumentTypeError(f"{name!r}: only {', '.join(SWEEPABLE)} takes @LAMBDA (Eq. 6's weight)")
         try:
             ok = float(value) >= 0
         except ValueError:
@@ -177,7 +177,7 @@ def parse_args(argv=None):
                    "benchmarks/results/shapes_worlds_diffae (diffae)")
     p.add_argument("--target", default="sketch")
     p.add_argument("--schemes", nargs="+", default=list(SCHEMES), type=check_scheme, metavar="SCHEME",
-                   help=f"among {', '.join(SCHEMES)}; adaptive@LAMBDA runs IPL with Eq. 5's weight LAMBDA (Fig. 7's sweep)")
+                   help=f"among {', '.join(SCHEMES)}; adaptive@LAMBDA runs IPL with Eq. 6's weight LAMBDA on Eq. 5's domain loss (Fig. 7's sweep)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--learning_rates", nargs="+", type=float, default=None,
                    help="Stage 2 lr (default: the shipped one, stylegan2 0.001, diffae 1.5e-4)")
