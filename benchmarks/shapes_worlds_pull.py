@@ -9,8 +9,14 @@ the oracle's true-caption directions are printed per CLIP folder. A world whose 
 content would give NADA a positive pull (biased content preferred) for some images.
 
     python benchmarks/shapes_worlds_pull.py ipl_diffusion/shapes_models/clip runs/clip_b0.9_p1_out
+
+With ``--output_dir`` the rows (one per CLIP: its training world from training_record.json,
+zero-shot accuracy, the text-only sketch diagnostics and this pull) go to world_sweep.md/.csv.
 """
 
+import argparse
+import csv
+import json
 import sys
 from pathlib import Path
 
@@ -24,29 +30,88 @@ import shapes_worlds as sw  # noqa: E402
 from ipl_diffusion.shapes import ShapesRenderer  # noqa: E402
 
 
-def main(paths):
-    torch.set_num_threads(1)
+def pull(encoder, image_features, scenes):
+    """Per direction (NADA's, the oracle's true-caption ones): mean cos with photo -> same
+    object as a sketch, with photo -> red circle sketch, and the share preferring the latter."""
+    photos, factors, keep, sketches, biased_sketches = scenes
+    with torch.no_grad():
+        e0, e1, e2 = [F.normalize(image_features(x), dim=-1) for x in (photos, sketches, biased_sketches)]
+        nada = F.normalize(encoder.label_features("sketch") - encoder.label_features("photo"), dim=-1)
+        table = sw.OracleCaptionPrompts(encoder)
+        oracle = F.normalize(table.caption_table("sketch")[factors.shape, factors.color]
+                             - table.caption_table("photo")[factors.shape, factors.color], dim=-1)
+    d_keep, d_bias = F.normalize(e1 - e0, dim=-1), F.normalize(e2 - e0, dim=-1)
+    result = {}
+    for name, dirs in (("nada", nada.expand_as(d_keep)), ("oracle", oracle)):
+        a, b = (d_keep * dirs).sum(-1)[keep], (d_bias * dirs).sum(-1)[keep]
+        result.update({f"{name}_cos_keep": float(a.mean()), f"{name}_cos_biased": float(b.mean()),
+                       f"{name}_prefer_biased": float((b > a).float().mean())})
+    return result
+
+
+def render_scenes():
+    """300 photos, the keep mask (neither circle nor red), their sketches and red-circle sketches."""
     renderer = ShapesRenderer(32)
     photos, factors = renderer.sample(300, seed=7, style="photo")
     keep = (factors.shape != 0) & (factors.color != 0)  # not already a circle, not already red
     sketches = renderer(factors.with_style("sketch"), seed=8)
     biased = factors.with_style("sketch")
     biased.shape, biased.color = torch.zeros_like(factors.shape), torch.zeros_like(factors.color)
-    biased_sketches = renderer(biased, seed=8)
-    for path in paths:
-        encoder, image_features = sw.load_world_clip(path, "cpu")
-        with torch.no_grad():
-            e0, e1, e2 = [F.normalize(image_features(x), dim=-1) for x in (photos, sketches, biased_sketches)]
-            nada = F.normalize(encoder.label_features("sketch") - encoder.label_features("photo"), dim=-1)
-            table = sw.OracleCaptionPrompts(encoder)
-            oracle = F.normalize(table.caption_table("sketch")[factors.shape, factors.color]
-                                 - table.caption_table("photo")[factors.shape, factors.color], dim=-1)
-        d_keep, d_bias = F.normalize(e1 - e0, dim=-1), F.normalize(e2 - e0, dim=-1)
-        for name, dirs in (("NADA", nada.expand_as(d_keep)), ("oracle", oracle)):
-            a, b = (d_keep * dirs).sum(-1)[keep], (d_bias * dirs).sum(-1)[keep]
-            print(f"{path} {name}: cos(keep content) {a.mean():.3f}, cos(-> red circle sketch) {b.mean():.3f}, "
-                  f"pull {(b - a).mean():+.3f}, images preferring the biased content {(b > a).float().mean():.2f}")
+    return photos, factors, keep, sketches, renderer(biased, seed=8)
+
+
+def world_row(path, scenes):
+    """One CLIP folder: its training world and zero-shot accuracy (training_record.json), the
+    text-only sketch diagnostics and the image-space pull."""
+    record_file = Path(path) / "training_record.json"
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    world = record.get("world") or {}
+    zero_shot = record.get("zero_shot_accuracy") or {}
+    encoder, image_features = sw.load_world_clip(path, "cpu")
+    row = dict(clip=str(path), bias=world.get("bias", 0.0), paired_loss_weight=world.get("paired_loss_weight", 0.0),
+               style_only_prob=world.get("style_only_prob", 0.0),
+               **{f"zero_shot_{k}": zero_shot.get(k, float("nan")) for k in ("style", "color", "shape")})
+    row.update(sw.world_diagnostics(encoder, "sketch"))
+    row.update(pull(encoder, image_features, scenes))
+    return row
+
+
+COLUMNS = (("bias", "bias"), ("paired_loss_weight", "paired loss"), ("style_only_prob", "style-only captions"),
+           ("zero_shot_shape", "zero-shot shape"), ("nada_top_color", "NADA's top colour (cos)"),
+           ("nada_top_shape", "NADA's top shape (cos)"), ("nada_cos_keep", "NADA: keep"), ("nada_cos_biased", "NADA: → red circle"),
+           ("nada_prefer_biased", "NADA prefers biased"), ("oracle_cos_keep", "oracle: keep"),
+           ("oracle_cos_biased", "oracle: → red circle"))
+
+
+def write_table(rows, out):
+    """``world_sweep.csv`` and ``world_sweep.md`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "world_sweep.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| CLIP | " + " | ".join(label for _, label in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for r in rows:
+        cells = [f"{r[k]} ({r[k + '_cos']:.3f})" if k.startswith("nada_top_") else f"{float(r[k]):.3f}" for k, _ in COLUMNS]
+        lines.append(f"| {Path(r['clip']).name} | " + " | ".join(cells) + " |")
+    (out / "world_sweep.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("clips", nargs="*", help="Shapes CLIP folders (default: the shipped one)")
+    p.add_argument("--output_dir", default=None, help="write world_sweep.md / .csv here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    scenes = render_scenes()
+    rows = [world_row(path, scenes) for path in (args.clips or [str(sw.default_model_path("clip"))])]
+    if args.output_dir:
+        write_table(rows, Path(args.output_dir))
+    else:
+        for r in rows:
+            print(r)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or [str(sw.default_model_path("clip"))])
+    main()
