@@ -92,6 +92,11 @@ SCHEME_NAMES = {"manual": "manual (NADA)", "oracle": "oracle (true captions)", "
 # "adaptive@LAMBDA" is IPL with Eq. 6's weight lambda of the domain loss (Eq. 5) instead of
 # --lambda_domain (the lambda sweep of the paper's Fig. 7), compared with NADA like any scheme.
 SWEEPABLE = ("adaptive",)
+# "content@ALPHA" (benchmark-only, the detection control): NADA's direction with the world's
+# biased content for the target (DEFAULT_STYLE_BIAS, e.g. "red circle" for sketch) planted in
+# it at ALPHA times the direction's own length. It is what a label that carries content does
+# to NADA, at a known strength: if the benchmark cannot tell it from NADA, it cannot see drift.
+PLANTED = "content"
 
 
 def split_scheme(name):
@@ -103,10 +108,12 @@ def split_scheme(name):
 def check_scheme(name):
     """argparse type of ``--schemes``: a scheme of SCHEMES, or ``adaptive@LAMBDA`` (LAMBDA >= 0)."""
     base, sep, value = name.partition("@")
-    if base not in SCHEMES:
-        raise argparse.ArgumentTypeError(f"unknown scheme {name!r}; known: {', '.join(SCHEMES)} (and adaptive@LAMBDA)")
+    if base not in SCHEMES and base != PLANTED:
+        raise argparse.ArgumentTypeError(f"unknown scheme {name!r}; known: {', '.join(SCHEMES)}, adaptive@LAMBDA, content@ALPHA")
+    if base == PLANTED and not sep:
+        raise argparse.ArgumentTypeError(f"{name!r}: the planted-content control needs its strength, content@ALPHA")
     if sep:
-        if base not in SWEEPABLE:
+        if base not in SWEEPABLE + (PLANTED,):
             raise argparse.ArgumentTypeError(f"{name!r}: only {', '.join(SWEEPABLE)} takes @LAMBDA (Eq. 6's weight)")
         try:
             ok = float(value) >= 0
@@ -120,12 +127,14 @@ def check_scheme(name):
 def scheme_label(name):
     """Table label of a scheme, with its lambda for a sweep point."""
     base, lam = split_scheme(name)
+    if base == PLANTED:
+        return f"NADA + planted content, α = {lam:g}"
     return SCHEME_NAMES[base] + ("" if lam is None else f", λ = {lam:g}")
 
 
 def schemes_in(names):
     """The distinct schemes among ``names`` in table order (SCHEMES, then lambda)."""
-    order = {s: i for i, s in enumerate(SCHEMES)}
+    order = {s: i for i, s in enumerate(SCHEMES + (PLANTED,))}
     return sorted(set(names), key=lambda s: (order[split_scheme(s)[0]], split_scheme(s)[1] or -1.0))
 
 
@@ -308,6 +317,38 @@ class OracleCaptionPrompts:
     def text_features(self, latents, label, content=None):
         shape, color = content if content is not None else self.read_content(latents)
         return self.caption_table(label)[shape, color].to(latents.device)
+
+
+def biased_content_direction(encoder, target):
+    """Unit ``(D,)`` direction of the world's biased content for ``target`` (DEFAULT_STYLE_BIAS):
+    mean feature of the content captions that show it, minus the mean over all 36 contents."""
+    bias = DEFAULT_STYLE_BIAS.get(target)
+    if not bias:
+        raise ValueError(f"no biased content is defined for {target!r}; content@ALPHA needs one of {', '.join(DEFAULT_STYLE_BIAS)}")
+    grid = torch.cartesian_prod(torch.arange(len(SHAPES)), torch.arange(len(COLORS)))
+    feats = content_features(encoder, grid[:, 0], grid[:, 1])
+    match = torch.ones(len(grid), dtype=torch.bool)
+    for factor, names, column in (("shape", SHAPES, 0), ("color", COLORS, 1)):
+        if factor in bias:
+            match &= grid[:, column] == names.index(bias[factor])
+    return F.normalize(feats[match].mean(0) - feats.mean(0), dim=-1)
+
+
+class PlantedContent:
+    """NADA's learner with ``alpha`` x |ΔT| of ``direction`` added to the target label's unit
+    feature, so ΔT = Norm(tgt) - Norm(src) gains that content (before the trainer's renormalising)."""
+
+    def __init__(self, manual, direction, alpha, target):
+        self.manual, self.direction, self.alpha, self.target = manual, direction, float(alpha), target
+        self.heldout_retrieval = None
+
+    def text_features(self, latents, label):
+        feats = F.normalize(self.manual.text_features(latents, label).float(), dim=-1)
+        if label != self.target:
+            return feats
+        source = F.normalize(self.manual.text_features(latents, "photo").float(), dim=-1)
+        length = (feats - source).norm(dim=-1, keepdim=True)
+        return feats + self.alpha * length * self.direction.to(feats)
 
 
 def content_features(encoder, shape, color):
@@ -517,10 +558,13 @@ def stage1_run(backend, encoder, image_features, oracle, scheme, seed, args, dia
         retrieval = None
     else:
         base, lam = split_scheme(scheme)
-        options = Stage1Config(scheme=base, lambda_domain=args.lambda_domain if lam is None else lam,
+        options = Stage1Config(scheme="manual" if base == PLANTED else base,
+                               lambda_domain=args.lambda_domain if lam is None or base == PLANTED else lam,
                                stage1_iterations=args.stage1_iterations,
                                stage1_batch_size=args.stage1_batch_size, n_ctx=4, label_templates="imagenet")
         learner = backend.stage1(encoder, image_features, options, seed, args)
+        if base == PLANTED:
+            learner = PlantedContent(learner, biased_content_direction(encoder, args.target), lam, args.target)
         with torch.no_grad():
             src_d, tgt_d = learner.text_features(diag["w"], "photo"), learner.text_features(diag["w"], args.target)
         retrieval = learner.heldout_retrieval

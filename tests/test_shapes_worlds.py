@@ -357,6 +357,39 @@ def test_lambda_sweep_points_are_schemes_run_with_their_lambda_and_tabled_agains
     assert any(line.startswith("| w | 0.001 | 0.75 | adaptive@2.5 - manual | +0.050") for line in text.splitlines())
 
 
+def test_planted_content_adds_the_biased_content_at_the_asked_strength(bench):
+    import torch.nn.functional as F
+
+    eye = torch.eye(4)
+
+    class Manual:  # NADA's fixed features: photo e0, sketch e1
+        def text_features(self, latents, label):
+            return eye[[0 if label == "photo" else 1] * len(latents)]
+
+    planted = bench.PlantedContent(Manual(), eye[2], 1.0, "sketch")
+    latents = torch.zeros(3, 2)
+    dt = F.normalize(planted.text_features(latents, "sketch"), dim=-1) - F.normalize(planted.text_features(latents, "photo"), dim=-1)
+    # tgt' = e1 + sqrt(2) e2: unit tgt' - e0 has cosine 1/sqrt(3) with e2
+    assert F.cosine_similarity(dt, eye[2].expand_as(dt)).tolist() == pytest.approx([3 ** -0.5] * 3, abs=1e-6)
+    assert torch.equal(planted.text_features(latents, "photo"), eye[[0] * 3])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--schemes", "content"])
+    assert bench.scheme_label("content@0.5") == "NADA + planted content, α = 0.5"
+
+
+def test_biased_content_direction_is_the_red_circle_caption_against_all_contents(bench):
+    import torch.nn.functional as F
+
+    encoder, _ = bench.load_world_clip(bench.default_model_path("clip"), "cpu")
+    texts = [f"a {c} {s}" for s in SHAPES for c in COLORS]
+    with torch.no_grad():
+        feats = F.normalize(encoder.encode_text(texts).float(), dim=-1)
+    expected = F.normalize(feats[texts.index("a red circle")] - feats.mean(0), dim=0)
+    assert torch.allclose(bench.biased_content_direction(encoder, "sketch"), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="photo"):
+        bench.biased_content_direction(encoder, "photo")
+
+
 def test_train_clip_biased_world_options_end_to_end(tmp_path):
     """A tiny biased-world CLIP trains, records its world, and fine-tunes from its own folder."""
     import json
