@@ -698,7 +698,9 @@ def gate_verdict(record, passes):
     verdict = "PASS" if any(passes) and not worse else "fail"
     # Issue 18 asks for at least 5 seeds: fewer seeds reaching the matched
     # accuracy cannot decide, whichever way their interval falls.
-    if min(record.get(k + "_n", 0) for k in GATE_METRICS) < MIN_GATE_SEEDS:
+    # A metric with no pairs at all predates the rows (runs.csv from before it existed): skipped.
+    counts = [record.get(k + "_n", 0) for k in GATE_METRICS if record.get(k + "_n", 0) > 0]
+    if not counts or min(counts) < MIN_GATE_SEEDS:
         verdict = f"undecided (< {MIN_GATE_SEEDS} seeds reach it)"
     return verdict
 

@@ -326,6 +326,20 @@ def test_gate_passes_only_with_five_seeds_and_a_positive_interval(bench, tmp_pat
     assert verdict(2).startswith("undecided")
 
 
+def test_gate_skips_metrics_older_rows_do_not_have(bench, tmp_path):
+    args = bench.parse_args(["--match_acc", "0.75", "--schemes", "manual", "oracle"])
+    source = {k: 1.0 for k, _, _ in bench.CURVE_METRICS}
+    source["target_acc"] = 0.0
+    rows = []
+    for seed in range(5):
+        rows += _curve_rows("manual", seed, 0.5 + 0.01 * seed) + _curve_rows("oracle", seed, 0.7 + 0.01 * seed)
+    for row in rows:  # runs.csv written before p(kept) existed: the upgraded header leaves it empty
+        row["shape_prob_kept"] = row["color_prob_kept"] = ""
+    bench.analyse(rows, args, source, tmp_path)
+    line = [l for l in (tmp_path / "matched.md").read_text().splitlines() if "oracle - manual" in l][0]
+    assert line.rsplit("|", 2)[-2].strip() == "PASS"
+
+
 def test_lambda_sweep_points_are_schemes_run_with_their_lambda_and_tabled_against_nada(bench, tmp_path):
     from types import SimpleNamespace
 
