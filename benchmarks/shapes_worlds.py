@@ -728,6 +728,44 @@ def paired_differences(matched, worlds, lrs, args):
     return lines, gates
 
 
+BUDGET_METRICS = (("target_acc", "target acc"), ("shape_acc", "shape kept"), ("color_acc", "colour kept"),
+                  ("drift_to_bias_color", "→ biased colour"), ("drift_to_bias_shape", "→ biased shape"))
+
+
+def _number(value):
+    """A runs.csv cell as a float; NaN for an empty one (a metric the row predates)."""
+    return float(value) if value not in (None, "") else float("nan")
+
+
+def equal_budget_differences(rows, worlds, lrs):
+    """Markdown lines: scheme - manual at each run's last iteration (the same budget), paired
+    by seed. Matched accuracy cannot compare a scheme that stylises less; this shows it."""
+    last = {}
+    for r in rows:
+        key = (r["world"], r["scheme"], float(r["lr"]), int(r["seed"]))
+        if int(r["iteration"]) > int(last.get(key, {"iteration": 0})["iteration"]):
+            last[key] = r
+    lines = ["", "### Paired differences at equal budget (the last iteration; seed by seed; 95% t-interval)", "",
+             "| world | lr | comparison | iteration | " + " | ".join(label for _, label in BUDGET_METRICS) + " |",
+             "|" + "---|" * (4 + len(BUDGET_METRICS))]
+    for world in worlds:
+        for lr in lrs:
+            schemes = schemes_in(k[1] for k in last if k[0] == world and k[2] == lr)
+            for scheme in [s for s in schemes if s != "manual"]:
+                seeds = [k[3] for k in last if k[:3] == (world, scheme, lr) and (world, "manual", lr, k[3]) in last]
+                if not seeds:
+                    continue
+                cells = []
+                for key, _ in BUDGET_METRICS:
+                    diffs = [_number(last[(world, scheme, lr, s)][key]) - _number(last[(world, "manual", lr, s)][key]) for s in seeds]
+                    diffs = [d for d in diffs if d == d]  # NaN: a metric the target has no biased content for
+                    mean, half, n = summarise(diffs)
+                    cells.append("–" if n == 0 else f"{mean:+.3f} ± {half:.3f} (n={n})")
+                iteration = last[(world, scheme, lr, seeds[0])]["iteration"]
+                lines.append(f"| {world} | {lr:g} | {scheme} - manual | {iteration} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def analyse(rows, args, source_metrics, out):
     """Tables of values at matched target accuracy and the gate, from runs.csv rows."""
     matched = matched_values(rows, args, source_metrics)
@@ -735,7 +773,8 @@ def analyse(rows, args, source_metrics, out):
     lrs = sorted({k[2] for k in matched})
     lines, table = matched_table(matched, worlds, lrs, args)
     difference_lines, gates = paired_differences(matched, worlds, lrs, args)
-    text = "\n".join(lines + difference_lines) + "\n"
+    budget_lines = equal_budget_differences(rows, worlds, lrs)
+    text = "\n".join(lines + difference_lines + budget_lines) + "\n"
     (out / "matched.md").write_text(text)
     for name, recs in (("matched.csv", table), ("differences.csv", gates)):
         if recs:

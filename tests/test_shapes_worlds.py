@@ -326,6 +326,20 @@ def test_gate_passes_only_with_five_seeds_and_a_positive_interval(bench, tmp_pat
     assert verdict(2).startswith("undecided")
 
 
+def test_equal_budget_differences_pair_each_seeds_last_iteration(bench):
+    rows = []
+    for seed in range(3):
+        rows += _curve_rows("manual", seed, 0.5) + _curve_rows("oracle", seed, 0.6 + 0.1 * seed)
+    for row in rows:
+        row.update(drift_to_bias_color="nan", drift_to_bias_shape="")
+    lines = bench.equal_budget_differences(rows, ["w"], [0.001])
+    cells = [c.strip() for c in lines[-1].split("|")]
+    # last iteration 20: shape kept 0.6 / 0.7 / 0.8 against 0.5 -> +0.2 (mean), accuracy equal
+    assert cells[1:5] == ["w", "0.001", "oracle - manual", "20"]
+    assert cells[5].startswith("+0.000") and cells[6].startswith("+0.200") and cells[6].endswith("(n=3)")
+    assert cells[8] == cells[9] == "–"  # no biased content measured: not a number
+
+
 def test_gate_skips_metrics_older_rows_do_not_have(bench, tmp_path):
     args = bench.parse_args(["--match_acc", "0.75", "--schemes", "manual", "oracle"])
     source = {k: 1.0 for k, _, _ in bench.CURVE_METRICS}
