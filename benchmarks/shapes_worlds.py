@@ -135,7 +135,11 @@ def scheme_label(name):
 def schemes_in(names):
     """The distinct schemes among ``names`` in table order (SCHEMES, then lambda)."""
     order = {s: i for i, s in enumerate(SCHEMES + (PLANTED,))}
-    return sorted(set(names), key=lambda s: (order[split_scheme(s)[0]], split_scheme(s)[1] or -1.0))
+    def key(name):
+        base, value = split_scheme(name)
+        return order[base], -1.0 if value is None else value
+
+    return sorted(set(names), key=key)
 
 
 # What the comparison reads at matched target accuracy: (key, label, which way is better).
@@ -975,11 +979,22 @@ def check_output_backend(out, args):
 
 
 def write_config(args, out, models, keys, source_metrics):
-    """``config.json``: every option, the model paths and digests, the run keys and the source's metrics."""
-    config = dict(vars(args), source_model=str(models.backend.path), oracle_path=str(models.oracle_path), model_digests=models.digests,
-                  world_digests=models.world_digests, run_keys=keys, torch=torch.__version__, torch_threads=torch.get_num_threads(),
+    """``config.json``: every option, the model paths and digests, the run keys and the source's metrics.
+
+    A folder filled by several invocations (other worlds or schemes) keeps the earlier worlds'
+    keys and digests, and lists every invocation's options in ``invocations``, so the file
+    says how every row of runs.csv was made."""
+    path = out / "config.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    options = {k: v for k, v in vars(args).items()}
+    config = dict(options, source_model=str(models.backend.path), oracle_path=str(models.oracle_path), model_digests=models.digests,
+                  world_digests={**old.get("world_digests", {}), **models.world_digests},
+                  run_keys={**old.get("run_keys", {}), **keys}, torch=torch.__version__, torch_threads=torch.get_num_threads(),
                   source_metrics=source_metrics)
-    (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    config["invocations"] = old.get("invocations", []) + [json.loads(json.dumps(options, default=str))]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(config, indent=1, default=str))
+    tmp.replace(path)
 
 
 def run_images_name(world, scheme, lr, seed):
