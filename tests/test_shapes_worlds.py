@@ -140,18 +140,27 @@ def test_quick_benchmark_runs_every_scheme_and_resumes(bench, tmp_path):
     diagnostics and tables; a re-run adapts nothing (runs.csv is keyed and resumed)."""
     import csv
 
-    bench.main(["--quick", "--output_dir", str(tmp_path)])
-    text = (tmp_path / "matched.md").read_text()
-    for name in ("manual (NADA)", "oracle (true captions)", "adaptive (IPL)", "content alignment", "oracle - manual"):
-        assert name in text
-    with open(tmp_path / "runs.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    assert {r["scheme"] for r in rows} == set(bench.SCHEMES)
+    text, rows = _quick_run(bench, tmp_path, "content alignment")
     assert {"learned - manual", "random - manual"} <= {line.split(" | ")[3] for line in text.splitlines() if " - manual" in line}
     assert (tmp_path / "grids" / "control_sketch.png").is_file()
     bench.main(["--quick", "--output_dir", str(tmp_path)])
     with open(tmp_path / "runs.csv") as handle:
         assert len(list(csv.DictReader(handle))) == len(rows)
+
+
+def _quick_run(bench, tmp_path, expected_heading, *options):
+    """A --quick benchmark into tmp_path: its matched.md text and runs.csv rows, after checking
+    that every default scheme ran and the tables name the schemes and ``expected_heading``."""
+    import csv
+
+    bench.main(["--quick", *options, "--output_dir", str(tmp_path)])
+    text = (tmp_path / "matched.md").read_text()
+    for name in ("manual (NADA)", "oracle (true captions)", "adaptive (IPL)", "oracle - manual", expected_heading):
+        assert name in text
+    with open(tmp_path / "runs.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["scheme"] for r in rows} == set(bench.SCHEMES)
+    return text, rows
 
 
 @pytest.mark.slow
@@ -161,13 +170,7 @@ def test_quick_diffae_benchmark_runs_every_scheme_and_resumes(bench, tmp_path):
     import csv
     import json
 
-    bench.main(["--quick", "--backend", "diffae", "--output_dir", str(tmp_path)])
-    text = (tmp_path / "matched.md").read_text()
-    for name in ("manual (NADA)", "oracle (true captions)", "adaptive (IPL)", "oracle - manual", "evaluation photos' z_sem"):
-        assert name in text
-    with open(tmp_path / "runs.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    assert {r["scheme"] for r in rows} == set(bench.SCHEMES)
+    text, rows = _quick_run(bench, tmp_path, "evaluation photos' z_sem", "--backend", "diffae")
     assert {int(r["iteration"]) for r in rows} == {0, 1, 2}  # --quick's milestones
     assert all(r["target_acc"] != "" for r in rows if int(r["iteration"]) > 0)
     assert (tmp_path / "grids" / "control_sketch.png").is_file()
