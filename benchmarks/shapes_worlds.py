@@ -114,13 +114,13 @@ def check_scheme(name):
         raise argparse.ArgumentTypeError(f"{name!r}: the planted-content control needs its strength, content@ALPHA")
     if sep:
         if base not in SWEEPABLE + (PLANTED,):
-            raise argparse.ArgumentTypeError(f"{name!r}: only {', '.join(SWEEPABLE)} takes @LAMBDA (Eq. 6's weight)")
+            raise argparse.ArgumentTypeError(f"{name!r}: only adaptive@LAMBDA (Eq. 6's weight) and content@ALPHA take a number")
         try:
             ok = float(value) >= 0
         except ValueError:
             ok = False
         if not ok:
-            raise argparse.ArgumentTypeError(f"{name!r}: LAMBDA must be a number >= 0")
+            raise argparse.ArgumentTypeError(f"{name!r}: {'ALPHA' if base == PLANTED else 'LAMBDA'} must be a number >= 0")
     return name
 
 
@@ -188,9 +188,10 @@ def parse_args(argv=None):
     p.add_argument("--oracle", default=None, help="evaluation oracle folder (default: the shipped one); the same in every world")
     p.add_argument("--output_dir", default=None, help="default: benchmarks/results/shapes_worlds (stylegan2), "
                    "benchmarks/results/shapes_worlds_diffae (diffae)")
-    p.add_argument("--target", default="sketch")
+    p.add_argument("--target", default="sketch", choices=STYLES[1:], help="the target style (the source is photo)")
     p.add_argument("--schemes", nargs="+", default=list(SCHEMES), type=check_scheme, metavar="SCHEME",
-                   help=f"among {', '.join(SCHEMES)}; adaptive@LAMBDA runs IPL with Eq. 6's weight LAMBDA on Eq. 5's domain loss (Fig. 7's sweep)")
+                   help=f"among {', '.join(SCHEMES)}; adaptive@LAMBDA runs IPL with Eq. 6's weight LAMBDA on Eq. 5's domain loss "
+                   "(Fig. 7's sweep); content@ALPHA is the detection control, NADA with the target's biased content planted at ALPHA")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--learning_rates", nargs="+", type=float, default=None,
                    help="Stage 2 lr (default: the shipped one, stylegan2 0.001, diffae 1.5e-4)")
@@ -1164,8 +1165,6 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     worlds = parse_worlds(args.worlds)
-    if args.target not in STYLES[1:]:
-        raise ValueError(f"unknown target {args.target!r}; choose from {', '.join(STYLES[1:])}")
     out = Path(args.output_dir)
     check_output_backend(out, args)
     (out / "plots").mkdir(parents=True, exist_ok=True)

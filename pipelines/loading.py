@@ -81,9 +81,15 @@ def check_pipeline_folder(path: str, components: Iterable[str], overrides: dict,
         and not (Path(path) / name).is_dir()
     ]
     if missing:
+        hint = "copy them in, or pass the component objects to from_pretrained"
+        if set(missing) <= {"text_encoder", "tokenizer", "feature_extractor"}:
+            # Most often a copy of a shipped Shapes folder, which keeps its CLIP in shapes_models/clip.
+            hint = ("pass them to from_pretrained (text_encoder=CLIPModel.from_pretrained(CLIP), "
+                    "tokenizer=CLIPTokenizer.from_pretrained(CLIP), feature_extractor=CLIPImageProcessor.from_pretrained(CLIP)); "
+                    "a copy of a shipped Shapes folder takes CLIP = ipl_diffusion/shapes_models/clip, or load the "
+                    "shipped folder itself (ipl_diffusion.shapes.default_model_path)")
         raise UserFileNotFoundError(
-            f"{path}: component folder(s) {', '.join(missing)} missing (listed in model_index.json); "
-            "copy them in, or pass the component objects to from_pretrained"
+            f"{path}: component folder(s) {', '.join(missing)} missing (listed in model_index.json); {hint}"
         )
 
 

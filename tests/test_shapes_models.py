@@ -82,8 +82,17 @@ def test_a_copied_shipped_folder_without_its_clip_names_the_missing_folders(back
     from ipl_diffusion.errors import UserFileNotFoundError
 
     shutil.copytree(default_model_path(backend), tmp_path / backend)
-    with pytest.raises(UserFileNotFoundError, match=r"component folder\(s\) text_encoder, tokenizer, feature_extractor missing"):
+    with pytest.raises(UserFileNotFoundError, match=r"component folder\(s\) text_encoder, tokenizer, feature_extractor missing") as err:
         _pipeline_class(backend).from_pretrained(tmp_path / backend)
+    # The message's remedy works as written: the components from shapes_models/clip.
+    assert "ipl_diffusion/shapes_models/clip" in str(err.value)
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    clip = default_model_path("clip")
+    pipe = _pipeline_class(backend).from_pretrained(
+        tmp_path / backend, text_encoder=CLIPModel.from_pretrained(clip), tokenizer=CLIPTokenizer.from_pretrained(clip),
+        feature_extractor=CLIPImageProcessor.from_pretrained(clip))
+    assert pipe.text_encoder is not None
 
 
 def test_shapes_clip_loads_and_classifies_fresh_images():
