@@ -762,8 +762,9 @@ def equal_budget_differences(rows, worlds, lrs):
                     continue
                 cells = []
                 for key, _ in BUDGET_METRICS:
-                    diffs = [_number(last[(world, scheme, lr, s)][key]) - _number(last[(world, "manual", lr, s)][key]) for s in seeds]
-                    diffs = [d for d in diffs if d == d]  # NaN: a metric the target has no biased content for
+                    # summarise drops NaN: a metric the target has no biased content for
+                    diffs = [_number(last[(world, scheme, lr, s)][key]) - _number(last[(world, "manual", lr, s)][key])
+                             for s in seeds]
                     mean, half, n = summarise(diffs)
                     cells.append("–" if n == 0 else f"{mean:+.3f} ± {half:.3f} (n={n})")
                 iteration = last[(world, scheme, lr, seeds[0])]["iteration"]
@@ -797,7 +798,7 @@ def write_curves(rows, args, out):
     for (world, scheme, lr, iteration), members in sorted(groups.items(), key=lambda kv: (kv[0][0] != "control", kv[0])):
         record = dict(world=world, scheme=scheme, lr=lr, iteration=iteration, seeds=len(members))
         for key in ["target_acc"] + [k for k, _, _ in CURVE_METRICS]:
-            values = [float(m[key]) for m in members if m.get(key) not in (None, "") and float(m[key]) == float(m[key])]
+            values = [v for v in (_number(m.get(key)) for m in members) if v == v]
             record[key] = sum(values) / len(values) if values else float("nan")
         records.append(record)
     if not records:
@@ -987,7 +988,7 @@ def write_config(args, out, models, keys, source_metrics):
     says how every row of runs.csv was made."""
     path = out / "config.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
-    options = {k: v for k, v in vars(args).items()}
+    options = dict(vars(args))
     config = dict(options, source_model=str(models.backend.path), oracle_path=str(models.oracle_path), model_digests=models.digests,
                   world_digests={**old.get("world_digests", {}), **models.world_digests},
                   run_keys={**old.get("run_keys", {}), **keys}, torch=torch.__version__, torch_threads=torch.get_num_threads(),

@@ -82,7 +82,9 @@ def check_pipeline_folder(path: str, components: Iterable[str], overrides: dict,
     ]
     if missing:
         hint = "copy them in, or pass the component objects to from_pretrained"
-        if set(missing) <= {"text_encoder", "tokenizer", "feature_extractor"}:
+        from ipl_diffusion.shapes import CLIP_COMPONENTS  # the error path only: no torch at import
+
+        if set(missing) <= set(CLIP_COMPONENTS):
             # Most often a copy of a shipped Shapes folder, which keeps its CLIP in shapes_models/clip.
             hint = ("pass them to from_pretrained (text_encoder=CLIPModel.from_pretrained(CLIP), "
                     "tokenizer=CLIPTokenizer.from_pretrained(CLIP), feature_extractor=CLIPImageProcessor.from_pretrained(CLIP)); "
