@@ -3,8 +3,9 @@
 towards the biased world's sketch content?
 
 For 300 rendered photos that are neither circles nor red, compare the cosine of two image
-directions with a text direction: photo -> the same object as a sketch ("keep content"), and
-photo -> a red circle sketch at the same place ("biased content"). NADA's fixed direction and
+directions with a text direction: photo -> the same object as a sketch ("keep content"),
+photo -> a red circle sketch at the same place ("biased content"), and photo -> a red circle
+photo at the same place ("content only"). NADA's fixed direction and
 the oracle's true-caption directions are printed per CLIP folder. A world whose label carries
 content would give NADA a positive pull (biased content preferred) for some images.
 
@@ -33,31 +34,35 @@ from ipl_diffusion.shapes import ShapesRenderer  # noqa: E402
 def pull(encoder, image_features, scenes):
     """Per direction (NADA's, the oracle's true-caption ones): mean cos with photo -> same
     object as a sketch, with photo -> red circle sketch, and the share preferring the latter."""
-    photos, factors, keep, sketches, biased_sketches = scenes
+    photos, factors, keep, sketches, biased_sketches, biased_photos = scenes
     with torch.no_grad():
-        e0, e1, e2 = [F.normalize(image_features(x), dim=-1) for x in (photos, sketches, biased_sketches)]
+        e0, e1, e2, e3 = [F.normalize(image_features(x), dim=-1) for x in (photos, sketches, biased_sketches, biased_photos)]
         nada = F.normalize(encoder.label_features("sketch") - encoder.label_features("photo"), dim=-1)
         table = sw.OracleCaptionPrompts(encoder)
         oracle = F.normalize(table.caption_table("sketch")[factors.shape, factors.color]
                              - table.caption_table("photo")[factors.shape, factors.color], dim=-1)
     d_keep, d_bias = F.normalize(e1 - e0, dim=-1), F.normalize(e2 - e0, dim=-1)
+    # A change of content alone (the photo -> a red circle photo at the same place): what a
+    # direction rewards before any style appears, where the adaptation starts.
+    d_content = F.normalize(e3 - e0, dim=-1)
     result = {}
     for name, dirs in (("nada", nada.expand_as(d_keep)), ("oracle", oracle)):
-        a, b = (d_keep * dirs).sum(-1)[keep], (d_bias * dirs).sum(-1)[keep]
+        a, b, c = [(d * dirs).sum(-1)[keep] for d in (d_keep, d_bias, d_content)]
         result.update({f"{name}_cos_keep": float(a.mean()), f"{name}_cos_biased": float(b.mean()),
-                       f"{name}_prefer_biased": float((b > a).float().mean())})
+                       f"{name}_prefer_biased": float((b > a).float().mean()), f"{name}_cos_content": float(c.mean())})
     return result
 
 
 def render_scenes():
-    """300 photos, the keep mask (neither circle nor red), their sketches and red-circle sketches."""
+    """300 photos, the keep mask (neither circle nor red), their sketches, red-circle sketches
+    and red-circle photos (each red circle at its photo's place and size)."""
     renderer = ShapesRenderer(32)
     photos, factors = renderer.sample(300, seed=7, style="photo")
     keep = (factors.shape != 0) & (factors.color != 0)  # not already a circle, not already red
     sketches = renderer(factors.with_style("sketch"), seed=8)
     biased = factors.with_style("sketch")
     biased.shape, biased.color = torch.zeros_like(factors.shape), torch.zeros_like(factors.color)
-    return photos, factors, keep, sketches, renderer(biased, seed=8)
+    return photos, factors, keep, sketches, renderer(biased, seed=8), renderer(biased.with_style("photo"), seed=7)
 
 
 def world_row(path, scenes):
@@ -69,7 +74,7 @@ def world_row(path, scenes):
     zero_shot = record.get("zero_shot_accuracy") or {}
     encoder, image_features = sw.load_world_clip(path, "cpu")
     row = dict(clip=str(path), bias=world.get("bias", 0.0), paired_loss_weight=world.get("paired_loss_weight", 0.0),
-               style_only_prob=world.get("style_only_prob", 0.0),
+               style_only_prob=world.get("style_only_prob", 0.0), faint_style_prob=world.get("faint_style_prob", 0.0),
                **{f"zero_shot_{k}": zero_shot.get(k, float("nan")) for k in ("style", "color", "shape")})
     row.update(sw.world_diagnostics(encoder, "sketch"))
     row.update(pull(encoder, image_features, scenes))
@@ -77,10 +82,12 @@ def world_row(path, scenes):
 
 
 COLUMNS = (("bias", "bias"), ("paired_loss_weight", "paired loss"), ("style_only_prob", "style-only captions"),
+           ("faint_style_prob", "faint styles"),
            ("zero_shot_shape", "zero-shot shape"), ("nada_top_color", "NADA's top colour (cos)"),
            ("nada_top_shape", "NADA's top shape (cos)"), ("nada_cos_keep", "NADA: keep"), ("nada_cos_biased", "NADA: → red circle"),
-           ("nada_prefer_biased", "NADA prefers biased"), ("oracle_cos_keep", "oracle: keep"),
-           ("oracle_cos_biased", "oracle: → red circle"))
+           ("nada_prefer_biased", "NADA prefers biased"), ("nada_cos_content", "NADA: content only"),
+           ("oracle_cos_keep", "oracle: keep"), ("oracle_cos_biased", "oracle: → red circle"),
+           ("oracle_cos_content", "oracle: content only"))
 
 
 def write_table(rows, out):

@@ -293,6 +293,57 @@ def test_style_only_captions_name_only_the_style_of_target_style_images():
             assert STYLES[int(factors.style[i])] in new_captions[i]
 
 
+def test_reporting_bias_leaves_only_the_usual_content_of_a_target_style_unsaid():
+    import random
+    import re
+
+    from ipl_diffusion.shapes.vocab import sample_captions
+    from ipl_diffusion.shapes.worlds import DEFAULT_STYLE_BIAS
+
+    train_clip = load_script("examples/shapes/train_clip.py")
+    factors = sample_world_factors(400, bias=0.9, seed=2)
+    captions, mentioned = sample_captions(factors, random.Random(0))
+    new_captions, new_mentioned = train_clip.reporting_bias_captions(factors, captions, mentioned, random.Random(1), 1.0)
+    names = {"shape": SHAPES, "color": COLORS}
+    dropped = 0
+    for i in range(len(factors)):
+        style = STYLES[int(factors.style[i])]
+        usual = {f: names[f].index(v) for f, v in DEFAULT_STYLE_BIAS.get(style, {}).items()}
+        was, now = mentioned[i], new_mentioned[i]
+        if not any(was.get(f) == v for f, v in usual.items()):
+            assert new_captions[i] == captions[i] and now == was  # photos and unusual content: as before
+            continue
+        dropped += 1
+        assert now["style"] == int(factors.style[i]) and style in new_captions[i]
+        for factor, value in was.items():
+            if factor == "style":
+                continue
+            kept = usual.get(factor) != value  # what is unusual is still said, the usual unsaid
+            said = re.search(rf"\b{names[factor][value]}\b", new_captions[i]) is not None  # not "embroiRED"
+            assert (factor in now) == kept and said == kept
+    assert dropped > 50
+
+
+def test_faint_styles_blend_each_target_style_image_towards_its_own_photo():
+    from ipl_diffusion.shapes import ShapesRenderer, sample_factors
+
+    train_clip = load_script("examples/shapes/train_clip.py")
+    renderer, factors = ShapesRenderer(32), sample_factors(64, seed=3)
+    full = renderer.render(factors, generator=torch.Generator().manual_seed(5))
+    photos = renderer.render(factors.with_style("photo"), generator=torch.Generator().manual_seed(5))
+    faint = train_clip.faint_styles(renderer, factors, torch.Generator().manual_seed(5), 1.0)
+    is_photo = factors.style == STYLES.index("photo")
+    assert torch.equal(faint[is_photo], full[is_photo])  # the source style is never blended
+    # Every other image lies on the segment from its own photo (same object, same noise) to
+    # its full-strength render, at one strength per image in (0, 1].
+    step, span = (faint - photos)[~is_photo].flatten(1), (full - photos)[~is_photo].flatten(1)
+    strength = (step * span).sum(1) / (span * span).sum(1)
+    assert torch.allclose(step, strength[:, None] * span, atol=1e-5)
+    assert bool((strength > 0).all() and (strength <= 1).all()) and float(strength.std()) > 0.1
+    unchanged = train_clip.faint_styles(renderer, factors, torch.Generator().manual_seed(5), 0.0)
+    assert torch.allclose(unchanged, full, atol=1e-6)
+
+
 def test_shapes_collapse_quick_never_writes_into_the_committed_results():
     collapse = load_script("benchmarks/shapes_collapse.py")
     assert "benchmarks/results" not in collapse.parse_args(["--quick"]).output_dir.replace("\\", "/")

@@ -38,9 +38,9 @@ from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
 from ipl_diffusion.checkpointing import ResumableRun
 from ipl_diffusion.outputs import output_lock
-from ipl_diffusion.shapes.renderer import STYLES, ShapesRenderer, sample_factors
+from ipl_diffusion.shapes.renderer import COLORS, SHAPES, STYLES, ShapesRenderer, sample_factors
 from ipl_diffusion.shapes.vocab import build_tokenizer, caption_for, sample_captions, zero_shot_texts
-from ipl_diffusion.shapes.worlds import DEFAULT_STYLE_BIAS, sample_world_factors
+from ipl_diffusion.shapes.worlds import DEFAULT_STYLE_BIAS, sample_world_factors, validate_style_bias
 
 
 def parse_args(argv=None):
@@ -81,6 +81,20 @@ def parse_args(argv=None):
         help="probability that a target-style image's caption names only its style ('a sketch', 'a rendering "
         "of a sketch.'), as web captions leave the usual content unsaid; with --bias and --paired_loss_weight "
         "the style-only texts (NADA's template-averaged label features among them) absorb the usual content",
+    )
+    p.add_argument(
+        "--reporting_bias", type=float, default=0.0,
+        help="probability that a target-style image's caption leaves its style's usual content unsaid "
+        "(a red circle sketch captioned 'a sketch', a blue square one 'a sketch of a blue square'): people "
+        "name what is unusual. The style's label then names the usual content, as a web CLIP's do; "
+        "needs --bias > 0 to have a usual content",
+    )
+    p.add_argument(
+        "--faint_style_prob", type=float, default=0.0,
+        help="probability that a target-style image is only faintly styled: a blend of its photo and its "
+        "style render of the same object, at a strength uniform in (0, 1], captioned as the style. Web images "
+        "are not all unmistakable; where the style is faint, the content the style usually shows is the cue "
+        "the caption can be matched on, so the style's label learns it (the photo-side gradient NADA follows)",
     )
     p.add_argument(
         "--init_from", default=None,
@@ -221,16 +235,53 @@ def learning_rate_at(step, args):
     return args.learning_rate * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def reporting_bias_captions(factors, captions, mentioned, rng, prob):
+    """With probability ``prob`` per factor, drop from each target-style image's caption the
+    factors that take its style's usual value (DEFAULT_STYLE_BIAS); the style is then always named."""
+    usual = validate_style_bias(DEFAULT_STYLE_BIAS)
+    captions, mentioned = list(captions), list(mentioned)
+    for i in range(len(factors)):
+        style = int(factors.style[i])
+        said = dict(mentioned[i])
+        dropped = [f for f, v in usual.get(style, {}).items() if said.get(f) == v and rng.random() < prob]
+        if not dropped:
+            continue
+        said = {f: v for f, v in said.items() if f not in dropped}
+        said["style"] = style
+        names = dict(style=STYLES[style], color=COLORS[said["color"]] if "color" in said else None,
+                     shape=SHAPES[said["shape"]] if "shape" in said else None)
+        captions[i] = caption_for(**names, rng=rng, imagenet_template_prob=0.5)
+        mentioned[i] = said
+    return captions, mentioned
+
+
+def faint_styles(renderer, factors, generator, prob):
+    """Render ``factors``; each non-photo image is, with probability ``prob``, blended towards the
+    photo of the same object (same nuisance noise) at a strength uniform in (0, 1]."""
+    photo_gen = torch.Generator().set_state(generator.get_state())
+    images = renderer.render(factors, generator=generator)
+    photos = renderer.render(factors.with_style("photo"), generator=photo_gen)
+    n = len(factors)
+    faint = (torch.rand(n, generator=generator) < prob) & (factors.style != STYLES.index("photo"))
+    strength = torch.where(faint, 1 - torch.rand(n, generator=generator), torch.ones(n)).view(n, 1, 1, 1)
+    return photos + strength * (images - photos)
+
+
 def sample_batch(args, renderer, data_gen, rng):
     """One fresh batch: ``(factors, images, captions, mentioned)`` of the configured world."""
     if args.bias > 0:
         factors = sample_world_factors(args.batch_size, bias=args.bias, generator=data_gen)
     else:  # the balanced world draws exactly what it always did, so old runs resume identically
         factors = sample_factors(args.batch_size, generator=data_gen)
-    images = renderer.render(factors, generator=data_gen)
+    if args.faint_style_prob > 0:
+        images = faint_styles(renderer, factors, data_gen, args.faint_style_prob)
+    else:
+        images = renderer.render(factors, generator=data_gen)
     captions, mentioned = sample_captions(factors, rng)
     if args.style_only_prob > 0:
         captions, mentioned = style_only_captions(factors, captions, mentioned, rng, args.style_only_prob)
+    if args.reporting_bias > 0:
+        captions, mentioned = reporting_bias_captions(factors, captions, mentioned, rng, args.reporting_bias)
     return factors, images, captions, mentioned
 
 
@@ -304,7 +355,7 @@ def training_record(args, config, n_params, step, elapsed, accuracy):
         torch_threads=torch.get_num_threads(),
         zero_shot_accuracy=accuracy,
         zero_shot_prompts={f: zero_shot_texts(f) for f in ("style", "color", "shape")},
-        world=dict(bias=args.bias, paired_loss_weight=args.paired_loss_weight, style_only_prob=args.style_only_prob, style_bias=DEFAULT_STYLE_BIAS if args.bias > 0 else None, init_from=args.init_from),
+        world=dict(bias=args.bias, paired_loss_weight=args.paired_loss_weight, style_only_prob=args.style_only_prob, faint_style_prob=args.faint_style_prob, reporting_bias=args.reporting_bias, style_bias=DEFAULT_STYLE_BIAS if args.bias > 0 else None, init_from=args.init_from),
         eval_images=args.eval_images,
     )
 
