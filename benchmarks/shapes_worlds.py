@@ -85,6 +85,7 @@ from ipl_diffusion.shapes.vocab import CAPTION_TEMPLATES  # noqa: E402
 from ipl_diffusion.shapes.worlds import DEFAULT_STYLE_BIAS  # noqa: E402
 
 import shapes_collapse as sc  # noqa: E402  (the oracle metrics and the grid, shared)
+from line_plots import line_plot  # noqa: E402
 
 SCHEMES = ("manual", "oracle", "adaptive", "learned", "random")
 SCHEME_NAMES = {"manual": "manual (NADA)", "oracle": "oracle (true captions)", "adaptive": "adaptive (IPL)",
@@ -788,9 +789,9 @@ def analyse(rows, args, source_metrics, out):
     return text
 
 
-def write_curves(rows, args, out):
-    """``curves.csv`` / ``curves.md``: per world, scheme, lr and milestone, the mean over seeds
-    of target accuracy and every curve metric (the curves the matched values are read from)."""
+def curve_records(rows):
+    """Per world, scheme, lr and milestone (control first, then sorted), the mean over seeds of
+    target accuracy and every curve metric: what ``curves.md`` lists and the curve plots draw."""
     groups = {}
     for r in rows:
         groups.setdefault((r["world"], r["scheme"], float(r["lr"]), int(r["iteration"])), []).append(r)
@@ -801,6 +802,13 @@ def write_curves(rows, args, out):
             values = [v for v in (_number(m.get(key)) for m in members) if v == v]
             record[key] = sum(values) / len(values) if values else float("nan")
         records.append(record)
+    return records
+
+
+def write_curves(rows, args, out):
+    """``curves.csv`` / ``curves.md``: per world, scheme, lr and milestone, the mean over seeds
+    of target accuracy and every curve metric (the curves the matched values are read from)."""
+    records = curve_records(rows)
     if not records:
         return
     with open(out / "curves.csv", "w", newline="") as handle:
@@ -815,37 +823,35 @@ def write_curves(rows, args, out):
     (out / "curves.md").write_text("### Curves (mean over seeds per milestone)\n\n" + "\n".join(lines) + "\n")
 
 
-def curve_plots(rows, args, out):
-    """Target accuracy (x) vs each preservation metric (y), mean over seeds per milestone."""
-    try:
-        import matplotlib
+def curve_panels(records, key):
+    """``{world: {series label: [(target acc, value), ...]}}`` of metric ``key`` from
+    ``curve_records``: one series per scheme (in table order) and lr, points by iteration.
+    Milestones without a value (a metric older rows lack, NaN drift) are left out."""
+    lrs = sorted({r["lr"] for r in records})
+    panels = {}
+    for scheme in schemes_in(r["scheme"] for r in records):
+        for lr in lrs:
+            # The lr joins the label only when it tells series apart.
+            label = scheme_label(scheme) + (f", lr {lr:g}" if len(lrs) > 1 else "")
+            for r in records:  # sorted by iteration within a world, scheme and lr
+                if r["scheme"] == scheme and r["lr"] == lr and r["target_acc"] == r["target_acc"] and r[key] == r[key]:
+                    panels.setdefault(r["world"], {}).setdefault(label, []).append((r["target_acc"], r[key]))
+    # Panels in the tables' world order (control first), whatever scheme came first.
+    worlds = list(dict.fromkeys(r["world"] for r in records))
+    return {world: panels[world] for world in worlds if world in panels}
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    worlds = sorted({r["world"] for r in rows})
+
+def curve_plots(rows, args, out):
+    """``plots/curve_KEY.png`` per curve metric: target accuracy (x) vs the metric (y), mean
+    over seeds per milestone, one panel per world (``line_plots``: matplotlib, else PIL)."""
+    records = curve_records(rows)
+    lrs = sorted({r["lr"] for r in records})
+    lr_note = f" (lr {lrs[0]:g})" if len(lrs) == 1 else ""  # one lr: said once, not in every label
     for key, label, _ in CURVE_METRICS:
-        fig, axes = plt.subplots(1, len(worlds), figsize=(4 * len(worlds), 3.2), squeeze=False)
-        for ax, world in zip(axes[0], worlds):
-            for scheme in schemes_in(r["scheme"] for r in rows):
-                for lr in sorted({float(r["lr"]) for r in rows}):
-                    pts = {}
-                    for r in rows:
-                        if r["world"] == world and r["scheme"] == scheme and float(r["lr"]) == lr and int(r["iteration"]) > 0:
-                            pts.setdefault(int(r["iteration"]), []).append((float(r["target_acc"]), float(r[key])))
-                    if not pts:
-                        continue
-                    its = sorted(pts)
-                    xs = [sum(a for a, _ in pts[i]) / len(pts[i]) for i in its]
-                    ys = [sum(v for _, v in pts[i]) / len(pts[i]) for i in its]
-                    ax.plot(xs, ys, marker="o", ms=3, label=f"{scheme_label(scheme)} lr {lr:g}")
-            ax.set_title(f"{world}: {label}")
-            ax.set_xlabel(f"target acc ({args.target})")
-            ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(out / "plots" / f"curve_{key}.png", dpi=100)
-        plt.close(fig)
+        panels = curve_panels(records, key)
+        if panels:  # a metric no row has (runs.csv older than it) gets no plot
+            titled = {f"{world}{lr_note}: {label}": series for world, series in panels.items()}
+            line_plot(out / "plots" / f"curve_{key}.png", titled, f"target acc ({args.target})", label)
 
 
 # ------------------------------------------------------------------------------ main

@@ -439,6 +439,38 @@ def test_lambda_sweep_points_are_schemes_run_with_their_lambda_and_tabled_agains
     assert any(line.startswith("| w | 0.001 | 0.75 | adaptive@2.5 - manual | +0.050") for line in text.splitlines())
 
 
+def test_curve_plots_draw_each_schemes_mean_points_without_matplotlib(bench, tmp_path, monkeypatch):
+    """Without matplotlib (our machines) the PIL fallback still writes the curve plots, and the
+    mean over seeds of each milestone is drawn where the axis mapping puts it, in its series' colour."""
+    import sys
+
+    from PIL import Image
+
+    plots = load_script("benchmarks/line_plots.py")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    # (scheme, iteration) -> per seed (target acc, shape kept); the means are the points drawn.
+    per_seed = {("manual", 10): [(0.1, 0.95), (0.3, 0.85)], ("manual", 20): [(0.6, 0.7), (0.6, 0.7)],
+                ("oracle", 10): [(0.3, 0.5), (0.3, 0.5)], ("oracle", 20): [(0.8, 0.35), (1.0, 0.45)]}
+    rows = []
+    for world in ("control", "biased"):
+        for (scheme, iteration), values in per_seed.items():
+            for seed, (acc, shape) in enumerate(values):
+                row = dict(world=world, scheme=scheme, lr="0.001", seed=str(seed), iteration=str(iteration), target_acc=str(acc))
+                row.update({key: "0.5" for key, _, _ in bench.CURVE_METRICS}, shape_acc=str(shape), shape_prob_kept="")
+                rows.append(row)
+    (tmp_path / "plots").mkdir()
+    bench.curve_plots(rows, bench.parse_args([]), tmp_path)
+
+    assert not (tmp_path / "plots" / "curve_shape_prob_kept.png").exists()  # no row has the metric
+    image = Image.open(tmp_path / "plots" / "curve_shape_acc.png").convert("RGB")
+    expected = {"manual": [(0.2, 0.9), (0.6, 0.7)], "oracle": [(0.3, 0.5), (0.9, 0.4)]}
+    y_low, y_high = plots.y_range({"panel": expected})
+    for panel in (0, 1):  # control, then biased
+        for colour, points in zip(plots.PALETTE, expected.values()):  # series in table order: manual, oracle
+            for x, y in points:
+                assert image.getpixel(plots.to_pixel(panel, x, y, y_low, y_high)) == colour, (panel, x, y)
+
+
 def test_planted_content_adds_the_biased_content_at_the_asked_strength(bench):
     import torch.nn.functional as F
 
