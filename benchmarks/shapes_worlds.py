@@ -763,8 +763,9 @@ def equal_budget_differences(rows, worlds, lrs):
                     continue
                 cells = []
                 for key, _ in BUDGET_METRICS:
-                    # summarise drops NaN: a metric the target has no biased content for
-                    diffs = [_number(last[(world, scheme, lr, s)][key]) - _number(last[(world, "manual", lr, s)][key])
+                    # summarise drops NaN: a metric the target has no biased content for, or a
+                    # column an older runs.csv does not have
+                    diffs = [_number(last[(world, scheme, lr, s)].get(key)) - _number(last[(world, "manual", lr, s)].get(key))
                              for s in seeds]
                     mean, half, n = summarise(diffs)
                     cells.append("–" if n == 0 else f"{mean:+.3f} ± {half:.3f} (n={n})")
