@@ -87,12 +87,17 @@ from ipl_diffusion.shapes.worlds import DEFAULT_STYLE_BIAS  # noqa: E402
 import shapes_collapse as sc  # noqa: E402  (the oracle metrics and the grid, shared)
 from line_plots import line_plot  # noqa: E402
 
-SCHEMES = ("manual", "oracle", "adaptive", "learned", "random")
+SCHEMES = ("manual", "oracle", "adaptive", "direction", "learned", "random")
 SCHEME_NAMES = {"manual": "manual (NADA)", "oracle": "oracle (true captions)", "adaptive": "adaptive (IPL)",
-                "learned": "learned (one learned prompt)", "random": "random prompts"}
+                "direction": "adaptive, direction regulariser", "learned": "learned (one learned prompt)",
+                "random": "random prompts"}
+# "direction" (not in the paper, the remedy of issue 18 item 5): IPL's latent mapper with Stage 1's
+# domain regulariser on each prompt's direction (Stage1Config.domain_regularizer="direction")
+# instead of Eq. 5. Run only when asked for: the default --schemes are the paper's and the oracle.
+DEFAULT_SCHEMES = ("manual", "oracle", "adaptive", "learned", "random")
 # "adaptive@LAMBDA" is IPL with Eq. 6's weight lambda of the domain loss (Eq. 5) instead of
 # --lambda_domain (the lambda sweep of the paper's Fig. 7), compared with NADA like any scheme.
-SWEEPABLE = ("adaptive",)
+SWEEPABLE = ("adaptive", "direction")
 # "content@ALPHA" (benchmark-only, the detection control): NADA's direction with the world's
 # biased content for the target (DEFAULT_STYLE_BIAS, e.g. "red circle" for sketch) planted in
 # it at ALPHA times the direction's own length. It is what a label that carries content does
@@ -107,15 +112,16 @@ def split_scheme(name):
 
 
 def check_scheme(name):
-    """argparse type of ``--schemes``: a scheme of SCHEMES, or ``adaptive@LAMBDA`` (LAMBDA >= 0)."""
+    """argparse type of ``--schemes``: a scheme of SCHEMES, ``adaptive@LAMBDA`` / ``direction@LAMBDA``
+    (LAMBDA >= 0) or ``content@ALPHA``."""
     base, sep, value = name.partition("@")
     if base not in SCHEMES and base != PLANTED:
-        raise argparse.ArgumentTypeError(f"unknown scheme {name!r}; known: {', '.join(SCHEMES)}, adaptive@LAMBDA, content@ALPHA")
+        raise argparse.ArgumentTypeError(f"unknown scheme {name!r}; known: {', '.join(SCHEMES)}, adaptive@LAMBDA, direction@LAMBDA, content@ALPHA")
     if base == PLANTED and not sep:
         raise argparse.ArgumentTypeError(f"{name!r}: the planted-content control needs its strength, content@ALPHA")
     if sep:
         if base not in SWEEPABLE + (PLANTED,):
-            raise argparse.ArgumentTypeError(f"{name!r}: only adaptive@LAMBDA (Eq. 6's weight) and content@ALPHA take a number")
+            raise argparse.ArgumentTypeError(f"{name!r}: only adaptive@LAMBDA, direction@LAMBDA (Eq. 6's weight) and content@ALPHA take a number")
         try:
             ok = float(value) >= 0
         except ValueError:
@@ -190,9 +196,10 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", default=None, help="default: benchmarks/results/shapes_worlds (stylegan2), "
                    "benchmarks/results/shapes_worlds_diffae (diffae)")
     p.add_argument("--target", default="sketch", choices=STYLES[1:], help="the target style (the source is photo)")
-    p.add_argument("--schemes", nargs="+", default=list(SCHEMES), type=check_scheme, metavar="SCHEME",
-                   help=f"among {', '.join(SCHEMES)}; adaptive@LAMBDA runs IPL with Eq. 6's weight LAMBDA on Eq. 5's domain loss "
-                   "(Fig. 7's sweep); content@ALPHA is the detection control, NADA with the target's biased content planted at ALPHA")
+    p.add_argument("--schemes", nargs="+", default=list(DEFAULT_SCHEMES), type=check_scheme, metavar="SCHEME",
+                   help=f"among {', '.join(SCHEMES)} (default: all but direction); adaptive@LAMBDA runs IPL with Eq. 6's weight "
+                   "LAMBDA on Eq. 5's domain loss (Fig. 7's sweep); direction (not in the paper) is IPL with Stage 1's domain "
+                   "regulariser on each prompt direction, direction@LAMBDA its weight; content@ALPHA is the detection control, NADA with the target's biased content planted at ALPHA")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--learning_rates", nargs="+", type=float, default=None,
                    help="Stage 2 lr (default: the shipped one, stylegan2 0.001, diffae 1.5e-4)")
@@ -564,7 +571,8 @@ def stage1_run(backend, encoder, image_features, oracle, scheme, seed, args, dia
         retrieval = None
     else:
         base, lam = split_scheme(scheme)
-        options = Stage1Config(scheme="manual" if base == PLANTED else base,
+        options = Stage1Config(scheme={PLANTED: "manual", "direction": "adaptive"}.get(base, base),
+                               domain_regularizer="direction" if base == "direction" else "feature",
                                lambda_domain=args.lambda_domain if lam is None or base == PLANTED else lam,
                                stage1_iterations=args.stage1_iterations,
                                stage1_batch_size=args.stage1_batch_size, n_ctx=4, label_templates="imagenet")
@@ -1057,11 +1065,11 @@ def prepare_worlds(worlds, args, diag, device):
 def record_run(writer, backend, oracle, world_state, ident, args, ev):
     """One run, its rows written as its milestones are scored.
 
-    Returns the run-level diagnostics, the last metrics, the uint8 images per milestone
-    (for ``--images_dir``) and ``{iteration: (target_acc, first 12 images)}`` for the grids.
+    Returns the run-level diagnostics, the last metrics and the uint8 images per milestone
+    (for ``--images_dir``, from which the grids are drawn).
     """
     encoder, image_features, diag = world_state
-    info, metrics, saved, grid = {}, None, {}, {}
+    info, metrics, saved = {}, None, {}
     for iteration, metrics, images in run_one(backend, world_state, oracle, ident["scheme"], ident["seed"], ident["lr"], args, ev):
         if iteration == 0:
             info = metrics
@@ -1069,9 +1077,8 @@ def record_run(writer, backend, oracle, world_state, ident, args, ev):
         else:
             row = dict(ident, iteration=iteration, **info, **metrics)
             saved[f"iteration_{iteration}"] = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-            grid[iteration] = (metrics["target_acc"], images[:12])
         writer.write(row, flush=True)
-    return info, metrics, saved, grid
+    return info, metrics, saved
 
 
 def save_run_images(saved, folder, name):
@@ -1085,8 +1092,8 @@ def save_run_images(saved, folder, name):
 
 
 def run_all(args, worlds, state, keys, done, writer, backend, oracle, ev, started):
-    """Every run not yet done (progress timed from ``started``); returns the first seed's grid images per world and scheme."""
-    grid_rows = {}
+    """Every run not yet done (progress timed from ``started``); each run's milestone images
+    are saved under ``--images_dir``/KEY, from which the grids are drawn."""
     # Seeds outermost, then worlds: an interrupted benchmark has paired seeds in every world.
     for lr in args.learning_rates:
         for seed in args.seeds:
@@ -1095,13 +1102,34 @@ def run_all(args, worlds, state, keys, done, writer, backend, oracle, ev, starte
                     if (keys[world], world, scheme, lr, seed) in done:
                         continue
                     ident = dict(key=keys[world], world=world, scheme=scheme, lr=lr, seed=seed)
-                    info, metrics, saved, grid = record_run(writer, backend, oracle, state[world], ident, args, ev)
-                    if grid and seed == args.seeds[0] and lr == args.learning_rates[0]:
-                        grid_rows.setdefault(world, {}).setdefault(scheme, {}).update(grid)
+                    info, metrics, saved = record_run(writer, backend, oracle, state[world], ident, args, ev)
                     save_run_images(saved, Path(args.images_dir) / keys[world], run_images_name(world, scheme, lr, seed))
                     print(f"[{time.time() - started:6.0f}s] {world} {scheme} lr={lr:g} seed={seed}: "
                           f"acc {metrics['target_acc']:.2f} shape {metrics['shape_acc']:.2f} colour {metrics['color_acc']:.2f} "
                           f"align {info['content_alignment']:.3f} spread {info['dt_mean_pairwise_cos']:.3f}", flush=True)
+
+
+def saved_grid_rows(current, worlds, keys, args):
+    """``{world: {scheme: {iteration: (target_acc, first 12 images)}}}`` of every scheme in
+    runs.csv (the current keys), its first seed at the first learning rate, read back from the
+    saved images. Drawn from runs.csv rather than from this invocation's runs, so a folder that
+    several commands filled shows every scheme; a run whose images are gone is left out."""
+    from safetensors.torch import load_file
+
+    grid_rows = {}
+    for world in worlds:
+        rows = [r for r in current if r["world"] == world and r["key"] == keys[world] and int(r["iteration"]) > 0]
+        for scheme in schemes_in(r["scheme"] for r in rows):
+            mine = [r for r in rows if r["scheme"] == scheme]
+            lrs = sorted({float(r["lr"]) for r in mine}, key=lambda v: (v not in args.learning_rates, v))
+            seed = min(int(r["seed"]) for r in mine if float(r["lr"]) == lrs[0])
+            path = Path(args.images_dir) / keys[world] / run_images_name(world, scheme, lrs[0], seed)
+            if not path.is_file():
+                continue
+            saved = load_file(str(path))
+            accs = {int(r["iteration"]): float(r["target_acc"]) for r in mine if float(r["lr"]) == lrs[0] and int(r["seed"]) == seed}
+            grid_rows.setdefault(world, {})[scheme] = {
+                it: (acc, saved[f"iteration_{it}"][:12].float() / 127.5 - 1) for it, acc in accs.items() if f"iteration_{it}" in saved}
     return grid_rows
 
 
@@ -1160,10 +1188,12 @@ def adapt_all(args, worlds, models, keys, done, runs_path, current, ev_x, ev, de
     try:
         started = time.time()
         state, diag_rows = prepare_worlds(worlds, args, diag, device)
-        grid_rows = run_all(args, worlds, state, keys, done, writer, backend, models.oracle, ev, started)
-        write_grids(grid_rows, ev_x, backend.source_label(args), args, out)
+        run_all(args, worlds, state, keys, done, writer, backend, models.oracle, ev, started)
     finally:
         writer.close()
+    with open(runs_path) as handle:  # every run of the current keys, this invocation's and earlier ones
+        rows = [r for r in csv.DictReader(handle) if r["key"] in set(keys.values())]
+    write_grids(saved_grid_rows(rows, worlds, keys, args), ev_x, backend.source_label(args), args, out)
     if diag_rows:
         write_csv(out / "world_diagnostics.csv", diag_rows)
 

@@ -28,6 +28,9 @@ from ipl_diffusion.errors import UserError
 
 PROMPT_SCHEMES = ("manual", "learned", "random", "adaptive")
 LABEL_TEMPLATES = ("imagenet", "nada", "single")
+# Stage 1's domain regulariser: Eq. 5 as published ("feature"), or the label-direction form
+# ("direction", not in the paper) that benchmarks/shapes_worlds.py evaluates against it.
+DOMAIN_REGULARIZERS = ("feature", "direction")
 GRADIENT_MODES = ("full_chain", "per_step")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 # StyleGAN-NADA's fixed layer sets (``--phase``); None: every StyledConv, the constant and conv1.
@@ -91,6 +94,10 @@ class Stage1Config:
     label_templates: Literal["imagenet", "nada", "single"] = option(
         "imagenet", "templates averaged into a label's CLIP feature (Eq. 5, and NADA's manual direction)")
     lambda_source: float = option(0.0, "released code's source-label regulariser weight (--lambda_src)")
+    domain_regularizer: Literal["feature", "direction"] = option(
+        "feature", "feature = Eq. 5 as published (each target prompt towards the target label's feature); "
+        "direction = not in the paper: each image's prompt direction towards the label direction, so a label's "
+        "content does not enter the prompts (benchmarks/README.md, the biased Shapes world)")
     contrastive_form: Literal["infonce", "paper"] = option("infonce", "Eq. 4 as the released code (infonce) or as printed (paper)")
     logit_scale: Optional[float] = option(None, "InfoNCE temperature multiplier (None: CLIP's own logit_scale.exp())")
     heldout_every: int = option(50, "measure held-out prompt retrieval every N Stage-1 steps")
@@ -105,6 +112,7 @@ class Stage1Config:
         _choice(self, "scheme", PROMPT_SCHEMES)
         _choice(self, "label_templates", LABEL_TEMPLATES)
         _choice(self, "contrastive_form", ("infonce", "paper"))
+        _choice(self, "domain_regularizer", DOMAIN_REGULARIZERS)
         _finite(self, "lambda_domain", "lambda_source")
         _finite(self, "stage1_learning_rate", "logit_scale", positive=True, allow_none=True)
         _positive_int(self, "stage1_iterations", minimum=0)

@@ -110,6 +110,35 @@ def domain_regularization_loss(prompt_text_features, label_features):
     return (1 - cos).mean()
 
 
+def directional_domain_regularization_loss(source_text_features, target_text_features, source_label_features, target_label_features):
+    """Not in the paper: a domain regulariser on each image's prompt *direction*.
+
+    ``mean_i (1 - cos(ΔT_i, ΔY))`` with ``ΔT_i = Norm(E_T(M_t^i)) - Norm(E_T(M_s^i))`` (the
+    direction Stage 2 follows, Eq. 8) and ``ΔY = Norm(E_T(Y_t)) - Norm(E_T(Y_s))`` (NADA's).
+    Eq. 5 pulls each target prompt towards the target label's *feature*, while Eq. 4 keeps the
+    source prompt on the image's own content, so whatever content the label carries ("red
+    circle" for a sketch learnt from red-circle sketches) enters ΔT_i as label content minus
+    image content; constraining the difference instead leaves the content to Eq. 4.
+
+    Args:
+        source_text_features / target_text_features: ``(n, D)`` raw ``E_T(M_s^i)`` / ``E_T(M_t^i)``.
+        source_label_features / target_label_features: ``(D,)`` (or ``(1, D)``) raw label features.
+
+    Returns:
+        0-d tensor in ``[0, 2]``.
+    """
+    _check(source_text_features, "source_text_features", 2)
+    _check(target_text_features, "target_text_features", 2)
+    if source_text_features.shape != target_text_features.shape:
+        raise ValueError(f"source and target prompt features differ in shape: {tuple(source_text_features.shape)} vs {tuple(target_text_features.shape)}")
+    dim = source_text_features.shape[-1]
+    label_direction = (_normalize(_text_as_row(target_label_features, "target_label_features", dim))
+                       - _normalize(_text_as_row(source_label_features, "source_label_features", dim)))
+    prompt_direction = _normalize(target_text_features) - _normalize(source_text_features)
+    cos = (_normalize(prompt_direction) * _normalize(label_direction)).sum(dim=-1)
+    return (1 - cos).mean()
+
+
 def _directional(source_image_features, target_image_features, text_direction):
     delta_i = _normalize(target_image_features) - _normalize(source_image_features)  # Eq. 7
     cos = (_normalize(delta_i) * _normalize(text_direction)).sum(dim=-1)
@@ -172,4 +201,4 @@ def directional_loss(source_image_features, target_image_features, source_text_f
     return _directional(source_image_features, target_image_features, delta_t)
 
 
-__all__ = ["contrastive_loss", "domain_regularization_loss", "adaptive_directional_loss", "directional_loss"]
+__all__ = ["contrastive_loss", "domain_regularization_loss", "directional_domain_regularization_loss", "adaptive_directional_loss", "directional_loss"]

@@ -51,9 +51,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .clip_text import DEFAULT_CONTEXT
-from .configs import PROMPT_SCHEMES, Stage1Config
+from .configs import DOMAIN_REGULARIZERS, PROMPT_SCHEMES, Stage1Config
 from .errors import UserError, UserFileNotFoundError, check_finite
-from .losses import contrastive_loss, domain_regularization_loss
+from .losses import contrastive_loss, directional_domain_regularization_loss, domain_regularization_loss
 from .mapper import LatentMapper, SharedPromptContext
 from .outputs import atomic_write_text
 
@@ -109,6 +109,7 @@ def stage1_losses(
     target_label=None,
     source_label_features=None,
     lambda_source=0.0,
+    domain_regularizer="feature",
 ):
     """The Stage-1 objective (Eq. 6) on one batch, term by term.
 
@@ -123,6 +124,10 @@ def stage1_losses(
         logit_scale, contrastive_form: see :func:`~ipl_diffusion.losses.contrastive_loss`.
         source_label_features, lambda_source: the released code's optional source-domain
             regulariser (``--lambda_src``, 0 by default), weighted ``λ · lambda_source``.
+        domain_regularizer: ``"feature"``, Eq. 5; ``"direction"`` (not in the paper), the
+            prompt direction towards the label direction
+            (:func:`~ipl_diffusion.losses.directional_domain_regularization_loss`), which needs
+            ``source_label_features``.
 
     Returns:
         dict of 0-d tensors: ``"L_contr"``, ``"L_domain"``, (``"L_domain_source"``), ``"L"``.
@@ -132,9 +137,17 @@ def stage1_losses(
     vectors = prompt_module(latents)
     source_text = encoder.encode_prompt_vectors(vectors, source_label)
     target_text = encoder.encode_prompt_vectors(vectors, target_label)
+    if domain_regularizer == "direction":
+        if source_label_features is None:
+            raise UserError("domain_regularizer='direction' needs source_label_features (E_T(Y_s)).")
+        domain = directional_domain_regularization_loss(source_text, target_text, source_label_features, target_label_features)
+    elif domain_regularizer == "feature":
+        domain = domain_regularization_loss(target_text, target_label_features)
+    else:
+        raise UserError(f"domain_regularizer must be one of {DOMAIN_REGULARIZERS}, got {domain_regularizer!r}")
     terms = {
         "L_contr": contrastive_loss(image_features, source_text, logit_scale=logit_scale, form=contrastive_form),
-        "L_domain": domain_regularization_loss(target_text, target_label_features),
+        "L_domain": domain,
     }
     total = terms["L_contr"] + lambda_domain * terms["L_domain"]
     if lambda_source:
@@ -492,7 +505,8 @@ def _train(learner, latents, pool_features, generate, sample_latents, heldout, r
         target_label_features = (encoder.label_features(learner.target_label, templates=cfg.label_templates)
                                  if anchor is None else anchor.detach().float().to(encoder.device))
         source_label_features = (
-            encoder.label_features(learner.source_label, templates=cfg.label_templates) if cfg.lambda_source else None
+            encoder.label_features(learner.source_label, templates=cfg.label_templates)
+            if cfg.lambda_source or cfg.domain_regularizer == "direction" else None
         )
     lr = DEFAULT_LEARNING_RATES[learner.scheme] if cfg.stage1_learning_rate is None else float(cfg.stage1_learning_rate)
     module.train().requires_grad_(True)
@@ -508,7 +522,7 @@ def _train(learner, latents, pool_features, generate, sample_latents, heldout, r
             module, encoder, w, feats, learner.source_label, target_label_features,
             lambda_domain=cfg.lambda_domain, logit_scale=logit_scale, contrastive_form=cfg.contrastive_form,
             target_label=learner.target_label, source_label_features=source_label_features,
-            lambda_source=cfg.lambda_source,
+            lambda_source=cfg.lambda_source, domain_regularizer=cfg.domain_regularizer,
         )
         check_finite(terms, "Stage 1", iteration)
         optimizer.zero_grad(set_to_none=True)

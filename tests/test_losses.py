@@ -8,6 +8,7 @@ import torch
 from ipl_diffusion.losses import (
     adaptive_directional_loss,
     contrastive_loss,
+    directional_domain_regularization_loss,
     directional_loss,
     domain_regularization_loss,
 )
@@ -84,6 +85,60 @@ def test_domain_regularization_errors():
         domain_regularization_loss(torch.randn(3, 4), torch.randn(2, 4))
     with pytest.raises(ValueError, match="feature size"):
         domain_regularization_loss(torch.randn(3, 4), torch.randn(5))
+
+
+# ---------------------------------------------------------------- the direction regulariser (not in the paper)
+def test_directional_domain_regularization_by_hand():
+    source = t([[2, 0], [0, 1]])  # normalised: [1, 0], [0, 1]
+    target = t([[0, 3], [1, 1]])  # normalised: [0, 1], [R, R]
+    labels = t([1, 0]), t([0, 1])  # ΔY = [-1, 1]
+    # ΔT_1 = [-1, 1]: cos 1. ΔT_2 = [R, R - 1]: cos = -1 / (sqrt(2) |ΔT_2|), |ΔT_2|^2 = 2 - 2R.
+    cos_2 = -1 / (math.sqrt(2) * math.sqrt(2 - 2 * R))
+    expected = ((1 - 1) + (1 - cos_2)) / 2
+    got = directional_domain_regularization_loss(source, target, *labels)
+    assert got.item() == pytest.approx(expected, abs=1e-12)
+    assert directional_domain_regularization_loss(source, target, labels[0][None], labels[1][None]).item() == pytest.approx(expected, abs=1e-12)
+
+
+def _optimised_target_prompts(loss_of, start, steps=300):
+    target = start.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([target], lr=0.05)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss_of(target).backward()
+        optimizer.step()
+    return target.detach()
+
+
+def test_direction_regulariser_keeps_each_images_content_where_eq5_collapses_it():
+    """Why the option exists: Eq. 5 pulls every target prompt onto the target label's feature,
+    so the content the label carries replaces each image's; the direction regulariser is
+    minimised by moving each prompt along the label direction from where it is."""
+    gen = torch.Generator().manual_seed(0)
+    y_s, y_t = torch.randn(8, generator=gen, dtype=torch.float64), torch.randn(8, generator=gen, dtype=torch.float64)
+    # Source prompts spread around the source label, as Eq. 4 leaves them (each image's content).
+    noise = torch.randn(6, 8, generator=gen, dtype=torch.float64)
+    source = torch.nn.functional.normalize(y_s / y_s.norm() + 0.6 * noise / noise.norm(dim=-1, keepdim=True), dim=-1)
+
+    def spread(x):  # mean pairwise cosine
+        x = torch.nn.functional.normalize(x, dim=-1)
+        cos = x @ x.T
+        return float((cos.sum() - cos.diagonal().sum()) / (len(x) * (len(x) - 1)))
+
+    # Both start a little along the label direction from each source prompt (ΔT_i = 0 has no direction).
+    start = source + 0.3 * (y_t / y_t.norm() - y_s / y_s.norm())
+    eq5 = _optimised_target_prompts(lambda tt: domain_regularization_loss(tt, y_t), start)
+    direction = _optimised_target_prompts(lambda tt: directional_domain_regularization_loss(source, tt, y_s, y_t), start)
+    assert spread(eq5) > 0.99  # every prompt is the label
+    assert directional_domain_regularization_loss(source, direction, y_s, y_t).item() < 1e-3
+    assert spread(direction) < 0.9 and spread(direction) == pytest.approx(spread(source + (y_t / y_t.norm() - y_s / y_s.norm())), abs=0.2)
+
+
+def test_directional_domain_regularization_errors():
+    with pytest.raises(ValueError, match="differ in shape"):
+        directional_domain_regularization_loss(torch.randn(3, 4), torch.randn(2, 4), torch.randn(4), torch.randn(4))
+    with pytest.raises(ValueError, match="feature size"):
+        directional_domain_regularization_loss(torch.randn(3, 4), torch.randn(3, 4), torch.randn(5), torch.randn(4))
 
 
 # ---------------------------------------------------------------- adaptive directional (Eq. 7-9)

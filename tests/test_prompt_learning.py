@@ -160,6 +160,38 @@ def test_source_regulariser_option(encoder, pool, features):
     assert "L_domain_source" in learner.history[0]
 
 
+def test_direction_regulariser_option_is_the_directional_loss_of_the_prompts(encoder, pool, features):
+    import torch.nn.functional as F
+
+    from ipl_diffusion.losses import directional_domain_regularization_loss
+
+    mapper = LatentMapper(latent_dim=16, n_ctx=4, ctx_dim=encoder.hidden_size, hidden_dim=32)
+    y_s, y_t = encoder.label_features(SOURCE, templates="single"), encoder.label_features(TARGET, templates="single")
+    with torch.no_grad():
+        terms = stage1_losses(mapper, encoder, pool[:6], features[:6], SOURCE, y_t, target_label=TARGET,
+                              source_label_features=y_s, domain_regularizer="direction")
+        vectors = mapper(pool[:6])
+        src, tgt = encoder.encode_prompt_vectors(vectors, SOURCE), encoder.encode_prompt_vectors(vectors, TARGET)
+    # Independently: 1 - cos(Norm(T_i) - Norm(S_i), Norm(Y_t) - Norm(Y_s)), averaged.
+    delta_t = F.normalize(tgt.double(), dim=-1) - F.normalize(src.double(), dim=-1)
+    delta_y = F.normalize(y_t.double(), dim=-1) - F.normalize(y_s.double(), dim=-1)
+    expected = (1 - F.cosine_similarity(delta_t, delta_y[None], dim=-1)).mean()
+    assert terms["L_domain"].item() == pytest.approx(expected.item(), abs=1e-5)
+    assert terms["L_domain"].item() == pytest.approx(directional_domain_regularization_loss(src, tgt, y_s, y_t).item(), abs=1e-6)
+    with pytest.raises(UserError, match="source_label_features"):
+        stage1_losses(mapper, encoder, pool[:6], features[:6], SOURCE, y_t, target_label=TARGET, domain_regularizer="direction")
+    # Through learn_prompts: the label direction is built from the labels, and trained prompts follow it.
+    learner = learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, stage1_iterations=6,
+                            domain_regularizer="direction", **FAST)
+    assert learner.history[-1]["L_domain"] < learner.history[0]["L_domain"]
+    eq5 = learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, stage1_iterations=1, **FAST)
+    first = learner.history[0]
+    assert first["L_contr"] == pytest.approx(eq5.history[0]["L_contr"], abs=1e-6)  # same seed: same batch and mapper
+    assert abs(first["L_domain"] - eq5.history[0]["L_domain"]) > 1e-3  # another regulariser on it
+    with pytest.raises(UserError, match="domain_regularizer"):
+        learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, domain_regularizer="label", **ERR)
+
+
 def test_nan_in_a_loss_term_stops_with_the_terms_name(encoder, pool, features, monkeypatch):
     with pytest.raises(UserError, match="logit_scale must be a finite number"):  # refused before any work
         learn_prompts(encoder, pool, SOURCE, TARGET, image_features=features, stage1_iterations=2,

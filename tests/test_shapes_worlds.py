@@ -148,6 +148,19 @@ def test_quick_benchmark_runs_every_scheme_and_resumes(bench, tmp_path):
         assert len(list(csv.DictReader(handle))) == len(rows)
 
 
+def test_grids_show_every_scheme_of_a_folder_filled_by_several_commands(bench, tmp_path):
+    """The grid is drawn from runs.csv and the saved images, not from the last command's runs."""
+    from PIL import Image
+
+    bench.main(["--quick", "--schemes", "manual", "--output_dir", str(tmp_path)])
+    bench.main(["--quick", "--schemes", "oracle", "--output_dir", str(tmp_path)])
+    rows = (tmp_path / "grids" / "control_sketch.txt").read_text()
+    assert "manual@" in rows and "oracle@" in rows
+    height = Image.open(tmp_path / "grids" / "control_sketch.png").height
+    bench.main(["--quick", "--schemes", "manual", "oracle", "adaptive", "--output_dir", str(tmp_path)])
+    assert Image.open(tmp_path / "grids" / "control_sketch.png").height > height  # one more row
+
+
 def _quick_run(bench, tmp_path, expected_heading, *options):
     """A --quick benchmark into tmp_path: its matched.md text and runs.csv rows, after checking
     that every default scheme ran and the tables name the schemes and ``expected_heading``."""
@@ -159,7 +172,7 @@ def _quick_run(bench, tmp_path, expected_heading, *options):
         assert name in text
     with open(tmp_path / "runs.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert {r["scheme"] for r in rows} == set(bench.SCHEMES)
+    assert {r["scheme"] for r in rows} == set(bench.DEFAULT_SCHEMES)
     return text, rows
 
 
