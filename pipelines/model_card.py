@@ -113,6 +113,12 @@ def build_model_card(
         f"* Target domain: `{config.target_label or '(not adapted)'}`",
         f"* Base model: `{config.base_model or 'unknown'}`",
         f"* Prompt scheme: `{adaptation.get('stage1', {}).get('scheme', 'n/a')}` (adaptive = IPL, manual = NADA)",
+    ]
+    if adaptation.get("stage1", {}).get("domain_regularizer", "feature") != "feature":
+        # A card must not pass a variant off as the paper's method.
+        lines.append("* Stage 1 domain regulariser: `direction` (not in the paper: each prompt direction towards the "
+                     "label direction, in place of Eq. 5)")
+    lines += [
         "",
     ]
     if pipe.sample_grid is not None:

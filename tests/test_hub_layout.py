@@ -243,3 +243,19 @@ def test_hub_ids_are_loaded_from_their_snapshot(saved, monkeypatch):
     assert DiffAEPipeline.from_pretrained("me/diffae").unet is not None
     assert [a[0] for a in asked] == ["me/ipl", "me/gan", "me/diffae"]
     assert asked[1][1] == {"local_files_only": True, "revision": "v1"}  # HF_HUB_OFFLINE=1 in tests
+
+
+def test_card_says_when_stage1_used_the_direction_regulariser_instead_of_eq5():
+    from diffusers.configuration_utils import FrozenDict
+
+    from ipl_diffusion.pipelines.model_card import build_model_card
+
+    def card_text(stage1):
+        config = FrozenDict(source_label="photo", target_label="sketch", base_model=None, run_summary=None,
+                            adaptation={"stage1": stage1})
+        pipe = type("Pipe", (), {"config": config, "sample_grid": None})()
+        return build_model_card(pipe, "me/x", "t", "d", ["ipl"], "g", "print(1)").text
+
+    assert "not in the paper" in card_text({"scheme": "adaptive", "domain_regularizer": "direction"})
+    assert "not in the paper" not in card_text({"scheme": "adaptive", "domain_regularizer": "feature"})
+    assert "not in the paper" not in card_text({"scheme": "adaptive"})  # cards of runs from before the option
