@@ -31,9 +31,11 @@ import shapes_worlds as sw  # noqa: E402
 from ipl_diffusion.shapes import ShapesRenderer  # noqa: E402
 
 
-def pull(encoder, image_features, scenes):
-    """Per direction (NADA's, the oracle's true-caption ones): mean cos with photo -> same
-    object as a sketch, with photo -> red circle sketch, and the share preferring the latter."""
+def pull(encoder, image_features, scenes, planted=()):
+    """Per direction (NADA's, the oracle's true-caption ones, and NADA's with the world's biased
+    content planted at each ALPHA of ``planted``, the benchmark's ``content@ALPHA``): mean cos
+    with photo -> same object as a sketch, with photo -> red circle sketch, the share preferring
+    the latter, and the mean cos with photo -> red circle photo (content only)."""
     photos, factors, keep, sketches, biased_sketches, biased_photos = scenes
     with torch.no_grad():
         e0, e1, e2, e3 = [F.normalize(image_features(x), dim=-1) for x in (photos, sketches, biased_sketches, biased_photos)]
@@ -45,8 +47,13 @@ def pull(encoder, image_features, scenes):
     # A change of content alone (the photo -> a red circle photo at the same place): what a
     # direction rewards before any style appears, where the adaptation starts.
     d_content = F.normalize(e3 - e0, dim=-1)
+    directions = [("nada", nada.expand_as(d_keep)), ("oracle", oracle)]
+    for alpha in planted:  # as sw.PlantedContent builds it from the label features
+        tgt, src = (F.normalize(encoder.label_features(label).float(), dim=-1) for label in ("sketch", "photo"))
+        planted_tgt = tgt + alpha * (tgt - src).norm() * sw.biased_content_direction(encoder, "sketch").to(tgt)
+        directions.append((f"content@{alpha:g}", F.normalize(planted_tgt - src, dim=-1).expand_as(d_keep)))
     result = {}
-    for name, dirs in (("nada", nada.expand_as(d_keep)), ("oracle", oracle)):
+    for name, dirs in directions:
         a, b, c = [(d * dirs).sum(-1)[keep] for d in (d_keep, d_bias, d_content)]
         result.update({f"{name}_cos_keep": float(a.mean()), f"{name}_cos_biased": float(b.mean()),
                        f"{name}_prefer_biased": float((b > a).float().mean()), f"{name}_cos_content": float(c.mean())})
@@ -65,7 +72,7 @@ def render_scenes():
     return photos, factors, keep, sketches, renderer(biased, seed=8), renderer(biased.with_style("photo"), seed=7)
 
 
-def world_row(path, scenes):
+def world_row(path, scenes, planted=()):
     """One CLIP folder: its training world and zero-shot accuracy (training_record.json), the
     text-only sketch diagnostics and the image-space pull."""
     record_file = Path(path) / "training_record.json"
@@ -78,7 +85,7 @@ def world_row(path, scenes):
                reporting_bias=world.get("reporting_bias", 0.0),
                **{f"zero_shot_{k}": zero_shot.get(k, float("nan")) for k in ("style", "color", "shape")})
     row.update(sw.world_diagnostics(encoder, "sketch"))
-    row.update(pull(encoder, image_features, scenes))
+    row.update(pull(encoder, image_features, scenes, planted))
     return row
 
 
@@ -110,14 +117,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("clips", nargs="*", help="Shapes CLIP folders (default: the shipped one)")
     p.add_argument("--output_dir", default=None, help="write world_sweep.md / .csv here")
+    p.add_argument("--planted", nargs="*", type=float, default=[],
+                   help="also NADA's direction with the biased content planted at these ALPHA (shapes_worlds.py's "
+                   "content@ALPHA, the detection control): what pull a detected drift corresponds to (csv / printed)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     scenes = render_scenes()
-    rows = [world_row(path, scenes) for path in (args.clips or [str(sw.default_model_path("clip"))])]
+    rows = [world_row(path, scenes, args.planted) for path in (args.clips or [str(sw.default_model_path("clip"))])]
     if args.output_dir:
         write_table(rows, Path(args.output_dir))
-    else:
-        for r in rows:
+    for r in rows:
+        if args.planted or not args.output_dir:
             print(r)
 
 

@@ -547,3 +547,16 @@ def test_train_oracle_with_background_swaps_records_the_swap_matrix(tmp_path):
                        "--eval_images", "20", "--background_swap_prob", "0.5"])
     matrix = json.loads((out / "training_record.json").read_text())["evaluation"]["background_swap_style_accuracy"]
     assert set(matrix) == set(STYLES) and all(set(row) == set(STYLES) for row in matrix.values())
+
+
+def test_world_pull_of_planted_content_matches_nada_at_zero_and_rewards_content_above(bench):
+    """shapes_worlds_pull's calibration: content@0 is NADA's direction, and planting the biased
+    content makes a content-only change (photo -> red circle photo) pay."""
+    pull_script = load_script("benchmarks/shapes_worlds_pull.py")
+    encoder, image_features = bench.load_world_clip(str(bench.default_model_path("clip")), "cpu")
+    scenes = pull_script.render_scenes()
+    result = pull_script.pull(encoder, image_features, scenes, planted=(0.0, 1.0))
+    for measure in ("cos_keep", "cos_biased", "cos_content", "prefer_biased"):
+        assert result[f"content@0_{measure}"] == pytest.approx(result[f"nada_{measure}"], abs=1e-5)
+    assert result["nada_cos_content"] < 0.1 < 0.4 < result["content@1_cos_content"]
+    assert result["content@1_prefer_biased"] > 0.5 > result["nada_prefer_biased"]
