@@ -1110,15 +1110,17 @@ def run_all(args, worlds, state, keys, done, writer, backend, oracle, ev, starte
 
 
 def saved_grid_rows(current, worlds, keys, args):
-    """``{world: {scheme: {iteration: (target_acc, first 12 images)}}}`` of every scheme in
-    runs.csv (the current keys), its first seed at the first learning rate, read back from the
-    saved images. Drawn from runs.csv rather than from this invocation's runs, so a folder that
-    several commands filled shows every scheme; a run whose images are gone is left out."""
+    """``{world: {scheme: {iteration: (target_acc, first 12 images)}}}`` of every ``--schemes``
+    scheme in runs.csv (the current keys), its first seed at the first learning rate, read back
+    from the saved images. Drawn from runs.csv rather than from this invocation's runs, so a
+    folder that several commands filled shows every scheme its command names, whichever command
+    ran it; a run whose images are gone is left out."""
     from safetensors.torch import load_file
 
     grid_rows = {}
     for world in worlds:
-        rows = [r for r in current if r["world"] == world and r["key"] == keys[world] and int(r["iteration"]) > 0]
+        rows = [r for r in current if r["world"] == world and r["key"] == keys[world] and int(r["iteration"]) > 0
+                and r["scheme"] in args.schemes]
         for scheme in schemes_in(r["scheme"] for r in rows):
             mine = [r for r in rows if r["scheme"] == scheme]
             lrs = sorted({float(r["lr"]) for r in mine}, key=lambda v: (v not in args.learning_rates, v))

@@ -153,12 +153,14 @@ def test_grids_show_every_scheme_of_a_folder_filled_by_several_commands(bench, t
     from PIL import Image
 
     bench.main(["--quick", "--schemes", "manual", "--output_dir", str(tmp_path)])
-    bench.main(["--quick", "--schemes", "oracle", "--output_dir", str(tmp_path)])
+    bench.main(["--quick", "--schemes", "oracle", "manual", "--output_dir", str(tmp_path)])  # runs only the oracle
     rows = (tmp_path / "grids" / "control_sketch.txt").read_text()
     assert "manual@" in rows and "oracle@" in rows
     height = Image.open(tmp_path / "grids" / "control_sketch.png").height
     bench.main(["--quick", "--schemes", "manual", "oracle", "adaptive", "--output_dir", str(tmp_path)])
     assert Image.open(tmp_path / "grids" / "control_sketch.png").height > height  # one more row
+    bench.main(["--quick", "--schemes", "oracle", "--output_dir", str(tmp_path)])  # runs nothing
+    assert "manual@" not in (tmp_path / "grids" / "control_sketch.txt").read_text()  # the command's schemes
 
 
 def _quick_run(bench, tmp_path, expected_heading, *options):
