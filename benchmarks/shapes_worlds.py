@@ -360,8 +360,14 @@ class PlantedContent:
         if label != self.target:
             return feats
         source = F.normalize(self.manual.text_features(latents, "photo").float(), dim=-1)
-        length = (feats - source).norm(dim=-1, keepdim=True)
-        return feats + self.alpha * length * self.direction.to(feats)
+        return planted_target(feats, source, self.direction, self.alpha)
+
+
+def planted_target(target, source, direction, alpha):
+    """Unit target features ``(B, D)`` (or ``(D,)``) with ``alpha`` x |target - source| of the
+    unit content ``direction`` added: what ``content@ALPHA`` gives NADA's direction."""
+    length = (target - source).norm(dim=-1, keepdim=True)
+    return target + alpha * length * direction.to(target)
 
 
 def content_features(encoder, shape, color):
@@ -1111,8 +1117,8 @@ def run_all(args, worlds, state, keys, done, writer, backend, oracle, ev, starte
 
 def saved_grid_rows(current, worlds, keys, args):
     """``{world: {scheme: {iteration: (target_acc, first 12 images)}}}`` of every ``--schemes``
-    scheme in runs.csv (the current keys), its first seed at the first learning rate, read back
-    from the saved images. Drawn from runs.csv rather than from this invocation's runs, so a
+    scheme in runs.csv (the current keys), its run at the first ``--seeds`` seed and the first
+    ``--learning_rates`` lr, read back from the saved images. Drawn from runs.csv rather than from this invocation's runs, so a
     folder that several commands filled shows every scheme its command names, whichever command
     ran it; a run whose images are gone is left out."""
     from safetensors.torch import load_file
@@ -1121,15 +1127,14 @@ def saved_grid_rows(current, worlds, keys, args):
     for world in worlds:
         rows = [r for r in current if r["world"] == world and r["key"] == keys[world] and int(r["iteration"]) > 0
                 and r["scheme"] in args.schemes]
+        lr, seed = args.learning_rates[0], args.seeds[0]
         for scheme in schemes_in(r["scheme"] for r in rows):
-            mine = [r for r in rows if r["scheme"] == scheme]
-            lrs = sorted({float(r["lr"]) for r in mine}, key=lambda v: (v not in args.learning_rates, v))
-            seed = min(int(r["seed"]) for r in mine if float(r["lr"]) == lrs[0])
-            path = Path(args.images_dir) / keys[world] / run_images_name(world, scheme, lrs[0], seed)
-            if not path.is_file():
+            accs = {int(r["iteration"]): float(r["target_acc"]) for r in rows
+                    if r["scheme"] == scheme and float(r["lr"]) == lr and int(r["seed"]) == seed}
+            path = Path(args.images_dir) / keys[world] / run_images_name(world, scheme, lr, seed)
+            if not accs or not path.is_file():
                 continue
             saved = load_file(str(path))
-            accs = {int(r["iteration"]): float(r["target_acc"]) for r in mine if float(r["lr"]) == lrs[0] and int(r["seed"]) == seed}
             grid_rows.setdefault(world, {})[scheme] = {
                 it: (acc, saved[f"iteration_{it}"][:12].float() / 127.5 - 1) for it, acc in accs.items() if f"iteration_{it}" in saved}
     return grid_rows

@@ -50,7 +50,7 @@ def pull(encoder, image_features, scenes, planted=()):
     directions = [("nada", nada.expand_as(d_keep)), ("oracle", oracle)]
     for alpha in planted:  # as sw.PlantedContent builds it from the label features
         tgt, src = (F.normalize(encoder.label_features(label).float(), dim=-1) for label in ("sketch", "photo"))
-        planted_tgt = tgt + alpha * (tgt - src).norm() * sw.biased_content_direction(encoder, "sketch").to(tgt)
+        planted_tgt = sw.planted_target(tgt, src, sw.biased_content_direction(encoder, "sketch"), alpha)
         directions.append((f"content@{alpha:g}", F.normalize(planted_tgt - src, dim=-1).expand_as(d_keep)))
     result = {}
     for name, dirs in directions:

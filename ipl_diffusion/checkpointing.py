@@ -348,8 +348,11 @@ def load_checkpoint(
 # Options that must match for a checkpoint to continue a run; the number of iterations and
 # the checkpoint / sample intervals may change (e.g. to extend a finished run).
 _RUN_IDENTITY = (("source",), ("target",), ("stage1", "scheme"), ("stage1", "lambda_domain"),
+                 ("stage1", "lambda_source"), ("stage1", "domain_regularizer"),
                  ("stage2", "learning_rate"), ("stage2", "batch_size"), ("stage2", "seed"),
                  ("target_images", "sha256"))  # an image-defined target's style images
+# What a checkpoint written before an option existed ran with: its default then.
+_IDENTITY_DEFAULTS = {("stage1", "lambda_source"): 0.0, ("stage1", "domain_regularizer"): "feature"}
 
 
 def check_same_run(path: str | os.PathLike, saved: Mapping, current: Mapping) -> None:
@@ -364,6 +367,8 @@ def check_same_run(path: str | os.PathLike, saved: Mapping, current: Mapping) ->
         for key in keys:
             old = old.get(key) if isinstance(old, Mapping) else None
             new = new.get(key) if isinstance(new, Mapping) else None
+        if old is None and isinstance(saved.get(keys[0]), Mapping):
+            old = _IDENTITY_DEFAULTS.get(keys)
         if old is not None and new is not None and old != new:
             raise UserError(
                 f"checkpoint {path} belongs to another run ({'.'.join(keys)} was {old!r} there, {new!r} now); "

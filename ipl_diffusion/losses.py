@@ -120,12 +120,23 @@ def directional_domain_regularization_loss(source_text_features, target_text_fea
     circle" for a sketch learnt from red-circle sketches) enters ΔT_i as label content minus
     image content; constraining the difference instead leaves the content to Eq. 4.
 
+    With an image-defined target (:mod:`ipl_diffusion.adaptation.image_target`) the target
+    label feature is that target's Eq. 5 anchor, so ΔY is the anchor's direction from the
+    source label; Stage 2 then replaces the shared part of the directions by the image
+    direction, and this regulariser only bounds each image's deviation from it.
+
     Args:
         source_text_features / target_text_features: ``(n, D)`` raw ``E_T(M_s^i)`` / ``E_T(M_t^i)``.
         source_label_features / target_label_features: ``(D,)`` (or ``(1, D)``) raw label features.
 
     Returns:
-        0-d tensor in ``[0, 2]``.
+        0-d tensor in ``[0, 2]``. A prompt whose ΔT_i is 0 scores 1 (no direction; its gradient
+        there is large, unlike the Stage-2 losses'), which Stage 1 never meets: the two labels
+        differ, so the two prompts do.
+
+    Raises:
+        ValueError: inputs of the wrong shape, or labels with the same direction (ΔY = 0),
+            which would switch the regulariser off without a word.
     """
     _check(source_text_features, "source_text_features", 2)
     _check(target_text_features, "target_text_features", 2)
@@ -134,6 +145,8 @@ def directional_domain_regularization_loss(source_text_features, target_text_fea
     dim = source_text_features.shape[-1]
     label_direction = (_normalize(_text_as_row(target_label_features, "target_label_features", dim))
                        - _normalize(_text_as_row(source_label_features, "source_label_features", dim)))
+    if float(label_direction.norm()) < _DIRECTION_EPS:
+        raise ValueError("the source and target label features have the same direction: there is no label direction to follow")
     prompt_direction = _normalize(target_text_features) - _normalize(source_text_features)
     cos = (_normalize(prompt_direction) * _normalize(label_direction)).sum(dim=-1)
     return (1 - cos).mean()

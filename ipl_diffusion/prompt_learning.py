@@ -131,6 +131,10 @@ def stage1_losses(
 
     Returns:
         dict of 0-d tensors: ``"L_contr"``, ``"L_domain"``, (``"L_domain_source"``), ``"L"``.
+
+    Raises:
+        UserError: no ``target_label``; an unknown ``domain_regularizer``; ``"direction"``
+            without ``source_label_features``.
     """
     if target_label is None:
         raise UserError("stage1_losses needs target_label.")

@@ -114,10 +114,12 @@ def build_model_card(
         f"* Base model: `{config.base_model or 'unknown'}`",
         f"* Prompt scheme: `{adaptation.get('stage1', {}).get('scheme', 'n/a')}` (adaptive = IPL, manual = NADA)",
     ]
-    if adaptation.get("stage1", {}).get("domain_regularizer", "feature") != "feature":
-        # A card must not pass a variant off as the paper's method.
-        lines.append("* Stage 1 domain regulariser: `direction` (not in the paper: each prompt direction towards the "
-                     "label direction, in place of Eq. 5)")
+    stage1 = adaptation.get("stage1", {})
+    regulariser = stage1.get("domain_regularizer", "feature")
+    # A card must not pass a variant off as the paper's method; only the trained schemes use it.
+    if regulariser != "feature" and stage1.get("scheme") in ("adaptive", "learned"):
+        lines.append(f"* Stage 1 domain regulariser: `{regulariser}` (not in the paper: each prompt direction towards "
+                     "the label direction, in place of Eq. 5)")
     lines += [
         "",
     ]

@@ -216,3 +216,33 @@ def test_resumable_run_continues_a_killed_loop_to_the_same_weights(tmp_path, cap
     # "none" (the scripts' flag value) starts afresh, and a bound on wall minutes stops the loop
     fresh, _, _ = _run_loop(tmp_path / "split", 0, resume="none")
     assert not fresh.resumed and fresh.step == 0 and not fresh.running(10, max_minutes=0)
+
+
+def test_resume_refuses_another_domain_regulariser_and_reads_old_checkpoints_as_eq5(tmp_path):
+    from ipl_diffusion.checkpointing import check_same_run
+
+    old = {"source": "photo", "target": "neon", "stage1": {"scheme": "adaptive", "lambda_domain": 1.0}}  # before the option
+    check_same_run(tmp_path, old, {**old, "stage1": {**old["stage1"], "domain_regularizer": "feature", "lambda_source": 0.0}})
+    with pytest.raises(ValueError, match="stage1.domain_regularizer was 'feature' there, 'direction' now"):
+        check_same_run(tmp_path, old, {**old, "stage1": {**old["stage1"], "domain_regularizer": "direction"}})
+    with pytest.raises(ValueError, match="stage1.lambda_source was 0.0 there, 0.5 now"):
+        check_same_run(tmp_path, old, {**old, "stage1": {**old["stage1"], "lambda_source": 0.5}})
+
+
+def test_a_saved_stage1_result_from_before_an_option_existed_is_still_reused(tmp_path, monkeypatch):
+    import json
+
+    from ipl_diffusion.adaptation import stage1 as store
+    from ipl_diffusion.configs import Stage1Config, as_dict
+    from ipl_diffusion.prompt_learning import PromptLearner
+
+    key = {"source": "photo", "target": "sketch", "seed": 0, "stage1": as_dict(Stage1Config())}
+    folder = tmp_path / store.STAGE1_DIR
+    folder.mkdir()
+    old_stage1 = {k: v for k, v in key["stage1"].items() if k != "domain_regularizer"}
+    (folder / "options.json").write_text(json.dumps({**key, "stage1": old_stage1}))
+    monkeypatch.setattr(PromptLearner, "from_pretrained", classmethod(lambda cls, d, e: type("L", (), {"prompt_module": torch.nn.Identity()})()))
+    encoder = type("E", (), {"device": "cpu"})()
+    assert store.load_stage1(tmp_path, key, encoder) is not None  # the default then: the same options
+    other = dict(key, stage1=dict(key["stage1"], domain_regularizer="direction"))
+    assert store.load_stage1(tmp_path, other, encoder) is None  # another regulariser: trained again

@@ -259,3 +259,4 @@ def test_card_says_when_stage1_used_the_direction_regulariser_instead_of_eq5():
     assert "not in the paper" in card_text({"scheme": "adaptive", "domain_regularizer": "direction"})
     assert "not in the paper" not in card_text({"scheme": "adaptive", "domain_regularizer": "feature"})
     assert "not in the paper" not in card_text({"scheme": "adaptive"})  # cards of runs from before the option
+    assert "not in the paper" not in card_text({"scheme": "manual", "domain_regularizer": "direction"})  # no Stage 1 ran

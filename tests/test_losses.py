@@ -139,6 +139,9 @@ def test_directional_domain_regularization_errors():
         directional_domain_regularization_loss(torch.randn(3, 4), torch.randn(2, 4), torch.randn(4), torch.randn(4))
     with pytest.raises(ValueError, match="feature size"):
         directional_domain_regularization_loss(torch.randn(3, 4), torch.randn(3, 4), torch.randn(5), torch.randn(4))
+    label = torch.randn(4)
+    with pytest.raises(ValueError, match="same direction"):
+        directional_domain_regularization_loss(torch.randn(3, 4), torch.randn(3, 4), label, 2 * label)
 
 
 # ---------------------------------------------------------------- adaptive directional (Eq. 7-9)

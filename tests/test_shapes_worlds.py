@@ -339,6 +339,17 @@ def test_reporting_bias_leaves_only_the_usual_content_of_a_target_style_unsaid()
     assert dropped > 50
 
 
+def test_train_clip_refuses_world_options_out_of_range(capsys):
+    train_clip = load_script("examples/shapes/train_clip.py")
+    for argv, message in ((["--faint_style_prob", "1.5"], "--faint_style_prob must lie in [0, 1]"),
+                          (["--reporting_bias", "-0.1", "--bias", "0.9"], "--reporting_bias must lie in [0, 1]"),
+                          (["--reporting_bias", "1"], "--reporting_bias needs --bias > 0")):
+        with pytest.raises(SystemExit):
+            train_clip.parse_args(argv)
+        assert message in capsys.readouterr().err
+    assert train_clip.parse_args(["--reporting_bias", "1", "--bias", "0.9", "--faint_style_prob", "0.5"]).reporting_bias == 1.0
+
+
 def test_faint_styles_blend_each_target_style_image_towards_its_own_photo():
     from ipl_diffusion.shapes import ShapesRenderer, sample_factors
 
@@ -453,6 +464,28 @@ def test_lambda_sweep_points_are_schemes_run_with_their_lambda_and_tabled_agains
     text = bench.analyse(rows, args, source, tmp_path)
     assert "adaptive (IPL), λ = 2.5" in text
     assert any(line.startswith("| w | 0.001 | 0.75 | adaptive@2.5 - manual | +0.050") for line in text.splitlines())
+
+
+def test_direction_scheme_is_ipl_with_the_direction_regulariser_and_not_run_by_default(bench):
+    from types import SimpleNamespace
+
+    assert "direction" not in bench.parse_args([]).schemes  # the paper's schemes and the oracle only
+    args = bench.parse_args(["--schemes", "manual", "direction", "direction@0.5"])
+    assert bench.scheme_label("direction@0.5") == "adaptive, direction regulariser, λ = 0.5"
+    seen = []
+
+    class Learner:
+        heldout_retrieval = 0.5
+
+        def text_features(self, w, label):
+            return torch.randn(len(w), 8)
+
+    backend = SimpleNamespace(stage1=lambda encoder, features, options, seed, args: seen.append(options) or Learner())
+    diag = dict(w=torch.zeros(4, 2), c=torch.randn(4, 8))
+    for scheme in ("adaptive", "direction", "direction@0.5"):
+        bench.stage1_run(backend, None, None, None, scheme, 0, args, diag)
+    assert [(o.scheme, o.domain_regularizer, o.lambda_domain) for o in seen] == [
+        ("adaptive", "feature", args.lambda_domain), ("adaptive", "direction", args.lambda_domain), ("adaptive", "direction", 0.5)]
 
 
 def test_curve_plots_draw_each_schemes_mean_points_without_matplotlib(bench, tmp_path, monkeypatch):

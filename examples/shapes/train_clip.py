@@ -84,10 +84,10 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--reporting_bias", type=float, default=0.0,
-        help="probability that a target-style image's caption leaves its style's usual content unsaid "
-        "(a red circle sketch captioned 'a sketch', a blue square one 'a sketch of a blue square'): people "
-        "name what is unusual. The style's label then names the usual content, as a web CLIP's do; "
-        "needs --bias > 0 to have a usual content",
+        help="per usual factor of a target-style image (DEFAULT_STYLE_BIAS: a sketch's red, its circle), the "
+        "probability that its caption leaves it unsaid (a red circle sketch captioned 'a sketch', a blue square one "
+        "'a sketch of a blue square'): people name what is unusual, so the style's label comes to name the usual "
+        "content, as a web CLIP's do; needs --bias > 0",
     )
     p.add_argument(
         "--faint_style_prob", type=float, default=0.0,
@@ -101,7 +101,13 @@ def parse_args(argv=None):
         help="a CLIP folder to fine-tune instead of a fresh model (same tokenizer); "
         "much cheaper than training from scratch on a CPU",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("bias", "paired_loss_weight", "style_only_prob", "reporting_bias", "faint_style_prob"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            p.error(f"--{name} must lie in [0, 1], got {getattr(args, name)}")
+    if args.reporting_bias > 0 and args.bias == 0:
+        p.error("--reporting_bias needs --bias > 0: in the balanced world no content is a style's usual one")
+    return args
 
 
 def build_model(args, tokenizer):

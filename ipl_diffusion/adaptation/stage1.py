@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ipl_diffusion.configs import Stage1Config, as_dict
 from ipl_diffusion.outputs import atomic_write_text
 
 STAGE1_DIR = "stage1"
@@ -43,6 +44,14 @@ def _canonical(key: dict) -> dict:
     return json.loads(json.dumps(key, sort_keys=True, default=str))
 
 
+def _with_stage1_defaults(saved: dict) -> dict:
+    """A saved key with every Stage-1 option it predates set to that option's default (what
+    the run used then), so a result saved before an option existed is still reused."""
+    if isinstance(saved.get("stage1"), dict):
+        saved = dict(saved, stage1={**_canonical(as_dict(Stage1Config())), **saved["stage1"]})
+    return saved
+
+
 def save_stage1(output_dir, key: dict, learner) -> None:
     """Keep Stage 1's result in ``output_dir/stage1`` (main process; no-op without a folder)."""
     if output_dir is None:
@@ -60,7 +69,7 @@ def load_stage1(output_dir, key: dict, encoder):
         return None
     folder = Path(output_dir) / STAGE1_DIR
     options = folder / "options.json"
-    if not options.is_file() or json.loads(options.read_text()) != _canonical(key):
+    if not options.is_file() or _with_stage1_defaults(json.loads(options.read_text())) != _canonical(key):
         return None
     learner = PromptLearner.from_pretrained(str(folder), encoder)
     learner.prompt_module.to(encoder.device)
