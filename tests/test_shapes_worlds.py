@@ -435,13 +435,10 @@ def test_gate_skips_metrics_older_rows_do_not_have(bench, tmp_path):
     assert line.rsplit("|", 2)[-2].strip() == "PASS"
 
 
-def test_lambda_sweep_points_are_schemes_run_with_their_lambda_and_tabled_against_nada(bench, tmp_path):
+def _stage1_options(bench, args, schemes):
+    """The Stage1Config that ``stage1_run`` hands the backend for each of ``schemes``."""
     from types import SimpleNamespace
 
-    args = bench.parse_args(["--match_acc", "0.75", "--schemes", "manual", "adaptive", "adaptive@0", "adaptive@2.5"])
-    for bad in (["--schemes", "manual@1"], ["--schemes", "adaptive@x"], ["--schemes", "adaptive@-1"]):
-        with pytest.raises(SystemExit):
-            bench.parse_args(bad)
     seen = []
 
     class Learner:
@@ -452,8 +449,17 @@ def test_lambda_sweep_points_are_schemes_run_with_their_lambda_and_tabled_agains
 
     backend = SimpleNamespace(stage1=lambda encoder, features, options, seed, args: seen.append(options) or Learner())
     diag = dict(w=torch.zeros(4, 2), c=torch.randn(4, 8))
-    for scheme in ("adaptive", "adaptive@0", "adaptive@2.5"):
+    for scheme in schemes:
         bench.stage1_run(backend, None, None, None, scheme, 0, args, diag)
+    return seen
+
+
+def test_lambda_sweep_points_are_schemes_run_with_their_lambda_and_tabled_against_nada(bench, tmp_path):
+    args = bench.parse_args(["--match_acc", "0.75", "--schemes", "manual", "adaptive", "adaptive@0", "adaptive@2.5"])
+    for bad in (["--schemes", "manual@1"], ["--schemes", "adaptive@x"], ["--schemes", "adaptive@-1"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+    seen = _stage1_options(bench, args, ("adaptive", "adaptive@0", "adaptive@2.5"))
     assert [(o.scheme, o.lambda_domain) for o in seen] == [("adaptive", args.lambda_domain), ("adaptive", 0.0), ("adaptive", 2.5)]
 
     source = {k: 1.0 for k, _, _ in bench.CURVE_METRICS}
@@ -467,23 +473,10 @@ def test_lambda_sweep_points_are_schemes_run_with_their_lambda_and_tabled_agains
 
 
 def test_direction_scheme_is_ipl_with_the_direction_regulariser_and_not_run_by_default(bench):
-    from types import SimpleNamespace
-
     assert "direction" not in bench.parse_args([]).schemes  # the paper's schemes and the oracle only
     args = bench.parse_args(["--schemes", "manual", "direction", "direction@0.5"])
     assert bench.scheme_label("direction@0.5") == "adaptive, direction regulariser, λ = 0.5"
-    seen = []
-
-    class Learner:
-        heldout_retrieval = 0.5
-
-        def text_features(self, w, label):
-            return torch.randn(len(w), 8)
-
-    backend = SimpleNamespace(stage1=lambda encoder, features, options, seed, args: seen.append(options) or Learner())
-    diag = dict(w=torch.zeros(4, 2), c=torch.randn(4, 8))
-    for scheme in ("adaptive", "direction", "direction@0.5"):
-        bench.stage1_run(backend, None, None, None, scheme, 0, args, diag)
+    seen = _stage1_options(bench, args, ("adaptive", "direction", "direction@0.5"))
     assert [(o.scheme, o.domain_regularizer, o.lambda_domain) for o in seen] == [
         ("adaptive", "feature", args.lambda_domain), ("adaptive", "direction", args.lambda_domain), ("adaptive", "direction", 0.5)]
 
