@@ -376,15 +376,18 @@ def check_same_run(path: str | os.PathLike, saved: Mapping, current: Mapping) ->
             )
 
 
-def check_before_run(output_dir: str | os.PathLike, resume_from_checkpoint: str | os.PathLike | None) -> None:
+def check_before_run(output_dir: str | os.PathLike, resume_from_checkpoint: str | os.PathLike | None,
+                     run_identity: Mapping | None = None) -> None:
     """What a run checks in its checkpoint folder before it writes anything (Stage 1 first).
 
     A fresh run (``resume_from_checkpoint=None``) must not find an earlier run's checkpoints
     (:func:`refuse_foreign_checkpoints`); a resumed one must name a checkpoint that exists
     (:func:`resolve_checkpoint`: ``UserFileNotFoundError`` listing the available ones) whose files
-    match their digests (:func:`verify_checkpoint`: ``UserError`` naming the file), so that a
-    misspelt name or a damaged checkpoint fails in a second rather than after Stage 1 has
-    rewritten its outputs.
+    match their digests (:func:`verify_checkpoint`: ``UserError`` naming the file) and, given
+    ``run_identity`` (the run config as far as it is known before Stage 1: ``source``,
+    ``target``, ``stage1``, ``stage2``), that was written by the same run
+    (:func:`check_same_run`), so that a misspelt name, a damaged checkpoint or a changed option
+    fails in a second rather than after Stage 1 has rewritten its outputs.
     """
     if resume_from_checkpoint is None:
         refuse_foreign_checkpoints(output_dir)
@@ -396,6 +399,8 @@ def check_before_run(output_dir: str | os.PathLike, resume_from_checkpoint: str 
         except ValueError:
             return  # unreadable JSON: load_checkpoint says so, with its own message
         verify_checkpoint(path, meta)
+        if run_identity is not None:
+            check_same_run(path, meta.get("config") or {}, run_identity)
 
 
 def refuse_foreign_checkpoints(output_dir: str | os.PathLike) -> None:

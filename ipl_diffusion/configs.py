@@ -81,7 +81,7 @@ class Stage1Config:
     scheme: Literal["adaptive", "learned", "random", "manual"] = option(
         "adaptive", "prompt scheme: adaptive = IPL's latent mapper, manual = NADA's fixed direction, "
         "learned = one shared learned prompt (CoOp), random = an untrained mapper")
-    lambda_domain: float = option(1.0, "λ of Eq. 6, the weight of the domain regulariser (Eq. 5)")
+    lambda_domain: float = option(1.0, "λ of Eq. 6, the weight of the domain regulariser (Eq. 5, or --domain_regularizer's)")
     stage1_iterations: int = option(300, "Stage-1 optimiser steps (0: keep the initial prompts)")
     stage1_batch_size: int = option(32, "latents per Stage-1 step (>= 2: the contrastive loss needs negatives)")
     stage1_learning_rate: Optional[float] = option(None, "Stage-1 Adam lr (None: 0.05 for the mapper, 2e-3 for a shared context)")
@@ -97,7 +97,8 @@ class Stage1Config:
     domain_regularizer: Literal["feature", "direction"] = option(
         "feature", "feature = Eq. 5 as published (each target prompt towards the target label's feature); "
         "direction = not in the paper: each image's prompt direction towards the label direction, so a label's "
-        "content does not enter the prompts (benchmarks/README.md, the biased Shapes world)")
+        "content does not enter the prompts (README: the biased Shapes world); weighted by --lambda_domain; "
+        "the trained schemes (adaptive, learned) only")
     contrastive_form: Literal["infonce", "paper"] = option("infonce", "Eq. 4 as the released code (infonce) or as printed (paper)")
     logit_scale: Optional[float] = option(None, "InfoNCE temperature multiplier (None: CLIP's own logit_scale.exp())")
     heldout_every: int = option(50, "measure held-out prompt retrieval every N Stage-1 steps")

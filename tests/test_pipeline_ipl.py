@@ -324,3 +324,18 @@ def test_each_image_meets_its_own_text_direction(source_pipe):
         shuffled = trainer.losses(adapted, index)["directional"] / config.clip_loss_weight
     torch.testing.assert_close(loss, expected)
     assert abs(float(loss) - float(shuffled)) > 1e-4
+
+
+def test_resume_with_another_stage1_option_is_refused_before_anything_is_rewritten(source_pipe, tmp_path):
+    """The DiffAE side of tests/test_stylegan2_pipeline.py's check: the run identity is compared
+    with the checkpoint before the sources are encoded or Stage 1 runs."""
+    from ipl_diffusion.errors import UserError
+
+    images = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    kwargs = dict(FAST, images=images, output_dir=str(tmp_path), checkpointing_steps=1)
+    source_pipe.adapt("sketch", **kwargs)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match="stage1.domain_regularizer was 'feature' there, 'direction' now"):
+        source_pipe.adapt("sketch", **dict(kwargs, resume_from_checkpoint="latest", domain_regularizer="direction"))
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+

@@ -83,6 +83,18 @@ def test_adapt_fixed_phase_and_checkpoint_resume(pipe, tmp_path, monkeypatch):
         assert torch.equal(p, q), name
 
 
+def test_resume_with_another_stage1_option_is_refused_before_stage1_rewrites_anything(pipe, tmp_path):
+    from ipl_diffusion.errors import UserError
+
+    kwargs = dict(FAST, auto_layer_iters=0, phase="shape", output_dir=str(tmp_path), checkpointing_steps=1)
+    pipe.adapt("sketch", **kwargs)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match="stage1.domain_regularizer was 'feature' there, 'direction' now"):
+        pipe.adapt("sketch", **dict(kwargs, resume_from_checkpoint="latest", domain_regularizer="direction"))
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before  # nothing rewritten, Stage 1's result included
+
+
 def test_adapt_errors(pipe):
     with pytest.raises(ValueError, match="scheme"):
         pipe.adapt("sketch", scheme="fancy", **{k: v for k, v in FAST.items()})
@@ -266,6 +278,8 @@ def test_cli_adapt_stylegan2(tmp_path):
     assert adapted.config.target_label == "sketch" and adapted.generator is not None
     assert adapted.adaptation_config["stage2"]["iterations"] == 2
     assert (tmp_path / "run" / "before_after.png").is_file() and (tmp_path / "run" / "checkpoints" / "checkpoint-2").is_dir()
+    card = (tmp_path / "run" / "pipeline" / "README.md").read_text()
+    assert f'from_pretrained("{tmp_path / "run" / "pipeline"}"' in card and ".tmp-" not in card  # loads what is there
 
 
 def test_one_seed_governs_both_stages(pipe):

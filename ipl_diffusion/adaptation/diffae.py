@@ -251,7 +251,8 @@ def adapt_diffae(models, data: DiffIPLImages, source: str, target: str | None, s
     source, target = (encoder.validate_label(x, n_ctx=stage1.n_ctx) for x in (source, target))
     out = Path(output_dir) if output_dir is not None else None
     if out is not None:  # before the cache / Stage 1 are written
-        checkpointing.check_before_run(out / "checkpoints", resume_from_checkpoint)
+        identity = {"source": source, "target": target, "stage1": as_dict(stage1), "stage2": as_dict(stage2)}
+        checkpointing.check_before_run(out / "checkpoints", resume_from_checkpoint, identity)
     for module in (models.semantic_encoder, models.source_unet, models.text_encoder):
         module.to(accelerator.device).eval()
     run = _Run(models, encoder, clip_image_features(models.text_encoder, models.feature_extractor), stage1, stage2,

@@ -478,8 +478,6 @@ def adapt_stylegan2(models, source: str, target: Optional[str], stage1: Optional
 
     stage1, stage2 = stage1 or Stage1Config(), stage2 or GANStage2Config()
     source_generator, clip_model, tokenizer = models.source_generator, models.text_encoder, models.tokenizer
-    if output_dir is not None:  # before Stage 1 writes anything
-        checkpointing.check_before_run(Path(output_dir) / "checkpoints", resume_from_checkpoint)
     accelerator = accelerator or make_accelerator(stage2.mixed_precision, source_generator.device)
     check_weights_dtype({"generator": source_generator, "text_encoder": clip_model}, accelerator.device)
     source_generator.to(accelerator.device)
@@ -492,6 +490,9 @@ def adapt_stylegan2(models, source: str, target: Optional[str], stage1: Optional
         raise UserError("the step choice (candidate_steps) scores along the target label's CLIP direction: "
                         "give a target label with the target_images")
     source, target = encoder.validate_label(source), encoder.validate_label(target)
+    if output_dir is not None:  # before Stage 1 writes anything
+        identity = {"source": source, "target": target, "stage1": as_dict(stage1), "stage2": as_dict(stage2)}
+        checkpointing.check_before_run(Path(output_dir) / "checkpoints", resume_from_checkpoint, identity)
     image_features = CLIPImageEncoder(clip_model, processor).encode_images
     goal, anchor, reference_w = _image_goal(source_generator, encoder, image_features, target_images, source, target,
                                             label_given, stage1, stage2, accelerator)

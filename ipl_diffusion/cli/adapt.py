@@ -321,10 +321,14 @@ def _save_outputs(adapted, output):
     """Write pipeline/, before_after.png and run_config.json, each atomically (a crash leaves the
     earlier version or the new one); returns the grid (or None)."""
     from ipl_diffusion.outputs import atomic_folder, atomic_save_image, atomic_write_text
+    from ipl_diffusion.pipelines.adapted_pipeline import MODEL_CARD_NAME
 
     output.mkdir(parents=True, exist_ok=True)
     with atomic_folder(output / "pipeline") as folder:
         adapted.save_pretrained(folder)
+        # The card's usage snippet loads the folder it was saved to: the final one, not the
+        # temporary sibling that is renamed into place.
+        adapted.model_card(str(output / "pipeline")).save(Path(folder) / MODEL_CARD_NAME)
     grid = getattr(adapted, "sample_grid", None)
     if grid is not None:
         atomic_save_image(grid, output / before_after.FILE_NAME)
