@@ -1117,16 +1117,15 @@ def run_all(args, worlds, state, keys, done, writer, backend, oracle, ev, starte
 
 def saved_grid_rows(current, worlds, keys, args):
     """``{world: {scheme: {iteration: (target_acc, first 12 images)}}}`` of every ``--schemes``
-    scheme in runs.csv (the current keys), its run at the first ``--seeds`` seed and the first
-    ``--learning_rates`` lr, read back from the saved images. Drawn from runs.csv rather than from this invocation's runs, so a
+    scheme in ``current`` (runs.csv's rows of the current keys, ``read_current_runs``), its run at
+    the first ``--seeds`` seed and the first ``--learning_rates`` lr, read back from the saved images. Drawn from runs.csv rather than from this invocation's runs, so a
     folder that several commands filled shows every scheme its command names, whichever command
     ran it; a run whose images are gone is left out."""
     from safetensors.torch import load_file
 
     grid_rows = {}
     for world in worlds:
-        rows = [r for r in current if r["world"] == world and r["key"] == keys[world] and int(r["iteration"]) > 0
-                and r["scheme"] in args.schemes]
+        rows = [r for r in current if r["world"] == world and int(r["iteration"]) > 0 and r["scheme"] in args.schemes]
         lr, seed = args.learning_rates[0], args.seeds[0]
         for scheme in schemes_in(r["scheme"] for r in rows):
             accs = {int(r["iteration"]): float(r["target_acc"]) for r in rows
@@ -1198,9 +1197,8 @@ def adapt_all(args, worlds, models, keys, done, runs_path, current, ev_x, ev, de
         run_all(args, worlds, state, keys, done, writer, backend, models.oracle, ev, started)
     finally:
         writer.close()
-    with open(runs_path) as handle:  # every run of the current keys, this invocation's and earlier ones
-        rows = [r for r in csv.DictReader(handle) if r["key"] in set(keys.values())]
-    write_grids(saved_grid_rows(rows, worlds, keys, args), ev_x, backend.source_label(args), args, out)
+    # ``current``: the earlier rows of the current keys plus this invocation's (RunsWriter adds them).
+    write_grids(saved_grid_rows(current, worlds, keys, args), ev_x, backend.source_label(args), args, out)
     if diag_rows:
         write_csv(out / "world_diagnostics.csv", diag_rows)
 

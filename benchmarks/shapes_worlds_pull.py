@@ -43,14 +43,16 @@ def pull(encoder, image_features, scenes, planted=()):
         table = sw.OracleCaptionPrompts(encoder)
         oracle = F.normalize(table.caption_table("sketch")[factors.shape, factors.color]
                              - table.caption_table("photo")[factors.shape, factors.color], dim=-1)
+        if planted:  # as sw.PlantedContent builds it from the label features
+            tgt, src = (F.normalize(encoder.label_features(label).float(), dim=-1) for label in ("sketch", "photo"))
+            content = sw.biased_content_direction(encoder, "sketch")
     d_keep, d_bias = F.normalize(e1 - e0, dim=-1), F.normalize(e2 - e0, dim=-1)
     # A change of content alone (the photo -> a red circle photo at the same place): what a
     # direction rewards before any style appears, where the adaptation starts.
     d_content = F.normalize(e3 - e0, dim=-1)
     directions = [("nada", nada.expand_as(d_keep)), ("oracle", oracle)]
-    for alpha in planted:  # as sw.PlantedContent builds it from the label features
-        tgt, src = (F.normalize(encoder.label_features(label).float(), dim=-1) for label in ("sketch", "photo"))
-        planted_tgt = sw.planted_target(tgt, src, sw.biased_content_direction(encoder, "sketch"), alpha)
+    for alpha in planted:
+        planted_tgt = sw.planted_target(tgt, src, content, alpha)
         directions.append((f"content@{alpha:g}", F.normalize(planted_tgt - src, dim=-1).expand_as(d_keep)))
     result = {}
     for name, dirs in directions:

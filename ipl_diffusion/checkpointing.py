@@ -48,6 +48,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ipl_diffusion.configs import Stage1Config
 from ipl_diffusion.errors import UserError, UserFileNotFoundError
 from ipl_diffusion.outputs import atomic_folder
 
@@ -351,8 +352,8 @@ _RUN_IDENTITY = (("source",), ("target",), ("stage1", "scheme"), ("stage1", "lam
                  ("stage1", "lambda_source"), ("stage1", "domain_regularizer"),
                  ("stage2", "learning_rate"), ("stage2", "batch_size"), ("stage2", "seed"),
                  ("target_images", "sha256"))  # an image-defined target's style images
-# What a checkpoint written before an option existed ran with: its default then.
-_IDENTITY_DEFAULTS = {("stage1", "lambda_source"): 0.0, ("stage1", "domain_regularizer"): "feature"}
+# What a checkpoint written before an option existed ran with: the option's default.
+_IDENTITY_DEFAULTS = {("stage1", name): getattr(Stage1Config(), name) for name in ("lambda_source", "domain_regularizer")}
 
 
 def check_same_run(path: str | os.PathLike, saved: Mapping, current: Mapping) -> None:

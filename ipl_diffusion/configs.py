@@ -27,6 +27,7 @@ from typing import Literal, Optional
 from ipl_diffusion.errors import UserError
 
 PROMPT_SCHEMES = ("manual", "learned", "random", "adaptive")
+TRAINED_SCHEMES = ("learned", "adaptive")  # the schemes Stage 1 optimises (Eq. 6); manual / random stay as built
 LABEL_TEMPLATES = ("imagenet", "nada", "single")
 # Stage 1's domain regulariser: Eq. 5 as published ("feature"), or the label-direction form
 # ("direction", not in the paper) that benchmarks/shapes_worlds.py evaluates against it.

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .clip_text import DEFAULT_CONTEXT
-from .configs import DOMAIN_REGULARIZERS, PROMPT_SCHEMES, Stage1Config
+from .configs import DOMAIN_REGULARIZERS, PROMPT_SCHEMES, TRAINED_SCHEMES, Stage1Config
 from .errors import UserError, UserFileNotFoundError, check_finite
 from .losses import contrastive_loss, directional_domain_regularization_loss, domain_regularization_loss
 from .mapper import LatentMapper, SharedPromptContext
@@ -456,7 +456,7 @@ def learn_prompts(
     learner = PromptLearner(encoder, prompt_module, cfg.scheme, source_label, target_label)
     if cfg.scheme == "manual":
         learner.direction_templates = cfg.label_templates
-    if cfg.scheme in ("learned", "adaptive") and cfg.stage1_iterations > 0:
+    if cfg.scheme in TRAINED_SCHEMES and cfg.stage1_iterations > 0:
         pool_features = _pool_features(encoder, latents, image_features, generate, cfg.cache_image_features,
                                        cfg.encode_batch_size)
         _train(learner, latents, pool_features, generate, sample_latents, heldout, rng, cfg, progress,

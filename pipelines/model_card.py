@@ -15,6 +15,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from ipl_diffusion.configs import TRAINED_SCHEMES
 from ipl_diffusion.pipelines.adapted_pipeline import SAMPLE_GRID_NAME
 from ipl_diffusion.pipelines.hub_layout import INSTALL_HINT, project_url
 
@@ -117,12 +118,10 @@ def build_model_card(
     stage1 = adaptation.get("stage1", {})
     regulariser = stage1.get("domain_regularizer", "feature")
     # A card must not pass a variant off as the paper's method; only the trained schemes use it.
-    if regulariser != "feature" and stage1.get("scheme") in ("adaptive", "learned"):
+    if regulariser != "feature" and stage1.get("scheme") in TRAINED_SCHEMES:
         lines.append(f"* Stage 1 domain regulariser: `{regulariser}` (not in the paper: each prompt direction towards "
                      "the label direction, in place of Eq. 5)")
-    lines += [
-        "",
-    ]
+    lines.append("")
     if pipe.sample_grid is not None:
         lines += [grid_caption, "", f"![samples]({SAMPLE_GRID_NAME})", ""]
     options = _options_table(adaptation)

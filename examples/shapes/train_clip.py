@@ -38,8 +38,8 @@ from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
 from ipl_diffusion.checkpointing import ResumableRun
 from ipl_diffusion.outputs import output_lock
-from ipl_diffusion.shapes.renderer import COLORS, SHAPES, STYLES, ShapesRenderer, sample_factors
-from ipl_diffusion.shapes.vocab import build_tokenizer, caption_for, sample_captions, zero_shot_texts
+from ipl_diffusion.shapes.renderer import STYLES, ShapesRenderer, sample_factors
+from ipl_diffusion.shapes.vocab import build_tokenizer, caption_for, caption_for_mentioned, sample_captions, zero_shot_texts
 from ipl_diffusion.shapes.worlds import DEFAULT_STYLE_BIAS, sample_world_factors, validate_style_bias
 
 
@@ -254,9 +254,7 @@ def reporting_bias_captions(factors, captions, mentioned, rng, prob):
             continue
         said = {f: v for f, v in said.items() if f not in dropped}
         said["style"] = style
-        names = dict(style=STYLES[style], color=COLORS[said["color"]] if "color" in said else None,
-                     shape=SHAPES[said["shape"]] if "shape" in said else None)
-        captions[i] = caption_for(**names, rng=rng, imagenet_template_prob=0.5)
+        captions[i] = caption_for_mentioned(said, rng, imagenet_template_prob=0.5)
         mentioned[i] = said
     return captions, mentioned
 

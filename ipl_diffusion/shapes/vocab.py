@@ -146,6 +146,17 @@ def caption_for(style=None, color=None, shape=None, rng=None, imagenet_template_
     return rng.choice(CAPTION_TEMPLATES[key]).format(**given)
 
 
+def caption_for_mentioned(said, rng, imagenet_template_prob=0.0):
+    """:func:`caption_for` of a ``{factor: index}`` dict (a ``mentioned`` entry of :func:`sample_captions`)."""
+    return caption_for(
+        style=STYLES[said["style"]] if "style" in said else None,
+        color=COLORS[said["color"]] if "color" in said else None,
+        shape=SHAPES[said["shape"]] if "shape" in said else None,
+        rng=rng,
+        imagenet_template_prob=imagenet_template_prob,
+    )
+
+
 def sample_captions(factors, rng, mention_prob=(0.85, 0.7, 0.7), imagenet_template_prob=0.25):
     """One random caption per image of a :class:`~ipl_diffusion.shapes.renderer.ShapeFactors`.
 
@@ -165,14 +176,6 @@ def sample_captions(factors, rng, mention_prob=(0.85, 0.7, 0.7), imagenet_templa
             said["color"] = int(factors.color[i])
         if keep[2]:
             said["shape"] = int(factors.shape[i])
-        captions.append(
-            caption_for(
-                style=STYLES[said["style"]] if "style" in said else None,
-                color=COLORS[said["color"]] if "color" in said else None,
-                shape=SHAPES[said["shape"]] if "shape" in said else None,
-                rng=rng,
-                imagenet_template_prob=imagenet_template_prob,
-            )
-        )
+        captions.append(caption_for_mentioned(said, rng, imagenet_template_prob))
         mentioned.append(said)
     return captions, mentioned
