@@ -113,7 +113,8 @@ def load_pipeline(load: Callable, path: str, components: Iterable[str], kwargs: 
 
     if not os.path.isdir(path):
         path = hub_snapshot(path, kwargs)
-    kwargs.update(shipped_clip_components(path, [name for name in components if name not in kwargs]))
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    kwargs.update(shipped_clip_components(path, [name for name in components if name not in kwargs], dtype))
     check_pipeline_folder(path, components, kwargs, backend)
     return load(path, **kwargs)
 

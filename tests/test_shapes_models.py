@@ -68,6 +68,22 @@ def test_shipped_pipeline_loads_the_one_shapes_clip_and_saves_it_whole(backend, 
     _assert_is_the_shapes_clip(cls.from_pretrained(tmp_path / "copy").text_encoder)
 
 
+@pytest.mark.parametrize("backend", ["diffae", "stylegan2"])
+@pytest.mark.parametrize("option", ["torch_dtype", "dtype", "per_component"])
+def test_shipped_pipeline_loads_its_clip_in_the_requested_dtype(backend, option):
+    """diffusers casts only what it loads; the CLIP filled in from clip/ must follow the same
+    dtype as the folder's own components, as it would from a folder holding text_encoder/."""
+    kwargs = {"per_component": {"dtype": {"default": torch.bfloat16}}}.get(option, {option: torch.bfloat16})
+    pipe = _pipeline_class(backend).from_pretrained(default_model_path(backend), **kwargs)
+    generator = pipe.source_unet if backend == "diffae" else pipe.source_generator
+    assert next(generator.parameters()).dtype == torch.bfloat16
+    assert pipe.text_encoder.dtype == torch.bfloat16
+    only_clip = _pipeline_class(backend).from_pretrained(
+        default_model_path(backend), dtype={"text_encoder": torch.bfloat16, "default": torch.float32})
+    assert only_clip.text_encoder.dtype == torch.bfloat16 and next(
+        (only_clip.source_unet if backend == "diffae" else only_clip.source_generator).parameters()).dtype == torch.float32
+
+
 def test_text_encoder_passed_to_a_shipped_folder_wins():
     from transformers import CLIPModel
 

@@ -566,6 +566,33 @@ def test_train_clip_biased_world_options_end_to_end(tmp_path):
     assert record["config"]["width"] == 32 and record["world"]["init_from"] == str(first)  # ... and recorded as trained
 
 
+def test_train_clip_lock_image_tower_trains_the_text_tower_only(tmp_path):
+    """LiT: the image tower and its projection come out bit-identical to --init_from's, the text
+    tower moves, and a locked fresh model is refused."""
+    import json
+
+    from safetensors.torch import load_file
+
+    train_clip = load_script("examples/shapes/train_clip.py")
+    common = ["--width", "32", "--layers", "1", "--patch_size", "8", "--projection_dim", "16", "--batch_size", "16",
+              "--eval_images", "40", "--eval_steps", "100", "--checkpointing_steps", "100", "--bias", "0.9",
+              "--paired_loss_weight", "1", "--faint_style_prob", "0.5"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    train_clip.main(common + ["--max_steps", "1", "--work_dir", str(tmp_path / "w1"), "--output_dir", str(first)])
+    train_clip.main(common + ["--max_steps", "3", "--learning_rate", "1e-2", "--warmup_steps", "1", "--lock_image_tower",
+                              "--init_from", str(first), "--work_dir", str(tmp_path / "w2"), "--output_dir", str(second)])
+    before, after = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    image_side = [k for k in before if k.startswith(("vision_model.", "visual_projection."))]
+    text_side = [k for k in before if k.startswith(("text_model.", "text_projection."))]
+    assert image_side and text_side
+    assert all(torch.equal(before[k], after[k]) for k in image_side)
+    assert not all(torch.equal(before[k], after[k]) for k in text_side)
+    assert json.loads((second / "training_record.json").read_text())["world"]["lock_image_tower"] is True
+    with pytest.raises(SystemExit):
+        train_clip.main(common + ["--max_steps", "1", "--lock_image_tower", "--work_dir", str(tmp_path / "w3"),
+                                  "--output_dir", str(tmp_path / "third")])
+
+
 def test_train_oracle_with_background_swaps_records_the_swap_matrix(tmp_path):
     import json
 

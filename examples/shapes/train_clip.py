@@ -101,7 +101,15 @@ def parse_args(argv=None):
         help="a CLIP folder to fine-tune instead of a fresh model (same tokenizer); "
         "much cheaper than training from scratch on a CPU",
     )
+    p.add_argument(
+        "--lock_image_tower", action="store_true",
+        help="train the text tower only, the image tower and its projection kept as --init_from's (LiT, "
+        "locked-image tuning, Zhai et al. 2022): the biased captions can then put the usual content into "
+        "the style labels only, not into how every image of the style is seen",
+    )
     args = p.parse_args(argv)
+    if args.lock_image_tower and not args.init_from:
+        p.error("--lock_image_tower needs --init_from: a fresh image tower kept locked would stay random")
     for name in ("bias", "paired_loss_weight", "style_only_prob", "reporting_bias", "faint_style_prob"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             p.error(f"--{name} must lie in [0, 1], got {getattr(args, name)}")
@@ -230,6 +238,9 @@ def load_or_build_model(args, tokenizer):
     # The record must describe the model actually trained, not the unused size options.
     vision = model.config.vision_config
     args.width, args.layers, args.patch_size, args.projection_dim = vision.hidden_size, vision.num_hidden_layers, vision.patch_size, model.config.projection_dim
+    if args.lock_image_tower:
+        model.vision_model.requires_grad_(False)
+        model.visual_projection.requires_grad_(False)
     return model
 
 
@@ -359,7 +370,8 @@ def training_record(args, config, n_params, step, elapsed, accuracy):
         torch_threads=torch.get_num_threads(),
         zero_shot_accuracy=accuracy,
         zero_shot_prompts={f: zero_shot_texts(f) for f in ("style", "color", "shape")},
-        world=dict(bias=args.bias, paired_loss_weight=args.paired_loss_weight, style_only_prob=args.style_only_prob, faint_style_prob=args.faint_style_prob, reporting_bias=args.reporting_bias, style_bias=DEFAULT_STYLE_BIAS if args.bias > 0 else None, init_from=args.init_from),
+        world=dict(bias=args.bias, paired_loss_weight=args.paired_loss_weight, style_only_prob=args.style_only_prob, faint_style_prob=args.faint_style_prob, reporting_bias=args.reporting_bias, style_bias=DEFAULT_STYLE_BIAS if args.bias > 0 else None, init_from=args.init_from,
+                   lock_image_tower=args.lock_image_tower),
         eval_images=args.eval_images,
     )
 
@@ -372,7 +384,8 @@ def train(args):
     tokenizer = build_tokenizer()
     renderer = ShapesRenderer(args.resolution)
     model = load_or_build_model(args, tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    # A locked image tower gets no gradients, so no optimiser state either.
+    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay)
     data_gen = torch.Generator().manual_seed(args.seed + 1)
 
     config = {k: v for k, v in vars(args).items()}

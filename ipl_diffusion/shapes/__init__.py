@@ -128,10 +128,15 @@ def is_shipped(folder) -> bool:
     return Path(folder).resolve().is_relative_to(MODELS_DIR)
 
 
-def shipped_clip_components(folder, names=CLIP_COMPONENTS) -> dict:
+def shipped_clip_components(folder, names=CLIP_COMPONENTS, dtype=None) -> dict:
     """The CLIP components a shipped Shapes pipeline folder leaves out, loaded from the one copy
     in ``default_model_path("clip")``: ``{component name: object}``, ready to pass to
     ``from_pretrained``.
+
+    ``dtype`` is the pipeline's ``dtype`` / ``torch_dtype`` (a ``torch.dtype``, or diffusers'
+    ``{component name or "default": torch.dtype}``): diffusers casts only the components it loads
+    itself, so the CLIP model is loaded in it here, as it would be from the folder's own
+    ``text_encoder/``.
 
     Only components among ``names`` (leave out those the caller passes itself) that the folder's
     ``model_index.json`` lists with a class and whose sub-folder is missing; each is loaded with
@@ -157,10 +162,19 @@ def shipped_clip_components(folder, names=CLIP_COMPONENTS) -> dict:
     }
     if not classes:
         return {}
-    import transformers  # only here: the rest of ipl_diffusion.shapes does not need it
+    import torch  # only here: the rest of ipl_diffusion.shapes does not need them
+    import transformers
 
     clip = default_model_path("clip")
-    return {name: getattr(transformers, class_name).from_pretrained(clip) for name, class_name in classes.items()}
+    loaded = {}
+    for name, class_name in classes.items():
+        cls = getattr(transformers, class_name)
+        options = {}
+        if dtype is not None and issubclass(cls, transformers.PreTrainedModel):
+            # diffusers' rule for a per-component dict: the component's entry, else "default", else float32
+            options["dtype"] = dtype.get(name, dtype.get("default", torch.float32)) if isinstance(dtype, dict) else dtype
+        loaded[name] = cls.from_pretrained(clip, **options)
+    return loaded
 
 
 def source_images(num_images, seed=0, resolution=32):
