@@ -593,6 +593,29 @@ def test_train_clip_lock_image_tower_trains_the_text_tower_only(tmp_path):
                                   "--output_dir", str(tmp_path / "third")])
 
 
+def test_usual_content_photos_swap_only_the_usual_content_for_its_photo():
+    """--usual_content_photo_prob: a red circle sketch (a blue neon, ...) becomes the photo of the
+    same object; every other image is rendered as it would be without the option."""
+    from ipl_diffusion.shapes import ShapesRenderer
+
+    train_clip = load_script("examples/shapes/train_clip.py")
+    factors = sample_world_factors(400, bias=0.9, generator=torch.Generator().manual_seed(0))
+    usual = train_clip.shows_usual_content(factors)
+    sketch, red, circle = STYLES.index("sketch"), COLORS.index("red"), SHAPES.index("circle")
+    is_sketch = factors.style == sketch
+    assert torch.equal(usual[is_sketch], (factors.color == red)[is_sketch] & (factors.shape == circle)[is_sketch])
+    assert not usual[factors.style == STYLES.index("photo")].any() and usual.any() and not usual.all()
+    renderer = ShapesRenderer(32)
+    swapped = train_clip.usual_content_photos(renderer, factors, torch.Generator().manual_seed(1), 1.0)
+    photos = renderer.render(factors.with_style("photo"), generator=torch.Generator().manual_seed(1))
+    styled = renderer.render(factors, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(swapped[usual], photos[usual]) and torch.equal(swapped[~usual], styled[~usual])
+    unchanged = train_clip.usual_content_photos(renderer, factors, torch.Generator().manual_seed(1), 0.0)
+    assert torch.equal(unchanged, styled)
+    with pytest.raises(SystemExit):
+        train_clip.parse_args(["--usual_content_photo_prob", "0.5"])  # needs --bias
+
+
 def test_train_oracle_with_background_swaps_records_the_swap_matrix(tmp_path):
     import json
 

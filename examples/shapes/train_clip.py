@@ -102,6 +102,13 @@ def parse_args(argv=None):
         "much cheaper than training from scratch on a CPU",
     )
     p.add_argument(
+        "--usual_content_photo_prob", type=float, default=0.0,
+        help="probability that a target-style image showing all of its style's usual content "
+        "(DEFAULT_STYLE_BIAS: a red circle sketch) is rendered as the photo of that object, its "
+        "caption kept: web pages about a style show its usual subjects as plain photos too. Only the "
+        "usual content is affected, so the captions that name other content stay true; needs --bias > 0",
+    )
+    p.add_argument(
         "--lock_image_tower", action="store_true",
         help="train the text tower only, the image tower and its projection kept as --init_from's (LiT, "
         "locked-image tuning, Zhai et al. 2022): the biased captions can then put the usual content into "
@@ -110,11 +117,15 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.lock_image_tower and not args.init_from:
         p.error("--lock_image_tower needs --init_from: a fresh image tower kept locked would stay random")
-    for name in ("bias", "paired_loss_weight", "style_only_prob", "reporting_bias", "faint_style_prob"):
+    for name in ("bias", "paired_loss_weight", "style_only_prob", "reporting_bias", "faint_style_prob", "usual_content_photo_prob"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             p.error(f"--{name} must lie in [0, 1], got {getattr(args, name)}")
     if args.reporting_bias > 0 and args.bias == 0:
         p.error("--reporting_bias needs --bias > 0: in the balanced world no content is a style's usual one")
+    if args.faint_style_prob > 0 and args.usual_content_photo_prob > 0:
+        p.error("--faint_style_prob and --usual_content_photo_prob are two ways of blending styles with photos; pick one")
+    if args.usual_content_photo_prob > 0 and args.bias == 0:
+        p.error("--usual_content_photo_prob needs --bias > 0: in the balanced world no content is a style's usual one")
     return args
 
 
@@ -282,6 +293,28 @@ def faint_styles(renderer, factors, generator, prob):
     return photos + strength * (images - photos)
 
 
+def shows_usual_content(factors):
+    """``(N,)`` bool: the image's style is a biased one and it shows every usual factor of it."""
+    usual = validate_style_bias(DEFAULT_STYLE_BIAS)
+    shows = torch.zeros(len(factors), dtype=torch.bool)
+    for style, values in usual.items():
+        match = factors.style == style
+        for factor, value in values.items():
+            match &= getattr(factors, factor) == value
+        shows |= match
+    return shows
+
+
+def usual_content_photos(renderer, factors, generator, prob):
+    """Render ``factors``; each image showing its style's usual content is, with probability
+    ``prob``, the photo of the same object instead (same nuisance noise)."""
+    photo_gen = torch.Generator().set_state(generator.get_state())
+    images = renderer.render(factors, generator=generator)
+    photos = renderer.render(factors.with_style("photo"), generator=photo_gen)
+    swap = shows_usual_content(factors) & (torch.rand(len(factors), generator=generator) < prob)
+    return torch.where(swap.view(-1, 1, 1, 1), photos, images)
+
+
 def sample_batch(args, renderer, data_gen, rng):
     """One fresh batch: ``(factors, images, captions, mentioned)`` of the configured world."""
     if args.bias > 0:
@@ -290,6 +323,8 @@ def sample_batch(args, renderer, data_gen, rng):
         factors = sample_factors(args.batch_size, generator=data_gen)
     if args.faint_style_prob > 0:
         images = faint_styles(renderer, factors, data_gen, args.faint_style_prob)
+    elif args.usual_content_photo_prob > 0:
+        images = usual_content_photos(renderer, factors, data_gen, args.usual_content_photo_prob)
     else:
         images = renderer.render(factors, generator=data_gen)
     captions, mentioned = sample_captions(factors, rng)
@@ -370,7 +405,7 @@ def training_record(args, config, n_params, step, elapsed, accuracy):
         torch_threads=torch.get_num_threads(),
         zero_shot_accuracy=accuracy,
         zero_shot_prompts={f: zero_shot_texts(f) for f in ("style", "color", "shape")},
-        world=dict(bias=args.bias, paired_loss_weight=args.paired_loss_weight, style_only_prob=args.style_only_prob, faint_style_prob=args.faint_style_prob, reporting_bias=args.reporting_bias, style_bias=DEFAULT_STYLE_BIAS if args.bias > 0 else None, init_from=args.init_from,
+        world=dict(bias=args.bias, paired_loss_weight=args.paired_loss_weight, style_only_prob=args.style_only_prob, faint_style_prob=args.faint_style_prob, reporting_bias=args.reporting_bias, usual_content_photo_prob=args.usual_content_photo_prob, style_bias=DEFAULT_STYLE_BIAS if args.bias > 0 else None, init_from=args.init_from,
                    lock_image_tower=args.lock_image_tower),
         eval_images=args.eval_images,
     )
