@@ -84,7 +84,8 @@ def world_row(path, scenes, planted=()):
     encoder, image_features = sw.load_world_clip(path, "cpu")
     row = dict(clip=str(path), bias=world.get("bias", 0.0), paired_loss_weight=world.get("paired_loss_weight", 0.0),
                style_only_prob=world.get("style_only_prob", 0.0), faint_style_prob=world.get("faint_style_prob", 0.0),
-               reporting_bias=world.get("reporting_bias", 0.0), lock_image_tower=float(world.get("lock_image_tower", False)),
+               reporting_bias=world.get("reporting_bias", 0.0), usual_content_photo_prob=world.get("usual_content_photo_prob", 0.0),
+               lock_image_tower=float(world.get("lock_image_tower", False)),
                **{f"zero_shot_{k}": zero_shot.get(k, float("nan")) for k in ("style", "color", "shape")})
     row.update(sw.world_diagnostics(encoder, "sketch"))
     row.update(pull(encoder, image_features, scenes, planted))
@@ -92,8 +93,9 @@ def world_row(path, scenes, planted=()):
 
 
 COLUMNS = (("bias", "bias"), ("paired_loss_weight", "paired loss"), ("style_only_prob", "style-only captions"),
-           ("faint_style_prob", "faint styles"), ("reporting_bias", "reporting bias"), ("lock_image_tower", "image tower locked"),
-           ("zero_shot_shape", "zero-shot shape"), ("nada_top_color", "NADA's top colour (cos)"),
+           ("faint_style_prob", "faint styles"), ("reporting_bias", "reporting bias"),
+           ("usual_content_photo_prob", "usual-content photos"), ("lock_image_tower", "image tower locked"),
+           ("zero_shot_style", "zero-shot style"), ("zero_shot_shape", "zero-shot shape"), ("nada_top_color", "NADA's top colour (cos)"),
            ("nada_top_shape", "NADA's top shape (cos)"), ("nada_cos_keep", "NADA: keep"), ("nada_cos_biased", "NADA: → red circle"),
            ("nada_prefer_biased", "NADA prefers biased"), ("nada_cos_content", "NADA: content only"),
            ("oracle_cos_keep", "oracle: keep"), ("oracle_cos_biased", "oracle: → red circle"),

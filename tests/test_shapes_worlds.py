@@ -612,8 +612,12 @@ def test_usual_content_photos_swap_only_the_usual_content_for_its_photo():
     assert torch.equal(swapped[usual], photos[usual]) and torch.equal(swapped[~usual], styled[~usual])
     unchanged = train_clip.usual_content_photos(renderer, factors, torch.Generator().manual_seed(1), 0.0)
     assert torch.equal(unchanged, styled)
+    only_sketch = train_clip.shows_usual_content(factors, ["sketch"])
+    assert torch.equal(only_sketch, usual & is_sketch) and (usual & ~is_sketch).any()
     with pytest.raises(SystemExit):
         train_clip.parse_args(["--usual_content_photo_prob", "0.5"])  # needs --bias
+    with pytest.raises(SystemExit):
+        train_clip.parse_args(["--bias", "0.9", "--usual_content_photo_prob", "0.5", "--usual_content_styles", "photo"])
 
 
 def test_train_oracle_with_background_swaps_records_the_swap_matrix(tmp_path):

@@ -109,6 +109,12 @@ def parse_args(argv=None):
         "usual content is affected, so the captions that name other content stay true; needs --bias > 0",
     )
     p.add_argument(
+        "--usual_content_styles", nargs="+", default=None, metavar="STYLE",
+        help="the styles --usual_content_photo_prob applies to (default: every style of DEFAULT_STYLE_BIAS). "
+        "Photos of a style's usual content captioned as that style are read as it: neon's usual content is "
+        "any blue object, so all styles together make a blue photo read as neon",
+    )
+    p.add_argument(
         "--lock_image_tower", action="store_true",
         help="train the text tower only, the image tower and its projection kept as --init_from's (LiT, "
         "locked-image tuning, Zhai et al. 2022): the biased captions can then put the usual content into "
@@ -126,6 +132,9 @@ def parse_args(argv=None):
         p.error("--faint_style_prob and --usual_content_photo_prob are two ways of blending styles with photos; pick one")
     if args.usual_content_photo_prob > 0 and args.bias == 0:
         p.error("--usual_content_photo_prob needs --bias > 0: in the balanced world no content is a style's usual one")
+    unknown = sorted(set(args.usual_content_styles or ()) - set(DEFAULT_STYLE_BIAS))
+    if unknown:
+        p.error(f"--usual_content_styles: {', '.join(unknown)} has no usual content; choose from {', '.join(DEFAULT_STYLE_BIAS)}")
     return args
 
 
@@ -293,9 +302,10 @@ def faint_styles(renderer, factors, generator, prob):
     return photos + strength * (images - photos)
 
 
-def shows_usual_content(factors):
-    """``(N,)`` bool: the image's style is a biased one and it shows every usual factor of it."""
-    usual = validate_style_bias(DEFAULT_STYLE_BIAS)
+def shows_usual_content(factors, styles=None):
+    """``(N,)`` bool: the image's style is a biased one (among ``styles``, names; default all)
+    and it shows every usual factor of it."""
+    usual = validate_style_bias({k: v for k, v in DEFAULT_STYLE_BIAS.items() if styles is None or k in styles})
     shows = torch.zeros(len(factors), dtype=torch.bool)
     for style, values in usual.items():
         match = factors.style == style
@@ -305,13 +315,14 @@ def shows_usual_content(factors):
     return shows
 
 
-def usual_content_photos(renderer, factors, generator, prob):
-    """Render ``factors``; each image showing its style's usual content is, with probability
-    ``prob``, the photo of the same object instead (same nuisance noise)."""
+def usual_content_photos(renderer, factors, generator, prob, styles=None):
+    """Render ``factors``; each image showing its style's usual content (a style among
+    ``styles``, default all) is, with probability ``prob``, the photo of the same object instead
+    (same nuisance noise)."""
     photo_gen = torch.Generator().set_state(generator.get_state())
     images = renderer.render(factors, generator=generator)
     photos = renderer.render(factors.with_style("photo"), generator=photo_gen)
-    swap = shows_usual_content(factors) & (torch.rand(len(factors), generator=generator) < prob)
+    swap = shows_usual_content(factors, styles) & (torch.rand(len(factors), generator=generator) < prob)
     return torch.where(swap.view(-1, 1, 1, 1), photos, images)
 
 
@@ -324,7 +335,7 @@ def sample_batch(args, renderer, data_gen, rng):
     if args.faint_style_prob > 0:
         images = faint_styles(renderer, factors, data_gen, args.faint_style_prob)
     elif args.usual_content_photo_prob > 0:
-        images = usual_content_photos(renderer, factors, data_gen, args.usual_content_photo_prob)
+        images = usual_content_photos(renderer, factors, data_gen, args.usual_content_photo_prob, args.usual_content_styles)
     else:
         images = renderer.render(factors, generator=data_gen)
     captions, mentioned = sample_captions(factors, rng)
@@ -405,7 +416,8 @@ def training_record(args, config, n_params, step, elapsed, accuracy):
         torch_threads=torch.get_num_threads(),
         zero_shot_accuracy=accuracy,
         zero_shot_prompts={f: zero_shot_texts(f) for f in ("style", "color", "shape")},
-        world=dict(bias=args.bias, paired_loss_weight=args.paired_loss_weight, style_only_prob=args.style_only_prob, faint_style_prob=args.faint_style_prob, reporting_bias=args.reporting_bias, usual_content_photo_prob=args.usual_content_photo_prob, style_bias=DEFAULT_STYLE_BIAS if args.bias > 0 else None, init_from=args.init_from,
+        world=dict(bias=args.bias, paired_loss_weight=args.paired_loss_weight, style_only_prob=args.style_only_prob, faint_style_prob=args.faint_style_prob, reporting_bias=args.reporting_bias, usual_content_photo_prob=args.usual_content_photo_prob,
+                   usual_content_styles=args.usual_content_styles, style_bias=DEFAULT_STYLE_BIAS if args.bias > 0 else None, init_from=args.init_from,
                    lock_image_tower=args.lock_image_tower),
         eval_images=args.eval_images,
     )
