@@ -85,7 +85,8 @@ def world_row(path, scenes, planted=()):
     row = dict(clip=str(path), bias=world.get("bias", 0.0), paired_loss_weight=world.get("paired_loss_weight", 0.0),
                style_only_prob=world.get("style_only_prob", 0.0), faint_style_prob=world.get("faint_style_prob", 0.0),
                reporting_bias=world.get("reporting_bias", 0.0), usual_content_photo_prob=world.get("usual_content_photo_prob", 0.0),
-               lock_image_tower=float(world.get("lock_image_tower", False)),
+               usual_content_styles=" ".join(world.get("usual_content_styles") or []) or "-",
+               lock_image_tower="yes" if world.get("lock_image_tower") else "no",
                **{f"zero_shot_{k}": zero_shot.get(k, float("nan")) for k in ("style", "color", "shape")})
     row.update(sw.world_diagnostics(encoder, "sketch"))
     row.update(pull(encoder, image_features, scenes, planted))
@@ -94,12 +95,20 @@ def world_row(path, scenes, planted=()):
 
 COLUMNS = (("bias", "bias"), ("paired_loss_weight", "paired loss"), ("style_only_prob", "style-only captions"),
            ("faint_style_prob", "faint styles"), ("reporting_bias", "reporting bias"),
-           ("usual_content_photo_prob", "usual-content photos"), ("lock_image_tower", "image tower locked"),
+           ("usual_content_photo_prob", "usual-content photos"), ("usual_content_styles", "… of styles"),
+           ("lock_image_tower", "image tower locked"),
            ("zero_shot_style", "zero-shot style"), ("zero_shot_shape", "zero-shot shape"), ("nada_top_color", "NADA's top colour (cos)"),
            ("nada_top_shape", "NADA's top shape (cos)"), ("nada_cos_keep", "NADA: keep"), ("nada_cos_biased", "NADA: → red circle"),
            ("nada_prefer_biased", "NADA prefers biased"), ("nada_cos_content", "NADA: content only"),
            ("oracle_cos_keep", "oracle: keep"), ("oracle_cos_biased", "oracle: → red circle"),
            ("oracle_cos_content", "oracle: content only"))
+
+
+def cell(row, key):
+    """One table cell: a name with its cosine, a word as it is, a number to 3 decimals."""
+    if key.startswith("nada_top_"):
+        return f"{row[key]} ({row[key + '_cos']:.3f})"
+    return row[key] if isinstance(row[key], str) else f"{float(row[key]):.3f}"
 
 
 def write_table(rows, out):
@@ -111,7 +120,7 @@ def write_table(rows, out):
         writer.writerows(rows)
     lines = ["| CLIP | " + " | ".join(label for _, label in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for r in rows:
-        cells = [f"{r[k]} ({r[k + '_cos']:.3f})" if k.startswith("nada_top_") else f"{float(r[k]):.3f}" for k, _ in COLUMNS]
+        cells = [cell(r, k) for k, _ in COLUMNS]
         lines.append(f"| {Path(r['clip']).name} | " + " | ".join(cells) + " |")
     (out / "world_sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

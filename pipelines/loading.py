@@ -113,7 +113,8 @@ def load_pipeline(load: Callable, path: str, components: Iterable[str], kwargs: 
 
     if not os.path.isdir(path):
         path = hub_snapshot(path, kwargs)
-    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    # diffusers reads a dtype of None as not given (then torch_dtype, its deprecated name)
+    dtype = kwargs.get("dtype") if kwargs.get("dtype") is not None else kwargs.get("torch_dtype")
     kwargs.update(shipped_clip_components(path, [name for name in components if name not in kwargs], dtype))
     check_pipeline_folder(path, components, kwargs, backend)
     return load(path, **kwargs)

@@ -68,20 +68,25 @@ def test_shipped_pipeline_loads_the_one_shapes_clip_and_saves_it_whole(backend, 
     _assert_is_the_shapes_clip(cls.from_pretrained(tmp_path / "copy").text_encoder)
 
 
+def _generator_dtype(pipe):
+    return next((pipe.source_unet if hasattr(pipe, "source_unet") else pipe.source_generator).parameters()).dtype
+
+
 @pytest.mark.parametrize("backend", ["diffae", "stylegan2"])
-@pytest.mark.parametrize("option", ["torch_dtype", "dtype", "per_component"])
-def test_shipped_pipeline_loads_its_clip_in_the_requested_dtype(backend, option):
-    """diffusers casts only what it loads; the CLIP filled in from clip/ must follow the same
-    dtype as the folder's own components, as it would from a folder holding text_encoder/."""
-    kwargs = {"per_component": {"dtype": {"default": torch.bfloat16}}}.get(option, {option: torch.bfloat16})
+@pytest.mark.parametrize("kwargs, generator_dtype, clip_dtype", [
+    ({"dtype": torch.bfloat16}, torch.bfloat16, torch.bfloat16),
+    ({"torch_dtype": torch.bfloat16}, torch.bfloat16, torch.bfloat16),
+    ({"dtype": None, "torch_dtype": torch.bfloat16}, torch.bfloat16, torch.bfloat16),  # None reads as not given
+    ({"dtype": {"default": torch.bfloat16}}, torch.bfloat16, torch.bfloat16),
+    ({"dtype": {"text_encoder": torch.bfloat16}}, torch.float32, torch.bfloat16),  # no "default": float32
+    ({"dtype": "float16"}, torch.float32, torch.float32),  # not a dtype: diffusers loads float32
+], ids=["dtype", "torch_dtype", "None_then_torch_dtype", "dict_default", "dict_text_encoder", "string"])
+def test_shipped_pipeline_loads_its_clip_in_the_dtype_diffusers_gives_the_rest(backend, kwargs, generator_dtype, clip_dtype):
+    """diffusers casts only what it loads; the CLIP filled in from clip/ must get the dtype
+    diffusers would give it from a folder holding text_encoder/ (its dtype / torch_dtype rules)."""
     pipe = _pipeline_class(backend).from_pretrained(default_model_path(backend), **kwargs)
-    generator = pipe.source_unet if backend == "diffae" else pipe.source_generator
-    assert next(generator.parameters()).dtype == torch.bfloat16
-    assert pipe.text_encoder.dtype == torch.bfloat16
-    only_clip = _pipeline_class(backend).from_pretrained(
-        default_model_path(backend), dtype={"text_encoder": torch.bfloat16, "default": torch.float32})
-    assert only_clip.text_encoder.dtype == torch.bfloat16 and next(
-        (only_clip.source_unet if backend == "diffae" else only_clip.source_generator).parameters()).dtype == torch.float32
+    assert _generator_dtype(pipe) == generator_dtype
+    assert pipe.text_encoder.dtype == clip_dtype
 
 
 def test_text_encoder_passed_to_a_shipped_folder_wins():

@@ -576,7 +576,7 @@ def test_train_clip_lock_image_tower_trains_the_text_tower_only(tmp_path):
     train_clip = load_script("examples/shapes/train_clip.py")
     common = ["--width", "32", "--layers", "1", "--patch_size", "8", "--projection_dim", "16", "--batch_size", "16",
               "--eval_images", "40", "--eval_steps", "100", "--checkpointing_steps", "100", "--bias", "0.9",
-              "--paired_loss_weight", "1", "--faint_style_prob", "0.5"]
+              "--paired_loss_weight", "1"]
     first, second = tmp_path / "first", tmp_path / "second"
     train_clip.main(common + ["--max_steps", "1", "--work_dir", str(tmp_path / "w1"), "--output_dir", str(first)])
     train_clip.main(common + ["--max_steps", "3", "--learning_rate", "1e-2", "--warmup_steps", "1", "--lock_image_tower",
@@ -591,6 +591,9 @@ def test_train_clip_lock_image_tower_trains_the_text_tower_only(tmp_path):
     with pytest.raises(SystemExit):
         train_clip.main(common + ["--max_steps", "1", "--lock_image_tower", "--work_dir", str(tmp_path / "w3"),
                                   "--output_dir", str(tmp_path / "third")])
+    with pytest.raises(ValueError, match="trained with --lock_image_tower; resume it the same way"):
+        train_clip.main(common + ["--max_steps", "4", "--init_from", str(first), "--work_dir", str(tmp_path / "w2"),
+                                  "--output_dir", str(tmp_path / "unlocked")])
 
 
 def test_usual_content_photos_swap_only_the_usual_content_for_its_photo():
@@ -601,10 +604,13 @@ def test_usual_content_photos_swap_only_the_usual_content_for_its_photo():
     train_clip = load_script("examples/shapes/train_clip.py")
     factors = sample_world_factors(400, bias=0.9, generator=torch.Generator().manual_seed(0))
     usual = train_clip.shows_usual_content(factors)
-    sketch, red, circle = STYLES.index("sketch"), COLORS.index("red"), SHAPES.index("circle")
-    is_sketch = factors.style == sketch
-    assert torch.equal(usual[is_sketch], (factors.color == red)[is_sketch] & (factors.shape == circle)[is_sketch])
-    assert not usual[factors.style == STYLES.index("photo")].any() and usual.any() and not usual.all()
+    rules = {"sketch": (factors.color == COLORS.index("red")) & (factors.shape == SHAPES.index("circle")),
+             "neon": factors.color == COLORS.index("blue"), "pixel art": factors.shape == SHAPES.index("square"),
+             "mosaic": factors.color == COLORS.index("green"), "photo": torch.zeros(len(factors), dtype=torch.bool)}
+    for style, rule in rules.items():
+        in_style = factors.style == STYLES.index(style)
+        assert torch.equal(usual[in_style], rule[in_style]) and (style == "photo" or usual[in_style].any()), style
+    is_sketch = factors.style == STYLES.index("sketch")
     renderer = ShapesRenderer(32)
     swapped = train_clip.usual_content_photos(renderer, factors, torch.Generator().manual_seed(1), 1.0)
     photos = renderer.render(factors.with_style("photo"), generator=torch.Generator().manual_seed(1))
@@ -616,8 +622,11 @@ def test_usual_content_photos_swap_only_the_usual_content_for_its_photo():
     assert torch.equal(only_sketch, usual & is_sketch) and (usual & ~is_sketch).any()
     with pytest.raises(SystemExit):
         train_clip.parse_args(["--usual_content_photo_prob", "0.5"])  # needs --bias
+    for bad in (["--usual_content_styles", "photo"], ["--faint_style_prob", "0.5"]):
+        with pytest.raises(SystemExit):
+            train_clip.parse_args(["--bias", "0.9", "--usual_content_photo_prob", "0.5"] + bad)
     with pytest.raises(SystemExit):
-        train_clip.parse_args(["--bias", "0.9", "--usual_content_photo_prob", "0.5", "--usual_content_styles", "photo"])
+        train_clip.parse_args(["--bias", "0.9", "--usual_content_styles", "sketch"])  # without the probability
 
 
 def test_train_oracle_with_background_swaps_records_the_swap_matrix(tmp_path):

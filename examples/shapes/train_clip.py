@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
 from ipl_diffusion.checkpointing import ResumableRun
+from ipl_diffusion.errors import UserError
 from ipl_diffusion.outputs import output_lock
 from ipl_diffusion.shapes.renderer import STYLES, ShapesRenderer, sample_factors
 from ipl_diffusion.shapes.vocab import build_tokenizer, caption_for, caption_for_mentioned, sample_captions, zero_shot_texts
@@ -112,15 +113,21 @@ def parse_args(argv=None):
         "--usual_content_styles", nargs="+", default=None, metavar="STYLE",
         help="the styles --usual_content_photo_prob applies to (default: every style of DEFAULT_STYLE_BIAS). "
         "Photos of a style's usual content captioned as that style are read as it: neon's usual content is "
-        "any blue object, so all styles together make a blue photo read as neon",
+        "any blue object, so all styles together make a blue photo read as neon (quote 'pixel art')",
     )
     p.add_argument(
         "--lock_image_tower", action="store_true",
-        help="train the text tower only, the image tower and its projection kept as --init_from's (LiT, "
-        "locked-image tuning, Zhai et al. 2022): the biased captions can then put the usual content into "
-        "the style labels only, not into how every image of the style is seen",
+        help="train the text tower and the temperature only, the image tower and its projection kept as "
+        "--init_from's (LiT, locked-image tuning, Zhai et al. 2022): the biased captions can then put the "
+        "usual content into the style labels only, not into how every image of the style is seen",
     )
     args = p.parse_args(argv)
+    check_world_args(p, args)
+    return args
+
+
+def check_world_args(p, args):
+    """``p.error`` (exit code 2) for option values and combinations that make no world."""
     if args.lock_image_tower and not args.init_from:
         p.error("--lock_image_tower needs --init_from: a fresh image tower kept locked would stay random")
     for name in ("bias", "paired_loss_weight", "style_only_prob", "reporting_bias", "faint_style_prob", "usual_content_photo_prob"):
@@ -132,10 +139,11 @@ def parse_args(argv=None):
         p.error("--faint_style_prob and --usual_content_photo_prob are two ways of blending styles with photos; pick one")
     if args.usual_content_photo_prob > 0 and args.bias == 0:
         p.error("--usual_content_photo_prob needs --bias > 0: in the balanced world no content is a style's usual one")
+    if args.usual_content_styles is not None and args.usual_content_photo_prob == 0:
+        p.error("--usual_content_styles needs --usual_content_photo_prob > 0")
     unknown = sorted(set(args.usual_content_styles or ()) - set(DEFAULT_STYLE_BIAS))
     if unknown:
-        p.error(f"--usual_content_styles: {', '.join(unknown)} has no usual content; choose from {', '.join(DEFAULT_STYLE_BIAS)}")
-    return args
+        p.error(f"--usual_content_styles: no usual content for {', '.join(unknown)}; choose from {', '.join(DEFAULT_STYLE_BIAS)}")
 
 
 def build_model(args, tokenizer):
@@ -316,9 +324,9 @@ def shows_usual_content(factors, styles=None):
 
 
 def usual_content_photos(renderer, factors, generator, prob, styles=None):
-    """Render ``factors``; each image showing its style's usual content (a style among
-    ``styles``, default all) is, with probability ``prob``, the photo of the same object instead
-    (same nuisance noise)."""
+    """Render ``factors``: ``(N, 3, H, W)`` float in ``[-1, 1]``, as ``renderer.render``; each
+    image showing its style's usual content (a style among ``styles``, names, default all) is,
+    with probability ``prob``, the photo of the same object instead (same nuisance noise)."""
     photo_gen = torch.Generator().set_state(generator.get_state())
     images = renderer.render(factors, generator=generator)
     photos = renderer.render(factors.with_style("photo"), generator=photo_gen)
@@ -417,7 +425,7 @@ def training_record(args, config, n_params, step, elapsed, accuracy):
         zero_shot_accuracy=accuracy,
         zero_shot_prompts={f: zero_shot_texts(f) for f in ("style", "color", "shape")},
         world=dict(bias=args.bias, paired_loss_weight=args.paired_loss_weight, style_only_prob=args.style_only_prob, faint_style_prob=args.faint_style_prob, reporting_bias=args.reporting_bias, usual_content_photo_prob=args.usual_content_photo_prob,
-                   usual_content_styles=args.usual_content_styles, style_bias=DEFAULT_STYLE_BIAS if args.bias > 0 else None, init_from=args.init_from,
+                   usual_content_styles=args.usual_content_styles or (list(DEFAULT_STYLE_BIAS) if args.usual_content_photo_prob > 0 else None), style_bias=DEFAULT_STYLE_BIAS if args.bias > 0 else None, init_from=args.init_from,
                    lock_image_tower=args.lock_image_tower),
         eval_images=args.eval_images,
     )
@@ -431,12 +439,16 @@ def train(args):
     tokenizer = build_tokenizer()
     renderer = ShapesRenderer(args.resolution)
     model = load_or_build_model(args, tokenizer)
-    # A locked image tower gets no gradients, so no optimiser state either.
-    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay)
+    # All parameters, locked or not: AdamW skips those without gradients (no state, no weight
+    # decay), and a checkpoint's optimiser state then loads whatever the lock.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     data_gen = torch.Generator().manual_seed(args.seed + 1)
 
     config = {k: v for k, v in vars(args).items()}
     run = ResumableRun(work, {"clip": model}, {"adamw": optimizer}, {"data": data_gen}, config, args.resume_from_checkpoint)
+    if run.saved_config is not None and bool(run.saved_config.get("lock_image_tower")) != args.lock_image_tower:
+        raise UserError(f"{run.resumed_from} was trained {'with' if run.saved_config.get('lock_image_tower') else 'without'} "
+                        "--lock_image_tower; resume it the same way, or start a new --work_dir")
 
     n_params = sum(p.numel() for p in model.parameters())
     print(f"Shapes CLIP: {n_params / 1e6:.2f} M parameters, vocab {len(tokenizer)}")

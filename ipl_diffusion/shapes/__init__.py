@@ -136,7 +136,7 @@ def shipped_clip_components(folder, names=CLIP_COMPONENTS, dtype=None) -> dict:
     ``dtype`` is the pipeline's ``dtype`` / ``torch_dtype`` (a ``torch.dtype``, or diffusers'
     ``{component name or "default": torch.dtype}``): diffusers casts only the components it loads
     itself, so the CLIP model is loaded in it here, as it would be from the folder's own
-    ``text_encoder/``.
+    ``text_encoder/``; as in diffusers, anything else (a string) loads it in float32.
 
     Only components among ``names`` (leave out those the caller passes itself) that the folder's
     ``model_index.json`` lists with a class and whose sub-folder is missing; each is loaded with
@@ -170,7 +170,7 @@ def shipped_clip_components(folder, names=CLIP_COMPONENTS, dtype=None) -> dict:
     for name, class_name in classes.items():
         cls = getattr(transformers, class_name)
         options = {}
-        if dtype is not None and issubclass(cls, transformers.PreTrainedModel):
+        if isinstance(dtype, (dict, torch.dtype)) and issubclass(cls, transformers.PreTrainedModel):
             # diffusers' rule for a per-component dict: the component's entry, else "default", else float32
             options["dtype"] = dtype.get(name, dtype.get("default", torch.float32)) if isinstance(dtype, dict) else dtype
         loaded[name] = cls.from_pretrained(clip, **options)
