@@ -105,15 +105,17 @@ def project(
         target = F.interpolate(target, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     rng = torch.Generator().manual_seed(seed)
     init, w_std = _start(generator, target, encoder, n_mean_latent, rng)
+    # The latent is optimised in float32 whatever the generator's dtype: Adam's state and the
+    # step-0 noise overflow or round away in float16.
     latent = (init[:, :1].clone() if space == "w" else init.clone()).requires_grad_(True)
     noises = [getattr(generator.noises, f"noise_{i}") for i in range(generator.num_layers)]
 
     def render(code):
         w_plus = code.expand(-1, n_latent, -1) if space == "w" else code
-        return generator(w_plus, input_is_latent=True, noise=noises)[0]
+        return generator(w_plus.to(generator.dtype), input_is_latent=True, noise=noises)[0]
 
     def loss_of(image):
-        loss = F.mse_loss(image, target)
+        loss = F.mse_loss(image.float(), target.float())
         if perceptual_loss is not None and perceptual_weight:
             loss = loss + perceptual_weight * perceptual_loss(image, target)
         return loss
@@ -122,7 +124,7 @@ def project(
     losses = _optimise(latent, render, loss_of, jitter, num_steps, learning_rate, progress_bar)
     with torch.no_grad():
         final = latent.detach()
-        w_plus = final.expand(-1, n_latent, -1).clone() if space == "w" else final
+        w_plus = (final.expand(-1, n_latent, -1).clone() if space == "w" else final).to(generator.dtype)
         image = render(final)
     return ProjectionResult(latents=w_plus, images=image, losses=losses)
 
@@ -139,14 +141,16 @@ def _check_projection(images, space, num_steps, encoder):
 
 @torch.no_grad()
 def _start(generator, target, encoder, n_mean_latent, rng):
-    """``(initial W+ codes (N, n_latent, D), std of w)``: the encoder's codes, else mean ``w``."""
+    """``(initial W+ codes (N, n_latent, D), std of w)``, both float32: the encoder's codes, else mean ``w``."""
     device, dtype, n, n_latent, dim = generator.device, generator.dtype, target.shape[0], generator.n_latent, generator.style_dim
     w_samples = generator.get_latent(torch.randn(n_mean_latent, dim, generator=rng).to(device, dtype))
+    # Statistics in float32: in float16 the sum of n_mean_latent * dim squares overflows to inf.
+    w_samples = w_samples.float()
     w_mean = w_samples.mean(0, keepdim=True)
     w_std = ((w_samples - w_mean).pow(2).sum() / n_mean_latent).sqrt()
     if encoder is None:
         return w_mean.unsqueeze(1).repeat(n, n_latent, 1), w_std
-    init = encoder(target).to(device, dtype)
+    init = encoder(target).to(device, torch.float32)
     if init.shape == (n, dim):
         init = init.unsqueeze(1).repeat(1, n_latent, 1)
     if init.shape != (n, n_latent, dim):

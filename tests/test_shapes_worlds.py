@@ -591,9 +591,21 @@ def test_train_clip_lock_image_tower_trains_the_text_tower_only(tmp_path):
     with pytest.raises(SystemExit):
         train_clip.main(common + ["--max_steps", "1", "--lock_image_tower", "--work_dir", str(tmp_path / "w3"),
                                   "--output_dir", str(tmp_path / "third")])
-    with pytest.raises(ValueError, match="trained with --lock_image_tower; resume it the same way"):
-        train_clip.main(common + ["--max_steps", "4", "--init_from", str(first), "--work_dir", str(tmp_path / "w2"),
-                                  "--output_dir", str(tmp_path / "unlocked")])
+    resume = ["--max_steps", "4", "--init_from", str(first), "--work_dir", str(tmp_path / "w2"), "--output_dir", str(tmp_path / "again")]
+    with pytest.raises(ValueError, match="trained with --lock_image_tower True, not False; resume it with the same world"):
+        train_clip.main(common + resume)
+    with pytest.raises(ValueError, match="trained with --bias 0.9, not 0.5"):
+        train_clip.main(common + resume + ["--lock_image_tower", "--bias", "0.5"])
+    assert not (tmp_path / "again").exists()
+    with pytest.raises(SystemExit):  # the trained CLIP would overwrite its own start
+        train_clip.parse_args(common + ["--init_from", str(first), "--output_dir", str(first)])
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text((first / "config.json").read_text())
+    (tmp_path / "broken" / "model.safetensors").write_bytes((first / "model.safetensors").read_bytes()[:100])
+    for folder, message in ((tmp_path / "nowhere", "no CLIP folder there"), (tmp_path / "broken", "cannot load its CLIP")):
+        with pytest.raises(ValueError, match=message):
+            train_clip.main(common + ["--max_steps", "1", "--init_from", str(folder), "--work_dir", str(tmp_path / "w4"),
+                                      "--output_dir", str(tmp_path / "fourth")])
 
 
 def test_usual_content_photos_swap_only_the_usual_content_for_its_photo():

@@ -1,6 +1,8 @@
 """GAN-IPL Stage 2 on a tiny StyleGAN2 with the tiny CLIP: layer choice, freezing, EMA, resume
 through the Accelerate-driven checkpoints, mixed-precision refusal, and the real-image projector."""
 
+import math
+
 import pytest
 import torch
 from transformers import CLIPImageProcessor
@@ -295,6 +297,25 @@ def test_projection_recovers_a_generated_image():
     # deterministic for a given seed
     again = project(g, target, space="w", num_steps=60)
     torch.testing.assert_close(again.latents, result.latents)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_projection_of_a_half_precision_generator_matches_float32(dtype):
+    """The shipped Shapes StyleGAN2 loaded in half precision projects as in float32: the
+    statistics and the latent are kept in float32 (in float16 the std of its 4096 sampled w
+    overflowed to inf and step 0's loss was NaN, whatever the learning rate)."""
+    from ipl_diffusion.models.stylegan2 import StyleGAN2Generator as Generator
+    from ipl_diffusion.shapes import default_model_path
+
+    folder = default_model_path("stylegan2") / "source_generator"
+    full_g = Generator.from_pretrained(folder)
+    with torch.no_grad():
+        target, _ = full_g([torch.randn(2, full_g.style_dim, generator=torch.Generator().manual_seed(0))], randomize_noise=False)
+    full = project(full_g, target, space="w", num_steps=10)
+    half = project(Generator.from_pretrained(folder, torch_dtype=dtype), target, space="w", num_steps=10)
+    assert half.latents.dtype == dtype and all(math.isfinite(v) for v in half.losses)
+    assert half.losses[-1] < half.losses[0]
+    torch.testing.assert_close(half.latents.float(), full.latents, atol=0.1, rtol=0.1)
 
 
 def test_projection_encoder_hook_and_errors():

@@ -29,11 +29,13 @@ import argparse
 import json
 import math
 import random
+import shlex
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
 from ipl_diffusion.checkpointing import ResumableRun
@@ -143,7 +145,11 @@ def check_world_args(p, args):
         p.error("--usual_content_styles needs --usual_content_photo_prob > 0")
     unknown = sorted(set(args.usual_content_styles or ()) - set(DEFAULT_STYLE_BIAS))
     if unknown:
-        p.error(f"--usual_content_styles: no usual content for {', '.join(unknown)}; choose from {', '.join(DEFAULT_STYLE_BIAS)}")
+        split = any(word in style.split() for style in DEFAULT_STYLE_BIAS for word in unknown)
+        p.error(f"--usual_content_styles: no usual content for {', '.join(unknown)}; choose from {', '.join(DEFAULT_STYLE_BIAS)}"
+                + (" (quote a style of two words: 'pixel art')" if split else ""))
+    if args.init_from and Path(args.output_dir).resolve() == Path(args.init_from).resolve():
+        p.error("--output_dir is --init_from: the trained CLIP would overwrite the one it starts from")
 
 
 def build_model(args, tokenizer):
@@ -260,7 +266,12 @@ def load_or_build_model(args, tokenizer):
     """The CLIP to train: ``--init_from``'s (its sizes copied into ``args``) or a fresh one."""
     if not args.init_from:
         return build_model(args, tokenizer)
-    model = CLIPModel.from_pretrained(args.init_from)
+    if not (Path(args.init_from) / "config.json").is_file():
+        raise UserError(f"--init_from {args.init_from}: no CLIP folder there (config.json missing)")
+    try:
+        model = CLIPModel.from_pretrained(args.init_from)
+    except (OSError, SafetensorError) as err:  # missing or truncated weights
+        raise UserError(f"--init_from {args.init_from}: cannot load its CLIP ({err})") from err
     if model.config.text_config.vocab_size != len(tokenizer) or model.config.vision_config.image_size != args.resolution:
         raise ValueError(f"--init_from {args.init_from}: its vocabulary / resolution do not match the Shapes tokenizer / --resolution")
     # The record must describe the model actually trained, not the unused size options.
@@ -270,6 +281,26 @@ def load_or_build_model(args, tokenizer):
         model.vision_model.requires_grad_(False)
         model.visual_projection.requires_grad_(False)
     return model
+
+
+# What a checkpoint's model was trained on; --max_steps, --learning_rate and the like may change on resume.
+WORLD_OPTIONS = ("init_from", "lock_image_tower", "seed", "bias", "paired_loss_weight", "style_only_prob", "reporting_bias",
+                 "faint_style_prob", "usual_content_photo_prob", "usual_content_styles")
+
+
+def check_resumed_world(run, args):
+    """Raise ``UserError`` naming the first world option that differs from the resumed checkpoint's
+    (an option the checkpoint predates counts as its default)."""
+    if run.saved_config is None:
+        return
+    defaults = vars(parse_args([]))
+    for name in WORLD_OPTIONS:
+        saved, now = run.saved_config.get(name, defaults[name]), getattr(args, name)
+        if name == "init_from" and saved and now:  # the same folder, however it is written
+            saved, now = str(Path(saved).resolve()), str(Path(now).resolve())
+        if saved != now:
+            raise UserError(f"{run.resumed_from} was trained with --{name} {saved}, not {now}; "
+                            "resume it with the same world, or start a new --work_dir")
 
 
 def learning_rate_at(step, args):
@@ -416,7 +447,7 @@ def training_record(args, config, n_params, step, elapsed, accuracy):
     """The ``training_record.json`` contents: command, config, world options and final accuracy."""
     return dict(
         task="shapes_clip",
-        command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        command=shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]),
         config=config,
         parameters=n_params,
         steps=step,
@@ -446,9 +477,7 @@ def train(args):
 
     config = {k: v for k, v in vars(args).items()}
     run = ResumableRun(work, {"clip": model}, {"adamw": optimizer}, {"data": data_gen}, config, args.resume_from_checkpoint)
-    if run.saved_config is not None and bool(run.saved_config.get("lock_image_tower")) != args.lock_image_tower:
-        raise UserError(f"{run.resumed_from} was trained {'with' if run.saved_config.get('lock_image_tower') else 'without'} "
-                        "--lock_image_tower; resume it the same way, or start a new --work_dir")
+    check_resumed_world(run, args)
 
     n_params = sum(p.numel() for p in model.parameters())
     print(f"Shapes CLIP: {n_params / 1e6:.2f} M parameters, vocab {len(tokenizer)}")
@@ -468,4 +497,7 @@ def train(args):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as err:  # a refusal the user can act on: one line, no traceback
+        sys.exit(f"train_clip.py: error: {err}")
