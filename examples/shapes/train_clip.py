@@ -329,12 +329,18 @@ def reporting_bias_captions(factors, captions, mentioned, rng, prob):
     return captions, mentioned
 
 
+def render_with_photos(renderer, factors, generator):
+    """``(images, photos)``: ``factors`` rendered, and the photo of each same object drawn with the
+    same nuisance noise (the generator's state copied first), for blending one into the other."""
+    photo_gen = torch.Generator().set_state(generator.get_state())
+    images = renderer.render(factors, generator=generator)
+    return images, renderer.render(factors.with_style("photo"), generator=photo_gen)
+
+
 def faint_styles(renderer, factors, generator, prob):
     """Render ``factors``; each non-photo image is, with probability ``prob``, blended towards the
     photo of the same object (same nuisance noise) at a strength uniform in (0, 1]."""
-    photo_gen = torch.Generator().set_state(generator.get_state())
-    images = renderer.render(factors, generator=generator)
-    photos = renderer.render(factors.with_style("photo"), generator=photo_gen)
+    images, photos = render_with_photos(renderer, factors, generator)
     n = len(factors)
     faint = (torch.rand(n, generator=generator) < prob) & (factors.style != STYLES.index("photo"))
     strength = torch.where(faint, 1 - torch.rand(n, generator=generator), torch.ones(n)).view(n, 1, 1, 1)
@@ -358,9 +364,7 @@ def usual_content_photos(renderer, factors, generator, prob, styles=None):
     """Render ``factors``: ``(N, 3, H, W)`` float in ``[-1, 1]``, as ``renderer.render``; each
     image showing its style's usual content (a style among ``styles``, names, default all) is,
     with probability ``prob``, the photo of the same object instead (same nuisance noise)."""
-    photo_gen = torch.Generator().set_state(generator.get_state())
-    images = renderer.render(factors, generator=generator)
-    photos = renderer.render(factors.with_style("photo"), generator=photo_gen)
+    images, photos = render_with_photos(renderer, factors, generator)
     swap = shows_usual_content(factors, styles) & (torch.rand(len(factors), generator=generator) < prob)
     return torch.where(swap.view(-1, 1, 1, 1), photos, images)
 
