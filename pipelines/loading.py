@@ -113,11 +113,35 @@ def load_pipeline(load: Callable, path: str, components: Iterable[str], kwargs: 
 
     if not os.path.isdir(path):
         path = hub_snapshot(path, kwargs)
-    # diffusers reads a dtype of None as not given (then torch_dtype, its deprecated name)
-    dtype = kwargs.get("dtype") if kwargs.get("dtype") is not None else kwargs.get("torch_dtype")
-    kwargs.update(shipped_clip_components(path, [name for name in components if name not in kwargs], dtype))
+    dtype = requested_dtype(kwargs)
+    names = [name for name in components if name not in kwargs]
+    kwargs.update(shipped_clip_components(path, {name: component_dtype(dtype, name) for name in names}))
     check_pipeline_folder(path, components, kwargs, backend)
     return load(path, **kwargs)
+
+
+def requested_dtype(kwargs: dict):
+    """The ``dtype`` a ``from_pretrained`` call asks for, read as diffusers reads it: ``dtype``,
+    else its deprecated name ``torch_dtype`` (a ``dtype`` of None counts as not given); None
+    when neither is given. ``kwargs`` is left as it is."""
+    return kwargs.get("dtype") if kwargs.get("dtype") is not None else kwargs.get("torch_dtype")
+
+
+def component_dtype(dtype, name: str):
+    """The ``torch.dtype`` diffusers' ``from_pretrained(..., dtype=dtype)`` loads component
+    ``name`` in, or None for "as saved" (``dtype`` not given).
+
+    ``dtype``: a ``torch.dtype``; diffusers' per-component ``{name or "default": torch.dtype}``
+    (a component it leaves out, with no "default", is float32); anything else (a string such
+    as ``"float16"``) is float32, as diffusers loads it after its warning.
+    """
+    import torch
+
+    if dtype is None:
+        return None
+    if isinstance(dtype, dict):
+        return dtype.get(name, dtype.get("default", torch.float32))
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 def hub_snapshot(repo_id: str, kwargs: dict) -> str:

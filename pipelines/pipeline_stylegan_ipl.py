@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -53,7 +54,7 @@ from ipl_diffusion.outputs import atomic_save_image
 from ipl_diffusion.errors import UserError, UserFileNotFoundError
 from ipl_diffusion.pipelines.adapted_pipeline import SAMPLE_GRID_NAME, AdaptedPipelineMixin
 from ipl_diffusion.pipelines.hub_layout import RemoteCodeLayoutMixin
-from ipl_diffusion.pipelines.loading import load_pipeline
+from ipl_diffusion.pipelines.loading import component_dtype, load_pipeline, requested_dtype
 from ipl_diffusion.pipelines.model_card import build_model_card, summarize_history
 
 _COMPONENTS = ("source_generator", "generator", "text_encoder", "tokenizer", "mapper", "feature_extractor")
@@ -126,7 +127,8 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, Diffusion
         Also accepts a bare generator -- a folder written by ``StyleGAN2Generator.save_pretrained``
         (``ipl convert stylegan2`` output) or a rosinality ``.pt`` file -- and then builds a
         *source* pipeline with :meth:`from_components`, taking CLIP from ``text_encoder=``
-        (object or folder; default ``openai/clip-vit-base-patch32`` from the Hub cache).
+        (object or folder; default ``openai/clip-vit-base-patch32`` from the Hub cache; None:
+        no CLIP, enough to sample and translate).
 
         The shipped Shapes folder (``default_model_path("stylegan2")``) holds no CLIP: its
         ``text_encoder`` / ``tokenizer`` / ``feature_extractor`` come from the package's
@@ -141,17 +143,34 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, Diffusion
         """
         path = str(pretrained_model_name_or_path)
         if _is_bare_generator(path):
-            from ipl_diffusion.clip_loading import DEFAULT_CLIP_ID
-
-            return cls.from_components(
-                path,
-                kwargs.pop("text_encoder", None) or DEFAULT_CLIP_ID,
-                kwargs.pop("tokenizer", None),
-                kwargs.pop("feature_extractor", None),
-                source_label=kwargs.pop("source_label", "Photo"),
-            )
+            return cls._from_bare_generator(path, kwargs)
         pipe = load_pipeline(super().from_pretrained, path, _COMPONENTS, kwargs, backend="stylegan2")
         pipe.load_sample_grid(path)
+        return pipe
+
+    @classmethod
+    def _from_bare_generator(cls, path: str, kwargs: dict):
+        """:meth:`from_pretrained` of a bare generator: :meth:`from_components`, with the
+        components it loads (the generator; the CLIP model unless passed as an object) cast to
+        the ``dtype`` / ``torch_dtype`` asked for, by diffusers' rules."""
+        from ipl_diffusion.clip_loading import DEFAULT_CLIP_ID
+
+        dtype = requested_dtype(kwargs)
+        kwargs = {key: value for key, value in kwargs.items() if key not in ("dtype", "torch_dtype")}
+        # Given as None (diffusers' way of leaving a component out): no CLIP, as for sampling.
+        text_encoder = kwargs.pop("text_encoder", DEFAULT_CLIP_ID)
+        pipe = cls.from_components(
+            path, text_encoder, kwargs.pop("tokenizer", None), kwargs.pop("feature_extractor", None),
+            source_label=kwargs.pop("source_label", "Photo"),
+        )
+        if kwargs:  # what diffusers does with options its pipeline does not take
+            warnings.warn(f"Keyword arguments {kwargs} are not expected by {cls.__name__} for a bare generator and will be ignored.", stacklevel=3)
+        loaded = {"source_generator": pipe.source_generator}
+        if isinstance(text_encoder, (str, os.PathLike)):
+            loaded["text_encoder"] = pipe.text_encoder
+        for name, module in loaded.items():
+            if component_dtype(dtype, name) is not None:
+                module.to(component_dtype(dtype, name))
         return pipe
 
     @classmethod

@@ -182,6 +182,27 @@ def test_from_components_reads_rosinality_pt(tmp_path, tiny_clip):
         StyleGANIPLPipeline.from_pretrained(tmp_path / "converted")
 
 
+@pytest.mark.parametrize("dtype, generator_dtype, clip_dtype", [
+    ({"dtype": torch.bfloat16}, torch.bfloat16, torch.bfloat16),
+    ({"torch_dtype": torch.bfloat16}, torch.bfloat16, torch.bfloat16),
+    ({"dtype": {"source_generator": torch.bfloat16}}, torch.bfloat16, torch.float32),  # no "default": float32
+    ({"dtype": "bfloat16"}, torch.float32, torch.float32),  # diffusers loads a string as float32
+], ids=["dtype", "torch_dtype", "dict", "string"])
+def test_bare_generator_folder_loads_in_the_dtype_asked_for(tmp_path, tiny_clip, dtype, generator_dtype, clip_dtype):
+    """A bare generator folder (``ipl convert stylegan2`` output) loaded with ``dtype`` casts what
+    it loads, generator and CLIP folder, by diffusers' rules; a CLIP passed as an object is the
+    caller's and stays as it is."""
+    tiny_generator(5).save_pretrained(tmp_path / "converted")
+    tiny_clip[0].save_pretrained(tmp_path / "clip")
+    tiny_clip[1].save_pretrained(tmp_path / "clip")
+    loaded = StyleGANIPLPipeline.from_pretrained(tmp_path / "converted", text_encoder=tmp_path / "clip", **dtype)
+    assert loaded.source_generator.dtype == generator_dtype and loaded.text_encoder.dtype == clip_dtype
+    passed = StyleGANIPLPipeline.from_pretrained(tmp_path / "converted", text_encoder=tiny_clip[0], tokenizer=tiny_clip[1], **dtype)
+    assert passed.source_generator.dtype == generator_dtype and passed.text_encoder.dtype == torch.float32
+    with pytest.warns(UserWarning, match=r"\{'device_map': 'cpu'\} are not expected .* will be ignored"):
+        StyleGANIPLPipeline.from_pretrained(tmp_path / "converted", text_encoder=tiny_clip[0], tokenizer=tiny_clip[1], device_map="cpu")
+
+
 FRESH_PROCESS = """
 import sys, numpy as np, torch
 from ipl_diffusion import StyleGANIPLPipeline

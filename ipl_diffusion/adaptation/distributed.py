@@ -73,7 +73,7 @@ def check_weights_dtype(modules: dict, device) -> None:
     On a CPU, torch has no float16 kernels for several ops adaptation needs, and mixing a
     half-precision network with the float32 inputs / master weights fails deep in a layer
     (``expected m1 and m2 to have the same dtype``). The command line never loads weights
-    that way; a pipeline from ``from_pretrained(..., torch_dtype=torch.float16)`` does.
+    that way; a pipeline from ``from_pretrained(..., dtype=torch.float16)`` does.
 
     Args:
         modules: ``name -> torch.nn.Module`` (``None`` entries are skipped).
@@ -92,7 +92,7 @@ def check_weights_dtype(modules: dict, device) -> None:
         if other:
             raise UserError(
                 f"adapt on a CPU needs float32 weights, but the {name}'s are {', '.join(other)} (loaded with "
-                "torch_dtype=...?); load the pipeline in float32 (the default) -- half precision is "
+                "dtype=...?); load the pipeline in float32 (the default) -- half precision is "
                 "mixed_precision='fp16' on a CUDA GPU, or 'bf16'"
             )
 

@@ -128,19 +128,20 @@ def is_shipped(folder) -> bool:
     return Path(folder).resolve().is_relative_to(MODELS_DIR)
 
 
-def shipped_clip_components(folder, names=CLIP_COMPONENTS, dtype=None) -> dict:
+def shipped_clip_components(folder, dtypes: dict) -> dict:
     """The CLIP components a shipped Shapes pipeline folder leaves out, loaded from the one copy
     in ``default_model_path("clip")``: ``{component name: object}``, ready to pass to
     ``from_pretrained``.
 
-    ``dtype`` is the pipeline's ``dtype`` / ``torch_dtype`` (a ``torch.dtype``, or diffusers'
-    ``{component name or "default": torch.dtype}``): diffusers casts only the components it loads
-    itself, so the CLIP model is loaded in it here, as it would be from the folder's own
-    ``text_encoder/``; as in diffusers, anything else (a string) loads it in float32.
+    ``dtypes``: ``{component name: torch.dtype or None}`` for the components the caller wants
+    (leave out those it passes itself); None loads as saved. The pipeline loader resolves them
+    with diffusers' dtype rules (:func:`ipl_diffusion.pipelines.loading.component_dtype`):
+    diffusers casts only the components it loads itself, so the CLIP model is loaded in its
+    dtype here, as it would be from the folder's own ``text_encoder/``.
 
-    Only components among ``names`` (leave out those the caller passes itself) that the folder's
-    ``model_index.json`` lists with a class and whose sub-folder is missing; each is loaded with
-    the transformers class named there (``CLIPModel``, ``CLIPTokenizer``, the image processor).
+    Only components that the folder's ``model_index.json`` lists with a class and whose
+    sub-folder is missing are loaded, each with the transformers class named there
+    (``CLIPModel``, ``CLIPTokenizer``, the image processor); the dtype applies to models only.
     Any other folder (not :func:`is_shipped`, or without a readable index) gets ``{}``, so its
     loader reports the missing sub-folders as usual.
 
@@ -157,22 +158,20 @@ def shipped_clip_components(folder, names=CLIP_COMPONENTS, dtype=None) -> dict:
     classes = {
         name: entries[name][-1]
         for name in CLIP_COMPONENTS
-        if name in names and isinstance(entries, dict) and isinstance(entries.get(name), list)
+        if name in dtypes and isinstance(entries, dict) and isinstance(entries.get(name), list)
         and entries[name][-1] and not (folder / name).is_dir()
     }
     if not classes:
         return {}
-    import torch  # only here: the rest of ipl_diffusion.shapes does not need them
-    import transformers
+    import transformers  # only here: the rest of ipl_diffusion.shapes does not need it
 
     clip = default_model_path("clip")
     loaded = {}
     for name, class_name in classes.items():
         cls = getattr(transformers, class_name)
         options = {}
-        if isinstance(dtype, (dict, torch.dtype)) and issubclass(cls, transformers.PreTrainedModel):
-            # diffusers' rule for a per-component dict: the component's entry, else "default", else float32
-            options["dtype"] = dtype.get(name, dtype.get("default", torch.float32)) if isinstance(dtype, dict) else dtype
+        if dtypes[name] is not None and issubclass(cls, transformers.PreTrainedModel):
+            options["dtype"] = dtypes[name]
         loaded[name] = cls.from_pretrained(clip, **options)
     return loaded
 
