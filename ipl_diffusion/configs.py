@@ -115,6 +115,11 @@ class Stage1Config:
         _choice(self, "label_templates", LABEL_TEMPLATES)
         _choice(self, "contrastive_form", ("infonce", "paper"))
         _choice(self, "domain_regularizer", DOMAIN_REGULARIZERS)
+        # Only Stage 1 of a trained scheme reads the regulariser; asking for the non-default one
+        # with manual / random would run the plain scheme under a name it did not get.
+        _check(self.domain_regularizer == "feature" or self.scheme in TRAINED_SCHEMES, "domain_regularizer",
+               f"'feature' with scheme {self.scheme!r} (it regularises Stage 1, which only {TRAINED_SCHEMES} run)",
+               self.domain_regularizer)
         _finite(self, "lambda_domain", "lambda_source")
         _finite(self, "stage1_learning_rate", "logit_scale", positive=True, allow_none=True)
         _positive_int(self, "stage1_iterations", minimum=0)

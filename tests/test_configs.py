@@ -99,6 +99,17 @@ def test_a_misspelt_option_names_the_nearest_ones():
         resolve_configs("diffae", {"itrations": 3}, {})
 
 
+@pytest.mark.parametrize("scheme", ["manual", "random"])
+def test_the_direction_regulariser_is_refused_for_a_scheme_stage1_does_not_train(scheme):
+    """``--scheme manual --domain_regularizer direction`` would run plain NADA and record the
+    regulariser in its config as if it had been used."""
+    with pytest.raises(UserError, match=rf"domain_regularizer must be 'feature' with scheme '{scheme}'"):
+        resolve_configs("stylegan2", None, {"scheme": scheme, "domain_regularizer": "direction"})
+    assert Stage1Config(scheme=scheme).domain_regularizer == "feature"  # its default still builds
+    for trained in ("adaptive", "learned"):
+        assert Stage1Config(scheme=trained, domain_regularizer="direction").domain_regularizer == "direction"
+
+
 class FixedPrompts:
     """A ready Stage-1 result: the same source / target feature for every latent."""
 
