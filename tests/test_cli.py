@@ -165,6 +165,31 @@ def test_sample_is_seeded(adapted_dir, tmp_path):
     assert (tmp_path / "a" / "samples_grid.png").is_file()
 
 
+@pytest.mark.parametrize("backend", ["stylegan2", "diffae"])
+def test_sample_reads_a_copy_of_a_shipped_folder_without_its_clip(backend, tmp_path, monkeypatch):
+    """A shipped Shapes folder keeps no CLIP of its own; sampling never reads CLIP, so a copy of
+    the folder (and, offline, a bare generator, whose CLIP would be the Hub's) samples as the
+    original does."""
+    import shutil
+
+    from ipl_diffusion.shapes import default_model_path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    shutil.copytree(default_model_path(backend), tmp_path / "copy")
+    models = {"shipped": default_model_path(backend), "copy": tmp_path / "copy"}
+    if backend == "stylegan2":
+        from ipl_diffusion.models.stylegan2 import StyleGAN2Generator
+
+        StyleGAN2Generator.from_pretrained(tmp_path / "copy" / "source_generator").save_pretrained(tmp_path / "bare")
+        models["bare"] = tmp_path / "bare"
+    for name, model in models.items():
+        assert main(["sample", "--backend", backend, "--model", str(model), "--output", str(tmp_path / f"out_{name}"),
+                     "--num-images", "2", "--steps", "4", "--device", "cpu"]) == 0, name
+    shipped = np.asarray(Image.open(tmp_path / "out_shipped" / "sample_0001.png"))
+    for name in models:
+        assert np.array_equal(shipped, np.asarray(Image.open(tmp_path / f"out_{name}" / "sample_0001.png"))), name
+
+
 def test_push_is_stubbed_and_uploads_the_card(adapted_dir, monkeypatch, capsys):
     import diffusers.utils.hub_utils as hub_utils
 

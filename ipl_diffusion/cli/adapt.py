@@ -135,8 +135,13 @@ def _none_or(kind):
     return parse
 
 
-def load_pipeline(backend, model, device=None):
-    """Load the ``backend`` pipeline from ``model`` (folder / Hub id; None = Shapes default)."""
+def load_pipeline(backend, model, device=None, clip=True):
+    """Load the ``backend`` pipeline from ``model`` (folder / Hub id; None = Shapes default).
+
+    ``clip=False`` for the commands that never read CLIP (sample, translate): its components
+    are left out, so a folder without them (a copy of a shipped Shapes folder, a bare
+    generator offline) still loads, and the CLIP is not loaded for nothing.
+    """
     if model is None:  # the shipped Shapes model; its folder records its adapt defaults
         from ipl_diffusion.shapes import default_model_path
 
@@ -148,7 +153,9 @@ def load_pipeline(backend, model, device=None):
         from ipl_diffusion.pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline as cls
     else:
         from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline as cls
-    pipe = cls.from_pretrained(str(model))
+    from ipl_diffusion.shapes import CLIP_COMPONENTS
+
+    pipe = cls.from_pretrained(str(model), **({} if clip else dict.fromkeys(CLIP_COMPONENTS)))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return pipe.to(device)
 

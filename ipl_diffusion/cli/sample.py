@@ -70,7 +70,7 @@ def _sample(args):
     from ipl_diffusion.cli.adapt import detect_backend, load_pipeline
 
     backend = detect_backend(args.backend, args.model)
-    pipe = load_pipeline(backend, args.model, args.device)
+    pipe = load_pipeline(backend, args.model, args.device, clip=False)
     generator = torch.Generator().manual_seed(args.seed)
     kwargs = {"num_images": args.num_images, "generator": generator, "source": args.source, "output_type": "pil"}
     if backend == "stylegan2":

@@ -120,7 +120,7 @@ def _translate(args, source: Path, output: Path) -> int:
                 "choose another folder or pass --overwrite"
             )
     args.backend = detect_backend(args.backend, args.model)
-    pipe = load_pipeline(args.backend, args.model, args.device)
+    pipe = load_pipeline(args.backend, args.model, args.device, clip=False)
     size = int(getattr(pipe, "image_size", 0) or pipe.config.get("resolution", 256))
     names, images, skipped = load_inputs(files, size)
     for name, reason in skipped:
