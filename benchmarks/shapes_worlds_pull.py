@@ -18,6 +18,7 @@ zero-shot accuracy, the text-only sketch diagnostics and this pull) go to world_
 import argparse
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -74,20 +75,30 @@ def render_scenes():
     return photos, factors, keep, sketches, renderer(biased, seed=8), renderer(biased.with_style("photo"), seed=7)
 
 
+RECORD_COLUMNS = ("bias", "paired_loss_weight", "style_only_prob", "faint_style_prob", "reporting_bias", "usual_content_photo_prob",
+                  "usual_content_styles", "lock_image_tower", "zero_shot_style", "zero_shot_color", "zero_shot_shape")
+# A folder without training_record.json: its world is not known, and is not shown as the balanced one.
+UNKNOWN_WORLD = dict.fromkeys(RECORD_COLUMNS, "?")
+
+
+def record_columns(record):
+    """The world and zero-shot columns of a ``train_clip.py`` training record. A record from before
+    an option existed was trained without it (0 / off)."""
+    world = record.get("world") or {}
+    zero_shot = record.get("zero_shot_accuracy") or {}
+    columns = {name: world.get(name, 0.0) for name in RECORD_COLUMNS[:6]}
+    columns.update(usual_content_styles=" ".join(world.get("usual_content_styles") or []) or "-",
+                   lock_image_tower="yes" if world.get("lock_image_tower") else "no",
+                   **{f"zero_shot_{k}": zero_shot.get(k, float("nan")) for k in ("style", "color", "shape")})
+    return columns
+
+
 def world_row(path, scenes, planted=()):
     """One CLIP folder: its training world and zero-shot accuracy (training_record.json), the
     text-only sketch diagnostics and the image-space pull."""
     record_file = Path(path) / "training_record.json"
-    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
-    world = record.get("world") or {}
-    zero_shot = record.get("zero_shot_accuracy") or {}
     encoder, image_features = sw.load_world_clip(path, "cpu")
-    row = dict(clip=str(path), bias=world.get("bias", 0.0), paired_loss_weight=world.get("paired_loss_weight", 0.0),
-               style_only_prob=world.get("style_only_prob", 0.0), faint_style_prob=world.get("faint_style_prob", 0.0),
-               reporting_bias=world.get("reporting_bias", 0.0), usual_content_photo_prob=world.get("usual_content_photo_prob", 0.0),
-               usual_content_styles=" ".join(world.get("usual_content_styles") or []) or "-",
-               lock_image_tower="yes" if world.get("lock_image_tower") else "no",
-               **{f"zero_shot_{k}": zero_shot.get(k, float("nan")) for k in ("style", "color", "shape")})
+    row = dict(clip=str(path), **(record_columns(json.loads(record_file.read_text())) if record_file.is_file() else UNKNOWN_WORLD))
     row.update(sw.world_diagnostics(encoder, "sketch"))
     row.update(pull(encoder, image_features, scenes, planted))
     return row
@@ -111,6 +122,14 @@ def cell(row, key):
     return row[key] if isinstance(row[key], str) else f"{float(row[key]):.3f}"
 
 
+def shown_path(path):
+    """A CLIP folder as the table names it: relative to the working directory where it lies
+    inside it (the shipped one as ipl_diffusion/shapes_models/clip), else as given. The
+    folder's name alone would not tell two CLIPs called ``clip`` apart."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
 def write_table(rows, out):
     """``world_sweep.csv`` and ``world_sweep.md`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +140,7 @@ def write_table(rows, out):
     lines = ["| CLIP | " + " | ".join(label for _, label in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for r in rows:
         cells = [cell(r, k) for k, _ in COLUMNS]
-        lines.append(f"| {Path(r['clip']).name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {shown_path(r['clip'])} | " + " | ".join(cells) + " |")
     (out / "world_sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -134,6 +153,9 @@ def main(argv=None):
                    help="also NADA's direction with the biased content planted at these ALPHA (shapes_worlds.py's "
                    "content@ALPHA, the detection control): what pull a detected drift corresponds to (csv / printed)")
     args = p.parse_args(argv)
+    for folder in args.clips:
+        if not (Path(folder) / "config.json").is_file() or not (Path(folder) / "model.safetensors").is_file():
+            p.error(f"{folder}: not a CLIP folder (config.json and model.safetensors expected)")
     torch.set_num_threads(1)
     scenes = render_scenes()
     rows = [world_row(path, scenes, args.planted) for path in (args.clips or [str(sw.default_model_path("clip"))])]

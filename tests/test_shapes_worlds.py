@@ -3,11 +3,12 @@ content, and the pure pieces of benchmarks/shapes_worlds.py (oracle caption dire
 diagnostics, matched-accuracy interpolation, run keys)."""
 
 import math
+import os
 
 import pytest
 import torch
 
-from ipl_diffusion.shapes import COLORS, SHAPES, STYLES
+from ipl_diffusion.shapes import COLORS, SHAPES, STYLES, default_model_path
 from ipl_diffusion.shapes.worlds import sample_world_factors, validate_style_bias, world_share
 from repo_scripts import load_script
 
@@ -551,19 +552,25 @@ def test_train_clip_biased_world_options_end_to_end(tmp_path):
     import json
 
     train_clip = load_script("examples/shapes/train_clip.py")
-    common = ["--width", "32", "--layers", "1", "--patch_size", "8", "--projection_dim", "16", "--batch_size", "16",
-              "--max_steps", "2", "--eval_images", "40", "--eval_steps", "100", "--checkpointing_steps", "100"]
+    sizes = ["--width", "32", "--layers", "1", "--patch_size", "8", "--projection_dim", "16"]
+    common = ["--batch_size", "16", "--max_steps", "2", "--warmup_steps", "1", "--eval_images", "40", "--eval_steps", "100",
+              "--checkpointing_steps", "100"]
     first = tmp_path / "first"
-    train_clip.main(common + ["--work_dir", str(tmp_path / "w1"), "--output_dir", str(first),
-                              "--bias", "0.9", "--paired_loss_weight", "1", "--style_only_prob", "0.5"])
+    train_clip.main(sizes + common + ["--work_dir", str(tmp_path / "w1"), "--output_dir", str(first),
+                                      "--bias", "0.9", "--paired_loss_weight", "1", "--style_only_prob", "0.5"])
     record = json.loads((first / "training_record.json").read_text())
     assert record["world"]["bias"] == 0.9 and record["world"]["style_bias"]["sketch"]["shape"] == "circle"
     assert set(record["zero_shot_accuracy"]["shape_per_style"]) == set(STYLES)
     second = tmp_path / "second"
-    train_clip.main(common + ["--work_dir", str(tmp_path / "w2"), "--output_dir", str(second), "--init_from", str(first),
-                              "--width", "64"])  # the size options are ignored with --init_from ...
+    fine_tune = ["--work_dir", str(tmp_path / "w2"), "--output_dir", str(second), "--init_from", str(first)]
+    with pytest.raises(SystemExit):  # a size next to --init_from would not change its model
+        train_clip.parse_args(common + fine_tune + ["--width", "64"])
+    train_clip.main(common + fine_tune)
     record = json.loads((second / "training_record.json").read_text())
-    assert record["config"]["width"] == 32 and record["world"]["init_from"] == str(first)  # ... and recorded as trained
+    assert record["config"]["width"] == 32 and record["world"]["init_from"] == str(first)  # the sizes trained
+    assert train_clip.parse_args([]).width == train_clip.MODEL_SIZES["width"]
+    with pytest.warns(UserWarning, match="--warmup_steps 150 >= --max_steps 100: the learning rate never reaches"):
+        train_clip.parse_args(["--max_steps", "100"])
 
 
 def test_train_clip_lock_image_tower_trains_the_text_tower_only(tmp_path):
@@ -574,12 +581,12 @@ def test_train_clip_lock_image_tower_trains_the_text_tower_only(tmp_path):
     from safetensors.torch import load_file
 
     train_clip = load_script("examples/shapes/train_clip.py")
-    common = ["--width", "32", "--layers", "1", "--patch_size", "8", "--projection_dim", "16", "--batch_size", "16",
-              "--eval_images", "40", "--eval_steps", "100", "--checkpointing_steps", "100", "--bias", "0.9",
-              "--paired_loss_weight", "1"]
+    sizes = ["--width", "32", "--layers", "1", "--patch_size", "8", "--projection_dim", "16"]
+    common = ["--batch_size", "16", "--warmup_steps", "0", "--eval_images", "40", "--eval_steps", "100",
+              "--checkpointing_steps", "100", "--bias", "0.9", "--paired_loss_weight", "1"]
     first, second = tmp_path / "first", tmp_path / "second"
-    train_clip.main(common + ["--max_steps", "1", "--work_dir", str(tmp_path / "w1"), "--output_dir", str(first)])
-    train_clip.main(common + ["--max_steps", "3", "--learning_rate", "1e-2", "--warmup_steps", "1", "--lock_image_tower",
+    train_clip.main(sizes + common + ["--max_steps", "1", "--work_dir", str(tmp_path / "w1"), "--output_dir", str(first)])
+    train_clip.main(common + ["--max_steps", "3", "--learning_rate", "1e-2", "--lock_image_tower",
                               "--init_from", str(first), "--work_dir", str(tmp_path / "w2"), "--output_dir", str(second)])
     before, after = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     image_side = [k for k in before if k.startswith(("vision_model.", "visual_projection."))]
@@ -650,6 +657,25 @@ def test_train_oracle_with_background_swaps_records_the_swap_matrix(tmp_path):
                        "--eval_images", "20", "--background_swap_prob", "0.5"])
     matrix = json.loads((out / "training_record.json").read_text())["evaluation"]["background_swap_style_accuracy"]
     assert set(matrix) == set(STYLES) and all(set(row) == set(STYLES) for row in matrix.values())
+
+
+def test_world_pull_table_marks_a_clip_without_training_record_unknown_and_names_folders_by_path(tmp_path, capsys):
+    """A CLIP folder without training_record.json is not shown as the balanced world; two CLIPs of
+    the same folder name stay apart; a folder that is not a CLIP is one line, not a traceback."""
+    import shutil
+
+    pull_script = load_script("benchmarks/shapes_worlds_pull.py")
+    shipped = default_model_path("clip")
+    shutil.copytree(shipped, tmp_path / "copy" / "clip", ignore=shutil.ignore_patterns("training_record.json"))
+    pull_script.main([str(shipped), str(tmp_path / "copy" / "clip"), "--output_dir", str(tmp_path / "out")])
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in (tmp_path / "out" / "world_sweep.md").read_text().splitlines()[2:]}
+    assert set(rows) == {os.path.relpath(shipped), str(tmp_path / "copy" / "clip")}
+    assert rows[os.path.relpath(shipped)][:2] == ["0.000", "0.000"]  # its record: the balanced world
+    assert rows[str(tmp_path / "copy" / "clip")][:10] == ["?"] * 10 and rows[str(tmp_path / "copy" / "clip")][10] != "?"
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        pull_script.main([str(tmp_path / "nowhere")])
+    assert "nowhere: not a CLIP folder" in capsys.readouterr().err
 
 
 def test_world_pull_of_planted_content_matches_nada_at_zero_and_rewards_content_above(bench):

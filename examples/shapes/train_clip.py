@@ -31,6 +31,7 @@ import math
 import random
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,6 +47,10 @@ from ipl_diffusion.shapes.vocab import build_tokenizer, caption_for, caption_for
 from ipl_diffusion.shapes.worlds import DEFAULT_STYLE_BIAS, sample_world_factors, validate_style_bias
 
 
+# A fresh model's sizes; with --init_from the sizes are that model's.
+MODEL_SIZES = dict(width=128, layers=4, patch_size=4, projection_dim=128)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", default="ipl_diffusion/shapes_models/clip", help="final CLIP folder")
@@ -57,10 +62,12 @@ def parse_args(argv=None):
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--weight_decay", type=float, default=0.05)
     p.add_argument("--warmup_steps", type=int, default=150)
-    p.add_argument("--width", type=int, default=128, help="hidden size of both towers")
-    p.add_argument("--layers", type=int, default=4, help="transformer layers of both towers")
-    p.add_argument("--patch_size", type=int, default=4)
-    p.add_argument("--projection_dim", type=int, default=128)
+    # The model sizes default to None so that a size given next to --init_from (whose model
+    # has its own) can be told apart from the default; check_world_args fills them in.
+    p.add_argument("--width", type=int, default=None, help=f"hidden size of both towers (default {MODEL_SIZES['width']})")
+    p.add_argument("--layers", type=int, default=None, help=f"transformer layers of both towers (default {MODEL_SIZES['layers']})")
+    p.add_argument("--patch_size", type=int, default=None, help=f"(default {MODEL_SIZES['patch_size']})")
+    p.add_argument("--projection_dim", type=int, default=None, help=f"(default {MODEL_SIZES['projection_dim']})")
     p.add_argument("--checkpointing_steps", type=int, default=200)
     p.add_argument("--eval_steps", type=int, default=500)
     p.add_argument("--eval_images", type=int, default=1000)
@@ -150,6 +157,16 @@ def check_world_args(p, args):
                 + (" (quote a style of two words: 'pixel art')" if split else ""))
     if args.init_from and Path(args.output_dir).resolve() == Path(args.init_from).resolve():
         p.error("--output_dir is --init_from: the trained CLIP would overwrite the one it starts from")
+    given = [f"--{name}" for name in MODEL_SIZES if getattr(args, name) is not None]
+    if args.init_from and given:
+        p.error(f"{', '.join(given)} cannot change the size of --init_from's model; leave them out")
+    for name, default in MODEL_SIZES.items():
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
+    if args.warmup_steps < 0:
+        p.error(f"--warmup_steps must be >= 0, got {args.warmup_steps}")
+    if args.warmup_steps >= args.max_steps:  # allowed: a smoke test runs a few steps of the default schedule
+        warnings.warn(f"--warmup_steps {args.warmup_steps} >= --max_steps {args.max_steps}: the learning rate never "
+                      f"reaches --learning_rate {args.learning_rate}", stacklevel=2)
 
 
 def build_model(args, tokenizer):
@@ -273,7 +290,8 @@ def load_or_build_model(args, tokenizer):
     except (OSError, SafetensorError) as err:  # missing or truncated weights
         raise UserError(f"--init_from {args.init_from}: cannot load its CLIP ({err})") from err
     if model.config.text_config.vocab_size != len(tokenizer) or model.config.vision_config.image_size != args.resolution:
-        raise ValueError(f"--init_from {args.init_from}: its vocabulary / resolution do not match the Shapes tokenizer / --resolution")
+        raise UserError(f"--init_from {args.init_from}: its vocabulary / image size ({model.config.vision_config.image_size}) "
+                        f"do not match the Shapes tokenizer / --resolution {args.resolution}")
     # The record must describe the model actually trained, not the unused size options.
     vision = model.config.vision_config
     args.width, args.layers, args.patch_size, args.projection_dim = vision.hidden_size, vision.num_hidden_layers, vision.patch_size, model.config.projection_dim
