@@ -64,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--work_dir", default=None, help="where the `ipl adapt` runs go (default: a temporary folder, removed)")
     p.add_argument("--style_images", type=int, default=0, help="render N target-style images and pass --target_images")
     p.add_argument("--no_label", action="store_true", help="with --style_images: no --target (images alone)")
+    p.add_argument("--oracle", default=None,
+                   help="the judging ShapesOracle folder (default: the shipped one, which a pale background alone fools; "
+                   "benchmarks/results/oracle_object judges the object)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further `ipl adapt` options (not the shipped settings)")
     return p.parse_args(argv)
 
@@ -145,12 +148,13 @@ def load(backend, folder):
     return pipe
 
 
-def previous_results(path, extra, image_target):
-    """Rows of an earlier run into the same folder with the same options, else none."""
+def previous_results(path, extra, image_target, oracle=None):
+    """Rows of an earlier run into the same folder with the same options and judge, else none.
+    ``oracle``: the judging folder (None: the shipped one, as results from before the option)."""
     if not path.is_file():
         return []
     record = json.loads(path.read_text())
-    same = record.get("extra") == extra and record.get("image_target") == image_target
+    same = record.get("extra") == extra and record.get("image_target") == image_target and record.get("oracle") == oracle
     return record["results"] if same else []
 
 
@@ -178,9 +182,9 @@ def main(argv=None):
     out = Path(args.output_dir)
     (out / "grids").mkdir(parents=True, exist_ok=True)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="ipl-main-job-"))
-    oracle = ShapesOracle.from_pretrained(str(default_model_path("oracle"))).eval()
+    oracle = ShapesOracle.from_pretrained(str(args.oracle or default_model_path("oracle"))).eval()
     image_target = {"style_images": args.style_images, "label": not args.no_label} if args.style_images else None
-    results = previous_results(out / "results.json", args.extra, image_target)
+    results = previous_results(out / "results.json", args.extra, image_target, args.oracle)
     done = {(r["backend"], r["target"], r["seed"]) for r in results}
     for backend in args.backends:
         for target in args.targets:
@@ -201,7 +205,8 @@ def main(argv=None):
                 row = {"backend": backend, "target": target, "seed": seed, "seconds": seconds, **metrics}
                 results.append(row)
                 print(json.dumps(row), flush=True)
-                record = {"extra": args.extra, "image_target": image_target, "torch_threads": torch.get_num_threads(), "results": results}
+                record = {"extra": args.extra, "image_target": image_target, "oracle": args.oracle,
+                          "torch_threads": torch.get_num_threads(), "results": results}
                 (out / "results.json").write_text(json.dumps(record, indent=1))
     (out / "table.md").write_text(table(results) + "\n")
     if args.work_dir is None:
