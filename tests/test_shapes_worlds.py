@@ -689,3 +689,48 @@ def test_world_pull_of_planted_content_matches_nada_at_zero_and_rewards_content_
         assert result[f"content@0_{measure}"] == pytest.approx(result[f"nada_{measure}"], abs=1e-5)
     assert result["nada_cos_content"] < 0.1 < 0.4 < result["content@1_cos_content"]
     assert result["content@1_prefer_biased"] > 0.5 > result["nada_prefer_biased"]
+
+
+def _benchmark_folder(folder, world, leads):
+    """A shapes_worlds.py output folder of one world: per seed, NADA's and the oracle's curves,
+    the oracle keeping ``leads[seed]`` more shape than NADA at the end (accuracy 1.0)."""
+    import csv
+    import json
+
+    bench = load_script("benchmarks/shapes_worlds.py")
+    folder.mkdir()
+    source = {k: 1.0 for k, _, _ in bench.CURVE_METRICS}
+    source["target_acc"] = 0.0
+    (folder / "config.json").write_text(json.dumps({"run_keys": {world: "k1"}, "source_metrics": source}))
+    rows = []
+    for seed, lead in enumerate(leads):
+        rows += _curve_rows("manual", seed, 0.5) + _curve_rows("oracle", seed, 0.5 + lead)
+    rows += [dict(r, key="old", shape_acc="0.0") for r in _curve_rows("oracle", 0, 0.5)]  # another key: ignored
+    for row in rows:
+        row.setdefault("key", "k1")
+        row["world"] = world
+    with open(folder / "runs.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_twin_gate_subtracts_the_content_free_twins_lead_seed_by_seed(tmp_path):
+    """shapes_worlds_twin.py: (oracle - NADA) in the world minus the same in the twin, per seed.
+    A lead the twin shares is no evidence of the label's content."""
+    twin_script = load_script("benchmarks/shapes_worlds_twin.py")
+    _benchmark_folder(tmp_path / "world", "lit_Q", [0.2] * 5)
+    _benchmark_folder(tmp_path / "twin", "lit_O", [0.05 + 0.01 * s for s in range(5)])
+    _benchmark_folder(tmp_path / "same", "lit_S", [0.2] * 5)
+    _, world = twin_script.folder_curves(tmp_path / "world", [0.75])
+    _, twin = twin_script.folder_curves(tmp_path / "twin", [0.75])
+    record, passes = twin_script.twin_difference(world, twin, "oracle", 0.75)
+    # at accuracy 0.75, halfway between the milestones: leads 0.1 and 0.025 + 0.005 s
+    assert record["shape_acc_n"] == 5 and record["shape_acc"] == pytest.approx(0.065)
+    assert record["color_acc"] == 0.0 and passes[0] is True
+    line = twin_script.twin_table(tmp_path / "world", tmp_path / "twin", [0.75])[-1]
+    assert line.startswith("| 0.75 | oracle (true captions) | +0.065 ± ") and line.endswith("| PASS |")
+    # the world's own lead alone passes the plain gate, but a twin with the same lead cancels it
+    assert twin_script.twin_table(tmp_path / "world", tmp_path / "same", [0.75])[-1].endswith("| fail |")
+    with pytest.raises(SystemExit, match="not a shapes_worlds.py output folder"):
+        twin_script.folder_curves(tmp_path / "nowhere", [0.75])

@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Is a world's gate result its label's content? The oracle's lead over NADA in a world, minus
+the same lead in its content-free twin.
+
+``shapes_worlds.py``'s gate compares the true-caption oracle with NADA at matched target
+accuracy. True captions name each image's colour and shape, which can hold those a little
+better whatever the label carries, so a world can pass the gate without any content in its
+label (lit_O does). What the label's content adds is the difference from a *twin*: a CLIP
+trained identically without the content mechanism. Per matched accuracy, metric and seed::
+
+    (scheme - manual in the world) - (scheme - manual in the twin)
+
+as mean +- 95% t-interval over the seeds present in all four runs (a seed fixes the source
+generator's evaluation latents and the Stage-2 draws in both folders, so the pairing holds).
+The verdict is the gate's (``shapes_worlds.gate_verdict``): PASS when some gate metric's
+interval lies above 0 and none below, from at least 5 seeds. For the drift metrics
+("→ biased shape / colour", lower is better) a negative difference means less drift towards
+the world's content than the twin's baseline.
+
+    python benchmarks/shapes_worlds_twin.py --world benchmarks/results/shapes_worlds_lr0.004_800_lit_Q \\
+        --twin benchmarks/results/shapes_worlds_lr0.004_800_lit_O
+"""
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import shapes_worlds as sw  # noqa: E402
+
+
+def folder_curves(folder, match_acc):
+    """``(world, {(scheme, acc): {metric: {seed: value}}})`` of one shapes_worlds.py output folder:
+    its runs of the recorded keys, read at each matched accuracy. One world and one learning rate
+    per folder (a twin comparison pairs two such folders)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() or not (folder / "runs.csv").is_file():
+        raise SystemExit(f"{folder}: not a shapes_worlds.py output folder (config.json and runs.csv expected)")
+    config = json.loads((folder / "config.json").read_text())
+    keys = set(config["run_keys"].values())
+    with open(folder / "runs.csv") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["key"] in keys and int(r["iteration"]) > 0]
+    worlds, lrs = {r["world"] for r in rows}, {float(r["lr"]) for r in rows}
+    if len(worlds) != 1 or len(lrs) != 1:
+        raise SystemExit(f"{folder}: holds worlds {sorted(worlds)} at lr {sorted(lrs)}; a twin comparison needs one of each")
+    matched = sw.matched_values(rows, SimpleNamespace(match_acc=match_acc), config["source_metrics"])
+    return worlds.pop(), {(scheme, acc): values for (_, scheme, _, acc), values in matched.items()}
+
+
+def twin_difference(world, twin, scheme, acc):
+    """The gate record of ``scheme`` at matched accuracy ``acc``: per metric the mean, interval
+    and seed count of the world's ``scheme - manual`` minus the twin's; None where a folder lacks
+    the scheme. Returns ``(record, passes)`` as ``shapes_worlds.compare_to_manual`` does."""
+    runs = [curves.get((name, acc)) for curves in (world, twin) for name in (scheme, "manual")]
+    if any(r is None for r in runs):
+        return None, []
+    record, passes = {}, []
+    for key, _, _ in sw.CURVE_METRICS:
+        w_s, w_m, t_s, t_m = (r[key] for r in runs)  # {seed: value}; None where a run never reached acc
+        seeds = sorted(set(w_s) & set(w_m) & set(t_s) & set(t_m))
+        diffs = [(w_s[s] - w_m[s]) - (t_s[s] - t_m[s]) for s in seeds if None not in (w_s[s], w_m[s], t_s[s], t_m[s])]
+        mean, half, n = sw.summarise(diffs)
+        record[key], record[key + "_ci95"], record[key + "_n"] = mean, half, n
+        if n >= 2 and key in sw.GATE_METRICS:
+            passes.append(mean - half > 0)
+    return record, passes
+
+
+def twin_table(world_dir, twin_dir, match_acc):
+    """Markdown lines: per scheme and matched accuracy, the world-minus-twin differences and verdict."""
+    world_name, world = folder_curves(world_dir, match_acc)
+    twin_name, twin = folder_curves(twin_dir, match_acc)
+    lines = [f"### {world_name} minus its twin {twin_name}: (scheme − NADA) in the world − the same in the twin", "",
+             "| target acc | scheme | " + " | ".join(label for _, label, _ in sw.CURVE_METRICS) + " | verdict |",
+             "|" + "---|" * (3 + len(sw.CURVE_METRICS))]
+    schemes = [s for s in sw.schemes_in({k[0] for k in world} & {k[0] for k in twin}) if s != "manual"]
+    for acc in match_acc:
+        for scheme in schemes:
+            record, passes = twin_difference(world, twin, scheme, acc)
+            if record is None:
+                continue
+            cells = ["–" if record[k + "_n"] == 0 else f"{record[k]:+.3f} ± {record[k + '_ci95']:.3f} (n={record[k + '_n']})"
+                     for k, _, _ in sw.CURVE_METRICS]
+            lines.append(f"| {acc:g} | {sw.scheme_label(scheme)} | " + " | ".join(cells) + f" | {sw.gate_verdict(record, passes)} |")
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--world", required=True, help="shapes_worlds.py output folder of the world whose label carries content")
+    p.add_argument("--twin", required=True, help="the same benchmark's folder of its content-free twin")
+    p.add_argument("--match_acc", nargs="+", type=float, default=[0.2, 0.3, 0.5])
+    p.add_argument("--output", default=None, help="also write the table to this markdown file")
+    args = p.parse_args(argv)
+    text = "\n".join(twin_table(args.world, args.twin, args.match_acc)) + "\n"
+    if args.output:
+        Path(args.output).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
