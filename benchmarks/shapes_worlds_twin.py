@@ -18,7 +18,8 @@ interval lies above 0 and none below, from at least 5 seeds. For the drift metri
 the world's content than the twin's baseline.
 
     python benchmarks/shapes_worlds_twin.py --world benchmarks/results/shapes_worlds_lr0.004_800_lit_Q \\
-        --twin benchmarks/results/shapes_worlds_lr0.004_800_lit_O
+        --twin benchmarks/results/shapes_worlds_lr0.004_800_lit_O \\
+        --output benchmarks/results/shapes_worlds_lr0.004_800_lit_Q/twin_lit_O.md
 """
 
 import argparse
@@ -70,6 +71,13 @@ def twin_difference(world, twin, scheme, acc):
     return record, passes
 
 
+def difference_cell(mean, half, n):
+    """A table cell: mean ± 95% half-width (n=seeds); one seed has no interval to give."""
+    if n == 0:
+        return "–"
+    return f"{mean:+.3f} ± {half:.3f} (n={n})" if n >= 2 else f"{mean:+.3f}, no interval (n=1)"
+
+
 def twin_table(world_dir, twin_dir, match_acc):
     """Markdown lines: per scheme and matched accuracy, the world-minus-twin differences and verdict."""
     world_name, world = folder_curves(world_dir, match_acc)
@@ -83,8 +91,7 @@ def twin_table(world_dir, twin_dir, match_acc):
             record, passes = twin_difference(world, twin, scheme, acc)
             if record is None:
                 continue
-            cells = ["–" if record[k + "_n"] == 0 else f"{record[k]:+.3f} ± {record[k + '_ci95']:.3f} (n={record[k + '_n']})"
-                     for k, _, _ in sw.CURVE_METRICS]
+            cells = [difference_cell(record[k], record[k + "_ci95"], record[k + "_n"]) for k, _, _ in sw.CURVE_METRICS]
             lines.append(f"| {acc:g} | {sw.scheme_label(scheme)} | " + " | ".join(cells) + f" | {sw.gate_verdict(record, passes)} |")
     return lines
 
@@ -93,9 +100,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--world", required=True, help="shapes_worlds.py output folder of the world whose label carries content")
     p.add_argument("--twin", required=True, help="the same benchmark's folder of its content-free twin")
-    p.add_argument("--match_acc", nargs="+", type=float, default=[0.2, 0.3, 0.5])
+    p.add_argument("--match_acc", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.5],
+                   help="the target accuracies at which both folders' curves are read (as shapes_worlds.py --match_acc)")
     p.add_argument("--output", default=None, help="also write the table to this markdown file")
     args = p.parse_args(argv)
+    if Path(args.world).resolve() == Path(args.twin).resolve():
+        p.error("--world and --twin are the same folder: the difference would be 0 by construction")
     text = "\n".join(twin_table(args.world, args.twin, args.match_acc)) + "\n"
     if args.output:
         Path(args.output).write_text(text)

@@ -46,6 +46,19 @@ def pipeline_family(folder) -> tuple[str, str] | None:
     return f"{'an' if class_name[0] in 'AEIOU' else 'a'} {class_name}", family
 
 
+def is_generator_folder(folder, class_name: str = "StyleGAN2Generator") -> bool:
+    """Whether ``folder`` holds a bare model saved by ``save_pretrained`` whose config names
+    ``class_name`` (and no pipeline index): ``ipl convert stylegan2`` output. JSON only, so the
+    CLI can ask before torch is imported."""
+    folder = Path(folder)
+    if not folder.is_dir() or (folder / "model_index.json").is_file():
+        return False
+    try:
+        return json.loads((folder / "config.json").read_text()).get("_class_name") == class_name
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def check_pipeline_folder(path: str, components: Iterable[str], overrides: dict, backend: str | None = None) -> None:
     """Raise unless ``path`` holds ``model_index.json`` and a sub-folder for every component it
     lists (except those passed as objects in ``overrides``).

@@ -35,7 +35,6 @@ imports of our model modules below.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -54,7 +53,7 @@ from ipl_diffusion.outputs import atomic_save_image
 from ipl_diffusion.errors import UserError, UserFileNotFoundError
 from ipl_diffusion.pipelines.adapted_pipeline import SAMPLE_GRID_NAME, AdaptedPipelineMixin
 from ipl_diffusion.pipelines.hub_layout import RemoteCodeLayoutMixin
-from ipl_diffusion.pipelines.loading import component_dtype, load_pipeline, requested_dtype
+from ipl_diffusion.pipelines.loading import component_dtype, is_generator_folder, load_pipeline, requested_dtype
 from ipl_diffusion.pipelines.model_card import build_model_card, summarize_history
 
 _COMPONENTS = ("source_generator", "generator", "text_encoder", "tokenizer", "mapper", "feature_extractor")
@@ -62,15 +61,7 @@ _COMPONENTS = ("source_generator", "generator", "text_encoder", "tokenizer", "ma
 
 def _is_bare_generator(path: str) -> bool:
     """A rosinality ``.pt`` file, or a ``StyleGAN2Generator.save_pretrained`` folder."""
-    if os.path.isfile(path):
-        return True
-    config = Path(path) / "config.json"
-    if not os.path.isdir(path) or (Path(path) / "model_index.json").is_file() or not config.is_file():
-        return False
-    try:
-        return json.loads(config.read_text()).get("_class_name") == StyleGAN2Generator.__name__
-    except (OSError, ValueError):
-        return False
+    return os.path.isfile(path) or is_generator_folder(path, StyleGAN2Generator.__name__)
 
 
 class StyleGANIPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, DiffusionPipeline):
@@ -168,9 +159,13 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, Diffusion
         loaded = {"source_generator": pipe.source_generator}
         if isinstance(text_encoder, (str, os.PathLike)):
             loaded["text_encoder"] = pipe.text_encoder
+        if dtype is not None and not isinstance(dtype, (dict, torch.dtype)):
+            warnings.warn(f"Passed dtype {dtype} is not a torch.dtype. Defaulting to torch.float32.", stacklevel=3)
         for name, module in loaded.items():
             if component_dtype(dtype, name) is not None:
-                module.to(component_dtype(dtype, name))
+                # nn.Module.to: ModelMixin.to would warn the user to pass the dtype to
+                # from_pretrained, which is what they did.
+                torch.nn.Module.to(module, component_dtype(dtype, name))
         return pipe
 
     @classmethod

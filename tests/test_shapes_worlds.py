@@ -734,3 +734,6 @@ def test_twin_gate_subtracts_the_content_free_twins_lead_seed_by_seed(tmp_path):
     assert twin_script.twin_table(tmp_path / "world", tmp_path / "same", [0.75])[-1].endswith("| fail |")
     with pytest.raises(SystemExit, match="not a shapes_worlds.py output folder"):
         twin_script.folder_curves(tmp_path / "nowhere", [0.75])
+    with pytest.raises(SystemExit):  # a folder against itself: 0 by construction
+        twin_script.main(["--world", str(tmp_path / "world"), "--twin", str(tmp_path / "world")])
+    assert twin_script.difference_cell(0.066, 0.0, 1) == "+0.066, no interval (n=1)"

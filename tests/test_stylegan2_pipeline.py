@@ -199,6 +199,9 @@ def test_bare_generator_folder_loads_in_the_dtype_asked_for(tmp_path, tiny_clip,
     assert loaded.source_generator.dtype == generator_dtype and loaded.text_encoder.dtype == clip_dtype
     passed = StyleGANIPLPipeline.from_pretrained(tmp_path / "converted", text_encoder=tiny_clip[0], tokenizer=tiny_clip[1], **dtype)
     assert passed.source_generator.dtype == generator_dtype and passed.text_encoder.dtype == torch.float32
+    if isinstance(dtype.get("dtype"), str):  # as diffusers says for a folder it loads
+        with pytest.warns(UserWarning, match="Passed dtype bfloat16 is not a torch.dtype. Defaulting to torch.float32"):
+            StyleGANIPLPipeline.from_pretrained(tmp_path / "converted", text_encoder=None, **dtype)
     with pytest.warns(UserWarning, match=r"\{'device_map': 'cpu'\} are not expected .* will be ignored"):
         StyleGANIPLPipeline.from_pretrained(tmp_path / "converted", text_encoder=tiny_clip[0], tokenizer=tiny_clip[1], device_map="cpu")
 

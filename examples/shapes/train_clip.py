@@ -159,7 +159,7 @@ def check_world_args(p, args):
         p.error("--output_dir is --init_from: the trained CLIP would overwrite the one it starts from")
     given = [f"--{name}" for name in MODEL_SIZES if getattr(args, name) is not None]
     if args.init_from and given:
-        p.error(f"{', '.join(given)} cannot change the size of --init_from's model; leave them out")
+        p.error(f"{', '.join(given)}: with --init_from the model's sizes are its own; leave the size options out")
     for name, default in MODEL_SIZES.items():
         setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
     if args.warmup_steps < 0:

@@ -162,16 +162,19 @@ def load_pipeline(backend, model, device=None, clip=True):
 
 def detect_backend(backend, model) -> str:
     """``backend`` when given, else the generator family of the pipeline folder ``model``
-    (read from its ``model_index.json``), else ``"diffae"`` (the default ``--backend``; also
-    for Hub ids, whose folder is not read before loading)."""
+    (read from its ``model_index.json``; a bare StyleGAN2 generator folder is ``"stylegan2"``),
+    else ``"diffae"`` (the default ``--backend``; also for Hub ids, whose folder is not read
+    before loading)."""
     if backend is not None:
         return backend
     if model is not None:
-        from ipl_diffusion.pipelines.loading import pipeline_family  # light: json and pathlib only
+        from ipl_diffusion.pipelines.loading import is_generator_folder, pipeline_family  # light: json and pathlib only
 
         found = pipeline_family(Path(model))
         if found is not None:
             return found[1]
+        if is_generator_folder(Path(model)):  # a bare generator (ipl convert stylegan2 output)
+            return "stylegan2"
     return "diffae"
 
 
