@@ -52,22 +52,26 @@ def folder_curves(folder, match_acc):
     return worlds.pop(), {(scheme, acc): values for (_, scheme, _, acc), values in matched.items()}
 
 
+def scheme_gap(curves, scheme, acc):
+    """``{metric: {seed: scheme - manual}}`` at matched accuracy ``acc`` (None where either run
+    never reached it); None where the folder lacks the scheme."""
+    other, base = curves.get((scheme, acc)), curves.get(("manual", acc))
+    if other is None or base is None:
+        return None
+    return {key: {s: None if None in (other[key].get(s), base[key][s]) else other[key][s] - base[key][s] for s in base[key]}
+            for key, _, _ in sw.CURVE_METRICS}
+
+
 def twin_difference(world, twin, scheme, acc):
     """The gate record of ``scheme`` at matched accuracy ``acc``: per metric the mean, interval
-    and seed count of the world's ``scheme - manual`` minus the twin's; None where a folder lacks
-    the scheme. Returns ``(record, passes)`` as ``shapes_worlds.compare_to_manual`` does."""
-    runs = [curves.get((name, acc)) for curves in (world, twin) for name in (scheme, "manual")]
-    if any(r is None for r in runs):
+    and seed count of the world's ``scheme - manual`` minus the twin's (``shapes_worlds.
+    compare_to_manual`` pairs them seed by seed); None where a folder lacks the scheme.
+    Returns ``(record, passes)`` as ``compare_to_manual`` does."""
+    world_gap, twin_gap = scheme_gap(world, scheme, acc), scheme_gap(twin, scheme, acc)
+    if world_gap is None or twin_gap is None:
         return None, []
-    record, passes = {}, []
-    for key, _, _ in sw.CURVE_METRICS:
-        w_s, w_m, t_s, t_m = (r[key] for r in runs)  # {seed: value}; None where a run never reached acc
-        seeds = sorted(set(w_s) & set(w_m) & set(t_s) & set(t_m))
-        diffs = [(w_s[s] - w_m[s]) - (t_s[s] - t_m[s]) for s in seeds if None not in (w_s[s], w_m[s], t_s[s], t_m[s])]
-        mean, half, n = sw.summarise(diffs)
-        record[key], record[key + "_ci95"], record[key + "_n"] = mean, half, n
-        if n >= 2 and key in sw.GATE_METRICS:
-            passes.append(mean - half > 0)
+    record = {}
+    _, passes = sw.compare_to_manual(twin_gap, world_gap, record)
     return record, passes
 
 

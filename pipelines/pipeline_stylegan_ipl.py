@@ -162,10 +162,11 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, Diffusion
         if dtype is not None and not isinstance(dtype, (dict, torch.dtype)):
             warnings.warn(f"Passed dtype {dtype} is not a torch.dtype. Defaulting to torch.float32.", stacklevel=3)
         for name, module in loaded.items():
-            if component_dtype(dtype, name) is not None:
+            target = component_dtype(dtype, name)
+            if target is not None:
                 # nn.Module.to: ModelMixin.to would warn the user to pass the dtype to
                 # from_pretrained, which is what they did.
-                torch.nn.Module.to(module, component_dtype(dtype, name))
+                torch.nn.Module.to(module, target)
         return pipe
 
     @classmethod
