@@ -173,6 +173,39 @@ def summarise(values):
     return mean, _T95.get(n - 1, 1.96) * sd / math.sqrt(n)
 
 
+def t_two_sided_p(t, df):
+    """P(|T| >= |t|) for Student's t with an integer ``df`` >= 1 degrees of freedom.
+
+    The closed forms of Abramowitz & Stegun 26.7.3 (odd ``df``) and 26.7.4 (even ``df``) for
+    A(t|df) = P(|T| <= t), with theta = atan(|t| / sqrt(df)); the stack has no t distribution
+    (torch's StudentT has no cdf). Raises ValueError for ``df`` < 1."""
+    if df < 1 or int(df) != df:
+        raise ValueError(f"df must be a positive integer, got {df}")
+    theta = math.atan(abs(t) / math.sqrt(df))
+    c2 = math.cos(theta) ** 2
+    # Both series run over cos^(2k) theta; odd df's coefficients are 2.4...(2k) / 1.3...(2k+1).
+    term, series = (math.cos(theta), 0.0) if df % 2 else (1.0, 0.0)
+    for k in range((df - 1) // 2 if df % 2 else df // 2):
+        series += term
+        term *= c2 * ((2 * k + 2) / (2 * k + 3) if df % 2 else (2 * k + 1) / (2 * k + 2))
+    if df % 2:
+        inside = 2 / math.pi * (theta + math.sin(theta) * series)
+    else:
+        inside = math.sin(theta) * series
+    return min(1.0, max(0.0, 1.0 - inside))
+
+
+def holm_adjust(p_values):
+    """Holm's step-down adjusted p-values (Holm 1979), in the order given: with m tests, the
+    i-th smallest p is multiplied by m - i + 1 and made no smaller than the one before it."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 # ------------------------------------------------------------------------------ running
 
 

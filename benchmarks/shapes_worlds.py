@@ -19,7 +19,9 @@ CLIP: the shipped balanced one as the control, or one trained with
 **The gate.** A world can decide the question only if the oracle's per-image directions beat
 NADA's fixed one on factor preservation / diversity at matched target accuracy, with 95%
 intervals (paired over seeds) that exclude 0. A world that fails the gate is not evidence
-about IPL either way.
+about IPL either way. The tables give the gate as written and, next to it, corrected for
+testing 6 metrics at every ``--match_acc`` (Holm's step-down adjustment of the paired
+t-tests' p-values, one family per world and learning rate).
 
 **Matched stylisation.** Every run is one Stage 2 scored at several iterations
 (``--milestones``; Adam at a constant lr, so the prefix of a run *is* a shorter run). Each
@@ -696,18 +698,33 @@ def matched_table(matched, worlds, lrs, args):
 
 
 def compare_to_manual(base, other, record):
-    """Fill ``record`` with the seed-paired differences other - manual per metric; returns the
-    table cells and, per gate metric with >= 2 pairs, whether its interval is above 0."""
+    """Fill ``record`` with the seed-paired differences other - manual per metric: mean, 95%
+    half-width, seed count and the paired t-test's two-sided p (NaN under 2 pairs). Returns
+    the table cells and, per gate metric with >= 2 pairs, whether its interval is above 0."""
     cells, passes = [], []
     for key, _, _ in CURVE_METRICS:
         diffs = [other[key][s] - base[key][s] for s in base[key]
                  if s in other[key] and base[key][s] is not None and other[key][s] is not None]
         mean, half, n = summarise(diffs)
         record[key], record[key + "_ci95"], record[key + "_n"] = mean, half, n
+        record[key + "_p"] = paired_p(diffs)
         if n >= 2 and key in GATE_METRICS:
             passes.append(mean - half > 0)
         cells.append("–" if n == 0 else f"{mean:+.3f} ± {half:.3f} (n={n})")
     return cells, passes
+
+
+def paired_p(diffs):
+    """Two-sided p of the paired t-test that the mean of ``diffs`` is 0; NaN under 2 values,
+    0 or 1 where every difference is the same (no spread to test against)."""
+    n = len(diffs)
+    if n < 2:
+        return float("nan")
+    mean = sum(diffs) / n
+    sd = (sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5
+    if sd == 0:
+        return 1.0 if mean == 0 else 0.0
+    return sc.t_two_sided_p(mean / (sd / n ** 0.5), n - 1)
 
 
 def gate_verdict(record, passes):
@@ -715,24 +732,47 @@ def gate_verdict(record, passes):
     # The gate (oracle only): better on at least one preservation / diversity
     # metric with the interval above 0, and significantly worse on none.
     worse = any(record.get(k + "_n", 0) >= 2 and record[k] + record[k + "_ci95"] < 0 for k in GATE_METRICS)
-    verdict = "PASS" if any(passes) and not worse else "fail"
+    return seed_count_rule(record, "PASS" if any(passes) and not worse else "fail")
+
+
+def seed_count_rule(record, verdict):
+    """``verdict``, or undecided where a gate metric has fewer than MIN_GATE_SEEDS pairs."""
     # Issue 18 asks for at least 5 seeds: fewer seeds reaching the matched
     # accuracy cannot decide, whichever way their interval falls.
     # A metric with no pairs at all predates the rows (runs.csv from before it existed): skipped.
     counts = [record.get(k + "_n", 0) for k in GATE_METRICS if record.get(k + "_n", 0) > 0]
     if not counts or min(counts) < MIN_GATE_SEEDS:
-        verdict = f"undecided (< {MIN_GATE_SEEDS} seeds reach it)"
+        return f"undecided (< {MIN_GATE_SEEDS} seeds reach it)"
     return verdict
 
 
+def holm_verdicts(records, alpha=0.05):
+    """The gate over a family of comparisons, corrected for testing many metrics at many levels.
+
+    ``records`` are one scheme's ``compare_to_manual`` records at every matched accuracy of a
+    table; their gate metrics' p-values (all with >= 2 pairs) are one family, adjusted by Holm's
+    step-down method. Returns one verdict per record: PASS where some gate metric's adjusted p
+    is under ``alpha`` with a positive difference and none with a negative one."""
+    tests = [(i, k) for i, r in enumerate(records) for k in GATE_METRICS if r.get(k + "_n", 0) >= 2]
+    adjusted = dict(zip(tests, sc.holm_adjust([records[i][k + "_p"] for i, k in tests])))
+    verdicts = []
+    for i, record in enumerate(records):
+        signs = [1 if record[k] > 0 else -1 for j, k in tests if j == i and adjusted[(j, k)] < alpha]
+        verdicts.append(seed_count_rule(record, "PASS" if 1 in signs and -1 not in signs else "fail"))
+    return verdicts
+
+
 def paired_differences(matched, worlds, lrs, args):
-    """Markdown lines and ``differences.csv`` records of oracle / adaptive minus manual, with the gate."""
+    """Markdown lines and ``differences.csv`` records of each scheme minus manual, with the gate
+    (oracle rows): as written (95% intervals) and Holm-corrected over the oracle's gate metrics
+    at all of the table's matched accuracies (one family per world and learning rate)."""
     lines = ["", "### Paired differences at matched target accuracy (seed by seed; 95% t-interval)", "",
-             "| world | lr | target acc | comparison | " + " | ".join(label for _, label, _ in CURVE_METRICS) + " | gate |",
-             "|" + "---|" * (5 + len(CURVE_METRICS))]
+             "| world | lr | target acc | comparison | " + " | ".join(label for _, label, _ in CURVE_METRICS) + " | gate | gate, Holm over the levels |",
+             "|" + "---|" * (6 + len(CURVE_METRICS))]
     gates = []
     for world in worlds:
         for lr in lrs:
+            rows = []
             for acc in args.match_acc:
                 base = matched.get((world, "manual", lr, acc))
                 for scheme in [s for s in schemes_in(k[1] for k in matched) if s != "manual"]:
@@ -741,10 +781,16 @@ def paired_differences(matched, worlds, lrs, args):
                         continue
                     record = dict(world=world, lr=lr, match_acc=acc, comparison=f"{scheme} - manual")
                     cells, passes = compare_to_manual(base, other, record)
-                    verdict = gate_verdict(record, passes)
-                    record["gate"] = verdict if scheme == "oracle" else ""
-                    gates.append(record)
-                    lines.append(f"| {world} | {lr:g} | {acc:g} | {record['comparison']} | " + " | ".join(cells) + f" | {record['gate'] or '–'} |")
+                    record["gate"] = gate_verdict(record, passes) if scheme == "oracle" else ""
+                    rows.append((scheme, record, cells))
+            oracle = [record for scheme, record, _ in rows if scheme == "oracle"]
+            for record, verdict in zip(oracle, holm_verdicts(oracle)):
+                record["gate_holm"] = verdict
+            for scheme, record, cells in rows:
+                record.setdefault("gate_holm", "")
+                gates.append(record)
+                lines.append(f"| {world} | {lr:g} | {record['match_acc']:g} | {record['comparison']} | " + " | ".join(cells)
+                             + f" | {record['gate'] or '–'} | {record['gate_holm'] or '–'} |")
     return lines, gates
 
 

@@ -13,7 +13,9 @@ trained identically without the content mechanism. Per matched accuracy, metric 
 as mean +- 95% t-interval over the seeds present in all four runs (a seed fixes the source
 generator's evaluation latents and the Stage-2 draws in both folders, so the pairing holds).
 The verdict is the gate's (``shapes_worlds.gate_verdict``): PASS when some gate metric's
-interval lies above 0 and none below, from at least 5 seeds. For the drift metrics
+interval lies above 0 and none below, from at least 5 seeds; the last column is the same
+verdict with the p-values Holm-corrected over the scheme's 6 gate metrics at every level
+(``shapes_worlds.holm_verdicts``). For the drift metrics
 ("→ biased shape / colour", lower is better) a negative difference means less drift towards
 the world's content than the twin's baseline.
 
@@ -83,20 +85,28 @@ def difference_cell(mean, half, n):
 
 
 def twin_table(world_dir, twin_dir, match_acc):
-    """Markdown lines: per scheme and matched accuracy, the world-minus-twin differences and verdict."""
+    """Markdown lines: per scheme and matched accuracy, the world-minus-twin differences, the
+    verdict, and the verdict Holm-corrected over that scheme's gate metrics at every level."""
     world_name, world = folder_curves(world_dir, match_acc)
     twin_name, twin = folder_curves(twin_dir, match_acc)
     lines = [f"### {world_name} minus its twin {twin_name}: (scheme − NADA) in the world − the same in the twin", "",
-             "| target acc | scheme | " + " | ".join(label for _, label, _ in sw.CURVE_METRICS) + " | verdict |",
-             "|" + "---|" * (3 + len(sw.CURVE_METRICS))]
+             "| target acc | scheme | " + " | ".join(label for _, label, _ in sw.CURVE_METRICS) + " | verdict | verdict, Holm over the levels |",
+             "|" + "---|" * (4 + len(sw.CURVE_METRICS))]
     schemes = [s for s in sw.schemes_in({k[0] for k in world} & {k[0] for k in twin}) if s != "manual"]
+    rows = {}
+    for scheme in schemes:
+        found = [(acc, *twin_difference(world, twin, scheme, acc)) for acc in match_acc]
+        found = [(acc, record, passes) for acc, record, passes in found if record is not None]
+        holm = sw.holm_verdicts([record for _, record, _ in found])
+        for (acc, record, passes), corrected in zip(found, holm):
+            rows[(acc, scheme)] = (record, sw.gate_verdict(record, passes), corrected)
     for acc in match_acc:
         for scheme in schemes:
-            record, passes = twin_difference(world, twin, scheme, acc)
-            if record is None:
+            if (acc, scheme) not in rows:
                 continue
+            record, verdict, corrected = rows[(acc, scheme)]
             cells = [difference_cell(record[k], record[k + "_ci95"], record[k + "_n"]) for k, _, _ in sw.CURVE_METRICS]
-            lines.append(f"| {acc:g} | {sw.scheme_label(scheme)} | " + " | ".join(cells) + f" | {sw.gate_verdict(record, passes)} |")
+            lines.append(f"| {acc:g} | {sw.scheme_label(scheme)} | " + " | ".join(cells) + f" | {verdict} | {corrected} |")
     return lines
 
 

@@ -26,6 +26,25 @@ def test_summary_is_mean_and_t_interval():
     assert bench.summarise([5.0]) == (5.0, 0.0)
 
 
+def test_t_p_value_matches_the_published_quantiles():
+    """Two-sided p at the tabled 95% quantiles is 0.05 for every df, odd and even."""
+    for df, t in bench._T95.items():
+        assert bench.t_two_sided_p(t, df) == pytest.approx(0.05, abs=1e-4)
+        assert bench.t_two_sided_p(-t, df) == bench.t_two_sided_p(t, df)
+    assert bench.t_two_sided_p(1.0, 1) == pytest.approx(0.5)  # Cauchy: P(|T| > 1) = 1/2
+    assert bench.t_two_sided_p(0.0, 4) == pytest.approx(1.0)
+    assert bench.t_two_sided_p(4.604, 4) == pytest.approx(0.01, abs=1e-4)  # t_{0.995, 4}
+    with pytest.raises(ValueError, match="positive integer"):
+        bench.t_two_sided_p(1.0, 0)
+
+
+def test_holm_adjustment_by_hand():
+    # sorted 0.01, 0.03, 0.04, 0.5 -> 4 * 0.01, 3 * 0.03, max(0.09, 2 * 0.04), 0.5
+    assert bench.holm_adjust([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert bench.holm_adjust([0.3, 0.6]) == pytest.approx([0.6, 0.6])
+    assert bench.holm_adjust([]) == []
+
+
 def test_pairwise_distance_excludes_the_diagonal():
     feats = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
     assert bench.mean_pairwise_distance(feats) == pytest.approx(5.0)

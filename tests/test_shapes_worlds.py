@@ -400,11 +400,34 @@ def test_gate_passes_only_with_five_seeds_and_a_positive_interval(bench, tmp_pat
             rows += _curve_rows("manual", seed, 0.5 + 0.01 * seed) + _curve_rows("oracle", seed, 0.7 + 0.01 * seed)
         bench.analyse(rows, args, source, tmp_path)
         line = [l for l in (tmp_path / "matched.md").read_text().splitlines() if "oracle - manual" in l][0]
-        return line.rsplit("|", 2)[-2].strip()
+        return line.rsplit("|", 3)[-3].strip()  # the gate as written (the last column is Holm's)
 
     # Oracle keeps 0.1 more shape at accuracy 0.75 in every seed.
     assert verdict(5) == "PASS"
     assert verdict(2).startswith("undecided")
+
+
+def test_holm_gate_needs_a_difference_that_survives_the_family(bench):
+    """One metric at p = 0.013 passes the gate as written; among 6 metrics at 2 levels it does
+    not, and a difference far from 0 still does."""
+    manual = {k: {s: 0.0 for s in range(5)} for k, _, _ in bench.CURVE_METRICS}
+
+    def record(shape_diffs):
+        oracle = {k: dict(v) for k, v in manual.items()}
+        oracle["shape_acc"] = dict(enumerate(shape_diffs))
+        rec = {}
+        _, passes = bench.compare_to_manual(manual, oracle, rec)
+        return rec, passes
+
+    modest, passes = record([0.1, 0.2, 0.3, 0.4, 0.5])  # t = 4.24, df 4: p = 0.0132
+    assert modest["shape_acc_p"] == pytest.approx(0.0132, abs=2e-4)
+    assert modest["color_acc_p"] == 1.0  # no difference at all
+    assert bench.gate_verdict(modest, passes) == "PASS"
+    assert bench.holm_verdicts([modest]) == ["fail"]  # 6 tests: adjusted 0.079
+    strong, _ = record([0.30, 0.31, 0.32, 0.33, 0.34])  # t = 42: survives any family here
+    assert bench.holm_verdicts([modest, strong]) == ["fail", "PASS"]
+    few, _ = record([0.3, 0.31])
+    assert bench.holm_verdicts([few])[0].startswith("undecided")
 
 
 def test_equal_budget_differences_pair_each_seeds_last_iteration(bench):
@@ -433,7 +456,7 @@ def test_gate_skips_metrics_older_rows_do_not_have(bench, tmp_path):
         row["shape_prob_kept"] = row["color_prob_kept"] = ""
     bench.analyse(rows, args, source, tmp_path)
     line = [l for l in (tmp_path / "matched.md").read_text().splitlines() if "oracle - manual" in l][0]
-    assert line.rsplit("|", 2)[-2].strip() == "PASS"
+    assert line.rsplit("|", 3)[-3].strip() == "PASS"
 
 
 def _stage1_options(bench, args, schemes):
@@ -729,9 +752,9 @@ def test_twin_gate_subtracts_the_content_free_twins_lead_seed_by_seed(tmp_path):
     assert record["shape_acc_n"] == 5 and record["shape_acc"] == pytest.approx(0.065)
     assert record["color_acc"] == 0.0 and passes[0] is True
     line = twin_script.twin_table(tmp_path / "world", tmp_path / "twin", [0.75])[-1]
-    assert line.startswith("| 0.75 | oracle (true captions) | +0.065 ± ") and line.endswith("| PASS |")
+    assert line.startswith("| 0.75 | oracle (true captions) | +0.065 ± ") and line.endswith("| PASS | PASS |")
     # the world's own lead alone passes the plain gate, but a twin with the same lead cancels it
-    assert twin_script.twin_table(tmp_path / "world", tmp_path / "same", [0.75])[-1].endswith("| fail |")
+    assert twin_script.twin_table(tmp_path / "world", tmp_path / "same", [0.75])[-1].endswith("| fail | fail |")
     with pytest.raises(SystemExit, match="not a shapes_worlds.py output folder"):
         twin_script.folder_curves(tmp_path / "nowhere", [0.75])
     with pytest.raises(SystemExit):  # a folder against itself: 0 by construction
