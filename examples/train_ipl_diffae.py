@@ -50,6 +50,7 @@ from ipl_diffusion import IPLPipeline
 from ipl_diffusion.adaptation.distributed import make_accelerator
 from ipl_diffusion.configs import AdaptArguments, DiffAEStage2Config, Stage1Config
 from ipl_diffusion.outputs import atomic_folder, atomic_write_text, check_writable, output_lock, refuse_earlier_result
+from ipl_diffusion.pipelines.loading import clip_components
 from ipl_diffusion.shapes import default_model_path
 
 logger = get_logger(__name__)
@@ -95,7 +96,8 @@ def train(run, stage1, stage2, hub):
 
     # 1. The source pipeline: frozen semantic encoder, source UNet, scheduler, CLIP.
     model = run.model or default_model_path()
-    pipe = IPLPipeline.from_pretrained(str(model)).to(accelerator.device)
+    clip = clip_components(run.clip_model) if run.clip_model is not None else {}  # else the folder's own
+    pipe = IPLPipeline.from_pretrained(str(model), **clip).to(accelerator.device)
     pipe.set_progress_bar_config(disable=not accelerator.is_local_main_process)
     if hub.enable_xformers_memory_efficient_attention:
         # Where xformers cannot run the models this warns once and keeps SDPA.

@@ -99,10 +99,10 @@ def check_pipeline_folder(path: str, components: Iterable[str], overrides: dict,
 
         if set(missing) <= set(CLIP_COMPONENTS):
             # Most often a copy of a shipped Shapes folder, which keeps its CLIP in shapes_models/clip.
-            hint = ("pass them to from_pretrained (text_encoder=CLIPModel.from_pretrained(CLIP), "
-                    "tokenizer=CLIPTokenizer.from_pretrained(CLIP), feature_extractor=CLIPImageProcessor.from_pretrained(CLIP)); "
-                    "a copy of a shipped Shapes folder takes CLIP = ipl_diffusion/shapes_models/clip, or load the "
-                    "shipped folder itself (ipl_diffusion.shapes.default_model_path)")
+            hint = ("pass them to from_pretrained (**clip_components(CLIP), from ipl_diffusion.pipelines.loading) or give "
+                    "`--clip_model CLIP` to ipl adapt / examples/train_ipl_diffae.py; a copy of a shipped Shapes folder "
+                    "takes CLIP = ipl_diffusion/shapes_models/clip, or load the shipped folder itself "
+                    "(ipl_diffusion.shapes.default_model_path)")
         raise UserFileNotFoundError(
             f"{path}: component folder(s) {', '.join(missing)} missing (listed in model_index.json); {hint}"
         )
@@ -185,3 +185,26 @@ def hub_snapshot(repo_id: str, kwargs: dict) -> str:
             + "; pass a local folder written by save_pretrained, or download it first with "
             f"`hf download {repo_id} --local-dir DIR`"
         ) from err
+
+
+def clip_components(path_or_id) -> dict:
+    """A pipeline's CLIP components from one CLIP folder or Hub id, as keyword arguments of
+    ``from_pretrained``: ``text_encoder`` (``CLIPModel``), ``tokenizer`` (``CLIPTokenizer``,
+    checked against the model's vocabulary) and ``feature_extractor`` (``CLIPImageProcessor``),
+    the layout of ``save_pretrained`` of all three into one folder (``shapes_models/clip``,
+    ``openai/clip-vit-base-patch32``). ``--clip_model`` of ``ipl adapt`` reads this.
+
+    Raises:
+        CLIPNotFoundError: (a ``FileNotFoundError``) a component cannot be loaded; the message
+            names it and how to supply a local copy.
+        UserError: the tokenizer does not belong to the model.
+    """
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    from ipl_diffusion.clip_loading import check_tokenizer, load_clip_component
+
+    model = load_clip_component(CLIPModel, path_or_id, "CLIP model")
+    tokenizer = load_clip_component(CLIPTokenizer, path_or_id, "CLIP tokenizer")
+    check_tokenizer(tokenizer, path_or_id, model.config.text_config.vocab_size)
+    processor = load_clip_component(CLIPImageProcessor, path_or_id, "CLIP image processor")
+    return {"text_encoder": model, "tokenizer": tokenizer, "feature_extractor": processor}

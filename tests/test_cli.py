@@ -235,12 +235,43 @@ def test_stylegan2_default_is_the_embedded_shapes_gan(tmp_path):
     assert (out / "before_after.png").is_file()
 
 
+def test_adapt_takes_the_clip_of_a_copied_shipped_folder_from_clip_model(tmp_path, capsys, monkeypatch):
+    """A copy of a shipped Shapes folder stores no CLIP: ``--clip_model`` supplies it, and the
+    run adapts exactly as the shipped folder does; without it the refusal names the option."""
+    import shutil
+
+    from ipl_diffusion.pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline
+    from ipl_diffusion.shapes import default_model_path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    shutil.copytree(default_model_path("stylegan2"), tmp_path / "copy")
+    args = ["--target", "sketch", "--stage1_iterations", "2", "--iterations", "1", "--batch_size", "2",
+            "--stage1_num_images", "4", "--num_sample_images", "2", "--device", "cpu"]
+    assert main(["adapt", "--model", str(tmp_path / "copy"), "--output_dir", str(tmp_path / "no"), *args]) == 2
+    assert "`--clip_model CLIP` to ipl adapt" in capsys.readouterr().err
+    assert main(["adapt", "--model", str(tmp_path / "copy"), "--clip_model", str(tmp_path / "none"),
+                 "--output_dir", str(tmp_path / "no"), *args]) == 2
+    assert "--clip_model: Could not load the CLIP model" in capsys.readouterr().err
+    bare = tmp_path / "copy" / "source_generator"  # a bare generator's CLIP is the Hub's, not here offline
+    assert main(["adapt", "--model", str(bare), "--output_dir", str(tmp_path / "no"), *args]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("e.g. `--clip_model ./clip`.")
+    clip = str(default_model_path("clip"))
+    assert main(["adapt", "--model", str(tmp_path / "copy"), "--clip_model", clip, "--output_dir", str(tmp_path / "c"), *args]) == 0
+    assert main(["adapt", "--backend", "stylegan2", "--output_dir", str(tmp_path / "s"), *args]) == 0
+    copied, shipped = (StyleGANIPLPipeline.from_pretrained(str(tmp_path / run / "pipeline")) for run in ("c", "s"))
+    source = shipped.source_generator.state_dict()
+    assert any(not torch.equal(value, source[name]) for name, value in shipped.generator.state_dict().items())  # it adapted
+    for name, value in shipped.generator.state_dict().items():
+        assert torch.equal(value, copied.generator.state_dict()[name]), name
+
+
 def test_shapes_defaults_refuse_unknown_labels_before_loading(tmp_path, capsys):
     for backend in ("diffae", "stylegan2"):
         assert main(["adapt", "--backend", backend, "--target", "Wall painting", "--output_dir", str(tmp_path / backend)]) == 2
         err = capsys.readouterr().err
         assert "known domains: photo, sketch" in err
-        # what works for other labels, as ipl adapt (no CLIP flag) and the Python API spell it
+        # what works for other labels, as ipl adapt and the Python API spell it
+        assert "ipl adapt --clip_model openai/clip-vit-base-patch32" in err
         assert "ipl adapt --model <pipeline folder or Hub id whose text_encoder is a real CLIP>" in err
         assert 'StyleGANIPLPipeline.from_components(<generator>, text_encoder="openai/clip-vit-base-patch32")' in err
         assert not (tmp_path / backend).exists()

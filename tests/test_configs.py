@@ -68,7 +68,7 @@ def test_ipl_adapt_passes_only_the_options_given(monkeypatch, tmp_path):
             seen.update(kwargs)
             raise Stop
 
-    monkeypatch.setattr(adapt_cli, "load_pipeline", lambda *args: FakePipeline())
+    monkeypatch.setattr(adapt_cli, "load_pipeline", lambda *args, **kwargs: FakePipeline())
     with pytest.raises(Stop):
         main(["adapt", "--backend", "stylegan2", "--target", "sketch", "--output_dir", str(tmp_path / "o"),
               "--ema_decay", "0.5", "--stage1-iterations", "7"])
@@ -200,7 +200,7 @@ def test_ipl_adapt_reads_the_backend_from_the_model_folder(monkeypatch, tmp_path
     class Stop(Exception):
         pass
 
-    def load(backend, model, device=None):
+    def load(backend, model, device=None, clip_model=None):
         raise Stop(backend)
 
     monkeypatch.setattr(adapt_cli, "load_pipeline", load)

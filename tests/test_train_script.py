@@ -165,3 +165,28 @@ def test_script_refuses_an_output_dir_with_an_earlier_pipeline(model_dir, tmp_pa
         script.main(["--model", str(model_dir), "--output_dir", str(out), *TINY_ARGS,
                      "--iterations", "1"])
     assert (out / "pipeline" / "model_index.json").read_text() == "{}"
+
+
+def test_clip_model_supplies_the_clip_a_folder_does_not_store(model_dir, tmp_path):
+    """``--clip_model`` (the option ``ipl adapt`` has too): a pipeline folder saved without its
+    CLIP components trains as the complete folder does when they come from a CLIP folder."""
+    from ipl_diffusion.errors import UserFileNotFoundError
+    from ipl_diffusion.shapes import CLIP_COMPONENTS
+
+    script = load_script("examples/train_ipl_diffae.py")
+    clip, bare = tmp_path / "clip", tmp_path / "bare"
+    shutil.copytree(model_dir, bare)
+    clip.mkdir()
+    for name in CLIP_COMPONENTS:  # one CLIP folder, as CLIPModel / tokenizer / processor save_pretrained write it
+        for item in (bare / name).iterdir():
+            shutil.copy(item, clip / item.name)
+        shutil.rmtree(bare / name)
+    args = [*TINY_ARGS, "--iterations", "1", "--batch_size", "2"]
+    with pytest.raises(UserFileNotFoundError, match="`--clip_model CLIP` to ipl adapt / examples/train_ipl_diffae.py"):
+        script.main(["--model", str(bare), "--output_dir", str(tmp_path / "refused"), *args])
+    script.main(["--model", str(bare), "--clip_model", str(clip), "--output_dir", str(tmp_path / "bare_run"), *args])
+    script.main(["--model", str(model_dir), "--output_dir", str(tmp_path / "full_run"), *args])
+    bare_weights, full_weights = unet_weights(tmp_path / "bare_run"), unet_weights(tmp_path / "full_run")
+    assert bare_weights.keys() == full_weights.keys()
+    assert all(torch.equal(bare_weights[k], full_weights[k]) for k in full_weights)
+    assert (tmp_path / "bare_run" / "pipeline" / "text_encoder").is_dir()  # the adapted folder is complete

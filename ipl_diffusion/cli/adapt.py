@@ -135,12 +135,14 @@ def _none_or(kind):
     return parse
 
 
-def load_pipeline(backend, model, device=None, clip=True):
+def load_pipeline(backend, model, device=None, clip=True, clip_model=None):
     """Load the ``backend`` pipeline from ``model`` (folder / Hub id; None = Shapes default).
 
     ``clip=False`` for the commands that never read CLIP (sample, translate): its components
     are left out, so a folder without them (a copy of a shipped Shapes folder, a bare
-    generator offline) still loads, and the CLIP is not loaded for nothing.
+    generator offline) still loads, and the CLIP is not loaded for nothing. ``clip_model``
+    (``--clip_model``, a CLIP folder or Hub id) replaces the folder's own CLIP components
+    (``pipelines.loading.clip_components``).
     """
     if model is None:  # the shipped Shapes model; its folder records its adapt defaults
         from ipl_diffusion.shapes import default_model_path
@@ -153,9 +155,20 @@ def load_pipeline(backend, model, device=None, clip=True):
         from ipl_diffusion.pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline as cls
     else:
         from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline as cls
+    from ipl_diffusion.pipelines.loading import clip_components
     from ipl_diffusion.shapes import CLIP_COMPONENTS
 
-    pipe = cls.from_pretrained(str(model), **({} if clip else dict.fromkeys(CLIP_COMPONENTS)))
+    from ipl_diffusion.clip_loading import CLIPNotFoundError
+    from ipl_diffusion.errors import UserFileNotFoundError
+
+    components = {} if clip else dict.fromkeys(CLIP_COMPONENTS)
+    try:
+        if clip and clip_model is not None:
+            components = clip_components(clip_model)
+        pipe = cls.from_pretrained(str(model), **components)  # a bare generator's CLIP is the Hub's ViT-B/32
+    except CLIPNotFoundError as err:  # its advice names the Python API; here the flag is the way
+        where = "--clip_model: " if clip_model is not None else ""
+        raise UserFileNotFoundError(where + err.with_advice("`--clip_model ./clip`")) from err
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return pipe.to(device)
 
@@ -198,7 +211,7 @@ def run(args) -> int:
     # writes anything there (its checkpoint rotation and losses.csv would clobber the first's).
     with output_lock(output, "--output_dir"):
         _check_earlier_result(args, output)
-        pipe = load_pipeline(args.backend, args.model, args.device)
+        pipe = load_pipeline(args.backend, args.model, args.device, clip_model=args.clip_model)
         style = {"target_images": args.target_images} if args.target_images is not None else {}
         adapted = pipe.adapt(args.target, args.source, **_data(args, pipe), **style, output_dir=str(output),
                              resume_from_checkpoint=args.resume_from_checkpoint, **given_options(args))
@@ -253,9 +266,9 @@ def _check_inputs(args, output):
             # The run writes before_after.png, pipeline/ ... there, over the user's images.
             raise UserError(f"--output_dir {output} is the --{name} folder; give a separate output folder")
         _check_image_files(name, folder)
-    if args.model is None:
-        # The shipped Shapes models know only the Shapes domains: say which before any work is
-        # done, and use the canonical names ("Pixel-Art" -> "pixel art").
+    if args.model is None and args.clip_model is None:
+        # The shipped Shapes models' CLIP knows only the Shapes domains: say which before any
+        # work is done, and use the canonical names ("Pixel-Art" -> "pixel art").
         from ipl_diffusion.shapes import check_domain
 
         if args.target is not None:

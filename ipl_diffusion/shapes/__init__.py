@@ -208,8 +208,9 @@ def check_domain(label):
     if key not in STYLES:
         raise UserError(
             f"The Shapes CLIP was not trained on the domain {label!r}; known domains: "
-            f"{', '.join(known_domains())}. Other labels need a real (open-vocabulary) CLIP, which comes with a "
-            "real model: ipl adapt --model <pipeline folder or Hub id whose text_encoder is a real CLIP>, or in "
+            f"{', '.join(known_domains())}. Other labels need a real (open-vocabulary) CLIP: ipl adapt --clip_model "
+            "openai/clip-vit-base-patch32 (or a local copy), a real model (ipl adapt --model <pipeline folder or Hub id "
+            "whose text_encoder is a real CLIP>), or in "
             "Python IPLPipeline / StyleGANIPLPipeline.from_components(<generator>, "
             "text_encoder=\"openai/clip-vit-base-patch32\")."
         )
