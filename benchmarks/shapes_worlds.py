@@ -163,6 +163,7 @@ CURVE_METRICS = (
     ("drift_to_bias_shape", "→ biased shape (lower is better)", -1),
     ("drift_to_bias_color", "→ biased colour (lower is better)", -1),
 )
+METRIC_LABELS = {key: label for key, label, _ in CURVE_METRICS}
 GATE_METRICS = ("shape_acc", "color_acc", "shape_prob_kept", "color_prob_kept", "shape_entropy", "color_entropy")
 MIN_GATE_SEEDS = 5
 # Directed drift (reported, not part of the gate): the share of images that did not show the
@@ -751,14 +752,22 @@ def holm_verdicts(records, alpha=0.05):
 
     ``records`` are one scheme's ``compare_to_manual`` records at every matched accuracy of a
     table; their gate metrics' p-values (all with >= 2 pairs) are one family, adjusted by Holm's
-    step-down method. Returns one verdict per record: PASS where some gate metric's adjusted p
-    is under ``alpha`` with a positive difference and none with a negative one."""
+    step-down method (each record gets them as ``<metric>_p_holm``). Returns one verdict per
+    record: PASS where some gate metric's adjusted p is under ``alpha`` with a positive
+    difference and none with a negative one, followed by the record's smallest adjusted p and
+    its metric, e.g. ``"fail (p 0.21, shape kept)"``."""
     tests = [(i, k) for i, r in enumerate(records) for k in GATE_METRICS if r.get(k + "_n", 0) >= 2]
-    adjusted = dict(zip(tests, sc.holm_adjust([records[i][k + "_p"] for i, k in tests])))
+    for (i, k), p in zip(tests, sc.holm_adjust([records[i][k + "_p"] for i, k in tests])):
+        records[i][k + "_p_holm"] = p
     verdicts = []
     for i, record in enumerate(records):
-        signs = [1 if record[k] > 0 else -1 for j, k in tests if j == i and adjusted[(j, k)] < alpha]
-        verdicts.append(seed_count_rule(record, "PASS" if 1 in signs and -1 not in signs else "fail"))
+        own = [k for j, k in tests if j == i]
+        signs = [1 if record[k] > 0 else -1 for k in own if record[k + "_p_holm"] < alpha]
+        verdict = seed_count_rule(record, "PASS" if 1 in signs and -1 not in signs else "fail")
+        if own and not verdict.startswith("undecided"):
+            best = min(own, key=lambda k: record[k + "_p_holm"])  # the first gate metric on a tie
+            verdict += f" (p {record[best + '_p_holm']:.2g}, {METRIC_LABELS[best]})"
+        verdicts.append(verdict)
     return verdicts
 
 

@@ -423,9 +423,11 @@ def test_holm_gate_needs_a_difference_that_survives_the_family(bench):
     assert modest["shape_acc_p"] == pytest.approx(0.0132, abs=2e-4)
     assert modest["color_acc_p"] == 1.0  # no difference at all
     assert bench.gate_verdict(modest, passes) == "PASS"
-    assert bench.holm_verdicts([modest]) == ["fail"]  # 6 tests: adjusted 0.079
+    assert bench.holm_verdicts([modest]) == ["fail (p 0.079, shape kept)"]  # 6 tests: 6 x 0.0132
     strong, _ = record([0.30, 0.31, 0.32, 0.33, 0.34])  # t = 42: survives any family here
-    assert bench.holm_verdicts([modest, strong]) == ["fail", "PASS"]
+    verdicts = bench.holm_verdicts([modest, strong])
+    assert verdicts[0] == "fail (p 0.15, shape kept)"  # the second smallest of 12 tests: 11 x 0.0132
+    assert verdicts[1] == "PASS (p 1.7e-05, shape kept)"  # 12 x 1.4e-06
     few, _ = record([0.3, 0.31])
     assert bench.holm_verdicts([few])[0].startswith("undecided")
 
@@ -752,9 +754,9 @@ def test_twin_gate_subtracts_the_content_free_twins_lead_seed_by_seed(tmp_path):
     assert record["shape_acc_n"] == 5 and record["shape_acc"] == pytest.approx(0.065)
     assert record["color_acc"] == 0.0 and passes[0] is True
     line = twin_script.twin_table(tmp_path / "world", tmp_path / "twin", [0.75])[-1]
-    assert line.startswith("| 0.75 | oracle (true captions) | +0.065 ± ") and line.endswith("| PASS | PASS |")
+    assert line.startswith("| 0.75 | oracle (true captions) | +0.065 ± ") and "| PASS | PASS (p " in line
     # the world's own lead alone passes the plain gate, but a twin with the same lead cancels it
-    assert twin_script.twin_table(tmp_path / "world", tmp_path / "same", [0.75])[-1].endswith("| fail | fail |")
+    assert twin_script.twin_table(tmp_path / "world", tmp_path / "same", [0.75])[-1].endswith("| fail | fail (p 1, shape kept) |")
     with pytest.raises(SystemExit, match="not a shapes_worlds.py output folder"):
         twin_script.folder_curves(tmp_path / "nowhere", [0.75])
     with pytest.raises(SystemExit):  # a folder against itself: 0 by construction
