@@ -38,6 +38,7 @@ losses (``losses.csv``, and TensorBoard events in ``logs/`` when tensorboard is 
 import dataclasses
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -49,8 +50,9 @@ from transformers import HfArgumentParser
 from ipl_diffusion import IPLPipeline
 from ipl_diffusion.adaptation.distributed import make_accelerator
 from ipl_diffusion.configs import AdaptArguments, DiffAEStage2Config, Stage1Config
+from ipl_diffusion.errors import UserError
 from ipl_diffusion.outputs import atomic_folder, atomic_write_text, check_writable, output_lock, refuse_earlier_result
-from ipl_diffusion.pipelines.loading import clip_components
+from ipl_diffusion.pipelines.loading import from_pretrained_with_clip
 from ipl_diffusion.shapes import default_model_path
 
 logger = get_logger(__name__)
@@ -96,8 +98,7 @@ def train(run, stage1, stage2, hub):
 
     # 1. The source pipeline: frozen semantic encoder, source UNet, scheduler, CLIP.
     model = run.model or default_model_path()
-    clip = clip_components(run.clip_model) if run.clip_model is not None else {}  # else the folder's own
-    pipe = IPLPipeline.from_pretrained(str(model), **clip).to(accelerator.device)
+    pipe = from_pretrained_with_clip(IPLPipeline, model, run.clip_model).to(accelerator.device)  # None: its own CLIP
     pipe.set_progress_bar_config(disable=not accelerator.is_local_main_process)
     if hub.enable_xformers_memory_efficient_attention:
         # Where xformers cannot run the models this warns once and keeps SDPA.
@@ -128,4 +129,8 @@ def train(run, stage1, stage2, hub):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as err:  # a refusal the user can act on: one line, exit status 2 as argparse's
+        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        sys.exit(2)

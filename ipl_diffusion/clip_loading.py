@@ -48,18 +48,25 @@ def _how_to_fix(path_or_id, pass_as=None):
 class CLIPNotFoundError(UserFileNotFoundError):
     """A CLIP component that could not be loaded from ``path_or_id``.
 
-    ``str(err)`` is ``reason`` plus how to fetch a local copy and pass it to the Python API;
-    :meth:`with_advice` gives the same text for another way of passing it (a CLI flag).
+    ``str(err)`` is ``reason`` plus, for a Hub id (``download=True``), how to fetch a local copy
+    and pass it to the Python API; :meth:`with_advice` gives the same text for another way of
+    passing it (a CLI flag). A local folder's problem is its files, so it gets no download advice.
     """
 
-    def __init__(self, reason: str, path_or_id: str):
-        self.reason, self.path_or_id = reason, path_or_id
+    def __init__(self, reason: str, path_or_id: str, download: bool = True):
+        self.reason, self.path_or_id, self.download = reason, path_or_id, download
         super().__init__(self.with_advice())
 
     def with_advice(self, pass_as=None) -> str:
         """The message, ending with ``pass_as`` (e.g. ``"`--clip-model ./clip`"``) as the way to
         pass the local copy (default: ``CLIPPromptEncoder.from_pretrained('./clip')``)."""
-        return f"{self.reason} {_how_to_fix(self.path_or_id, pass_as)}"
+        return f"{self.reason} {_how_to_fix(self.path_or_id, pass_as)}" if self.download else self.reason
+
+
+def looks_like_local_path(path_or_id: str) -> bool:
+    """Whether ``path_or_id`` can only mean a local path: a Hub id is ``name`` or ``owner/name``,
+    so anything absolute, relative (``./``, ``~``), deeper or with a backslash is a folder."""
+    return path_or_id.startswith(("/", ".", "~")) or path_or_id.count("/") > 1 or "\\" in path_or_id
 
 
 def load_clip_component(cls, path_or_id, component, **kwargs):
@@ -78,19 +85,36 @@ def load_clip_component(cls, path_or_id, component, **kwargs):
     Raises:
         CLIPNotFoundError: (a ``FileNotFoundError``) ``path_or_id`` is neither a loadable local
             folder nor reachable on the Hub (always immediately when offline). The message names
-            ``component``, the class and how to pass a local path.
+            ``component`` and the class; for a local folder, what is wrong with its files
+            (missing, truncated); for a Hub id, how to pass a local copy.
+        UserError: ``path_or_id`` is empty.
     """
+    from safetensors import SafetensorError
+
     path_or_id = os.fspath(path_or_id)
+    if not path_or_id.strip():
+        raise UserError(f"The {component} was given as an empty folder name or Hub id.")
+    local = os.path.isdir(path_or_id)
+    if not local and looks_like_local_path(path_or_id):  # asking the Hub would only say "bad repo id"
+        raise CLIPNotFoundError(f"Could not load the {component}: the folder {path_or_id!r} does not exist.", path_or_id,
+                                download=False)
     offline = hub_offline()
-    if offline and not os.path.isdir(path_or_id):
+    if offline and not local:
         kwargs.setdefault("local_files_only", True)
     try:
         obj = cls.from_pretrained(path_or_id, **kwargs)
-    except (OSError, ValueError) as err:  # transformers raises OSError/EnvironmentError; hub errors subclass OSError
-        where = "a local folder" if os.path.isdir(path_or_id) else "the Hugging Face Hub cache"
+    except (OSError, ValueError, SafetensorError) as err:  # transformers: OSError; hub errors subclass it
+        if local:  # the folder's files are the problem: say which, not how to download
+            cause = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
+            raise CLIPNotFoundError(
+                f"Could not load the {component} ({cls.__name__}) from the local folder {path_or_id!r}: {cause}. "
+                f"A CLIP folder holds what CLIPModel, CLIPTokenizer and CLIPImageProcessor save_pretrained write.",
+                path_or_id, download=False,
+            ) from err
         mode = " (offline: HF_HUB_OFFLINE is set, so nothing is downloaded)" if offline else ""
         raise CLIPNotFoundError(
-            f"Could not load the {component} ({cls.__name__}) from {path_or_id!r} via {where}{mode}.", path_or_id
+            f"Could not load the {component} ({cls.__name__}) from {path_or_id!r} via the Hugging Face Hub cache{mode}.",
+            path_or_id,
         ) from err
     return obj
 

@@ -37,7 +37,8 @@ class AdaptedPipelineMixin:
                 raise UserError(
                     f"this pipeline's CLIP was trained only on the domains {', '.join(known)}; "
                     f"{label!r} is not one of them. Use one of them, or build the pipeline on an "
-                    "open-vocabulary CLIP: from_components(<generator>, text_encoder=\"openai/clip-vit-base-patch32\")"
+                    "open-vocabulary CLIP: from_components(<generator>, text_encoder=\"openai/clip-vit-base-patch32\") "
+                    "(ipl adapt --clip_model openai/clip-vit-base-patch32)"
                 )
 
     @staticmethod

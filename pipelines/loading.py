@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ipl_diffusion.clip_loading import hub_offline
+from ipl_diffusion.clip_loading import hub_offline, looks_like_local_path
 from ipl_diffusion.errors import UserError, UserFileNotFoundError
 
 
@@ -167,9 +167,8 @@ def hub_snapshot(repo_id: str, kwargs: dict) -> str:
         UserFileNotFoundError: (a ``FileNotFoundError``) ``repo_id`` is not a Hub id (a missing local folder), or it is
             neither cached nor downloadable.
     """
-    if repo_id.startswith(("/", ".", "~")) or repo_id.count("/") > 1 or "\\" in repo_id:
-        # A Hub id is "name" or "owner/name"; anything else was meant as a local folder, and
-        # asking the Hub about it would only answer with its repo-id naming rules.
+    if looks_like_local_path(repo_id):
+        # Asking the Hub about a local path would only answer with its repo-id naming rules.
         raise UserFileNotFoundError(f"pipeline folder {repo_id!r} does not exist")
     from huggingface_hub import snapshot_download
 
@@ -190,21 +189,43 @@ def hub_snapshot(repo_id: str, kwargs: dict) -> str:
 def clip_components(path_or_id) -> dict:
     """A pipeline's CLIP components from one CLIP folder or Hub id, as keyword arguments of
     ``from_pretrained``: ``text_encoder`` (``CLIPModel``), ``tokenizer`` (``CLIPTokenizer``,
-    checked against the model's vocabulary) and ``feature_extractor`` (``CLIPImageProcessor``),
-    the layout of ``save_pretrained`` of all three into one folder (``shapes_models/clip``,
-    ``openai/clip-vit-base-patch32``). ``--clip_model`` of ``ipl adapt`` reads this.
+    checked against the model's vocabulary) and ``feature_extractor`` (``CLIPImageProcessorPil``;
+    None where the folder has none, which means OpenAI CLIP's mean / std, as in
+    ``from_components``), the layout of ``save_pretrained`` of all three into one folder
+    (``shapes_models/clip``, ``openai/clip-vit-base-patch32``). ``--clip_model`` reads this.
 
     Raises:
-        CLIPNotFoundError: (a ``FileNotFoundError``) a component cannot be loaded; the message
-            names it and how to supply a local copy.
-        UserError: the tokenizer does not belong to the model.
+        CLIPNotFoundError: (a ``FileNotFoundError``) the model or tokenizer cannot be loaded;
+            the message names it and what is wrong (a missing folder, its files, the Hub).
+        UserError: an empty name, or a tokenizer that does not belong to the model.
     """
-    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+    from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
     from ipl_diffusion.clip_loading import check_tokenizer, load_clip_component
 
     model = load_clip_component(CLIPModel, path_or_id, "CLIP model")
     tokenizer = load_clip_component(CLIPTokenizer, path_or_id, "CLIP tokenizer")
     check_tokenizer(tokenizer, path_or_id, model.config.text_config.vocab_size)
-    processor = load_clip_component(CLIPImageProcessor, path_or_id, "CLIP image processor")
-    return {"text_encoder": model, "tokenizer": tokenizer, "feature_extractor": processor}
+    try:
+        processor = load_clip_component(CLIPImageProcessorPil, path_or_id, "CLIP image processor")
+    except FileNotFoundError:
+        processor = None
+    return {"text_encoder": model.eval(), "tokenizer": tokenizer, "feature_extractor": processor}
+
+
+def from_pretrained_with_clip(cls, model, clip_model=None, **kwargs):
+    """``cls.from_pretrained(model, **kwargs)`` with the CLIP components of ``clip_model`` (a
+    CLIP folder or Hub id, :func:`clip_components`; None: the folder's own). The folder's
+    ``known_domains`` describe its own CLIP, so with another CLIP the pipeline records none
+    (any label is accepted) unless ``clip_model`` is the package's Shapes CLIP folder.
+
+    Raises what :func:`clip_components` and ``cls.from_pretrained`` raise."""
+    if clip_model is None:
+        return cls.from_pretrained(str(model), **kwargs)
+    pipe = cls.from_pretrained(str(model), **clip_components(clip_model), **kwargs)
+    from ipl_diffusion.shapes import default_model_path
+
+    shipped = Path(clip_model).is_dir() and Path(clip_model).resolve() == Path(default_model_path("clip")).resolve()
+    if not shipped:
+        pipe.register_to_config(known_domains=None)
+    return pipe

@@ -251,18 +251,34 @@ def test_adapt_takes_the_clip_of_a_copied_shipped_folder_from_clip_model(tmp_pat
     assert "`--clip_model CLIP` to ipl adapt" in capsys.readouterr().err
     assert main(["adapt", "--model", str(tmp_path / "copy"), "--clip_model", str(tmp_path / "none"),
                  "--output_dir", str(tmp_path / "no"), *args]) == 2
-    assert "--clip_model: Could not load the CLIP model" in capsys.readouterr().err
+    assert "--clip_model: Could not load the CLIP model: the folder" in capsys.readouterr().err  # no Hub advice
+    assert main(["adapt", "--model", str(tmp_path / "copy"), "--clip_model", "", "--output_dir", str(tmp_path / "no"), *args]) == 2
+    assert "--clip_model is empty" in capsys.readouterr().err
+    shutil.copytree(default_model_path("clip"), tmp_path / "clip")
+    (tmp_path / "clip" / "model.safetensors").write_bytes(b"truncated")
+    assert main(["adapt", "--model", str(tmp_path / "copy"), "--clip_model", str(tmp_path / "clip"),
+                 "--output_dir", str(tmp_path / "no"), *args]) == 2
+    assert "from the local folder" in capsys.readouterr().err  # a corrupt file: one line, not a traceback
     bare = tmp_path / "copy" / "source_generator"  # a bare generator's CLIP is the Hub's, not here offline
     assert main(["adapt", "--model", str(bare), "--output_dir", str(tmp_path / "no"), *args]) == 2
     assert capsys.readouterr().err.rstrip().endswith("e.g. `--clip_model ./clip`.")
     clip = str(default_model_path("clip"))
     assert main(["adapt", "--model", str(tmp_path / "copy"), "--clip_model", clip, "--output_dir", str(tmp_path / "c"), *args]) == 0
     assert main(["adapt", "--backend", "stylegan2", "--output_dir", str(tmp_path / "s"), *args]) == 0
+    assert json.loads((tmp_path / "c" / "run_config.json").read_text())["args"]["clip_model"] == clip
     copied, shipped = (StyleGANIPLPipeline.from_pretrained(str(tmp_path / run / "pipeline")) for run in ("c", "s"))
+    assert copied.config.known_domains == shipped.config.known_domains == ["photo", "sketch", "neon", "pixel art", "mosaic"]
     source = shipped.source_generator.state_dict()
     assert any(not torch.equal(value, source[name]) for name, value in shipped.generator.state_dict().items())  # it adapted
     for name, value in shipped.generator.state_dict().items():
         assert torch.equal(value, copied.generator.state_dict()[name]), name
+    # another CLIP (here a copy of the Shapes one, which the package cannot recognise) may know
+    # any label: the shipped folder's known_domains no longer apply
+    shutil.rmtree(tmp_path / "clip")
+    shutil.copytree(default_model_path("clip"), tmp_path / "clip")
+    other = [a if a != "sketch" else "Wall painting" for a in args]
+    assert main(["adapt", "--backend", "stylegan2", "--clip_model", str(tmp_path / "clip"), "--output_dir", str(tmp_path / "w"), *other]) == 0
+    assert StyleGANIPLPipeline.from_pretrained(str(tmp_path / "w" / "pipeline")).config.known_domains is None
 
 
 def test_shapes_defaults_refuse_unknown_labels_before_loading(tmp_path, capsys):

@@ -354,6 +354,29 @@ def test_local_folder_without_tokenizer_names_the_component(tmp_path, encoder, n
         CLIPPromptEncoder.from_pretrained(tmp_path)
 
 
+def test_local_folder_problems_name_the_folder_not_the_hub(tmp_path, encoder, no_network):
+    """A missing, foreign or corrupt local folder is reported as such, without the advice to
+    download a Hub id, and without asking the Hub."""
+    from safetensors import SafetensorError
+
+    with pytest.raises(FileNotFoundError, match="the folder '/nowhere/clip' does not exist") as info:
+        CLIPPromptEncoder.from_pretrained("/nowhere/clip")
+    assert "hf download" not in str(info.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="from the local folder .*empty.*no file named") as info:
+        CLIPPromptEncoder.from_pretrained(tmp_path / "empty")
+    assert "hf download" not in str(info.value)
+    encoder.clip_model.save_pretrained(tmp_path / "corrupt")
+    weights = tmp_path / "corrupt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(FileNotFoundError, match="from the local folder .*corrupt") as info:
+        CLIPPromptEncoder.from_pretrained(tmp_path / "corrupt")
+    assert isinstance(info.value.__cause__, (SafetensorError, OSError))
+    with pytest.raises(ValueError, match="empty folder name or Hub id"):
+        CLIPPromptEncoder.from_pretrained("")
+    assert no_network == []
+
+
 def test_local_folder_without_image_processor_names_the_component(tmp_path, encoder, no_network):
     _save_components(tmp_path, encoder.clip_model, encoder.tokenizer)
     with pytest.raises(FileNotFoundError, match="CLIP image processor"):

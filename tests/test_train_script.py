@@ -184,6 +184,12 @@ def test_clip_model_supplies_the_clip_a_folder_does_not_store(model_dir, tmp_pat
     args = [*TINY_ARGS, "--iterations", "1", "--batch_size", "2"]
     with pytest.raises(UserFileNotFoundError, match="`--clip_model CLIP` to ipl adapt / examples/train_ipl_diffae.py"):
         script.main(["--model", str(bare), "--output_dir", str(tmp_path / "refused"), *args])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    refused = subprocess.run([sys.executable, str(SCRIPT), "--model", str(bare), "--output_dir", str(tmp_path / "refused"), *args],
+                             capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    # on the command line: one line and argparse's exit status, not a traceback
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith("train_ipl_diffae.py: error: ")
+    assert "Traceback" not in refused.stderr
     script.main(["--model", str(bare), "--clip_model", str(clip), "--output_dir", str(tmp_path / "bare_run"), *args])
     script.main(["--model", str(model_dir), "--output_dir", str(tmp_path / "full_run"), *args])
     bare_weights, full_weights = unet_weights(tmp_path / "bare_run"), unet_weights(tmp_path / "full_run")

@@ -155,17 +155,16 @@ def load_pipeline(backend, model, device=None, clip=True, clip_model=None):
         from ipl_diffusion.pipelines.pipeline_stylegan_ipl import StyleGANIPLPipeline as cls
     else:
         from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline as cls
-    from ipl_diffusion.pipelines.loading import clip_components
-    from ipl_diffusion.shapes import CLIP_COMPONENTS
-
     from ipl_diffusion.clip_loading import CLIPNotFoundError
     from ipl_diffusion.errors import UserFileNotFoundError
+    from ipl_diffusion.pipelines.loading import from_pretrained_with_clip
+    from ipl_diffusion.shapes import CLIP_COMPONENTS
 
-    components = {} if clip else dict.fromkeys(CLIP_COMPONENTS)
     try:
-        if clip and clip_model is not None:
-            components = clip_components(clip_model)
-        pipe = cls.from_pretrained(str(model), **components)  # a bare generator's CLIP is the Hub's ViT-B/32
+        if clip:  # a bare generator's own CLIP is the Hub's ViT-B/32
+            pipe = from_pretrained_with_clip(cls, model, clip_model)
+        else:
+            pipe = cls.from_pretrained(str(model), **dict.fromkeys(CLIP_COMPONENTS))
     except CLIPNotFoundError as err:  # its advice names the Python API; here the flag is the way
         where = "--clip_model: " if clip_model is not None else ""
         raise UserFileNotFoundError(where + err.with_advice("`--clip_model ./clip`")) from err
@@ -215,7 +214,7 @@ def run(args) -> int:
         style = {"target_images": args.target_images} if args.target_images is not None else {}
         adapted = pipe.adapt(args.target, args.source, **_data(args, pipe), **style, output_dir=str(output),
                              resume_from_checkpoint=args.resume_from_checkpoint, **given_options(args))
-        grid = _save_outputs(adapted, output)
+        grid = _save_outputs(adapted, output, run_arguments(args))
     _report_stage1(adapted.adaptation_config)
     _report_step_choice(adapted.adaptation_config, output)
     print(f"adapted pipeline: {output / 'pipeline'}")
@@ -250,6 +249,8 @@ def _data(args, pipe) -> dict:
 
 def _check_inputs(args, output):
     """Checks a user can fail, made before any model is loaded or encoded."""
+    if args.clip_model is not None and not args.clip_model.strip():
+        raise UserError("--clip_model is empty; give a CLIP folder or Hub id")
     if output.exists() and not output.is_dir():
         raise UserError(f"--output_dir {output} is an existing file; give a folder")
     if args.backend == "stylegan2" and (args.images or args.stage1_images):
@@ -268,7 +269,8 @@ def _check_inputs(args, output):
         _check_image_files(name, folder)
     if args.model is None and args.clip_model is None:
         # The shipped Shapes models' CLIP knows only the Shapes domains: say which before any
-        # work is done, and use the canonical names ("Pixel-Art" -> "pixel art").
+        # work is done, and use the canonical names ("Pixel-Art" -> "pixel art"). With
+        # --clip_model the pipeline checks the labels against what that CLIP knows.
         from ipl_diffusion.shapes import check_domain
 
         if args.target is not None:
@@ -340,9 +342,19 @@ def _report_step_choice(config, output):
           f"sources'); scores in {output / 'step_choice.csv'}, plot {output / 'step_choice.png'}")
 
 
-def _save_outputs(adapted, output):
-    """Write pipeline/, before_after.png and run_config.json, each atomically (a crash leaves the
-    earlier version or the new one); returns the grid (or None)."""
+def run_arguments(args) -> dict:
+    """What the run read and wrote (the ``AdaptArguments`` fields: --model, --clip_model, the
+    image folders, ...), recorded under ``"args"`` in run_config.json as
+    examples/train_ipl_diffae.py records them."""
+    from ipl_diffusion.configs import AdaptArguments
+
+    return {field.name: getattr(args, field.name) for field in dataclasses.fields(AdaptArguments)}
+
+
+def _save_outputs(adapted, output, arguments):
+    """Write pipeline/, before_after.png and run_config.json (the resolved options of the method
+    and, under ``"args"``, ``arguments``), each atomically (a crash leaves the earlier version or
+    the new one); returns the grid (or None)."""
     from ipl_diffusion.outputs import atomic_folder, atomic_save_image, atomic_write_text
     from ipl_diffusion.pipelines.adapted_pipeline import MODEL_CARD_NAME
 
@@ -357,5 +369,6 @@ def _save_outputs(adapted, output):
         atomic_save_image(grid, output / before_after.FILE_NAME)
     config = getattr(adapted, "adaptation_config", None)
     if config:
+        config = {**config, "args": arguments}
         atomic_write_text(output / "run_config.json", json.dumps(config, indent=2, sort_keys=True))
     return grid
