@@ -236,7 +236,17 @@ def parse_args(argv=None):
     if args.quick:
         apply_quick(args, defaults)
     args.milestones = sorted(set(args.milestones))
+    args.match_acc = matched_accuracies(p, args.match_acc)
     return args
+
+
+def matched_accuracies(parser, values):
+    """``--match_acc`` without repeats (a repeated level would enlarge the Holm family with
+    copies of the same tests); ``parser.error`` for a level outside (0, 1]."""
+    bad = [v for v in values if not 0 < v <= 1]
+    if bad:
+        parser.error(f"--match_acc takes target accuracies in (0, 1], got {', '.join(f'{v:g}' for v in bad)}")
+    return list(dict.fromkeys(values))
 
 
 def apply_quick(args, defaults):
@@ -751,8 +761,10 @@ def holm_verdicts(records, alpha=0.05):
     """The gate over a family of comparisons, corrected for testing many metrics at many levels.
 
     ``records`` are one scheme's ``compare_to_manual`` records at every matched accuracy of a
-    table; their gate metrics' p-values (all with >= 2 pairs) are one family, adjusted by Holm's
-    step-down method (each record gets them as ``<metric>_p_holm``). Returns one verdict per
+    table; the paired t-tests' p-values of their gate metrics (``GATE_METRICS``: shape / colour
+    kept, p(shape / colour kept), shape / colour entropy; each with >= 2 pairs) are one family,
+    6 x the number of levels tests, adjusted by Holm's step-down method (each record gets them
+    as ``<metric>_p_holm``). The drift metrics and the feature spread are not tested. Returns one verdict per
     record: PASS where some gate metric's adjusted p is under ``alpha`` with a positive
     difference and none with a negative one, followed by the record's smallest adjusted p and
     its metric, e.g. ``"fail (p 0.21, shape kept)"``."""
@@ -764,9 +776,10 @@ def holm_verdicts(records, alpha=0.05):
         own = [k for j, k in tests if j == i]
         signs = [1 if record[k] > 0 else -1 for k in own if record[k + "_p_holm"] < alpha]
         verdict = seed_count_rule(record, "PASS" if 1 in signs and -1 not in signs else "fail")
-        if own and not verdict.startswith("undecided"):
-            best = min(own, key=lambda k: record[k + "_p_holm"])  # the first gate metric on a tie
-            verdict += f" (p {record[best + '_p_holm']:.2g}, {METRIC_LABELS[best]})"
+        best = min(own, key=lambda k: record[k + "_p_holm"]) if own else None  # the first gate metric on a tie
+        if best is not None and not verdict.startswith("undecided"):
+            p = record[best + "_p_holm"]
+            verdict += f" (p {p:.2g}, {METRIC_LABELS[best]})" if p < 1 else " (p 1)"
         verdicts.append(verdict)
     return verdicts
 
@@ -776,7 +789,7 @@ def paired_differences(matched, worlds, lrs, args):
     (oracle rows): as written (95% intervals) and Holm-corrected over the oracle's gate metrics
     at all of the table's matched accuracies (one family per world and learning rate)."""
     lines = ["", "### Paired differences at matched target accuracy (seed by seed; 95% t-interval)", "",
-             "| world | lr | target acc | comparison | " + " | ".join(label for _, label, _ in CURVE_METRICS) + " | gate | gate, Holm over the levels |",
+             "| world | lr | target acc | comparison | " + " | ".join(label for _, label, _ in CURVE_METRICS) + " | gate | gate, Holm (6 gate metrics × levels) |",
              "|" + "---|" * (6 + len(CURVE_METRICS))]
     gates = []
     for world in worlds:

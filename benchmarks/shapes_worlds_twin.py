@@ -13,9 +13,13 @@ trained identically without the content mechanism. Per matched accuracy, metric 
 as mean +- 95% t-interval over the seeds present in all four runs (a seed fixes the source
 generator's evaluation latents and the Stage-2 draws in both folders, so the pairing holds).
 The verdict is the gate's (``shapes_worlds.gate_verdict``): PASS when some gate metric's
-interval lies above 0 and none below, from at least 5 seeds; the last column is the same
-verdict with the p-values Holm-corrected over the scheme's 6 gate metrics at every level
-(``shapes_worlds.holm_verdicts``). For the drift metrics
+interval lies above 0 and none below, from at least 5 seeds. The last column is the same
+verdict corrected for the multiplicity: one family per scheme, the paired t-tests of the 6 gate
+metrics (shape / colour kept, p(shape / colour kept), shape / colour entropy) at every
+``--match_acc`` level, 24 tests at the default 4 levels, adjusted by Holm's step-down method
+(``shapes_worlds.holm_verdicts``); it names the smallest adjusted p and its metric. The drift
+metrics and the feature spread are reported, not tested. The two folders must have been run
+with the same settings but the world (``PAIRED_SETTINGS``). For the drift metrics
 ("→ biased shape / colour", lower is better) a negative difference means less drift towards
 the world's content than the twin's baseline.
 
@@ -35,15 +39,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import shapes_worlds as sw  # noqa: E402
 
+from ipl_diffusion.outputs import atomic_write_text  # noqa: E402
+
+
+# config.json entries that must agree for two folders to be paired seed by seed: everything that
+# shapes a run except the world's CLIP (the source model's and the oracle's digests included).
+PAIRED_SETTINGS = ("backend", "target", "learning_rates", "milestones", "batch_size", "stage1_iterations",
+                   "stage1_batch_size", "lambda_domain", "train_images", "stage1_images", "eval_images",
+                   "diag_latents", "truncation", "model_digests", "source_metrics")
+
+
+def read_config(folder):
+    """A shapes_worlds.py output folder's config.json; SystemExit where it is not such a folder."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() or not (folder / "runs.csv").is_file():
+        raise SystemExit(f"{folder}: not a shapes_worlds.py output folder (config.json and runs.csv expected)")
+    return json.loads((folder / "config.json").read_text())
+
+
+def check_pairable(world_dir, twin_dir):
+    """SystemExit naming the settings in which the two folders' runs differ (a seed pairs two runs
+    only where nothing but the world's CLIP differs)."""
+    world, twin = read_config(world_dir), read_config(twin_dir)
+    differ = [key for key in PAIRED_SETTINGS if key in world and key in twin and world[key] != twin[key]]
+    if differ:
+        raise SystemExit(f"{world_dir} and {twin_dir} were run with different settings ({', '.join(differ)}); "
+                         "a twin comparison pairs runs that differ only in the world's CLIP")
+
 
 def folder_curves(folder, match_acc):
     """``(world, {(scheme, acc): {metric: {seed: value}}})`` of one shapes_worlds.py output folder:
     its runs of the recorded keys, read at each matched accuracy. One world and one learning rate
     per folder (a twin comparison pairs two such folders)."""
     folder = Path(folder)
-    if not (folder / "config.json").is_file() or not (folder / "runs.csv").is_file():
-        raise SystemExit(f"{folder}: not a shapes_worlds.py output folder (config.json and runs.csv expected)")
-    config = json.loads((folder / "config.json").read_text())
+    config = read_config(folder)
     keys = set(config["run_keys"].values())
     with open(folder / "runs.csv") as handle:
         rows = [r for r in csv.DictReader(handle) if r["key"] in keys and int(r["iteration"]) > 0]
@@ -87,10 +116,11 @@ def difference_cell(mean, half, n):
 def twin_table(world_dir, twin_dir, match_acc):
     """Markdown lines: per scheme and matched accuracy, the world-minus-twin differences, the
     verdict, and the verdict Holm-corrected over that scheme's gate metrics at every level."""
+    check_pairable(world_dir, twin_dir)
     world_name, world = folder_curves(world_dir, match_acc)
     twin_name, twin = folder_curves(twin_dir, match_acc)
     lines = [f"### {world_name} minus its twin {twin_name}: (scheme − NADA) in the world − the same in the twin", "",
-             "| target acc | scheme | " + " | ".join(label for _, label, _ in sw.CURVE_METRICS) + " | verdict | verdict, Holm over the levels |",
+             "| target acc | scheme | " + " | ".join(label for _, label, _ in sw.CURVE_METRICS) + " | verdict | verdict, Holm (6 gate metrics × levels) |",
              "|" + "---|" * (4 + len(sw.CURVE_METRICS))]
     schemes = [s for s in sw.schemes_in({k[0] for k in world} & {k[0] for k in twin}) if s != "manual"]
     rows = {}
@@ -120,9 +150,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     if Path(args.world).resolve() == Path(args.twin).resolve():
         p.error("--world and --twin are the same folder: the difference would be 0 by construction")
+    args.match_acc = sw.matched_accuracies(p, args.match_acc)
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        p.error(f"--output {args.output}: its folder does not exist")
     text = "\n".join(twin_table(args.world, args.twin, args.match_acc)) + "\n"
     if args.output:
-        Path(args.output).write_text(text)
+        atomic_write_text(args.output, text)
     print(text)
 
 

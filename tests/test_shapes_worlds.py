@@ -756,9 +756,32 @@ def test_twin_gate_subtracts_the_content_free_twins_lead_seed_by_seed(tmp_path):
     line = twin_script.twin_table(tmp_path / "world", tmp_path / "twin", [0.75])[-1]
     assert line.startswith("| 0.75 | oracle (true captions) | +0.065 ± ") and "| PASS | PASS (p " in line
     # the world's own lead alone passes the plain gate, but a twin with the same lead cancels it
-    assert twin_script.twin_table(tmp_path / "world", tmp_path / "same", [0.75])[-1].endswith("| fail | fail (p 1, shape kept) |")
+    assert twin_script.twin_table(tmp_path / "world", tmp_path / "same", [0.75])[-1].endswith("| fail | fail (p 1) |")
     with pytest.raises(SystemExit, match="not a shapes_worlds.py output folder"):
         twin_script.folder_curves(tmp_path / "nowhere", [0.75])
     with pytest.raises(SystemExit):  # a folder against itself: 0 by construction
         twin_script.main(["--world", str(tmp_path / "world"), "--twin", str(tmp_path / "world")])
     assert twin_script.difference_cell(0.066, 0.0, 1) == "+0.066, no interval (n=1)"
+
+
+def test_twin_script_refuses_what_it_cannot_pair(tmp_path, capsys):
+    """Folders run with other settings, accuracies outside (0, 1], an --output in no folder;
+    a repeated level is read once (it would enlarge the Holm family with copies)."""
+    import json
+
+    twin_script = load_script("benchmarks/shapes_worlds_twin.py")
+    _benchmark_folder(tmp_path / "world", "lit_Q", [0.2] * 5)
+    _benchmark_folder(tmp_path / "twin", "lit_O", [0.05 + 0.01 * s for s in range(5)])
+    pair = ["--world", str(tmp_path / "world"), "--twin", str(tmp_path / "twin")]
+    for bad in (["--match_acc", "2"], ["--match_acc", "0"], ["--output", str(tmp_path / "no" / "t.md")]):
+        with pytest.raises(SystemExit):
+            twin_script.main(pair + bad)
+        assert "--match_acc takes target accuracies in (0, 1]" in capsys.readouterr().err or "--output" in bad
+    twin_script.main(pair + ["--match_acc", "0.75", "0.75", "--output", str(tmp_path / "t.md")])
+    rows = [line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| 0.75 |")]
+    assert len(rows) == 1 and "| PASS | PASS (p " in rows[0]
+    config = json.loads((tmp_path / "twin" / "config.json").read_text())
+    (tmp_path / "twin" / "config.json").write_text(json.dumps({**config, "learning_rates": [0.004]}))
+    (tmp_path / "world" / "config.json").write_text(json.dumps({**config, "learning_rates": [0.002]}))
+    with pytest.raises(SystemExit, match=r"different settings \(learning_rates\)"):
+        twin_script.main(pair)
