@@ -337,9 +337,10 @@ class AdaptArguments:
     images: Optional[str] = option(None, "DiffAE: folder of source-domain images (default: sampled, or rendered for the Shapes model)")
     stage1_images: Optional[str] = option(None, "DiffAE: folder of images for Stage 1's pool (default: as --images); give thousands")
     clip_model: Optional[str] = option(
-        None, "CLIP folder or Hub id (model, tokenizer and image processor) to use instead of the pipeline's own CLIP "
-        "components; needed for a folder saved without them, e.g. a copy of a shipped Shapes folder "
-        "(--clip_model ipl_diffusion/shapes_models/clip)")
+        None, "CLIP folder or Hub id (model, tokenizer and image processor; a Hub id from the cache when offline) to "
+        "use instead of the pipeline's own CLIP components, and saved with the adapted pipeline; needed for a folder "
+        "saved without them, e.g. a copy of a shipped Shapes folder (--clip_model ipl_diffusion/shapes_models/clip, "
+        "which knows only the Shapes domains), or openai/clip-vit-base-patch32 for any label")
     output_dir: Optional[str] = option(None, "output folder (default: ./ipl-<target>)")
     overwrite: bool = option(False, "replace the result of an earlier run in --output_dir (without it such a folder is refused)")
     resume_from_checkpoint: Optional[str] = option(None, "'latest' or a checkpoint folder in OUTPUT/checkpoints")
