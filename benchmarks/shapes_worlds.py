@@ -21,7 +21,8 @@ NADA's fixed one on factor preservation / diversity at matched target accuracy, 
 intervals (paired over seeds) that exclude 0. A world that fails the gate is not evidence
 about IPL either way. The tables give the gate as written and, next to it, corrected for
 testing 6 metrics at every ``--match_acc`` (Holm's step-down adjustment of the paired
-t-tests' p-values, one family per world and learning rate).
+t-tests' p-values, one family per world, learning rate and scheme); that column is given for
+every scheme, as "better than NADA on some gate metric and worse on none".
 
 **Matched stylisation.** Every run is one Stage 2 scored at several iterations
 (``--milestones``; Adam at a constant lr, so the prefix of a run *is* a shorter run). Each
@@ -786,10 +787,11 @@ def holm_verdicts(records, alpha=0.05):
 
 def paired_differences(matched, worlds, lrs, args):
     """Markdown lines and ``differences.csv`` records of each scheme minus manual, with the gate
-    (oracle rows): as written (95% intervals) and Holm-corrected over the oracle's gate metrics
-    at all of the table's matched accuracies (one family per world and learning rate)."""
+    as written (95% intervals; oracle rows) and, for every scheme, the same verdict ("better
+    than NADA on some gate metric, worse on none") Holm-corrected over the scheme's gate metrics
+    at all of the table's matched accuracies (one family per world, learning rate and scheme)."""
     lines = ["", "### Paired differences at matched target accuracy (seed by seed; 95% t-interval)", "",
-             "| world | lr | target acc | comparison | " + " | ".join(label for _, label, _ in CURVE_METRICS) + " | gate | gate, Holm (6 gate metrics × levels) |",
+             "| world | lr | target acc | comparison | " + " | ".join(label for _, label, _ in CURVE_METRICS) + " | gate (oracle) | better than NADA, Holm (6 gate metrics × levels) |",
              "|" + "---|" * (6 + len(CURVE_METRICS))]
     gates = []
     for world in worlds:
@@ -805,11 +807,11 @@ def paired_differences(matched, worlds, lrs, args):
                     cells, passes = compare_to_manual(base, other, record)
                     record["gate"] = gate_verdict(record, passes) if scheme == "oracle" else ""
                     rows.append((scheme, record, cells))
-            oracle = [record for scheme, record, _ in rows if scheme == "oracle"]
-            for record, verdict in zip(oracle, holm_verdicts(oracle)):
-                record["gate_holm"] = verdict
+            for scheme in dict.fromkeys(scheme for scheme, _, _ in rows):  # one family per scheme
+                family = [record for other, record, _ in rows if other == scheme]
+                for record, verdict in zip(family, holm_verdicts(family)):
+                    record["gate_holm"] = verdict
             for scheme, record, cells in rows:
-                record.setdefault("gate_holm", "")
                 gates.append(record)
                 lines.append(f"| {world} | {lr:g} | {record['match_acc']:g} | {record['comparison']} | " + " | ".join(cells)
                              + f" | {record['gate'] or '–'} | {record['gate_holm'] or '–'} |")

@@ -405,6 +405,13 @@ def test_gate_passes_only_with_five_seeds_and_a_positive_interval(bench, tmp_pat
     # Oracle keeps 0.1 more shape at accuracy 0.75 in every seed.
     assert verdict(5) == "PASS"
     assert verdict(2).startswith("undecided")
+    # every other scheme gets the Holm-corrected verdict too, but no gate (the gate is the oracle's)
+    rows = []
+    for seed in range(5):
+        rows += _curve_rows("manual", seed, 0.5) + _curve_rows("adaptive", seed, 0.6 + 0.01 * seed)
+    bench.analyse(rows, bench.parse_args(["--match_acc", "0.75", "--schemes", "manual", "adaptive"]), source, tmp_path)
+    line = [l for l in (tmp_path / "matched.md").read_text().splitlines() if "adaptive - manual" in l][0]
+    assert line.endswith("| – | PASS (p 0.00042, shape kept) |")  # +0.05 + 0.005 s: t = 17, 6 tests
 
 
 def test_holm_gate_needs_a_difference_that_survives_the_family(bench):
