@@ -1044,11 +1044,24 @@ def read_current_runs(runs_path, keys, last_milestone):
         with open(runs_path) as handle:
             rows = list(csv.DictReader(handle))
     valid_keys = set(keys.values())
-    current = [r for r in rows if r["key"] in valid_keys]
+    current = last_attempts([r for r in rows if r["key"] in valid_keys])
     if len(current) < len(rows):
         print(f"{len(rows) - len(current)} rows of runs.csv were made with other models or settings: ignored")
     done = {(r["key"], r["world"], r["scheme"], float(r["lr"]), int(r["seed"])) for r in current if int(r["iteration"]) == last_milestone}
     return current, done
+
+
+def last_attempts(rows):
+    """``rows`` less those of a run's interrupted attempts: a run stopped before its last
+    milestone is run again from iteration 0 on resuming and its new rows appended, so a row at
+    iteration 0 starts the run's rows anew (kept in file order)."""
+    attempts = {}
+    for r in rows:
+        ident = (r["key"], r["world"], r["scheme"], float(r["lr"]), int(r["seed"]))
+        if int(r["iteration"]) == 0 or ident not in attempts:
+            attempts[ident] = []
+        attempts[ident].append(r)
+    return [r for group in attempts.values() for r in group]
 
 
 def evaluation_set(backend, oracle, args):
@@ -1246,6 +1259,7 @@ def direction_diagnostics_lines(current, worlds, args, diag_label):
 
 def write_tables(current, worlds, args, source_metrics, diag_label, out):
     """matched.md (with the direction diagnostics), the curves and the plots, from the runs' rows."""
+    current = last_attempts(current)  # this invocation's rows may redo a run interrupted before
     curves_rows = [r for r in current if int(r["iteration"]) > 0]
     diag_summary = direction_diagnostics_lines(current, worlds, args, diag_label)
     text = analyse(curves_rows, args, source_metrics, out) + "\n".join(diag_summary) + "\n"

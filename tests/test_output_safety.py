@@ -156,7 +156,7 @@ def test_a_crash_while_saving_leaves_the_earlier_result(tmp_path):
             raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        _save_outputs(Crashes(), out)
+        _save_outputs(Crashes(), out, {})
     assert snapshot(out) == before and [p.name for p in out.iterdir() if p.name.startswith(".")] == []
 
 

@@ -439,6 +439,30 @@ def test_holm_gate_needs_a_difference_that_survives_the_family(bench):
     assert bench.holm_verdicts([few])[0].startswith("undecided")
 
 
+def test_a_resumed_run_replaces_its_interrupted_attempt(bench, tmp_path):
+    """runs.csv keeps the rows of an attempt stopped before its last milestone; the resumed run
+    appends a whole new attempt, which alone counts (the curves would count the seed twice)."""
+    import csv
+
+    def run(scheme, seed, iterations, shape):
+        return [dict(key="k", world="w", scheme=scheme, lr="0.001", seed=str(seed), iteration=str(i),
+                     target_acc=str(i / 20), shape_acc=str(shape)) for i in iterations]
+
+    interrupted = run("oracle", 0, (0, 10), 0.1)
+    rows = run("manual", 0, (0, 10, 20), 0.5) + interrupted + run("manual", 1, (0, 10, 20), 0.5) + run("oracle", 0, (0, 10, 20), 0.9)
+    kept = bench.last_attempts(rows)
+    assert [r for r in kept if r["scheme"] == "oracle"] == run("oracle", 0, (0, 10, 20), 0.9)
+    assert len(kept) == len(rows) - len(interrupted)
+    path = tmp_path / "runs.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    current, done = bench.read_current_runs(path, {"w": "k"}, 20)
+    assert len(current) == len(kept) and ("k", "w", "oracle", 0.001, 0) in done
+    assert bench.last_attempts(interrupted) == interrupted  # an unfinished run's rows still count until redone
+
+
 def test_equal_budget_differences_pair_each_seeds_last_iteration(bench):
     rows = []
     for seed in range(3):
