@@ -765,10 +765,10 @@ def holm_verdicts(records, alpha=0.05):
     table; the paired t-tests' p-values of their gate metrics (``GATE_METRICS``: shape / colour
     kept, p(shape / colour kept), shape / colour entropy; each with >= 2 pairs) are one family,
     6 x the number of levels tests, adjusted by Holm's step-down method (each record gets them
-    as ``<metric>_p_holm``). The drift metrics and the feature spread are not tested. Returns one verdict per
-    record: PASS where some gate metric's adjusted p is under ``alpha`` with a positive
-    difference and none with a negative one, followed by the record's smallest adjusted p and
-    its metric, e.g. ``"fail (p 0.21, shape kept)"``."""
+    as ``<metric>_p_holm``); the drift metrics and the feature spread are not tested. Returns
+    one verdict per record: PASS where some gate metric's adjusted p is under ``alpha`` with a
+    positive difference and none with a negative one, followed by the record's smallest
+    adjusted p and its metric, e.g. ``"fail (p 0.21, shape kept)"``."""
     tests = [(i, k) for i, r in enumerate(records) for k in GATE_METRICS if r.get(k + "_n", 0) >= 2]
     for (i, k), p in zip(tests, sc.holm_adjust([records[i][k + "_p"] for i, k in tests])):
         records[i][k + "_p_holm"] = p
@@ -1044,9 +1044,10 @@ def read_current_runs(runs_path, keys, last_milestone):
         with open(runs_path) as handle:
             rows = list(csv.DictReader(handle))
     valid_keys = set(keys.values())
-    current = last_attempts([r for r in rows if r["key"] in valid_keys])
+    current = [r for r in rows if r["key"] in valid_keys]
     if len(current) < len(rows):
         print(f"{len(rows) - len(current)} rows of runs.csv were made with other models or settings: ignored")
+    current = last_attempts(current)
     done = {(r["key"], r["world"], r["scheme"], float(r["lr"]), int(r["seed"])) for r in current if int(r["iteration"]) == last_milestone}
     return current, done
 
