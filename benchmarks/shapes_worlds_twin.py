@@ -151,8 +151,8 @@ def main(argv=None):
     if Path(args.world).resolve() == Path(args.twin).resolve():
         p.error("--world and --twin are the same folder: the difference would be 0 by construction")
     args.match_acc = sw.matched_accuracies(p, args.match_acc)
-    if args.output and not Path(args.output).resolve().parent.is_dir():
-        p.error(f"--output {args.output}: its folder does not exist")
+    if args.output and (Path(args.output).is_dir() or not Path(args.output).resolve().parent.is_dir()):
+        p.error(f"--output {args.output}: give a markdown file in an existing folder")
     text = "\n".join(twin_table(args.world, args.twin, args.match_acc)) + "\n"
     if args.output:
         atomic_write_text(args.output, text)

@@ -95,6 +95,9 @@ def load_clip_component(cls, path_or_id, component, **kwargs):
     if not path_or_id.strip():
         raise UserError(f"The {component} was given as an empty folder name or Hub id.")
     local = os.path.isdir(path_or_id)
+    if os.path.isfile(path_or_id):
+        raise CLIPNotFoundError(f"Could not load the {component}: {path_or_id!r} is a file; give the folder that holds "
+                                "it.", path_or_id, download=False)
     if not local and looks_like_local_path(path_or_id):  # asking the Hub would only say "bad repo id"
         raise CLIPNotFoundError(f"Could not load the {component}: the folder {path_or_id!r} does not exist.", path_or_id,
                                 download=False)
@@ -133,7 +136,7 @@ def check_tokenizer(tokenizer, path_or_id, vocab_size=None):
         raise CLIPNotFoundError(
             f"Could not load the CLIP tokenizer (CLIPTokenizer) from {os.fspath(path_or_id)!r}: no vocabulary "
             f"found (vocab.json/merges.txt or tokenizer.json missing).",
-            os.fspath(path_or_id),
+            os.fspath(path_or_id), download=not os.path.isdir(path_or_id),  # a local folder's files are missing
         )
     if vocab_size is not None and len(tokenizer) > vocab_size:
         raise UserError(

@@ -374,6 +374,12 @@ def test_local_folder_problems_name_the_folder_not_the_hub(tmp_path, encoder, no
     assert isinstance(info.value.__cause__, (SafetensorError, OSError))
     with pytest.raises(ValueError, match="empty folder name or Hub id"):
         CLIPPromptEncoder.from_pretrained("")
+    with pytest.raises(FileNotFoundError, match="is a file; give the folder that holds it"):
+        CLIPPromptEncoder.from_pretrained(weights)
+    encoder.clip_model.save_pretrained(tmp_path / "no_tokenizer")  # model only: the tokenizer's files are missing
+    with pytest.raises(FileNotFoundError, match="CLIP tokenizer") as info:
+        CLIPPromptEncoder.from_pretrained(tmp_path / "no_tokenizer")
+    assert "hf download" not in str(info.value)
     assert no_network == []
 
 

@@ -804,7 +804,7 @@ def test_twin_script_refuses_what_it_cannot_pair(tmp_path, capsys):
     _benchmark_folder(tmp_path / "world", "lit_Q", [0.2] * 5)
     _benchmark_folder(tmp_path / "twin", "lit_O", [0.05 + 0.01 * s for s in range(5)])
     pair = ["--world", str(tmp_path / "world"), "--twin", str(tmp_path / "twin")]
-    for bad in (["--match_acc", "2"], ["--match_acc", "0"], ["--output", str(tmp_path / "no" / "t.md")]):
+    for bad in (["--match_acc", "2"], ["--match_acc", "0"], ["--output", str(tmp_path / "no" / "t.md")], ["--output", str(tmp_path)]):
         with pytest.raises(SystemExit):
             twin_script.main(pair + bad)
         assert "--match_acc takes target accuracies in (0, 1]" in capsys.readouterr().err or "--output" in bad
