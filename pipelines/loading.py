@@ -186,46 +186,50 @@ def hub_snapshot(repo_id: str, kwargs: dict) -> str:
         ) from err
 
 
-def clip_components(path_or_id) -> dict:
+def clip_components(path_or_id, tokenizer=None, feature_extractor=None) -> dict:
     """A pipeline's CLIP components from one CLIP folder or Hub id, as keyword arguments of
-    ``from_pretrained``: ``text_encoder`` (``CLIPModel``), ``tokenizer`` (``CLIPTokenizer``,
-    checked against the model's vocabulary) and ``feature_extractor`` (``CLIPImageProcessorPil``;
-    None where the folder has none, which means OpenAI CLIP's mean / std, as in
-    ``from_components``), the layout of ``save_pretrained`` of all three into one folder
-    (``shapes_models/clip``, ``openai/clip-vit-base-patch32``). ``--clip_model`` reads this.
+    ``from_pretrained``: ``text_encoder`` (``CLIPModel``), ``tokenizer`` (``CLIPTokenizer``) and
+    ``feature_extractor`` (``CLIPImageProcessorPil``; None where the folder has none, which
+    means OpenAI CLIP's mean / std), the layout of ``save_pretrained`` of all three into one
+    folder (``shapes_models/clip``, ``openai/clip-vit-base-patch32``). A ``tokenizer`` or
+    ``feature_extractor`` given is kept instead of loaded. ``from_components`` and
+    ``--clip_model`` (:func:`from_pretrained_with_clip`) read this.
 
     Raises:
         CLIPNotFoundError: (a ``FileNotFoundError``) the model or tokenizer cannot be loaded;
             the message names it and what is wrong (a missing folder, its files, the Hub).
-        UserError: an empty name, or a tokenizer that does not belong to the model.
+        UserError: an empty name.
     """
     from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
-    from ipl_diffusion.clip_loading import check_tokenizer, load_clip_component
+    from ipl_diffusion.clip_loading import load_clip_component
 
     model = load_clip_component(CLIPModel, path_or_id, "CLIP model")
-    tokenizer = load_clip_component(CLIPTokenizer, path_or_id, "CLIP tokenizer")
-    check_tokenizer(tokenizer, path_or_id, model.config.text_config.vocab_size)
-    try:
-        processor = load_clip_component(CLIPImageProcessorPil, path_or_id, "CLIP image processor")
-    except FileNotFoundError:
-        processor = None
-    return {"text_encoder": model.eval(), "tokenizer": tokenizer, "feature_extractor": processor}
+    tokenizer = tokenizer or load_clip_component(CLIPTokenizer, path_or_id, "CLIP tokenizer")
+    if feature_extractor is None:
+        try:
+            feature_extractor = load_clip_component(CLIPImageProcessorPil, path_or_id, "CLIP image processor")
+        except FileNotFoundError:
+            feature_extractor = None  # OpenAI CLIP's mean / std are CLIPImageProcessor's defaults
+    return {"text_encoder": model.eval(), "tokenizer": tokenizer, "feature_extractor": feature_extractor}
 
 
 def from_pretrained_with_clip(cls, model, clip_model=None, **kwargs):
     """``cls.from_pretrained(model, **kwargs)`` with the CLIP components of ``clip_model`` (a
-    CLIP folder or Hub id, :func:`clip_components`; None: the folder's own). The folder's
-    ``known_domains`` describe its own CLIP, so with another CLIP the pipeline records none
-    (any label is accepted) unless ``clip_model`` is the package's Shapes CLIP folder.
+    CLIP folder or Hub id, :func:`clip_components`, its tokenizer checked against the model's
+    vocabulary; None: the folder's own). The folder's ``known_domains`` describe its own CLIP,
+    so with another CLIP the pipeline records none (any label is accepted) unless
+    ``clip_model`` is the package's Shapes CLIP.
 
-    Raises what :func:`clip_components` and ``cls.from_pretrained`` raise."""
+    Raises what :func:`clip_components`, ``check_tokenizer`` and ``cls.from_pretrained`` raise."""
     if clip_model is None:
         return cls.from_pretrained(str(model), **kwargs)
-    pipe = cls.from_pretrained(str(model), **clip_components(clip_model), **kwargs)
-    from ipl_diffusion.shapes import default_model_path
+    from ipl_diffusion.clip_loading import check_tokenizer
+    from ipl_diffusion.shapes import is_shipped
 
-    shipped = Path(clip_model).is_dir() and Path(clip_model).resolve() == Path(default_model_path("clip")).resolve()
-    if not shipped:
+    components = clip_components(clip_model)
+    check_tokenizer(components["tokenizer"], clip_model, components["text_encoder"].config.text_config.vocab_size)
+    pipe = cls.from_pretrained(str(model), **components, **kwargs)
+    if not is_shipped(clip_model):  # the one CLIP inside the package's Shapes models
         pipe.register_to_config(known_domains=None)
     return pipe

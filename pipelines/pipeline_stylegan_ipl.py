@@ -53,7 +53,9 @@ from ipl_diffusion.outputs import atomic_save_image
 from ipl_diffusion.errors import UserError, UserFileNotFoundError
 from ipl_diffusion.pipelines.adapted_pipeline import SAMPLE_GRID_NAME, AdaptedPipelineMixin
 from ipl_diffusion.pipelines.hub_layout import RemoteCodeLayoutMixin
-from ipl_diffusion.pipelines.loading import component_dtype, is_generator_folder, load_pipeline, requested_dtype
+from ipl_diffusion.pipelines.loading import (
+    clip_components, component_dtype, is_generator_folder, load_pipeline, requested_dtype,
+)
 from ipl_diffusion.pipelines.model_card import build_model_card, summarize_history
 
 _COMPONENTS = ("source_generator", "generator", "text_encoder", "tokenizer", "mapper", "feature_extractor")
@@ -191,18 +193,8 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, Diffusion
             else:
                 generator = StyleGAN2Generator.from_pretrained(str(generator))
         if isinstance(text_encoder, (str, os.PathLike)):
-            from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
-
-            from ipl_diffusion.clip_loading import load_clip_component
-
-            folder = str(text_encoder)
-            text_encoder = load_clip_component(CLIPModel, folder, "CLIP model")
-            tokenizer = tokenizer or load_clip_component(CLIPTokenizer, folder, "CLIP tokenizer")
-            if feature_extractor is None:
-                try:
-                    feature_extractor = load_clip_component(CLIPImageProcessorPil, folder, "CLIP image processor")
-                except FileNotFoundError:
-                    feature_extractor = None  # OpenAI CLIP's mean / std are CLIPImageProcessor's defaults
+            clip = clip_components(str(text_encoder), tokenizer, feature_extractor)
+            text_encoder, tokenizer, feature_extractor = clip["text_encoder"], clip["tokenizer"], clip["feature_extractor"]
         return cls(
             source_generator=generator.eval(),
             text_encoder=text_encoder.eval() if text_encoder is not None else None,
