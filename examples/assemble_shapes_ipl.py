@@ -27,6 +27,7 @@ import argparse
 import shutil
 from pathlib import Path
 
+from ipl_diffusion.cli import run_script
 from ipl_diffusion.shapes import (  # the SHAPES_* defaults are recorded in the folder
     CLIP_COMPONENTS,
     MODELS_DIR,
@@ -91,4 +92,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)  # a UserError: one line, exit status 2

@@ -38,7 +38,6 @@ losses (``losses.csv``, and TensorBoard events in ``logs/`` when tensorboard is 
 import dataclasses
 import json
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -49,9 +48,9 @@ from transformers import HfArgumentParser
 
 from ipl_diffusion import IPLPipeline
 from ipl_diffusion.adaptation.distributed import make_accelerator
+from ipl_diffusion.cli import run_script
 from ipl_diffusion.configs import AdaptArguments, DiffAEStage2Config, Stage1Config
-from ipl_diffusion.errors import UserError
-from ipl_diffusion.outputs import atomic_folder, atomic_write_text, check_writable, output_lock, refuse_earlier_result
+from ipl_diffusion.outputs import atomic_folder, atomic_write_text, check_writable, output_lock, refuse_earlier_result, refuse_occupied
 from ipl_diffusion.pipelines.loading import from_pretrained_with_clip
 from ipl_diffusion.shapes import default_model_path
 
@@ -87,6 +86,7 @@ def main(argv=None):
     with output_lock(run.output_dir, "--output_dir"):
         if run.resume_from_checkpoint is None and not run.overwrite:
             refuse_earlier_result(run.output_dir, ["pipeline"], "--output_dir")
+            refuse_occupied(run.output_dir, "--output_dir")
         train(run, stage1, stage2, hub)
 
 
@@ -129,8 +129,4 @@ def train(run, stage1, stage2, hub):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as err:  # a refusal the user can act on: one line, exit status 2 as argparse's
-        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)  # a UserError: one line, exit status 2

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ipl_diffusion.cli import run_script
 from ipl_diffusion.images import list_image_files, load_image, to_pil
 from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline
 
@@ -50,4 +51,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)  # a UserError: one line, exit status 2

@@ -2,6 +2,8 @@
 
 * :func:`check_writable` -- before any work, a folder (or the nearest existing folder above a
   path that does not exist yet) must accept a new file; otherwise :class:`UserError`.
+* :func:`refuse_earlier_result`, :func:`refuse_occupied` -- a fresh run does not write into a
+  folder that holds an earlier result, or anything at all, unless told to (``--overwrite``).
 * :func:`output_lock` -- one run at a time per output folder. The lock is a file,
   ``<folder>/.ipl.lock``, holding the owner's PID and host, locked with ``fcntl.flock``: the
   kernel drops the lock when its process dies (``kill -9`` included), so a lock left by a killed
@@ -31,7 +33,7 @@ except ImportError:  # Windows: no advisory locks; runs are not serialised there
     fcntl = None
 
 __all__ = [
-    "LOCK_NAME", "check_writable", "refuse_earlier_result", "output_lock", "atomic_write_text", "atomic_save_image",
+    "LOCK_NAME", "check_writable", "refuse_earlier_result", "refuse_occupied", "output_lock", "atomic_write_text", "atomic_save_image",
     "atomic_folder",
 ]
 
@@ -79,6 +81,32 @@ def refuse_earlier_result(folder, names, what: str = "output", overwrite_hint: s
         raise UserError(
             f"{what} {folder} already holds the result of an earlier run ({shown}); "
             f"choose another folder or {overwrite_hint} to replace it"
+        )
+
+
+def refuse_occupied(folder, what: str = "output", overwrite_hint: str = "pass --overwrite") -> None:
+    """Refuse a fresh run into a folder that holds anything but this package's lock file.
+
+    A training run writes a dozen names into its folder (the result, ``losses.csv``, ``stage1/``,
+    caches, samples), so a file of the user's under one of them would be replaced; only an empty
+    or new folder is safe without consent. This is the rule of transformers' example scripts
+    (a non-empty ``output_dir`` needs ``--overwrite_output_dir``). A folder that does not exist
+    passes.
+
+    Raises:
+        UserFileExistsError: the folder holds files or folders; the message names up to 3 and
+            how to proceed (another folder, ``overwrite_hint``, or resuming a run that stopped).
+    """
+    from ipl_diffusion.errors import UserFileExistsError
+
+    folder = Path(folder)
+    found = sorted(entry.name for entry in folder.iterdir() if entry.name != LOCK_NAME) if folder.is_dir() else []
+    if found:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise UserFileExistsError(
+            f"{what} {folder} is not empty ({shown}); a run would replace files of the names it writes there. "
+            f"Choose a new or empty folder, {overwrite_hint} to write there anyway, or "
+            "--resume_from_checkpoint latest to continue a run that stopped"
         )
 
 

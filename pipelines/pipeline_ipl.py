@@ -34,7 +34,6 @@ components whose module is already imported, hence the imports of our model modu
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -49,7 +48,7 @@ from ipl_diffusion.adaptation import diffae as diff_ipl
 from ipl_diffusion.configs import DiffAEStage2Config
 from ipl_diffusion.pipelines.adapted_pipeline import AdaptedPipelineMixin
 from ipl_diffusion.pipelines.hub_layout import RemoteCodeLayoutMixin
-from ipl_diffusion.pipelines.loading import load_pipeline
+from ipl_diffusion.pipelines.loading import clip_components, load_pipeline
 from ipl_diffusion.pipelines.model_card import build_model_card, summarize_history
 from ipl_diffusion.errors import UserError
 from ipl_diffusion.pipelines.pipeline_diffae import XFormersFallbackPipelineMixin, check_codes, sample_z_sem
@@ -171,10 +170,11 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
             diffae: a ``DiffAEPipeline`` (or a folder / Hub id of one, loaded with
                 ``DiffAEPipeline.from_pretrained``); its semantic encoder, UNet, scheduler and
                 latent net are taken.
-            text_encoder, tokenizer: ``transformers.CLIPModel`` and ``CLIPTokenizer`` (or a
-                folder holding both, given as ``text_encoder`` with ``tokenizer=None``).
-            feature_extractor: ``CLIPImageProcessor`` (optional; read from the CLIP folder
-                when one is given).
+            text_encoder, tokenizer: ``transformers.CLIPModel`` and ``CLIPTokenizer``, or a CLIP
+                folder / Hub id holding both, given as ``text_encoder`` with ``tokenizer=None``
+                (loaded by ``pipelines.loading.clip_components``).
+            feature_extractor: ``CLIPImageProcessor`` (optional; read from the CLIP folder or Hub
+                id when one is given and it has one; None means OpenAI CLIP's mean / std).
             source_label: the domain the DiffAE was trained on (e.g. ``"photo"``).
             base_model: name recorded in model cards (default: the DiffAE folder / id).
             adapt_defaults: options :meth:`adapt` uses when not given (any field of ``Stage1Config`` / ``DiffAEStage2Config``),
@@ -186,15 +186,8 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
             base_model = base_model or str(diffae)
             diffae = DiffAEPipeline.from_pretrained(str(diffae))
         if isinstance(text_encoder, (str, os.PathLike)):
-            from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
-
-            from ipl_diffusion.clip_loading import load_clip_component
-
-            folder = str(text_encoder)
-            text_encoder = load_clip_component(CLIPModel, folder, "CLIP model")
-            tokenizer = tokenizer or load_clip_component(CLIPTokenizer, folder, "CLIP tokenizer")
-            if feature_extractor is None and (Path(folder) / "preprocessor_config.json").is_file():
-                feature_extractor = load_clip_component(CLIPImageProcessorPil, folder, "CLIP image processor")
+            clip = clip_components(str(text_encoder), tokenizer, feature_extractor)
+            text_encoder, tokenizer, feature_extractor = clip["text_encoder"], clip["tokenizer"], clip["feature_extractor"]
         if tokenizer is None:
             raise UserError("from_components needs a tokenizer (or a CLIP folder holding one as text_encoder)")
         parts = diffae.components

@@ -55,15 +55,30 @@ def test_adapt_refuses_an_output_that_holds_an_earlier_result(model_dir, tmp_pat
     assert snapshot(out) == before
 
 
+def test_adapt_refuses_a_folder_of_the_users_files(model_dir, tmp_path, capsys):
+    """A user's own losses.csv would be replaced by the run's log: a fresh run needs an empty
+    or new folder (or --overwrite), as transformers' scripts need --overwrite_output_dir."""
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "losses.csv").write_text("my own numbers\n")
+    (out / "todo.txt").write_text("keep me\n")
+    before = snapshot(out)
+    assert main(["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out), *FAST_CLI_ARGS]) == 2
+    err = one_line_error(capsys)
+    assert "is not empty (losses.csv, todo.txt)" in err and "--overwrite" in err and "--resume_from_checkpoint" in err
+    assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == ["losses.csv", "todo.txt"]
+
+
 @pytest.mark.slow
 def test_adapt_overwrite_replaces_the_earlier_result(model_dir, tmp_path):
     out = tmp_path / "run"
     earlier_result(out)
+    (out / "todo.txt").write_text("keep me\n")  # a user's file beside the result: written around, kept
     (out / "checkpoints" / "checkpoint-7").mkdir(parents=True)  # the earlier run's, stand-in
     assert main(["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out), "--overwrite",
                  *FAST_CLI_ARGS]) == 0
     assert (out / "pipeline" / "unet").is_dir() and (out / "before_after.png").read_bytes() != b"first grid"
-    assert not (out / "checkpoints" / "checkpoint-7").exists()
+    assert not (out / "checkpoints" / "checkpoint-7").exists() and (out / "todo.txt").read_text() == "keep me\n"
     assert not (out / LOCK_NAME).exists() and not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
 
 
@@ -293,6 +308,23 @@ def test_shapes_training_scripts_refuse_a_work_dir_in_use(script, tmp_path):
             )
     finally:
         holder.communicate("")
+
+
+@pytest.mark.parametrize("script", ["train_clip", "train_oracle", "train_diffae", "train_stylegan2"])
+def test_shapes_training_scripts_refuse_a_missing_init_from_in_one_line(script, tmp_path):
+    """Run as a user runs them: one line, argparse's exit status 2 (as `ipl`), nothing created.
+    train_oracle / train_diffae used to give a Hub-download traceback, and train_diffae left
+    its --output_dir behind."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "shapes" / f"{script}.py"), "--init_from", str(tmp_path / "missing"),
+         "--work_dir", str(work), "--output_dir", str(out), "--max_steps", "1"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines[-1].startswith(f"{script}.py: error: --init_from "), result.stderr
+    assert "Traceback" not in result.stderr and sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_atomic_outputs_get_the_mode_a_plain_write_would(tmp_path):

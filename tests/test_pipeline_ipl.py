@@ -242,6 +242,32 @@ def test_from_components_assembles_a_source_pipeline(source_pipe, tmp_path):
         IPLPipeline.from_components(diffae, source_pipe.text_encoder)
 
 
+def test_from_components_reads_the_image_processor_of_a_hub_id(source_pipe, tmp_path, monkeypatch):
+    """A CLIP given as a Hub id brings its own mean / std (openai/clip-vit-base-patch32 ships a
+    preprocessor_config.json). The id is served offline from a Hub cache laid out as
+    huggingface_hub writes it: models--org--name/refs/main naming a snapshot folder."""
+    import huggingface_hub.constants
+    from transformers import CLIPImageProcessorPil
+
+    from ipl_diffusion.pipelines.pipeline_diffae import DiffAEPipeline
+    from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny-clip" / "snapshots" / ("0" * 40)
+    source_pipe.text_encoder.save_pretrained(snapshot)
+    source_pipe.tokenizer.save_pretrained(snapshot)
+    CLIPImageProcessorPil(image_mean=[0.25, 0.5, 0.75], image_std=[0.5, 0.5, 0.5]).save_pretrained(snapshot)
+    (cache / "models--someone--tiny-clip" / "refs").mkdir()
+    (cache / "models--someone--tiny-clip" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    diffae = DiffAEPipeline(
+        semantic_encoder=source_pipe.semantic_encoder, unet=source_pipe.source_unet, scheduler=source_pipe.scheduler,
+    )
+    pipe = IPLPipeline.from_components(diffae, "someone/tiny-clip", source_label="photo")
+    assert pipe.feature_extractor is not None and list(pipe.feature_extractor.image_mean) == [0.25, 0.5, 0.75]
+
+
 def test_xformers_where_it_cannot_run_warns_once_and_keeps_outputs(monkeypatch):
     """The xformers fallback on the whole IPL pipeline: the CLIP text encoder and every DiffAE model are
     components, yet enabling xformers gives one warning, SDPA everywhere and equal outputs."""

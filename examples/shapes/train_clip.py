@@ -40,6 +40,7 @@ from safetensors import SafetensorError
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
 from ipl_diffusion.checkpointing import ResumableRun
+from ipl_diffusion.cli import run_script
 from ipl_diffusion.errors import UserError
 from ipl_diffusion.outputs import output_lock
 from ipl_diffusion.shapes.renderer import STYLES, ShapesRenderer, sample_factors
@@ -519,7 +520,4 @@ def train(args):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as err:  # a refusal the user can act on: one line, no traceback
-        sys.exit(f"train_clip.py: error: {err}")
+    run_script(main)  # a UserError: one line, exit status 2

@@ -61,7 +61,9 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from ipl_diffusion.checkpointing import ResumableRun, load_checkpoint, resolve_checkpoint
+from ipl_diffusion.cli import run_script
 from ipl_diffusion.ddim import ddim_decode, ddim_invert
+from ipl_diffusion.errors import NonFiniteLossError, UserError, UserFileNotFoundError
 from ipl_diffusion.grids import labelled_grid
 from ipl_diffusion.models import DiffAEUNetModel, LatentNetModel, SemanticEncoder
 from ipl_diffusion.outputs import output_lock
@@ -112,7 +114,11 @@ def parse_args(argv=None):
     p.add_argument("--eval_steps", type=int, default=20, help="DDIM steps for the reconstruction/sample checks")
     p.add_argument("--oracle", default="ipl_diffusion/shapes_models/oracle", help="oracle folder for the sample check")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    missing = [sub for sub in ("semantic_encoder", "unet") if args.init_from and not (Path(args.init_from) / sub / "config.json").is_file()]
+    if missing:  # before any folder is made or model built
+        p.error(f"--init_from {args.init_from}: no DiffAEPipeline folder there ({'/, '.join(missing)}/ missing)")
+    return args
 
 
 def ints(text):
@@ -156,7 +162,7 @@ def ema_update(ema_model, model, decay):
 def warm_start(folder, models):
     """Copy a trained DiffAEPipeline folder's encoder and UNet into the models and their EMAs.
 
-    Raises ValueError when the folder's weights do not fit this run's config (missing or
+    Raises UserError when the folder's weights do not fit this run's config (missing or
     mis-shaped keys), rather than training a half-initialised model.
     """
     folder = Path(folder)
@@ -167,7 +173,7 @@ def warm_start(folder, models):
             try:
                 models[name].load_state_dict(trained)
             except RuntimeError as err:
-                raise ValueError(f"--init_from {folder}/{sub} does not fit this run's {name}: {err}") from None
+                raise UserError(f"--init_from {folder}/{sub} does not fit this run's {name}: {err}") from None
     print(f"initialised encoder and UNet from {folder}")
 
 
@@ -182,7 +188,7 @@ def train_autoencoder(args, encoder, unet, ema_encoder, ema_unet, work, renderer
     if run.resumed:
         trained_as = run.saved_config.get("prediction_type", "epsilon")  # checkpoints from before the option: eps
         if trained_as != args.prediction_type:
-            raise ValueError(f"{run.resumed_from} was trained with --prediction_type {trained_as}; resume it with that, or start a new --work_dir")
+            raise UserError(f"{run.resumed_from} was trained with --prediction_type {trained_as}; resume it with that, or start a new --work_dir")
     elif args.init_from:
         warm_start(args.init_from, models)
     encoder.train()
@@ -198,7 +204,7 @@ def train_autoencoder(args, encoder, unet, ema_encoder, ema_unet, work, renderer
         target = noise if args.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
         loss = F.mse_loss(unet(x_t, t, encoder(x0)).sample, target)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite DiffAE loss at step {step}")
+            raise NonFiniteLossError(f"non-finite DiffAE loss at step {step}; lower --learning_rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -353,7 +359,7 @@ def train(args):
     else:
         resume = resolve_checkpoint(work, "latest")
         if resume is None:
-            raise FileNotFoundError(f"--phase latent needs an autoencoder checkpoint in {work}")
+            raise UserFileNotFoundError(f"--phase latent needs an autoencoder checkpoint in {work}")
         steps, saved = load_checkpoint(resume, {"encoder": encoder, "unet": unet, "ema_encoder": ema_encoder, "ema_unet": ema_unet}, restore_rng=False)
         # The saved model predicts what its autoencoder run trained it to, whatever this command says.
         args.prediction_type = saved.get("prediction_type", "epsilon")
@@ -388,4 +394,4 @@ def train(args):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)  # a UserError: one line, exit status 2

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from ipl_diffusion.checkpointing import ResumableRun
+from ipl_diffusion.cli import run_script
+from ipl_diffusion.errors import NonFiniteLossError
 from ipl_diffusion.outputs import output_lock
 from ipl_diffusion.shapes.oracle import ShapesOracle, oracle_loss
 from ipl_diffusion.shapes.renderer import STYLES, ShapesRenderer, sample_factors
@@ -48,7 +50,10 @@ def parse_args(argv=None):
         "change alone does not change the style reading; 0 = the shipped oracle's training",
     )
     p.add_argument("--init_from", default=None, help="an oracle folder to fine-tune instead of a fresh network")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.init_from and not (Path(args.init_from) / "config.json").is_file():  # before any folder is made
+        p.error(f"--init_from {args.init_from}: no oracle folder there (config.json missing)")
+    return args
 
 
 def corrupt(images, generator):
@@ -143,7 +148,7 @@ def train(args):
             group["lr"] = lr
         loss = oracle_loss(oracle(images), factors)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite oracle loss at step {step}")
+            raise NonFiniteLossError(f"non-finite oracle loss at step {step}; lower --learning_rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -175,4 +180,4 @@ def train(args):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)  # a UserError: one line, exit status 2

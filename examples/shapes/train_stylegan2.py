@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ipl_diffusion.checkpointing import ResumableRun, load_checkpoint, resolve_checkpoint
+from ipl_diffusion.cli import run_script
 from ipl_diffusion.grids import labelled_grid
 from ipl_diffusion.models.semantic_encoder import SemanticEncoder
 from ipl_diffusion.models.stylegan2 import EqualLinear, StyleGAN2Discriminator, StyleGAN2Generator
@@ -428,7 +429,4 @@ def train(args):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as err:  # a user's mistake: one line, not a traceback
-        sys.exit(f"{Path(sys.argv[0]).name}: error: {err}")
+    run_script(main, errors=(FileNotFoundError, ValueError))  # a user's mistake (a missing file, a bad value): one line, exit status 2

@@ -68,10 +68,25 @@ def main(argv=None) -> int:
         print(f"ipl {args.command}: interrupted", file=sys.stderr)
         return 130
     except UserError as err:  # only the library's refusals; every other exception is a bug
-        if os.environ.get("IPL_TRACEBACK"):
-            raise
-        print(f"ipl {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return _refusal(f"ipl {args.command}", err)
+
+
+def _refusal(prog, err) -> int:
+    if os.environ.get("IPL_TRACEBACK"):
+        raise err
+    print(f"{prog}: error: {err}", file=sys.stderr)
+    return 2
+
+
+def run_script(script_main, errors=(UserError,)) -> None:
+    """Run an example script's ``main()`` and exit as ``ipl`` does: a refusal (an exception in
+    ``errors``, by default :class:`~ipl_diffusion.errors.UserError`) is one line on stderr,
+    ``<script>: error: <message>``, with argparse's exit status 2 (``IPL_TRACEBACK=1`` shows
+    its traceback); any other exception is a bug and keeps its traceback."""
+    try:
+        script_main()
+    except errors as err:
+        sys.exit(_refusal(os.path.basename(sys.argv[0]), err))
 
 
 if __name__ == "__main__":

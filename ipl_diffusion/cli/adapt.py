@@ -12,7 +12,8 @@ run_config.json and in the checkpoints. An option not given takes the model's re
 value (model_index.json adapt_defaults), else the config's default. A number option whose help
 gives None a meaning also takes `none`, e.g. --max_grad_norm none (no gradient clipping).
 
-The run writes into --output_dir (default ./ipl-<target>):
+The run writes into --output_dir (default ./ipl-<target>), a new or empty folder unless
+--overwrite or --resume_from_checkpoint is given:
   pipeline/          the adapted pipeline: use it with `ipl translate --model OUTPUT/pipeline`
                      or IPLPipeline.from_pretrained("OUTPUT/pipeline")
   before_after.png   {before_after_rows}
@@ -302,12 +303,13 @@ RESULT_NAMES = ("pipeline", before_after.FILE_NAME)
 
 
 def _check_earlier_result(args, output):
-    """Refuse to replace an earlier run's result unless --overwrite; with --overwrite, drop the
-    earlier run's checkpoints (a fresh run would refuse them, a resumed one continues them)."""
+    """Refuse to replace an earlier run's result unless --overwrite, and a fresh run into a folder
+    holding anything else; with --overwrite, drop the earlier run's checkpoints (a fresh run
+    would refuse them, a resumed one continues them)."""
     import shutil
 
     from ipl_diffusion.checkpointing import check_before_run, list_checkpoints
-    from ipl_diffusion.outputs import refuse_earlier_result
+    from ipl_diffusion.outputs import refuse_earlier_result, refuse_occupied
 
     resuming = args.resume_from_checkpoint is not None and (
         args.resume_from_checkpoint != "latest" or list_checkpoints(output / "checkpoints")
@@ -319,6 +321,8 @@ def _check_earlier_result(args, output):
     # A misspelt checkpoint name, a damaged checkpoint or a fresh run over old checkpoints fails
     # now, before the model is loaded.
     check_before_run(output / "checkpoints", args.resume_from_checkpoint)
+    if not args.overwrite and args.resume_from_checkpoint is None:
+        refuse_occupied(output, "--output_dir")  # a user's losses.csv there would be replaced
 
 
 def _report_stage1(config):
