@@ -12,6 +12,7 @@ classes never need.
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -189,8 +190,8 @@ def hub_snapshot(repo_id: str, kwargs: dict) -> str:
 def clip_components(path_or_id, tokenizer=None, feature_extractor=None) -> dict:
     """A pipeline's CLIP components from one CLIP folder or Hub id, as keyword arguments of
     ``from_pretrained``: ``text_encoder`` (``CLIPModel``), ``tokenizer`` (``CLIPTokenizer``) and
-    ``feature_extractor`` (``CLIPImageProcessorPil``; None where the folder has none, which
-    means OpenAI CLIP's mean / std), the layout of ``save_pretrained`` of all three into one
+    ``feature_extractor`` (``CLIPImageProcessorPil``; None, with a ``UserWarning``, where the
+    folder has none, which means OpenAI CLIP's mean / std), the layout of ``save_pretrained`` of all three into one
     folder (``shapes_models/clip``, ``openai/clip-vit-base-patch32``). A ``tokenizer`` or
     ``feature_extractor`` given is kept instead of loaded. ``from_components`` and
     ``--clip_model`` (:func:`from_pretrained_with_clip`) read this.
@@ -210,7 +211,12 @@ def clip_components(path_or_id, tokenizer=None, feature_extractor=None) -> dict:
         try:
             feature_extractor = load_clip_component(CLIPImageProcessorPil, path_or_id, "CLIP image processor")
         except FileNotFoundError:
-            feature_extractor = None  # OpenAI CLIP's mean / std are CLIPImageProcessor's defaults
+            # None means OpenAI CLIP's mean / std (CLIPImageProcessor's defaults): right for
+            # OpenAI's CLIPs, silently wrong for one trained with other statistics, so say so.
+            warnings.warn(f"CLIP {path_or_id} has no image processor (preprocessor_config.json): its images are "
+                          "normalised with OpenAI CLIP's mean / std; save its CLIPImageProcessor there if it was "
+                          "trained with others", UserWarning, stacklevel=2)
+            feature_extractor = None
     return {"text_encoder": model.eval(), "tokenizer": tokenizer, "feature_extractor": feature_extractor}
 
 

@@ -365,3 +365,18 @@ def test_resume_with_another_stage1_option_is_refused_before_anything_is_rewritt
         source_pipe.adapt("sketch", **dict(kwargs, resume_from_checkpoint="latest", domain_regularizer="direction"))
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
+
+
+def test_a_clip_folder_without_an_image_processor_is_read_with_openai_statistics_and_a_warning(source_pipe, tmp_path):
+    import warnings
+
+    from ipl_diffusion.pipelines.loading import clip_components
+
+    source_pipe.text_encoder.save_pretrained(tmp_path / "clip")
+    source_pipe.tokenizer.save_pretrained(tmp_path / "clip")
+    with pytest.warns(UserWarning, match="no image processor .* OpenAI CLIP's mean / std"):
+        assert clip_components(tmp_path / "clip")["feature_extractor"] is None
+    source_pipe.feature_extractor.save_pretrained(tmp_path / "clip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the folder's own processor: nothing to say
+        assert clip_components(tmp_path / "clip")["feature_extractor"] is not None
