@@ -48,9 +48,10 @@ from transformers import HfArgumentParser
 
 from ipl_diffusion import IPLPipeline
 from ipl_diffusion.adaptation.distributed import make_accelerator
+from ipl_diffusion.checkpointing import check_output_dir, remove_checkpoints
 from ipl_diffusion.cli import run_script
 from ipl_diffusion.configs import AdaptArguments, DiffAEStage2Config, Stage1Config
-from ipl_diffusion.outputs import atomic_folder, atomic_write_text, check_writable, output_lock, refuse_earlier_result, refuse_occupied
+from ipl_diffusion.outputs import atomic_folder, atomic_write_text, check_writable, output_lock
 from ipl_diffusion.pipelines.loading import from_pretrained_with_clip
 from ipl_diffusion.shapes import default_model_path
 
@@ -80,17 +81,16 @@ def parse_args(argv=None):
 
 def main(argv=None):
     run, stage1, stage2, hub = parse_args(argv)
-    # Before any model loads: the output folder must be writable, hold no earlier result (unless
-    # resumed or --overwrite) and not be in use by another run (its lock is held until the end).
+    # Before any model loads: the output folder must be writable, new or empty (unless this run
+    # continues its checkpoints, or --overwrite) and not in use by another run (its lock is held
+    # until the end). The rule is ipl adapt's.
     check_writable(run.output_dir, "--output_dir")
     with output_lock(run.output_dir, "--output_dir"):
-        if run.resume_from_checkpoint is None and not run.overwrite:
-            refuse_earlier_result(run.output_dir, ["pipeline"], "--output_dir")
-            refuse_occupied(run.output_dir, "--output_dir")
-        train(run, stage1, stage2, hub)
+        replaced = check_output_dir(run.output_dir, run.resume_from_checkpoint, run.overwrite, ["pipeline"])
+        train(run, stage1, stage2, hub, replaced)
 
 
-def train(run, stage1, stage2, hub):
+def train(run, stage1, stage2, hub, replaced_checkpoints=()):
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     accelerator = make_accelerator(stage2.mixed_precision)
     logger.info(accelerator.state, main_process_only=False)
@@ -100,6 +100,9 @@ def train(run, stage1, stage2, hub):
     model = run.model or default_model_path()
     pipe = from_pretrained_with_clip(IPLPipeline, model, run.clip_model).to(accelerator.device)  # None: its own CLIP
     pipe.set_progress_bar_config(disable=not accelerator.is_local_main_process)
+    if accelerator.is_main_process:
+        remove_checkpoints(replaced_checkpoints)  # --overwrite: the earlier run's, once this run can start
+    accelerator.wait_for_everyone()
     if hub.enable_xformers_memory_efficient_attention:
         # Where xformers cannot run the models this warns once and keeps SDPA.
         pipe.source_unet.enable_xformers_memory_efficient_attention()

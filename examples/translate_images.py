@@ -19,6 +19,7 @@ import torch
 
 from ipl_diffusion.cli import run_script
 from ipl_diffusion.images import list_image_files, load_image, to_pil
+from ipl_diffusion.outputs import atomic_save_image, check_writable, refuse_earlier_result
 from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline
 
 
@@ -29,16 +30,22 @@ def main(argv=None):
     parser.add_argument("--output", required=True, help="folder for the results (must differ from --input)")
     parser.add_argument("--t0", type=int, default=None, help="edit strength (default: the adaptation's)")
     parser.add_argument("--steps", type=int, default=None, help="DDIM decoding steps (default: the adaptation's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace same-name files already in --output")
     args = parser.parse_args(argv)
+
+    # Everything a user can get wrong is refused before the model loads, and nothing is written.
+    output = Path(args.output)
+    if output.resolve() == Path(args.input).resolve():
+        parser.error("--output must not be the --input folder")
+    check_writable(output, "--output")
+    paths = list_image_files(args.input, option="--input")
+    if not args.overwrite:
+        refuse_earlier_result(output, [f"{path.stem}.png" for path in paths], "--output")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = IPLPipeline.from_pretrained(args.model).to(device)
-    output = Path(args.output)
-    if output.resolve() == Path(args.input).resolve():
-        raise SystemExit("--output must not be the input folder")
     output.mkdir(parents=True, exist_ok=True)
-
-    for path in list_image_files(args.input):
+    for path in paths:
         try:
             image = load_image(path, pipe.image_size)
         except ValueError as err:
@@ -46,7 +53,7 @@ def main(argv=None):
             continue
         result = pipe(image[None], t0=args.t0, num_inference_steps=args.steps, output_type="pt").images
         translated = to_pil(result * 2 - 1)[0]  # "pt" output is in [0, 1]
-        translated.save(output / f"{path.stem}.png")
+        atomic_save_image(translated, output / f"{path.stem}.png")
         print(f"{path.name} -> {output / (path.stem + '.png')}")
 
 

@@ -415,6 +415,48 @@ def refuse_foreign_checkpoints(output_dir: str | os.PathLike) -> None:
         )
 
 
+def check_output_dir(output_dir, resume_from_checkpoint, overwrite: bool, result_names, what: str = "--output_dir") -> list[Path]:
+    """Before any model loads: may a training run write into ``output_dir`` (its checkpoints in
+    ``output_dir/checkpoints``)? The one rule of ``ipl adapt`` and ``examples/train_ipl_diffae.py``.
+
+    * A run that continues this folder's own checkpoints (``resume_from_checkpoint`` given and
+      the folder holds checkpoints) may write there.
+    * Otherwise, without ``overwrite``, the folder must hold no earlier result (any of
+      ``result_names``: :func:`~ipl_diffusion.outputs.refuse_earlier_result`) and nothing else
+      (:func:`~ipl_diffusion.outputs.refuse_occupied`: a user's file under a name the run writes
+      would be replaced), and a fresh run must not find checkpoints (their rotation would delete
+      them). A checkpoint named for resuming must exist and be intact (:func:`check_before_run`).
+
+    Returns:
+        The earlier run's checkpoints that ``overwrite`` replaces in a fresh run; the caller
+        removes them with :func:`remove_checkpoints` once its model has loaded, so that a run
+        that fails before it starts loses nothing.
+
+    Raises:
+        UserError: the message names the folder, what it holds, and how to proceed.
+    """
+    from ipl_diffusion.outputs import refuse_earlier_result, refuse_occupied
+
+    output = Path(output_dir)
+    continuing = resume_from_checkpoint is not None and bool(list_checkpoints(output / "checkpoints"))
+    if not (overwrite or continuing):
+        refuse_earlier_result(output, result_names, what)
+        if resume_from_checkpoint is None:
+            refuse_foreign_checkpoints(output / "checkpoints")  # before the generic refusal: says "resume it"
+        refuse_occupied(output, what)
+    replaced = list_checkpoints(output / "checkpoints") if overwrite and resume_from_checkpoint is None else []
+    if not replaced:
+        check_before_run(output / "checkpoints", resume_from_checkpoint)
+    return replaced
+
+
+def remove_checkpoints(checkpoints: list[Path]) -> None:
+    """Delete the checkpoint folders :func:`check_output_dir` found (only those: anything else
+    in ``checkpoints/`` stays)."""
+    for path in checkpoints:
+        shutil.rmtree(path)
+
+
 # ------------------------------------------------------------------- a resumable loop
 
 

@@ -34,6 +34,7 @@ except ImportError:  # Windows: no advisory locks; runs are not serialised there
 
 __all__ = [
     "LOCK_NAME", "check_writable", "refuse_earlier_result", "refuse_occupied", "output_lock", "atomic_write_text", "atomic_save_image",
+    "atomic_save_safetensors",
     "atomic_folder",
 ]
 
@@ -53,10 +54,13 @@ def check_writable(path, what: str = "output") -> None:
         what: how the message names the location (e.g. ``"--output"``).
 
     Raises:
-        UserError: the location is an existing file, or the probe fails (read-only folder or
-            file system, no permission); the message names the path and the reason.
+        UserError: the location is an existing file or a broken symbolic link, or the probe
+            fails (read-only folder or file system, no permission); the message names the path
+            and the reason.
     """
     path = Path(path)
+    if path.is_symlink() and not path.exists():  # mkdir would fail on it with FileExistsError
+        raise UserError(f"{what} {path} is a symbolic link to {os.readlink(path)}, which does not exist")
     probe = path
     while not probe.exists():
         if probe.parent == probe:
@@ -95,7 +99,7 @@ def refuse_occupied(folder, what: str = "output", overwrite_hint: str = "pass --
 
     Raises:
         UserFileExistsError: the folder holds files or folders; the message names up to 3 and
-            how to proceed (another folder, ``overwrite_hint``, or resuming a run that stopped).
+            how to proceed (another folder, or ``overwrite_hint``).
     """
     from ipl_diffusion.errors import UserFileExistsError
 
@@ -105,8 +109,7 @@ def refuse_occupied(folder, what: str = "output", overwrite_hint: str = "pass --
         shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
         raise UserFileExistsError(
             f"{what} {folder} is not empty ({shown}); a run would replace files of the names it writes there. "
-            f"Choose a new or empty folder, {overwrite_hint} to write there anyway, or "
-            "--resume_from_checkpoint latest to continue a run that stopped"
+            f"Choose a new or empty folder, or {overwrite_hint} to write there anyway"
         )
 
 
@@ -225,6 +228,16 @@ def atomic_write_text(path, text: str) -> Path:
     with _temporary_sibling(path, prefix=f".tmp-{path.name}-") as tmp:
         with open(tmp, "w", newline="") as handle:  # the text exactly as given
             handle.write(text)
+    return path
+
+
+def atomic_save_safetensors(tensors: dict, path, metadata: dict | None = None) -> Path:
+    """``safetensors.torch.save_file`` through a temporary sibling (with a plain file's mode)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with _temporary_sibling(path, prefix=f".tmp-{path.stem}-", suffix=path.suffix) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
     return path
 
 

@@ -201,23 +201,37 @@ def clip_components(path_or_id, tokenizer=None, feature_extractor=None) -> dict:
             the message names it and what is wrong (a missing folder, its files, the Hub).
         UserError: an empty name.
     """
-    from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
+    from transformers import CLIPModel, CLIPTokenizer
 
     from ipl_diffusion.clip_loading import load_clip_component
 
     model = load_clip_component(CLIPModel, path_or_id, "CLIP model")
     tokenizer = tokenizer or load_clip_component(CLIPTokenizer, path_or_id, "CLIP tokenizer")
     if feature_extractor is None:
-        try:
-            feature_extractor = load_clip_component(CLIPImageProcessorPil, path_or_id, "CLIP image processor")
-        except FileNotFoundError:
-            # None means OpenAI CLIP's mean / std (CLIPImageProcessor's defaults): right for
-            # OpenAI's CLIPs, silently wrong for one trained with other statistics, so say so.
-            warnings.warn(f"CLIP {path_or_id} has no image processor (preprocessor_config.json): its images are "
-                          "normalised with OpenAI CLIP's mean / std; save its CLIPImageProcessor there if it was "
-                          "trained with others", UserWarning, stacklevel=2)
-            feature_extractor = None
+        feature_extractor = _clip_image_processor(path_or_id)
     return {"text_encoder": model.eval(), "tokenizer": tokenizer, "feature_extractor": feature_extractor}
+
+
+def _clip_image_processor(path_or_id):
+    """The CLIP's ``CLIPImageProcessorPil``, or None with a ``UserWarning`` where it has none. None
+    means OpenAI CLIP's mean / std (the processor's defaults): right for OpenAI's CLIPs, silently
+    wrong for one trained with other statistics. A local folder's damaged file is an error
+    (``load_clip_component`` names it); a Hub id's missing file shows only as a failed load."""
+    from transformers import CLIPImageProcessorPil
+
+    from ipl_diffusion.clip_loading import load_clip_component
+
+    local = os.path.isdir(path_or_id)
+    if not local or os.path.isfile(os.path.join(path_or_id, "preprocessor_config.json")):
+        try:
+            return load_clip_component(CLIPImageProcessorPil, path_or_id, "CLIP image processor")
+        except FileNotFoundError:
+            if local:
+                raise
+    warnings.warn(f"CLIP {path_or_id} has no image processor (preprocessor_config.json): its images are normalised "
+                  "with OpenAI CLIP's mean / std; save its CLIPImageProcessor there if it was trained with others",
+                  UserWarning, stacklevel=4)
+    return None
 
 
 def from_pretrained_with_clip(cls, model, clip_model=None, **kwargs):

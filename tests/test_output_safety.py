@@ -31,6 +31,15 @@ def earlier_result(folder):
     return snapshot(folder)
 
 
+def earlier_checkpoint(folder):
+    """An earlier run's complete checkpoint, as list_checkpoints counts one (stand-in files)."""
+    from ipl_diffusion.checkpointing import META_FILE, STATE_FILE
+
+    (folder / "checkpoints" / "checkpoint-7").mkdir(parents=True)
+    (folder / "checkpoints" / "checkpoint-7" / STATE_FILE).write_bytes(b"weights")
+    (folder / "checkpoints" / "checkpoint-7" / META_FILE).write_text("{}")
+
+
 def one_line_error(capsys, command="adapt"):
     """The error line; stderr must hold nothing else (no progress bar: refused before any work)."""
     err = capsys.readouterr().err.strip()
@@ -65,8 +74,30 @@ def test_adapt_refuses_a_folder_of_the_users_files(model_dir, tmp_path, capsys):
     before = snapshot(out)
     assert main(["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out), *FAST_CLI_ARGS]) == 2
     err = one_line_error(capsys)
-    assert "is not empty (losses.csv, todo.txt)" in err and "--overwrite" in err and "--resume_from_checkpoint" in err
+    assert "is not empty (losses.csv, todo.txt)" in err and "--overwrite" in err
     assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == ["losses.csv", "todo.txt"]
+    # Asking to resume where there is nothing to resume is a fresh run: refused the same way,
+    # and so is resuming another folder's checkpoint into this one.
+    elsewhere = tmp_path / "elsewhere" / "checkpoint-5"
+    for resume in ("latest", str(elsewhere)):
+        assert main(["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out),
+                     "--resume_from_checkpoint", resume, *FAST_CLI_ARGS]) == 2
+        assert "is not empty (losses.csv, todo.txt)" in one_line_error(capsys)
+        assert snapshot(out) == before
+
+
+def test_overwrite_keeps_the_earlier_run_until_this_one_can_start(model_dir, tmp_path, capsys):
+    """--overwrite replaces the earlier checkpoints only once the model has loaded: a run
+    refused on a bad --clip_model leaves the folder as it was (it used to delete checkpoints/)."""
+    out = tmp_path / "run"
+    earlier_result(out)
+    earlier_checkpoint(out)
+    (out / "checkpoints" / "notes.txt").write_text("not a checkpoint\n")
+    before = snapshot(out)
+    assert main(["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out), "--overwrite",
+                 "--clip_model", str(tmp_path / "no-such-clip"), *FAST_CLI_ARGS]) == 2
+    assert "no-such-clip" in one_line_error(capsys)
+    assert snapshot(out) == before
 
 
 @pytest.mark.slow
@@ -74,11 +105,13 @@ def test_adapt_overwrite_replaces_the_earlier_result(model_dir, tmp_path):
     out = tmp_path / "run"
     earlier_result(out)
     (out / "todo.txt").write_text("keep me\n")  # a user's file beside the result: written around, kept
-    (out / "checkpoints" / "checkpoint-7").mkdir(parents=True)  # the earlier run's, stand-in
+    earlier_checkpoint(out)
+    (out / "checkpoints" / "notes.txt").write_text("not a checkpoint\n")
     assert main(["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out), "--overwrite",
                  *FAST_CLI_ARGS]) == 0
     assert (out / "pipeline" / "unet").is_dir() and (out / "before_after.png").read_bytes() != b"first grid"
     assert not (out / "checkpoints" / "checkpoint-7").exists() and (out / "todo.txt").read_text() == "keep me\n"
+    assert (out / "checkpoints" / "notes.txt").read_text() == "not a checkpoint\n"
     assert not (out / LOCK_NAME).exists() and not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
 
 
@@ -271,6 +304,24 @@ def test_sample_refuses_to_replace_earlier_samples_unless_overwrite(model_dir, t
     assert (out / "sample_0001.png").read_bytes() != b"an earlier sample"
 
 
+def test_a_broken_symlink_as_output_is_refused_in_one_line(model_dir, tmp_path, capsys):
+    link = tmp_path / "run"
+    link.symlink_to(tmp_path / "gone")  # was a FileExistsError traceback from the lock's mkdir
+    assert main(["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(link), *FAST_CLI_ARGS]) == 2
+    assert "is a symbolic link to" in one_line_error(capsys) and link.is_symlink() and not (tmp_path / "gone").exists()
+
+
+def test_example_scripts_report_ctrl_c_in_one_line(tmp_path):
+    """run_script, as `ipl`: one line and the shell's status for SIGINT, not a traceback."""
+    script = tmp_path / "loop.py"
+    script.write_text("from ipl_diffusion.cli import run_script\n"
+                      "def main():\n    raise KeyboardInterrupt\n"
+                      "run_script(main)\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 130 and result.stderr.strip() == "loop.py: interrupted", result.stderr
+
+
 def test_translate_and_sample_refuse_a_read_only_output_before_loading(read_only_dir, tmp_path, capsys, monkeypatch):
     import ipl_diffusion.cli.adapt as adapt_cli
 
@@ -311,19 +362,21 @@ def test_shapes_training_scripts_refuse_a_work_dir_in_use(script, tmp_path):
 
 
 @pytest.mark.parametrize("script", ["train_clip", "train_oracle", "train_diffae", "train_stylegan2"])
-def test_shapes_training_scripts_refuse_a_missing_init_from_in_one_line(script, tmp_path):
+@pytest.mark.parametrize("option", ["--init_from", "--resume_from_checkpoint"])
+def test_shapes_training_scripts_refuse_a_missing_folder_in_one_line(script, option, tmp_path):
     """Run as a user runs them: one line, argparse's exit status 2 (as `ipl`), nothing created.
-    train_oracle / train_diffae used to give a Hub-download traceback, and train_diffae left
-    its --output_dir behind."""
+    train_oracle / train_diffae gave a Hub-download traceback for a missing --init_from, and
+    train_diffae left its --output_dir behind."""
     work, out = tmp_path / "work", tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "shapes" / f"{script}.py"), "--init_from", str(tmp_path / "missing"),
+        [sys.executable, str(REPO / "examples" / "shapes" / f"{script}.py"), option, str(tmp_path / "missing"),
          "--work_dir", str(work), "--output_dir", str(out), "--max_steps", "1"],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
         env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
     )
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and lines[-1].startswith(f"{script}.py: error: --init_from "), result.stderr
+    assert result.returncode == 2 and lines[-1].startswith(f"{script}.py: error: "), result.stderr
+    assert option in lines[-1] or "missing" in lines[-1], lines[-1]
     assert "Traceback" not in result.stderr and sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -335,6 +388,9 @@ def test_atomic_outputs_get_the_mode_a_plain_write_would(tmp_path):
 
     from PIL import Image
 
+    import torch
+
+    from ipl_diffusion.adaptation.diffae import _save_cache
     from ipl_diffusion.outputs import atomic_folder, atomic_save_image, atomic_write_text
 
     old = os.umask(0o022)
@@ -343,8 +399,10 @@ def test_atomic_outputs_get_the_mode_a_plain_write_would(tmp_path):
         image = atomic_save_image(Image.new("RGB", (2, 2)), tmp_path / "grid.png")
         with atomic_folder(tmp_path / "pipeline"):
             pass
+        _save_cache(tmp_path / "cache.safetensors", {"z_sem": torch.zeros(2, 3)}, {"t0": 200})  # was -rw-------
     finally:
         os.umask(old)
+    assert stat.S_IMODE((tmp_path / "cache.safetensors").stat().st_mode) == 0o644
     assert stat.S_IMODE(text.stat().st_mode) == 0o644
     assert stat.S_IMODE(image.stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "pipeline").stat().st_mode) == 0o755

@@ -72,6 +72,34 @@ def test_translate_images_of_any_size_and_mode(adapted, odd_images):
     del folder
 
 
+def test_the_translate_images_example_writes_what_the_pipeline_gives_and_refuses_before_loading(adapted, odd_images, tmp_path):
+    from repo_scripts import load_script
+
+    from ipl_diffusion.errors import UserError
+    from ipl_diffusion.images import load_image
+
+    adapted.save_pretrained(tmp_path / "pipeline")
+    script = load_script("examples/translate_images.py")
+    out = tmp_path / "out"
+    common = ["--model", str(tmp_path / "pipeline"), "--t0", "200", "--steps", "3"]
+    script.main([*common, "--input", str(odd_images), "--output", str(out)])
+    written = np.asarray(Image.open(out / "a.png"), dtype=np.float32) / 255
+    direct = adapted(load_image(odd_images / "a.png", SIZE)[None], t0=200, num_inference_steps=3, output_type="np").images[0]
+    assert np.abs(written - direct).max() <= 1 / 255 + 1e-6  # the pipeline's output, 8-bit rounded
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # Refused before the model loads (a missing model folder is never reached), nothing written:
+    missing = ["--model", str(tmp_path / "no-model"), "--t0", "200", "--steps", "3"]
+    with pytest.raises(UserError, match=r"--output .* already holds the result of an earlier run \(a.png, b.png\)"):
+        script.main([*missing, "--input", str(odd_images), "--output", str(out)])
+    with pytest.raises(UserError, match="--input"):
+        script.main([*missing, "--input", str(tmp_path / "no-images"), "--output", str(tmp_path / "new")])
+    with pytest.raises(SystemExit):
+        script.main([*missing, "--input", str(odd_images), "--output", str(odd_images)])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and not (tmp_path / "new").exists()
+    script.main([*common, "--input", str(odd_images), "--output", str(out), "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+
+
 def test_sample_is_seeded(adapted):
     a = adapted.sample(2, generator=torch.Generator().manual_seed(0), output_type="pt", num_inference_steps=4).images
     b = adapted.sample(2, generator=torch.Generator().manual_seed(0), output_type="pt", num_inference_steps=4).images
@@ -380,3 +408,6 @@ def test_a_clip_folder_without_an_image_processor_is_read_with_openai_statistics
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the folder's own processor: nothing to say
         assert clip_components(tmp_path / "clip")["feature_extractor"] is not None
+    (tmp_path / "clip" / "preprocessor_config.json").write_text("{not json")  # damaged: an error, not "none"
+    with pytest.raises(FileNotFoundError, match="CLIP image processor.*preprocessor_config.json"):
+        clip_components(tmp_path / "clip")

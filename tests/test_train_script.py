@@ -168,8 +168,9 @@ def test_script_refuses_an_output_dir_with_an_earlier_pipeline(model_dir, tmp_pa
     (out / "pipeline" / "model_index.json").unlink()
     (out / "pipeline").rmdir()
     (out / "losses.csv").write_text("a user's own numbers\n")  # the run's log would replace it
-    with pytest.raises(UserError, match=r"--output_dir .* is not empty \(losses.csv\).*--overwrite"):
-        script.main(["--model", str(model_dir), "--output_dir", str(out), *TINY_ARGS, "--iterations", "1"])
+    for resume in ([], ["--resume_from_checkpoint", "latest"]):  # nothing to resume: a fresh run
+        with pytest.raises(UserError, match=r"--output_dir .* is not empty \(losses.csv\).*--overwrite"):
+            script.main(["--model", str(model_dir), "--output_dir", str(out), *TINY_ARGS, "--iterations", "1", *resume])
     assert sorted(p.name for p in out.iterdir()) == ["losses.csv"]
     assert (out / "losses.csv").read_text() == "a user's own numbers\n"
 

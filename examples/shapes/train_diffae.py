@@ -172,8 +172,10 @@ def warm_start(folder, models):
         for name in names:
             try:
                 models[name].load_state_dict(trained)
-            except RuntimeError as err:
-                raise UserError(f"--init_from {folder}/{sub} does not fit this run's {name}: {err}") from None
+            except RuntimeError as err:  # torch lists every mismatched key: name the first and count them
+                found = [line.strip() for line in str(err).splitlines()[1:] if line.strip()] or [str(err)]
+                raise UserError(f"--init_from {folder}/{sub} does not fit this run's {name} ({len(found)} keys differ, "
+                                f"e.g. {found[0].rstrip('.')}); give the model sizes it was trained with") from None
     print(f"initialised encoder and UNet from {folder}")
 
 
@@ -336,8 +338,7 @@ def train(args):
     torch.manual_seed(args.seed)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.output_dir)  # made by save_pretrained at the end: a refused run leaves none
     renderer = ShapesRenderer(args.resolution)
     encoder, unet, latent_net = build_models(args)
     ema_encoder, ema_unet = copy.deepcopy(encoder).eval(), copy.deepcopy(unet).eval()

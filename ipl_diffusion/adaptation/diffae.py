@@ -100,10 +100,11 @@ def _load_cache(cache_file: Path, images: torch.Tensor, key: dict) -> dict | Non
 
 
 def _save_cache(cache_file: Path, cache: dict, key: dict) -> None:
-    from safetensors.torch import save_file
+    from ipl_diffusion.outputs import atomic_save_safetensors
 
     digest = checkpointing.tensors_sha256(cache)  # checked when a resume reuses the cache
-    save_file({k: v.contiguous() for k, v in cache.items()}, str(cache_file), metadata={"key": json.dumps(key), "sha256": digest})
+    atomic_save_safetensors({k: v.contiguous() for k, v in cache.items()}, cache_file,
+                            metadata={"key": json.dumps(key), "sha256": digest})
 
 
 @torch.no_grad()

@@ -82,11 +82,16 @@ def run_script(script_main, errors=(UserError,)) -> None:
     """Run an example script's ``main()`` and exit as ``ipl`` does: a refusal (an exception in
     ``errors``, by default :class:`~ipl_diffusion.errors.UserError`) is one line on stderr,
     ``<script>: error: <message>``, with argparse's exit status 2 (``IPL_TRACEBACK=1`` shows
-    its traceback); any other exception is a bug and keeps its traceback."""
+    its traceback); Ctrl-C is one line and status 130; any other exception is a bug and keeps
+    its traceback."""
+    prog = os.path.basename(sys.argv[0])
     try:
         script_main()
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT, as `ipl`
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
     except errors as err:
-        sys.exit(_refusal(os.path.basename(sys.argv[0]), err))
+        sys.exit(_refusal(prog, err))
 
 
 if __name__ == "__main__":

@@ -201,6 +201,7 @@ def _check_backend(backend, folder):
         raise UserError(f"--model {folder} is {found[0]} folder; use --backend {found[1]}")
 
 def run(args) -> int:
+    from ipl_diffusion.checkpointing import check_output_dir, remove_checkpoints
     from ipl_diffusion.outputs import check_writable, output_lock
 
     output = Path(args.output_dir or f"ipl-{'_'.join((args.target or 'image-target').split()).lower() or 'target'}")
@@ -210,8 +211,9 @@ def run(args) -> int:
     # One run per folder: a second `ipl adapt` into it is refused at once, before it reads or
     # writes anything there (its checkpoint rotation and losses.csv would clobber the first's).
     with output_lock(output, "--output_dir"):
-        _check_earlier_result(args, output)
+        replaced = check_output_dir(output, args.resume_from_checkpoint, args.overwrite, RESULT_NAMES)
         pipe = load_pipeline(args.backend, args.model, args.device, clip_model=args.clip_model)
+        remove_checkpoints(replaced)  # --overwrite: the earlier run's, once this run can start
         style = {"target_images": args.target_images} if args.target_images is not None else {}
         adapted = pipe.adapt(args.target, args.source, **_data(args, pipe), **style, output_dir=str(output),
                              resume_from_checkpoint=args.resume_from_checkpoint, **given_options(args))
@@ -300,29 +302,6 @@ def _check_image_files(name, folder):
 
 # What an earlier `ipl adapt` leaves in --output as its result.
 RESULT_NAMES = ("pipeline", before_after.FILE_NAME)
-
-
-def _check_earlier_result(args, output):
-    """Refuse to replace an earlier run's result unless --overwrite, and a fresh run into a folder
-    holding anything else; with --overwrite, drop the earlier run's checkpoints (a fresh run
-    would refuse them, a resumed one continues them)."""
-    import shutil
-
-    from ipl_diffusion.checkpointing import check_before_run, list_checkpoints
-    from ipl_diffusion.outputs import refuse_earlier_result, refuse_occupied
-
-    resuming = args.resume_from_checkpoint is not None and (
-        args.resume_from_checkpoint != "latest" or list_checkpoints(output / "checkpoints")
-    )
-    if not (args.overwrite or resuming):
-        refuse_earlier_result(output, RESULT_NAMES, "--output_dir")
-    if args.overwrite and args.resume_from_checkpoint is None and (output / "checkpoints").is_dir():
-        shutil.rmtree(output / "checkpoints")
-    # A misspelt checkpoint name, a damaged checkpoint or a fresh run over old checkpoints fails
-    # now, before the model is loaded.
-    check_before_run(output / "checkpoints", args.resume_from_checkpoint)
-    if not args.overwrite and args.resume_from_checkpoint is None:
-        refuse_occupied(output, "--output_dir")  # a user's losses.csv there would be replaced
 
 
 def _report_stage1(config):
