@@ -19,7 +19,7 @@ import torch
 
 from ipl_diffusion.cli import run_script
 from ipl_diffusion.images import list_image_files, load_image, to_pil
-from ipl_diffusion.outputs import atomic_save_image, check_writable, refuse_earlier_result
+from ipl_diffusion.outputs import atomic_save_image, check_writable, output_lock, refuse_earlier_result
 from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline
 
 
@@ -44,7 +44,11 @@ def main(argv=None):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = IPLPipeline.from_pretrained(args.model).to(device)
-    output.mkdir(parents=True, exist_ok=True)
+    with output_lock(output, "--output"):  # as `ipl translate`: one run per folder
+        translate(pipe, paths, output, args)
+
+
+def translate(pipe, paths, output, args):
     for path in paths:
         try:
             image = load_image(path, pipe.image_size)

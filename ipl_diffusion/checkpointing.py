@@ -50,7 +50,7 @@ from safetensors.torch import load_file, save_file
 
 from ipl_diffusion.configs import Stage1Config
 from ipl_diffusion.errors import UserError, UserFileNotFoundError
-from ipl_diffusion.outputs import atomic_folder
+from ipl_diffusion.outputs import atomic_folder, refuse_earlier_result, refuse_occupied
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "state.safetensors"
@@ -411,43 +411,61 @@ def refuse_foreign_checkpoints(output_dir: str | os.PathLike) -> None:
     if found:
         raise UserError(
             f"{output_dir} already holds checkpoints of an earlier run ({found[-1].name}); resume it with "
-            "resume_from_checkpoint='latest' (CLI: --resume-from-checkpoint latest) or choose a new output folder"
+            "resume_from_checkpoint='latest' (CLI: --resume-from-checkpoint latest), choose a new output folder, "
+            "or (CLI) pass --overwrite to replace them"
         )
+
+
+# What a run leaves before its first checkpoint that a resume reuses (each checked against the
+# run's options when read): adaptation.stage1.save_stage1's record and the DiffAE Stage-2 cache.
+RUN_STATE = ("stage1/options.json", "cache.safetensors")
 
 
 def check_output_dir(output_dir, resume_from_checkpoint, overwrite: bool, result_names, what: str = "--output_dir") -> list[Path]:
     """Before any model loads: may a training run write into ``output_dir`` (its checkpoints in
     ``output_dir/checkpoints``)? The one rule of ``ipl adapt`` and ``examples/train_ipl_diffae.py``.
 
-    * A run that continues this folder's own checkpoints (``resume_from_checkpoint`` given and
-      the folder holds checkpoints) may write there.
-    * Otherwise, without ``overwrite``, the folder must hold no earlier result (any of
-      ``result_names``: :func:`~ipl_diffusion.outputs.refuse_earlier_result`) and nothing else
+    * ``overwrite``: yes; a fresh run replaces the earlier run's checkpoints (returned).
+    * A resume of one of this folder's own checkpoints (``"latest"`` or a name / path resolving
+      into ``output_dir/checkpoints``): yes.
+    * Otherwise the folder must hold no earlier result (any of ``result_names``:
+      :func:`~ipl_diffusion.outputs.refuse_earlier_result`), a fresh run no checkpoints (their
+      rotation would delete them: :func:`refuse_foreign_checkpoints`), and nothing else
       (:func:`~ipl_diffusion.outputs.refuse_occupied`: a user's file under a name the run writes
-      would be replaced), and a fresh run must not find checkpoints (their rotation would delete
-      them). A checkpoint named for resuming must exist and be intact (:func:`check_before_run`).
+      would be replaced) -- except that ``"latest"`` continues a run of this folder that stopped
+      before its first checkpoint (:data:`RUN_STATE` there).
+
+    A checkpoint named for resuming must exist and be intact (:func:`check_before_run`).
 
     Returns:
-        The earlier run's checkpoints that ``overwrite`` replaces in a fresh run; the caller
-        removes them with :func:`remove_checkpoints` once its model has loaded, so that a run
-        that fails before it starts loses nothing.
+        The earlier run's checkpoints that ``overwrite`` replaces; the caller removes them with
+        :func:`remove_checkpoints` once its model has loaded, so that a run refused on its model
+        or CLIP loses nothing.
 
     Raises:
         UserError: the message names the folder, what it holds, and how to proceed.
     """
-    from ipl_diffusion.outputs import refuse_earlier_result, refuse_occupied
-
-    output = Path(output_dir)
-    continuing = resume_from_checkpoint is not None and bool(list_checkpoints(output / "checkpoints"))
-    if not (overwrite or continuing):
+    output, checkpoints = Path(output_dir), Path(output_dir) / "checkpoints"
+    if overwrite and resume_from_checkpoint is None:
+        return list_checkpoints(checkpoints)
+    if not overwrite and not _resumes_own_checkpoint(checkpoints, resume_from_checkpoint):
         refuse_earlier_result(output, result_names, what)
         if resume_from_checkpoint is None:
-            refuse_foreign_checkpoints(output / "checkpoints")  # before the generic refusal: says "resume it"
-        refuse_occupied(output, what)
-    replaced = list_checkpoints(output / "checkpoints") if overwrite and resume_from_checkpoint is None else []
-    if not replaced:
-        check_before_run(output / "checkpoints", resume_from_checkpoint)
-    return replaced
+            refuse_foreign_checkpoints(checkpoints)  # before the generic refusal: it says "resume it"
+        stopped_early = str(resume_from_checkpoint) == "latest" and any((output / name).is_file() for name in RUN_STATE)
+        if not stopped_early:
+            refuse_occupied(output, what)
+    check_before_run(checkpoints, resume_from_checkpoint)
+    return []
+
+
+def _resumes_own_checkpoint(checkpoints: Path, resume_from_checkpoint) -> bool:
+    """Does ``resume_from_checkpoint`` name a checkpoint inside ``checkpoints`` (not one of another
+    folder, whose run would then rotate this folder's checkpoints away)?"""
+    if resume_from_checkpoint is None:
+        return False
+    found = resolve_checkpoint(checkpoints, resume_from_checkpoint)  # a missing name is refused here
+    return found is not None and found.resolve().parent == checkpoints.resolve()
 
 
 def remove_checkpoints(checkpoints: list[Path]) -> None:

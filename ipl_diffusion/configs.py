@@ -342,7 +342,7 @@ class AdaptArguments:
         "saved without them, e.g. a copy of a shipped Shapes folder (--clip_model ipl_diffusion/shapes_models/clip, "
         "which knows only the Shapes domains), or openai/clip-vit-base-patch32 for any label")
     output_dir: Optional[str] = option(None, "output folder (default: ./ipl-<target>)")
-    overwrite: bool = option(False, "write into a --output_dir that is not empty, replacing an earlier run's result (without it such a folder is refused)")
+    overwrite: bool = option(False, "write into a --output_dir that is not empty, replacing an earlier run's result and checkpoints (without it such a folder is refused)")
     resume_from_checkpoint: Optional[str] = option(None, "'latest' or a checkpoint folder in OUTPUT/checkpoints")
     device: Optional[str] = option(None, "torch device, e.g. cuda or cpu (default: cuda if available)")
     validation_images: Optional[str] = option(

@@ -9,9 +9,9 @@
   kernel drops the lock when its process dies (``kill -9`` included), so a lock left by a killed
   run is recognised as stale, reported and taken over, and a live one refuses the second run at
   once. Re-entrant within one process (the CLI holds it around the API call that holds it too).
-* :func:`atomic_write_text`, :func:`atomic_save_image`, :func:`atomic_folder` -- write into a
-  hidden temporary sibling, then ``os.replace`` it into place: a crash leaves the old result or
-  the new one, never half of each.
+* :func:`atomic_write_text`, :func:`atomic_save_image`, :func:`atomic_save_safetensors`,
+  :func:`atomic_folder` -- write into a hidden temporary sibling, then ``os.replace`` it into
+  place: a crash leaves the old result or the new one, never half of each.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-from ipl_diffusion.errors import UserError
+from ipl_diffusion.errors import UserError, UserFileExistsError
 
 try:
     import fcntl
@@ -34,8 +34,7 @@ except ImportError:  # Windows: no advisory locks; runs are not serialised there
 
 __all__ = [
     "LOCK_NAME", "check_writable", "refuse_earlier_result", "refuse_occupied", "output_lock", "atomic_write_text", "atomic_save_image",
-    "atomic_save_safetensors",
-    "atomic_folder",
+    "atomic_save_safetensors", "atomic_folder", "listing",
 ]
 
 LOCK_NAME = ".ipl.lock"
@@ -59,10 +58,10 @@ def check_writable(path, what: str = "output") -> None:
             and the reason.
     """
     path = Path(path)
-    if path.is_symlink() and not path.exists():  # mkdir would fail on it with FileExistsError
-        raise UserError(f"{what} {path} is a symbolic link to {os.readlink(path)}, which does not exist")
     probe = path
     while not probe.exists():
+        if probe.is_symlink():  # mkdir(parents=True) would fail on it with FileExistsError
+            raise UserError(f"{what} {path}: {probe} is a symbolic link to {os.readlink(probe)}, which does not exist")
         if probe.parent == probe:
             break
         probe = probe.parent
@@ -75,15 +74,20 @@ def check_writable(path, what: str = "output") -> None:
         raise UserError(f"{what} {path} is not writable ({err.strerror or err}); choose a folder you can write to") from None
 
 
+def listing(names, at_most: int = 3) -> str:
+    """``"a, b, c and 2 more"``: the first ``at_most`` of ``names`` for a one-line message."""
+    names = list(names)
+    return ", ".join(names[:at_most]) + (f" and {len(names) - at_most} more" if len(names) > at_most else "")
+
+
 def refuse_earlier_result(folder, names, what: str = "output", overwrite_hint: str = "pass --overwrite") -> None:
-    """Refuse to replace an earlier run's result: ``UserError`` when any of ``names`` exists in
-    ``folder``, listing them (at most 3) and how to proceed."""
+    """Refuse to replace an earlier run's result: ``UserFileExistsError`` (a ``UserError``) when
+    any of ``names`` exists in ``folder``, listing them (at most 3) and how to proceed."""
     folder = Path(folder)
     found = [name for name in names if (folder / name).exists()]
     if found:
-        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-        raise UserError(
-            f"{what} {folder} already holds the result of an earlier run ({shown}); "
+        raise UserFileExistsError(
+            f"{what} {folder} already holds the result of an earlier run ({listing(found)}); "
             f"choose another folder or {overwrite_hint} to replace it"
         )
 
@@ -101,14 +105,11 @@ def refuse_occupied(folder, what: str = "output", overwrite_hint: str = "pass --
         UserFileExistsError: the folder holds files or folders; the message names up to 3 and
             how to proceed (another folder, or ``overwrite_hint``).
     """
-    from ipl_diffusion.errors import UserFileExistsError
-
     folder = Path(folder)
     found = sorted(entry.name for entry in folder.iterdir() if entry.name != LOCK_NAME) if folder.is_dir() else []
     if found:
-        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
         raise UserFileExistsError(
-            f"{what} {folder} is not empty ({shown}); a run would replace files of the names it writes there. "
+            f"{what} {folder} is not empty ({listing(found)}); a run would replace files of the names it writes there. "
             f"Choose a new or empty folder, or {overwrite_hint} to write there anyway"
         )
 

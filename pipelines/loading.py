@@ -228,7 +228,8 @@ def _clip_image_processor(path_or_id):
         except FileNotFoundError:
             if local:
                 raise
-    warnings.warn(f"CLIP {path_or_id} has no image processor (preprocessor_config.json): its images are normalised "
+    unfetched = "" if local else ", or it could not be fetched"
+    warnings.warn(f"CLIP {path_or_id} has no image processor (preprocessor_config.json{unfetched}): its images are normalised "
                   "with OpenAI CLIP's mean / std; save its CLIPImageProcessor there if it was trained with others",
                   UserWarning, stacklevel=4)
     return None

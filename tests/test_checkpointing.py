@@ -246,3 +246,60 @@ def test_a_saved_stage1_result_from_before_an_option_existed_is_still_reused(tmp
     assert store.load_stage1(tmp_path, key, encoder) is not None  # the default then: the same options
     other = dict(key, stage1=dict(key["stage1"], domain_regularizer="direction"))
     assert store.load_stage1(tmp_path, other, encoder) is None  # another regulariser: trained again
+
+
+# ----------------------------------------------------------- the output-folder rule
+
+
+def _folder(root, *files):
+    for name in files:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("x")
+    return root
+
+
+def _checkpoint(folder, step=7):
+    """A complete checkpoint as list_checkpoints counts one (stand-in files, no digests)."""
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / ckpt.STATE_FILE).write_bytes(b"weights")
+    (path / ckpt.META_FILE).write_text("{}")
+    return path
+
+
+@pytest.mark.parametrize(
+    "files, checkpoint, resume, overwrite, refused",
+    [
+        ((), False, None, False, None),  # a new folder
+        (("losses.csv",), False, None, False, "is not empty"),  # a user's file under a name the run writes
+        (("losses.csv",), False, "latest", False, "is not empty"),  # nothing of this folder's to resume
+        (("stage1/options.json", "cache.safetensors", "losses.csv"), False, "latest", False, None),  # stopped early
+        (("stage1/options.json", "pipeline/model_index.json"), False, "latest", False, "earlier run"),  # finished
+        (("pipeline/model_index.json",), True, "latest", False, None),  # resumes its own checkpoint
+        (("losses.csv",), True, None, False, "already holds checkpoints"),  # a fresh run over them
+        (("losses.csv",), True, "elsewhere", False, "is not empty"),  # another folder's checkpoint
+        (("notes.txt", "pipeline/model_index.json"), True, None, True, None),  # --overwrite
+        (("notes.txt",), True, "latest", True, None),  # --overwrite while resuming keeps the checkpoints
+    ],
+)
+def test_the_output_folder_rule(tmp_path, files, checkpoint, resume, overwrite, refused):
+    from ipl_diffusion.errors import UserError
+
+    out = _folder(tmp_path / "out", *files)
+    own = _checkpoint(out / "checkpoints") if checkpoint else None
+    if resume == "elsewhere":
+        resume = str(_checkpoint(tmp_path / "other" / "checkpoints", 50))
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    if refused:
+        with pytest.raises(UserError, match=refused):
+            ckpt.check_output_dir(out, resume, overwrite, ["pipeline"])
+    else:
+        replaced = ckpt.check_output_dir(out, resume, overwrite, ["pipeline"])
+        assert replaced == ([own] if overwrite and resume is None and own else [])
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before  # it only looks
+
+
+def test_run_state_names_what_stage1_writes():
+    from ipl_diffusion.adaptation.stage1 import STAGE1_DIR
+
+    assert f"{STAGE1_DIR}/options.json" in ckpt.RUN_STATE

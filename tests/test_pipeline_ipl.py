@@ -93,8 +93,9 @@ def test_the_translate_images_example_writes_what_the_pipeline_gives_and_refuses
         script.main([*missing, "--input", str(odd_images), "--output", str(out)])
     with pytest.raises(UserError, match="--input"):
         script.main([*missing, "--input", str(tmp_path / "no-images"), "--output", str(tmp_path / "new")])
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:  # argparse's refusal: status 2
         script.main([*missing, "--input", str(odd_images), "--output", str(odd_images)])
+    assert exit_.value.code == 2
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and not (tmp_path / "new").exists()
     script.main([*common, "--input", str(odd_images), "--output", str(out), "--overwrite"])
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]

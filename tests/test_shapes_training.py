@@ -50,9 +50,11 @@ def test_warm_start_copies_encoder_and_unet(script, trained, tmp_path):
 
 def test_warm_start_from_a_folder_of_another_config_is_refused(script, trained, tmp_path):
     args = TINY + ["--z_sem_channels", "24"]  # argparse keeps the last value
-    with pytest.raises(ValueError, match="--init_from .* does not fit"):
+    with pytest.raises(ValueError, match=r"--init_from .* does not fit .* keys missing, extra or of another shape, e\.g\. ") as err:
         script.main(args + ["--max_steps", "1", "--init_from", str(trained), "--work_dir", str(tmp_path / "w"),
                             "--output_dir", str(tmp_path / "o")])
+    assert "\n" not in str(err.value) and len(str(err.value)) < 400  # one line, not torch's list of every key
+    assert not (tmp_path / "o").exists()
 
 
 def test_prediction_type_follows_the_checkpoint(script, tmp_path):

@@ -66,7 +66,7 @@ from ipl_diffusion.ddim import ddim_decode, ddim_invert
 from ipl_diffusion.errors import NonFiniteLossError, UserError, UserFileNotFoundError
 from ipl_diffusion.grids import labelled_grid
 from ipl_diffusion.models import DiffAEUNetModel, LatentNetModel, SemanticEncoder
-from ipl_diffusion.outputs import output_lock
+from ipl_diffusion.outputs import check_writable, output_lock
 from ipl_diffusion.shapes.renderer import SOURCE_STYLE, ShapesRenderer, sample_factors
 # Upstream DiffAE's two diffusions: images (linear betas, clipped x0), latents (constant beta).
 from ipl_diffusion.pipelines.pipeline_diffae import DiffAEPipeline, default_latent_scheduler, diffae_scheduler
@@ -162,20 +162,20 @@ def ema_update(ema_model, model, decay):
 def warm_start(folder, models):
     """Copy a trained DiffAEPipeline folder's encoder and UNet into the models and their EMAs.
 
-    Raises UserError when the folder's weights do not fit this run's config (missing or
-    mis-shaped keys), rather than training a half-initialised model.
+    Raises UserError when the folder's weights do not fit this run's config (missing, unexpected
+    or mis-shaped keys), rather than training a half-initialised model.
     """
     folder = Path(folder)
     pairs = (("semantic_encoder", SemanticEncoder, ("encoder", "ema_encoder")), ("unet", DiffAEUNetModel, ("unet", "ema_unet")))
     for sub, cls, names in pairs:
         trained = cls.from_pretrained(folder / sub).state_dict()
         for name in names:
-            try:
-                models[name].load_state_dict(trained)
-            except RuntimeError as err:  # torch lists every mismatched key: name the first and count them
-                found = [line.strip() for line in str(err).splitlines()[1:] if line.strip()] or [str(err)]
-                raise UserError(f"--init_from {folder}/{sub} does not fit this run's {name} ({len(found)} keys differ, "
-                                f"e.g. {found[0].rstrip('.')}); give the model sizes it was trained with") from None
+            mine = models[name].state_dict()
+            differ = sorted(set(mine) ^ set(trained)) + [k for k in mine if k in trained and mine[k].shape != trained[k].shape]
+            if differ:
+                raise UserError(f"--init_from {folder}/{sub} does not fit this run's {name} ({len(differ)} keys missing, "
+                                f"extra or of another shape, e.g. {differ[0]}); give the model sizes it was trained with")
+            models[name].load_state_dict(trained)
     print(f"initialised encoder and UNet from {folder}")
 
 
@@ -329,6 +329,7 @@ def evaluate(args, encoder, unet, latent_net, renderer, out_dir):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_writable(args.output_dir, "--output_dir")  # now, not after training (nothing is created)
     # One run per --work_dir: two would rotate each other's checkpoints away.
     with output_lock(args.work_dir, "--work_dir"):
         return train(args)

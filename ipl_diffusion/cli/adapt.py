@@ -12,8 +12,9 @@ run_config.json and in the checkpoints. An option not given takes the model's re
 value (model_index.json adapt_defaults), else the config's default. A number option whose help
 gives None a meaning also takes `none`, e.g. --max_grad_norm none (no gradient clipping).
 
-The run writes into --output_dir (default ./ipl-<target>), a new or empty folder unless
---overwrite or --resume_from_checkpoint is given:
+The run writes into --output_dir (default ./ipl-<target>): a new or empty folder, or the folder
+of the run it resumes (--resume_from_checkpoint), or any folder with --overwrite (which replaces
+an earlier result and its checkpoints, and leaves other files):
   pipeline/          the adapted pipeline: use it with `ipl translate --model OUTPUT/pipeline`
                      or IPLPipeline.from_pretrained("OUTPUT/pipeline")
   before_after.png   {before_after_rows}

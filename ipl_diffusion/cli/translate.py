@@ -105,7 +105,7 @@ def _translate(args, source: Path, output: Path) -> int:
     from ipl_diffusion.cli.adapt import detect_backend, load_pipeline
     from ipl_diffusion.grids import labelled_grid
     from ipl_diffusion.images import to_pil
-    from ipl_diffusion.outputs import atomic_save_image
+    from ipl_diffusion.outputs import atomic_save_image, listing
 
     files = list_inputs(source)
     input_dir = source if source.is_dir() else source.parent
@@ -114,9 +114,8 @@ def _translate(args, source: Path, output: Path) -> int:
     if not args.overwrite:
         taken = sorted(f.name for f in files if (output / f.name).exists())
         if taken:
-            shown = ", ".join(taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
             raise UserFileExistsError(
-                f"--output {output} already holds {shown}, which this run would write; "
+                f"--output {output} already holds {listing(taken)}, which this run would write; "
                 "choose another folder or pass --overwrite"
             )
     args.backend = detect_backend(args.backend, args.model)
