@@ -416,9 +416,11 @@ def refuse_foreign_checkpoints(output_dir: str | os.PathLike) -> None:
         )
 
 
+# The DiffAE Stage-2 cache (adaptation.diffae writes it under this name).
+STAGE2_CACHE_NAME = "cache.safetensors"
 # What a run leaves before its first checkpoint that a resume reuses (each checked against the
 # run's options when read): adaptation.stage1.save_stage1's record and the DiffAE Stage-2 cache.
-RUN_STATE = ("stage1/options.json", "cache.safetensors")
+RUN_STATE = ("stage1/options.json", STAGE2_CACHE_NAME)
 
 
 def check_output_dir(output_dir, resume_from_checkpoint, overwrite: bool, result_names, what: str = "--output_dir") -> list[Path]:

@@ -171,7 +171,7 @@ def _check_images(**tensors):
 def _encoded_sources(models, images, stage2, out, resume, accelerator, progress):
     """The Stage-2 cache (:func:`encode_sources`), reused from ``out`` on resume."""
     key = {"t0": stage2.t0, "num_inversion_steps": stage2.num_inversion_steps}
-    cache_file = out / "cache.safetensors" if out is not None else None
+    cache_file = out / checkpointing.STAGE2_CACHE_NAME if out is not None else None
     cache = _load_cache(cache_file, images, key) if (cache_file is not None and resume) else None
     if cache is None:
         cache = encode_sources(models.semantic_encoder, models.source_unet, models.scheduler, images, stage2.t0,
