@@ -454,9 +454,11 @@ def check_output_dir(output_dir, resume_from_checkpoint, overwrite: bool, result
         refuse_earlier_result(output, result_names, what)
         if resume_from_checkpoint is None:
             refuse_foreign_checkpoints(checkpoints)  # before the generic refusal: it says "resume it"
-        stopped_early = str(resume_from_checkpoint) == "latest" and any((output / name).is_file() for name in RUN_STATE)
-        if not stopped_early:
-            refuse_occupied(output, what)
+        stopped_early = any((output / name).is_file() for name in RUN_STATE)
+        if not (stopped_early and str(resume_from_checkpoint) == "latest"):
+            # A run that stopped there is continued by resuming: say so, not only --overwrite.
+            hint = "pass --resume_from_checkpoint latest to continue the run that stopped there, or --overwrite"
+            refuse_occupied(output, what, hint if stopped_early else "pass --overwrite")
     check_before_run(checkpoints, resume_from_checkpoint)
     return []
 

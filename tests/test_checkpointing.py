@@ -274,6 +274,7 @@ def _checkpoint(folder, step=7):
         (("losses.csv",), False, None, False, "is not empty"),  # a user's file under a name the run writes
         (("losses.csv",), False, "latest", False, "is not empty"),  # nothing of this folder's to resume
         (("stage1/options.json", "cache.safetensors", "losses.csv"), False, "latest", False, None),  # stopped early
+        (("stage1/options.json", "losses.csv"), False, None, False, "resume_from_checkpoint latest to continue"),
         (("stage1/options.json", "pipeline/model_index.json"), False, "latest", False, "earlier run"),  # finished
         (("pipeline/model_index.json",), True, "latest", False, None),  # resumes its own checkpoint
         (("losses.csv",), True, None, False, "already holds checkpoints"),  # a fresh run over them
