@@ -156,6 +156,25 @@ def test_errors_are_one_line(model_dir, tmp_path, capsys):
     assert "pipeline folder" in err and "does not exist" in err
 
 
+def test_the_package_warnings_are_one_line_and_other_libraries_keep_their_location(capsys):
+    import warnings
+
+    import ipl_diffusion.outputs
+    from ipl_diffusion.cli import one_line_warnings
+
+    # pytest.warns records what reaches Python's own warning display
+    with pytest.warns(UserWarning) as shown_by_python, one_line_warnings("ipl adapt"):
+        # as output_lock warns of a killed run's lock (its stacklevel lands in package code)
+        warnings.warn_explicit("the run that held it is no longer running", UserWarning, ipl_diffusion.outputs.__file__, 184)
+        warnings.warn_explicit("a torch warning", UserWarning, "/site-packages/torch/nn/x.py", 7)
+    assert capsys.readouterr().err == "ipl adapt: warning: the run that held it is no longer running\n"
+    assert [(str(w.message), w.filename, w.lineno) for w in shown_by_python] == [
+        ("a torch warning", "/site-packages/torch/nn/x.py", 7)]
+    # outside the CLI nothing changes
+    with pytest.warns(UserWarning, match="no longer running"):
+        warnings.warn_explicit("no longer running", UserWarning, ipl_diffusion.outputs.__file__, 184)
+
+
 def test_sample_is_seeded(adapted_dir, tmp_path):
     for name in ("a", "b"):
         assert main(["sample", "--model", str(adapted_dir / "pipeline"), "--output", str(tmp_path / name),

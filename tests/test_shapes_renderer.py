@@ -107,6 +107,11 @@ def test_known_domains_and_check_domain():
     assert check_domain(" Pixel_Art ") == "pixel art"
     with pytest.raises(ValueError, match="known domains: photo, sketch"):
         check_domain("Wall painting")
+    with pytest.raises(ValueError, match=r"'skech' \(did you mean 'sketch'\?\)"):
+        check_domain("skech")
+    with pytest.raises(ValueError) as far_off:
+        check_domain("Wall painting")
+    assert "did you mean" not in str(far_off.value)
     with pytest.raises(ValueError, match="Empty"):
         check_domain("  ")
 

@@ -6,15 +6,20 @@ Each sub-command lives in its own module of this package and exposes
 paths, bad labels, bad images, missing weights: every :class:`ipl_diffusion.errors.UserError`)
 into one line on stderr; anything else is a bug in this package and keeps its traceback, so a
 ``ValueError`` or ``KeyError`` from deep inside is never mistaken for a user's mistake. Set
-``IPL_TRACEBACK=1`` to see the traceback of a ``UserError`` too. Every parser is an
+``IPL_TRACEBACK=1`` to see the traceback of a ``UserError`` too. A warning this package (or the
+running example script) issues is one line too, ``ipl <command>: warning: <message>``; other
+libraries' warnings keep Python's format. Every parser is an
 :class:`~ipl_diffusion.cli.parser.IplArgumentParser`: an unknown flag is one line naming the
 nearest valid ones, and boolean options show as plain switches in ``--help``.
 """
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
+import warnings
+from pathlib import Path
 
 from ipl_diffusion.cli.parser import IplArgumentParser
 from ipl_diffusion.errors import UserError
@@ -62,13 +67,39 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        check_device(getattr(args, "device", None))
-        return int(args._run(args) or 0)
+        with one_line_warnings(f"ipl {args.command}"):
+            check_device(getattr(args, "device", None))
+            return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print(f"ipl {args.command}: interrupted", file=sys.stderr)
         return 130
     except UserError as err:  # only the library's refusals; every other exception is a bug
         return _refusal(f"ipl {args.command}", err)
+
+
+@contextlib.contextmanager
+def one_line_warnings(prog, also_under=None):
+    """Within the block, print a warning raised from this package's code (or from a file under
+    ``also_under``) as one line, ``<prog>: warning: <message>``, the form of the refusals.
+
+    Python's default format adds the warning's file, line and category and echoes that source
+    line, which tells a command-line user nothing and reads as a crash. Warnings from other
+    libraries (torch, diffusers) keep that format: their location is what a bug report needs.
+    The previous ``warnings.showwarning`` is restored on exit (``warnings.catch_warnings``).
+    """
+    package = Path(__file__).parents[1]
+    # pipelines/ is a symlink into the package in a source checkout: resolve both.
+    roots = [package.resolve(), (package / "pipelines").resolve(), *([Path(also_under).resolve()] if also_under else [])]
+    with warnings.catch_warnings():
+        default = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not any(Path(filename).resolve().is_relative_to(root) for root in roots):
+                return default(message, category, filename, lineno, file, line)
+            print(f"{prog}: warning: {message}", file=file or sys.stderr)
+
+        warnings.showwarning = show
+        yield
 
 
 def _refusal(prog, err) -> int:
@@ -86,7 +117,8 @@ def run_script(script_main, errors=(UserError,)) -> None:
     its traceback."""
     prog = os.path.basename(sys.argv[0])
     try:
-        script_main()
+        with one_line_warnings(prog, also_under=Path(sys.argv[0]).resolve().parent):
+            script_main()
     except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT, as `ipl`
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)

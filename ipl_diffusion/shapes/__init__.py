@@ -13,6 +13,7 @@ package ships small models trained on a synthetic world with known ground-truth 
   (:func:`shipped_clip_components`).
 """
 
+import difflib
 import json
 from pathlib import Path
 
@@ -206,8 +207,12 @@ def check_domain(label):
         raise UserError(f"Empty domain label; the Shapes CLIP knows: {', '.join(known_domains())}.")
     key = " ".join(str(label).strip().lower().replace("_", " ").replace("-", " ").split())
     if key not in STYLES:
+        # A typo ("skech") should be answered with the word meant, before the long advice on
+        # open-vocabulary CLIPs that suits a label the Shapes world never had.
+        close = difflib.get_close_matches(key, known_domains(), n=1, cutoff=0.75)
+        meant = f" (did you mean {close[0]!r}?)" if close else ""
         raise UserError(
-            f"The Shapes CLIP was not trained on the domain {label!r}; known domains: "
+            f"The Shapes CLIP was not trained on the domain {label!r}{meant}; known domains: "
             f"{', '.join(known_domains())}. Other labels need a real (open-vocabulary) CLIP: ipl adapt --clip_model "
             "openai/clip-vit-base-patch32 (or a local copy), a real model (ipl adapt --model <pipeline folder or Hub id "
             "whose text_encoder is a real CLIP>), or in "
