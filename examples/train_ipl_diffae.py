@@ -48,7 +48,7 @@ from transformers import HfArgumentParser
 
 from ipl_diffusion import IPLPipeline
 from ipl_diffusion.adaptation.distributed import make_accelerator
-from ipl_diffusion.checkpointing import check_output_dir, remove_checkpoints
+from ipl_diffusion.checkpointing import check_output_dir
 from ipl_diffusion.cli import run_script
 from ipl_diffusion.configs import AdaptArguments, DiffAEStage2Config, Stage1Config
 from ipl_diffusion.outputs import atomic_folder, atomic_write_text, check_writable, output_lock
@@ -86,11 +86,11 @@ def main(argv=None):
     # until the end). The rule is ipl adapt's.
     check_writable(run.output_dir, "--output_dir")
     with output_lock(run.output_dir, "--output_dir"):
-        replaced = check_output_dir(run.output_dir, run.resume_from_checkpoint, run.overwrite, ["pipeline"])
-        train(run, stage1, stage2, hub, replaced)
+        check_output_dir(run.output_dir, run.resume_from_checkpoint, run.overwrite, ["pipeline"])
+        train(run, stage1, stage2, hub)
 
 
-def train(run, stage1, stage2, hub, replaced_checkpoints=()):
+def train(run, stage1, stage2, hub):
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     accelerator = make_accelerator(stage2.mixed_precision)
     logger.info(accelerator.state, main_process_only=False)
@@ -100,9 +100,6 @@ def train(run, stage1, stage2, hub, replaced_checkpoints=()):
     model = run.model or default_model_path()
     pipe = from_pretrained_with_clip(IPLPipeline, model, run.clip_model).to(accelerator.device)  # None: its own CLIP
     pipe.set_progress_bar_config(disable=not accelerator.is_local_main_process)
-    if accelerator.is_main_process:
-        remove_checkpoints(replaced_checkpoints)  # --overwrite: the earlier run's, once this run can start
-    accelerator.wait_for_everyone()
     if hub.enable_xformers_memory_efficient_attention:
         # Where xformers cannot run the models this warns once and keeps SDPA.
         pipe.source_unet.enable_xformers_memory_efficient_attention()
@@ -114,7 +111,8 @@ def train(run, stage1, stage2, hub, replaced_checkpoints=()):
     adapted = pipe.adapt(
         run.target, run.source, images=run.images, stage1_images=run.stage1_images, target_images=run.target_images,
         validation_images=run.validation_images, accelerator=accelerator,
-        output_dir=run.output_dir, resume_from_checkpoint=run.resume_from_checkpoint, **options,
+        output_dir=run.output_dir, resume_from_checkpoint=run.resume_from_checkpoint, overwrite=run.overwrite,
+        **options,
     )
 
     # 6. Save (main process only) and optionally push.

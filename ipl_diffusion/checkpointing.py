@@ -378,7 +378,7 @@ def check_same_run(path: str | os.PathLike, saved: Mapping, current: Mapping) ->
 
 
 def check_before_run(output_dir: str | os.PathLike, resume_from_checkpoint: str | os.PathLike | None,
-                     run_identity: Mapping | None = None) -> None:
+                     run_identity: Mapping | None = None, overwrite: bool = False) -> None:
     """What a run checks in its checkpoint folder before it writes anything (Stage 1 first).
 
     A fresh run (``resume_from_checkpoint=None``) must not find an earlier run's checkpoints
@@ -388,10 +388,12 @@ def check_before_run(output_dir: str | os.PathLike, resume_from_checkpoint: str 
     ``run_identity`` (the run config as far as it is known before Stage 1: ``source``,
     ``target``, ``stage1``, ``stage2``), that was written by the same run
     (:func:`check_same_run`), so that a misspelt name, a damaged checkpoint or a changed option
-    fails in a second rather than after Stage 1 has rewritten its outputs.
+    fails in a second rather than after Stage 1 has rewritten its outputs. With ``overwrite`` a
+    fresh run may find checkpoints: it replaces them (:func:`prepare_checkpoint_folder`).
     """
     if resume_from_checkpoint is None:
-        refuse_foreign_checkpoints(output_dir)
+        if not overwrite:
+            refuse_foreign_checkpoints(output_dir)
         return
     path = resolve_checkpoint(output_dir, resume_from_checkpoint)
     if path is not None:  # a damaged checkpoint fails now, not after the sources are encoded
@@ -423,11 +425,14 @@ STAGE2_CACHE_NAME = "cache.safetensors"
 RUN_STATE = ("stage1/options.json", STAGE2_CACHE_NAME)
 
 
-def check_output_dir(output_dir, resume_from_checkpoint, overwrite: bool, result_names, what: str = "--output_dir") -> list[Path]:
+def check_output_dir(output_dir, resume_from_checkpoint, overwrite: bool, result_names, what: str = "--output_dir") -> None:
     """Before any model loads: may a training run write into ``output_dir`` (its checkpoints in
     ``output_dir/checkpoints``)? The one rule of ``ipl adapt`` and ``examples/train_ipl_diffae.py``.
 
-    * ``overwrite``: yes; a fresh run replaces the earlier run's checkpoints (returned).
+    * ``overwrite``: yes; a fresh run replaces the earlier run's checkpoints, but only once all
+      its inputs have been checked (``adapt(..., overwrite=True)``:
+      :func:`prepare_checkpoint_folder`), so that a run refused on its model, CLIP or labels
+      loses nothing.
     * A resume of one of this folder's own checkpoints (``"latest"`` or a name / path resolving
       into ``output_dir/checkpoints``): yes.
     * Otherwise the folder must hold no earlier result (any of ``result_names``:
@@ -439,17 +444,12 @@ def check_output_dir(output_dir, resume_from_checkpoint, overwrite: bool, result
 
     A checkpoint named for resuming must exist and be intact (:func:`check_before_run`).
 
-    Returns:
-        The earlier run's checkpoints that ``overwrite`` replaces; the caller removes them with
-        :func:`remove_checkpoints` once its model has loaded, so that a run refused on its model
-        or CLIP loses nothing.
-
     Raises:
         UserError: the message names the folder, what it holds, and how to proceed.
     """
     output, checkpoints = Path(output_dir), Path(output_dir) / "checkpoints"
     if overwrite and resume_from_checkpoint is None:
-        return list_checkpoints(checkpoints)
+        return
     if not overwrite and not _resumes_own_checkpoint(checkpoints, resume_from_checkpoint):
         refuse_earlier_result(output, result_names, what)
         if resume_from_checkpoint is None:
@@ -460,7 +460,6 @@ def check_output_dir(output_dir, resume_from_checkpoint, overwrite: bool, result
             hint = "pass --resume_from_checkpoint latest to continue the run that stopped there, or --overwrite"
             refuse_occupied(output, what, hint if stopped_early else "pass --overwrite")
     check_before_run(checkpoints, resume_from_checkpoint)
-    return []
 
 
 def _resumes_own_checkpoint(checkpoints: Path, resume_from_checkpoint) -> bool:
@@ -472,11 +471,21 @@ def _resumes_own_checkpoint(checkpoints: Path, resume_from_checkpoint) -> bool:
     return found is not None and found.resolve().parent == checkpoints.resolve()
 
 
-def remove_checkpoints(checkpoints: list[Path]) -> None:
-    """Delete the checkpoint folders :func:`check_output_dir` found (only those: anything else
-    in ``checkpoints/`` stays)."""
-    for path in checkpoints:
-        shutil.rmtree(path)
+def prepare_checkpoint_folder(output_dir, resume_from_checkpoint, run_identity: Mapping, overwrite: bool,
+                              accelerator) -> None:
+    """An adaptation run's last check before it writes: :func:`check_before_run`, then, for a
+    fresh run with ``overwrite`` (``ipl adapt --overwrite``), delete the earlier run's
+    ``checkpoint-<step>`` folders in ``output_dir`` (only those: anything else there stays).
+
+    The adaptation functions call it once every input, label and option has been checked, so
+    that a run refused on any of them loses nothing. The main process deletes; the others wait.
+    """
+    check_before_run(output_dir, resume_from_checkpoint, run_identity, overwrite)
+    if overwrite and resume_from_checkpoint is None:
+        if accelerator.is_main_process:
+            for path in list_checkpoints(output_dir):
+                shutil.rmtree(path)
+        accelerator.wait_for_everyone()
 
 
 # ------------------------------------------------------------------- a resumable loop

@@ -238,8 +238,9 @@ class CLIPPromptEncoder:
             raise UserError(f"The domain label {label!r} contains CLIP's start/end-of-text tokens.")
         total = len(ids) + int(n_ctx) + 2
         if total > self.max_length:
+            shown = cleaned if len(cleaned) <= 60 else f"{cleaned[:40]}... ({len(cleaned)} characters)"
             raise UserError(
-                f"The domain label {label!r} is too long: {len(ids)} label tokens + {int(n_ctx)} context slots + "
+                f"The domain label {shown!r} is too long: {len(ids)} label tokens + {int(n_ctx)} context slots + "
                 f"SOS/EOS = {total} tokens, but the CLIP text model takes at most {self.max_length}. Use a "
                 f"shorter label (at most {self.max_length - 2 - int(n_ctx)} tokens here)."
             )

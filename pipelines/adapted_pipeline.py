@@ -43,11 +43,13 @@ class AdaptedPipelineMixin:
 
     @staticmethod
     @contextlib.contextmanager
-    def guard_output_dir(output_dir, resume_from_checkpoint=None):
+    def guard_output_dir(output_dir, resume_from_checkpoint=None, overwrite: bool = False):
         """Around an ``adapt`` run writing into ``output_dir`` (``None``: no-op): refuse a folder
         that cannot be written before any work, hold its run lock
         (:func:`ipl_diffusion.outputs.output_lock`) so a second run into it is refused at once,
-        and check its checkpoints (:func:`ipl_diffusion.checkpointing.check_before_run`).
+        and check its checkpoints (:func:`ipl_diffusion.checkpointing.check_before_run`;
+        ``overwrite``: earlier ones are allowed, and replaced later, once the run's own checks
+        have passed).
 
         Raises:
             UserError: ``output_dir`` is not writable, another live run holds it, or the
@@ -61,7 +63,7 @@ class AdaptedPipelineMixin:
             check_writable(output_dir, "output_dir")
         with output_lock(output_dir, "output_dir"):
             if output_dir is not None:
-                check_before_run(Path(output_dir) / "checkpoints", resume_from_checkpoint)
+                check_before_run(Path(output_dir) / "checkpoints", resume_from_checkpoint, overwrite=overwrite)
             yield
 
     def load_sample_grid(self, folder) -> None:

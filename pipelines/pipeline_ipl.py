@@ -354,7 +354,7 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
     # ------------------------------------------------------------------------ adaptation
     def adapt(self, target: Optional[str] = None, source: Optional[str] = None, images=None, stage1_images=None,
               validation_images=None, *, target_images=None, prompt_learner=None, output_dir: Optional[str] = None, resume_from_checkpoint: Optional[str] = None,
-              accelerator=None, progress: bool = True, **options) -> "IPLPipeline":
+              overwrite: bool = False, accelerator=None, progress: bool = True, **options) -> "IPLPipeline":
         """Adapt the source DiffAE to ``target`` (IPL Stage 1 + Diff-IPL Stage 2).
 
         Args:
@@ -378,6 +378,9 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
             output_dir: when given, the cache, ``stage1/``, checkpoints, grids and
                 ``losses.csv`` are written there and ``resume_from_checkpoint="latest"``
                 continues an interrupted run.
+            overwrite: with ``output_dir``, a fresh run replaces an earlier run's checkpoints
+                there instead of being refused (as ``ipl adapt --overwrite``); they are deleted
+                only once every input, label and option has passed its check.
             accelerator: an ``accelerate.Accelerator`` to use (default: one is made).
             **options: any field of :class:`ipl_diffusion.configs.Stage1Config` or
                 :class:`ipl_diffusion.configs.DiffAEStage2Config` (``scheme``, ``t0``,
@@ -401,8 +404,8 @@ class IPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, XFormersFallbackP
         return diff_ipl.adapt_pipeline(
             self, target, source, images, stage1_images, validation_images, target_images=target_images,
             prompt_learner=prompt_learner,
-            output_dir=output_dir, resume_from_checkpoint=resume_from_checkpoint, accelerator=accelerator,
-            progress=progress, **options,
+            output_dir=output_dir, resume_from_checkpoint=resume_from_checkpoint, overwrite=overwrite,
+            accelerator=accelerator, progress=progress, **options,
         )
 
     def with_adaptation(self, result) -> "IPLPipeline":

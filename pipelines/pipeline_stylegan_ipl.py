@@ -336,8 +336,8 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, Diffusion
     # ------------------------------------------------------------------------ adaptation
     def adapt(self, target: Optional[str] = None, source: Optional[str] = None, *, target_images=None, prompt_learner=None,
               output_dir: Optional[str] = None,
-              resume_from_checkpoint: Optional[str] = None, accelerator=None, progress: bool = True,
-              **options) -> "StyleGANIPLPipeline":
+              resume_from_checkpoint: Optional[str] = None, overwrite: bool = False, accelerator=None,
+              progress: bool = True, **options) -> "StyleGANIPLPipeline":
         """Adapt the source generator to ``target`` (IPL Stage 1 + GAN-IPL Stage 2).
 
         Stage 1 (prompt learning, Eq. 6) learns the latent mapper on source samples ``w``
@@ -357,6 +357,9 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, Diffusion
             output_dir: when given, ``stage1/``, ``checkpoints/``, ``samples/``, ``losses.csv``
                 and the final ``sample_grid.png`` go there (main process only) and
                 ``resume_from_checkpoint="latest"`` continues an interrupted run bit for bit.
+            overwrite: with ``output_dir``, a fresh run replaces an earlier run's checkpoints
+                there instead of being refused (as ``ipl adapt --overwrite``); they are deleted
+                only once every input, label and option has passed its check.
             accelerator: an ``accelerate.Accelerator`` (default: one on the generator's device).
             **options: any field of :class:`ipl_diffusion.configs.Stage1Config` or
                 :class:`ipl_diffusion.configs.GANStage2Config` (``scheme``, ``lambda_domain``,
@@ -380,8 +383,8 @@ class StyleGANIPLPipeline(AdaptedPipelineMixin, RemoteCodeLayoutMixin, Diffusion
             raise UserError("adapt needs the CLIP text_encoder and tokenizer components; this pipeline has none")
         return gan_ipl.adapt_pipeline(self, target, source, target_images=target_images, prompt_learner=prompt_learner,
                                       output_dir=output_dir,
-                                      resume_from_checkpoint=resume_from_checkpoint, accelerator=accelerator,
-                                      progress=progress, **options)
+                                      resume_from_checkpoint=resume_from_checkpoint, overwrite=overwrite,
+                                      accelerator=accelerator, progress=progress, **options)
 
     def with_adaptation(self, result, output_dir=None) -> "StyleGANIPLPipeline":
         """A new pipeline sharing this one's frozen components, with the adapted ``g_ema`` and

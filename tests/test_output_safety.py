@@ -100,6 +100,22 @@ def test_overwrite_keeps_the_earlier_run_until_this_one_can_start(model_dir, tmp
     assert snapshot(out) == before
 
 
+def test_overwrite_keeps_the_earlier_checkpoints_when_the_label_is_refused_after_loading(model_dir, tmp_path, capsys):
+    """Only the loaded CLIP can tell a label too long for it, and adapt checks it after the
+    model has loaded: the earlier run's checkpoints must survive that refusal too."""
+    out = tmp_path / "run"
+    earlier_result(out)
+    earlier_checkpoint(out)
+    before = snapshot(out)
+    too_long = " ".join(["watercolour"] * 100)
+    assert main(["adapt", "--model", str(model_dir), "--target", too_long, "--output_dir", str(out), "--overwrite",
+                 *FAST_CLI_ARGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the model-loading bars
+    assert err.startswith("ipl adapt: error: The domain label 'watercolour watercolour") and "too long" in err
+    assert len(err) < 400  # the label is not echoed whole
+    assert snapshot(out) == before
+
+
 @pytest.mark.slow
 def test_adapt_overwrite_replaces_the_earlier_result(model_dir, tmp_path):
     out = tmp_path / "run"

@@ -95,6 +95,24 @@ def test_resume_with_another_stage1_option_is_refused_before_stage1_rewrites_any
     assert after == before  # nothing rewritten, Stage 1's result included
 
 
+def test_overwrite_replaces_the_earlier_checkpoints_only_once_the_run_can_start(pipe, tmp_path):
+    from ipl_diffusion.errors import UserError
+
+    kwargs = dict(FAST, auto_layer_iters=0, phase="shape", output_dir=str(tmp_path), checkpointing_steps=1)
+    pipe.adapt("sketch", **kwargs)
+    (tmp_path / "checkpoints" / "notes.txt").write_text("not a checkpoint\n")
+    earlier = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match="already holds checkpoints"):  # a fresh run over them
+        pipe.adapt("sketch", **dict(kwargs, seed=1))
+    with pytest.raises(UserError, match="too long"):  # refused with overwrite: nothing lost
+        pipe.adapt(" ".join(["sketch"] * 100), **dict(kwargs, seed=1), overwrite=True)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == earlier
+    pipe.adapt("sketch", **dict(kwargs, seed=1, iterations=1), overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-1", "notes.txt"]
+    meta = json.loads((tmp_path / "checkpoints" / "checkpoint-1" / "checkpoint.json").read_text())
+    assert meta["config"]["stage2"]["seed"] == 1  # the new run's, not the earlier one's
+
+
 def test_adapt_errors(pipe):
     with pytest.raises(ValueError, match="scheme"):
         pipe.adapt("sketch", scheme="fancy", **{k: v for k, v in FAST.items()})

@@ -217,7 +217,8 @@ class DiffIPLImages:
 
 def adapt_diffae(models, data: DiffIPLImages, source: str, target: str | None, stage1: Stage1Config | None = None,
                  stage2: DiffAEStage2Config | None = None, *, prompt_learner=None, output_dir=None,
-                 resume_from_checkpoint=None, accelerator=None, progress: bool = True) -> DiffIPLResult:
+                 resume_from_checkpoint=None, overwrite: bool = False, accelerator=None,
+                 progress: bool = True) -> DiffIPLResult:
     """Diff-IPL on the source images of ``data`` (:class:`DiffIPLImages`).
 
     Args:
@@ -232,6 +233,8 @@ def adapt_diffae(models, data: DiffIPLImages, source: str, target: str | None, s
         output_dir: ``run_config.json``, ``cache.safetensors``, ``stage1/``, checkpoints,
             grids and ``losses.csv`` go there (main process); ``resume_from_checkpoint="latest"``
             continues an interrupted run bit for bit.
+        overwrite: a fresh run replaces the earlier run's checkpoints in ``output_dir`` instead
+            of being refused, once every input, label and option has passed its check.
 
     Raises:
         UserError: bad labels, images or options, half-precision weights on a CPU, a damaged
@@ -253,7 +256,8 @@ def adapt_diffae(models, data: DiffIPLImages, source: str, target: str | None, s
     out = Path(output_dir) if output_dir is not None else None
     if out is not None:  # before the cache / Stage 1 are written
         identity = {"source": source, "target": target, "stage1": as_dict(stage1), "stage2": as_dict(stage2)}
-        checkpointing.check_before_run(out / "checkpoints", resume_from_checkpoint, identity)
+        checkpointing.prepare_checkpoint_folder(out / "checkpoints", resume_from_checkpoint, identity, overwrite,
+                                                accelerator)
     for module in (models.semantic_encoder, models.source_unet, models.text_encoder):
         module.to(accelerator.device).eval()
     run = _Run(models, encoder, clip_image_features(models.text_encoder, models.feature_extractor), stage1, stage2,
@@ -351,9 +355,22 @@ def _source_images(pipe, images, count, stage2, seed, offset=0):
                        output_type="latent", source=True).images
 
 
+def _check_before_sampling(pipe, source, target, stage1, stage2) -> None:
+    """The checks of :func:`adapt_diffae` that need no images, made before ``adapt_pipeline``
+    samples or encodes any (minutes at 256²): ``t0`` against the scheduler, the labels against
+    the pipeline's CLIP (a label too long for it). ``UserError`` as there."""
+    from ipl_diffusion.clip_text import CLIPPromptEncoder
+
+    ddim.check_t0(stage2.t0, pipe.scheduler)
+    encoder = CLIPPromptEncoder(pipe.text_encoder, pipe.tokenizer)
+    for label in (source, target):
+        if label is not None:
+            encoder.validate_label(label, n_ctx=stage1.n_ctx)
+
+
 def adapt_pipeline(pipe, target: str | None, source=None, images=None, stage1_images=None, validation_images=None, *,
                    target_images=None, prompt_learner=None, output_dir=None, resume_from_checkpoint=None,
-                   accelerator=None, progress: bool = True, **options):
+                   overwrite: bool = False, accelerator=None, progress: bool = True, **options):
     """``IPLPipeline.adapt``: resolve the options (the configs' defaults, then the pipeline's
     recorded ``adapt_defaults``, then ``options``), sample the sources the caller did not give
     (with ``candidate_steps`` and no ``images``, also ``num_candidate_images`` held-out ones for
@@ -374,7 +391,8 @@ def adapt_pipeline(pipe, target: str | None, source=None, images=None, stage1_im
         target_images, int(pipe.text_encoder.config.vision_config.image_size))
     check_weights_dtype({"semantic_encoder": pipe.semantic_encoder, "source_unet": pipe.source_unet,
                          "text_encoder": pipe.text_encoder}, accelerator.device if accelerator is not None else pipe.device)
-    with pipe.guard_output_dir(output_dir, resume_from_checkpoint):  # before the (slow) sampling / encoding
+    _check_before_sampling(pipe, source, target, stage1, stage2)
+    with pipe.guard_output_dir(output_dir, resume_from_checkpoint, overwrite):  # before the (slow) sampling / encoding
         x0 = _source_images(pipe, images, stage2.num_images, stage2, stage2.seed)
         pool = None
         if stage1_images is not None or stage1.stage1_num_images is not None:
@@ -384,5 +402,6 @@ def adapt_pipeline(pipe, target: str | None, source=None, images=None, stage1_im
             shown = _source_images(pipe, None, stage2.num_candidate_images, stage2, stage2.seed, offset=20_011)
         data = DiffIPLImages(x0, stage1_images=pool, validation_images=shown, target_images=style)
         result = adapt_diffae(pipe, data, source, target, stage1, stage2, prompt_learner=prompt_learner, output_dir=output_dir,
-                              resume_from_checkpoint=resume_from_checkpoint, accelerator=accelerator, progress=progress)
+                              resume_from_checkpoint=resume_from_checkpoint, overwrite=overwrite,
+                              accelerator=accelerator, progress=progress)
     return pipe.with_adaptation(result)

@@ -442,7 +442,8 @@ def run_stage1(source_generator, encoder, image_features, source, target, config
 
 def adapt_stylegan2(models, source: str, target: Optional[str], stage1: Optional[Stage1Config] = None,
                     stage2: Optional[GANStage2Config] = None, *, target_images=None, prompt_learner=None, output_dir=None,
-                    resume_from_checkpoint=None, accelerator=None, progress: bool = True) -> GANIPLResult:
+                    resume_from_checkpoint=None, overwrite: bool = False, accelerator=None,
+                    progress: bool = True) -> GANIPLResult:
     """GAN-IPL end to end: Stage 1 (Eq. 6, or ``prompt_learner`` when given), then Stage 2 (Eq. 7-9).
 
     Args:
@@ -461,6 +462,8 @@ def adapt_stylegan2(models, source: str, target: Optional[str], stage1: Optional
             (B, D)``): Stage 1 is skipped.
         output_dir: ``stage1/``, ``checkpoints/``, ``samples/`` and ``losses.csv`` go there
             (main process) and ``resume_from_checkpoint="latest"`` continues an interrupted run.
+        overwrite: a fresh run replaces the earlier run's checkpoints in ``output_dir`` instead
+            of being refused, once every input, label and option has passed its check.
         accelerator: an ``accelerate.Accelerator`` (default: :func:`make_accelerator`).
 
     Multi-process (``accelerate launch``): the Stage-1 caches are rendered in shares and
@@ -492,7 +495,8 @@ def adapt_stylegan2(models, source: str, target: Optional[str], stage1: Optional
     source, target = encoder.validate_label(source), encoder.validate_label(target)
     if output_dir is not None:  # before Stage 1 writes anything
         identity = {"source": source, "target": target, "stage1": as_dict(stage1), "stage2": as_dict(stage2)}
-        checkpointing.check_before_run(Path(output_dir) / "checkpoints", resume_from_checkpoint, identity)
+        checkpointing.prepare_checkpoint_folder(Path(output_dir) / "checkpoints", resume_from_checkpoint, identity,
+                                                overwrite, accelerator)
     image_features = CLIPImageEncoder(clip_model, processor).encode_images
     goal, anchor, reference_w = _image_goal(source_generator, encoder, image_features, target_images, source, target,
                                             label_given, stage1, stage2, accelerator)
@@ -565,7 +569,8 @@ def _stage1(source_generator, encoder, image_features, source, target, stage1, s
 
 
 def adapt_pipeline(pipe, target: Optional[str], source=None, *, target_images=None, prompt_learner=None, output_dir=None,
-                   resume_from_checkpoint=None, accelerator=None, progress: bool = True, **options):
+                   resume_from_checkpoint=None, overwrite: bool = False, accelerator=None, progress: bool = True,
+                   **options):
     """``StyleGANIPLPipeline.adapt``: resolve the options (the configs' defaults, then the
     pipeline's recorded ``adapt_defaults``, then ``options``), run :func:`adapt_stylegan2`
     on its source generator and return ``pipe.with_adaptation(result)``.
@@ -579,9 +584,9 @@ def adapt_pipeline(pipe, target: Optional[str], source=None, *, target_images=No
     pipe.check_known_domains(source, *([target] if target is not None else []))
     style = None if target_images is None else image_target.load_target_images(
         target_images, int(pipe.text_encoder.config.vision_config.image_size))
-    with pipe.guard_output_dir(output_dir, resume_from_checkpoint):
+    with pipe.guard_output_dir(output_dir, resume_from_checkpoint, overwrite):
         result = adapt_stylegan2(
             pipe, source, target, stage1, stage2, target_images=style, prompt_learner=prompt_learner, output_dir=output_dir,
-            resume_from_checkpoint=resume_from_checkpoint, accelerator=accelerator, progress=progress,
+            resume_from_checkpoint=resume_from_checkpoint, overwrite=overwrite, accelerator=accelerator, progress=progress,
         )
     return pipe.with_adaptation(result, output_dir)

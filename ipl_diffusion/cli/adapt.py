@@ -202,7 +202,7 @@ def _check_backend(backend, folder):
         raise UserError(f"--model {folder} is {found[0]} folder; use --backend {found[1]}")
 
 def run(args) -> int:
-    from ipl_diffusion.checkpointing import check_output_dir, remove_checkpoints
+    from ipl_diffusion.checkpointing import check_output_dir
     from ipl_diffusion.outputs import check_writable, output_lock
 
     output = Path(args.output_dir or f"ipl-{'_'.join((args.target or 'image-target').split()).lower() or 'target'}")
@@ -212,12 +212,12 @@ def run(args) -> int:
     # One run per folder: a second `ipl adapt` into it is refused at once, before it reads or
     # writes anything there (its checkpoint rotation and losses.csv would clobber the first's).
     with output_lock(output, "--output_dir"):
-        replaced = check_output_dir(output, args.resume_from_checkpoint, args.overwrite, RESULT_NAMES)
+        check_output_dir(output, args.resume_from_checkpoint, args.overwrite, RESULT_NAMES)
         pipe = load_pipeline(args.backend, args.model, args.device, clip_model=args.clip_model)
-        remove_checkpoints(replaced)  # --overwrite: the earlier run's, once this run can start
         style = {"target_images": args.target_images} if args.target_images is not None else {}
         adapted = pipe.adapt(args.target, args.source, **_data(args, pipe), **style, output_dir=str(output),
-                             resume_from_checkpoint=args.resume_from_checkpoint, **given_options(args))
+                             resume_from_checkpoint=args.resume_from_checkpoint, overwrite=args.overwrite,
+                             **given_options(args))
         grid = _save_outputs(adapted, output, run_arguments(args))
     _report_stage1(adapted.adaptation_config)
     _report_step_choice(adapted.adaptation_config, output)
