@@ -69,3 +69,13 @@ def test_low_memory_preset_leaves_explicit_options_and_chunks_the_gan_probes(tin
                         iterations=1, auto_layer_batch=4, num_sample_images=2, label_templates="single", progress=False)
     config = adapted.adaptation_config
     assert config["stage2"]["auto_layer_chunk"] == 2 and config["memory"]["peak_bytes"] > 0
+
+
+def test_a_resumed_run_keeps_the_peak_its_checkpoint_recorded(tmp_path):
+    """Resuming a finished run trains nothing; it used to record a peak of 0 bytes."""
+    pipe = build_tiny_ipl_pipeline()
+    options = dict(FAST, output_dir=str(tmp_path), checkpointing_steps=1)
+    first = pipe.adapt("sketch", images=IMAGES, **options).adaptation_config["memory"]
+    assert first["peak_bytes"] > 0
+    again = pipe.adapt("sketch", images=IMAGES, resume_from_checkpoint="latest", **options)
+    assert again.adaptation_config["memory"] == first

@@ -7,6 +7,9 @@ step's memory that the gradient mode, gradient checkpointing and the layer polic
 (``benchmarks/stage2_memory.py`` compares them the same way). It is measured through
 ``torch.autograd.graph.saved_tensors_hooks`` on the first :data:`CPU_MEASURED_ITERATIONS`
 iterations only: every iteration saves the same tensor sizes, and the hooks cost time.
+
+A resumed run starts from the report its checkpoint recorded (same device): its peak is the
+larger of the two, so resuming a finished run does not record 0.
 """
 
 from __future__ import annotations
@@ -52,11 +55,14 @@ class SavedTensorMeter:
 
 
 class PeakMemory:
-    """Measures one run's peak on ``device``; :meth:`iteration` wraps each training iteration."""
+    """Measures one run's peak on ``device``; :meth:`iteration` wraps each training iteration.
+    ``earlier``: the :meth:`report` a resumed checkpoint recorded (ignored from another device)."""
 
-    def __init__(self, device):
+    def __init__(self, device, earlier: dict | None = None):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        same_device = bool(earlier) and earlier.get("device") == str(self.device)
+        self.earlier = int(earlier.get("peak_bytes", 0)) if same_device else 0
         self.peak = 0
         self.measured = 0
         if self.cuda:
@@ -78,4 +84,5 @@ class PeakMemory:
             peak, measure = torch.cuda.max_memory_allocated(self.device), "CUDA allocator peak over Stage 2"
         else:
             peak, measure = self.peak, f"autograd-saved tensors, peak over iterations 1-{CPU_MEASURED_ITERATIONS} (CPU)"
+        peak = max(peak, self.earlier)
         return {"device": str(self.device), "peak_bytes": int(peak), "peak_mib": round(peak / 2**20, 2), "measure": measure}

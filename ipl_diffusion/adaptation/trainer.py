@@ -119,6 +119,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.step_choice = None  # a StepChoice once enable_step_choice is called
+        self.resumed_memory = None  # the memory report of the checkpoint resumed from
 
     # -- what a backend supplies -----------------------------------------------------------
     def iteration(self, *args) -> dict:  # pragma: no cover - abstract
@@ -185,6 +186,7 @@ class Trainer:
         if self.accelerator.scaler is not None and saved.get("grad_scaler"):
             self.accelerator.scaler.load_state_dict(saved["grad_scaler"])
         self.history = list(saved.get("history", []))
+        self.resumed_memory = saved.get("memory")  # the peak before the interruption
         if self.step_choice is not None:  # a resumed run continues the candidate list
             self.step_choice.restore(saved, self.step)
         return self.step
@@ -225,7 +227,7 @@ class Trainer:
         self._check_step_choice()
         self.resume(resume_from_checkpoint)
         log = LossLog(self.output_dir, self.history, enabled=acc.is_main_process)
-        memory = PeakMemory(self.device)
+        memory = PeakMemory(self.device, earlier=self.resumed_memory)
         bar = tqdm(total=cfg.iterations, initial=self.step, desc=self.description,
                    disable=not (progress and acc.is_local_main_process))
         try:
@@ -237,6 +239,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0:
+                    self.run_config["memory"] = memory.report()  # the checkpoint carries it on
                     self.save_checkpoint()
                 if cfg.sample_steps and self.output_dir is not None and acc.is_main_process:
                     if self.step % cfg.sample_steps == 0 or self.step == cfg.iterations:
