@@ -424,3 +424,19 @@ def test_atomic_outputs_get_the_mode_a_plain_write_would(tmp_path):
     assert stat.S_IMODE(text.stat().st_mode) == 0o644
     assert stat.S_IMODE(image.stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "pipeline").stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize("script", ["train_clip", "train_oracle", "train_diffae", "train_stylegan2"])
+@pytest.mark.parametrize("option, value, said", [
+    ("--batch_size", "0", "--batch_size: must be >= 1; got 0"),  # was a traceback deep in training
+    ("--max_steps", "-5", "--max_steps: must be >= 0; got -5"),  # 0 stays: a warm start, copied
+    ("--init_from", " ", "--init_from: is empty"),  # was read as "not given": a fresh network
+])
+def test_shapes_training_scripts_refuse_bad_sizes_and_an_empty_init_from(script, option, value, said, tmp_path, capsys):
+    from repo_scripts import load_script
+
+    parse_args = load_script(f"examples/shapes/{script}.py").parse_args
+    with pytest.raises(SystemExit) as exit_:
+        parse_args([option, value, "--work_dir", str(tmp_path / "w"), "--output_dir", str(tmp_path / "o")])
+    assert exit_.value.code == 2 and said in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

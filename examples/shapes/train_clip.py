@@ -41,6 +41,7 @@ from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
 from ipl_diffusion.checkpointing import ResumableRun
 from ipl_diffusion.cli import run_script
+from ipl_diffusion.cli.argtypes import nonempty_text, nonnegative_int, positive_int
 from ipl_diffusion.errors import UserError
 from ipl_diffusion.outputs import output_lock
 from ipl_diffusion.shapes.renderer import STYLES, ShapesRenderer, sample_factors
@@ -56,22 +57,22 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", default="ipl_diffusion/shapes_models/clip", help="final CLIP folder")
     p.add_argument("--work_dir", default="runs/shapes_clip", help="checkpoints and logs")
-    p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--max_steps", type=int, default=4000, help="length of the learning-rate schedule")
+    p.add_argument("--resolution", type=positive_int, default=32)
+    p.add_argument("--batch_size", type=positive_int, default=256)
+    p.add_argument("--max_steps", type=nonnegative_int, default=4000, help="length of the learning-rate schedule")
     p.add_argument("--max_minutes", type=float, default=None, help="stop (and save) after this wall time")
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--weight_decay", type=float, default=0.05)
     p.add_argument("--warmup_steps", type=int, default=150)
     # The model sizes default to None so that a size given next to --init_from (whose model
     # has its own) can be told apart from the default; check_world_args fills them in.
-    p.add_argument("--width", type=int, default=None, help=f"hidden size of both towers (default {MODEL_SIZES['width']})")
-    p.add_argument("--layers", type=int, default=None, help=f"transformer layers of both towers (default {MODEL_SIZES['layers']})")
-    p.add_argument("--patch_size", type=int, default=None, help=f"(default {MODEL_SIZES['patch_size']})")
-    p.add_argument("--projection_dim", type=int, default=None, help=f"(default {MODEL_SIZES['projection_dim']})")
-    p.add_argument("--checkpointing_steps", type=int, default=200)
-    p.add_argument("--eval_steps", type=int, default=500)
-    p.add_argument("--eval_images", type=int, default=1000)
+    p.add_argument("--width", type=positive_int, default=None, help=f"hidden size of both towers (default {MODEL_SIZES['width']})")
+    p.add_argument("--layers", type=positive_int, default=None, help=f"transformer layers of both towers (default {MODEL_SIZES['layers']})")
+    p.add_argument("--patch_size", type=positive_int, default=None, help=f"(default {MODEL_SIZES['patch_size']})")
+    p.add_argument("--projection_dim", type=positive_int, default=None, help=f"(default {MODEL_SIZES['projection_dim']})")
+    p.add_argument("--checkpointing_steps", type=positive_int, default=200)
+    p.add_argument("--eval_steps", type=positive_int, default=500)
+    p.add_argument("--eval_images", type=positive_int, default=1000)
     p.add_argument("--resume_from_checkpoint", default="latest")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -108,7 +109,7 @@ def parse_args(argv=None):
         "the caption can be matched on, so the style's label learns it (the photo-side gradient NADA follows)",
     )
     p.add_argument(
-        "--init_from", default=None,
+        "--init_from", type=nonempty_text, default=None,
         help="a CLIP folder to fine-tune instead of a fresh model (same tokenizer); "
         "much cheaper than training from scratch on a CPU",
     )

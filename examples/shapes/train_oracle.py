@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ipl_diffusion.checkpointing import ResumableRun
 from ipl_diffusion.cli import run_script
+from ipl_diffusion.cli.argtypes import nonempty_text, nonnegative_int, positive_int
 from ipl_diffusion.errors import NonFiniteLossError
 from ipl_diffusion.outputs import output_lock
 from ipl_diffusion.shapes.oracle import ShapesOracle, oracle_loss
@@ -34,13 +35,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", default="ipl_diffusion/shapes_models/oracle")
     p.add_argument("--work_dir", default="runs/shapes_oracle")
-    p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--max_steps", type=int, default=2000)
+    p.add_argument("--resolution", type=positive_int, default=32)
+    p.add_argument("--batch_size", type=positive_int, default=128)
+    p.add_argument("--max_steps", type=nonnegative_int, default=2000)
     p.add_argument("--max_minutes", type=float, default=None)
     p.add_argument("--learning_rate", type=float, default=2e-3)
-    p.add_argument("--checkpointing_steps", type=int, default=200)
-    p.add_argument("--eval_images", type=int, default=2000)
+    p.add_argument("--checkpointing_steps", type=positive_int, default=200)
+    p.add_argument("--eval_images", type=positive_int, default=2000)
     p.add_argument("--resume_from_checkpoint", default="latest")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -49,7 +50,7 @@ def parse_args(argv=None):
         "(ShapesRenderer.render_on_background) with the object's style as the label, so that a background "
         "change alone does not change the style reading; 0 = the shipped oracle's training",
     )
-    p.add_argument("--init_from", default=None, help="an oracle folder to fine-tune instead of a fresh network")
+    p.add_argument("--init_from", type=nonempty_text, default=None, help="an oracle folder to fine-tune instead of a fresh network")
     args = p.parse_args(argv)
     if args.init_from and not (Path(args.init_from) / "config.json").is_file():  # before any folder is made
         p.error(f"--init_from {args.init_from}: no oracle folder there (config.json missing)")

@@ -63,6 +63,7 @@ from torch import nn
 
 from ipl_diffusion.checkpointing import ResumableRun, load_checkpoint, resolve_checkpoint
 from ipl_diffusion.cli import run_script
+from ipl_diffusion.cli.argtypes import nonempty_text, nonnegative_int, positive_int
 from ipl_diffusion.grids import labelled_grid
 from ipl_diffusion.models.semantic_encoder import SemanticEncoder
 from ipl_diffusion.models.stylegan2 import EqualLinear, StyleGAN2Discriminator, StyleGAN2Generator
@@ -79,19 +80,19 @@ def parse_args(argv=None):
     )
     p.add_argument("--output_dir", default="runs/shapes_stylegan2_out", help="trained generator folder (then examples/assemble_shapes_ipl.py --backend stylegan2)")
     p.add_argument("--work_dir", default="runs/shapes_stylegan2", help="checkpoints (autoencoder/ and mapping/ below it for those phases)")
-    p.add_argument("--resolution", type=int, default=32, help="image size")
-    p.add_argument("--style_dim", type=int, default=128, help="width of z and w")
-    p.add_argument("--n_mlp", type=int, default=4, help="mapping network depth")
-    p.add_argument("--channel_max", type=int, default=64, help="feature width at every scale")
-    p.add_argument("--batch_size", type=int, default=32, help="images per step (gan, autoencoder)")
-    p.add_argument("--max_steps", type=int, default=20000, help="steps of the gan / autoencoder phase, counting resumed ones")
+    p.add_argument("--resolution", type=positive_int, default=32, help="image size")
+    p.add_argument("--style_dim", type=positive_int, default=128, help="width of z and w")
+    p.add_argument("--n_mlp", type=positive_int, default=4, help="mapping network depth")
+    p.add_argument("--channel_max", type=positive_int, default=64, help="feature width at every scale")
+    p.add_argument("--batch_size", type=positive_int, default=32, help="images per step (gan, autoencoder)")
+    p.add_argument("--max_steps", type=nonnegative_int, default=20000, help="steps of the gan / autoencoder phase, counting resumed ones")
     p.add_argument("--max_minutes", type=float, default=None, help="wall-time bound of this run")
     p.add_argument("--learning_rate", type=float, default=0.002, help="Adam learning rate (all phases)")
     p.add_argument("--r1", type=float, default=0.05, help="R1 weight gamma (small images need a small gamma)")
-    p.add_argument("--d_reg_every", type=int, default=16, help="gan phase: R1 every this many steps (lazy regularisation)")
+    p.add_argument("--d_reg_every", type=positive_int, default=16, help="gan phase: R1 every this many steps (lazy regularisation)")
     p.add_argument("--mixing", type=float, default=0.9, help="style-mixing probability")
     p.add_argument("--ema_kimg", type=float, default=10.0, help="EMA half-life in thousands of images")
-    p.add_argument("--checkpointing_steps", type=int, default=500, help="checkpoint every this many steps (x10 in the mapping phase)")
+    p.add_argument("--checkpointing_steps", type=positive_int, default=500, help="checkpoint every this many steps (x10 in the mapping phase)")
     p.add_argument("--oracle", default="ipl_diffusion/shapes_models/oracle", help="Shapes oracle folder that reads the final samples (evaluation only; skipped if absent)")
     p.add_argument("--resume_from_checkpoint", default="latest", help="'latest', a checkpoint folder, or 'none'")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, data and latents")
@@ -102,17 +103,13 @@ def parse_args(argv=None):
         help="gan: StyleGAN2's adversarial training; autoencoder: encoder + synthesis network trained to "
         "reconstruct photos; mapping: then the mapping network trained adversarially in W against the encoder's codes",
     )
-    p.add_argument("--init_from", default=None, help="a trained generator folder (save_pretrained) to start the autoencoder or gan phase from")
-    p.add_argument("--encoder_channels", type=int, default=32, help="base width of the autoencoder phase's encoder")
+    p.add_argument("--init_from", type=nonempty_text, default=None, help="a trained generator folder (save_pretrained) to start the autoencoder or gan phase from")
+    p.add_argument("--encoder_channels", type=positive_int, default=32, help="base width of the autoencoder phase's encoder")
     p.add_argument("--edge_weight", type=float, default=1.0, help="weight of the autoencoder phase's gradient difference loss")
-    p.add_argument("--mapping_codes", type=int, default=32768, help="photos encoded once as the mapping phase's real codes")
+    p.add_argument("--mapping_codes", type=positive_int, default=32768, help="photos encoded once as the mapping phase's real codes")
     p.add_argument("--mapping_kimg", type=float, default=15000.0, help="thousands of latent codes the mapping phase trains on")
-    p.add_argument("--mapping_batch_size", type=int, default=256, help="latent codes per mapping-phase step")
-    args = p.parse_args(argv)
-    for name in ("mapping_codes", "mapping_batch_size"):  # 0 would leave the mapping phase nothing to train on
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1; got {getattr(args, name)}")
-    return args
+    p.add_argument("--mapping_batch_size", type=positive_int, default=256, help="latent codes per mapping-phase step")
+    return p.parse_args(argv)
 
 
 def mixed_latents(batch, style_dim, prob, generator):

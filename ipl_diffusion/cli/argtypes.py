@@ -13,3 +13,22 @@ def positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
     return value
+
+
+def nonnegative_int(text):
+    """argparse type: an integer >= 0 (e.g. ``--max_steps 0``: a warm start copied, not trained)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0; got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0; got {value}")
+    return value
+
+
+def nonempty_text(text):
+    """argparse type: a path or name that is not empty or blank (``--init_from ''`` would
+    otherwise read as "not given" and start from a fresh network)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give a folder (or leave the option out)")
+    return text
