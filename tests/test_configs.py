@@ -72,7 +72,7 @@ def test_ipl_adapt_passes_only_the_options_given(monkeypatch, tmp_path):
     with pytest.raises(Stop):
         main(["adapt", "--backend", "stylegan2", "--target", "sketch", "--output_dir", str(tmp_path / "o"),
               "--ema_decay", "0.5", "--stage1-iterations", "7"])
-    options = {k: v for k, v in seen.items() if k not in ("output_dir", "resume_from_checkpoint")}
+    options = {k: v for k, v in seen.items() if k not in ("output_dir", "resume_from_checkpoint", "overwrite")}
     assert options == {"ema_decay": 0.5, "stage1_iterations": 7}
 
 
