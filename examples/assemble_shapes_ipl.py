@@ -23,11 +23,11 @@ the pipelines' ``from_pretrained`` fills it in. Any other output folder is compl
     python examples/assemble_shapes_ipl.py --backend stylegan2  # runs/shapes_stylegan2_out -> stylegan2/
 """
 
-import argparse
 import shutil
 from pathlib import Path
 
 from ipl_diffusion.cli import run_script
+from ipl_diffusion.cli.parser import IplArgumentParser
 from ipl_diffusion.shapes import (  # the SHAPES_* defaults are recorded in the folder
     CLIP_COMPONENTS,
     MODELS_DIR,
@@ -80,7 +80,7 @@ def assemble(backend, trained, clip, output):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = IplArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=("diffae", "stylegan2"), default="diffae")
     parser.add_argument("--trained", default=None, help="trained model folder (default: the training script's --output_dir)")
     parser.add_argument("--clip", default=None, help="CLIP folder (default: the shipped Shapes CLIP)")

@@ -48,6 +48,7 @@ from transformers import HfArgumentParser
 
 from ipl_diffusion import IPLPipeline
 from ipl_diffusion.adaptation.distributed import make_accelerator
+from ipl_diffusion.adaptation.step_choice import remove_earlier_reports
 from ipl_diffusion.checkpointing import check_output_dir
 from ipl_diffusion.cli import run_script
 from ipl_diffusion.configs import AdaptArguments, DiffAEStage2Config, Stage1Config
@@ -122,6 +123,8 @@ def train(run, stage1, stage2, hub):
         atomic_write_text(output / "run_config.json", json.dumps(config, indent=2))
         with atomic_folder(output / "pipeline") as folder:  # a crash leaves the old pipeline or the new one
             adapted.save_pretrained(folder)
+        if "step_choice" not in config:  # --overwrite: the replaced result's reports go with it
+            remove_earlier_reports(output)
         logger.info(f"saved the adapted pipeline to {output / 'pipeline'}")
         if hub.push_to_hub:
             adapted.push_to_hub(hub.hub_model_id or output.name, token=hub.hub_token)

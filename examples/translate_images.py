@@ -12,19 +12,19 @@ to the model's resolution by ``ipl_diffusion.images.load_image``. Files that can
 skipped with a message. The same thing from the command line: ``ipl translate``.
 """
 
-import argparse
 from pathlib import Path
 
 import torch
 
 from ipl_diffusion.cli import run_script
+from ipl_diffusion.cli.parser import IplArgumentParser
 from ipl_diffusion.images import list_image_files, load_image, to_pil
 from ipl_diffusion.outputs import atomic_save_image, check_writable, output_lock, refuse_earlier_result
 from ipl_diffusion.pipelines.pipeline_ipl import IPLPipeline
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = IplArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="adapted pipeline folder or Hub id")
     parser.add_argument("--input", required=True, help="folder of images")
     parser.add_argument("--output", required=True, help="folder for the results (must differ from --input)")

@@ -373,7 +373,8 @@ def check_same_run(path: str | os.PathLike, saved: Mapping, current: Mapping) ->
         if old is not None and new is not None and old != new:
             raise UserError(
                 f"checkpoint {path} belongs to another run ({'.'.join(keys)} was {old!r} there, {new!r} now); "
-                "resume with the same options or write to a new output folder"
+                "resume with the same options, write to a new output folder, or start afresh here "
+                "(CLI: --overwrite without --resume_from_checkpoint)"
             )
 
 
@@ -381,7 +382,8 @@ def check_before_run(output_dir: str | os.PathLike, resume_from_checkpoint: str 
                      run_identity: Mapping | None = None, overwrite: bool = False) -> None:
     """What a run checks in its checkpoint folder before it writes anything (Stage 1 first).
 
-    A fresh run (``resume_from_checkpoint=None``) must not find an earlier run's checkpoints
+    ``output_dir`` must be a folder (or not exist yet). A fresh run (``resume_from_checkpoint=None``,
+    or a checkpoint of another folder) must not find an earlier run's checkpoints
     (:func:`refuse_foreign_checkpoints`); a resumed one must name a checkpoint that exists
     (:func:`resolve_checkpoint`: ``UserFileNotFoundError`` listing the available ones) whose files
     match their digests (:func:`verify_checkpoint`: ``UserError`` naming the file) and, given
@@ -391,9 +393,12 @@ def check_before_run(output_dir: str | os.PathLike, resume_from_checkpoint: str 
     fails in a second rather than after Stage 1 has rewritten its outputs. With ``overwrite`` a
     fresh run may find checkpoints: it replaces them (:func:`prepare_checkpoint_folder`).
     """
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise UserError(f"{output_dir} is a file where the run's checkpoint folder goes; move it away or choose "
+                        "another output folder")
+    if not overwrite and not _resumes_own_checkpoint(Path(output_dir), resume_from_checkpoint):
+        refuse_foreign_checkpoints(output_dir)  # the new run's rotation would delete them
     if resume_from_checkpoint is None:
-        if not overwrite:
-            refuse_foreign_checkpoints(output_dir)
         return
     path = resolve_checkpoint(output_dir, resume_from_checkpoint)
     if path is not None:  # a damaged checkpoint fails now, not after the sources are encoded
@@ -459,7 +464,7 @@ def check_output_dir(output_dir, resume_from_checkpoint, overwrite: bool, result
             # A run that stopped there is continued by resuming: say so, not only --overwrite.
             hint = "pass --resume_from_checkpoint latest to continue the run that stopped there, or --overwrite"
             refuse_occupied(output, what, hint if stopped_early else "pass --overwrite")
-    check_before_run(checkpoints, resume_from_checkpoint)
+    check_before_run(checkpoints, resume_from_checkpoint, overwrite=overwrite)
 
 
 def _resumes_own_checkpoint(checkpoints: Path, resume_from_checkpoint) -> bool:
@@ -473,19 +478,44 @@ def _resumes_own_checkpoint(checkpoints: Path, resume_from_checkpoint) -> bool:
 
 def prepare_checkpoint_folder(output_dir, resume_from_checkpoint, run_identity: Mapping, overwrite: bool,
                               accelerator) -> None:
-    """An adaptation run's last check before it writes: :func:`check_before_run`, then, for a
-    fresh run with ``overwrite`` (``ipl adapt --overwrite``), delete the earlier run's
-    ``checkpoint-<step>`` folders in ``output_dir`` (only those: anything else there stays).
+    """An adaptation run's last check before it writes: :func:`check_before_run`, then, with
+    ``overwrite`` (``ipl adapt --overwrite``) and unless the run resumes one of them, delete the
+    earlier run's ``checkpoint-<step>`` folders in ``output_dir`` (only those: anything else there
+    stays), so that its checkpoints never mix with this run's.
 
     The adaptation functions call it once every input, label and option has been checked, so
     that a run refused on any of them loses nothing. The main process deletes; the others wait.
+
+    Raises:
+        UserError: as :func:`check_before_run`; a checkpoint that cannot be deleted (checked for
+            all of them before the first is deleted).
     """
     check_before_run(output_dir, resume_from_checkpoint, run_identity, overwrite)
-    if overwrite and resume_from_checkpoint is None:
+    if overwrite and not _resumes_own_checkpoint(Path(output_dir), resume_from_checkpoint):
         if accelerator.is_main_process:
-            for path in list_checkpoints(output_dir):
-                shutil.rmtree(path)
+            _remove_checkpoints(list_checkpoints(output_dir))
         accelerator.wait_for_everyone()
+
+
+def _remove_checkpoints(paths: list[Path]) -> None:
+    """Delete checkpoint folders (a symlinked one: the link), all or -- where one of them cannot
+    be deleted, which is found out before the first is touched -- none."""
+    def deletable(path: Path) -> bool:
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            return False
+        if path.is_symlink():
+            return True
+        return all(os.access(folder, os.W_OK | os.X_OK) for folder, _, _ in os.walk(path))
+
+    stuck = [path for path in paths if not deletable(path)]
+    if stuck:
+        raise UserError(f"overwrite (--overwrite) cannot delete the earlier run's {stuck[0]} (no write permission "
+                        "there); nothing was deleted. Fix its permissions or choose another output folder")
+    for path in paths:
+        try:
+            path.unlink() if path.is_symlink() else shutil.rmtree(path)
+        except OSError as err:
+            raise UserError(f"overwrite (--overwrite) could not delete the earlier run's {path}: {err}") from None
 
 
 # ------------------------------------------------------------------- a resumable loop

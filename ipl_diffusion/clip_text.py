@@ -237,6 +237,11 @@ class CLIPPromptEncoder:
         if special & set(ids):
             raise UserError(f"The domain label {label!r} contains CLIP's start/end-of-text tokens.")
         total = len(ids) + int(n_ctx) + 2
+        if int(n_ctx) + 3 > self.max_length:  # not even a one-token label fits
+            raise UserError(
+                f"n_ctx = {int(n_ctx)} prompt vectors leave no room for a label: the CLIP text model takes at "
+                f"most {self.max_length} tokens, SOS and EOS included; use n_ctx <= {self.max_length - 3}."
+            )
         if total > self.max_length:
             shown = cleaned if len(cleaned) <= 60 else f"{cleaned[:40]}... ({len(cleaned)} characters)"
             raise UserError(

@@ -32,11 +32,14 @@ class AdaptedPipelineMixin:
         known = self.config.get("known_domains")
         if not known:
             return
+        from ipl_diffusion.shapes import meant_domain
+
         for label in labels:
             if label.strip().lower() not in {d.lower() for d in known}:
+                close = meant_domain(label, known)
                 raise UserError(
                     f"this pipeline's CLIP was trained only on the domains {', '.join(known)}; "
-                    f"{label!r} is not one of them. Use one of them, or build the pipeline on an "
+                    f"{label!r} is not one of them{f' (did you mean {close!r}?)' if close else ''}. Use one of them, or build the pipeline on an "
                     "open-vocabulary CLIP: from_components(<generator>, text_encoder=\"openai/clip-vit-base-patch32\") "
                     "(ipl adapt --clip_model openai/clip-vit-base-patch32)"
                 )

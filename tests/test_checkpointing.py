@@ -3,6 +3,7 @@
 import json
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -304,3 +305,72 @@ def test_run_state_names_what_stage1_writes():
     from ipl_diffusion.adaptation.stage1 import STAGE1_DIR
 
     assert f"{STAGE1_DIR}/options.json" in ckpt.RUN_STATE
+
+
+class _OneProcess:
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+
+def _files(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_overwrite_replaces_the_earlier_checkpoints_unless_the_run_resumes_one(tmp_path):
+    from ipl_diffusion.errors import UserError
+
+    out, other = tmp_path / "out" / "checkpoints", tmp_path / "other" / "checkpoints"
+    _checkpoint(out, 2), _checkpoint(out, 3), _checkpoint(other, 2)
+    (out / "notes.txt").write_text("kept")
+    foreign = str(other / "checkpoint-2")
+    # Resuming another folder's checkpoint here: a fresh run for this folder. Refused without
+    # overwrite (the API too: its rotation would mix the two runs' checkpoints) ...
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        ckpt.check_before_run(out, foreign)
+    # ... and with overwrite this folder's earlier checkpoints go (they used to stay, mixed in).
+    ckpt.prepare_checkpoint_folder(out, foreign, None, True, _OneProcess())
+    assert _files(out) == ["notes.txt"] and (other / "checkpoint-2").is_dir()
+    # Resuming one of this folder's own keeps them all.
+    _checkpoint(out, 2), _checkpoint(out, 3)
+    before = _files(out)
+    for resume in ("latest", str(out / "checkpoint-2")):
+        ckpt.prepare_checkpoint_folder(out, resume, None, True, _OneProcess())
+        assert _files(out) == before
+
+
+def test_overwrite_deletes_all_or_none_and_says_why_in_one_line(tmp_path, monkeypatch):
+    import shutil
+
+    from ipl_diffusion.errors import UserError
+
+    out = tmp_path / "out" / "checkpoints"
+    first, second = _checkpoint(out, 2), _checkpoint(out, 3)
+    before = _files(out)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != second and real_access(path, mode))
+    with pytest.raises(UserError, match=r"cannot delete the earlier run's .*checkpoint-3 .*nothing was deleted"):
+        ckpt.prepare_checkpoint_folder(out, None, None, True, _OneProcess())
+    assert _files(out) == before  # checkpoint-2 was deleted first, before checkpoint-3 failed
+    monkeypatch.setattr(os, "access", real_access)
+    real_rmtree = shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: (_ for _ in ()).throw(OSError(30, "Read-only file system")))
+    with pytest.raises(UserError, match="could not delete the earlier run's .*checkpoint-2: .*Read-only file system"):
+        ckpt.prepare_checkpoint_folder(out, None, None, True, _OneProcess())
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    # a symlinked checkpoint: the link goes, not what it points to (rmtree refused it)
+    target = _checkpoint(tmp_path / "elsewhere", 9)
+    second.rename(tmp_path / "moved")
+    (out / "checkpoint-3").symlink_to(target)
+    ckpt.prepare_checkpoint_folder(out, None, None, True, _OneProcess())
+    assert _files(out) == [] and target.is_dir() and not first.exists()
+
+
+def test_a_file_where_the_checkpoint_folder_goes_is_refused_before_the_run(tmp_path):
+    from ipl_diffusion.errors import UserError
+
+    (tmp_path / "checkpoints").write_text("a user's file")
+    for overwrite in (False, True):  # it failed in save_checkpoint, after training
+        with pytest.raises(UserError, match="is a file where the run's checkpoint folder goes"):
+            ckpt.check_before_run(tmp_path / "checkpoints", None, overwrite=overwrite)

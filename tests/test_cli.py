@@ -170,6 +170,14 @@ def test_the_package_warnings_are_one_line_and_other_libraries_keep_their_locati
     assert capsys.readouterr().err == "ipl adapt: warning: the run that held it is no longer running\n"
     assert [(str(w.message), w.filename, w.lineno) for w in shown_by_python] == [
         ("a torch warning", "/site-packages/torch/nn/x.py", 7)]
+    # an example script's own warnings too, but not those of files beside it (a .venv there)
+    script = REPO / "examples" / "train_ipl_diffae.py"
+    beside = REPO / "examples" / ".venv" / "lib" / "numpy" / "core.py"
+    with pytest.warns(UserWarning) as shown_by_python, one_line_warnings("train_ipl_diffae.py", also_from=script):
+        warnings.warn_explicit("mixed precision on a CPU", UserWarning, str(script), 60)
+        warnings.warn_explicit("Mean of empty slice", UserWarning, str(beside), 7)
+    assert capsys.readouterr().err == "train_ipl_diffae.py: warning: mixed precision on a CPU\n"
+    assert [str(w.message) for w in shown_by_python] == ["Mean of empty slice"]
     # outside the CLI nothing changes
     with pytest.warns(UserWarning, match="no longer running"):
         warnings.warn_explicit("no longer running", UserWarning, ipl_diffusion.outputs.__file__, 184)

@@ -83,10 +83,14 @@ def test_a_misspelt_flag_is_one_line_naming_the_nearest_valid_ones(argv, line, c
     assert capsys.readouterr().err == line + "\n"
 
 
-def test_other_parse_errors_stay_argparses(capsys):
+def test_other_parse_errors_are_argparses_message_in_one_line(capsys):
     from ipl_diffusion.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["sample", "--output", "o", "stray"])  # a stray value, no flag
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.splitlines() == ["usage: ipl [-h] COMMAND ...", "ipl: error: unrecognized arguments: stray"]
+    assert capsys.readouterr().err.splitlines() == ["ipl: error: unrecognized arguments: stray"]
+    with pytest.raises(SystemExit) as exit_info:  # a bad value: the usage block went before it
+        main(["translate", "--model", "m", "--input", "i", "--output", "o", "--batch-size", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == ["ipl translate: error: argument --batch-size: must be >= 1; got 0"]

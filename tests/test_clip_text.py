@@ -189,6 +189,9 @@ def test_label_that_just_fits(encoder):
     assert encoder.validate_label(label, n_ctx=4) == "a " * 57 + "a"
     with pytest.raises(ValueError, match="too long"):
         encoder.validate_label(label, n_ctx=5)
+    encoder.validate_label("a", n_ctx=61)  # SOS + 61 + one label token + EOS = 64
+    with pytest.raises(ValueError, match=r"n_ctx = 62 prompt vectors leave no room for a label.*n_ctx <= 61"):
+        encoder.validate_label("a", n_ctx=62)  # said "at most 0 tokens here"
 
 
 def test_validate_label_normalises_whitespace(encoder):

@@ -71,7 +71,7 @@ def test_low_memory_preset_leaves_explicit_options_and_chunks_the_gan_probes(tin
     assert config["stage2"]["auto_layer_chunk"] == 2 and config["memory"]["peak_bytes"] > 0
 
 
-def test_a_resumed_run_keeps_the_peak_its_checkpoint_recorded(tmp_path):
+def test_a_resumed_run_keeps_the_peak_its_checkpoint_recorded(tmp_path, monkeypatch):
     """Resuming a finished run trains nothing; it used to record a peak of 0 bytes."""
     pipe = build_tiny_ipl_pipeline()
     options = dict(FAST, output_dir=str(tmp_path), checkpointing_steps=1)
@@ -79,3 +79,15 @@ def test_a_resumed_run_keeps_the_peak_its_checkpoint_recorded(tmp_path):
     assert first["peak_bytes"] > 0
     again = pipe.adapt("sketch", images=IMAGES, resume_from_checkpoint="latest", **options)
     assert again.adaptation_config["memory"] == first
+    # a checkpoint from before the report: nothing measured, so no number rather than 0
+    from ipl_diffusion import checkpointing
+
+    load = checkpointing.load_checkpoint
+
+    def as_before_the_report(*args, **kwargs):
+        step, saved = load(*args, **kwargs)
+        return step, {k: v for k, v in saved.items() if k != "memory"}
+
+    monkeypatch.setattr(checkpointing, "load_checkpoint", as_before_the_report)
+    older = pipe.adapt("sketch", images=IMAGES, resume_from_checkpoint="latest", **options)
+    assert "memory" not in older.adaptation_config

@@ -123,9 +123,12 @@ def test_adapt_overwrite_replaces_the_earlier_result(model_dir, tmp_path):
     (out / "todo.txt").write_text("keep me\n")  # a user's file beside the result: written around, kept
     earlier_checkpoint(out)
     (out / "checkpoints" / "notes.txt").write_text("not a checkpoint\n")
+    (out / "step_choice.json").write_text('{"chosen_step": 200}')  # the earlier run chose a step
+    (out / "candidates" / "step-000200").mkdir(parents=True)
     assert main(["adapt", "--model", str(model_dir), "--target", "sketch", "--output_dir", str(out), "--overwrite",
                  *FAST_CLI_ARGS]) == 0
     assert (out / "pipeline" / "unet").is_dir() and (out / "before_after.png").read_bytes() != b"first grid"
+    assert not (out / "step_choice.json").exists() and not (out / "candidates").exists()  # not this result's
     assert not (out / "checkpoints" / "checkpoint-7").exists() and (out / "todo.txt").read_text() == "keep me\n"
     assert (out / "checkpoints" / "notes.txt").read_text() == "not a checkpoint\n"
     assert not (out / LOCK_NAME).exists() and not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
@@ -431,6 +434,7 @@ def test_atomic_outputs_get_the_mode_a_plain_write_would(tmp_path):
     ("--batch_size", "0", "--batch_size: must be >= 1; got 0"),  # was a traceback deep in training
     ("--max_steps", "-5", "--max_steps: must be >= 0; got -5"),  # 0 stays: a warm start, copied
     ("--init_from", " ", "--init_from: is empty"),  # was read as "not given": a fresh network
+    ("--learning_rate", "0", "--learning_rate: must be a finite number > 0; got 0.0"),
 ])
 def test_shapes_training_scripts_refuse_bad_sizes_and_an_empty_init_from(script, option, value, said, tmp_path, capsys):
     from repo_scripts import load_script
@@ -438,5 +442,16 @@ def test_shapes_training_scripts_refuse_bad_sizes_and_an_empty_init_from(script,
     parse_args = load_script(f"examples/shapes/{script}.py").parse_args
     with pytest.raises(SystemExit) as exit_:
         parse_args([option, value, "--work_dir", str(tmp_path / "w"), "--output_dir", str(tmp_path / "o")])
-    assert exit_.value.code == 2 and said in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and said in err
+    assert err.count("\n") == 1, err  # one line: no usage block before it
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["0,2", "a,b", "", "-1,2"])  # tracebacks deep in the model build
+def test_train_diffae_refuses_a_bad_channel_mult_at_parse_time(value, tmp_path, capsys):
+    from repo_scripts import load_script
+
+    with pytest.raises(SystemExit):
+        load_script("examples/shapes/train_diffae.py").parse_args([f"--channel_mult={value}", "--output_dir", str(tmp_path / "o")])
+    assert "--channel_mult: expected whole numbers >= 1 separated by commas" in capsys.readouterr().err

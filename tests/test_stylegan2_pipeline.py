@@ -106,6 +106,8 @@ def test_overwrite_replaces_the_earlier_checkpoints_only_once_the_run_can_start(
         pipe.adapt("sketch", **dict(kwargs, seed=1))
     with pytest.raises(UserError, match="too long"):  # refused with overwrite: nothing lost
         pipe.adapt(" ".join(["sketch"] * 100), **dict(kwargs, seed=1), overwrite=True)
+    with pytest.raises(UserError, match="leave no room for a label"):  # Stage 1's n_ctx, checked before too
+        pipe.adapt("sketch", **dict(kwargs, seed=1, n_ctx=100), overwrite=True)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == earlier
     pipe.adapt("sketch", **dict(kwargs, seed=1, iterations=1), overwrite=True)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-1", "notes.txt"]
@@ -141,8 +143,11 @@ def test_recorded_adapt_defaults_and_known_domains(pipe, tmp_path):
     assert cfg["stage2"]["iterations"] == 1 and cfg["stage1"]["stage1_num_images"] == 4
     assert adapted.config.adapt_defaults == loaded.config.adapt_defaults
     assert loaded.adapt("sketch", iterations=2, **fixed).adaptation_config["stage2"]["iterations"] == 2
-    with pytest.raises(ValueError, match="trained only on the domains photo, sketch"):
+    with pytest.raises(ValueError, match="trained only on the domains photo, sketch") as far_off:
         loaded.adapt("Wall painting")
+    assert "did you mean" not in str(far_off.value)
+    with pytest.raises(ValueError, match=r"'skech' is not one of them \(did you mean 'sketch'\?\)"):
+        loaded.adapt("skech")  # the API suggests as the command line does
 
 
 def test_sampling_is_seeded_and_source_matches_generator(pipe):

@@ -25,7 +25,6 @@ Stop it at any time; ``--resume_from_checkpoint latest`` (the default) continues
 newest checkpoint in ``--work_dir`` left off.
 """
 
-import argparse
 import json
 import math
 import random
@@ -41,7 +40,8 @@ from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
 from ipl_diffusion.checkpointing import ResumableRun
 from ipl_diffusion.cli import run_script
-from ipl_diffusion.cli.argtypes import nonempty_text, nonnegative_int, positive_int
+from ipl_diffusion.cli.parser import IplArgumentParser
+from ipl_diffusion.cli.argtypes import nonempty_text, nonnegative_int, positive_float, positive_int
 from ipl_diffusion.errors import UserError
 from ipl_diffusion.outputs import output_lock
 from ipl_diffusion.shapes.renderer import STYLES, ShapesRenderer, sample_factors
@@ -54,14 +54,14 @@ MODEL_SIZES = dict(width=128, layers=4, patch_size=4, projection_dim=128)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = IplArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", default="ipl_diffusion/shapes_models/clip", help="final CLIP folder")
     p.add_argument("--work_dir", default="runs/shapes_clip", help="checkpoints and logs")
     p.add_argument("--resolution", type=positive_int, default=32)
     p.add_argument("--batch_size", type=positive_int, default=256)
     p.add_argument("--max_steps", type=nonnegative_int, default=4000, help="length of the learning-rate schedule")
-    p.add_argument("--max_minutes", type=float, default=None, help="stop (and save) after this wall time")
-    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--max_minutes", type=positive_float, default=None, help="stop (and save) after this wall time")
+    p.add_argument("--learning_rate", type=positive_float, default=1e-3)
     p.add_argument("--weight_decay", type=float, default=0.05)
     p.add_argument("--warmup_steps", type=int, default=150)
     # The model sizes default to None so that a size given next to --init_from (whose model

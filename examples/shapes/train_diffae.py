@@ -49,7 +49,6 @@ with the Shapes CLIP; wall times and steps are in the shipped ``training_record.
     python examples/assemble_shapes_ipl.py     # -> ipl_diffusion/shapes_models/diffae-ipl
 """
 
-import argparse
 import copy
 import json
 import math
@@ -62,7 +61,8 @@ from diffusers import DDPMScheduler
 
 from ipl_diffusion.checkpointing import ResumableRun, load_checkpoint, resolve_checkpoint
 from ipl_diffusion.cli import run_script
-from ipl_diffusion.cli.argtypes import nonempty_text, nonnegative_int, positive_int
+from ipl_diffusion.cli.parser import IplArgumentParser
+from ipl_diffusion.cli.argtypes import nonempty_text, nonnegative_int, positive_float, positive_int, positive_int_list
 from ipl_diffusion.ddim import ddim_decode, ddim_invert
 from ipl_diffusion.errors import NonFiniteLossError, UserError, UserFileNotFoundError
 from ipl_diffusion.grids import labelled_grid
@@ -74,14 +74,14 @@ from ipl_diffusion.pipelines.pipeline_diffae import DiffAEPipeline, default_late
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = IplArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", default="runs/shapes_diffae_out", help="trained DiffAEPipeline folder (then examples/assemble_shapes_ipl.py)")
     p.add_argument("--work_dir", default="runs/shapes_diffae")
     p.add_argument("--resolution", type=positive_int, default=32)
     p.add_argument("--batch_size", type=positive_int, default=32)
     p.add_argument("--max_steps", type=nonnegative_int, default=20000, help="autoencoder steps (upper bound)")
-    p.add_argument("--max_minutes", type=float, default=None, help="wall time of the autoencoder phase")
-    p.add_argument("--learning_rate", type=float, default=4e-4)
+    p.add_argument("--max_minutes", type=positive_float, default=None, help="wall time of the autoencoder phase")
+    p.add_argument("--learning_rate", type=positive_float, default=4e-4)
     p.add_argument(
         "--prediction_type",
         choices=["epsilon", "v_prediction"],
@@ -96,13 +96,13 @@ def parse_args(argv=None):
     )
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--model_channels", type=positive_int, default=32)
-    p.add_argument("--channel_mult", default="1,2,2")
-    p.add_argument("--encoder_channel_mult", default="1,2,4,4")
+    p.add_argument("--channel_mult", type=positive_int_list, default="1,2,2")
+    p.add_argument("--encoder_channel_mult", type=positive_int_list, default="1,2,4,4")
     p.add_argument("--z_sem_channels", type=positive_int, default=128)
     p.add_argument("--latent_hidden", type=positive_int, default=256, help="hidden width of the latent DDIM MLP")
     p.add_argument("--latent_layers", type=positive_int, default=6)
     p.add_argument("--latent_steps", type=nonnegative_int, default=4000)
-    p.add_argument("--latent_minutes", type=float, default=None)
+    p.add_argument("--latent_minutes", type=positive_float, default=None)
     p.add_argument("--latent_batch_size", type=positive_int, default=256)
     p.add_argument("--latent_pool", type=positive_int, default=12000, help="photo images encoded for the latent DDIM")
     p.add_argument("--checkpointing_steps", type=positive_int, default=200)

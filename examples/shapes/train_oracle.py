@@ -13,7 +13,6 @@ Example (what the shipped oracle was trained with, see its training_record.json)
         --output_dir ipl_diffusion/shapes_models/oracle --work_dir runs/shapes_oracle
 """
 
-import argparse
 import json
 import math
 import sys
@@ -24,7 +23,8 @@ import torch.nn.functional as F
 
 from ipl_diffusion.checkpointing import ResumableRun
 from ipl_diffusion.cli import run_script
-from ipl_diffusion.cli.argtypes import nonempty_text, nonnegative_int, positive_int
+from ipl_diffusion.cli.parser import IplArgumentParser
+from ipl_diffusion.cli.argtypes import nonempty_text, nonnegative_int, positive_float, positive_int
 from ipl_diffusion.errors import NonFiniteLossError
 from ipl_diffusion.outputs import output_lock
 from ipl_diffusion.shapes.oracle import ShapesOracle, oracle_loss
@@ -32,14 +32,14 @@ from ipl_diffusion.shapes.renderer import STYLES, ShapesRenderer, sample_factors
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = IplArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", default="ipl_diffusion/shapes_models/oracle")
     p.add_argument("--work_dir", default="runs/shapes_oracle")
     p.add_argument("--resolution", type=positive_int, default=32)
     p.add_argument("--batch_size", type=positive_int, default=128)
     p.add_argument("--max_steps", type=nonnegative_int, default=2000)
-    p.add_argument("--max_minutes", type=float, default=None)
-    p.add_argument("--learning_rate", type=float, default=2e-3)
+    p.add_argument("--max_minutes", type=positive_float, default=None)
+    p.add_argument("--learning_rate", type=positive_float, default=2e-3)
     p.add_argument("--checkpointing_steps", type=positive_int, default=200)
     p.add_argument("--eval_images", type=positive_int, default=2000)
     p.add_argument("--resume_from_checkpoint", default="latest")

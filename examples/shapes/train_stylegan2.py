@@ -63,7 +63,8 @@ from torch import nn
 
 from ipl_diffusion.checkpointing import ResumableRun, load_checkpoint, resolve_checkpoint
 from ipl_diffusion.cli import run_script
-from ipl_diffusion.cli.argtypes import nonempty_text, nonnegative_int, positive_int
+from ipl_diffusion.cli.parser import IplArgumentParser
+from ipl_diffusion.cli.argtypes import nonempty_text, nonnegative_int, positive_float, positive_int
 from ipl_diffusion.grids import labelled_grid
 from ipl_diffusion.models.semantic_encoder import SemanticEncoder
 from ipl_diffusion.models.stylegan2 import EqualLinear, StyleGAN2Discriminator, StyleGAN2Generator
@@ -72,7 +73,7 @@ from ipl_diffusion.shapes.renderer import COLORS, SHAPES, SOURCE_STYLE, STYLES, 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = IplArgumentParser(
         description=__doc__.split("\n\n")[0]
         + " The shipped model ran the phases gan, then autoencoder (--init_from the gan output), then mapping;"
         " on a CPU the gan phase alone draws blobs. The module docstring has the commands and the reasons.",
@@ -86,8 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--channel_max", type=positive_int, default=64, help="feature width at every scale")
     p.add_argument("--batch_size", type=positive_int, default=32, help="images per step (gan, autoencoder)")
     p.add_argument("--max_steps", type=nonnegative_int, default=20000, help="steps of the gan / autoencoder phase, counting resumed ones")
-    p.add_argument("--max_minutes", type=float, default=None, help="wall-time bound of this run")
-    p.add_argument("--learning_rate", type=float, default=0.002, help="Adam learning rate (all phases)")
+    p.add_argument("--max_minutes", type=positive_float, default=None, help="wall-time bound of this run")
+    p.add_argument("--learning_rate", type=positive_float, default=0.002, help="Adam learning rate (all phases)")
     p.add_argument("--r1", type=float, default=0.05, help="R1 weight gamma (small images need a small gamma)")
     p.add_argument("--d_reg_every", type=positive_int, default=16, help="gan phase: R1 every this many steps (lazy regularisation)")
     p.add_argument("--mixing", type=float, default=0.9, help="style-mixing probability")
@@ -107,7 +108,7 @@ def parse_args(argv=None):
     p.add_argument("--encoder_channels", type=positive_int, default=32, help="base width of the autoencoder phase's encoder")
     p.add_argument("--edge_weight", type=float, default=1.0, help="weight of the autoencoder phase's gradient difference loss")
     p.add_argument("--mapping_codes", type=positive_int, default=32768, help="photos encoded once as the mapping phase's real codes")
-    p.add_argument("--mapping_kimg", type=float, default=15000.0, help="thousands of latent codes the mapping phase trains on")
+    p.add_argument("--mapping_kimg", type=positive_float, default=15000.0, help="thousands of latent codes the mapping phase trains on")
     p.add_argument("--mapping_batch_size", type=positive_int, default=256, help="latent codes per mapping-phase step")
     return p.parse_args(argv)
 

@@ -252,7 +252,8 @@ def adapt_diffae(models, data: DiffIPLImages, source: str, target: str | None, s
     ddim.check_t0(stage2.t0, models.scheduler)
     encoder = CLIPPromptEncoder(models.text_encoder, models.tokenizer)
     target, label_given = image_target.resolve_label(target, data.target_images is not None)
-    source, target = (encoder.validate_label(x, n_ctx=stage1.n_ctx) for x in (source, target))
+    n_ctx = stage1.n_ctx if prompt_learner is None else 0  # Stage 1's prompt vectors precede the label
+    source, target = (encoder.validate_label(x, n_ctx=n_ctx) for x in (source, target))
     out = Path(output_dir) if output_dir is not None else None
     if out is not None:  # before the cache / Stage 1 are written
         identity = {"source": source, "target": target, "stage1": as_dict(stage1), "stage2": as_dict(stage2)}
@@ -355,7 +356,7 @@ def _source_images(pipe, images, count, stage2, seed, offset=0):
                        output_type="latent", source=True).images
 
 
-def _check_before_sampling(pipe, source, target, stage1, stage2) -> None:
+def _check_before_sampling(pipe, source, target, n_ctx, stage2) -> None:
     """The checks of :func:`adapt_diffae` that need no images, made before ``adapt_pipeline``
     samples or encodes any (minutes at 256²): ``t0`` against the scheduler, the labels against
     the pipeline's CLIP (a label too long for it). ``UserError`` as there."""
@@ -365,7 +366,7 @@ def _check_before_sampling(pipe, source, target, stage1, stage2) -> None:
     encoder = CLIPPromptEncoder(pipe.text_encoder, pipe.tokenizer)
     for label in (source, target):
         if label is not None:
-            encoder.validate_label(label, n_ctx=stage1.n_ctx)
+            encoder.validate_label(label, n_ctx=n_ctx)
 
 
 def adapt_pipeline(pipe, target: str | None, source=None, images=None, stage1_images=None, validation_images=None, *,
@@ -391,7 +392,7 @@ def adapt_pipeline(pipe, target: str | None, source=None, images=None, stage1_im
         target_images, int(pipe.text_encoder.config.vision_config.image_size))
     check_weights_dtype({"semantic_encoder": pipe.semantic_encoder, "source_unet": pipe.source_unet,
                          "text_encoder": pipe.text_encoder}, accelerator.device if accelerator is not None else pipe.device)
-    _check_before_sampling(pipe, source, target, stage1, stage2)
+    _check_before_sampling(pipe, source, target, stage1.n_ctx if prompt_learner is None else 0, stage2)
     with pipe.guard_output_dir(output_dir, resume_from_checkpoint, overwrite):  # before the (slow) sampling / encoding
         x0 = _source_images(pipe, images, stage2.num_images, stage2, stage2.seed)
         pool = None

@@ -78,8 +78,12 @@ class PeakMemory:
         self.peak = max(self.peak, meter.peak)
         self.measured += 1
 
-    def report(self) -> dict:
-        """``{"device", "peak_bytes", "peak_mib", "measure"}`` for ``run_config.json``."""
+    def report(self) -> dict | None:
+        """``{"device", "peak_bytes", "peak_mib", "measure"}`` for ``run_config.json``; None on a
+        CPU where nothing was measured (a finished run resumed from a checkpoint that predates
+        the report): no number rather than 0."""
+        if not self.cuda and not self.measured and not self.earlier:
+            return None
         if self.cuda:
             peak, measure = torch.cuda.max_memory_allocated(self.device), "CUDA allocator peak over Stage 2"
         else:

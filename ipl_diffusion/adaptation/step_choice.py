@@ -337,3 +337,15 @@ class StepChoice:
         # The chosen weights are the returned model's: without keep_candidates no folder stays.
         if not self.config.keep_candidates:
             shutil.rmtree(self.output_dir / CANDIDATES_DIR, ignore_errors=True)
+
+
+def remove_earlier_reports(output_dir) -> None:
+    """Delete the step-choice reports and kept candidates an earlier run left in ``output_dir``
+    (``step_choice.json/.csv/.png``, ``candidates/``). Called where a run without a step choice
+    has just replaced that run's result (``ipl adapt --overwrite``), so that no report of a
+    result that is gone sits beside the new one."""
+    folder = Path(output_dir)
+    for suffix in (".json", ".csv", ".png"):
+        (folder / f"{REPORT_NAME}{suffix}").unlink(missing_ok=True)
+    if (folder / CANDIDATES_DIR).is_dir() and not (folder / CANDIDATES_DIR).is_symlink():
+        shutil.rmtree(folder / CANDIDATES_DIR)

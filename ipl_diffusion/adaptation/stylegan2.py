@@ -492,7 +492,10 @@ def adapt_stylegan2(models, source: str, target: Optional[str], stage1: Optional
     if stage2.candidate_steps and not label_given:  # before Stage 1
         raise UserError("the step choice (candidate_steps) scores along the target label's CLIP direction: "
                         "give a target label with the target_images")
-    source, target = encoder.validate_label(source), encoder.validate_label(target)
+    # Stage 1 puts n_ctx prompt vectors before each label: checked now, not when Stage 1 starts,
+    # which is after an --overwrite has replaced the earlier checkpoints.
+    n_ctx = stage1.n_ctx if prompt_learner is None else 0
+    source, target = (encoder.validate_label(x, n_ctx=n_ctx) for x in (source, target))
     if output_dir is not None:  # before Stage 1 writes anything
         identity = {"source": source, "target": target, "stage1": as_dict(stage1), "stage2": as_dict(stage2)}
         checkpointing.prepare_checkpoint_folder(Path(output_dir) / "checkpoints", resume_from_checkpoint, identity,

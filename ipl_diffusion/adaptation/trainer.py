@@ -248,7 +248,9 @@ class Trainer:
             bar.close()
             log.close()
         acc.wait_for_everyone()
-        self.run_config["memory"] = memory.report()
+        report = memory.report()
+        if report is not None:
+            self.run_config["memory"] = report
         return self._chosen_model()
 
     # -- automatic step choice ---------------------------------------------------------

@@ -78,9 +78,10 @@ def main(argv=None) -> int:
 
 
 @contextlib.contextmanager
-def one_line_warnings(prog, also_under=None):
-    """Within the block, print a warning raised from this package's code (or from a file under
-    ``also_under``) as one line, ``<prog>: warning: <message>``, the form of the refusals.
+def one_line_warnings(prog, also_from=None):
+    """Within the block, print a warning raised from this package's code (or from the file
+    ``also_from``, an example script) as one line, ``<prog>: warning: <message>``, the form of
+    the refusals.
 
     Python's default format adds the warning's file, line and category and echoes that source
     line, which tells a command-line user nothing and reads as a crash. Warnings from other
@@ -89,7 +90,8 @@ def one_line_warnings(prog, also_under=None):
     """
     package = Path(__file__).parents[1]
     # pipelines/ is a symlink into the package in a source checkout: resolve both.
-    roots = [package.resolve(), (package / "pipelines").resolve(), *([Path(also_under).resolve()] if also_under else [])]
+    # Not the script's folder: a virtual environment may live beside it (the README's layout).
+    roots = [package.resolve(), (package / "pipelines").resolve(), *([Path(also_from).resolve()] if also_from else [])]
     with warnings.catch_warnings():
         default = warnings.showwarning
 
@@ -117,7 +119,7 @@ def run_script(script_main, errors=(UserError,)) -> None:
     its traceback."""
     prog = os.path.basename(sys.argv[0])
     try:
-        with one_line_warnings(prog, also_under=Path(sys.argv[0]).resolve().parent):
+        with one_line_warnings(prog, also_from=sys.argv[0]):
             script_main()
     except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT, as `ipl`
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -339,6 +339,7 @@ def _save_outputs(adapted, output, arguments):
     """Write pipeline/, before_after.png and run_config.json (the resolved options of the method
     and, under ``"args"``, ``arguments``), each atomically (a crash leaves the earlier version or
     the new one); returns the grid (or None)."""
+    from ipl_diffusion.adaptation.step_choice import remove_earlier_reports
     from ipl_diffusion.outputs import atomic_folder, atomic_save_image, atomic_write_text
     from ipl_diffusion.pipelines.adapted_pipeline import MODEL_CARD_NAME
 
@@ -355,4 +356,6 @@ def _save_outputs(adapted, output, arguments):
     if config:
         config = {**config, "args": arguments}
         atomic_write_text(output / "run_config.json", json.dumps(config, indent=2, sort_keys=True))
+        if "step_choice" not in config:  # --overwrite: the replaced result's reports go with it
+            remove_earlier_reports(output)
     return grid

@@ -2,6 +2,7 @@
 number at parse time, with the flag named."""
 
 import argparse
+import math
 
 
 def positive_int(text):
@@ -24,6 +25,26 @@ def nonnegative_int(text):
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0; got {value}")
     return value
+
+
+def positive_float(text):
+    """argparse type: a finite number > 0 (a learning rate, a time or image budget)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0; got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {value}")
+    return value
+
+
+def positive_int_list(text):
+    """argparse type: comma-separated whole numbers >= 1 (``--channel_mult 1,2,2``); returns the
+    text itself, as the scripts record it."""
+    parts = text.split(",")
+    if not all(part.strip().isdigit() and int(part) >= 1 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected whole numbers >= 1 separated by commas (e.g. 1,2,2); got {text!r}")
+    return text
 
 
 def nonempty_text(text):

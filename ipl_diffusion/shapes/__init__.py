@@ -189,6 +189,24 @@ def source_images(num_images, seed=0, resolution=32):
     return images
 
 
+def meant_domain(label, known) -> str | None:
+    """The domain of ``known`` that a misspelt or shortened ``label`` most likely means, or None.
+
+    A typo ("skech", "mosiac") is close by difflib's ratio (>= 0.8, so that "noon" does not
+    read as "neon" nor "stretch" as "sketch"); a word that starts another ("pixel" for "pixel
+    art", "photograph" for "photo") is taken when the shared start has 4 letters or more.
+    Case, ``-``, ``_`` and spacing are ignored."""
+    def norm(text):
+        return " ".join(str(text).strip().lower().replace("_", " ").replace("-", " ").split())
+
+    key, names = norm(label), {norm(d): d for d in known}
+    close = difflib.get_close_matches(key, list(names), n=1, cutoff=0.8)
+    if close:
+        return names[close[0]]
+    starts = [n for n in names if min(len(n), len(key)) >= 4 and (n.startswith(key) or key.startswith(n))]
+    return names[starts[0]] if len(starts) == 1 else None
+
+
 def known_domains():
     """The domain labels (style names) the Shapes CLIP was trained on, source style first."""
     return list(STYLES)
@@ -209,8 +227,8 @@ def check_domain(label):
     if key not in STYLES:
         # A typo ("skech") should be answered with the word meant, before the long advice on
         # open-vocabulary CLIPs that suits a label the Shapes world never had.
-        close = difflib.get_close_matches(key, known_domains(), n=1, cutoff=0.75)
-        meant = f" (did you mean {close[0]!r}?)" if close else ""
+        close = meant_domain(key, known_domains())
+        meant = f" (did you mean {close!r}?)" if close else ""
         raise UserError(
             f"The Shapes CLIP was not trained on the domain {label!r}{meant}; known domains: "
             f"{', '.join(known_domains())}. Other labels need a real (open-vocabulary) CLIP: ipl adapt --clip_model "
