@@ -5,26 +5,24 @@ import argparse
 import math
 
 
-def positive_int(text):
-    """argparse type: an integer >= 1 (0 iterations would leave the generator unchanged)."""
+def _whole_number(text, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}; got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}; got {value}")
     return value
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1 (0 iterations would leave the generator unchanged)."""
+    return _whole_number(text, 1)
 
 
 def nonnegative_int(text):
     """argparse type: an integer >= 0 (e.g. ``--max_steps 0``: a warm start copied, not trained)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0; got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0; got {value}")
-    return value
+    return _whole_number(text, 0)
 
 
 def positive_float(text):
