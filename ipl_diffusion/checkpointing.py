@@ -396,11 +396,9 @@ def check_before_run(output_dir: str | os.PathLike, resume_from_checkpoint: str 
     if Path(output_dir).exists() and not Path(output_dir).is_dir():
         raise UserError(f"{output_dir} is a file where the run's checkpoint folder goes; move it away or choose "
                         "another output folder")
-    if not overwrite and not _resumes_own_checkpoint(Path(output_dir), resume_from_checkpoint):
+    path = resolve_checkpoint(output_dir, resume_from_checkpoint)  # None: a fresh run
+    if not overwrite and not _inside(Path(output_dir), path):
         refuse_foreign_checkpoints(output_dir)  # the new run's rotation would delete them
-    if resume_from_checkpoint is None:
-        return
-    path = resolve_checkpoint(output_dir, resume_from_checkpoint)
     if path is not None:  # a damaged checkpoint fails now, not after the sources are encoded
         try:
             meta = json.loads((path / META_FILE).read_text())
@@ -470,10 +468,11 @@ def check_output_dir(output_dir, resume_from_checkpoint, overwrite: bool, result
 def _resumes_own_checkpoint(checkpoints: Path, resume_from_checkpoint) -> bool:
     """Does ``resume_from_checkpoint`` name a checkpoint inside ``checkpoints`` (not one of another
     folder, whose run would then rotate this folder's checkpoints away)?"""
-    if resume_from_checkpoint is None:
-        return False
-    found = resolve_checkpoint(checkpoints, resume_from_checkpoint)  # a missing name is refused here
-    return found is not None and found.resolve().parent == checkpoints.resolve()
+    return _inside(checkpoints, resolve_checkpoint(checkpoints, resume_from_checkpoint))  # a missing name is refused
+
+
+def _inside(checkpoints: Path, path: Path | None) -> bool:
+    return path is not None and path.resolve().parent == checkpoints.resolve()
 
 
 def prepare_checkpoint_folder(output_dir, resume_from_checkpoint, run_identity: Mapping, overwrite: bool,

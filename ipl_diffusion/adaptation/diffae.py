@@ -249,11 +249,9 @@ def adapt_diffae(models, data: DiffIPLImages, source: str, target: str | None, s
                          "text_encoder": models.text_encoder}, accelerator.device)
     if stage2.candidate_steps:  # before any encoding or Stage 1
         _check_step_choice(data, target)
-    ddim.check_t0(stage2.t0, models.scheduler)
     encoder = CLIPPromptEncoder(models.text_encoder, models.tokenizer)
     target, label_given = image_target.resolve_label(target, data.target_images is not None)
-    n_ctx = stage1.n_ctx if prompt_learner is None else 0  # Stage 1's prompt vectors precede the label
-    source, target = (encoder.validate_label(x, n_ctx=n_ctx) for x in (source, target))
+    source, target = _checked_labels(models, source, target, stage1, stage2, prompt_learner)
     out = Path(output_dir) if output_dir is not None else None
     if out is not None:  # before the cache / Stage 1 are written
         identity = {"source": source, "target": target, "stage1": as_dict(stage1), "stage2": as_dict(stage2)}
@@ -356,17 +354,17 @@ def _source_images(pipe, images, count, stage2, seed, offset=0):
                        output_type="latent", source=True).images
 
 
-def _check_before_sampling(pipe, source, target, n_ctx, stage2) -> None:
-    """The checks of :func:`adapt_diffae` that need no images, made before ``adapt_pipeline``
-    samples or encodes any (minutes at 256²): ``t0`` against the scheduler, the labels against
-    the pipeline's CLIP (a label too long for it). ``UserError`` as there."""
+def _checked_labels(models, source, target, stage1, stage2, prompt_learner):
+    """The checks of :func:`adapt_diffae` that need no images, which ``adapt_pipeline`` also makes
+    before it samples or encodes any (minutes at 256²): ``t0`` against the scheduler, the labels
+    against the CLIP, with Stage 1's ``n_ctx`` prompt vectors before them. Returns the cleaned
+    labels (``None`` stays ``None``); ``UserError`` otherwise."""
     from ipl_diffusion.clip_text import CLIPPromptEncoder
 
-    ddim.check_t0(stage2.t0, pipe.scheduler)
-    encoder = CLIPPromptEncoder(pipe.text_encoder, pipe.tokenizer)
-    for label in (source, target):
-        if label is not None:
-            encoder.validate_label(label, n_ctx=n_ctx)
+    ddim.check_t0(stage2.t0, models.scheduler)
+    encoder = CLIPPromptEncoder(models.text_encoder, models.tokenizer)
+    n_ctx = stage1.n_ctx if prompt_learner is None else 0  # a given prompt learner skips Stage 1
+    return tuple(None if label is None else encoder.validate_label(label, n_ctx=n_ctx) for label in (source, target))
 
 
 def adapt_pipeline(pipe, target: str | None, source=None, images=None, stage1_images=None, validation_images=None, *,
@@ -392,7 +390,7 @@ def adapt_pipeline(pipe, target: str | None, source=None, images=None, stage1_im
         target_images, int(pipe.text_encoder.config.vision_config.image_size))
     check_weights_dtype({"semantic_encoder": pipe.semantic_encoder, "source_unet": pipe.source_unet,
                          "text_encoder": pipe.text_encoder}, accelerator.device if accelerator is not None else pipe.device)
-    _check_before_sampling(pipe, source, target, stage1.n_ctx if prompt_learner is None else 0, stage2)
+    _checked_labels(pipe, source, target, stage1, stage2, prompt_learner)
     with pipe.guard_output_dir(output_dir, resume_from_checkpoint, overwrite):  # before the (slow) sampling / encoding
         x0 = _source_images(pipe, images, stage2.num_images, stage2, stage2.seed)
         pool = None

@@ -189,17 +189,19 @@ def source_images(num_images, seed=0, resolution=32):
     return images
 
 
+def _domain_key(label) -> str:
+    """``label`` with case, ``-``, ``_`` and spacing normalised ("Pixel_Art " -> "pixel art")."""
+    return " ".join(str(label).strip().lower().replace("_", " ").replace("-", " ").split())
+
+
 def meant_domain(label, known) -> str | None:
     """The domain of ``known`` that a misspelt or shortened ``label`` most likely means, or None.
 
     A typo ("skech", "mosiac") is close by difflib's ratio (>= 0.8, so that "noon" does not
     read as "neon" nor "stretch" as "sketch"); a word that starts another ("pixel" for "pixel
     art", "photograph" for "photo") is taken when the shared start has 4 letters or more.
-    Case, ``-``, ``_`` and spacing are ignored."""
-    def norm(text):
-        return " ".join(str(text).strip().lower().replace("_", " ").replace("-", " ").split())
-
-    key, names = norm(label), {norm(d): d for d in known}
+    Case, ``-``, ``_`` and spacing are ignored (:func:`_domain_key`)."""
+    key, names = _domain_key(label), {_domain_key(d): d for d in known}
     close = difflib.get_close_matches(key, list(names), n=1, cutoff=0.8)
     if close:
         return names[close[0]]
@@ -223,7 +225,7 @@ def check_domain(label):
     """
     if label is None or not str(label).strip():
         raise UserError(f"Empty domain label; the Shapes CLIP knows: {', '.join(known_domains())}.")
-    key = " ".join(str(label).strip().lower().replace("_", " ").replace("-", " ").split())
+    key = _domain_key(label)
     if key not in STYLES:
         # A typo ("skech") should be answered with the word meant, before the long advice on
         # open-vocabulary CLIPs that suits a label the Shapes world never had.
